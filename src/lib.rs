@@ -1,0 +1,23 @@
+//! # atlake
+//!
+//! An analytics sink for the AT Protocol event streams: it reads the relay firehose
+//! (`com.atproto.sync.subscribeRepos`) or Jetstream, turns every event into Arrow rows
+//! partitioned by collection and hour, writes them as Parquet to local disk or S3, and answers
+//! SQL over the result.
+//!
+//! ## Layout
+//!
+//! Each stage of the data path has its own module, and dependencies point one way, down this
+//! list:
+//!
+//! - [`decode`]: pure functions over bytes (DAG-CBOR, CID, CAR, firehose frames, Jetstream JSON,
+//!   identifier syntax).
+//! - [`model`]: the [`model::Event`] both sources produce, and its Arrow schema.
+
+#[cfg(feature = "lake")]
+pub mod cli;
+pub mod convert;
+pub mod decode;
+pub mod model;
+pub mod simulate;
+pub mod source;

@@ -1,0 +1,317 @@
+//! The event model both sources produce.
+//!
+//! An [`Event`] is what happened in the network (a record op, an identity or account change);
+//! an [`Envelope`] adds how it reached us (firehose `seq` and `time`, or Jetstream `time_us`).
+//! The same record op read from the firehose and from Jetstream gives equal `Event`s; only the
+//! envelope differs.
+
+use std::fmt;
+
+/// Record operation of a commit event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Operation {
+    /// A new record.
+    Create,
+    /// A new version of an existing record.
+    Update,
+    /// A removed record.
+    Delete,
+}
+
+impl Operation {
+    /// The wire name (`create`, `update`, `delete`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Create => "create",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Operation> {
+        match s {
+            "create" => Some(Operation::Create),
+            "update" => Some(Operation::Update),
+            "delete" => Some(Operation::Delete),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The `kind` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// A record create, update or delete.
+    Commit,
+    /// `#identity`.
+    Identity,
+    /// `#account`.
+    Account,
+    /// `#sync` (firehose only; Jetstream does not forward it).
+    Sync,
+}
+
+impl Kind {
+    /// The name used in the `kind` column and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Commit => "commit",
+            Kind::Identity => "identity",
+            Kind::Account => "account",
+            Kind::Sync => "sync",
+        }
+    }
+}
+
+/// One record operation of a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitOp {
+    /// Revision (TID) of the commit.
+    pub rev: String,
+    /// What happened to the record.
+    pub operation: Operation,
+    /// The record's collection (an NSID, validated).
+    pub collection: String,
+    /// The record key (validated).
+    pub rkey: String,
+    /// The record's CID on create and update.
+    pub cid: Option<String>,
+    /// The record as atproto JSON text on create and update.
+    pub record: Option<String>,
+}
+
+/// An `#identity` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Relay sequence number of the event.
+    pub seq: i64,
+    /// Relay time string.
+    pub time: String,
+    /// Handle, when the relay sent one.
+    pub handle: Option<String>,
+}
+
+/// An `#account` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// Relay sequence number of the event.
+    pub seq: i64,
+    /// Relay time string.
+    pub time: String,
+    /// Whether the account is active at the relay.
+    pub active: bool,
+    /// Status when inactive (`takendown`, `suspended`, `deleted`, `deactivated`, …).
+    pub status: Option<String>,
+}
+
+/// A `#sync` event: the repo is now at `rev`, possibly discontinuous with earlier commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncInfo {
+    /// Revision the repo is at.
+    pub rev: String,
+}
+
+/// What an event carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventData {
+    /// A record operation.
+    Commit(CommitOp),
+    /// An identity change.
+    Identity(Identity),
+    /// An account status change.
+    Account(Account),
+    /// A repo sync.
+    Sync(SyncInfo),
+}
+
+/// One event, independent of the transport that carried it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The account DID (validated).
+    pub did: String,
+    /// The payload.
+    pub data: EventData,
+}
+
+impl Event {
+    /// The `kind` of this event.
+    pub fn kind(&self) -> Kind {
+        match self.data {
+            EventData::Commit(_) => Kind::Commit,
+            EventData::Identity(_) => Kind::Identity,
+            EventData::Account(_) => Kind::Account,
+            EventData::Sync(_) => Kind::Sync,
+        }
+    }
+
+    /// The commit op, if this is one.
+    pub fn commit(&self) -> Option<&CommitOp> {
+        match &self.data {
+            EventData::Commit(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// Where an event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SourceKind {
+    /// `com.atproto.sync.subscribeRepos`.
+    Firehose,
+    /// Jetstream `/subscribe`.
+    Jetstream,
+}
+
+impl SourceKind {
+    /// `firehose` or `jetstream`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Firehose => "firehose",
+            SourceKind::Jetstream => "jetstream",
+        }
+    }
+}
+
+/// An event with its transport fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The event.
+    pub event: Event,
+    /// Stream time in µs since the epoch: the firehose frame's `time`, or Jetstream's `time_us`.
+    /// Partitions are cut by this, never by a record's `createdAt`.
+    pub time_us: i64,
+    /// Firehose sequence number (`None` for Jetstream).
+    pub seq: Option<i64>,
+    /// The commit's `since` (firehose commits only).
+    pub since: Option<String>,
+}
+
+impl Envelope {
+    /// The resume cursor this event stands at: `seq` for the firehose, `time_us` for Jetstream.
+    pub fn cursor(&self) -> i64 {
+        self.seq.unwrap_or(self.time_us)
+    }
+}
+
+/// Why input could not become an event. Each reason is a stable metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ErrorReason {
+    /// The frame is not valid DAG-CBOR or misses required fields.
+    Frame,
+    /// The CAR slice does not parse.
+    Car,
+    /// A block does not hash to its CID.
+    HashMismatch,
+    /// The CAR's first root is not the commit, or the commit block disagrees with the frame.
+    CommitMismatch,
+    /// A create or update whose record block is not in the CAR.
+    MissingBlock,
+    /// A record block that is not valid atproto DAG-CBOR.
+    Record,
+    /// A record block larger than 1,000,000 bytes.
+    RecordTooLarge,
+    /// A whole message larger than the limit.
+    Oversized,
+    /// An op path that is not `collection/rkey`.
+    Path,
+    /// A collection that is not a valid NSID.
+    Collection,
+    /// A record key that breaks the syntax.
+    Rkey,
+    /// A DID that breaks the syntax.
+    Did,
+    /// A `time` that is not an RFC 3339 datetime.
+    Time,
+    /// An op action other than create/update/delete, or a cid where none belongs.
+    Action,
+    /// A Jetstream line that is not valid JSON of the expected shape.
+    Json,
+    /// A compressed message that does not decompress.
+    Zstd,
+    /// A rev that is not a TID.
+    Rev,
+    /// A commit flagged `tooBig` (deprecated; the diff is incomplete).
+    TooBig,
+}
+
+impl ErrorReason {
+    /// The snake_case label used in metrics and in the `_errors` partition.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorReason::Frame => "frame",
+            ErrorReason::Car => "car",
+            ErrorReason::HashMismatch => "hash_mismatch",
+            ErrorReason::CommitMismatch => "commit_mismatch",
+            ErrorReason::MissingBlock => "missing_block",
+            ErrorReason::Record => "record",
+            ErrorReason::RecordTooLarge => "record_too_large",
+            ErrorReason::Oversized => "oversized",
+            ErrorReason::Path => "path",
+            ErrorReason::Collection => "collection",
+            ErrorReason::Rkey => "rkey",
+            ErrorReason::Did => "did",
+            ErrorReason::Time => "time",
+            ErrorReason::Action => "action",
+            ErrorReason::Json => "json",
+            ErrorReason::Zstd => "zstd",
+            ErrorReason::Rev => "rev",
+            ErrorReason::TooBig => "too_big",
+        }
+    }
+}
+
+impl fmt::Display for ErrorReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Input that could not become an event: kept, with its reason, for the `_errors` partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorEvent {
+    /// Why.
+    pub reason: ErrorReason,
+    /// A human-readable detail.
+    pub detail: String,
+    /// The raw bytes (the frame, the line, or the record block).
+    pub raw: Vec<u8>,
+    /// Firehose seq when known.
+    pub seq: Option<i64>,
+    /// Stream time when known.
+    pub time_us: Option<i64>,
+    /// The DID when known (not validated).
+    pub did: Option<String>,
+    /// The op path when known (not validated).
+    pub path: Option<String>,
+}
+
+impl ErrorEvent {
+    /// An error with a reason and detail and the raw bytes.
+    pub fn new(reason: ErrorReason, detail: impl Into<String>, raw: &[u8]) -> Self {
+        ErrorEvent {
+            reason,
+            detail: detail.into(),
+            raw: raw.to_vec(),
+            seq: None,
+            time_us: None,
+            did: None,
+            path: None,
+        }
+    }
+}
+
+/// One output of the decoders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded {
+    /// A good event.
+    Event(Envelope),
+    /// Input set aside with its reason.
+    Error(ErrorEvent),
+}

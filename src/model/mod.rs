@@ -1,0 +1,7 @@
+//! The event model shared by both sources, and its Arrow form.
+//!
+//! [`event`] holds [`Event`] (what happened) and [`Envelope`] (how it arrived).
+
+pub mod event;
+
+pub use event::*;
