@@ -1,25 +1,148 @@
 //! The command line: argument parsing and dispatch to the library's entry points.
 //!
-//! `main` stays thin; every command is a function here that tests can call too.
+//! `main` stays thin; every command is a function here that calls into the library.
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
+use crate::config::{Config, SourceKindConfig};
+use crate::ingest::{self, Input};
+use crate::simulate::server::{Faults, SimConfig};
+use crate::simulate::traffic::TrafficConfig;
+use crate::source::capture::{CaptureFormat, CaptureWriter, Compression};
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// atlake: an analytics sink for the AT Protocol firehose and Jetstream.
+///
+/// Reads the relay firehose or Jetstream, writes every event once into a Parquet lake
+/// partitioned by collection and hour (local disk or S3), and answers SQL over it.
 #[derive(Debug, Parser)]
-#[command(name = "atlake", version, about, long_about = None)]
+#[command(name = "atlake", version, about, long_about, after_help = "Run `atlake <command> --help` for examples.")]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Source, lake and config flags shared by the daemon commands.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Config file (default: config/atlake.toml when it exists).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where the lake lives: a path, file:///abs, s3://bucket/prefix or memory://.
+    #[arg(long, value_name = "PATH_OR_URL")]
+    pub lake: Option<String>,
+}
+
+/// Source flags.
+#[derive(Debug, Clone, Args)]
+pub struct SourceArgs {
+    /// Which stream to read.
+    #[arg(long, value_enum)]
+    pub source: Option<SourceArg>,
+    /// Endpoint: a bare host (wss://bsky.network) or the full URL.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// Keep only these collections (NSIDs or prefix.*), comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "NSID")]
+    pub collections: Vec<String>,
+    /// Keep only these DIDs, comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "DID")]
+    pub dids: Vec<String>,
+}
+
+/// `--source` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourceArg {
+    /// The relay firehose (com.atproto.sync.subscribeRepos).
+    Firehose,
+    /// Jetstream /subscribe.
+    Jetstream,
+}
+
+/// Capture formats for `simulate --capture`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// Concatenated raw frames.
+    Frames,
+    /// [u32 LE length][frame] records.
+    LengthPrefixed,
+    /// Jetstream JSON lines.
+    Jetstream,
+}
+
+/// Compression for `simulate --capture`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressArg {
+    /// Plain.
+    None,
+    /// zstd.
+    Zstd,
+    /// gzip.
+    Gzip,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Ingest a live stream or a capture file into the lake.
+    ///
+    /// With --input, reads the capture to its end and exits. Otherwise connects to the
+    /// configured source and runs until SIGINT/SIGTERM, then flushes, checkpoints and exits.
+    /// A restart resumes from the checkpoint in the lake, exactly once.
+    #[command(after_help = "Examples:\n  atlake ingest --source jetstream --url wss://jetstream2.us-east.bsky.network --lake ./lake\n  atlake ingest --source firehose --url wss://bsky.network --lake s3://my-bucket/atlake\n  atlake ingest --input capture.frames.zst --lake ./lake\n  atlake ingest --collections app.bsky.feed.post --lake ./posts")]
+    Ingest {
+        /// Config and lake.
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Source.
+        #[command(flatten)]
+        source: SourceArgs,
+        /// A capture file to ingest (frames, length-prefixed frames or Jetstream NDJSON; zstd/gzip ok).
+        #[arg(long, short, value_name = "FILE")]
+        input: Option<PathBuf>,
+    },
+    /// Serve synthetic traffic as a firehose and a Jetstream endpoint, or write it as a capture.
+    ///
+    /// The same seed always gives the same bytes. The server speaks
+    /// /xrpc/com.atproto.sync.subscribeRepos and /subscribe on one port, with cursor replay.
+    #[command(after_help = "Examples:\n  atlake simulate --listen 127.0.0.1:6008 --rate 500\n  atlake simulate --messages 100000 --capture sim.frames.zst --format frames --compress zstd --truth truth.json\n  atlake simulate --faults drop=1000,garbage=500,bad-hash=700")]
+    Simulate {
+        /// Address to serve on.
+        #[arg(long, default_value = "127.0.0.1:6008", value_name = "ADDR")]
+        listen: String,
+        /// Messages to generate (0: unlimited).
+        #[arg(long, default_value_t = 0)]
+        messages: u64,
+        /// Messages per second (0: as fast as clients read).
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Accounts.
+        #[arg(long, default_value_t = 5000)]
+        accounts: u64,
+        /// Faults: drop=N, garbage=N, oversized=N, bad-hash=N, truncated-car=N, big-record=N,
+        /// backwards=N, too-slow=N, silent=N (comma-separated).
+        #[arg(long, default_value = "")]
+        faults: String,
+        /// Write the traffic to this capture file instead of serving it.
+        #[arg(long, value_name = "FILE")]
+        capture: Option<PathBuf>,
+        /// Capture format.
+        #[arg(long, value_enum, default_value = "frames")]
+        format: FormatArg,
+        /// Capture compression.
+        #[arg(long, value_enum, default_value = "none")]
+        compress: CompressArg,
+        /// Write the ground truth (counts per kind/collection/operation) as JSON.
+        #[arg(long, value_name = "FILE")]
+        truth: Option<PathBuf>,
+    },
     /// Write the Jetstream v1 JSON lines for a capture file to stdout.
     ///
     /// Reads raw firehose frames (a CBOR sequence, as `websocat --binary` saves them),
@@ -27,20 +150,36 @@ pub enum Command {
     /// compressed with zstd or gzip; the format is detected. Firehose commits give one line per
     /// op with `time_us` taken from the frame's `time`. Input that cannot be converted is
     /// counted by reason on stderr.
-    ///
-    /// Example: atlake convert --input capture.frames.zst > events.jsonl
+    #[command(after_help = "Example:\n  atlake convert --input capture.frames.zst > events.jsonl")]
     Convert {
         /// The capture file.
-        #[arg(long, short)]
+        #[arg(long, short, value_name = "FILE")]
         input: PathBuf,
+    },
+    /// Load the configuration exactly as `run` would, check it, and print it.
+    #[command(after_help = "Examples:\n  atlake check-config\n  atlake check-config --config config/firehose-s3.toml")]
+    CheckConfig {
+        /// Config and lake.
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Source.
+        #[command(flatten)]
+        source: SourceArgs,
     },
 }
 
 /// Parses arguments and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
-    match run(cli) {
+    crate::telemetry::init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -49,23 +188,264 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ATLAKE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Loads configuration: file, `ATLAKE_*` environment, then flags.
+pub fn load_config(common: &CommonArgs, source: &SourceArgs) -> anyhow::Result<Config> {
+    let path = Config::resolve_path(common.config.as_deref());
+    let mut cfg = Config::load(path.as_deref(), std::env::vars())?;
+    if let Some(l) = &common.lake {
+        cfg.lake.url = l.clone();
+    }
+    if let Some(s) = source.source {
+        cfg.source.kind = match s {
+            SourceArg::Firehose => SourceKindConfig::Firehose,
+            SourceArg::Jetstream => SourceKindConfig::Jetstream,
+        };
+        // a source given without a URL uses that source's public default
+        if source.url.is_none() && path.is_none() && std::env::var("ATLAKE_SOURCE_URL").is_err() {
+            cfg.source.url = match s {
+                SourceArg::Firehose => "wss://bsky.network".into(),
+                SourceArg::Jetstream => "wss://jetstream2.us-east.bsky.network/subscribe".into(),
+            };
+        }
+    }
+    if let Some(u) = &source.url {
+        cfg.source.url = u.clone();
+    }
+    if !source.collections.is_empty() {
+        cfg.source.collections = source.collections.clone();
+    }
+    if !source.dids.is_empty() {
+        cfg.source.dids = source.dids.clone();
+    }
+    cfg.validate()?;
+    crate::sink::store::LakeLocation::parse(&cfg.lake.url)?;
+    Ok(cfg)
 }
 
 /// Runs one parsed command.
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Convert { input } => convert(&input),
+        Command::CheckConfig { common, source } => {
+            let cfg = load_config(&common, &source)?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "# configuration is valid")?;
+            write!(out, "{}", cfg.to_toml())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ingest {
+            common,
+            source,
+            input,
+        } => {
+            let cfg = load_config(&common, &source)?;
+            ingest_cmd(cfg, input).await
+        }
+        Command::Simulate {
+            listen,
+            messages,
+            rate,
+            seed,
+            accounts,
+            faults,
+            capture,
+            format,
+            compress,
+            truth,
+        } => {
+            let traffic = TrafficConfig {
+                seed,
+                accounts,
+                ..Default::default()
+            };
+            let faults = Faults::parse(&faults).map_err(anyhow::Error::msg)?;
+            match capture {
+                Some(path) => write_capture(traffic, messages, &path, format, compress, truth.as_deref()),
+                None => {
+                    let cfg = SimConfig {
+                        traffic,
+                        messages: (messages > 0).then_some(messages),
+                        rate: (rate > 0.0).then_some(rate),
+                        retention: 200_000,
+                        faults,
+                    };
+                    simulate_serve(cfg, &listen, truth).await
+                }
+            }
+        }
     }
 }
 
-fn convert(input: &std::path::Path) -> anyhow::Result<ExitCode> {
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn ingest_cmd(cfg: Config, input: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let deadline = cfg.shutdown.deadline.0;
+    let what = match &input {
+        Some(p) => format!("capture {}", p.display()),
+        None => format!("{:?} {}", cfg.source.kind, cfg.source.url),
+    };
+    let lake_url = cfg.lake.url.clone();
+    let handle = ingest::start(
+        cfg,
+        match input {
+            Some(p) => Input::File(p),
+            None => Input::Network,
+        },
+    )
+    .await
+    .with_context(|| format!("starting ingest of {what} into {lake_url}"))?;
+    tracing::info!(source = %what, lake = %lake_url, "ingesting");
+    let summary = tokio::select! {
+        r = async { handle_wait(&handle).await } => r,
+        _ = shutdown_signal() => None,
+    };
+    let summary = match summary {
+        Some(()) => handle.wait().await?,
+        None => handle.stop(deadline).await?,
+    };
+    eprintln!(
+        "ingest: {} messages, {} events written, {} quarantined, {} duplicates skipped, {} filtered, {} files ({:.1} MB), checkpoint {:?}{}",
+        summary.messages,
+        summary.events,
+        summary.quarantined,
+        summary.duplicates,
+        summary.filtered,
+        summary.files,
+        summary.bytes_written as f64 / 1e6,
+        summary.checkpoint,
+        if summary.clean { "" } else { " (unclean: some flushes were abandoned and will be replayed)" }
+    );
+    Ok(if summary.clean { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Waits until a file ingest has read everything (network ingest never finishes by itself).
+async fn handle_wait(h: &ingest::IngestHandle) -> Option<()> {
+    match &h.progress {
+        Some(p) => {
+            while !p.done.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Some(())
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn write_capture(
+    traffic: TrafficConfig,
+    messages: u64,
+    path: &Path,
+    format: FormatArg,
+    compress: CompressArg,
+    truth: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    if messages == 0 {
+        bail!("--capture needs --messages N (how many messages to write)");
+    }
+    let fmt = match format {
+        FormatArg::Frames => CaptureFormat::Frames,
+        FormatArg::LengthPrefixed => CaptureFormat::LengthPrefixed,
+        FormatArg::Jetstream => CaptureFormat::JetstreamJson,
+    };
+    let comp = match compress {
+        CompressArg::None => Compression::None,
+        CompressArg::Zstd => Compression::Zstd,
+        CompressArg::Gzip => Compression::Gzip,
+    };
+    let mut w = CaptureWriter::create(path, fmt, comp).with_context(|| format!("creating {}", path.display()))?;
+    let mut t = crate::simulate::traffic::Traffic::new(traffic);
+    let mut truth_acc = crate::simulate::server::Truth::default();
+    let started = std::time::Instant::now();
+    for i in 0..messages {
+        let m = t.next_message();
+        if fmt == CaptureFormat::JetstreamJson {
+            for (_, l) in m.jetstream_lines() {
+                w.write(&l)?;
+            }
+        } else {
+            w.write(&m.frame)?;
+        }
+        truth_acc.add_message(&m);
+        truth_acc.last_time_us = m.jetstream_lines().last().map(|(t, _)| *t).or(truth_acc.last_time_us);
+        if (i + 1) % 100_000 == 0 {
+            eprintln!("simulate: {} of {messages} messages ({:.0}/s)", i + 1, (i + 1) as f64 / started.elapsed().as_secs_f64());
+        }
+    }
+    w.finish()?;
+    eprintln!(
+        "simulate: wrote {} messages, {} events to {} in {:.1}s",
+        truth_acc.messages,
+        truth_acc.events(),
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(p) = truth {
+        std::fs::write(p, truth_acc.to_json())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn simulate_serve(cfg: SimConfig, listen: &str, truth: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:6008"))?;
+    let h = crate::simulate::server::start(cfg.clone(), addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    eprintln!(
+        "simulate: serving on ws://{0}\n  firehose:  ws://{0}/xrpc/com.atproto.sync.subscribeRepos\n  jetstream: ws://{0}/subscribe\n  {1} messages/s, {2}",
+        h.addr,
+        cfg.rate.map_or("unlimited".to_string(), |r| format!("{r}")),
+        cfg.messages.map_or("no limit".to_string(), |m| format!("{m} messages"))
+    );
+    let mut last = 0;
+    let mut truth_written = false;
+    loop {
+        tokio::select! {
+            _ = shutdown_signal() => break,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                let t = h.truth();
+                if t.messages != last {
+                    eprintln!("simulate: {} messages ({} events), {} connections", t.messages, t.events(), h.connections());
+                    last = t.messages;
+                }
+                if h.finished() && !truth_written {
+                    if let Some(p) = &truth {
+                        std::fs::write(p, t.to_json())?;
+                        truth_written = true;
+                    }
+                }
+            }
+        }
+    }
+    if let Some(p) = &truth {
+        std::fs::write(p, h.truth().to_json())?;
+    }
+    h.stop();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn convert(input: &Path) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
     let started = std::time::Instant::now();
@@ -85,9 +465,7 @@ fn convert(input: &std::path::Path) -> anyhow::Result<ExitCode> {
         "convert: {} ({}, {:?}): {} messages -> {} lines, {} set aside, {} without a Jetstream form, {:.2}s",
         input.display(),
         stats.format.map(|f| f.as_str()).unwrap_or("?"),
-        stats
-            .compression
-            .unwrap_or(crate::source::capture::Compression::None),
+        stats.compression.unwrap_or(Compression::None),
         stats.messages,
         stats.lines,
         errors,

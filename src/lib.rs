@@ -14,10 +14,21 @@
 //!   identifier syntax).
 //! - [`model`]: the [`model::Event`] both sources produce, and its Arrow schema.
 
-#[cfg(feature = "lake")]
-pub mod cli;
 pub mod convert;
 pub mod decode;
 pub mod model;
 pub mod simulate;
 pub mod source;
+
+#[cfg(feature = "lake")]
+pub mod checkpoint;
+#[cfg(feature = "lake")]
+pub mod cli;
+#[cfg(feature = "lake")]
+pub mod config;
+#[cfg(feature = "lake")]
+pub mod ingest;
+#[cfg(feature = "lake")]
+pub mod sink;
+#[cfg(feature = "lake")]
+pub mod telemetry;

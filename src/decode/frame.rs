@@ -848,3 +848,19 @@ fn check_commit_block(car: &Car<'_>, c: &Commit<'_>) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The `seq` of a frame's body, read without decoding the rest (`None` when absent or when the
+/// frame is malformed before it).
+pub fn peek_seq(frame: &[u8]) -> Option<i64> {
+    let (_, at) = parse_header(frame).ok()?;
+    let mut r = Reader::new(&frame[at..]);
+    let n = r.map().ok()?;
+    for _ in 0..n {
+        let k = r.key().ok()?;
+        if k == "seq" {
+            return r.int().ok();
+        }
+        r.skip(MAX_DEPTH).ok()?;
+    }
+    None
+}

@@ -3,5 +3,8 @@
 //! [`event`] holds [`Event`] (what happened) and [`Envelope`] (how it arrived).
 
 pub mod event;
+pub mod lexicon;
+#[cfg(feature = "lake")]
+pub mod rows;
 
 pub use event::*;

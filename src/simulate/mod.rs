@@ -2,5 +2,10 @@
 //! Jetstream endpoint, or written as capture files, with its ground truth.
 //!
 //! - [`traffic`]: the generator (frames, Jetstream lines, truth keys).
+//! - [`faults`]: corrupted frames for fault injection.
+//! - [`server`]: the WebSocket server (firehose and Jetstream) with replay and faults.
 
+pub mod faults;
+#[cfg(feature = "lake")]
+pub mod server;
 pub mod traffic;

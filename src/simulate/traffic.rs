@@ -415,6 +415,11 @@ impl Traffic {
         self.seq
     }
 
+    /// Uses up the next sequence number (for an injected message).
+    pub fn skip_seq(&mut self) {
+        self.seq += 1;
+    }
+
     fn text(&mut self, min: usize, max: usize) -> String {
         let n = min + self.rng.below((max - min + 1) as u64) as usize;
         let mut s = String::new();

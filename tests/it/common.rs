@@ -22,3 +22,142 @@ pub fn fixture_lines(rel: &str) -> Vec<String> {
 pub fn atlake_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_atlake"))
 }
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Int64Type;
+use atlake::simulate::server::Truth;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+/// (kind, did, collection, rkey, rev-or-seq, operation)
+pub type Key = (String, String, String, String, String, String);
+
+/// What a lake holds, read back from its Parquet files.
+#[derive(Debug, Default)]
+pub struct LakeContents {
+    /// Event rows by (kind, collection, operation).
+    pub counts: BTreeMap<(String, String, String), u64>,
+    /// Every event row's key (with repeats, if any).
+    pub keys: Vec<Key>,
+    /// Quarantined rows by reason.
+    pub errors: BTreeMap<String, u64>,
+    /// Files read.
+    pub files: usize,
+}
+
+impl LakeContents {
+    /// Keys that occur more than once.
+    pub fn duplicates(&self) -> Vec<Key> {
+        let mut seen: HashMap<&Key, u32> = HashMap::new();
+        for k in &self.keys {
+            *seen.entry(k).or_default() += 1;
+        }
+        seen.into_iter().filter(|(_, n)| *n > 1).map(|(k, _)| k.clone()).collect()
+    }
+}
+
+fn s(b: &arrow::record_batch::RecordBatch, name: &str, i: usize) -> String {
+    match b.column_by_name(name) {
+        Some(c) if c.is_valid(i) => {
+            if let Some(a) = c.as_string_opt::<i32>() {
+                a.value(i).to_string()
+            } else if let Some(a) = c.as_string_view_opt() {
+                a.value(i).to_string()
+            } else {
+                String::new()
+            }
+        }
+        _ => String::new(),
+    }
+}
+
+/// Reads every file of a lake.
+pub async fn read_lake(lake: &atlake::sink::store::Lake) -> LakeContents {
+    let files = atlake::checkpoint::list_files(lake).await.expect("list lake");
+    let mut out = LakeContents::default();
+    for f in files {
+        out.files += 1;
+        let bytes = lake.get(&f.path).await.expect("get").expect("exists");
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .expect("parquet")
+            .build()
+            .expect("reader");
+        let errors = f.key.name == atlake::sink::partition::PartitionName::Errors;
+        for b in reader {
+            let b = b.expect("batch");
+            for i in 0..b.num_rows() {
+                if errors {
+                    *out.errors.entry(s(&b, "reason", i)).or_default() += 1;
+                    continue;
+                }
+                let kind = s(&b, "kind", i);
+                let rev = if kind == "identity" || kind == "account" {
+                    b.column_by_name("event_seq")
+                        .map(|c| c.as_primitive::<Int64Type>().value(i).to_string())
+                        .unwrap_or_default()
+                } else {
+                    s(&b, "rev", i)
+                };
+                let coll = s(&b, "collection", i);
+                let op = s(&b, "operation", i);
+                *out.counts.entry((kind.clone(), coll.clone(), op.clone())).or_default() += 1;
+                out.keys.push((kind, s(&b, "did", i), coll, s(&b, "rkey", i), rev, op));
+            }
+        }
+    }
+    out
+}
+
+/// The truth's keys in the same shape.
+pub fn truth_keys(t: &Truth) -> Vec<Key> {
+    let mut v: Vec<Key> = t
+        .keys
+        .iter()
+        .map(|k| {
+            (
+                k.kind.to_string(),
+                k.did.clone(),
+                k.collection.clone(),
+                k.rkey.clone(),
+                k.rev.clone(),
+                k.operation.to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Asserts that the lake holds exactly the truth: same counts, same keys, no duplicates.
+pub fn assert_exactly_once(got: &LakeContents, truth: &Truth) {
+    let dups = got.duplicates();
+    assert!(dups.is_empty(), "{} duplicated events, e.g. {:?}", dups.len(), dups.first());
+    assert_eq!(got.counts, truth.counts, "counts per (kind, collection, operation)");
+    let mut keys = got.keys.clone();
+    keys.sort();
+    let want = truth_keys(truth);
+    if keys != want {
+        let missing = want.iter().filter(|k| keys.binary_search(k).is_err()).count();
+        let extra = keys.iter().filter(|k| want.binary_search(k).is_err()).count();
+        panic!("key sets differ: {missing} missing, {extra} extra");
+    }
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, mut f: F) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+/// The checkpoint cursor of a source in a local lake, read from disk.
+pub fn local_checkpoint(dir: &std::path::Path, source: &str) -> Option<i64> {
+    let text = std::fs::read_to_string(dir.join("_atlake/checkpoint.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v[source]["cursor"].as_i64()
+}

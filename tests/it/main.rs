@@ -6,3 +6,4 @@ mod decode_fixtures;
 mod decode_frames;
 mod decode_props;
 mod sim_shape;
+mod ingest;

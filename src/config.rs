@@ -1,0 +1,594 @@
+//! Configuration: one TOML file (`config/atlake.toml` by default), `ATLAKE_*` environment
+//! overrides, then command-line flags. Unknown keys are errors; sizes and durations carry their
+//! units (`"5m"`, `"256MiB"`). Credentials never live here: S3 uses the standard `AWS_*`
+//! environment.
+//!
+//! Every leaf `section.key` can be overridden by `ATLAKE_SECTION_KEY` (upper case, dots and
+//! dashes as underscores), e.g. `ATLAKE_LAKE_URL=s3://bucket/prefix`,
+//! `ATLAKE_FLUSH_MAX_AGE=30s`. Lists take comma-separated values.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source} (create it, or pass --config with an existing file)")]
+    Read {
+        /// the file
+        path: String,
+        /// why
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has unknown keys.
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// the file
+        path: String,
+        /// toml's message
+        message: String,
+    },
+    /// An environment override is invalid.
+    #[error("invalid value in environment variable {var}: {message}")]
+    Env {
+        /// the variable
+        var: String,
+        /// why
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid setting {key}: {message}")]
+    Invalid {
+        /// the setting
+        key: &'static str,
+        /// why
+        message: String,
+    },
+}
+
+/// A duration written with its unit: `"500ms"`, `"30s"`, `"5m"`, `"2h"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+/// A size written with its unit: `"512KiB"`, `"128MiB"`, `"1GiB"`, `"1000"` (bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+/// Parses `"30s"`-style durations.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like \"30s\""))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        u => return Err(format!("unknown duration unit {u:?} in {s:?} (use ms, s, m, h, d)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `"128MiB"`-style sizes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .replace('_', "")
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like \"128MiB\""))?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" | "K" => 1024.0,
+        "MiB" | "M" => 1024.0 * 1024.0,
+        "GiB" | "G" => 1024.0 * 1024.0 * 1024.0,
+        u => return Err(format!("unknown size unit {u:?} in {s:?} (use B, KiB, MiB, GiB, KB, MB, GB)")),
+    };
+    let v = n * mult;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s:?} is not a valid size"));
+    }
+    Ok(v as u64)
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 3_600_000 == 0 && ms > 0 {
+            write!(f, "{}h", ms / 3_600_000)
+        } else if ms % 60_000 == 0 && ms > 0 {
+            write!(f, "{}m", ms / 60_000)
+        } else if ms % 1000 == 0 {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        if b % (1 << 30) == 0 && b > 0 {
+            write!(f, "{}GiB", b >> 30)
+        } else if b % (1 << 20) == 0 && b > 0 {
+            write!(f, "{}MiB", b >> 20)
+        } else if b % (1 << 10) == 0 && b > 0 {
+            write!(f, "{}KiB", b >> 10)
+        } else {
+            write!(f, "{b}B")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => parse_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+/// Which stream to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKindConfig {
+    /// Jetstream `/subscribe` (JSON).
+    Jetstream,
+    /// The relay firehose (`subscribeRepos`, DAG-CBOR).
+    Firehose,
+}
+
+/// `[source]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// `jetstream` or `firehose`.
+    pub kind: SourceKindConfig,
+    /// Endpoint: a bare host (`wss://bsky.network`) or the full URL.
+    pub url: String,
+    /// Collections to keep (NSIDs or `prefix.*`); empty keeps all.
+    pub collections: Vec<String>,
+    /// DIDs to keep; empty keeps all.
+    pub dids: Vec<String>,
+    /// Jetstream: ask for per-message zstd with the v1 dictionary.
+    pub compress: bool,
+    /// Jetstream: on reconnect, start this far before the last `time_us` (then deduplicate).
+    pub rewind: HumanDuration,
+    /// Firehose: check every CAR block's hash.
+    pub verify_hashes: bool,
+    /// Reconnect when nothing arrives for this long.
+    pub read_timeout: HumanDuration,
+    /// Send a WebSocket ping this often.
+    pub ping_interval: HumanDuration,
+    /// Largest WebSocket message accepted (the spec limit is 5 MB; larger frames are quarantined).
+    pub max_message_size: ByteSize,
+    /// First reconnect delay; doubles up to `backoff_max`, with jitter.
+    pub backoff_initial: HumanDuration,
+    /// Longest reconnect delay.
+    pub backoff_max: HumanDuration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            kind: SourceKindConfig::Jetstream,
+            url: "wss://jetstream2.us-east.bsky.network/subscribe".into(),
+            collections: Vec::new(),
+            dids: Vec::new(),
+            compress: true,
+            rewind: HumanDuration(Duration::from_secs(5)),
+            verify_hashes: true,
+            read_timeout: HumanDuration(Duration::from_secs(60)),
+            ping_interval: HumanDuration(Duration::from_secs(30)),
+            max_message_size: ByteSize(32 << 20),
+            backoff_initial: HumanDuration(Duration::from_millis(500)),
+            backoff_max: HumanDuration(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// `[lake]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LakeConfig {
+    /// `./lake`, `file:///abs/path`, `s3://bucket/prefix` or `memory://`.
+    pub url: String,
+}
+
+impl Default for LakeConfig {
+    fn default() -> Self {
+        LakeConfig {
+            url: "./lake".into(),
+        }
+    }
+}
+
+/// `[flush]`: the named flush policy.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlushConfig {
+    /// Flush a partition when its oldest buffered row is this old.
+    pub max_age: HumanDuration,
+    /// Flush a partition when its buffer reaches this size.
+    pub max_bytes: ByteSize,
+    /// Flush a partition when it holds this many rows.
+    pub max_rows: u64,
+    /// Flush the largest partitions first when all buffers together exceed this.
+    pub memory_cap: ByteSize,
+    /// Most partitions buffered at once; collections beyond share `_other`.
+    pub max_open_partitions: usize,
+    /// Flush an hour's partitions once the stream is this far past the hour's end.
+    pub hour_close_grace: HumanDuration,
+    /// Flush a partition whose oldest row is this many events behind the newest, so the
+    /// checkpoint (and the replay after a crash) never lags far.
+    pub max_checkpoint_lag: u64,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        FlushConfig {
+            max_age: HumanDuration(Duration::from_secs(300)),
+            max_bytes: ByteSize(128 << 20),
+            max_rows: 2_000_000,
+            memory_cap: ByteSize(256 << 20),
+            max_open_partitions: 64,
+            hour_close_grace: HumanDuration(Duration::from_secs(10)),
+            max_checkpoint_lag: 2_000_000,
+        }
+    }
+}
+
+/// `[writer]`: Parquet settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WriterConfig {
+    /// zstd level for Parquet pages.
+    pub zstd_level: i32,
+    /// Rows per row group.
+    pub row_group_rows: usize,
+    /// Write a bloom filter on `did`.
+    pub bloom_filter_did: bool,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            zstd_level: 3,
+            row_group_rows: 1 << 20,
+            bloom_filter_did: true,
+        }
+    }
+}
+
+/// `[server]`: the SQL endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to bind; 127.0.0.1 unless told otherwise.
+    pub listen: String,
+    /// Bearer token required on every route but `/health` (or set `ATLAKE_SERVER_TOKEN`).
+    pub token: Option<String>,
+    /// Per-query timeout.
+    pub query_timeout: HumanDuration,
+    /// Memory pool for query execution (spills where DataFusion can).
+    pub memory_limit: ByteSize,
+    /// Most rows a result may have.
+    pub max_result_rows: u64,
+    /// Most bytes a result may have.
+    pub max_result_bytes: ByteSize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            token: None,
+            query_timeout: HumanDuration(Duration::from_secs(30)),
+            memory_limit: ByteSize(1 << 30),
+            max_result_rows: 1_000_000,
+            max_result_bytes: ByteSize(256 << 20),
+        }
+    }
+}
+
+/// `[shutdown]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// On SIGINT/SIGTERM: stop reading, flush, checkpoint, and exit within this time.
+    pub deadline: HumanDuration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            deadline: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where events come from.
+    pub source: SourceConfig,
+    /// Where the lake lives.
+    pub lake: LakeConfig,
+    /// When buffers become files.
+    pub flush: FlushConfig,
+    /// How files are written.
+    pub writer: WriterConfig,
+    /// The SQL endpoint.
+    pub server: ServerConfig,
+    /// Shutdown behaviour.
+    pub shutdown: ShutdownConfig,
+}
+
+/// The default config file, used when it exists and no `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/atlake.toml";
+
+impl Config {
+    /// Loads `path` (or the defaults when `None`), then applies `ATLAKE_*` overrides from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (text, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "(defaults)".to_string()),
+        };
+        let mut value: toml::Value = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: name.clone(),
+            message: e.to_string(),
+        })?;
+        // validate the file on its own first, so errors name the file
+        let _: Config = value.clone().try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: name.clone(),
+            message: e.to_string(),
+        })?;
+        let defaults = toml::Value::try_from(Config::default()).map_err(|e| ConfigError::Parse {
+            path: name.clone(),
+            message: e.to_string(),
+        })?;
+        apply_env(&mut value, &defaults, env)?;
+        let cfg: Config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: name,
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Finds the config file: an explicit path, else `config/atlake.toml` if it exists.
+    pub fn resolve_path(explicit: Option<&Path>) -> Option<PathBuf> {
+        match explicit {
+            Some(p) => Some(p.to_path_buf()),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+                p.exists().then_some(p)
+            }
+        }
+    }
+
+    /// Checks ranges and combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        if self.source.url.trim().is_empty() {
+            return bad("source.url", "must not be empty");
+        }
+        if self.source.max_message_size.0 < 5 << 20 {
+            return bad("source.max_message_size", "must be at least 5MiB (the protocol's message limit)");
+        }
+        for c in &self.source.collections {
+            if !crate::decode::syntax::is_nsid_pattern(c) {
+                return bad("source.collections", &format!("{c:?} is not an NSID or prefix.* pattern"));
+            }
+        }
+        for d in &self.source.dids {
+            if !crate::decode::syntax::is_did(d) {
+                return bad("source.dids", &format!("{d:?} is not a DID"));
+            }
+        }
+        if self.flush.max_rows == 0 {
+            return bad("flush.max_rows", "must be positive");
+        }
+        if self.flush.max_open_partitions < 16 {
+            return bad("flush.max_open_partitions", "must be at least 16 (the core collections always have their own)");
+        }
+        if self.flush.memory_cap.0 < 1 << 20 {
+            return bad("flush.memory_cap", "must be at least 1MiB");
+        }
+        if !(1..=22).contains(&self.writer.zstd_level) {
+            return bad("writer.zstd_level", "must be 1..=22");
+        }
+        if self.writer.row_group_rows == 0 {
+            return bad("writer.row_group_rows", "must be positive");
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML (what `check-config` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+fn apply_env(
+    value: &mut toml::Value,
+    defaults: &toml::Value,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("ATLAKE_"))
+        .collect();
+    let Some(sections) = defaults.as_table() else {
+        return Ok(());
+    };
+    for (section, fields) in sections {
+        let Some(fields) = fields.as_table() else { continue };
+        let keys: Vec<&String> = fields.keys().collect();
+        // `token` is optional and absent from the defaults
+        let extra: Vec<String> = if section == "server" {
+            vec!["token".to_string()]
+        } else {
+            vec![]
+        };
+        for key in keys.into_iter().chain(extra.iter()) {
+            let var = format!(
+                "ATLAKE_{}_{}",
+                section.to_uppercase(),
+                key.to_uppercase().replace(['.', '-'], "_")
+            );
+            let Some((_, raw)) = env.iter().find(|(k, _)| *k == var) else {
+                continue;
+            };
+            let template = fields.get(key.as_str());
+            let v = match template {
+                Some(toml::Value::Integer(_)) => raw
+                    .trim()
+                    .replace('_', "")
+                    .parse::<i64>()
+                    .map(toml::Value::Integer)
+                    .map_err(|e| ConfigError::Env {
+                        var: var.clone(),
+                        message: e.to_string(),
+                    })?,
+                Some(toml::Value::Boolean(_)) => match raw.trim() {
+                    "1" | "true" | "yes" | "on" => toml::Value::Boolean(true),
+                    "0" | "false" | "no" | "off" => toml::Value::Boolean(false),
+                    other => {
+                        return Err(ConfigError::Env {
+                            var,
+                            message: format!("{other:?} is not a boolean"),
+                        });
+                    }
+                },
+                Some(toml::Value::Array(_)) => toml::Value::Array(
+                    raw.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| toml::Value::String(s.to_string()))
+                        .collect(),
+                ),
+                _ => toml::Value::String(raw.clone()),
+            };
+            let table = value
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::Env {
+                    var: var.clone(),
+                    message: "config root is not a table".into(),
+                })?
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            if let Some(t) = table.as_table_mut() {
+                t.insert(key.clone(), v);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units() {
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_size("128MiB").unwrap(), 128 << 20);
+        assert_eq!(parse_size("1_000").unwrap(), 1000);
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_size("lots").is_err());
+        assert_eq!(HumanDuration(Duration::from_secs(300)).to_string(), "5m");
+        assert_eq!(ByteSize(256 << 20).to_string(), "256MiB");
+    }
+
+    #[test]
+    fn env_overrides_and_unknown_keys() {
+        let cfg = Config::load(
+            None,
+            vec![
+                ("ATLAKE_LAKE_URL".to_string(), "s3://b/p".to_string()),
+                ("ATLAKE_FLUSH_MAX_AGE".to_string(), "30s".to_string()),
+                ("ATLAKE_SOURCE_COLLECTIONS".to_string(), "app.bsky.feed.post, app.bsky.graph.*".to_string()),
+                ("ATLAKE_SOURCE_COMPRESS".to_string(), "false".to_string()),
+                ("ATLAKE_SERVER_TOKEN".to_string(), "sekrit".to_string()),
+                ("ATLAKE_FLUSH_MAX_ROWS".to_string(), "10_000".to_string()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.lake.url, "s3://b/p");
+        assert_eq!(cfg.flush.max_age.0, Duration::from_secs(30));
+        assert_eq!(cfg.source.collections, vec!["app.bsky.feed.post", "app.bsky.graph.*"]);
+        assert!(!cfg.source.compress);
+        assert_eq!(cfg.server.token.as_deref(), Some("sekrit"));
+        assert_eq!(cfg.flush.max_rows, 10_000);
+        let dir = std::env::temp_dir().join(format!("atlake-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bad.toml");
+        std::fs::write(&p, "[lake]\nurl = \"x\"\nbogus = 1\n").unwrap();
+        let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+}

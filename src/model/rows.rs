@@ -1,0 +1,733 @@
+//! The Arrow form of events: table kinds, their schemas, and builders that turn events into
+//! record batches.
+//!
+//! Every event row has the common columns `did, time_us, time, kind, operation, collection,
+//! rkey, rev, cid, seq, record`. Core lexicons add typed columns ([`super::lexicon`]); identity
+//! and account events have their own; errors (the quarantine) have a schema of their own.
+//! Schemas only ever gain columns; [`SCHEMA_VERSION`] is written into every file.
+
+use super::lexicon::{Lexicon, Typed, extract};
+use super::{Envelope, ErrorEvent, EventData, SourceKind};
+use arrow::array::{
+    ArrayRef, BinaryBuilder, BooleanBuilder, Int64Builder, ListBuilder, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use std::sync::{Arc, OnceLock};
+
+/// Version of the file schema, written into every Parquet file's metadata.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Largest raw payload kept in the quarantine (the original length is kept too).
+pub const MAX_QUARANTINE_RAW: usize = 1 << 20;
+
+/// The shape of a partition's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TableKind {
+    /// Commit and sync events: common columns, plus typed ones for a core lexicon.
+    Events(Option<Lexicon>),
+    /// `#identity` events.
+    Identity,
+    /// `#account` events.
+    Account,
+    /// Quarantined input.
+    Errors,
+}
+
+fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+fn list_of_str() -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
+}
+
+/// The common columns of every event table.
+pub fn common_fields() -> Vec<Field> {
+    vec![
+        Field::new("did", DataType::Utf8, false),
+        Field::new("time_us", DataType::Int64, false),
+        Field::new("time", ts_type(), false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("operation", DataType::Utf8, true),
+        Field::new("collection", DataType::Utf8, true),
+        Field::new("rkey", DataType::Utf8, true),
+        Field::new("rev", DataType::Utf8, true),
+        Field::new("cid", DataType::Utf8, true),
+        Field::new("seq", DataType::Int64, true),
+        Field::new("record", DataType::Utf8, true),
+    ]
+}
+
+/// The columns a kind adds to the common ones.
+pub fn typed_fields(kind: TableKind) -> Vec<Field> {
+    let s = |n: &str| Field::new(n, DataType::Utf8, true);
+    let created = || Field::new("created_at", ts_type(), true);
+    match kind {
+        TableKind::Events(None) | TableKind::Errors => vec![],
+        TableKind::Events(Some(Lexicon::Post)) => vec![
+            s("text"),
+            Field::new("langs", list_of_str(), true),
+            s("reply_root_uri"),
+            s("reply_parent_uri"),
+            s("quote_uri"),
+            s("embed_type"),
+            Field::new("facet_tags", list_of_str(), true),
+            Field::new("facet_links", list_of_str(), true),
+            Field::new("facet_mentions", list_of_str(), true),
+            created(),
+        ],
+        TableKind::Events(Some(Lexicon::Like | Lexicon::Repost)) => {
+            vec![s("subject_uri"), s("subject_cid"), created()]
+        }
+        TableKind::Events(Some(Lexicon::Follow | Lexicon::Block)) => {
+            vec![s("subject_did"), created()]
+        }
+        TableKind::Events(Some(Lexicon::ListItem)) => {
+            vec![s("subject_did"), s("list_uri"), created()]
+        }
+        TableKind::Events(Some(Lexicon::Profile)) => {
+            vec![s("display_name"), s("description"), created()]
+        }
+        TableKind::Identity => vec![
+            s("handle"),
+            Field::new("event_seq", DataType::Int64, true),
+            Field::new("event_time", ts_type(), true),
+        ],
+        TableKind::Account => vec![
+            Field::new("active", DataType::Boolean, true),
+            s("status"),
+            Field::new("event_seq", DataType::Int64, true),
+            Field::new("event_time", ts_type(), true),
+        ],
+    }
+}
+
+fn errors_fields() -> Vec<Field> {
+    vec![
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("cursor", DataType::Int64, true),
+        Field::new("seq", DataType::Int64, true),
+        Field::new("time_us", DataType::Int64, false),
+        Field::new("time", ts_type(), false),
+        Field::new("did", DataType::Utf8, true),
+        Field::new("path", DataType::Utf8, true),
+        Field::new("raw_len", DataType::Int64, false),
+        Field::new("raw", DataType::Binary, false),
+    ]
+}
+
+/// The schema of a table kind.
+pub fn schema(kind: TableKind) -> SchemaRef {
+    static CACHE: OnceLock<Vec<(TableKind, SchemaRef)>> = OnceLock::new();
+    let all = CACHE.get_or_init(|| {
+        let mut kinds = vec![
+            TableKind::Events(None),
+            TableKind::Identity,
+            TableKind::Account,
+            TableKind::Errors,
+        ];
+        kinds.extend(Lexicon::ALL.iter().map(|l| TableKind::Events(Some(*l))));
+        kinds
+            .into_iter()
+            .map(|k| {
+                let fields = if k == TableKind::Errors {
+                    errors_fields()
+                } else {
+                    let mut f = common_fields();
+                    f.extend(typed_fields(k));
+                    f
+                };
+                (k, Arc::new(Schema::new(fields)))
+            })
+            .collect()
+    });
+    all.iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, s)| s.clone())
+        .unwrap_or_else(|| Arc::new(Schema::new(common_fields())))
+}
+
+/// Builders for the common columns.
+struct Common {
+    did: StringBuilder,
+    time_us: Int64Builder,
+    time: TimestampMicrosecondBuilder,
+    kind: StringBuilder,
+    operation: StringBuilder,
+    collection: StringBuilder,
+    rkey: StringBuilder,
+    rev: StringBuilder,
+    cid: StringBuilder,
+    seq: Int64Builder,
+    record: StringBuilder,
+}
+
+impl Common {
+    fn new() -> Self {
+        Common {
+            did: StringBuilder::new(),
+            time_us: Int64Builder::new(),
+            time: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            kind: StringBuilder::new(),
+            operation: StringBuilder::new(),
+            collection: StringBuilder::new(),
+            rkey: StringBuilder::new(),
+            rev: StringBuilder::new(),
+            cid: StringBuilder::new(),
+            seq: Int64Builder::new(),
+            record: StringBuilder::new(),
+        }
+    }
+
+    fn finish(&mut self) -> Vec<ArrayRef> {
+        vec![
+            Arc::new(self.did.finish()),
+            Arc::new(self.time_us.finish()),
+            Arc::new(self.time.finish()),
+            Arc::new(self.kind.finish()),
+            Arc::new(self.operation.finish()),
+            Arc::new(self.collection.finish()),
+            Arc::new(self.rkey.finish()),
+            Arc::new(self.rev.finish()),
+            Arc::new(self.cid.finish()),
+            Arc::new(self.seq.finish()),
+            Arc::new(self.record.finish()),
+        ]
+    }
+}
+
+fn str_list() -> ListBuilder<StringBuilder> {
+    ListBuilder::new(StringBuilder::new())
+}
+
+fn ts_builder() -> TimestampMicrosecondBuilder {
+    TimestampMicrosecondBuilder::new().with_timezone("UTC")
+}
+
+/// Builders for typed columns.
+enum TypedCols {
+    None,
+    Post {
+        text: StringBuilder,
+        langs: ListBuilder<StringBuilder>,
+        root: StringBuilder,
+        parent: StringBuilder,
+        quote: StringBuilder,
+        embed: StringBuilder,
+        tags: ListBuilder<StringBuilder>,
+        links: ListBuilder<StringBuilder>,
+        mentions: ListBuilder<StringBuilder>,
+        created: TimestampMicrosecondBuilder,
+    },
+    SubjectRef {
+        uri: StringBuilder,
+        cid: StringBuilder,
+        created: TimestampMicrosecondBuilder,
+    },
+    SubjectDid {
+        did: StringBuilder,
+        created: TimestampMicrosecondBuilder,
+    },
+    ListItem {
+        did: StringBuilder,
+        list: StringBuilder,
+        created: TimestampMicrosecondBuilder,
+    },
+    Profile {
+        name: StringBuilder,
+        description: StringBuilder,
+        created: TimestampMicrosecondBuilder,
+    },
+    Identity {
+        handle: StringBuilder,
+        seq: Int64Builder,
+        time: TimestampMicrosecondBuilder,
+    },
+    Account {
+        active: BooleanBuilder,
+        status: StringBuilder,
+        seq: Int64Builder,
+        time: TimestampMicrosecondBuilder,
+    },
+}
+
+fn push_list(b: &mut ListBuilder<StringBuilder>, items: Option<&[String]>) {
+    match items {
+        Some(items) => {
+            for i in items {
+                b.values().append_value(i);
+            }
+            b.append(true);
+        }
+        None => b.append(false),
+    }
+}
+
+impl TypedCols {
+    fn new(kind: TableKind) -> Self {
+        let s = StringBuilder::new;
+        match kind {
+            TableKind::Events(None) | TableKind::Errors => TypedCols::None,
+            TableKind::Events(Some(Lexicon::Post)) => TypedCols::Post {
+                text: s(),
+                langs: str_list(),
+                root: s(),
+                parent: s(),
+                quote: s(),
+                embed: s(),
+                tags: str_list(),
+                links: str_list(),
+                mentions: str_list(),
+                created: ts_builder(),
+            },
+            TableKind::Events(Some(Lexicon::Like | Lexicon::Repost)) => TypedCols::SubjectRef {
+                uri: s(),
+                cid: s(),
+                created: ts_builder(),
+            },
+            TableKind::Events(Some(Lexicon::Follow | Lexicon::Block)) => TypedCols::SubjectDid {
+                did: s(),
+                created: ts_builder(),
+            },
+            TableKind::Events(Some(Lexicon::ListItem)) => TypedCols::ListItem {
+                did: s(),
+                list: s(),
+                created: ts_builder(),
+            },
+            TableKind::Events(Some(Lexicon::Profile)) => TypedCols::Profile {
+                name: s(),
+                description: s(),
+                created: ts_builder(),
+            },
+            TableKind::Identity => TypedCols::Identity {
+                handle: s(),
+                seq: Int64Builder::new(),
+                time: ts_builder(),
+            },
+            TableKind::Account => TypedCols::Account {
+                active: BooleanBuilder::new(),
+                status: s(),
+                seq: Int64Builder::new(),
+                time: ts_builder(),
+            },
+        }
+    }
+
+    /// Appends the typed values, or nulls when `t` is `None`.
+    fn push(&mut self, t: Option<&Typed>) {
+        match self {
+            TypedCols::None | TypedCols::Identity { .. } | TypedCols::Account { .. } => {}
+            TypedCols::Post {
+                text,
+                langs,
+                root,
+                parent,
+                quote,
+                embed,
+                tags,
+                links,
+                mentions,
+                created,
+            } => match t {
+                Some(Typed::Post(p)) => {
+                    text.append_value(&p.text);
+                    push_list(langs, Some(&p.langs));
+                    root.append_option(p.reply_root_uri.as_deref());
+                    parent.append_option(p.reply_parent_uri.as_deref());
+                    quote.append_option(p.quote_uri.as_deref());
+                    embed.append_option(p.embed_type.as_deref());
+                    push_list(tags, Some(&p.facet_tags));
+                    push_list(links, Some(&p.facet_links));
+                    push_list(mentions, Some(&p.facet_mentions));
+                    created.append_option(p.created_at);
+                }
+                _ => {
+                    text.append_null();
+                    push_list(langs, None);
+                    root.append_null();
+                    parent.append_null();
+                    quote.append_null();
+                    embed.append_null();
+                    push_list(tags, None);
+                    push_list(links, None);
+                    push_list(mentions, None);
+                    created.append_null();
+                }
+            },
+            TypedCols::SubjectRef { uri, cid, created } => match t {
+                Some(Typed::SubjectRef {
+                    uri: u,
+                    cid: c,
+                    created_at,
+                }) => {
+                    uri.append_value(u);
+                    cid.append_value(c);
+                    created.append_option(*created_at);
+                }
+                _ => {
+                    uri.append_null();
+                    cid.append_null();
+                    created.append_null();
+                }
+            },
+            TypedCols::SubjectDid { did, created } => match t {
+                Some(Typed::SubjectDid { did: d, created_at }) => {
+                    did.append_value(d);
+                    created.append_option(*created_at);
+                }
+                _ => {
+                    did.append_null();
+                    created.append_null();
+                }
+            },
+            TypedCols::ListItem { did, list, created } => match t {
+                Some(Typed::ListItem {
+                    did: d,
+                    list: l,
+                    created_at,
+                }) => {
+                    did.append_value(d);
+                    list.append_value(l);
+                    created.append_option(*created_at);
+                }
+                _ => {
+                    did.append_null();
+                    list.append_null();
+                    created.append_null();
+                }
+            },
+            TypedCols::Profile {
+                name,
+                description,
+                created,
+            } => match t {
+                Some(Typed::Profile {
+                    display_name,
+                    description: d,
+                    created_at,
+                }) => {
+                    name.append_option(display_name.as_deref());
+                    description.append_option(d.as_deref());
+                    created.append_option(*created_at);
+                }
+                _ => {
+                    name.append_null();
+                    description.append_null();
+                    created.append_null();
+                }
+            },
+        }
+    }
+
+    fn finish(&mut self) -> Vec<ArrayRef> {
+        match self {
+            TypedCols::None => vec![],
+            TypedCols::Post {
+                text,
+                langs,
+                root,
+                parent,
+                quote,
+                embed,
+                tags,
+                links,
+                mentions,
+                created,
+            } => vec![
+                Arc::new(text.finish()),
+                Arc::new(langs.finish()),
+                Arc::new(root.finish()),
+                Arc::new(parent.finish()),
+                Arc::new(quote.finish()),
+                Arc::new(embed.finish()),
+                Arc::new(tags.finish()),
+                Arc::new(links.finish()),
+                Arc::new(mentions.finish()),
+                Arc::new(created.finish()),
+            ],
+            TypedCols::SubjectRef { uri, cid, created } => vec![
+                Arc::new(uri.finish()),
+                Arc::new(cid.finish()),
+                Arc::new(created.finish()),
+            ],
+            TypedCols::SubjectDid { did, created } => {
+                vec![Arc::new(did.finish()), Arc::new(created.finish())]
+            }
+            TypedCols::ListItem { did, list, created } => vec![
+                Arc::new(did.finish()),
+                Arc::new(list.finish()),
+                Arc::new(created.finish()),
+            ],
+            TypedCols::Profile {
+                name,
+                description,
+                created,
+            } => vec![
+                Arc::new(name.finish()),
+                Arc::new(description.finish()),
+                Arc::new(created.finish()),
+            ],
+            TypedCols::Identity { handle, seq, time } => vec![
+                Arc::new(handle.finish()),
+                Arc::new(seq.finish()),
+                Arc::new(time.finish()),
+            ],
+            TypedCols::Account {
+                active,
+                status,
+                seq,
+                time,
+            } => vec![
+                Arc::new(active.finish()),
+                Arc::new(status.finish()),
+                Arc::new(seq.finish()),
+                Arc::new(time.finish()),
+            ],
+        }
+    }
+}
+
+/// Builders for the quarantine.
+struct ErrorCols {
+    reason: StringBuilder,
+    detail: StringBuilder,
+    source: StringBuilder,
+    cursor: Int64Builder,
+    seq: Int64Builder,
+    time_us: Int64Builder,
+    time: TimestampMicrosecondBuilder,
+    did: StringBuilder,
+    path: StringBuilder,
+    raw_len: Int64Builder,
+    raw: BinaryBuilder,
+}
+
+/// What pushing a row found out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Row added with its typed columns.
+    Ok,
+    /// Row added; the record did not fit its lexicon's types, typed columns are null.
+    InvalidRecord,
+}
+
+/// Accumulates rows of one table kind and turns them into record batches.
+pub struct RowBuilder {
+    kind: TableKind,
+    common: Option<Common>,
+    typed: TypedCols,
+    errors: Option<ErrorCols>,
+    rows: usize,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for RowBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowBuilder")
+            .field("kind", &self.kind)
+            .field("rows", &self.rows)
+            .finish()
+    }
+}
+
+/// Fixed per-row cost in the memory estimate (offsets, validity, fixed-width columns).
+const ROW_OVERHEAD: usize = 160;
+
+impl RowBuilder {
+    /// An empty builder for `kind`.
+    pub fn new(kind: TableKind) -> Self {
+        let (common, errors) = if kind == TableKind::Errors {
+            (
+                None,
+                Some(ErrorCols {
+                    reason: StringBuilder::new(),
+                    detail: StringBuilder::new(),
+                    source: StringBuilder::new(),
+                    cursor: Int64Builder::new(),
+                    seq: Int64Builder::new(),
+                    time_us: Int64Builder::new(),
+                    time: ts_builder(),
+                    did: StringBuilder::new(),
+                    path: StringBuilder::new(),
+                    raw_len: Int64Builder::new(),
+                    raw: BinaryBuilder::new(),
+                }),
+            )
+        } else {
+            (Some(Common::new()), None)
+        };
+        RowBuilder {
+            kind,
+            common,
+            typed: TypedCols::new(kind),
+            errors,
+            rows: 0,
+            bytes: 0,
+        }
+    }
+
+    /// The kind of rows built.
+    pub fn kind(&self) -> TableKind {
+        self.kind
+    }
+
+    /// Rows not yet finished.
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    /// Whether no rows are pending.
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Estimated bytes of the pending rows.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Appends an event. The caller routes events to a builder of the matching kind.
+    pub fn push_event(&mut self, env: &Envelope) -> PushOutcome {
+        let Some(c) = self.common.as_mut() else {
+            return PushOutcome::Ok;
+        };
+        let e = &env.event;
+        let mut size = ROW_OVERHEAD + e.did.len();
+        c.did.append_value(&e.did);
+        c.time_us.append_value(env.time_us);
+        c.time.append_value(env.time_us);
+        c.kind.append_value(e.kind().as_str());
+        c.seq.append_option(env.seq);
+        let mut outcome = PushOutcome::Ok;
+        match &e.data {
+            EventData::Commit(op) => {
+                c.operation.append_value(op.operation.as_str());
+                c.collection.append_value(&op.collection);
+                c.rkey.append_value(&op.rkey);
+                c.rev.append_value(&op.rev);
+                c.cid.append_option(op.cid.as_deref());
+                c.record.append_option(op.record.as_deref());
+                size += op.collection.len()
+                    + op.rkey.len()
+                    + op.rev.len()
+                    + op.cid.as_ref().map_or(0, |s| s.len())
+                    + op.record.as_ref().map_or(0, |s| s.len());
+                if let TableKind::Events(Some(lex)) = self.kind {
+                    let typed = op.record.as_deref().and_then(|r| extract(lex, r));
+                    if typed.is_none() && op.record.is_some() {
+                        outcome = PushOutcome::InvalidRecord;
+                    }
+                    // typed columns roughly repeat part of the record
+                    size += op.record.as_ref().map_or(0, |s| s.len() / 2);
+                    self.typed.push(typed.as_ref());
+                }
+            }
+            EventData::Identity(i) => {
+                for b in [&mut c.operation, &mut c.collection, &mut c.rkey, &mut c.rev, &mut c.cid, &mut c.record] {
+                    b.append_null();
+                }
+                if let TypedCols::Identity { handle, seq, time } = &mut self.typed {
+                    handle.append_option(i.handle.as_deref());
+                    seq.append_value(i.seq);
+                    time.append_option(crate::decode::syntax::parse_datetime_us(&i.time).ok());
+                }
+                size += i.handle.as_ref().map_or(0, |s| s.len());
+            }
+            EventData::Account(a) => {
+                for b in [&mut c.operation, &mut c.collection, &mut c.rkey, &mut c.rev, &mut c.cid, &mut c.record] {
+                    b.append_null();
+                }
+                if let TypedCols::Account {
+                    active,
+                    status,
+                    seq,
+                    time,
+                } = &mut self.typed
+                {
+                    active.append_value(a.active);
+                    status.append_option(a.status.as_deref());
+                    seq.append_value(a.seq);
+                    time.append_option(crate::decode::syntax::parse_datetime_us(&a.time).ok());
+                }
+            }
+            EventData::Sync(s) => {
+                c.operation.append_null();
+                c.collection.append_null();
+                c.rkey.append_null();
+                c.rev.append_value(&s.rev);
+                c.cid.append_null();
+                c.record.append_null();
+            }
+        }
+        self.rows += 1;
+        self.bytes += size;
+        outcome
+    }
+
+    /// Appends a quarantined input.
+    pub fn push_error(
+        &mut self,
+        err: &ErrorEvent,
+        source: SourceKind,
+        cursor: Option<i64>,
+        time_us: i64,
+    ) {
+        let Some(c) = self.errors.as_mut() else { return };
+        c.reason.append_value(err.reason.as_str());
+        c.detail.append_value(&err.detail);
+        c.source.append_value(source.as_str());
+        c.cursor.append_option(cursor);
+        c.seq.append_option(err.seq);
+        c.time_us.append_value(time_us);
+        c.time.append_value(time_us);
+        c.did.append_option(err.did.as_deref().map(|d| truncate_str(d, 4096)));
+        c.path.append_option(err.path.as_deref().map(|p| truncate_str(p, 4096)));
+        c.raw_len.append_value(err.raw.len() as i64);
+        let raw = &err.raw[..err.raw.len().min(MAX_QUARANTINE_RAW)];
+        c.raw.append_value(raw);
+        self.rows += 1;
+        self.bytes += ROW_OVERHEAD + err.detail.len() + raw.len();
+    }
+
+    /// Finishes the pending rows into a batch and resets the builder.
+    pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
+        let mut cols = match (&mut self.common, &mut self.errors) {
+            (Some(c), _) => c.finish(),
+            (None, Some(e)) => vec![
+                Arc::new(e.reason.finish()) as ArrayRef,
+                Arc::new(e.detail.finish()),
+                Arc::new(e.source.finish()),
+                Arc::new(e.cursor.finish()),
+                Arc::new(e.seq.finish()),
+                Arc::new(e.time_us.finish()),
+                Arc::new(e.time.finish()),
+                Arc::new(e.did.finish()),
+                Arc::new(e.path.finish()),
+                Arc::new(e.raw_len.finish()),
+                Arc::new(e.raw.finish()),
+            ],
+            (None, None) => vec![],
+        };
+        cols.extend(self.typed.finish());
+        self.rows = 0;
+        self.bytes = 0;
+        RecordBatch::try_new(schema(self.kind), cols)
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn truncate_str(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

@@ -1,0 +1,12 @@
+//! Where events go: partitions and paths, the batcher and its flush policy, Parquet encoding,
+//! and the object store.
+//!
+//! - [`partition`]: partition keys, lake paths and file names (format and parse).
+//! - [`batcher`]: buffers per (collection, hour) and the named flush policy.
+//! - [`parquet`]: sorting and encoding one flush.
+//! - [`store`]: local disk (fsync + rename), S3 and memory through `object_store`.
+
+pub mod batcher;
+pub mod parquet;
+pub mod partition;
+pub mod store;

@@ -1,0 +1,394 @@
+//! Where the lake lives: a local directory, S3 (or an S3-compatible server), or memory, all
+//! through `object_store`.
+//!
+//! Writes are atomic: local files are written under a temporary name (`.<name>.tmp`), fsynced,
+//! renamed into place and the directory fsynced; S3 objects appear atomically with a single PUT.
+//! S3 settings come from the standard `AWS_*` environment (`AWS_ENDPOINT`/`AWS_ENDPOINT_URL`,
+//! `AWS_REGION`/`AWS_DEFAULT_REGION`, credentials); path-style addressing is the default and an
+//! `http://` endpoint is allowed, for S3-compatible servers.
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Why the lake could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL is not one atlake understands.
+    #[error("invalid lake location {url:?}: {message}")]
+    Url {
+        /// the URL
+        url: String,
+        /// why
+        message: String,
+    },
+    /// A local filesystem error.
+    #[error("{path}: {source}")]
+    Io {
+        /// the path
+        path: String,
+        /// the OS error
+        source: std::io::Error,
+    },
+    /// An object store error.
+    #[error("object store: {0}")]
+    Object(#[from] object_store::Error),
+}
+
+impl StoreError {
+    /// Whether the error says the disk is full.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => {
+                source.raw_os_error() == Some(28) || source.to_string().contains("No space")
+            }
+            StoreError::Object(e) => e.to_string().contains("No space"),
+            _ => false,
+        }
+    }
+}
+
+/// Where a lake URL points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LakeLocation {
+    /// A local directory.
+    Local(PathBuf),
+    /// `s3://bucket/prefix`.
+    S3 {
+        /// bucket
+        bucket: String,
+        /// key prefix (may be empty)
+        prefix: String,
+    },
+    /// `memory://` (tests).
+    Memory,
+}
+
+impl LakeLocation {
+    /// Parses `./lake`, `/abs`, `file:///abs`, `s3://bucket/prefix`, `memory://`.
+    pub fn parse(url: &str) -> Result<LakeLocation, StoreError> {
+        let bad = |m: &str| StoreError::Url {
+            url: url.to_string(),
+            message: m.to_string(),
+        };
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("missing bucket name (s3://bucket/prefix)"));
+            }
+            return Ok(LakeLocation::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+            });
+        }
+        if url == "memory://" || url == "memory:///" {
+            return Ok(LakeLocation::Memory);
+        }
+        let path = if let Some(p) = url.strip_prefix("file://") {
+            PathBuf::from(p)
+        } else if url.contains("://") {
+            return Err(bad("unsupported scheme (use a path, file://, s3:// or memory://)"));
+        } else {
+            PathBuf::from(url)
+        };
+        if path.as_os_str().is_empty() {
+            return Err(bad("empty path"));
+        }
+        Ok(LakeLocation::Local(path))
+    }
+}
+
+/// An opened lake.
+#[derive(Debug, Clone)]
+pub struct Lake {
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjPath,
+    local_root: Option<PathBuf>,
+    url: String,
+    /// The URL DataFusion uses to reach this store (e.g. `file:///…`, `s3://bucket`).
+    pub store_url: String,
+    location: LakeLocation,
+}
+
+fn s3_store(bucket: &str, env: &[(String, String)]) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    use std::str::FromStr;
+    let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let mut b = object_store::aws::AmazonS3Builder::new().with_bucket_name(bucket);
+    for (k, v) in env {
+        if k.starts_with("AWS_") {
+            if let Ok(key) = object_store::aws::AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase()) {
+                b = b.with_config(key, v.clone());
+            }
+        }
+    }
+    let endpoint = get("AWS_ENDPOINT")
+        .or_else(|| get("AWS_ENDPOINT_URL_S3"))
+        .or_else(|| get("AWS_ENDPOINT_URL"));
+    if let Some(ep) = &endpoint {
+        b = b.with_endpoint(ep);
+        if ep.starts_with("http://") {
+            b = b.with_allow_http(true);
+        }
+    }
+    if let Some(r) = get("AWS_REGION").or_else(|| get("AWS_DEFAULT_REGION")) {
+        b = b.with_region(r);
+    }
+    // retry briefly inside object_store; the writer retries a failed flush itself, forever
+    let retry = object_store::RetryConfig {
+        max_retries: 3,
+        retry_timeout: std::time::Duration::from_secs(20),
+        ..Default::default()
+    };
+    b = b.with_retry(retry);
+    Ok(Arc::new(b.build()?))
+}
+
+impl Lake {
+    /// Opens (and for a local path, creates) the lake at `url`; S3 settings from the process
+    /// environment.
+    pub fn open(url: &str) -> Result<Lake, StoreError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Lake::open_with_env(url, &env)
+    }
+
+    /// Like [`Lake::open`], with S3 settings (`AWS_*`) from `env`.
+    pub fn open_with_env(url: &str, env: &[(String, String)]) -> Result<Lake, StoreError> {
+        let location = LakeLocation::parse(url)?;
+        match &location {
+            LakeLocation::Local(p) => {
+                std::fs::create_dir_all(p).map_err(|source| StoreError::Io {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                let root = std::fs::canonicalize(p).map_err(|source| StoreError::Io {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                let store = object_store::local::LocalFileSystem::new_with_prefix(&root)?;
+                Ok(Lake {
+                    store: Arc::new(store),
+                    prefix: ObjPath::default(),
+                    store_url: format!("file://{}", root.display()),
+                    local_root: Some(root),
+                    url: url.to_string(),
+                    location,
+                })
+            }
+            LakeLocation::S3 { bucket, prefix } => Ok(Lake {
+                store: s3_store(bucket, env)?,
+                prefix: ObjPath::from(prefix.as_str()),
+                local_root: None,
+                store_url: format!("s3://{bucket}"),
+                url: url.to_string(),
+                location,
+            }),
+            LakeLocation::Memory => Ok(Lake {
+                store: Arc::new(object_store::memory::InMemory::new()),
+                prefix: ObjPath::default(),
+                local_root: None,
+                store_url: "memory://".to_string(),
+                url: url.to_string(),
+                location,
+            }),
+        }
+    }
+
+    /// Wraps an existing object store (tests use this to inject faults).
+    pub fn with_store(url: &str, store: Arc<dyn ObjectStore>, store_url: &str) -> Lake {
+        Lake {
+            store,
+            prefix: ObjPath::default(),
+            local_root: None,
+            store_url: store_url.to_string(),
+            url: url.to_string(),
+            location: LakeLocation::Memory,
+        }
+    }
+
+    /// The URL it was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Where it is.
+    pub fn location(&self) -> &LakeLocation {
+        &self.location
+    }
+
+    /// The object store (root of the store, not of the lake).
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
+    /// The object path of a lake-relative path.
+    pub fn object_path(&self, rel: &str) -> ObjPath {
+        if self.prefix.as_ref().is_empty() {
+            ObjPath::from(rel)
+        } else {
+            ObjPath::from(format!("{}/{rel}", self.prefix.as_ref()))
+        }
+    }
+
+    /// The lake-relative path of an object path.
+    pub fn relative(&self, p: &ObjPath) -> String {
+        let s = p.as_ref();
+        let pre = self.prefix.as_ref();
+        if pre.is_empty() {
+            s.to_string()
+        } else {
+            s.strip_prefix(pre)
+                .map(|r| r.trim_start_matches('/').to_string())
+                .unwrap_or_else(|| s.to_string())
+        }
+    }
+
+    /// A full URL DataFusion can list: store URL + object path of `rel`.
+    pub fn table_url(&self, rel: &str) -> String {
+        let p = self.object_path(rel);
+        match &self.local_root {
+            Some(root) => format!("file://{}/{}", root.display(), rel.trim_end_matches('/')) + "/",
+            None => format!("{}/{}/", self.store_url.trim_end_matches('/'), p.as_ref()),
+        }
+    }
+
+    /// Writes `data` at `rel` atomically and durably.
+    pub async fn put_atomic(&self, rel: &str, data: Bytes) -> Result<(), StoreError> {
+        match &self.local_root {
+            Some(root) => {
+                let root = root.clone();
+                let rel = rel.to_string();
+                tokio::task::spawn_blocking(move || write_local_atomic(&root, &rel, &data))
+                    .await
+                    .map_err(|e| StoreError::Io {
+                        path: "(write task)".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?
+            }
+            None => {
+                self.store
+                    .put(&self.object_path(rel), PutPayload::from_bytes(data))
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads a whole object; `None` if it does not exist.
+    pub async fn get(&self, rel: &str) -> Result<Option<Bytes>, StoreError> {
+        match self.store.get(&self.object_path(rel)).await {
+            Ok(r) => Ok(Some(r.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Lists every object under `rel_prefix` (recursively): lake-relative paths and sizes.
+    pub async fn list(&self, rel_prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let p = self.object_path(rel_prefix);
+        let items: Vec<object_store::ObjectMeta> = self.store.list(Some(&p)).try_collect().await?;
+        Ok(items
+            .into_iter()
+            .map(|m| (self.relative(&m.location), m.size))
+            .collect())
+    }
+
+    /// Deletes an object (missing is fine).
+    pub async fn delete(&self, rel: &str) -> Result<(), StoreError> {
+        match self.store.delete(&self.object_path(rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes leftover temporary files of interrupted local writes; returns how many.
+    pub async fn remove_temp_files(&self) -> Result<usize, StoreError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(0);
+        };
+        tokio::task::spawn_blocking(move || remove_temps(&root))
+            .await
+            .map_err(|e| StoreError::Io {
+                path: "(cleanup task)".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Test-only fault injection: `ATLAKE_FAULT_SLOW_WRITE_MS` holds each local write between the
+/// fsync of its temporary file and the rename, so crash tests can kill the process mid-write.
+fn slow_write_delay() -> Option<std::time::Duration> {
+    static D: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *D.get_or_init(|| {
+        std::env::var("ATLAKE_FAULT_SLOW_WRITE_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(std::time::Duration::from_millis)
+    })
+}
+
+fn write_local_atomic(root: &Path, rel: &str, data: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write;
+    let target = root.join(rel);
+    let dir = target
+        .parent()
+        .ok_or_else(|| io_err(&target, std::io::Error::other("no parent directory")))?;
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let file_name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io_err(&target, std::io::Error::other("bad file name")))?;
+    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        f.write_all(data).map_err(|e| io_err(&tmp, e))?;
+        f.sync_all().map_err(|e| io_err(&tmp, e))?;
+        drop(f);
+        if let Some(d) = slow_write_delay() {
+            std::thread::sleep(d);
+        }
+        std::fs::rename(&tmp, &target).map_err(|e| io_err(&target, e))?;
+        let d = std::fs::File::open(dir).map_err(|e| io_err(dir, e))?;
+        d.sync_all().map_err(|e| io_err(dir, e))?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+fn remove_temps(root: &Path) -> Result<usize, StoreError> {
+    let mut removed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(&dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(&dir, e))?;
+            let path = entry.path();
+            let ft = entry.file_type().map_err(|e| io_err(&path, e))?;
+            if ft.is_dir() {
+                stack.push(path);
+            } else if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+                if name.starts_with('.') && name.ends_with(".tmp") {
+                    std::fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
+                    removed += 1;
+                }
+            }
+        }
+    }
+    Ok(removed)
+}

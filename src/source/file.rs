@@ -1,0 +1,139 @@
+//! A capture file as a source: messages in file order, then the end.
+//!
+//! Reading happens on a blocking thread; messages go into the same bounded channel as the
+//! network sources. Messages at or below the resume cursor are skipped before decoding, so
+//! re-ingesting a file after a crash only does the remaining work.
+
+use super::capture::{CaptureError, CaptureFormat, CaptureReader, Message};
+use super::{Payload, RawMessage, peek_time_us};
+use crate::decode::frame::peek_seq;
+use crate::model::SourceKind;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use tokio::sync::mpsc;
+
+/// Progress of a file being read.
+#[derive(Debug, Default)]
+pub struct FileProgress {
+    /// Compressed bytes read from the file.
+    pub bytes_read: AtomicU64,
+    /// File size.
+    pub total: AtomicU64,
+    /// Messages read.
+    pub messages: AtomicU64,
+    /// Messages skipped as already durable.
+    pub skipped: AtomicU64,
+    /// Reading finished.
+    pub done: AtomicBool,
+}
+
+/// A capture file source.
+#[derive(Debug, Clone)]
+pub struct FileSource {
+    /// The file.
+    pub path: PathBuf,
+    /// Its detected format.
+    pub format: CaptureFormat,
+    /// Skip messages with a cursor at or below this.
+    pub resume_after: Option<i64>,
+}
+
+/// A reader that counts bytes.
+struct Counting<R> {
+    inner: R,
+    progress: Arc<FileProgress>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+impl FileSource {
+    /// Opens and detects a capture.
+    pub fn open(path: &Path) -> Result<(FileSource, SourceKind), CaptureError> {
+        let r = CaptureReader::open(path)?;
+        let kind = match r.format {
+            CaptureFormat::JetstreamJson => SourceKind::Jetstream,
+            _ => SourceKind::Firehose,
+        };
+        Ok((
+            FileSource {
+                path: path.to_path_buf(),
+                format: r.format,
+                resume_after: None,
+            },
+            kind,
+        ))
+    }
+
+    /// Reads the whole file into `tx` on a blocking thread; returns when done.
+    pub async fn run(
+        self,
+        tx: mpsc::Sender<RawMessage>,
+        progress: Arc<FileProgress>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), CaptureError> {
+        tokio::task::spawn_blocking(move || self.read_all(tx, progress, shutdown))
+            .await
+            .unwrap_or_else(|e| {
+                Err(CaptureError::Corrupt {
+                    offset: 0,
+                    detail: format!("reader thread failed: {e}"),
+                })
+            })
+    }
+
+    fn read_all(
+        self,
+        tx: mpsc::Sender<RawMessage>,
+        progress: Arc<FileProgress>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), CaptureError> {
+        let f = std::fs::File::open(&self.path).map_err(|source| CaptureError::Io {
+            path: self.path.display().to_string(),
+            source,
+        })?;
+        if let Ok(m) = f.metadata() {
+            progress.total.store(m.len(), Ordering::Relaxed);
+        }
+        let counting = Counting {
+            inner: std::io::BufReader::with_capacity(1 << 20, f),
+            progress: progress.clone(),
+        };
+        let mut reader = CaptureReader::from_reader(counting, &self.path.display().to_string())?;
+        let result = loop {
+            if *shutdown.borrow() {
+                break Ok(());
+            }
+            let (payload, cursor) = match reader.next_message() {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(e),
+                Some(Ok(Message::Frame(f))) => {
+                    let seq = peek_seq(f);
+                    (Payload::Frame(bytes::Bytes::copy_from_slice(f)), seq)
+                }
+                Some(Ok(Message::Line(l))) => {
+                    let t = peek_time_us(l);
+                    (Payload::Line(bytes::Bytes::copy_from_slice(l)), t)
+                }
+            };
+            progress.messages.fetch_add(1, Ordering::Relaxed);
+            if let (Some(c), Some(r)) = (cursor, self.resume_after) {
+                if c <= r {
+                    progress.skipped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+            if tx.blocking_send(RawMessage { payload, cursor }).is_err() {
+                break Ok(());
+            }
+        };
+        progress.done.store(true, Ordering::Relaxed);
+        result
+    }
+}
