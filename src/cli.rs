@@ -19,7 +19,13 @@ use std::time::Duration;
 /// Reads the relay firehose or Jetstream, writes every event once into a Parquet lake
 /// partitioned by collection and hour (local disk or S3), and answers SQL over it.
 #[derive(Debug, Parser)]
-#[command(name = "atlake", version, about, long_about, after_help = "Run `atlake <command> --help` for examples.")]
+#[command(
+    name = "atlake",
+    version,
+    about,
+    long_about,
+    after_help = "Run `atlake <command> --help` for examples."
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -52,6 +58,10 @@ pub struct SourceArgs {
     /// Keep only these DIDs, comma-separated.
     #[arg(long, value_delimiter = ',', value_name = "DID")]
     pub dids: Vec<String>,
+    /// When the lake has no checkpoint yet, start here (firehose seq or Jetstream time_us;
+    /// 0 replays the source's whole window) instead of the live tip.
+    #[arg(long, value_name = "CURSOR")]
+    pub start_cursor: Option<i64>,
 }
 
 /// `--source` values.
@@ -93,7 +103,9 @@ pub enum Command {
     /// With --input, reads the capture to its end and exits. Otherwise connects to the
     /// configured source and runs until SIGINT/SIGTERM, then flushes, checkpoints and exits.
     /// A restart resumes from the checkpoint in the lake, exactly once.
-    #[command(after_help = "Examples:\n  atlake ingest --source jetstream --url wss://jetstream2.us-east.bsky.network --lake ./lake\n  atlake ingest --source firehose --url wss://bsky.network --lake s3://my-bucket/atlake\n  atlake ingest --input capture.frames.zst --lake ./lake\n  atlake ingest --collections app.bsky.feed.post --lake ./posts")]
+    #[command(
+        after_help = "Examples:\n  atlake ingest --source jetstream --url wss://jetstream2.us-east.bsky.network --lake ./lake\n  atlake ingest --source firehose --url wss://bsky.network --lake s3://my-bucket/atlake\n  atlake ingest --input capture.frames.zst --lake ./lake\n  atlake ingest --collections app.bsky.feed.post --lake ./posts"
+    )]
     Ingest {
         /// Config and lake.
         #[command(flatten)]
@@ -109,7 +121,9 @@ pub enum Command {
     ///
     /// The same seed always gives the same bytes. The server speaks
     /// /xrpc/com.atproto.sync.subscribeRepos and /subscribe on one port, with cursor replay.
-    #[command(after_help = "Examples:\n  atlake simulate --listen 127.0.0.1:6008 --rate 500\n  atlake simulate --messages 100000 --capture sim.frames.zst --format frames --compress zstd --truth truth.json\n  atlake simulate --faults drop=1000,garbage=500,bad-hash=700")]
+    #[command(
+        after_help = "Examples:\n  atlake simulate --listen 127.0.0.1:6008 --rate 500\n  atlake simulate --messages 100000 --capture sim.frames.zst --format frames --compress zstd --truth truth.json\n  atlake simulate --faults drop=1000,garbage=500,bad-hash=700"
+    )]
     Simulate {
         /// Address to serve on.
         #[arg(long, default_value = "127.0.0.1:6008", value_name = "ADDR")]
@@ -157,7 +171,9 @@ pub enum Command {
         input: PathBuf,
     },
     /// Load the configuration exactly as `run` would, check it, and print it.
-    #[command(after_help = "Examples:\n  atlake check-config\n  atlake check-config --config config/firehose-s3.toml")]
+    #[command(
+        after_help = "Examples:\n  atlake check-config\n  atlake check-config --config config/firehose-s3.toml"
+    )]
     CheckConfig {
         /// Config and lake.
         #[command(flatten)]
@@ -172,7 +188,10 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::telemetry::init_logging();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -217,6 +236,9 @@ pub fn load_config(common: &CommonArgs, source: &SourceArgs) -> anyhow::Result<C
     if !source.dids.is_empty() {
         cfg.source.dids = source.dids.clone();
     }
+    if source.start_cursor.is_some() {
+        cfg.source.start_cursor = source.start_cursor;
+    }
     cfg.validate()?;
     crate::sink::store::LakeLocation::parse(&cfg.lake.url)?;
     Ok(cfg)
@@ -260,7 +282,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let faults = Faults::parse(&faults).map_err(anyhow::Error::msg)?;
             match capture {
-                Some(path) => write_capture(traffic, messages, &path, format, compress, truth.as_deref()),
+                Some(path) => {
+                    write_capture(traffic, messages, &path, format, compress, truth.as_deref())
+                }
                 None => {
                     let cfg = SimConfig {
                         traffic,
@@ -280,13 +304,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -333,9 +358,17 @@ async fn ingest_cmd(cfg: Config, input: Option<PathBuf>) -> anyhow::Result<ExitC
         summary.files,
         summary.bytes_written as f64 / 1e6,
         summary.checkpoint,
-        if summary.clean { "" } else { " (unclean: some flushes were abandoned and will be replayed)" }
+        if summary.clean {
+            ""
+        } else {
+            " (unclean: some flushes were abandoned and will be replayed)"
+        }
     );
-    Ok(if summary.clean { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if summary.clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// Waits until a file ingest has read everything (network ingest never finishes by itself).
@@ -372,7 +405,8 @@ fn write_capture(
         CompressArg::Zstd => Compression::Zstd,
         CompressArg::Gzip => Compression::Gzip,
     };
-    let mut w = CaptureWriter::create(path, fmt, comp).with_context(|| format!("creating {}", path.display()))?;
+    let mut w = CaptureWriter::create(path, fmt, comp)
+        .with_context(|| format!("creating {}", path.display()))?;
     let mut t = crate::simulate::traffic::Traffic::new(traffic);
     let mut truth_acc = crate::simulate::server::Truth::default();
     let started = std::time::Instant::now();
@@ -386,9 +420,17 @@ fn write_capture(
             w.write(&m.frame)?;
         }
         truth_acc.add_message(&m);
-        truth_acc.last_time_us = m.jetstream_lines().last().map(|(t, _)| *t).or(truth_acc.last_time_us);
+        truth_acc.last_time_us = m
+            .jetstream_lines()
+            .last()
+            .map(|(t, _)| *t)
+            .or(truth_acc.last_time_us);
         if (i + 1) % 100_000 == 0 {
-            eprintln!("simulate: {} of {messages} messages ({:.0}/s)", i + 1, (i + 1) as f64 / started.elapsed().as_secs_f64());
+            eprintln!(
+                "simulate: {} of {messages} messages ({:.0}/s)",
+                i + 1,
+                (i + 1) as f64 / started.elapsed().as_secs_f64()
+            );
         }
     }
     w.finish()?;
@@ -405,7 +447,11 @@ fn write_capture(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn simulate_serve(cfg: SimConfig, listen: &str, truth: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+async fn simulate_serve(
+    cfg: SimConfig,
+    listen: &str,
+    truth: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let addr: std::net::SocketAddr = listen
         .parse()
         .with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:6008"))?;
@@ -416,7 +462,8 @@ async fn simulate_serve(cfg: SimConfig, listen: &str, truth: Option<PathBuf>) ->
         "simulate: serving on ws://{0}\n  firehose:  ws://{0}/xrpc/com.atproto.sync.subscribeRepos\n  jetstream: ws://{0}/subscribe\n  {1} messages/s, {2}",
         h.addr,
         cfg.rate.map_or("unlimited".to_string(), |r| format!("{r}")),
-        cfg.messages.map_or("no limit".to_string(), |m| format!("{m} messages"))
+        cfg.messages
+            .map_or("no limit".to_string(), |m| format!("{m} messages"))
     );
     let mut last = 0;
     let mut truth_written = false;

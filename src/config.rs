@@ -16,7 +16,9 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source} (create it, or pass --config with an existing file)")]
+    #[error(
+        "cannot read config file {path}: {source} (create it, or pass --config with an existing file)"
+    )]
     Read {
         /// the file
         path: String,
@@ -73,7 +75,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" | "min" => n * 60.0,
         "h" => n * 3600.0,
         "d" => n * 86_400.0,
-        u => return Err(format!("unknown duration unit {u:?} in {s:?} (use ms, s, m, h, d)")),
+        u => {
+            return Err(format!(
+                "unknown duration unit {u:?} in {s:?} (use ms, s, m, h, d)"
+            ));
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("{s:?} is not a valid duration"));
@@ -100,7 +106,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "KiB" | "K" => 1024.0,
         "MiB" | "M" => 1024.0 * 1024.0,
         "GiB" | "G" => 1024.0 * 1024.0 * 1024.0,
-        u => return Err(format!("unknown size unit {u:?} in {s:?} (use B, KiB, MiB, GiB, KB, MB, GB)")),
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?} in {s:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ));
+        }
     };
     let v = n * mult;
     if !v.is_finite() || v < 0.0 {
@@ -164,7 +174,9 @@ impl<'de> Deserialize<'de> for ByteSize {
         }
         match Raw::deserialize(d)? {
             Raw::N(n) => Ok(ByteSize(n)),
-            Raw::S(s) => parse_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
+            Raw::S(s) => parse_size(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -197,6 +209,9 @@ pub struct SourceConfig {
     pub collections: Vec<String>,
     /// DIDs to keep; empty keeps all.
     pub dids: Vec<String>,
+    /// Where to start when the lake has no checkpoint for this source: a firehose seq or a
+    /// Jetstream `time_us` (`0`: the whole replay window). Unset: the live tip.
+    pub start_cursor: Option<i64>,
     /// Jetstream: ask for per-message zstd with the v1 dictionary.
     pub compress: bool,
     /// Jetstream: on reconnect, start this far before the last `time_us` (then deduplicate).
@@ -222,6 +237,7 @@ impl Default for SourceConfig {
             url: "wss://jetstream2.us-east.bsky.network/subscribe".into(),
             collections: Vec::new(),
             dids: Vec::new(),
+            start_cursor: None,
             compress: true,
             rewind: HumanDuration(Duration::from_secs(5)),
             verify_hashes: true,
@@ -396,19 +412,26 @@ impl Config {
             message: e.to_string(),
         })?;
         // validate the file on its own first, so errors name the file
-        let _: Config = value.clone().try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: name.clone(),
-            message: e.to_string(),
-        })?;
-        let defaults = toml::Value::try_from(Config::default()).map_err(|e| ConfigError::Parse {
-            path: name.clone(),
-            message: e.to_string(),
-        })?;
+        let _: Config =
+            value
+                .clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: name.clone(),
+                    message: e.to_string(),
+                })?;
+        let defaults =
+            toml::Value::try_from(Config::default()).map_err(|e| ConfigError::Parse {
+                path: name.clone(),
+                message: e.to_string(),
+            })?;
         apply_env(&mut value, &defaults, env)?;
-        let cfg: Config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: name,
-            message: e.to_string(),
-        })?;
+        let cfg: Config = value
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: name,
+                message: e.to_string(),
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -436,11 +459,17 @@ impl Config {
             return bad("source.url", "must not be empty");
         }
         if self.source.max_message_size.0 < 5 << 20 {
-            return bad("source.max_message_size", "must be at least 5MiB (the protocol's message limit)");
+            return bad(
+                "source.max_message_size",
+                "must be at least 5MiB (the protocol's message limit)",
+            );
         }
         for c in &self.source.collections {
             if !crate::decode::syntax::is_nsid_pattern(c) {
-                return bad("source.collections", &format!("{c:?} is not an NSID or prefix.* pattern"));
+                return bad(
+                    "source.collections",
+                    &format!("{c:?} is not an NSID or prefix.* pattern"),
+                );
             }
         }
         for d in &self.source.dids {
@@ -452,7 +481,10 @@ impl Config {
             return bad("flush.max_rows", "must be positive");
         }
         if self.flush.max_open_partitions < 16 {
-            return bad("flush.max_open_partitions", "must be at least 16 (the core collections always have their own)");
+            return bad(
+                "flush.max_open_partitions",
+                "must be at least 16 (the core collections always have their own)",
+            );
         }
         if self.flush.memory_cap.0 < 1 << 20 {
             return bad("flush.memory_cap", "must be at least 1MiB");
@@ -485,13 +517,15 @@ fn apply_env(
         return Ok(());
     };
     for (section, fields) in sections {
-        let Some(fields) = fields.as_table() else { continue };
+        let Some(fields) = fields.as_table() else {
+            continue;
+        };
         let keys: Vec<&String> = fields.keys().collect();
-        // `token` is optional and absent from the defaults
-        let extra: Vec<String> = if section == "server" {
-            vec!["token".to_string()]
-        } else {
-            vec![]
+        // optional settings are absent from the defaults
+        let extra: Vec<String> = match section.as_str() {
+            "server" => vec!["token".to_string()],
+            "source" => vec!["start_cursor".to_string()],
+            _ => vec![],
         };
         for key in keys.into_iter().chain(extra.iter()) {
             let var = format!(
@@ -503,8 +537,10 @@ fn apply_env(
                 continue;
             };
             let template = fields.get(key.as_str());
+            let integer =
+                matches!(template, Some(toml::Value::Integer(_))) || key == "start_cursor";
             let v = match template {
-                Some(toml::Value::Integer(_)) => raw
+                _ if integer => raw
                     .trim()
                     .replace('_', "")
                     .parse::<i64>()
@@ -571,7 +607,10 @@ mod tests {
             vec![
                 ("ATLAKE_LAKE_URL".to_string(), "s3://b/p".to_string()),
                 ("ATLAKE_FLUSH_MAX_AGE".to_string(), "30s".to_string()),
-                ("ATLAKE_SOURCE_COLLECTIONS".to_string(), "app.bsky.feed.post, app.bsky.graph.*".to_string()),
+                (
+                    "ATLAKE_SOURCE_COLLECTIONS".to_string(),
+                    "app.bsky.feed.post, app.bsky.graph.*".to_string(),
+                ),
                 ("ATLAKE_SOURCE_COMPRESS".to_string(), "false".to_string()),
                 ("ATLAKE_SERVER_TOKEN".to_string(), "sekrit".to_string()),
                 ("ATLAKE_FLUSH_MAX_ROWS".to_string(), "10_000".to_string()),
@@ -580,7 +619,10 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.lake.url, "s3://b/p");
         assert_eq!(cfg.flush.max_age.0, Duration::from_secs(30));
-        assert_eq!(cfg.source.collections, vec!["app.bsky.feed.post", "app.bsky.graph.*"]);
+        assert_eq!(
+            cfg.source.collections,
+            vec!["app.bsky.feed.post", "app.bsky.graph.*"]
+        );
         assert!(!cfg.source.compress);
         assert_eq!(cfg.server.token.as_deref(), Some("sekrit"));
         assert_eq!(cfg.flush.max_rows, 10_000);

@@ -13,7 +13,9 @@ pub fn metrics() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
-                .set_buckets(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+                .set_buckets(&[
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ])
                 .map(|b| b.build_recorder())
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
             let handle = recorder.handle();
@@ -46,12 +48,18 @@ pub fn samples(text: &str) -> Vec<Sample> {
             Some(x) => x,
             None => continue,
         };
-        let Ok(value) = value.trim().parse::<f64>() else { continue };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
         let (name, labels) = match head.split_once('{') {
             Some((n, l)) => (n.to_string(), l.trim_end_matches('}').to_string()),
             None => (head.to_string(), String::new()),
         };
-        out.push(Sample { name, labels, value });
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
     }
     out
 }

@@ -142,7 +142,10 @@ pub struct Recovery {
 /// Lists every data file of the lake.
 pub async fn list_files(lake: &Lake) -> Result<Vec<LakeFile>, CheckpointError> {
     let mut files = Vec::new();
-    for dir in [crate::sink::partition::EVENTS_DIR, crate::sink::partition::ERRORS_DIR] {
+    for dir in [
+        crate::sink::partition::EVENTS_DIR,
+        crate::sink::partition::ERRORS_DIR,
+    ] {
         for (path, size) in lake.list(dir).await? {
             if let Some(f) = parse_path(&path, size) {
                 files.push(f);
@@ -155,16 +158,21 @@ pub async fn list_files(lake: &Lake) -> Result<Vec<LakeFile>, CheckpointError> {
 
 /// Recovers the state for `source`: checkpoint, files, and the keys of durable events that a
 /// resumed stream may deliver again. `rewind` is the Jetstream rewind in cursor units (µs).
-pub async fn recover(lake: &Lake, source: SourceKind, rewind: i64) -> Result<Recovery, CheckpointError> {
+pub async fn recover(
+    lake: &Lake,
+    source: SourceKind,
+    rewind: i64,
+) -> Result<Recovery, CheckpointError> {
     let temp_removed = lake.remove_temp_files().await?;
     let checkpoint = Checkpoint::load(lake).await?.unwrap_or_default();
     let files = list_files(lake).await?;
     let mine: Vec<&LakeFile> = files.iter().filter(|f| f.name.source == source).collect();
     let durable_high = mine.iter().map(|f| f.name.last).max();
     let cursor = checkpoint.position(source).map(|p| p.cursor);
-    // without a checkpoint (new lake, or the file was lost) resume after the newest file and
-    // deduplicate against every file of this source
-    let resume_cursor = cursor.or(durable_high);
+    // without a checkpoint (a new lake, or a crash before the first checkpoint) nothing says
+    // which events are durable: the caller starts at its configured start, and every file of
+    // this source is read for dedupe keys
+    let resume_cursor = cursor;
     let threshold = match cursor {
         Some(c) => c.saturating_sub(rewind),
         None => i64::MIN,
@@ -186,8 +194,12 @@ pub async fn recover(lake: &Lake, source: SourceKind, rewind: i64) -> Result<Rec
     })
 }
 
-fn str_col<'a>(b: &'a arrow::record_batch::RecordBatch, name: &str) -> Option<&'a arrow::array::StringArray> {
-    b.column_by_name(name).and_then(|c| c.as_string_opt::<i32>())
+fn str_col<'a>(
+    b: &'a arrow::record_batch::RecordBatch,
+    name: &str,
+) -> Option<&'a arrow::array::StringArray> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_string_opt::<i32>())
 }
 
 fn get<'a>(c: Option<&'a arrow::array::StringArray>, i: usize) -> &'a str {
@@ -221,7 +233,17 @@ async fn read_keys(
     let wanted: &[&str] = if is_errors {
         &["reason", "raw", "path", "cursor"]
     } else {
-        &["did", "kind", "collection", "rkey", "rev", "operation", "seq", "time_us", "event_seq"]
+        &[
+            "did",
+            "kind",
+            "collection",
+            "rkey",
+            "rev",
+            "operation",
+            "seq",
+            "time_us",
+            "event_seq",
+        ]
     };
     let schema = builder.parquet_schema();
     let idx: Vec<usize> = (0..schema.num_columns())
@@ -238,8 +260,12 @@ async fn read_keys(
         if is_errors {
             let reason = str_col(&b, "reason");
             let path = str_col(&b, "path");
-            let raw = b.column_by_name("raw").and_then(|c| c.as_binary_opt::<i32>());
-            let cursor = b.column_by_name("cursor").and_then(|c| c.as_primitive_opt::<Int64Type>());
+            let raw = b
+                .column_by_name("raw")
+                .and_then(|c| c.as_binary_opt::<i32>());
+            let cursor = b
+                .column_by_name("cursor")
+                .and_then(|c| c.as_primitive_opt::<Int64Type>());
             for i in 0..b.num_rows() {
                 let c = cursor.and_then(|c| c.is_valid(i).then(|| c.value(i)));
                 if c.is_some_and(|c| c < threshold) {
@@ -255,8 +281,12 @@ async fn read_keys(
             SourceKind::Firehose => "seq",
             SourceKind::Jetstream => "time_us",
         };
-        let cursor = b.column_by_name(cur_name).and_then(|c| c.as_primitive_opt::<Int64Type>());
-        let event_seq = b.column_by_name("event_seq").and_then(|c| c.as_primitive_opt::<Int64Type>());
+        let cursor = b
+            .column_by_name(cur_name)
+            .and_then(|c| c.as_primitive_opt::<Int64Type>());
+        let event_seq = b
+            .column_by_name("event_seq")
+            .and_then(|c| c.as_primitive_opt::<Int64Type>());
         let (did, kind, coll, rkey, rev, op) = (
             str_col(&b, "did"),
             str_col(&b, "kind"),
@@ -273,7 +303,9 @@ async fn read_keys(
             }
             let kind_s = get(kind, i);
             let es = match event_seq {
-                Some(s) if s.is_valid(i) && (kind_s == "identity" || kind_s == "account") => s.value(i),
+                Some(s) if s.is_valid(i) && (kind_s == "identity" || kind_s == "account") => {
+                    s.value(i)
+                }
                 _ => 0,
             };
             keys.insert(key_of(KeyParts {

@@ -111,6 +111,11 @@ impl LiveState {
     /// Rows in memory (buffered and in flight).
     pub fn memory_rows(&self) -> usize {
         let g = self.lock();
-        g.buffered.values().chain(g.inflight.values().map(|(_, v)| v)).flatten().map(|b| b.num_rows()).sum()
+        g.buffered
+            .values()
+            .chain(g.inflight.values().map(|(_, v)| v))
+            .flatten()
+            .map(|b| b.num_rows())
+            .sum()
     }
 }

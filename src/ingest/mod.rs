@@ -132,9 +132,11 @@ impl IngestHandle {
 
     /// Waits for the end (file input end, or shutdown).
     pub async fn wait(self) -> Result<Summary, IngestError> {
-        self.done
-            .await
-            .unwrap_or_else(|_| Err(IngestError::Other("ingest thread ended unexpectedly".into())))
+        self.done.await.unwrap_or_else(|_| {
+            Err(IngestError::Other(
+                "ingest thread ended unexpectedly".into(),
+            ))
+        })
     }
 
     /// Shuts down and waits, abandoning unstorable flushes after `deadline`.
@@ -171,7 +173,11 @@ pub async fn start(cfg: Config, input: Input) -> Result<IngestHandle, IngestErro
 }
 
 /// Starts ingesting into an already opened lake.
-pub async fn start_with_lake(cfg: Config, input: Input, lake: Lake) -> Result<IngestHandle, IngestError> {
+pub async fn start_with_lake(
+    cfg: Config,
+    input: Input,
+    lake: Lake,
+) -> Result<IngestHandle, IngestError> {
     let (file, kind) = match &input {
         Input::File(p) => {
             let (f, k) = FileSource::open(p)?;
@@ -186,7 +192,9 @@ pub async fn start_with_lake(cfg: Config, input: Input, lake: Lake) -> Result<In
         ),
     };
     let rewind_us: i64 = match (kind, &input) {
-        (SourceKind::Jetstream, Input::Network) => cfg.source.rewind.0.as_micros().try_into().unwrap_or(0),
+        (SourceKind::Jetstream, Input::Network) => {
+            cfg.source.rewind.0.as_micros().try_into().unwrap_or(0)
+        }
         _ => 0,
     };
     let started = Instant::now();
@@ -202,6 +210,16 @@ pub async fn start_with_lake(cfg: Config, input: Input, lake: Lake) -> Result<In
         took = ?started.elapsed(),
         "recovered lake state"
     );
+    let mut rec = rec;
+    if rec.resume_cursor.is_none() {
+        if let (Input::Network, Some(c)) = (&input, cfg.source.start_cursor) {
+            tracing::info!(
+                cursor = c,
+                "no checkpoint: starting from the configured start_cursor"
+            );
+            rec.resume_cursor = Some(c);
+        }
+    }
     let live = Arc::new(LiveState::new(rec.files.clone(), rec.checkpoint.clone()));
     let filters = Filters::new(cfg.source.collections.clone(), cfg.source.dids.clone())
         .map_err(IngestError::Other)?;
@@ -232,7 +250,9 @@ pub async fn start_with_lake(cfg: Config, input: Input, lake: Lake) -> Result<In
                         settings,
                         cursor: rec.resume_cursor,
                     };
-                    tokio::spawn(async move { src.run(raw_tx, sd).await.map_err(IngestError::from) })
+                    tokio::spawn(
+                        async move { src.run(raw_tx, sd).await.map_err(IngestError::from) },
+                    )
                 }
                 SourceKind::Jetstream => {
                     let src = JetstreamSource {
@@ -242,7 +262,9 @@ pub async fn start_with_lake(cfg: Config, input: Input, lake: Lake) -> Result<In
                         compress: cfg.source.compress,
                     };
                     let f = filters_rx.clone();
-                    tokio::spawn(async move { src.run(raw_tx, f, sd).await.map_err(IngestError::from) })
+                    tokio::spawn(
+                        async move { src.run(raw_tx, f, sd).await.map_err(IngestError::from) },
+                    )
                 }
             }
         }
@@ -292,7 +314,10 @@ pub async fn start_with_lake(cfg: Config, input: Input, lake: Lake) -> Result<In
     std::thread::Builder::new()
         .name("atlake-decode".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = result_tx.send(Err(IngestError::Other(e.to_string())));
@@ -443,7 +468,8 @@ impl LoopState {
                     let key = event_key(&env);
                     if self.dedupe.is_duplicate(key) {
                         self.summary.duplicates += 1;
-                        metrics::counter!("atlake_duplicates_total", "reason" => "key").increment(1);
+                        metrics::counter!("atlake_duplicates_total", "reason" => "key")
+                            .increment(1);
                         continue;
                     }
                     let c = cursor.unwrap_or(env.cursor());
@@ -476,10 +502,15 @@ impl LoopState {
                     self.summary.events += 1;
                     self.last_event_time_us = Some(env.time_us);
                     let (coll, op) = match &env.event.data {
-                        EventData::Commit(c) => (collection_label(&c.collection), c.operation.as_str()),
+                        EventData::Commit(c) => {
+                            (collection_label(&c.collection), c.operation.as_str())
+                        }
                         _ => ("", ""),
                     };
-                    *self.counts.entry((env.event.kind().as_str(), coll, op)).or_default() += 1;
+                    *self
+                        .counts
+                        .entry((env.event.kind().as_str(), coll, op))
+                        .or_default() += 1;
                 }
                 Decoded::Error(e) => {
                     let key = error_key(&e, cursor);
@@ -550,7 +581,9 @@ impl LoopState {
     }
 
     async fn write_checkpoint(&mut self) {
-        let Some(c) = self.durable_cursor() else { return };
+        let Some(c) = self.durable_cursor() else {
+            return;
+        };
         if Some(c) == self.written_cursor {
             return;
         }
@@ -571,7 +604,8 @@ impl LoopState {
                 metrics::gauge!("atlake_checkpoint_cursor").set(c as f64);
             }
             Err(e) => {
-                metrics::counter!("atlake_storage_errors_total", "kind" => "checkpoint").increment(1);
+                metrics::counter!("atlake_storage_errors_total", "kind" => "checkpoint")
+                    .increment(1);
                 tracing::warn!(error = %e, "writing the checkpoint failed; will retry after the next flush");
             }
         }

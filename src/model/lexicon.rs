@@ -345,13 +345,18 @@ mod tests {
     #[test]
     fn post_fields() {
         let rec = r#"{"$type":"app.bsky.feed.post","createdAt":"2026-07-04T14:38:07.000Z","embed":{"$type":"app.bsky.embed.recordWithMedia","media":{},"record":{"$type":"app.bsky.embed.record","record":{"cid":"c","uri":"at://q"}}},"facets":[{"features":[{"$type":"app.bsky.richtext.facet#tag","tag":"rust"},{"$type":"app.bsky.richtext.facet#mention","did":"did:plc:x"}],"index":{"byteEnd":1,"byteStart":0}}],"langs":["en","ja"],"reply":{"parent":{"cid":"c","uri":"at://p"},"root":{"cid":"c","uri":"at://r"}},"text":"hi"}"#;
-        let Some(Typed::Post(p)) = extract(Lexicon::Post, rec) else { panic!() };
+        let Some(Typed::Post(p)) = extract(Lexicon::Post, rec) else {
+            panic!()
+        };
         assert_eq!(p.text, "hi");
         assert_eq!(p.langs, vec!["en", "ja"]);
         assert_eq!(p.reply_root_uri.as_deref(), Some("at://r"));
         assert_eq!(p.reply_parent_uri.as_deref(), Some("at://p"));
         assert_eq!(p.quote_uri.as_deref(), Some("at://q"));
-        assert_eq!(p.embed_type.as_deref(), Some("app.bsky.embed.recordWithMedia"));
+        assert_eq!(
+            p.embed_type.as_deref(),
+            Some("app.bsky.embed.recordWithMedia")
+        );
         assert_eq!(p.facet_tags, vec!["rust"]);
         assert_eq!(p.facet_mentions, vec!["did:plc:x"]);
         assert!(p.created_at.is_some());
@@ -361,11 +366,18 @@ mod tests {
     fn wrong_types_give_none() {
         assert!(extract(Lexicon::Post, r#"{"text":5,"createdAt":"x"}"#).is_none());
         assert!(extract(Lexicon::Like, r#"{"subject":"did:plc:x","createdAt":"x"}"#).is_none());
-        assert!(extract(Lexicon::Follow, r#"{"subject":{"uri":"x"},"createdAt":"x"}"#).is_none());
+        assert!(
+            extract(
+                Lexicon::Follow,
+                r#"{"subject":{"uri":"x"},"createdAt":"x"}"#
+            )
+            .is_none()
+        );
         // an unparsable createdAt is not a type error: the column is null
-        let Some(Typed::SubjectDid { created_at, .. }) =
-            extract(Lexicon::Follow, r#"{"subject":"did:plc:x","createdAt":"yesterday"}"#)
-        else {
+        let Some(Typed::SubjectDid { created_at, .. }) = extract(
+            Lexicon::Follow,
+            r#"{"subject":"did:plc:x","createdAt":"yesterday"}"#,
+        ) else {
             panic!()
         };
         assert_eq!(created_at, None);

@@ -628,7 +628,14 @@ impl RowBuilder {
                 }
             }
             EventData::Identity(i) => {
-                for b in [&mut c.operation, &mut c.collection, &mut c.rkey, &mut c.rev, &mut c.cid, &mut c.record] {
+                for b in [
+                    &mut c.operation,
+                    &mut c.collection,
+                    &mut c.rkey,
+                    &mut c.rev,
+                    &mut c.cid,
+                    &mut c.record,
+                ] {
                     b.append_null();
                 }
                 if let TypedCols::Identity { handle, seq, time } = &mut self.typed {
@@ -639,7 +646,14 @@ impl RowBuilder {
                 size += i.handle.as_ref().map_or(0, |s| s.len());
             }
             EventData::Account(a) => {
-                for b in [&mut c.operation, &mut c.collection, &mut c.rkey, &mut c.rev, &mut c.cid, &mut c.record] {
+                for b in [
+                    &mut c.operation,
+                    &mut c.collection,
+                    &mut c.rkey,
+                    &mut c.rev,
+                    &mut c.cid,
+                    &mut c.record,
+                ] {
                     b.append_null();
                 }
                 if let TypedCols::Account {
@@ -677,7 +691,9 @@ impl RowBuilder {
         cursor: Option<i64>,
         time_us: i64,
     ) {
-        let Some(c) = self.errors.as_mut() else { return };
+        let Some(c) = self.errors.as_mut() else {
+            return;
+        };
         c.reason.append_value(err.reason.as_str());
         c.detail.append_value(&err.detail);
         c.source.append_value(source.as_str());
@@ -685,8 +701,10 @@ impl RowBuilder {
         c.seq.append_option(err.seq);
         c.time_us.append_value(time_us);
         c.time.append_value(time_us);
-        c.did.append_option(err.did.as_deref().map(|d| truncate_str(d, 4096)));
-        c.path.append_option(err.path.as_deref().map(|p| truncate_str(p, 4096)));
+        c.did
+            .append_option(err.did.as_deref().map(|d| truncate_str(d, 4096)));
+        c.path
+            .append_option(err.path.as_deref().map(|p| truncate_str(p, 4096)));
         c.raw_len.append_value(err.raw.len() as i64);
         let raw = &err.raw[..err.raw.len().min(MAX_QUARANTINE_RAW)];
         c.raw.append_value(raw);

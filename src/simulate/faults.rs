@@ -25,7 +25,9 @@ pub enum Corruption {
 fn body_json(frame: &[u8]) -> Option<(String, Value)> {
     let (h, at) = parse_header(frame).ok()?;
     let mut out = Vec::new();
-    JsonWriter::new().value_to_json(&frame[at..], &mut out).ok()?;
+    JsonWriter::new()
+        .value_to_json(&frame[at..], &mut out)
+        .ok()?;
     Some((h.t?.to_string(), serde_json::from_slice(&out).ok()?))
 }
 

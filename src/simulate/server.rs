@@ -53,7 +53,9 @@ impl Faults {
             let (k, v) = part
                 .split_once('=')
                 .ok_or_else(|| format!("fault {part:?} is not name=N"))?;
-            let n: u64 = v.parse().map_err(|_| format!("fault {part:?}: {v:?} is not a number"))?;
+            let n: u64 = v
+                .parse()
+                .map_err(|_| format!("fault {part:?}: {v:?} is not a number"))?;
             if n == 0 {
                 return Err(format!("fault {part:?}: N must be positive"));
             }
@@ -171,7 +173,11 @@ impl Truth {
         for k in m.truth() {
             *self
                 .counts
-                .entry((k.kind.to_string(), k.collection.clone(), k.operation.to_string()))
+                .entry((
+                    k.kind.to_string(),
+                    k.collection.clone(),
+                    k.operation.to_string(),
+                ))
                 .or_default() += 1;
             self.keys.insert(k);
         }
@@ -257,7 +263,13 @@ fn garbage(i: u64) -> Vec<u8> {
 }
 
 /// Builds the fault frames that go after real message `m` (number `i`).
-fn faults_after(f: &Faults, i: u64, m: &SimMessage, recent: &VecDeque<(i64, Vec<u8>)>, traffic: &mut Traffic) -> Vec<Entry> {
+fn faults_after(
+    f: &Faults,
+    i: u64,
+    m: &SimMessage,
+    recent: &VecDeque<(i64, Vec<u8>)>,
+    traffic: &mut Traffic,
+) -> Vec<Entry> {
     use super::faults::{Corruption, corrupt};
     let mut out = Vec::new();
     let due = |every: Option<u64>| every.is_some_and(|n| i > 0 && i % n == 0);
@@ -274,7 +286,11 @@ fn faults_after(f: &Faults, i: u64, m: &SimMessage, recent: &VecDeque<(i64, Vec<
         (f.oversized_every, "oversized", Corruption::Oversized),
         (f.bad_hash_every, "hash_mismatch", Corruption::BadHash),
         (f.truncated_car_every, "car", Corruption::TruncatedCar),
-        (f.big_record_every, "record_too_large", Corruption::BigRecord),
+        (
+            f.big_record_every,
+            "record_too_large",
+            Corruption::BigRecord,
+        ),
     ] {
         if due(every) {
             let seq = traffic.next_seq();
@@ -340,7 +356,13 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> std::io::Result<SimHandl
                         .into_iter()
                         .zip(m.events.iter())
                         .map(|((t, l), e)| {
-                            let (did, coll) = (e.event.did.clone(), e.event.commit().map(|c| c.collection.clone()).unwrap_or_default());
+                            let (did, coll) = (
+                                e.event.did.clone(),
+                                e.event
+                                    .commit()
+                                    .map(|c| c.collection.clone())
+                                    .unwrap_or_default(),
+                            );
                             (t, l, did, coll)
                         })
                         .collect();
@@ -357,7 +379,11 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> std::io::Result<SimHandl
                     let mut g = log.lock().unwrap_or_else(|e| e.into_inner());
                     for (m, lines, faults) in made {
                         g.truth.add_message(&m);
-                        g.truth.last_time_us = m.jetstream_lines().last().map(|(t, _)| *t).or(g.truth.last_time_us);
+                        g.truth.last_time_us = m
+                            .jetstream_lines()
+                            .last()
+                            .map(|(t, _)| *t)
+                            .or(g.truth.last_time_us);
                         g.entries.push_back(Arc::new(Entry {
                             kind: EntryKind::Real,
                             seq: m.seq,
@@ -442,7 +468,12 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn serve(sock: TcpStream, h: SimHandle, faults: Faults, mut stop: watch::Receiver<bool>) -> Result<(), String> {
+async fn serve(
+    sock: TcpStream,
+    h: SimHandle,
+    faults: Faults,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), String> {
     let mut uri = String::new();
     let ws = tokio_tungstenite::accept_hdr_async(sock, |req: &Request, resp: Response| {
         uri = req.uri().to_string();
@@ -490,7 +521,11 @@ async fn serve(sock: TcpStream, h: SimHandle, faults: Faults, mut stop: watch::R
                         let p = &v["payload"];
                         let list = |k: &str| -> Vec<String> {
                             p[k].as_array()
-                                .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+                                .map(|a| {
+                                    a.iter()
+                                        .filter_map(|x| x.as_str().map(String::from))
+                                        .collect()
+                                })
                                 .unwrap_or_default()
                         };
                         params_tx.send_modify(|cur| {
@@ -520,12 +555,18 @@ async fn serve(sock: TcpStream, h: SimHandle, faults: Faults, mut stop: watch::R
                 } else if oldest.is_some_and(|o| c < o - 1) && g.first > 0 {
                     Start::Outdated(g.first)
                 } else {
-                    let pos = g.entries.iter().position(|e| e.kind == EntryKind::Real && e.seq > c);
+                    let pos = g
+                        .entries
+                        .iter()
+                        .position(|e| e.kind == EntryKind::Real && e.seq > c);
                     Start::At(g.first + pos.unwrap_or(g.entries.len()) as u64)
                 }
             }
             (false, Some(c)) => {
-                let pos = g.entries.iter().position(|e| e.lines.iter().any(|(t, ..)| *t >= c));
+                let pos = g
+                    .entries
+                    .iter()
+                    .position(|e| e.lines.iter().any(|(t, ..)| *t >= c));
                 Start::At(g.first + pos.unwrap_or(g.entries.len()) as u64)
             }
         }
@@ -533,13 +574,19 @@ async fn serve(sock: TcpStream, h: SimHandle, faults: Faults, mut stop: watch::R
     let mut next = match start {
         Start::At(n) => n,
         Start::Future => {
-            let _ = sink.send(Message::Binary(error_frame("FutureCursor", "cursor in the future").into())).await;
+            let _ = sink
+                .send(Message::Binary(
+                    error_frame("FutureCursor", "cursor in the future").into(),
+                ))
+                .await;
             let _ = sink.close().await;
             return Ok(());
         }
         Start::Outdated(n) => {
             let _ = sink
-                .send(Message::Binary(info_frame("OutdatedCursor", "cursor is older than the replay window").into()))
+                .send(Message::Binary(
+                    info_frame("OutdatedCursor", "cursor is older than the replay window").into(),
+                ))
                 .await;
             n
         }
@@ -570,13 +617,17 @@ async fn serve(sock: TcpStream, h: SimHandle, faults: Faults, mut stop: watch::R
             next += 1;
             let first_line_time = e.lines.first().map(|(t, ..)| *t);
             if firehose {
-                sink.send(Message::Binary(e.frame.clone().into())).await.map_err(|x| x.to_string())?;
+                sink.send(Message::Binary(e.frame.clone().into()))
+                    .await
+                    .map_err(|x| x.to_string())?;
                 sent += 1;
             } else {
                 // replay of the first matching entry may start mid-message
                 let params = params_rx.borrow_and_update().clone();
                 if matches!(e.kind, EntryKind::Fault("garbage")) {
-                    sink.send(Message::Text("{\"did\":garbage".into())).await.map_err(|x| x.to_string())?;
+                    sink.send(Message::Text("{\"did\":garbage".into()))
+                        .await
+                        .map_err(|x| x.to_string())?;
                     sent += 1;
                 }
                 for (t, line, did, coll) in &e.lines {
@@ -596,8 +647,15 @@ async fn serve(sock: TcpStream, h: SimHandle, faults: Faults, mut stop: watch::R
                 }
                 let _ = first_line_time;
             }
-            if faults.too_slow_every.is_some_and(|n| sent > 0 && sent % n == 0) {
-                let _ = sink.send(Message::Binary(error_frame("ConsumerTooSlow", "too slow").into())).await;
+            if faults
+                .too_slow_every
+                .is_some_and(|n| sent > 0 && sent % n == 0)
+            {
+                let _ = sink
+                    .send(Message::Binary(
+                        error_frame("ConsumerTooSlow", "too slow").into(),
+                    ))
+                    .await;
                 let _ = sink.close().await;
                 return Ok(());
             }

@@ -85,7 +85,12 @@ impl FlushPolicy {
             max_age: c.max_age.0,
             memory_cap: c.memory_cap.0.try_into().unwrap_or(usize::MAX),
             max_open_partitions: c.max_open_partitions,
-            hour_close_grace_us: c.hour_close_grace.0.as_micros().try_into().unwrap_or(i64::MAX),
+            hour_close_grace_us: c
+                .hour_close_grace
+                .0
+                .as_micros()
+                .try_into()
+                .unwrap_or(i64::MAX),
             max_checkpoint_lag: c.max_checkpoint_lag,
             chunk_rows: 8192,
         }
@@ -279,7 +284,8 @@ pub fn error_key_of(reason: &str, raw: &[u8], path: Option<&str>, cursor: Option
     for h in [&mut a, &mut b] {
         reason.hash(h);
         raw.hash(h);
-        path.map(|p| crate::model::rows::truncate_str(p, 4096)).hash(h);
+        path.map(|p| crate::model::rows::truncate_str(p, 4096))
+            .hash(h);
         cursor.hash(h);
     }
     (u128::from(a.finish()) << 64) | u128::from(b.finish())
@@ -354,18 +360,20 @@ impl Batcher {
 
     fn buffer(&mut self, key: PartitionKey, now: Instant) -> &mut PartitionBuffer {
         let events_seen = self.events_seen;
-        self.buffers.entry(key.clone()).or_insert_with(|| PartitionBuffer {
-            builder: RowBuilder::new(key.name.table_kind()),
-            key,
-            chunks: Vec::new(),
-            rows: 0,
-            bytes: 0,
-            opened_at: now,
-            first_cursor: i64::MAX,
-            last_cursor: i64::MIN,
-            first_event: events_seen,
-            key_hash: 0,
-        })
+        self.buffers
+            .entry(key.clone())
+            .or_insert_with(|| PartitionBuffer {
+                builder: RowBuilder::new(key.name.table_kind()),
+                key,
+                chunks: Vec::new(),
+                rows: 0,
+                bytes: 0,
+                opened_at: now,
+                first_cursor: i64::MAX,
+                last_cursor: i64::MIN,
+                first_event: events_seen,
+                key_hash: 0,
+            })
     }
 
     /// Buffers an event at `cursor`. Events whose collection cannot name a partition are
@@ -511,7 +519,8 @@ impl Batcher {
     /// Flushes the largest partitions until buffers plus `inflight_bytes` fit the memory cap.
     pub fn over_cap(&mut self, inflight_bytes: usize) -> Vec<FlushJob> {
         let mut jobs = Vec::new();
-        while self.total_bytes + inflight_bytes > self.policy.memory_cap && !self.buffers.is_empty() {
+        while self.total_bytes + inflight_bytes > self.policy.memory_cap && !self.buffers.is_empty()
+        {
             let Some(largest) = self
                 .buffers
                 .values()
@@ -609,15 +618,26 @@ mod tests {
         let mut b = Batcher::new(policy(), SourceKind::Firehose);
         let now = Instant::now();
         for i in 0..99 {
-            push(&mut b, &ev("app.bsky.graph.follow", T0 + i as i64, i), i as i64, now);
+            push(
+                &mut b,
+                &ev("app.bsky.graph.follow", T0 + i as i64, i),
+                i as i64,
+                now,
+            );
         }
         assert!(b.size_due().is_empty());
         push(&mut b, &ev("app.bsky.graph.follow", T0 + 99, 99), 99, now);
         let jobs = b.size_due();
         assert_eq!(jobs.len(), 1);
         assert_eq!((jobs[0].rows, jobs[0].reason), (100, FlushReason::Rows));
-        assert_eq!(jobs[0].chunks.iter().map(|c| c.num_rows()).sum::<usize>(), 100);
-        assert_eq!((jobs[0].first_cursor, jobs[0].last_cursor), (Some(0), Some(99)));
+        assert_eq!(
+            jobs[0].chunks.iter().map(|c| c.num_rows()).sum::<usize>(),
+            100
+        );
+        assert_eq!(
+            (jobs[0].first_cursor, jobs[0].last_cursor),
+            (Some(0), Some(99))
+        );
         assert_eq!(b.buffered_rows(), 0);
     }
 
@@ -638,9 +658,19 @@ mod tests {
         let t = Instant::now();
         push(&mut b, &ev("app.bsky.feed.like", T0 + 10, 1), 1, t);
         // next hour, but inside the grace
-        push(&mut b, &ev("app.bsky.feed.like", T0 + HOUR_US + 1_000_000, 2), 2, t);
+        push(
+            &mut b,
+            &ev("app.bsky.feed.like", T0 + HOUR_US + 1_000_000, 2),
+            2,
+            t,
+        );
         assert!(b.due(t).is_empty());
-        push(&mut b, &ev("app.bsky.feed.like", T0 + HOUR_US + 6_000_000, 3), 3, t);
+        push(
+            &mut b,
+            &ev("app.bsky.feed.like", T0 + HOUR_US + 6_000_000, 3),
+            3,
+            t,
+        );
         let jobs = b.due(t);
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].reason, FlushReason::HourClosed);
@@ -665,7 +695,10 @@ mod tests {
         let jobs = b.size_due();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].reason, FlushReason::MemoryCap);
-        assert_eq!(jobs[0].key.name, PartitionName::Collection("app.bsky.feed.like".into()));
+        assert_eq!(
+            jobs[0].key.name,
+            PartitionName::Collection("app.bsky.feed.like".into())
+        );
         assert!(b.buffered_bytes() <= 50_000);
     }
 
@@ -674,22 +707,53 @@ mod tests {
         let mut b = Batcher::new(policy(), SourceKind::Firehose);
         let t = Instant::now();
         for i in 0..25 {
-            let a = push(&mut b, &ev(&format!("com.example{i}.app.thing"), T0, i), i as i64, t);
-            assert_eq!(a, if i < 20 { Accepted::Own } else { Accepted::Other }, "{i}");
+            let a = push(
+                &mut b,
+                &ev(&format!("com.example{i}.app.thing"), T0, i),
+                i as i64,
+                t,
+            );
+            assert_eq!(
+                a,
+                if i < 20 {
+                    Accepted::Own
+                } else {
+                    Accepted::Other
+                },
+                "{i}"
+            );
         }
         assert_eq!(b.open_partitions(), 21);
-        assert_eq!(push(&mut b, &ev("app.bsky.feed.post", T0, 99), 99, t), Accepted::InvalidRecord);
-        assert_eq!(push(&mut b, &ev("app.bsky.graph.follow", T0, 98), 98, t), Accepted::Own);
+        assert_eq!(
+            push(&mut b, &ev("app.bsky.feed.post", T0, 99), 99, t),
+            Accepted::InvalidRecord
+        );
+        assert_eq!(
+            push(&mut b, &ev("app.bsky.graph.follow", T0, 98), 98, t),
+            Accepted::Own
+        );
         // an already open one keeps its partition
-        assert_eq!(push(&mut b, &ev("com.example3.app.thing", T0, 97), 97, t), Accepted::Own);
+        assert_eq!(
+            push(&mut b, &ev("com.example3.app.thing", T0, 97), 97, t),
+            Accepted::Own
+        );
         // a name that cannot be a path goes to the quarantine
-        assert_eq!(push(&mut b, &ev("Com.Example.thing", T0, 96), 96, t), Accepted::Quarantined);
+        assert_eq!(
+            push(&mut b, &ev("Com.Example.thing", T0, 96), 96, t),
+            Accepted::Quarantined
+        );
         let jobs = b.drain();
-        let other = jobs.iter().find(|j| j.key.name == PartitionName::Other).unwrap();
+        let other = jobs
+            .iter()
+            .find(|j| j.key.name == PartitionName::Other)
+            .unwrap();
         assert_eq!(other.rows, 5);
         // the real collection is kept in the rows of _other
         let col = other.chunks[0].column_by_name("collection").unwrap();
-        let col = col.as_any().downcast_ref::<arrow::array::StringArray>().unwrap();
+        let col = col
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap();
         assert_eq!(col.value(0), "com.example20.app.thing");
     }
 

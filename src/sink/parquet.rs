@@ -81,7 +81,12 @@ pub fn sort_batch(kind: TableKind, batch: &RecordBatch) -> Result<RecordBatch, E
 }
 
 /// Writer properties for a kind.
-pub fn properties(cfg: &WriterConfig, kind: TableKind, meta: &FileMeta, rows: usize) -> WriterProperties {
+pub fn properties(
+    cfg: &WriterConfig,
+    kind: TableKind,
+    meta: &FileMeta,
+    rows: usize,
+) -> WriterProperties {
     let level = ZstdLevel::try_new(cfg.zstd_level).unwrap_or_default();
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(level))

@@ -117,7 +117,10 @@ pub struct PartitionKey {
 pub fn date_hour(hour: i64) -> (String, String) {
     let days = hour.div_euclid(24);
     let (y, m, d) = civil_from_days(days);
-    (format!("{y:04}-{m:02}-{d:02}"), format!("{:02}", hour.rem_euclid(24)))
+    (
+        format!("{y:04}-{m:02}-{d:02}"),
+        format!("{:02}", hour.rem_euclid(24)),
+    )
 }
 
 /// Hour number of `YYYY-MM-DD` and `HH`.
@@ -144,7 +147,10 @@ impl PartitionKey {
         let (date, hour) = date_hour(self.hour);
         match &self.name {
             PartitionName::Errors => format!("{ERRORS_DIR}/date={date}/hour={hour}"),
-            n => format!("{EVENTS_DIR}/collection={}/date={date}/hour={hour}", n.value()),
+            n => format!(
+                "{EVENTS_DIR}/collection={}/date={date}/hour={hour}",
+                n.value()
+            ),
         }
     }
 
@@ -284,14 +290,36 @@ mod tests {
 
     #[test]
     fn hostile_names_never_make_paths() {
-        for bad in ["../../x", "a/b", "Com.Example.thing", "com..x", "", ".", "_other2"] {
+        for bad in [
+            "../../x",
+            "a/b",
+            "Com.Example.thing",
+            "com..x",
+            "",
+            ".",
+            "_other2",
+        ] {
             assert!(PartitionName::parse(bad).is_none(), "{bad}");
         }
         let long = format!("com.{}.x", "a".repeat(300));
         assert!(!is_path_safe_collection(&long));
         assert!(is_path_safe_collection("com.example.fooBar"));
-        assert!(parse_path("events/collection=../date=2026-01-01/hour=00/fh-1-2-0.parquet", 0).is_none());
-        assert!(parse_path("events/collection=a.b.c/date=2026-01-01/hour=00/.fh-1-2-0.parquet.tmp", 0).is_none());
-        assert!(is_temp_path("events/collection=a.b.c/date=2026-01-01/hour=00/.fh-1-2-0.parquet.tmp"));
+        assert!(
+            parse_path(
+                "events/collection=../date=2026-01-01/hour=00/fh-1-2-0.parquet",
+                0
+            )
+            .is_none()
+        );
+        assert!(
+            parse_path(
+                "events/collection=a.b.c/date=2026-01-01/hour=00/.fh-1-2-0.parquet.tmp",
+                0
+            )
+            .is_none()
+        );
+        assert!(is_temp_path(
+            "events/collection=a.b.c/date=2026-01-01/hour=00/.fh-1-2-0.parquet.tmp"
+        ));
     }
 }

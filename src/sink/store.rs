@@ -90,7 +90,9 @@ impl LakeLocation {
         let path = if let Some(p) = url.strip_prefix("file://") {
             PathBuf::from(p)
         } else if url.contains("://") {
-            return Err(bad("unsupported scheme (use a path, file://, s3:// or memory://)"));
+            return Err(bad(
+                "unsupported scheme (use a path, file://, s3:// or memory://)",
+            ));
         } else {
             PathBuf::from(url)
         };
@@ -119,7 +121,8 @@ fn s3_store(bucket: &str, env: &[(String, String)]) -> Result<Arc<dyn ObjectStor
     let mut b = object_store::aws::AmazonS3Builder::new().with_bucket_name(bucket);
     for (k, v) in env {
         if k.starts_with("AWS_") {
-            if let Ok(key) = object_store::aws::AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase()) {
+            if let Ok(key) = object_store::aws::AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase())
+            {
                 b = b.with_config(key, v.clone());
             }
         }

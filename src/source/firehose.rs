@@ -88,7 +88,10 @@ pub(crate) async fn deliver(
 pub(crate) fn oversized(frame: &[u8], cursor: Option<i64>, limit: usize) -> RawMessage {
     let mut e = ErrorEvent::new(
         ErrorReason::Oversized,
-        format!("message of {} bytes exceeds the {limit}-byte limit", frame.len()),
+        format!(
+            "message of {} bytes exceeds the {limit}-byte limit",
+            frame.len()
+        ),
         &frame[..frame.len().min(64 * 1024)],
     );
     e.seq = cursor;
@@ -151,7 +154,8 @@ impl FirehoseSource {
                 let frame = match ev {
                     WsEvent::Binary(b) => b,
                     WsEvent::Text(_) => {
-                        metrics::counter!("atlake_decode_errors_total", "reason" => "text_frame").increment(1);
+                        metrics::counter!("atlake_decode_errors_total", "reason" => "text_frame")
+                            .increment(1);
                         continue;
                     }
                     WsEvent::Timeout => {
@@ -171,11 +175,18 @@ impl FirehoseSource {
                 if received == 1 {
                     backoff.reset();
                 }
-                metrics::counter!("atlake_bytes_in_total", "source" => "firehose").increment(frame.len() as u64);
+                metrics::counter!("atlake_bytes_in_total", "source" => "firehose")
+                    .increment(frame.len() as u64);
                 metrics::counter!("atlake_messages_total", "source" => "firehose").increment(1);
                 if frame.len() > MAX_FRAME_BYTES {
                     let seq = peek_seq(&frame);
-                    if !deliver(&tx, oversized(&frame, seq.or(last_seq), MAX_FRAME_BYTES), &mut shutdown).await {
+                    if !deliver(
+                        &tx,
+                        oversized(&frame, seq.or(last_seq), MAX_FRAME_BYTES),
+                        &mut shutdown,
+                    )
+                    .await
+                    {
                         return Ok(());
                     }
                     if let Some(seq) = seq {
@@ -208,7 +219,8 @@ impl FirehoseSource {
                     if h.t == Some("#info") {
                         let info = parse_info(&frame[at..]).ok();
                         let name = info.as_ref().map_or("unknown", |i| i.name);
-                        metrics::counter!("atlake_info_total", "name" => name.to_string()).increment(1);
+                        metrics::counter!("atlake_info_total", "name" => name.to_string())
+                            .increment(1);
                         if name == "OutdatedCursor" {
                             tracing::warn!(cursor = ?last_seq, "cursor is older than the relay's replay window; events before the window were missed");
                         } else {
@@ -220,7 +232,8 @@ impl FirehoseSource {
                 let seq = peek_seq(&frame);
                 if let (Some(s), Some(l)) = (seq, last_seq) {
                     if s <= l {
-                        metrics::counter!("atlake_duplicates_total", "reason" => "seq").increment(1);
+                        metrics::counter!("atlake_duplicates_total", "reason" => "seq")
+                            .increment(1);
                         continue;
                     }
                 }

@@ -35,7 +35,9 @@ fn query_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' | b'*' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' | b'*' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -159,15 +161,21 @@ impl JetstreamSource {
                 if received == 1 {
                     backoff.reset();
                 }
-                metrics::counter!("atlake_bytes_in_total", "source" => "jetstream").increment(data.len() as u64);
+                metrics::counter!("atlake_bytes_in_total", "source" => "jetstream")
+                    .increment(data.len() as u64);
                 metrics::counter!("atlake_messages_total", "source" => "jetstream").increment(1);
                 let line = if compressed {
                     match zstd.decompress(&data) {
                         Ok(l) => bytes::Bytes::copy_from_slice(l),
                         Err(e) => {
-                            metrics::counter!("atlake_decode_errors_total", "reason" => "zstd").increment(1);
+                            metrics::counter!("atlake_decode_errors_total", "reason" => "zstd")
+                                .increment(1);
                             let msg = RawMessage {
-                                payload: Payload::Undecodable(ErrorEvent::new(ErrorReason::Zstd, e.to_string(), &data)),
+                                payload: Payload::Undecodable(ErrorEvent::new(
+                                    ErrorReason::Zstd,
+                                    e.to_string(),
+                                    &data,
+                                )),
                                 cursor: last,
                             };
                             if !deliver(&tx, msg, &mut shutdown).await {

@@ -19,7 +19,7 @@ pub mod jetstream;
 mod ws;
 
 use crate::decode::syntax::{is_did, is_nsid_pattern, nsid_matches};
-use crate::model::{ErrorEvent, Envelope, EventData};
+use crate::model::{Envelope, ErrorEvent, EventData};
 use std::time::Duration;
 
 /// What a message carries.
@@ -166,7 +166,10 @@ pub fn peek_time_us(line: &[u8]) -> Option<i64> {
     let at = line.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
     let rest = &line[at..];
     let rest = &rest[rest.iter().position(|c| !c.is_ascii_whitespace())?..];
-    let end = rest.iter().position(|c| !c.is_ascii_digit()).unwrap_or(rest.len());
+    let end = rest
+        .iter()
+        .position(|c| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
@@ -176,19 +179,34 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(firehose_url("wss://bsky.network"), "wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos");
-        assert_eq!(firehose_url("bsky.network"), "wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos");
+        assert_eq!(
+            firehose_url("wss://bsky.network"),
+            "wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos"
+        );
+        assert_eq!(
+            firehose_url("bsky.network"),
+            "wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos"
+        );
         assert_eq!(
             firehose_url("ws://127.0.0.1:9/xrpc/com.atproto.sync.subscribeRepos?cursor=5"),
             "ws://127.0.0.1:9/xrpc/com.atproto.sync.subscribeRepos"
         );
-        assert_eq!(jetstream_url("wss://jetstream2.us-east.bsky.network"), "wss://jetstream2.us-east.bsky.network/subscribe");
-        assert_eq!(jetstream_url("wss://j.example/subscribe?x=1"), "wss://j.example/subscribe");
+        assert_eq!(
+            jetstream_url("wss://jetstream2.us-east.bsky.network"),
+            "wss://jetstream2.us-east.bsky.network/subscribe"
+        );
+        assert_eq!(
+            jetstream_url("wss://j.example/subscribe?x=1"),
+            "wss://j.example/subscribe"
+        );
     }
 
     #[test]
     fn peek() {
-        assert_eq!(peek_time_us(br#"{"did":"x","time_us": 1725911162329308,"kind":"commit"}"#), Some(1725911162329308));
+        assert_eq!(
+            peek_time_us(br#"{"did":"x","time_us": 1725911162329308,"kind":"commit"}"#),
+            Some(1725911162329308)
+        );
         assert_eq!(peek_time_us(b"{}"), None);
     }
 

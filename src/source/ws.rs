@@ -26,7 +26,11 @@ pub(crate) enum WsEvent {
 
 /// Connects to `url`. HTTP errors before the upgrade (429, 5xx, …) come back as `Err` with the
 /// status and any `Retry-After`.
-pub(crate) async fn connect(url: &str, max_message: usize, timeout: Duration) -> Result<Ws, ConnectError> {
+pub(crate) async fn connect(
+    url: &str,
+    max_message: usize,
+    timeout: Duration,
+) -> Result<Ws, ConnectError> {
     let cfg = WebSocketConfig::default()
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message));
@@ -81,7 +85,11 @@ pub(crate) struct ConnectError {
 }
 
 /// Reads the next data message, answering pings and sending ours when `ping` ticks.
-pub(crate) async fn next_event(ws: &mut Ws, read_timeout: Duration, ping: &mut tokio::time::Interval) -> WsEvent {
+pub(crate) async fn next_event(
+    ws: &mut Ws,
+    read_timeout: Duration,
+    ping: &mut tokio::time::Interval,
+) -> WsEvent {
     let deadline = tokio::time::sleep(read_timeout);
     tokio::pin!(deadline);
     loop {

@@ -52,7 +52,10 @@ impl LakeContents {
         for k in &self.keys {
             *seen.entry(k).or_default() += 1;
         }
-        seen.into_iter().filter(|(_, n)| *n > 1).map(|(k, _)| k.clone()).collect()
+        seen.into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 }
 
@@ -73,7 +76,9 @@ fn s(b: &arrow::record_batch::RecordBatch, name: &str, i: usize) -> String {
 
 /// Reads every file of a lake.
 pub async fn read_lake(lake: &atlake::sink::store::Lake) -> LakeContents {
-    let files = atlake::checkpoint::list_files(lake).await.expect("list lake");
+    let files = atlake::checkpoint::list_files(lake)
+        .await
+        .expect("list lake");
     let mut out = LakeContents::default();
     for f in files {
         out.files += 1;
@@ -100,8 +105,11 @@ pub async fn read_lake(lake: &atlake::sink::store::Lake) -> LakeContents {
                 };
                 let coll = s(&b, "collection", i);
                 let op = s(&b, "operation", i);
-                *out.counts.entry((kind.clone(), coll.clone(), op.clone())).or_default() += 1;
-                out.keys.push((kind, s(&b, "did", i), coll, s(&b, "rkey", i), rev, op));
+                *out.counts
+                    .entry((kind.clone(), coll.clone(), op.clone()))
+                    .or_default() += 1;
+                out.keys
+                    .push((kind, s(&b, "did", i), coll, s(&b, "rkey", i), rev, op));
             }
         }
     }
@@ -131,14 +139,28 @@ pub fn truth_keys(t: &Truth) -> Vec<Key> {
 /// Asserts that the lake holds exactly the truth: same counts, same keys, no duplicates.
 pub fn assert_exactly_once(got: &LakeContents, truth: &Truth) {
     let dups = got.duplicates();
-    assert!(dups.is_empty(), "{} duplicated events, e.g. {:?}", dups.len(), dups.first());
-    assert_eq!(got.counts, truth.counts, "counts per (kind, collection, operation)");
+    assert!(
+        dups.is_empty(),
+        "{} duplicated events, e.g. {:?}",
+        dups.len(),
+        dups.first()
+    );
+    assert_eq!(
+        got.counts, truth.counts,
+        "counts per (kind, collection, operation)"
+    );
     let mut keys = got.keys.clone();
     keys.sort();
     let want = truth_keys(truth);
     if keys != want {
-        let missing = want.iter().filter(|k| keys.binary_search(k).is_err()).count();
-        let extra = keys.iter().filter(|k| want.binary_search(k).is_err()).count();
+        let missing = want
+            .iter()
+            .filter(|k| keys.binary_search(k).is_err())
+            .count();
+        let extra = keys
+            .iter()
+            .filter(|k| want.binary_search(k).is_err())
+            .count();
         panic!("key sets differ: {missing} missing, {extra} extra");
     }
 }

@@ -23,8 +23,15 @@ pub fn test_config(lake: &str) -> Config {
     c
 }
 
-fn write_capture(path: &std::path::Path, format: CaptureFormat, n: u64) -> atlake::simulate::server::Truth {
-    let mut t = Traffic::new(TrafficConfig { seed: 21, ..Default::default() });
+fn write_capture(
+    path: &std::path::Path,
+    format: CaptureFormat,
+    n: u64,
+) -> atlake::simulate::server::Truth {
+    let mut t = Traffic::new(TrafficConfig {
+        seed: 21,
+        ..Default::default()
+    });
     let mut w = CaptureWriter::create(path, format, Compression::Zstd).unwrap();
     let mut truth = atlake::simulate::server::Truth::default();
     for _ in 0..n {
@@ -52,11 +59,16 @@ async fn file_ingest_is_exactly_once_and_idempotent() {
         let cfg = test_config(lake_dir.to_str().unwrap());
         // twice: the second run finds everything durable and adds nothing
         for round in 0..2 {
-            let h = ingest::start(cfg.clone(), Input::File(cap.clone())).await.unwrap();
+            let h = ingest::start(cfg.clone(), Input::File(cap.clone()))
+                .await
+                .unwrap();
             let summary = h.wait().await.unwrap();
             assert!(summary.clean);
             if round == 1 {
-                assert_eq!(summary.events, 0, "{format:?}: a second ingest of the same file writes nothing");
+                assert_eq!(
+                    summary.events, 0,
+                    "{format:?}: a second ingest of the same file writes nothing"
+                );
             }
             let lake = Lake::open(lake_dir.to_str().unwrap()).unwrap();
             let got = read_lake(&lake).await;
@@ -64,7 +76,11 @@ async fn file_ingest_is_exactly_once_and_idempotent() {
             assert!(got.errors.is_empty(), "{:?}", got.errors);
         }
         // the checkpoint is where the stream ended
-        let source = if format == CaptureFormat::Frames { "firehose" } else { "jetstream" };
+        let source = if format == CaptureFormat::Frames {
+            "firehose"
+        } else {
+            "jetstream"
+        };
         assert!(local_checkpoint(&lake_dir, source).is_some());
     }
 }
@@ -72,7 +88,10 @@ async fn file_ingest_is_exactly_once_and_idempotent() {
 async fn live_run(kind: SourceKindConfig, faults: Faults, n: u64) {
     let sim = sim_start(
         SimConfig {
-            traffic: TrafficConfig { seed: 5, ..Default::default() },
+            traffic: TrafficConfig {
+                seed: 5,
+                ..Default::default()
+            },
             messages: Some(n),
             rate: None,
             retention: 1_000_000,
@@ -87,6 +106,7 @@ async fn live_run(kind: SourceKindConfig, faults: Faults, n: u64) {
     let mut cfg = test_config(&lake_url);
     cfg.source.kind = kind;
     cfg.source.url = sim.url();
+    cfg.source.start_cursor = Some(0);
     let h = ingest::start(cfg, Input::Network).await.unwrap();
     sim.wait_for_messages(n).await;
     let source = match kind {
@@ -101,7 +121,11 @@ async fn live_run(kind: SourceKindConfig, faults: Faults, n: u64) {
         local_checkpoint(dir.path(), source).is_some_and(|c| c >= target)
     })
     .await;
-    assert!(reached, "{source}: checkpoint never reached {target}: {:?}", local_checkpoint(dir.path(), source));
+    assert!(
+        reached,
+        "{source}: checkpoint never reached {target}: {:?}",
+        local_checkpoint(dir.path(), source)
+    );
     let summary = h.stop(Duration::from_secs(10)).await.unwrap();
     assert!(summary.clean);
     let truth = sim.truth();
@@ -119,8 +143,17 @@ async fn live_run(kind: SourceKindConfig, faults: Faults, n: u64) {
         if kind == SourceKindConfig::Jetstream && name != "garbage" {
             continue; // corrupted frames have no Jetstream form
         }
-        let want = if kind == SourceKindConfig::Jetstream { "json" } else { reason };
-        assert_eq!(got.errors.get(want).copied().unwrap_or(0), *n, "{source}: quarantined {name}: {:?}", got.errors);
+        let want = if kind == SourceKindConfig::Jetstream {
+            "json"
+        } else {
+            reason
+        };
+        assert_eq!(
+            got.errors.get(want).copied().unwrap_or(0),
+            *n,
+            "{source}: quarantined {name}: {:?}",
+            got.errors
+        );
     }
 }
 
@@ -153,4 +186,67 @@ async fn jetstream_with_dropped_connections_and_rewind_is_exactly_once() {
         4000,
     )
     .await;
+}
+
+const DUCKDB_COUNTS: &str = r#"
+import duckdb, json, sys
+lake = sys.argv[1]
+con = duckdb.connect()
+src = f"read_parquet('{lake}/events/**/*.parquet', hive_partitioning=true, union_by_name=true)"
+out = {
+  "kinds": {k: n for k, n in con.execute(f"select kind, count(*) from {src} group by 1").fetchall()},
+  "core": {c: n for c, n in con.execute(f"select collection, count(*) from {src} where collection like 'app.bsky.%' group by 1").fetchall()},
+  "pruned_like": con.execute(f"select count(*) from {src} where collection = 'app.bsky.feed.like' and date = '2026-07-04'").fetchone()[0],
+  "partitions": sorted({c for (c,) in con.execute(f"select distinct collection from {src}").fetchall()}),
+}
+import pyarrow.dataset as ds
+d = ds.dataset(f"{lake}/events", format="parquet", partitioning="hive")
+out["pyarrow_rows"] = d.count_rows()
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duckdb_and_pyarrow_read_the_lake_with_hive_partitioning() {
+    let Some(py) = crate::tools::python() else {
+        return crate::tools::missing("python3 with duckdb and pyarrow");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("cap.zst");
+    let truth = write_capture(&cap, CaptureFormat::Frames, 3000);
+    let lake_dir = dir.path().join("lake");
+    let mut cfg = test_config(lake_dir.to_str().unwrap());
+    cfg.flush.max_open_partitions = 24; // force some collections into _other
+    let h = ingest::start(cfg, Input::File(cap)).await.unwrap();
+    h.wait().await.unwrap();
+    let out = crate::tools::run_python(&py, DUCKDB_COUNTS, &[lake_dir.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut kinds = std::collections::BTreeMap::new();
+    let mut core = std::collections::BTreeMap::new();
+    for ((k, c, _), n) in &truth.counts {
+        *kinds.entry(k.clone()).or_insert(0u64) += n;
+        if c.starts_with("app.bsky.") {
+            *core.entry(c.clone()).or_insert(0u64) += n;
+        }
+    }
+    for (k, n) in &kinds {
+        assert_eq!(v["kinds"][k].as_u64(), Some(*n), "duckdb count of kind {k}");
+    }
+    for (c, n) in &core {
+        assert_eq!(v["core"][c].as_u64(), Some(*n), "duckdb count of {c}");
+    }
+    assert_eq!(
+        v["pruned_like"].as_u64(),
+        core.get("app.bsky.feed.like").copied()
+    );
+    assert_eq!(v["pyarrow_rows"].as_u64(), Some(truth.events()));
+    let parts: Vec<&str> = v["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x.as_str())
+        .collect();
+    assert!(
+        parts.contains(&"_other") && parts.contains(&"_identity") && parts.contains(&"_account"),
+        "{parts:?}"
+    );
 }

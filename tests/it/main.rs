@@ -2,8 +2,10 @@
 
 mod common;
 mod convert;
+mod crash;
 mod decode_fixtures;
 mod decode_frames;
 mod decode_props;
-mod sim_shape;
 mod ingest;
+mod sim_shape;
+mod tools;
