@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// atlake: an analytics sink for the AT Protocol firehose and Jetstream.
@@ -95,9 +96,66 @@ pub enum CompressArg {
     Gzip,
 }
 
+/// Output formats of `query`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueryFormat {
+    /// An aligned text table.
+    Table,
+    /// CSV with a header.
+    Csv,
+    /// JSON lines.
+    Json,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Ingest and serve SQL in one process: the main daemon.
+    ///
+    /// Connects to the configured source (default: Jetstream, jetstream2.us-east), writes the
+    /// lake (default ./lake) and serves SQL on 127.0.0.1:8080. Queries see committed files and
+    /// the rows still buffered, within a second of their arrival. SIGINT/SIGTERM flushes,
+    /// checkpoints and exits.
+    #[command(
+        after_help = "Examples:\n  atlake run\n  atlake run --source firehose --url wss://bsky.network --lake s3://my-bucket/atlake\n  atlake run --collections app.bsky.feed.post --listen 127.0.0.1:9000\n  curl -s 127.0.0.1:8080/sql --data 'SELECT collection, count(*) FROM events GROUP BY 1 ORDER BY 2 DESC'"
+    )]
+    Run {
+        /// Config and lake.
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Source.
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Address for the SQL endpoint (default 127.0.0.1:8080).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
+    /// Serve SQL over a lake written by another process, on disk or S3.
+    #[command(
+        after_help = "Examples:\n  atlake serve --lake ./lake\n  atlake serve --lake s3://my-bucket/atlake --listen 0.0.0.0:8080   # set ATLAKE_SERVER_TOKEN first"
+    )]
+    Serve {
+        /// Config and lake.
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Address for the SQL endpoint (default 127.0.0.1:8080).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
+    /// Run one SQL query over a lake and print the result.
+    #[command(
+        after_help = "Examples:\n  atlake query --lake ./lake \"SELECT collection, count(*) AS n FROM events GROUP BY 1 ORDER BY n DESC LIMIT 10\"\n  atlake query --lake ./lake --format csv \"SELECT text FROM posts WHERE 'en' = ANY(langs) LIMIT 5\"\n  atlake query --lake ./lake \"$(cat queries/q1_top_event_types.sql)\""
+    )]
+    Query {
+        /// Config and lake.
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: QueryFormat,
+        /// The SQL.
+        sql: String,
+    },
     /// Ingest a live stream or a capture file into the lake.
     ///
     /// With --input, reads the capture to its end and exits. Otherwise connects to the
@@ -255,6 +313,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             write!(out, "{}", cfg.to_toml())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Run {
+            common,
+            source,
+            listen,
+        } => {
+            let mut cfg = load_config(&common, &source)?;
+            if let Some(l) = listen {
+                cfg.server.listen = l;
+            }
+            run_cmd(cfg).await
+        }
+        Command::Serve { common, listen } => {
+            let mut cfg = load_config(&common, &no_source())?;
+            if let Some(l) = listen {
+                cfg.server.listen = l;
+            }
+            serve_cmd(cfg).await
+        }
+        Command::Query {
+            common,
+            format,
+            sql,
+        } => {
+            let cfg = load_config(&common, &no_source())?;
+            query_cmd(cfg, format, &sql).await
+        }
         Command::Ingest {
             common,
             source,
@@ -298,6 +382,153 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+fn no_source() -> SourceArgs {
+    SourceArgs {
+        source: None,
+        url: None,
+        collections: Vec::new(),
+        dids: Vec::new(),
+        start_cursor: None,
+    }
+}
+
+fn open_lake(cfg: &Config) -> anyhow::Result<crate::sink::store::Lake> {
+    let lake = crate::sink::store::Lake::open(&cfg.lake.url).with_context(|| {
+        format!(
+            "cannot open the lake at {:?} (check the path is writable, or for S3 the AWS_* environment)",
+            cfg.lake.url
+        )
+    })?;
+    Ok(lake)
+}
+
+async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr:?} (is the port in use? use --listen HOST:PORT)")
+    })
+}
+
+async fn check_reachable(lake: &crate::sink::store::Lake) -> anyhow::Result<()> {
+    match tokio::time::timeout(Duration::from_secs(30), lake.list("_atlake")).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => bail!(
+            "cannot reach the lake at {}: {e} (check the URL, the bucket, and the AWS_* credentials/endpoint)",
+            lake.url()
+        ),
+        Err(_) => bail!(
+            "cannot reach the lake at {} within 30s (is the S3 endpoint up?)",
+            lake.url()
+        ),
+    }
+}
+
+async fn run_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
+    let lake = open_lake(&cfg)?;
+    check_reachable(&lake).await?;
+    let listener = bind(&cfg.server.listen).await?;
+    let addr = listener.local_addr()?;
+    crate::telemetry::metrics();
+    let handle = ingest::start_with_lake(cfg.clone(), Input::Network, lake.clone())
+        .await
+        .with_context(|| format!("starting ingest into {}", cfg.lake.url))?;
+    let engine = Arc::new(crate::query::QueryEngine::new(
+        lake,
+        Some(handle.live.clone()),
+        crate::query::Limits::from_config(&cfg.server),
+    )?);
+    let state = Arc::new(crate::query::http::AppState {
+        engine,
+        token: cfg.server.token.clone(),
+        storage: Some(handle.health.clone()),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut stop_rx2 = stop_rx.clone();
+    let server = tokio::spawn(crate::query::http::serve(listener, state, async move {
+        let _ = stop_rx2.wait_for(|s| *s).await;
+    }));
+    eprintln!(
+        "atlake: ingesting {:?} {} into {}\natlake: SQL on http://{addr}/sql  (try: curl -s http://{addr}/sql --data 'SELECT collection, count(*) FROM events GROUP BY 1 ORDER BY 2 DESC LIMIT 10')",
+        cfg.source.kind, cfg.source.url, cfg.lake.url
+    );
+    if cfg.server.token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the SQL endpoint is reachable beyond this machine without a token; set ATLAKE_SERVER_TOKEN");
+    }
+    shutdown_signal().await;
+    eprintln!(
+        "atlake: shutting down (flushing; deadline {:?})",
+        cfg.shutdown.deadline.0
+    );
+    let _ = stop_tx.send(true);
+    let summary = handle.stop(cfg.shutdown.deadline.0).await?;
+    let _ = tokio::time::timeout(crate::query::http::SHUTDOWN_GRACE, server).await;
+    eprintln!(
+        "atlake: {} events written, {} quarantined, {} files, checkpoint {:?}",
+        summary.events, summary.quarantined, summary.files, summary.checkpoint
+    );
+    Ok(if summary.clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
+    let lake = open_lake(&cfg)?;
+    check_reachable(&lake).await?;
+    let listener = bind(&cfg.server.listen).await?;
+    let addr = listener.local_addr()?;
+    let engine = Arc::new(crate::query::QueryEngine::new(
+        lake,
+        None,
+        crate::query::Limits::from_config(&cfg.server),
+    )?);
+    let state = Arc::new(crate::query::http::AppState {
+        engine,
+        token: cfg.server.token.clone(),
+        storage: None,
+    });
+    eprintln!(
+        "atlake: serving SQL over {} on http://{addr}/sql",
+        cfg.lake.url
+    );
+    if cfg.server.token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the SQL endpoint is reachable beyond this machine without a token; set ATLAKE_SERVER_TOKEN");
+    }
+    crate::query::http::serve(listener, state, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn query_cmd(cfg: Config, format: QueryFormat, sql: &str) -> anyhow::Result<ExitCode> {
+    let lake = open_lake(&cfg)?;
+    check_reachable(&lake).await?;
+    let engine =
+        crate::query::QueryEngine::new(lake, None, crate::query::Limits::from_config(&cfg.server))?;
+    let batches = engine.collect(sql).await?;
+    let mut out = std::io::stdout().lock();
+    match format {
+        QueryFormat::Table => {
+            let t = arrow::util::pretty::pretty_format_batches(&batches)?;
+            writeln!(out, "{t}")?;
+        }
+        QueryFormat::Csv => {
+            let mut w = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
+            for b in &batches {
+                w.write(b)?;
+            }
+        }
+        QueryFormat::Json => {
+            let mut w = arrow::json::LineDelimitedWriter::new(&mut out);
+            for b in &batches {
+                w.write(b)?;
+            }
+            w.finish()?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -29,6 +29,8 @@ pub mod config;
 #[cfg(feature = "lake")]
 pub mod ingest;
 #[cfg(feature = "lake")]
+pub mod query;
+#[cfg(feature = "lake")]
 pub mod sink;
 #[cfg(feature = "lake")]
 pub mod telemetry;

@@ -8,4 +8,5 @@ mod decode_frames;
 mod decode_props;
 mod ingest;
 mod sim_shape;
+mod sql;
 mod tools;

@@ -1,0 +1,403 @@
+//! The HTTP endpoint (axum).
+//!
+//! - `POST /sql` (the body is the SQL) and `GET /sql?q=…`, with `format=json|ndjson|csv|arrow|
+//!   parquet` or the `Accept` header; results stream.
+//! - `GET /tables`, `GET /health`, `GET /metrics`.
+//! - Errors are JSON `{error, message}` with a 4xx status for bad or forbidden SQL.
+//! - With a token configured, every route but `/health` needs `Authorization: Bearer <token>`.
+//!
+//! Limits: a per-query timeout, the engine's memory pool, and result rows/bytes. The first
+//! megabyte of a result is held back, so an error or limit hit early still gets a proper status;
+//! after that the body streams, and a limit hit mid-stream aborts the transfer (the client sees
+//! an incomplete response, never a silently truncated one).
+
+use super::format::{Encoder, Format};
+use super::{QueryEngine, QueryError};
+use crate::ingest::writer::StorageHealth;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Shared state of the endpoint.
+pub struct AppState {
+    /// The engine.
+    pub engine: Arc<QueryEngine>,
+    /// Bearer token required on every route but `/health`.
+    pub token: Option<String>,
+    /// Storage health of the daemon's writer, when ingesting.
+    pub storage: Option<Arc<StorageHealth>>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("token", &self.token.is_some())
+            .finish()
+    }
+}
+
+/// Bytes held back before a response starts streaming.
+const HOLD_BACK: usize = 1 << 20;
+
+fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn query_error(e: &QueryError) -> Response {
+    let status = match e {
+        QueryError::Sql(_) | QueryError::ResourcesExhausted(_) => StatusCode::BAD_REQUEST,
+        QueryError::Forbidden(_) => StatusCode::FORBIDDEN,
+        QueryError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+        QueryError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        QueryError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error_response(status, e.code(), &e.to_string())
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(
+    State(state): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let Some(token) = &state.token else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| ct_eq(t.trim().as_bytes(), token.as_bytes()));
+    if ok {
+        next.run(req).await
+    } else {
+        let mut r = error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r
+    }
+}
+
+/// The router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/sql", get(sql_get).post(sql_post))
+        .route("/tables", get(tables))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+        .with_state(state)
+}
+
+/// `?q=` and `?format=`.
+#[derive(Debug, Deserialize)]
+pub struct SqlParams {
+    q: Option<String>,
+    format: Option<String>,
+}
+
+fn pick_format(params: &SqlParams, headers: &HeaderMap) -> Result<Format, Response> {
+    if let Some(f) = &params.format {
+        return Format::parse(f).ok_or_else(|| {
+            error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_format",
+                &format!("unknown format {f:?} (json, ndjson, csv, arrow, parquet)"),
+            )
+        });
+    }
+    Ok(headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Format::from_accept)
+        .unwrap_or(Format::Json))
+}
+
+async fn sql_get(
+    State(s): State<Arc<AppState>>,
+    Query(p): Query<SqlParams>,
+    headers: HeaderMap,
+) -> Response {
+    let format = match pick_format(&p, &headers) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    match p.q.as_deref() {
+        Some(q) if !q.trim().is_empty() => run(&s, q.to_string(), format).await,
+        _ => error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_sql",
+            "missing query: use GET /sql?q=SELECT… or POST /sql",
+        ),
+    }
+}
+
+async fn sql_post(
+    State(s): State<Arc<AppState>>,
+    Query(p): Query<SqlParams>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let format = match pick_format(&p, &headers) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let Ok(sql) = std::str::from_utf8(&body) else {
+        return error_response(StatusCode::BAD_REQUEST, "bad_sql", "the body is not UTF-8");
+    };
+    if sql.trim().is_empty() {
+        return error_response(StatusCode::BAD_REQUEST, "bad_sql", "empty query");
+    }
+    run(&s, sql.to_string(), format).await
+}
+
+async fn run(s: &AppState, sql: String, format: Format) -> Response {
+    let engine = s.engine.clone();
+    let limits = engine.limits.clone();
+    let deadline = Instant::now() + limits.timeout;
+    metrics::counter!("atlake_queries_total").increment(1);
+    let planned = tokio::time::timeout_at(deadline, async {
+        let df = engine.sql(&sql).await?;
+        let schema: arrow::datatypes::SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let stream = df
+            .execute_stream()
+            .await
+            .map_err(QueryError::from_datafusion)?;
+        Ok::<_, QueryError>((schema, stream))
+    })
+    .await;
+    let (schema, mut stream) = match planned {
+        Err(_) => return query_error(&QueryError::Timeout(limits.timeout)),
+        Ok(Err(e)) => {
+            metrics::counter!("atlake_query_errors_total", "error" => e.code()).increment(1);
+            return query_error(&e);
+        }
+        Ok(Ok(x)) => x,
+    };
+    let (mut enc, head) = match Encoder::new(format, &schema) {
+        Ok(x) => x,
+        Err(e) => return query_error(&QueryError::Internal(e.to_string())),
+    };
+    let mut held = head;
+    let mut rows: u64 = 0;
+    let too_many_rows = |_rows: u64| {
+        QueryError::TooLarge(format!(
+            "result has more than {} rows; add a LIMIT",
+            limits.max_rows
+        ))
+    };
+    let too_many_bytes = || {
+        QueryError::TooLarge(format!(
+            "result is larger than {} bytes; add a LIMIT or select fewer columns",
+            limits.max_bytes
+        ))
+    };
+    // hold back the first part, so early errors get a real status
+    loop {
+        let next = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => return query_error(&QueryError::Timeout(limits.timeout)),
+            Ok(n) => n,
+        };
+        match next {
+            None => match enc.finish(&schema) {
+                Ok(tail) => {
+                    held.extend_from_slice(&tail);
+                    if held.len() as u64 > limits.max_bytes {
+                        return query_error(&too_many_bytes());
+                    }
+                    return ([(header::CONTENT_TYPE, format.content_type())], held).into_response();
+                }
+                Err(e) => return query_error(&QueryError::Internal(e.to_string())),
+            },
+            Some(Err(e)) => return query_error(&QueryError::from_datafusion(e)),
+            Some(Ok(b)) => {
+                rows += b.num_rows() as u64;
+                if rows > limits.max_rows {
+                    return query_error(&too_many_rows(rows));
+                }
+                match enc.batch(&b) {
+                    Ok(bytes) => held.extend_from_slice(&bytes),
+                    Err(e) => return query_error(&QueryError::Internal(e.to_string())),
+                }
+                if (held.len() + enc.buffered()) as u64 > limits.max_bytes {
+                    return query_error(&too_many_bytes());
+                }
+                if held.len() >= HOLD_BACK && format != Format::Parquet {
+                    break;
+                }
+            }
+        }
+    }
+    // stream the rest
+    let sent = held.len() as u64;
+    struct St {
+        stream: datafusion::physical_plan::SendableRecordBatchStream,
+        enc: Encoder,
+        schema: arrow::datatypes::SchemaRef,
+        rows: u64,
+        bytes: u64,
+        done: bool,
+    }
+    let state = St {
+        stream,
+        enc,
+        schema,
+        rows,
+        bytes: sent,
+        done: false,
+    };
+    let max_rows = limits.max_rows;
+    let max_bytes = limits.max_bytes;
+    let timeout = limits.timeout;
+    let rest = futures::stream::unfold(state, move |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let fail = |msg: String| std::io::Error::other(msg);
+        let next = match tokio::time::timeout_at(deadline, st.stream.next()).await {
+            Err(_) => {
+                st.done = true;
+                return Some((
+                    Err(fail(format!(
+                        "query exceeded the {timeout:?} timeout; response aborted"
+                    ))),
+                    st,
+                ));
+            }
+            Ok(n) => n,
+        };
+        match next {
+            None => {
+                st.done = true;
+                match st.enc.finish(&st.schema) {
+                    Ok(tail) => Some((Ok(Bytes::from(tail)), st)),
+                    Err(e) => Some((Err(fail(e.to_string())), st)),
+                }
+            }
+            Some(Err(e)) => {
+                st.done = true;
+                Some((Err(fail(e.to_string())), st))
+            }
+            Some(Ok(b)) => {
+                st.rows += b.num_rows() as u64;
+                let out = st.enc.batch(&b);
+                match out {
+                    Ok(bytes) => {
+                        st.bytes += bytes.len() as u64;
+                        if st.rows > max_rows || st.bytes > max_bytes {
+                            st.done = true;
+                            return Some((
+                                Err(fail("result limit exceeded; response aborted".into())),
+                                st,
+                            ));
+                        }
+                        Some((Ok(Bytes::from(bytes)), st))
+                    }
+                    Err(e) => {
+                        st.done = true;
+                        Some((Err(fail(e.to_string())), st))
+                    }
+                }
+            }
+        }
+    });
+    let body = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(Bytes::from(held)) })
+        .chain(rest);
+    Response::builder()
+        .header(header::CONTENT_TYPE, format.content_type())
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| {
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "response")
+        })
+}
+
+async fn tables(State(s): State<Arc<AppState>>) -> Response {
+    match s.engine.tables().await {
+        Ok(ts) => {
+            let v: Vec<serde_json::Value> = ts
+                .iter()
+                .map(|(name, schema)| {
+                    serde_json::json!({
+                        "name": name,
+                        "columns": schema.fields().iter().map(|f| serde_json::json!({
+                            "name": f.name(),
+                            "type": f.data_type().to_string(),
+                            "nullable": f.is_nullable(),
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            axum::Json(v).into_response()
+        }
+        Err(e) => query_error(&e),
+    }
+}
+
+async fn health(State(s): State<Arc<AppState>>) -> Response {
+    let (status, storage) = match &s.storage {
+        Some(h) if h.no_space.load(Ordering::Relaxed) => ("degraded", "disk_full"),
+        Some(h) if h.failing.load(Ordering::Relaxed) => ("degraded", "failing"),
+        _ => ("ok", "ok"),
+    };
+    let code = if status == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        axum::Json(serde_json::json!({
+            "status": status,
+            "storage": storage,
+            "ingesting": s.storage.is_some(),
+            "lake": s.engine.lake().url(),
+        })),
+    )
+        .into_response()
+}
+
+async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::metrics().render(),
+    )
+        .into_response()
+}
+
+/// Serves the endpoint on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Gives up waiting for in-flight requests after this long at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

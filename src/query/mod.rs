@@ -1,0 +1,360 @@
+//! SQL over the lake: an embedded DataFusion session with the lake's tables, the HTTP endpoint,
+//! and result encoding.
+//!
+//! Every query gets a fresh `SessionContext` bound to **one snapshot** of the lake (committed
+//! files plus, inside the daemon, the rows still buffered or being flushed), so all tables of a
+//! query agree with each other and no row is seen twice or missed while a flush runs.
+//!
+//! Tables: `events` (every collection, common columns), `posts`, `likes`, `reposts`, `follows`,
+//! `blocks`, `listitems`, `profiles` (typed columns), `identity`, `account`, `errors` (the
+//! quarantine), and `system.files`, `system.checkpoint`, `system.ingest` (daemon only). JSON
+//! functions (`json_get_str(record, 'text')`, `record->>'text'`, …) work on `record`.
+//!
+//! Queries are read-only: DDL, DML (including `COPY`), `SET` and other statements are refused
+//! through DataFusion's `SQLOptions`; files cannot be referenced by path.
+
+pub mod format;
+pub mod http;
+pub mod system;
+pub mod table;
+
+use crate::checkpoint::{Checkpoint, list_files};
+use crate::ingest::live::{LiveState, Snapshot};
+use crate::model::lexicon::Lexicon;
+use crate::sink::partition::LakeFile;
+use crate::sink::store::Lake;
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::dataframe::DataFrame;
+use datafusion::error::DataFusionError;
+use datafusion::execution::disk_manager::DiskManagerBuilder;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use table::{LakeTable, TableDef};
+
+/// Why a query failed, by who is to blame.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The SQL does not parse or plan (the caller's mistake).
+    #[error("{0}")]
+    Sql(String),
+    /// The statement writes or changes state; this endpoint is read-only.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The query ran out of its memory budget.
+    #[error("{0}")]
+    ResourcesExhausted(String),
+    /// The query ran longer than the timeout.
+    #[error("query exceeded the {0:?} timeout")]
+    Timeout(Duration),
+    /// The result is larger than allowed.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The lake could not be read.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl QueryError {
+    /// The `error` field of the JSON error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            QueryError::Sql(_) => "bad_sql",
+            QueryError::Forbidden(_) => "read_only",
+            QueryError::ResourcesExhausted(_) => "resources_exhausted",
+            QueryError::Timeout(_) => "timeout",
+            QueryError::TooLarge(_) => "result_too_large",
+            QueryError::Internal(_) => "internal",
+        }
+    }
+
+    /// Classifies a DataFusion error.
+    pub fn from_datafusion(e: DataFusionError) -> QueryError {
+        let msg = e.to_string();
+        match e.find_root() {
+            DataFusionError::ResourcesExhausted(_) => QueryError::ResourcesExhausted(msg),
+            DataFusionError::SQL(..)
+            | DataFusionError::Plan(_)
+            | DataFusionError::SchemaError(..) => {
+                if msg.contains("not supported")
+                    && (msg.contains("DDL") || msg.contains("DML") || msg.contains("Statement"))
+                {
+                    QueryError::Forbidden(msg)
+                } else {
+                    QueryError::Sql(msg)
+                }
+            }
+            DataFusionError::NotImplemented(_) => QueryError::Sql(msg),
+            DataFusionError::ObjectStore(_) | DataFusionError::IoError(_) => {
+                QueryError::Internal(msg)
+            }
+            _ if msg.contains("Resources exhausted") => QueryError::ResourcesExhausted(msg),
+            _ => QueryError::Sql(msg),
+        }
+    }
+}
+
+/// Query limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Per-query timeout.
+    pub timeout: Duration,
+    /// Memory pool for execution.
+    pub memory: usize,
+    /// Most rows in a result.
+    pub max_rows: u64,
+    /// Most bytes in an encoded result.
+    pub max_bytes: u64,
+}
+
+impl Limits {
+    /// From the `[server]` section.
+    pub fn from_config(c: &crate::config::ServerConfig) -> Self {
+        Limits {
+            timeout: c.query_timeout.0,
+            memory: c.memory_limit.0.try_into().unwrap_or(usize::MAX),
+            max_rows: c.max_result_rows,
+            max_bytes: c.max_result_bytes.0,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::from_config(&crate::config::ServerConfig::default())
+    }
+}
+
+/// The URL under which the lake's object store is registered in every session.
+pub fn lake_store_url() -> ObjectStoreUrl {
+    // a fixed, valid URL: the lake's own store is registered under it
+    ObjectStoreUrl::parse("atlake://lake").unwrap_or_else(|_| ObjectStoreUrl::local_filesystem())
+}
+
+/// The query engine: the lake, optionally the daemon's live state, and limits.
+pub struct QueryEngine {
+    lake: Lake,
+    live: Option<Arc<LiveState>>,
+    /// Limits applied by the HTTP endpoint.
+    pub limits: Limits,
+    runtime: Arc<RuntimeEnv>,
+    listing: Mutex<Option<(Instant, Arc<Vec<LakeFile>>)>>,
+    listing_ttl: Duration,
+    /// Row counts of files read from their footers (files never change).
+    pub(crate) row_cache: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl std::fmt::Debug for QueryEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryEngine")
+            .field("lake", &self.lake.url())
+            .finish()
+    }
+}
+
+/// Names of the user tables (not `system.*`).
+pub fn table_names() -> Vec<&'static str> {
+    let mut v = vec!["events"];
+    v.extend(Lexicon::ALL.iter().map(|l| l.table()));
+    v.extend(["identity", "account", "errors"]);
+    v
+}
+
+fn table_def(name: &str) -> Option<TableDef> {
+    Some(match name {
+        "events" => TableDef::Events,
+        "identity" => TableDef::Identity,
+        "account" => TableDef::Account,
+        "errors" => TableDef::Errors,
+        other => TableDef::Collection(Lexicon::ALL.into_iter().find(|l| l.table() == other)?),
+    })
+}
+
+impl QueryEngine {
+    /// An engine over `lake`; with `live`, queries also see the daemon's in-memory rows.
+    pub fn new(
+        lake: Lake,
+        live: Option<Arc<LiveState>>,
+        limits: Limits,
+    ) -> Result<Self, QueryError> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(limits.memory, 1.0)
+            .with_disk_manager_builder(DiskManagerBuilder::default())
+            .build_arc()
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
+        Ok(QueryEngine {
+            lake,
+            live,
+            limits,
+            runtime,
+            listing: Mutex::new(None),
+            listing_ttl: Duration::from_secs(1),
+            row_cache: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// The lake.
+    pub fn lake(&self) -> &Lake {
+        &self.lake
+    }
+
+    /// Whether this engine serves a running daemon.
+    pub fn is_live(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// One consistent view of the lake.
+    pub async fn snapshot(&self) -> Result<Snapshot, QueryError> {
+        if let Some(live) = &self.live {
+            return Ok(live.snapshot());
+        }
+        let cached = self
+            .listing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|(t, _)| t.elapsed() < self.listing_ttl)
+            .map(|(_, f)| f.clone());
+        let files = match cached {
+            Some(f) => f,
+            None => {
+                let f = Arc::new(
+                    list_files(&self.lake)
+                        .await
+                        .map_err(|e| QueryError::Internal(e.to_string()))?,
+                );
+                *self.listing.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Instant::now(), f.clone()));
+                f
+            }
+        };
+        let checkpoint = Checkpoint::load(&self.lake)
+            .await
+            .map_err(|e| QueryError::Internal(e.to_string()))?
+            .unwrap_or_default();
+        Ok(Snapshot {
+            files: files.as_ref().clone(),
+            batches: Vec::new(),
+            checkpoint,
+            generation: 0,
+        })
+    }
+
+    /// A session over one snapshot, with every table registered.
+    pub async fn context(&self) -> Result<SessionContext, QueryError> {
+        let snap = self.snapshot().await?;
+        let cfg = SessionConfig::new()
+            .with_information_schema(true)
+            .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .set_bool("datafusion.execution.parquet.pushdown_filters", true)
+            .set_bool("datafusion.execution.parquet.reorder_filters", true);
+        let mut ctx = SessionContext::new_with_config_rt(cfg, self.runtime.clone());
+        ctx.register_object_store(lake_store_url().as_ref(), self.lake.object_store());
+        datafusion_functions_json::register_all(&mut ctx)
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
+        let prefix = self
+            .lake
+            .object_path("")
+            .to_string()
+            .trim_end_matches('/')
+            .to_string();
+        for name in table_names() {
+            let Some(def) = table_def(name) else { continue };
+            let t = LakeTable::new(
+                def,
+                &snap.files,
+                &snap.batches,
+                lake_store_url(),
+                prefix.clone(),
+            )
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
+            ctx.register_table(name, Arc::new(t))
+                .map_err(|e| QueryError::Internal(e.to_string()))?;
+        }
+        let sys = Arc::new(MemorySchemaProvider::new());
+        system::register(self, &snap, sys.as_ref()).await?;
+        if let Some(cat) = ctx.catalog("datafusion") {
+            cat.register_schema("system", sys)
+                .map_err(|e| QueryError::Internal(e.to_string()))?;
+        }
+        Ok(ctx)
+    }
+
+    /// Plans a read-only query.
+    pub async fn sql(&self, sql: &str) -> Result<DataFrame, QueryError> {
+        let ctx = self.context().await?;
+        let opts = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let plan = ctx
+            .state()
+            .create_logical_plan(sql)
+            .await
+            .map_err(QueryError::from_datafusion)?;
+        if let Err(e) = opts.verify_plan(&plan) {
+            return Err(QueryError::Forbidden(format!(
+                "this endpoint is read-only: {e}"
+            )));
+        }
+        ctx.execute_logical_plan(plan)
+            .await
+            .map_err(QueryError::from_datafusion)
+    }
+
+    /// Runs a query to completion within the timeout and row limit.
+    pub async fn collect(
+        &self,
+        sql: &str,
+    ) -> Result<Vec<arrow::record_batch::RecordBatch>, QueryError> {
+        use futures::StreamExt;
+        let timeout = self.limits.timeout;
+        let work = async {
+            let df = self.sql(sql).await?;
+            let mut stream = df
+                .execute_stream()
+                .await
+                .map_err(QueryError::from_datafusion)?;
+            let mut out = Vec::new();
+            let mut rows = 0u64;
+            while let Some(b) = stream.next().await {
+                let b = b.map_err(QueryError::from_datafusion)?;
+                rows += b.num_rows() as u64;
+                if rows > self.limits.max_rows {
+                    return Err(QueryError::TooLarge(format!(
+                        "result has more than {} rows; add a LIMIT",
+                        self.limits.max_rows
+                    )));
+                }
+                out.push(b);
+            }
+            Ok(out)
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or(Err(QueryError::Timeout(timeout)))
+    }
+
+    /// Table names and schemas.
+    pub async fn tables(&self) -> Result<Vec<(String, arrow::datatypes::SchemaRef)>, QueryError> {
+        let ctx = self.context().await?;
+        let mut out = Vec::new();
+        for name in table_names() {
+            if let Ok(t) = ctx.table_provider(name).await {
+                out.push((name.to_string(), t.schema()));
+            }
+        }
+        for name in system::NAMES {
+            if !self.is_live() && *name == "ingest" {
+                continue;
+            }
+            if let Ok(t) = ctx.table_provider(format!("system.{name}").as_str()).await {
+                out.push((format!("system.{name}"), t.schema()));
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,501 @@
+//! SQL: the HTTP endpoint through a real client on port 0 (every format, errors, read-only,
+//! limits, token), and freshness of buffered rows in the daemon.
+
+use crate::common::wait_until;
+use crate::ingest::test_config;
+use atlake::ingest::{self, Input};
+use atlake::query::http::{AppState, serve};
+use atlake::query::{Limits, QueryEngine};
+use atlake::simulate::server::{SimConfig, start as sim_start};
+use atlake::simulate::traffic::{Traffic, TrafficConfig};
+use atlake::sink::store::Lake;
+use atlake::source::capture::{CaptureFormat, CaptureWriter, Compression};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A small lake built from a simulator capture; returns (tempdir, lake path, events).
+pub async fn fixture_lake(messages: u64, seed: u64) -> (tempfile::TempDir, String, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("cap");
+    let mut t = Traffic::new(TrafficConfig {
+        seed,
+        step_us: 60_000,
+        ..Default::default()
+    });
+    let mut w = CaptureWriter::create(&cap, CaptureFormat::Frames, Compression::None).unwrap();
+    let mut events = 0;
+    for _ in 0..messages {
+        let m = t.next_message();
+        events += m.events.len() as u64;
+        w.write(&m.frame).unwrap();
+    }
+    w.finish().unwrap();
+    let lake = dir.path().join("lake").to_str().unwrap().to_string();
+    let h = ingest::start(test_config(&lake), Input::File(cap))
+        .await
+        .unwrap();
+    h.wait().await.unwrap();
+    (dir, lake, events)
+}
+
+struct Server {
+    base: String,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+async fn server(lake: &str, limits: Limits, token: Option<&str>) -> Server {
+    let engine = Arc::new(QueryEngine::new(Lake::open(lake).unwrap(), None, limits).unwrap());
+    let state = Arc::new(AppState {
+        engine,
+        token: token.map(String::from),
+        storage: None,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(serve(listener, state, async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    Server {
+        base: format!("http://{addr}"),
+        stop: tx,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_format_through_a_real_client() {
+    let (_dir, lake, events) = fixture_lake(3000, 3).await;
+    let s = server(&lake, Limits::default(), None).await;
+    let c = reqwest::Client::new();
+    let q =
+        "SELECT did, collection, time_us, seq FROM events ORDER BY seq, did, collection LIMIT 100";
+    // json
+    let r = c
+        .post(format!("{}/sql", s.base))
+        .body(q)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let v: Vec<serde_json::Value> = r.json().await.unwrap();
+    assert_eq!(v.len(), 100);
+    assert!(v[0]["did"].as_str().unwrap().starts_with("did:plc:"));
+    // ndjson via format=
+    let r = c
+        .get(format!("{}/sql", s.base))
+        .query(&[("q", q), ("format", "ndjson")])
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    assert_eq!(text.lines().count(), 100);
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(first, v[0]);
+    // csv via Accept
+    let r = c
+        .post(format!("{}/sql", s.base))
+        .header("accept", "text/csv")
+        .body(q)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    let text = r.text().await.unwrap();
+    assert_eq!(text.lines().next().unwrap(), "did,collection,time_us,seq");
+    assert_eq!(text.lines().count(), 101);
+    // arrow IPC stream
+    let r = c
+        .post(format!("{}/sql?format=arrow", s.base))
+        .body(q)
+        .send()
+        .await
+        .unwrap();
+    let bytes = r.bytes().await.unwrap();
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes.to_vec()), None)
+            .unwrap();
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, 100);
+    // parquet
+    let r = c
+        .post(format!("{}/sql", s.base))
+        .header("accept", "application/vnd.apache.parquet")
+        .body(q)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/vnd.apache.parquet"
+    );
+    let bytes = r.bytes().await.unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .unwrap()
+        .build()
+        .unwrap();
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, 100);
+    // a count agrees with what was ingested
+    let r = c
+        .post(format!("{}/sql", s.base))
+        .body("SELECT count(*) AS n FROM events")
+        .send()
+        .await
+        .unwrap();
+    let v: Vec<serde_json::Value> = r.json().await.unwrap();
+    assert_eq!(v[0]["n"].as_u64(), Some(events));
+    // a large result streams (more than the 1 MiB held back) and is complete
+    let r = c
+        .post(format!("{}/sql?format=ndjson", s.base))
+        .body("SELECT * FROM events")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.len() > 1 << 20, "{} bytes", text.len());
+    assert_eq!(text.lines().count() as u64, events);
+    // tables, health, metrics
+    let t: Vec<serde_json::Value> = c
+        .get(format!("{}/tables", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = t.iter().filter_map(|x| x["name"].as_str()).collect();
+    for want in [
+        "events",
+        "posts",
+        "likes",
+        "reposts",
+        "follows",
+        "blocks",
+        "listitems",
+        "profiles",
+        "identity",
+        "account",
+        "errors",
+        "system.files",
+        "system.checkpoint",
+    ] {
+        assert!(names.contains(&want), "{want} in {names:?}");
+    }
+    let posts = t.iter().find(|x| x["name"] == "posts").unwrap();
+    let cols: Vec<&str> = posts["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    for want in [
+        "did",
+        "time_us",
+        "time",
+        "kind",
+        "operation",
+        "collection",
+        "rkey",
+        "rev",
+        "cid",
+        "seq",
+        "record",
+        "text",
+        "langs",
+        "reply_root_uri",
+        "reply_parent_uri",
+        "quote_uri",
+        "embed_type",
+        "facet_tags",
+        "facet_links",
+        "facet_mentions",
+        "created_at",
+    ] {
+        assert!(cols.contains(&want), "posts.{want}");
+    }
+    let h: serde_json::Value = c
+        .get(format!("{}/health", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["status"], "ok");
+    let m = c.get(format!("{}/metrics", s.base)).send().await.unwrap();
+    assert_eq!(m.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_sql_and_every_write_kind_are_refused_with_json_errors() {
+    let (_dir, lake, _) = fixture_lake(300, 4).await;
+    let s = server(&lake, Limits::default(), None).await;
+    let c = reqwest::Client::new();
+    let r = c
+        .post(format!("{}/sql", s.base))
+        .body("SELEC nonsense")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "bad_sql");
+    assert!(v["message"].as_str().unwrap().len() > 3);
+    let r = c
+        .post(format!("{}/sql", s.base))
+        .body("SELECT nope FROM events")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    for stmt in [
+        "CREATE TABLE t AS SELECT 1",
+        "CREATE VIEW v AS SELECT 1",
+        "CREATE EXTERNAL TABLE x STORED AS PARQUET LOCATION '/tmp'",
+        "DROP TABLE events",
+        "INSERT INTO events SELECT * FROM events",
+        "DELETE FROM events",
+        "UPDATE events SET did = 'x'",
+        "COPY (SELECT 1) TO '/tmp/atlake-copy-test.csv'",
+        "SET datafusion.execution.batch_size = 1",
+        "CREATE SCHEMA s",
+        "TRUNCATE events",
+    ] {
+        let r = c
+            .post(format!("{}/sql", s.base))
+            .body(stmt)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert!(status == 403 || status == 400, "{stmt}: {status}");
+        assert!(
+            v["error"] == "read_only" || v["error"] == "bad_sql",
+            "{stmt}: {v}"
+        );
+        assert_ne!(status, 200, "{stmt}");
+    }
+    assert!(!std::path::Path::new("/tmp/atlake-copy-test.csv").exists());
+    // files by path are not tables
+    let r = c
+        .post(format!("{}/sql", s.base))
+        .body(format!("SELECT * FROM '{lake}/_atlake/checkpoint.json'"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_memory_cap_row_limit_and_token() {
+    let (_dir, lake, _) = fixture_lake(1500, 5).await;
+    let limits = Limits {
+        timeout: Duration::from_secs(1),
+        memory: 4 << 20,
+        max_rows: 1000,
+        max_bytes: 64 << 20,
+    };
+    let s = server(&lake, limits, Some("s3cret")).await;
+    let c = reqwest::Client::new();
+    let post = |q: &'static str| {
+        c.post(format!("{}/sql", s.base))
+            .bearer_auth("s3cret")
+            .body(q)
+            .send()
+    };
+    // timeout: a huge cross join
+    let r = post("SELECT count(*) FROM events a, events b, events c WHERE a.rkey < b.rkey")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 408);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "timeout");
+    // memory cap: a join whose build side does not fit 4 MiB
+    let r = post("SELECT a.did, count(*) FROM events a JOIN events b ON a.record = b.record GROUP BY 1 ORDER BY 2 DESC").await.unwrap();
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"], "resources_exhausted", "{v}");
+    // row limit
+    let r = post("SELECT * FROM events").await.unwrap();
+    assert_eq!(r.status(), 413);
+    let r = post("SELECT did FROM events LIMIT 10").await.unwrap();
+    assert_eq!(r.status(), 200);
+    // token: required everywhere but /health
+    for path in ["/sql?q=SELECT%201", "/tables", "/metrics"] {
+        let r = c.get(format!("{}{path}", s.base)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        let r = c
+            .get(format!("{}{path}", s.base))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        let r = c
+            .get(format!("{}{path}", s.base))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    assert_eq!(
+        c.get(format!("{}/health", s.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // the server is still up after all that
+    assert_eq!(post("SELECT 1").await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_rows_are_visible_within_a_second() {
+    let sim = sim_start(
+        SimConfig {
+            traffic: TrafficConfig {
+                seed: 8,
+                ..Default::default()
+            },
+            messages: Some(600),
+            rate: Some(400.0),
+            retention: 100_000,
+            faults: Default::default(),
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().to_str().unwrap().to_string();
+    let mut cfg = test_config(&lake);
+    cfg.source.kind = atlake::config::SourceKindConfig::Firehose;
+    cfg.source.url = sim.url();
+    cfg.source.start_cursor = Some(0);
+    // nothing is flushed during the test: every row is read from memory
+    cfg.flush.max_rows = 1_000_000;
+    cfg.flush.max_age.0 = Duration::from_secs(600);
+    cfg.flush.hour_close_grace.0 = Duration::from_secs(36_000);
+    let h = ingest::start(cfg, Input::Network).await.unwrap();
+    let engine = QueryEngine::new(
+        Lake::open(&lake).unwrap(),
+        Some(h.live.clone()),
+        Limits::default(),
+    )
+    .unwrap();
+    sim.wait_for_messages(600).await;
+    let total = sim.truth().events();
+    let done = std::time::Instant::now();
+    let mut n = 0;
+    while done.elapsed() < Duration::from_secs(10) {
+        let b = engine
+            .collect("SELECT count(*) AS n FROM events")
+            .await
+            .unwrap();
+        n = arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b[0].column(0))
+            .value(0) as u64;
+        if n == total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen_after = done.elapsed();
+    assert_eq!(n, total);
+    assert!(
+        seen_after < Duration::from_secs(1),
+        "buffered rows visible after {seen_after:?}"
+    );
+    assert!(
+        atlake::checkpoint::list_files(&Lake::open(&lake).unwrap())
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing was flushed"
+    );
+    h.stop(Duration::from_secs(10)).await.unwrap();
+    sim.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_never_go_backwards_or_beyond_the_source_while_flushing() {
+    let sim = sim_start(
+        SimConfig {
+            traffic: TrafficConfig {
+                seed: 9,
+                ..Default::default()
+            },
+            messages: Some(4000),
+            rate: Some(1500.0),
+            retention: 100_000,
+            faults: Default::default(),
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().to_str().unwrap().to_string();
+    let mut cfg = test_config(&lake);
+    cfg.source.kind = atlake::config::SourceKindConfig::Firehose;
+    cfg.source.url = sim.url();
+    cfg.source.start_cursor = Some(0);
+    cfg.flush.max_rows = 50;
+    cfg.flush.max_age.0 = Duration::from_millis(50);
+    let h = ingest::start(cfg, Input::Network).await.unwrap();
+    let engine = QueryEngine::new(
+        Lake::open(&lake).unwrap(),
+        Some(h.live.clone()),
+        Limits::default(),
+    )
+    .unwrap();
+    let mut last = 0u64;
+    let mut queries = 0;
+    let mut files_seen = 0;
+    loop {
+        let b = engine
+            .collect("SELECT (SELECT count(*) FROM events) AS n, (SELECT count(*) FROM (SELECT DISTINCT kind, did, collection, rkey, rev, operation, seq FROM events)) AS k")
+            .await
+            .unwrap();
+        let col = |i: usize| {
+            arrow::array::AsArray::as_primitive::<arrow::datatypes::Int64Type>(b[0].column(i))
+                .value(0) as u64
+        };
+        let (n, k) = (col(0), col(1));
+        let sent = sim.truth().events();
+        assert!(n >= last, "count went backwards: {last} -> {n}");
+        assert!(n <= sent, "count {n} exceeds events sent {sent}");
+        assert_eq!(n, k, "a row was seen twice");
+        last = n;
+        queries += 1;
+        files_seen = h.live.snapshot().files.len();
+        if sim.finished() && n == sent {
+            break;
+        }
+        assert!(queries < 20_000);
+    }
+    assert!(
+        files_seen > 20,
+        "flushes ran during the test ({files_seen} files)"
+    );
+    assert!(queries > 20, "{queries} queries");
+    h.stop(Duration::from_secs(10)).await.unwrap();
+    sim.stop();
+    let _ = wait_until(Duration::from_millis(1), || true).await;
+}
