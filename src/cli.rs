@@ -144,7 +144,7 @@ pub enum Command {
     },
     /// Run one SQL query over a lake and print the result.
     #[command(
-        after_help = "Examples:\n  atlake query --lake ./lake \"SELECT collection, count(*) AS n FROM events GROUP BY 1 ORDER BY n DESC LIMIT 10\"\n  atlake query --lake ./lake --format csv \"SELECT text FROM posts WHERE 'en' = ANY(langs) LIMIT 5\"\n  atlake query --lake ./lake \"$(cat queries/q1_top_event_types.sql)\""
+        after_help = "Examples:\n  atlake query --lake ./lake \"SELECT collection, count(*) AS n FROM events GROUP BY 1 ORDER BY n DESC LIMIT 10\"\n  atlake query --lake ./lake --format csv \"SELECT text FROM posts WHERE 'en' = ANY(langs) LIMIT 5\"\n  atlake query --lake ./lake --file queries/q1_top_event_types.sql"
     )]
     Query {
         /// Config and lake.
@@ -153,8 +153,12 @@ pub enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "table")]
         format: QueryFormat,
+        /// Read the SQL from this file (e.g. one of queries/*.sql).
+        #[arg(long, short, value_name = "FILE", conflicts_with = "sql")]
+        file: Option<PathBuf>,
         /// The SQL.
-        sql: String,
+        #[arg(allow_hyphen_values = true, required_unless_present = "file")]
+        sql: Option<String>,
     },
     /// Ingest a live stream or a capture file into the lake.
     ///
@@ -334,9 +338,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Query {
             common,
             format,
+            file,
             sql,
         } => {
             let cfg = load_config(&common, &no_source())?;
+            let sql = match (file, sql) {
+                (Some(f), _) => std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
+                (None, Some(s)) => s,
+                (None, None) => bail!("give the SQL as an argument or with --file"),
+            };
             query_cmd(cfg, format, &sql).await
         }
         Command::Ingest {

@@ -10,3 +10,4 @@ mod ingest;
 mod sim_shape;
 mod sql;
 mod tools;
+mod queries;
