@@ -343,7 +343,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let cfg = load_config(&common, &no_source())?;
             let sql = match (file, sql) {
-                (Some(f), _) => std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
+                (Some(f), _) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading {}", f.display()))?,
                 (None, Some(s)) => s,
                 (None, None) => bail!("give the SQL as an argument or with --file"),
             };

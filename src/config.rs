@@ -455,8 +455,8 @@ impl Config {
                 message: message.to_string(),
             })
         };
-        if self.source.url.trim().is_empty() {
-            return bad("source.url", "must not be empty");
+        if let Err(m) = crate::source::validate_url(&self.source.url) {
+            return bad("source.url", &m);
         }
         if self.source.max_message_size.0 < 5 << 20 {
             return bad(

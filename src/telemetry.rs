@@ -66,8 +66,11 @@ pub fn samples(text: &str) -> Vec<Sample> {
 
 /// Logging to stderr, filtered by `ATLAKE_LOG` (default `info`).
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ATLAKE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ATLAKE_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "info,object_store=warn,aws_config=warn,hyper=warn,datafusion=warn",
+        )
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

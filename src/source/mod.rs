@@ -147,6 +147,36 @@ pub fn jetstream_url(url: &str) -> String {
     }
 }
 
+/// Checks that a source URL (bare host or full URL) is a usable WebSocket URL.
+pub fn validate_url(url: &str) -> Result<(), String> {
+    let u = with_scheme(url);
+    let rest = u
+        .strip_prefix("wss://")
+        .or_else(|| u.strip_prefix("ws://"))
+        .ok_or_else(|| format!("{url:?} is not a ws://, wss://, http(s):// URL or a host name"))?;
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let name = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    let ok_host = !name.is_empty()
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'[' | b']' | b':'));
+    if !ok_host
+        || u.bytes()
+            .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+    {
+        return Err(format!(
+            "{url:?} is not a valid source URL (expected e.g. wss://bsky.network or wss://jetstream2.us-east.bsky.network/subscribe)"
+        ));
+    }
+    Ok(())
+}
+
 fn with_scheme(url: &str) -> String {
     let u = url.trim();
     if u.starts_with("ws://") || u.starts_with("wss://") {
@@ -199,6 +229,16 @@ mod tests {
             jetstream_url("wss://j.example/subscribe?x=1"),
             "wss://j.example/subscribe"
         );
+    }
+
+    #[test]
+    fn url_validation() {
+        assert!(validate_url("wss://bsky.network").is_ok());
+        assert!(validate_url("bsky.network").is_ok());
+        assert!(validate_url("ws://127.0.0.1:6008").is_ok());
+        assert!(validate_url("ht!tp://bad url").is_err());
+        assert!(validate_url("wss://").is_err());
+        assert!(validate_url("ftp://x").is_err());
     }
 
     #[test]

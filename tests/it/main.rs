@@ -1,5 +1,6 @@
 //! atlake's integration tests: one binary, one module per area.
 
+mod cli;
 mod common;
 mod convert;
 mod crash;
@@ -7,7 +8,7 @@ mod decode_fixtures;
 mod decode_frames;
 mod decode_props;
 mod ingest;
+mod queries;
 mod sim_shape;
 mod sql;
 mod tools;
-mod queries;

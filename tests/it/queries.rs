@@ -15,7 +15,12 @@ use std::time::Duration;
 pub async fn golden_lake() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let cap = dir.path().join("cap");
-    let mut t = Traffic::new(TrafficConfig { seed: 1234, step_us: 2_500_000, accounts: 800, ..Default::default() });
+    let mut t = Traffic::new(TrafficConfig {
+        seed: 1234,
+        step_us: 2_500_000,
+        accounts: 800,
+        ..Default::default()
+    });
     let mut w = CaptureWriter::create(&cap, CaptureFormat::Frames, Compression::None).unwrap();
     for _ in 0..4000 {
         w.write(&t.next_message().frame).unwrap();
@@ -51,12 +56,24 @@ async fn every_query_file_matches_its_golden_output() {
     for f in &files {
         let sql = std::fs::read_to_string(f).unwrap();
         let name = f.file_stem().unwrap().to_str().unwrap();
-        assert!(sql.starts_with("-- "), "{name}: starts with a comment saying the question");
-        assert!(sql.lines().take(4).any(|l| l.starts_with("-- Tables:")), "{name}: says the tables used");
-        let batches = engine.collect(&sql).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            sql.starts_with("-- "),
+            "{name}: starts with a comment saying the question"
+        );
+        assert!(
+            sql.lines().take(4).any(|l| l.starts_with("-- Tables:")),
+            "{name}: says the tables used"
+        );
+        let batches = engine
+            .collect(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         assert!(rows > 0, "{name}: no rows on the fixture");
-        let out = format!("{}\n", arrow::util::pretty::pretty_format_batches(&batches).unwrap());
+        let out = format!(
+            "{}\n",
+            arrow::util::pretty::pretty_format_batches(&batches).unwrap()
+        );
         let golden = root().join("tests/golden").join(format!("{name}.txt"));
         if bless {
             std::fs::write(&golden, &out).unwrap();
@@ -64,8 +81,14 @@ async fn every_query_file_matches_its_golden_output() {
         }
         match std::fs::read_to_string(&golden) {
             Ok(want) if want == out => {}
-            Ok(want) => failures.push(format!("{name}: output differs from {}\n--- want\n{want}\n--- got\n{out}", golden.display())),
-            Err(_) => failures.push(format!("{name}: no golden file {} (run with ATLAKE_BLESS=1)", golden.display())),
+            Ok(want) => failures.push(format!(
+                "{name}: output differs from {}\n--- want\n{want}\n--- got\n{out}",
+                golden.display()
+            )),
+            Err(_) => failures.push(format!(
+                "{name}: no golden file {} (run with ATLAKE_BLESS=1)",
+                golden.display()
+            )),
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
