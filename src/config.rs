@@ -276,7 +276,9 @@ pub struct FlushConfig {
     pub max_bytes: ByteSize,
     /// Flush a partition when it holds this many rows.
     pub max_rows: u64,
-    /// Flush the largest partitions first when all buffers together exceed this.
+    /// Memory budget of the whole process for event data: buffered rows get 1/8 (the largest
+    /// partitions flush first beyond that), buffered plus in-flight rows 3/16 (reading pauses
+    /// beyond that), and the rest is for encoding, read-ahead and the allocator.
     pub memory_cap: ByteSize,
     /// Most partitions buffered at once; collections beyond share `_other`.
     pub max_open_partitions: usize,
@@ -309,16 +311,22 @@ pub struct WriterConfig {
     pub zstd_level: i32,
     /// Rows per row group.
     pub row_group_rows: usize,
+    /// Target size of a data page before compression (bigger pages compress better).
+    pub page_bytes: usize,
     /// Write a bloom filter on `did`.
     pub bloom_filter_did: bool,
+    /// Flushes encoded at the same time.
+    pub encoders: usize,
 }
 
 impl Default for WriterConfig {
     fn default() -> Self {
         WriterConfig {
             zstd_level: 3,
-            row_group_rows: 1 << 20,
+            row_group_rows: 64 * 1024,
+            page_bytes: 1 << 20,
             bloom_filter_did: true,
+            encoders: 1,
         }
     }
 }

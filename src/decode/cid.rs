@@ -243,15 +243,23 @@ pub fn base32_encode(data: &[u8], out: &mut Vec<u8>) {
 /// Decodes lower-case RFC 4648 base32 without padding; `None` on any invalid character or on
 /// non-zero trailing bits.
 pub fn base32_decode(s: &[u8]) -> Option<Vec<u8>> {
+    static VALUE: [u8; 256] = {
+        let mut t = [0xffu8; 256];
+        let mut i = 0;
+        while i < 32 {
+            t[B32[i] as usize] = i as u8;
+            i += 1;
+        }
+        t
+    };
     let mut out = Vec::with_capacity(s.len() * 5 / 8);
     let mut acc: u64 = 0;
     let mut bits = 0u32;
     for &c in s {
-        let v = match c {
-            b'a'..=b'z' => c - b'a',
-            b'2'..=b'7' => c - b'2' + 26,
-            _ => return None,
-        };
+        let v = VALUE[c as usize];
+        if v == 0xff {
+            return None;
+        }
         acc = (acc << 5) | u64::from(v);
         bits += 5;
         if bits >= 8 {

@@ -401,7 +401,9 @@ impl LoopState {
                     tracing::info!("shutdown: stop reading, flush everything, write the checkpoint");
                     break;
                 }
-                n = raw.recv_many(&mut buf, 256) => {
+                // byte-based backpressure: stop reading while buffers and flushes in flight use
+                // the whole memory cap; completions free it
+                n = raw.recv_many(&mut buf, 256), if !self.over_budget() => {
                     if n == 0 {
                         break;
                     }
@@ -412,8 +414,7 @@ impl LoopState {
                     self.publish();
                     let jobs_due = self.batcher.size_due();
                     self.submit(jobs_due, &jobs).await;
-                    let inflight: usize = self.inflight.values().map(|(_, b)| *b).sum();
-                    let over = self.batcher.over_cap(inflight);
+                    let over = self.batcher.over_cap(self.inflight_bytes());
                     self.submit(over, &jobs).await;
                 }
                 _ = tick.tick() => {
@@ -457,11 +458,12 @@ impl LoopState {
             Payload::Undecodable(e) => decoded.push(Decoded::Error(e.clone())),
         }
         let cursor = msg.cursor.or(self.high_water);
-        let filters = self.filters.borrow().clone();
+        let filters = self.filters.clone();
+        let filters = filters.borrow();
         for d in decoded.drain(..) {
             match d {
                 Decoded::Event(env) => {
-                    if !filters.matches(&env) {
+                    if !filters.is_empty() && !filters.matches(&env) {
                         self.summary.filtered += 1;
                         continue;
                     }
@@ -490,11 +492,6 @@ impl LoopState {
                             }
                             self.quarantine(e, Some(c), now);
                             continue;
-                        }
-                        Accepted::InvalidRecord => {
-                            if let EventData::Commit(op) = &env.event.data {
-                                metrics::counter!("atlake_invalid_records_total", "collection" => collection_label(&op.collection)).increment(1);
-                            }
                         }
                         Accepted::Own | Accepted::Other => {}
                     }
@@ -526,6 +523,15 @@ impl LoopState {
         if let Some(c) = msg.cursor {
             self.high_water = Some(self.high_water.map_or(c, |h| h.max(c)));
         }
+    }
+
+    fn inflight_bytes(&self) -> usize {
+        self.inflight.values().map(|(_, b)| *b).sum()
+    }
+
+    fn over_budget(&self) -> bool {
+        self.batcher.buffered_bytes() + self.inflight_bytes() > self.batcher.data_budget()
+            && !self.awaiting.is_empty()
     }
 
     fn quarantine(&mut self, e: ErrorEvent, cursor: Option<i64>, now: Instant) {
@@ -615,6 +621,13 @@ impl LoopState {
         for ((kind, coll, op), n) in self.counts.drain() {
             metrics::counter!("atlake_events_total", "kind" => kind, "collection" => coll, "operation" => op).increment(n);
         }
+        tracing::trace!(
+            buffered = self.batcher.buffered_bytes(),
+            inflight = self.inflight_bytes(),
+            rows = self.batcher.buffered_rows(),
+            jobs = self.awaiting.len(),
+            "memory"
+        );
         metrics::gauge!("atlake_buffered_rows").set(self.batcher.buffered_rows() as f64);
         metrics::gauge!("atlake_buffered_bytes").set(self.batcher.buffered_bytes() as f64);
         metrics::gauge!("atlake_open_partitions").set(self.batcher.open_partitions() as f64);

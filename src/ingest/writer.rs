@@ -9,7 +9,7 @@ use super::live::LiveState;
 use crate::config::WriterConfig;
 use crate::model::SourceKind;
 use crate::sink::batcher::FlushJob;
-use crate::sink::parquet::{FileMeta, encode, sort_batch};
+use crate::sink::parquet::{FileMeta, encode_to};
 use crate::sink::partition::{FileName, LakeFile};
 use crate::sink::store::Lake;
 use futures::StreamExt;
@@ -49,6 +49,9 @@ pub async fn run(
     health: Arc<StorageHealth>,
     abandon: watch::Receiver<bool>,
 ) {
+    // one encoder by default: with the decode loop on its own thread, that keeps two cores
+    // busy, and every extra encoder holds its page buffers and row group in memory
+    let cfg_concurrency = cfg.encoders.max(1);
     let stream = futures::stream::poll_fn(move |cx| jobs.poll_recv(cx));
     stream
         .map(|job| {
@@ -59,7 +62,7 @@ pub async fn run(
             let abandon = abandon.clone();
             async move { write_job(lake, cfg, source, job, live, health, abandon).await }
         })
-        .buffer_unordered(2)
+        .buffer_unordered(cfg_concurrency)
         .for_each(|c| {
             let _ = done.send(c);
             futures::future::ready(())
@@ -91,39 +94,40 @@ async fn write_job(
         partition: job.key.dir(),
     };
     let kind = job.kind;
-    let chunks = job.chunks.clone();
-    let encoded = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
-        let schema = crate::model::rows::schema(kind);
-        let batch = arrow::compute::concat_batches(&schema, &chunks).map_err(|e| e.to_string())?;
-        let sorted = sort_batch(kind, &batch).map_err(|e| e.to_string())?;
-        encode(&cfg, kind, &meta, &sorted).map_err(|e| e.to_string())
-    })
-    .await;
-    let bytes = match encoded {
-        Ok(Ok(b)) => bytes::Bytes::from(b),
-        other => {
-            // encoding our own batches cannot fail short of a bug; keep the rows in memory
-            // visible, report loudly, and give the job back as abandoned
-            let e = match other {
-                Ok(Err(e)) => e,
-                Err(e) => e.to_string(),
-                Ok(Ok(_)) => String::new(),
-            };
-            tracing::error!(partition = %job.key, error = %e, "encoding a flush failed; rows stay in memory until restart");
-            metrics::counter!("atlake_flush_failures_total").increment(1);
-            return Completion {
-                job_id: job.id,
-                file: None,
-                rows: job.rows,
-            };
+    let by_collection = job.key.name == crate::sink::partition::PartitionName::Other;
+    // records that do not fit their lexicon's types land anyway (typed columns null); count them
+    if let crate::model::rows::TableKind::Events(Some(lex)) = kind {
+        let chunks = job.chunks.clone();
+        let invalid = tokio::task::spawn_blocking(move || {
+            chunks
+                .iter()
+                .map(|c| crate::model::rows::count_invalid_records(lex, c))
+                .sum::<u64>()
+        })
+        .await
+        .unwrap_or(0);
+        if invalid > 0 {
+            metrics::counter!("atlake_invalid_records_total", "collection" => lex.nsid())
+                .increment(invalid);
         }
-    };
-    let size = bytes.len() as u64;
+    }
     let mut delay = Duration::from_millis(200);
     let mut attempts = 0u32;
-    loop {
-        match lake.put_atomic(&path, bytes.clone()).await {
-            Ok(()) => break,
+    let size = loop {
+        let (cfg, meta, chunks) = (cfg.clone(), meta.clone(), job.chunks.clone());
+        let produce = move |w: &mut (dyn std::io::Write + Send)| {
+            encode_to(&cfg, kind, &meta, &chunks, by_collection, w).map_err(|e| match e {
+                crate::sink::parquet::EncodeError::Parquet(
+                    parquet::errors::ParquetError::External(inner),
+                ) => match inner.downcast::<std::io::Error>() {
+                    Ok(io) => *io,
+                    Err(other) => std::io::Error::other(other.to_string()),
+                },
+                other => std::io::Error::other(other.to_string()),
+            })
+        };
+        match lake.put_with(&path, produce).await {
+            Ok(n) => break n,
             Err(e) => {
                 attempts += 1;
                 let no_space = e.is_no_space();
@@ -152,7 +156,7 @@ async fn write_job(
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
-    }
+    };
     if health.failing.swap(false, Ordering::Relaxed) {
         health.no_space.store(false, Ordering::Relaxed);
         tracing::info!("storage is writable again; ingest resumes");

@@ -121,42 +121,95 @@ fn errors_fields() -> Vec<Field> {
     ]
 }
 
-/// The schema of a table kind.
+/// The common columns as stored: all but `time`, which is `time_us` as a timestamp and is
+/// derived when queried (storing it twice cost 4 bytes per event).
+pub fn stored_common_fields() -> Vec<Field> {
+    common_fields()
+        .into_iter()
+        .filter(|f| f.name() != "time")
+        .collect()
+}
+
+fn build_schema(kind: TableKind, physical: bool) -> SchemaRef {
+    let fields = match kind {
+        TableKind::Errors => errors_fields(),
+        TableKind::Events(_) if physical => stored_common_fields(),
+        k => {
+            let mut f = if physical {
+                stored_common_fields()
+            } else {
+                common_fields()
+            };
+            f.extend(typed_fields(k));
+            f
+        }
+    };
+    Arc::new(Schema::new(fields))
+}
+
+fn all_kinds() -> Vec<TableKind> {
+    let mut kinds = vec![
+        TableKind::Events(None),
+        TableKind::Identity,
+        TableKind::Account,
+        TableKind::Errors,
+    ];
+    kinds.extend(Lexicon::ALL.iter().map(|l| TableKind::Events(Some(*l))));
+    kinds
+}
+
+/// The schema rows of a kind have in files and in memory. Commit events of every collection
+/// share the common columns: the typed columns of the core lexicons are derived from `record`
+/// when queried ([`table_schema`]), so the lake stores each value once.
 pub fn schema(kind: TableKind) -> SchemaRef {
     static CACHE: OnceLock<Vec<(TableKind, SchemaRef)>> = OnceLock::new();
     let all = CACHE.get_or_init(|| {
-        let mut kinds = vec![
-            TableKind::Events(None),
-            TableKind::Identity,
-            TableKind::Account,
-            TableKind::Errors,
-        ];
-        kinds.extend(Lexicon::ALL.iter().map(|l| TableKind::Events(Some(*l))));
-        kinds
+        all_kinds()
             .into_iter()
-            .map(|k| {
-                let fields = if k == TableKind::Errors {
-                    errors_fields()
-                } else {
-                    let mut f = common_fields();
-                    f.extend(typed_fields(k));
-                    f
-                };
-                (k, Arc::new(Schema::new(fields)))
-            })
+            .map(|k| (k, build_schema(k, true)))
             .collect()
     });
     all.iter()
         .find(|(k, _)| *k == kind)
         .map(|(_, s)| s.clone())
-        .unwrap_or_else(|| Arc::new(Schema::new(common_fields())))
+        .unwrap_or_else(|| build_schema(kind, true))
+}
+
+/// The schema of the SQL table of a kind: the stored columns plus, for core lexicons, the typed
+/// columns derived from `record`.
+pub fn table_schema(kind: TableKind) -> SchemaRef {
+    static CACHE: OnceLock<Vec<(TableKind, SchemaRef)>> = OnceLock::new();
+    let all = CACHE.get_or_init(|| {
+        all_kinds()
+            .into_iter()
+            .map(|k| (k, build_schema(k, false)))
+            .collect()
+    });
+    all.iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, s)| s.clone())
+        .unwrap_or_else(|| build_schema(kind, false))
+}
+
+/// How many records of `batch` (rows of `lex`'s collection) do not fit the lexicon's types.
+/// The writer counts these when it encodes a flush, off the decode thread.
+pub fn count_invalid_records(lex: Lexicon, batch: &RecordBatch) -> u64 {
+    use arrow::array::{Array, AsArray};
+    let Some(rec) = batch
+        .column_by_name("record")
+        .and_then(|c| c.as_string_opt::<i32>())
+    else {
+        return 0;
+    };
+    (0..rec.len())
+        .filter(|&i| rec.is_valid(i) && extract(lex, rec.value(i)).is_none())
+        .count() as u64
 }
 
 /// Builders for the common columns.
 struct Common {
     did: StringBuilder,
     time_us: Int64Builder,
-    time: TimestampMicrosecondBuilder,
     kind: StringBuilder,
     operation: StringBuilder,
     collection: StringBuilder,
@@ -172,7 +225,6 @@ impl Common {
         Common {
             did: StringBuilder::new(),
             time_us: Int64Builder::new(),
-            time: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
             kind: StringBuilder::new(),
             operation: StringBuilder::new(),
             collection: StringBuilder::new(),
@@ -188,7 +240,6 @@ impl Common {
         vec![
             Arc::new(self.did.finish()),
             Arc::new(self.time_us.finish()),
-            Arc::new(self.time.finish()),
             Arc::new(self.kind.finish()),
             Arc::new(self.operation.finish()),
             Arc::new(self.collection.finish()),
@@ -209,9 +260,13 @@ fn ts_builder() -> TimestampMicrosecondBuilder {
     TimestampMicrosecondBuilder::new().with_timezone("UTC")
 }
 
-/// Builders for typed columns.
-enum TypedCols {
+/// Builders for the typed columns of a core lexicon, filled from records (see
+/// [`super::lexicon::extract`]).
+#[allow(missing_docs)]
+pub enum TypedColumns {
+    /// No typed columns.
     None,
+    /// Posts.
     Post {
         text: StringBuilder,
         langs: ListBuilder<StringBuilder>,
@@ -268,12 +323,13 @@ fn push_list(b: &mut ListBuilder<StringBuilder>, items: Option<&[String]>) {
     }
 }
 
-impl TypedCols {
-    fn new(kind: TableKind) -> Self {
+impl TypedColumns {
+    /// Empty builders for the typed columns of `kind`.
+    pub fn new(kind: TableKind) -> Self {
         let s = StringBuilder::new;
         match kind {
-            TableKind::Events(None) | TableKind::Errors => TypedCols::None,
-            TableKind::Events(Some(Lexicon::Post)) => TypedCols::Post {
+            TableKind::Events(None) | TableKind::Errors => TypedColumns::None,
+            TableKind::Events(Some(Lexicon::Post)) => TypedColumns::Post {
                 text: s(),
                 langs: str_list(),
                 root: s(),
@@ -285,31 +341,31 @@ impl TypedCols {
                 mentions: str_list(),
                 created: ts_builder(),
             },
-            TableKind::Events(Some(Lexicon::Like | Lexicon::Repost)) => TypedCols::SubjectRef {
+            TableKind::Events(Some(Lexicon::Like | Lexicon::Repost)) => TypedColumns::SubjectRef {
                 uri: s(),
                 cid: s(),
                 created: ts_builder(),
             },
-            TableKind::Events(Some(Lexicon::Follow | Lexicon::Block)) => TypedCols::SubjectDid {
+            TableKind::Events(Some(Lexicon::Follow | Lexicon::Block)) => TypedColumns::SubjectDid {
                 did: s(),
                 created: ts_builder(),
             },
-            TableKind::Events(Some(Lexicon::ListItem)) => TypedCols::ListItem {
+            TableKind::Events(Some(Lexicon::ListItem)) => TypedColumns::ListItem {
                 did: s(),
                 list: s(),
                 created: ts_builder(),
             },
-            TableKind::Events(Some(Lexicon::Profile)) => TypedCols::Profile {
+            TableKind::Events(Some(Lexicon::Profile)) => TypedColumns::Profile {
                 name: s(),
                 description: s(),
                 created: ts_builder(),
             },
-            TableKind::Identity => TypedCols::Identity {
+            TableKind::Identity => TypedColumns::Identity {
                 handle: s(),
                 seq: Int64Builder::new(),
                 time: ts_builder(),
             },
-            TableKind::Account => TypedCols::Account {
+            TableKind::Account => TypedColumns::Account {
                 active: BooleanBuilder::new(),
                 status: s(),
                 seq: Int64Builder::new(),
@@ -319,10 +375,10 @@ impl TypedCols {
     }
 
     /// Appends the typed values, or nulls when `t` is `None`.
-    fn push(&mut self, t: Option<&Typed>) {
+    pub fn push(&mut self, t: Option<&Typed>) {
         match self {
-            TypedCols::None | TypedCols::Identity { .. } | TypedCols::Account { .. } => {}
-            TypedCols::Post {
+            TypedColumns::None | TypedColumns::Identity { .. } | TypedColumns::Account { .. } => {}
+            TypedColumns::Post {
                 text,
                 langs,
                 root,
@@ -359,7 +415,7 @@ impl TypedCols {
                     created.append_null();
                 }
             },
-            TypedCols::SubjectRef { uri, cid, created } => match t {
+            TypedColumns::SubjectRef { uri, cid, created } => match t {
                 Some(Typed::SubjectRef {
                     uri: u,
                     cid: c,
@@ -375,7 +431,7 @@ impl TypedCols {
                     created.append_null();
                 }
             },
-            TypedCols::SubjectDid { did, created } => match t {
+            TypedColumns::SubjectDid { did, created } => match t {
                 Some(Typed::SubjectDid { did: d, created_at }) => {
                     did.append_value(d);
                     created.append_option(*created_at);
@@ -385,7 +441,7 @@ impl TypedCols {
                     created.append_null();
                 }
             },
-            TypedCols::ListItem { did, list, created } => match t {
+            TypedColumns::ListItem { did, list, created } => match t {
                 Some(Typed::ListItem {
                     did: d,
                     list: l,
@@ -401,7 +457,7 @@ impl TypedCols {
                     created.append_null();
                 }
             },
-            TypedCols::Profile {
+            TypedColumns::Profile {
                 name,
                 description,
                 created,
@@ -424,10 +480,11 @@ impl TypedCols {
         }
     }
 
-    fn finish(&mut self) -> Vec<ArrayRef> {
+    /// The built columns, in [`typed_fields`] order.
+    pub fn finish(&mut self) -> Vec<ArrayRef> {
         match self {
-            TypedCols::None => vec![],
-            TypedCols::Post {
+            TypedColumns::None => vec![],
+            TypedColumns::Post {
                 text,
                 langs,
                 root,
@@ -450,20 +507,20 @@ impl TypedCols {
                 Arc::new(mentions.finish()),
                 Arc::new(created.finish()),
             ],
-            TypedCols::SubjectRef { uri, cid, created } => vec![
+            TypedColumns::SubjectRef { uri, cid, created } => vec![
                 Arc::new(uri.finish()),
                 Arc::new(cid.finish()),
                 Arc::new(created.finish()),
             ],
-            TypedCols::SubjectDid { did, created } => {
+            TypedColumns::SubjectDid { did, created } => {
                 vec![Arc::new(did.finish()), Arc::new(created.finish())]
             }
-            TypedCols::ListItem { did, list, created } => vec![
+            TypedColumns::ListItem { did, list, created } => vec![
                 Arc::new(did.finish()),
                 Arc::new(list.finish()),
                 Arc::new(created.finish()),
             ],
-            TypedCols::Profile {
+            TypedColumns::Profile {
                 name,
                 description,
                 created,
@@ -472,12 +529,12 @@ impl TypedCols {
                 Arc::new(description.finish()),
                 Arc::new(created.finish()),
             ],
-            TypedCols::Identity { handle, seq, time } => vec![
+            TypedColumns::Identity { handle, seq, time } => vec![
                 Arc::new(handle.finish()),
                 Arc::new(seq.finish()),
                 Arc::new(time.finish()),
             ],
-            TypedCols::Account {
+            TypedColumns::Account {
                 active,
                 status,
                 seq,
@@ -507,20 +564,11 @@ struct ErrorCols {
     raw: BinaryBuilder,
 }
 
-/// What pushing a row found out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushOutcome {
-    /// Row added with its typed columns.
-    Ok,
-    /// Row added; the record did not fit its lexicon's types, typed columns are null.
-    InvalidRecord,
-}
-
 /// Accumulates rows of one table kind and turns them into record batches.
 pub struct RowBuilder {
     kind: TableKind,
     common: Option<Common>,
-    typed: TypedCols,
+    typed: TypedColumns,
     errors: Option<ErrorCols>,
     rows: usize,
     bytes: usize,
@@ -564,7 +612,11 @@ impl RowBuilder {
         RowBuilder {
             kind,
             common,
-            typed: TypedCols::new(kind),
+            // commit rows store the common columns only; typed columns are derived when queried
+            typed: TypedColumns::new(match kind {
+                TableKind::Events(_) => TableKind::Events(None),
+                k => k,
+            }),
             errors,
             rows: 0,
             bytes: 0,
@@ -592,18 +644,16 @@ impl RowBuilder {
     }
 
     /// Appends an event. The caller routes events to a builder of the matching kind.
-    pub fn push_event(&mut self, env: &Envelope) -> PushOutcome {
+    pub fn push_event(&mut self, env: &Envelope) {
         let Some(c) = self.common.as_mut() else {
-            return PushOutcome::Ok;
+            return;
         };
         let e = &env.event;
         let mut size = ROW_OVERHEAD + e.did.len();
         c.did.append_value(&e.did);
         c.time_us.append_value(env.time_us);
-        c.time.append_value(env.time_us);
         c.kind.append_value(e.kind().as_str());
         c.seq.append_option(env.seq);
-        let mut outcome = PushOutcome::Ok;
         match &e.data {
             EventData::Commit(op) => {
                 c.operation.append_value(op.operation.as_str());
@@ -617,15 +667,6 @@ impl RowBuilder {
                     + op.rev.len()
                     + op.cid.as_ref().map_or(0, |s| s.len())
                     + op.record.as_ref().map_or(0, |s| s.len());
-                if let TableKind::Events(Some(lex)) = self.kind {
-                    let typed = op.record.as_deref().and_then(|r| extract(lex, r));
-                    if typed.is_none() && op.record.is_some() {
-                        outcome = PushOutcome::InvalidRecord;
-                    }
-                    // typed columns roughly repeat part of the record
-                    size += op.record.as_ref().map_or(0, |s| s.len() / 2);
-                    self.typed.push(typed.as_ref());
-                }
             }
             EventData::Identity(i) => {
                 for b in [
@@ -638,7 +679,7 @@ impl RowBuilder {
                 ] {
                     b.append_null();
                 }
-                if let TypedCols::Identity { handle, seq, time } = &mut self.typed {
+                if let TypedColumns::Identity { handle, seq, time } = &mut self.typed {
                     handle.append_option(i.handle.as_deref());
                     seq.append_value(i.seq);
                     time.append_option(crate::decode::syntax::parse_datetime_us(&i.time).ok());
@@ -656,7 +697,7 @@ impl RowBuilder {
                 ] {
                     b.append_null();
                 }
-                if let TypedCols::Account {
+                if let TypedColumns::Account {
                     active,
                     status,
                     seq,
@@ -680,7 +721,6 @@ impl RowBuilder {
         }
         self.rows += 1;
         self.bytes += size;
-        outcome
     }
 
     /// Appends a quarantined input.

@@ -17,6 +17,7 @@ pub mod format;
 pub mod http;
 pub mod system;
 pub mod table;
+pub mod typed;
 
 use crate::checkpoint::{Checkpoint, list_files};
 use crate::ingest::live::{LiveState, Snapshot};

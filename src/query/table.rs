@@ -44,16 +44,25 @@ pub enum TableDef {
 }
 
 impl TableDef {
-    /// The table's schema.
-    pub fn schema(&self) -> SchemaRef {
-        use crate::model::rows::{common_fields, schema};
+    /// The row shape of its partitions.
+    pub fn kind(&self) -> TableKind {
         match self {
-            TableDef::Events => Arc::new(arrow::datatypes::Schema::new(common_fields())),
-            TableDef::Collection(l) => schema(TableKind::Events(Some(*l))),
-            TableDef::Identity => schema(TableKind::Identity),
-            TableDef::Account => schema(TableKind::Account),
-            TableDef::Errors => schema(TableKind::Errors),
+            TableDef::Events => TableKind::Events(None),
+            TableDef::Collection(l) => TableKind::Events(Some(*l)),
+            TableDef::Identity => TableKind::Identity,
+            TableDef::Account => TableKind::Account,
+            TableDef::Errors => TableKind::Errors,
         }
+    }
+
+    /// The table's schema (stored columns, then typed columns derived from `record`).
+    pub fn schema(&self) -> SchemaRef {
+        crate::model::rows::table_schema(self.kind())
+    }
+
+    /// The schema of the stored columns.
+    pub fn stored_schema(&self) -> SchemaRef {
+        crate::model::rows::schema(self.kind())
     }
 
     /// Whether a partition belongs to this table.
@@ -87,6 +96,7 @@ pub struct LakeTable {
     /// What it reads.
     pub def: TableDef,
     schema: SchemaRef,
+    stored: SchemaRef,
     files: Vec<LakeFile>,
     batches: Vec<RecordBatch>,
     store_url: ObjectStoreUrl,
@@ -105,6 +115,7 @@ impl LakeTable {
         prefix: String,
     ) -> Result<Self> {
         let schema = def.schema();
+        let stored = def.stored_schema();
         let files = files
             .iter()
             .filter(|f| def.includes(&f.key.name))
@@ -113,11 +124,12 @@ impl LakeTable {
         let batches = batches
             .iter()
             .filter(|(k, b)| def.includes(&k.name) && b.num_rows() > 0)
-            .map(|(_, b)| conform(b, &schema))
+            .map(|(_, b)| conform(b, &stored))
             .collect::<Result<Vec<_>>>()?;
         Ok(LakeTable {
             def,
             schema,
+            stored,
             files,
             batches,
             store_url,
@@ -325,13 +337,136 @@ impl TableProvider for LakeTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        use crate::query::typed::Source;
+        let wanted: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..self.schema.fields().len()).collect(),
+        };
+        // where each wanted column comes from; the stored columns to read
+        let mut stored_proj: Vec<usize> = Vec::new();
+        let need = |i: usize, proj: &mut Vec<usize>| -> usize {
+            match proj.iter().position(|&x| x == i) {
+                Some(p) => p,
+                None => {
+                    proj.push(i);
+                    proj.len() - 1
+                }
+            }
+        };
+        let n_common_typed_start =
+            self.schema.fields().len() - crate::model::rows::typed_fields(self.def.kind()).len();
+        let mut sources = Vec::with_capacity(wanted.len());
+        let mut derived = false;
+        for &i in &wanted {
+            let name = self.schema.field(i).name();
+            if let Ok(si) = self.stored.index_of(name) {
+                sources.push(Source::Input(need(si, &mut stored_proj)));
+            } else if name == "time" {
+                derived = true;
+                let si = self.stored.index_of("time_us")?;
+                sources.push(Source::Time(need(si, &mut stored_proj)));
+            } else {
+                derived = true;
+                sources.push(Source::Typed(i - n_common_typed_start));
+            }
+        }
+        let typed_wanted = sources.iter().any(|s| matches!(s, Source::Typed(_)));
+        let record_pos = if typed_wanted {
+            let si = self.stored.index_of("record")?;
+            need(si, &mut stored_proj)
+        } else {
+            0
+        };
+        // filters on derived columns are evaluated above the scan; the others, and `time`
+        // rewritten to `time_us`, prune files, row groups and pages
+        let stored_filters: Vec<Expr> = filters
+            .iter()
+            .filter_map(|f| time_to_time_us(f))
+            .filter(|f| {
+                f.column_refs()
+                    .iter()
+                    .all(|c| self.stored.index_of(&c.name).is_ok())
+            })
+            .collect();
+        let base = self.scan_stored(
+            state,
+            &stored_proj,
+            &stored_filters,
+            if derived { None } else { limit },
+        )?;
+        let identity = !derived
+            && sources
+                .iter()
+                .enumerate()
+                .all(|(k, s)| matches!(s, Source::Input(p) if *p == k));
+        if identity && stored_proj.len() == wanted.len() {
+            return Ok(base);
+        }
+        let lexicon = match &self.def {
+            TableDef::Collection(l) => Some(*l),
+            _ => None,
+        };
+        let out_schema = Arc::new(self.schema.project(&wanted)?);
+        Ok(Arc::new(crate::query::typed::TypedExec::new(
+            base, lexicon, record_pos, sources, out_schema,
+        )))
+    }
+}
+
+/// Rewrites comparisons of `time` with a timestamp into comparisons of `time_us` (the stored
+/// column), so they prune. Returns the filter unchanged when it does not mention `time`, and
+/// `None` when it mentions `time` in a way that cannot be rewritten.
+fn time_to_time_us(e: &Expr) -> Option<Expr> {
+    let mentions_time = e.column_refs().iter().any(|c| c.name == "time");
+    if !mentions_time {
+        return Some(e.clone());
+    }
+    match e {
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) if *op == Operator::And => {
+            let l = time_to_time_us(left);
+            let r = time_to_time_us(right);
+            match (l, r) {
+                (Some(l), Some(r)) => Some(l.and(r)),
+                (Some(x), None) | (None, Some(x)) => Some(x),
+                (None, None) => None,
+            }
+        }
+        Expr::BinaryExpr(BinaryExpr { left, op, right })
+            if matches!(
+                op,
+                Operator::Eq | Operator::Lt | Operator::LtEq | Operator::Gt | Operator::GtEq
+            ) =>
+        {
+            let us = |x: &Expr| lit_us(x).map(|v| Expr::Literal(ScalarValue::Int64(Some(v)), None));
+            let col = || Expr::Column(datafusion::common::Column::from_name("time_us"));
+            match (col_name(left), col_name(right)) {
+                (Some("time"), None) => us(right)
+                    .map(|v| Expr::BinaryExpr(BinaryExpr::new(Box::new(col()), *op, Box::new(v)))),
+                (None, Some("time")) => us(left)
+                    .map(|v| Expr::BinaryExpr(BinaryExpr::new(Box::new(v), *op, Box::new(col())))),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+impl LakeTable {
+    /// Files and in-memory rows of the stored columns `proj`.
+    fn scan_stored(
+        &self,
+        state: &dyn Session,
+        proj: &[usize],
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         let files = self.prune(filters);
         if !files.is_empty() {
-            let mut source = ParquetSource::new(self.schema.clone())
+            let mut source = ParquetSource::new(self.stored.clone())
                 .with_table_parquet_options(state.table_options().parquet.clone());
             if let Some(pred) = conjunction(filters.iter().cloned()) {
-                let df_schema = DFSchema::try_from(self.schema.as_ref().clone())?;
+                let df_schema = DFSchema::try_from(self.stored.as_ref().clone())?;
                 if let Ok(p) = state.create_physical_expr(pred, &df_schema) {
                     source = source.with_predicate(p);
                 }
@@ -352,7 +487,7 @@ impl TableProvider for LakeTable {
             }
             let config = FileScanConfigBuilder::new(self.store_url.clone(), Arc::new(source))
                 .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
-                .with_projection_indices(projection.cloned())?
+                .with_projection_indices(Some(proj.to_vec()))?
                 .with_limit(limit)
                 .build();
             inputs.push(DataSourceExec::from_data_source(config));
@@ -360,16 +495,14 @@ impl TableProvider for LakeTable {
         if !self.batches.is_empty() {
             inputs.push(MemorySourceConfig::try_new_exec(
                 std::slice::from_ref(&self.batches),
-                self.schema.clone(),
-                projection.cloned(),
+                self.stored.clone(),
+                Some(proj.to_vec()),
             )?);
         }
         if inputs.is_empty() {
-            let projected = match projection {
-                Some(p) => Arc::new(self.schema.project(p)?),
-                None => self.schema.clone(),
-            };
-            return Ok(Arc::new(EmptyExec::new(projected)));
+            return Ok(Arc::new(EmptyExec::new(Arc::new(
+                self.stored.project(proj)?,
+            ))));
         }
         UnionExec::try_new(inputs)
     }

@@ -1,18 +1,23 @@
 //! Parquet encoding of one partition flush.
 //!
-//! Rows are sorted by `(did, time)` within a file (so `did` pages compress and prune well, and a
-//! user's activity is contiguous). Pages are zstd-compressed with dictionary encoding, page-level
-//! statistics and the page index, and an optional bloom filter on `did`. Key-value metadata
-//! records the source, cursor range, row count and schema version, so the lake can be rebuilt
-//! from its files alone.
+//! Rows are sorted by stream time within a file (`_other` by collection, then time). A benchmark
+//! on simulator data (README) showed time order makes files 12% smaller than `(did, time)`: TIDs,
+//! `createdAt` and `time_us` follow the stream clock, so neighbouring rows share prefixes, and
+//! time-range filters prune pages. Lookups by `did` use the bloom filter instead. Pages are
+//! zstd-compressed with dictionary encoding, page-level statistics and the page index.
+//! Key-value metadata records the source, cursor range, row count and schema version, so the
+//! lake can be rebuilt from its files alone.
+//!
+//! Encoding never copies a whole flush at once: sort indices are computed over the key columns
+//! only, and the rows are gathered from the buffered chunks a slice at a time.
 
 use crate::config::WriterConfig;
 use crate::model::SourceKind;
 use crate::model::rows::{SCHEMA_VERSION, TableKind};
-use arrow::compute::{SortColumn, SortOptions, lexsort_to_indices, take_record_batch};
+use arrow::compute::{SortColumn, SortOptions, lexsort_to_indices};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::errors::ParquetError;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -58,26 +63,65 @@ pub struct FileMeta {
     pub partition: String,
 }
 
-/// Sorts rows by `(did, time)` (errors: by `time`).
-pub fn sort_batch(kind: TableKind, batch: &RecordBatch) -> Result<RecordBatch, EncodeError> {
-    if batch.num_rows() < 2 {
-        return Ok(batch.clone());
+/// Rows gathered per slice while encoding.
+const SLICE_ROWS: usize = 16 * 1024;
+
+/// The order of rows in a file: `(chunk, row)` pairs sorted by time (`_other`: by collection,
+/// then time).
+pub fn sort_order(
+    chunks: &[RecordBatch],
+    by_collection: bool,
+) -> Result<Vec<(usize, usize)>, EncodeError> {
+    let total: usize = chunks.iter().map(|c| c.num_rows()).sum();
+    let mut names = Vec::new();
+    if by_collection {
+        names.push("collection");
     }
-    let cols: Vec<&str> = if kind == TableKind::Errors {
-        vec!["time_us"]
-    } else {
-        vec!["did", "time_us"]
-    };
-    let sort_cols: Vec<SortColumn> = cols
-        .iter()
-        .filter_map(|c| batch.column_by_name(c))
-        .map(|a| SortColumn {
-            values: a.clone(),
+    names.push("time_us");
+    let mut sort_cols = Vec::new();
+    for n in names {
+        let arrays: Vec<&dyn arrow::array::Array> = chunks
+            .iter()
+            .filter_map(|c| c.column_by_name(n).map(|a| a.as_ref()))
+            .collect();
+        if arrays.len() != chunks.len() || arrays.is_empty() {
+            continue;
+        }
+        sort_cols.push(SortColumn {
+            values: arrow::compute::concat(&arrays)?,
             options: Some(SortOptions::default()),
-        })
-        .collect();
+        });
+    }
+    let mut offsets = Vec::with_capacity(chunks.len());
+    let mut acc = 0;
+    for c in chunks {
+        offsets.push(acc);
+        acc += c.num_rows();
+    }
+    let locate = |g: usize| {
+        let ci = offsets.partition_point(|&o| o <= g) - 1;
+        (ci, g - offsets[ci])
+    };
+    if sort_cols.is_empty() {
+        return Ok((0..total).map(locate).collect());
+    }
     let idx = lexsort_to_indices(&sort_cols, None)?;
-    Ok(take_record_batch(batch, &idx)?)
+    Ok(idx.values().iter().map(|&g| locate(g as usize)).collect())
+}
+
+/// Gathers rows `order` of `chunks` into one batch.
+pub fn gather(
+    chunks: &[RecordBatch],
+    order: &[(usize, usize)],
+) -> Result<RecordBatch, EncodeError> {
+    let schema = chunks[0].schema();
+    let mut cols = Vec::with_capacity(schema.fields().len());
+    for i in 0..schema.fields().len() {
+        let arrays: Vec<&dyn arrow::array::Array> =
+            chunks.iter().map(|c| c.column(i).as_ref()).collect();
+        cols.push(arrow::compute::interleave(&arrays, order)?);
+    }
+    Ok(RecordBatch::try_new(schema, cols)?)
 }
 
 /// Writer properties for a kind.
@@ -86,6 +130,7 @@ pub fn properties(
     kind: TableKind,
     meta: &FileMeta,
     rows: usize,
+    did_ndv: usize,
 ) -> WriterProperties {
     let level = ZstdLevel::try_new(cfg.zstd_level).unwrap_or_default();
     let mut b = WriterProperties::builder()
@@ -93,6 +138,7 @@ pub fn properties(
         .set_dictionary_enabled(true)
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(cfg.row_group_rows))
+        .set_data_page_size_limit(cfg.page_bytes)
         .set_created_by(format!("atlake {}", env!("CARGO_PKG_VERSION")))
         .set_key_value_metadata(Some(vec![
             KeyValue::new(meta::SOURCE.into(), meta.source.as_str().to_string()),
@@ -103,29 +149,84 @@ pub fn properties(
             KeyValue::new(meta::ROWS.into(), rows.to_string()),
         ]));
     // raw payloads and record JSON are unique per row: dictionary pages would only be discarded
-    for col in ["record", "raw", "rkey", "cid"] {
+    for col in ["record", "raw", "rkey", "cid", "rev", "time_us"] {
         b = b.set_column_dictionary_enabled(ColumnPath::from(col), false);
+    }
+    // rows are in time order: times delta-encode to about a byte, and TIDs (rkey, rev) share
+    // long prefixes with their neighbours
+    b = b.set_column_encoding(ColumnPath::from("time_us"), Encoding::DELTA_BINARY_PACKED);
+    for col in ["rkey", "rev"] {
+        b = b.set_column_encoding(ColumnPath::from(col), Encoding::DELTA_BYTE_ARRAY);
     }
     if cfg.bloom_filter_did && kind != TableKind::Errors {
         b = b
             .set_column_bloom_filter_enabled(ColumnPath::from("did"), true)
-            .set_column_bloom_filter_max_ndv(ColumnPath::from("did"), (rows as u64).max(16))
+            .set_column_bloom_filter_max_ndv(ColumnPath::from("did"), (did_ndv as u64).max(16))
             .set_column_bloom_filter_fpp(ColumnPath::from("did"), 0.01);
     }
     b.build()
 }
 
-/// Encodes batches (already sorted) as one Parquet file in memory.
+fn distinct_dids(chunks: &[RecordBatch]) -> usize {
+    use arrow::array::AsArray;
+    let mut set = std::collections::HashSet::new();
+    for c in chunks {
+        if let Some(a) = c
+            .column_by_name("did")
+            .and_then(|a| a.as_string_opt::<i32>())
+        {
+            for v in a.iter().flatten() {
+                set.insert(v);
+            }
+        }
+    }
+    set.len()
+}
+
+/// Encodes a flush (chunks of one partition) as one Parquet file, sorted, into `out`.
+pub fn encode_to<W: std::io::Write + Send>(
+    cfg: &WriterConfig,
+    kind: TableKind,
+    meta: &FileMeta,
+    chunks: &[RecordBatch],
+    by_collection: bool,
+    out: W,
+) -> Result<(), EncodeError> {
+    let rows: usize = chunks.iter().map(|c| c.num_rows()).sum();
+    let schema = crate::model::rows::schema(kind);
+    // the bloom filter is sized by distinct DIDs, not rows: a filter sized by rows cost about a
+    // byte per event for nothing
+    let did_ndv = if cfg.bloom_filter_did {
+        distinct_dids(chunks)
+    } else {
+        0
+    };
+    let props = properties(cfg, kind, meta, rows, did_ndv);
+    let mut w = ArrowWriter::try_new(out, schema, Some(props))?;
+    let chunks: Vec<RecordBatch> = chunks
+        .iter()
+        .filter(|c| c.num_rows() > 0)
+        .cloned()
+        .collect();
+    if !chunks.is_empty() {
+        let order = sort_order(&chunks, by_collection)?;
+        for slice in order.chunks(SLICE_ROWS) {
+            w.write(&gather(&chunks, slice)?)?;
+        }
+    }
+    w.close()?;
+    Ok(())
+}
+
+/// [`encode_to`] into memory.
 pub fn encode(
     cfg: &WriterConfig,
     kind: TableKind,
     meta: &FileMeta,
-    batch: &RecordBatch,
+    chunks: &[RecordBatch],
+    by_collection: bool,
 ) -> Result<Vec<u8>, EncodeError> {
-    let props = properties(cfg, kind, meta, batch.num_rows());
-    let mut out = Vec::with_capacity(batch.get_array_memory_size() / 4 + 4096);
-    let mut w = ArrowWriter::try_new(&mut out, batch.schema(), Some(props))?;
-    w.write(batch)?;
-    w.close()?;
+    let mut out = Vec::new();
+    encode_to(cfg, kind, meta, chunks, by_collection, &mut out)?;
     Ok(out)
 }

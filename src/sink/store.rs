@@ -279,6 +279,46 @@ impl Lake {
         }
     }
 
+    /// Writes the bytes produced by `produce` at `rel`, atomically and durably. A local lake
+    /// streams them straight into the temporary file (no copy in memory); object stores get one
+    /// PUT of the produced bytes. Returns the size written.
+    pub async fn put_with<F>(&self, rel: &str, produce: F) -> Result<u64, StoreError>
+    where
+        F: FnOnce(&mut (dyn std::io::Write + Send)) -> std::io::Result<()> + Send + 'static,
+    {
+        let task_err = |e: tokio::task::JoinError| StoreError::Io {
+            path: "(write task)".into(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        match &self.local_root {
+            Some(root) => {
+                let root = root.clone();
+                let rel = rel.to_string();
+                tokio::task::spawn_blocking(move || write_local_streaming(&root, &rel, produce))
+                    .await
+                    .map_err(task_err)?
+            }
+            None => {
+                let rel_s = rel.to_string();
+                let data = tokio::task::spawn_blocking(move || {
+                    let mut v = Vec::new();
+                    produce(&mut v).map(|_| v)
+                })
+                .await
+                .map_err(task_err)?
+                .map_err(|source| StoreError::Io {
+                    path: rel_s,
+                    source,
+                })?;
+                let n = data.len() as u64;
+                self.store
+                    .put(&self.object_path(rel), PutPayload::from_bytes(data.into()))
+                    .await?;
+                Ok(n)
+            }
+        }
+    }
+
     /// Reads a whole object; `None` if it does not exist.
     pub async fn get(&self, rel: &str) -> Result<Option<Bytes>, StoreError> {
         match self.store.get(&self.object_path(rel)).await {
@@ -340,6 +380,17 @@ fn slow_write_delay() -> Option<std::time::Duration> {
 }
 
 fn write_local_atomic(root: &Path, rel: &str, data: &[u8]) -> Result<(), StoreError> {
+    write_local_streaming(root, rel, |w: &mut (dyn std::io::Write + Send)| {
+        w.write_all(data)
+    })
+    .map(|_| ())
+}
+
+fn write_local_streaming(
+    root: &Path,
+    rel: &str,
+    produce: impl FnOnce(&mut (dyn std::io::Write + Send)) -> std::io::Result<()>,
+) -> Result<u64, StoreError> {
     use std::io::Write;
     let target = root.join(rel);
     let dir = target
@@ -352,9 +403,13 @@ fn write_local_atomic(root: &Path, rel: &str, data: &[u8]) -> Result<(), StoreEr
         .ok_or_else(|| io_err(&target, std::io::Error::other("bad file name")))?;
     let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
     let res = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-        f.write_all(data).map_err(|e| io_err(&tmp, e))?;
+        let f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        produce(&mut w).map_err(|e| io_err(&tmp, e))?;
+        w.flush().map_err(|e| io_err(&tmp, e))?;
+        let f = w.into_inner().map_err(|e| io_err(&tmp, e.into_error()))?;
         f.sync_all().map_err(|e| io_err(&tmp, e))?;
+        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
         drop(f);
         if let Some(d) = slow_write_delay() {
             std::thread::sleep(d);
@@ -362,7 +417,7 @@ fn write_local_atomic(root: &Path, rel: &str, data: &[u8]) -> Result<(), StoreEr
         std::fs::rename(&tmp, &target).map_err(|e| io_err(&target, e))?;
         let d = std::fs::File::open(dir).map_err(|e| io_err(dir, e))?;
         d.sync_all().map_err(|e| io_err(dir, e))?;
-        Ok(())
+        Ok(size)
     })();
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);

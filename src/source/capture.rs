@@ -198,16 +198,18 @@ impl CaptureReader {
         &self.buf[self.start..self.end]
     }
 
-    /// Makes at least `want` bytes available unless the stream ends first.
+    /// Makes at least `want` bytes available unless the stream ends first. The buffer only
+    /// grows when one message needs more room than it has, never with the size of the file.
     fn fill(&mut self, want: usize) -> io::Result<()> {
         while self.end - self.start < want && !self.eof {
-            if self.start > 0 && self.buf.len() - self.end < (1 << 16) {
+            let free_tail = self.buf.len() - self.end;
+            if self.start > 0 && (free_tail < (1 << 16) || self.start >= self.buf.len() / 2) {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
             }
-            if self.buf.len() - self.end < want.clamp(1 << 12, 1 << 16) {
-                let grow = (self.buf.len() * 2).max(self.start + want + (1 << 16));
+            if self.buf.len() - self.end < (1 << 12) || self.buf.len() < want {
+                let grow = (self.buf.len() * 2).max(want + (1 << 16));
                 self.buf.resize(grow, 0);
             }
             let n = match self.inner.read(&mut self.buf[self.end..]) {
@@ -364,7 +366,7 @@ impl CaptureReader {
 }
 
 fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&c| c == needle)
+    ::memchr::memchr(needle, hay)
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {

@@ -149,6 +149,13 @@ pub fn jetstream_url(url: &str) -> String {
 
 /// Checks that a source URL (bare host or full URL) is a usable WebSocket URL.
 pub fn validate_url(url: &str) -> Result<(), String> {
+    if let Some((scheme, _)) = url.trim().split_once("://") {
+        if !matches!(scheme, "ws" | "wss" | "http" | "https") {
+            return Err(format!(
+                "{url:?}: unsupported scheme {scheme:?} (use wss://, ws://, https:// or a bare host)"
+            ));
+        }
+    }
     let u = with_scheme(url);
     let rest = u
         .strip_prefix("wss://")
@@ -193,7 +200,7 @@ fn with_scheme(url: &str) -> String {
 /// Peeks the `"time_us":` value of a Jetstream line without parsing it all.
 pub fn peek_time_us(line: &[u8]) -> Option<i64> {
     const KEY: &[u8] = b"\"time_us\":";
-    let at = line.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let at = memchr::memmem::find(line, KEY)? + KEY.len();
     let rest = &line[at..];
     let rest = &rest[rest.iter().position(|c| !c.is_ascii_whitespace())?..];
     let end = rest
