@@ -718,12 +718,11 @@ async fn simulate_serve(
                     eprintln!("simulate: {} messages ({} events), {} connections", t.messages, t.events(), h.connections());
                     last = t.messages;
                 }
-                if h.finished() && !truth_written {
-                    if let Some(p) = &truth {
+                if h.finished() && !truth_written
+                    && let Some(p) = &truth {
                         std::fs::write(p, t.to_json())?;
                         truth_written = true;
                     }
-                }
             }
         }
     }

@@ -202,7 +202,7 @@ fn str_col<'a>(
         .and_then(|c| c.as_string_opt::<i32>())
 }
 
-fn get<'a>(c: Option<&'a arrow::array::StringArray>, i: usize) -> &'a str {
+fn get(c: Option<&arrow::array::StringArray>, i: usize) -> &str {
     match c {
         Some(c) if c.is_valid(i) => c.value(i),
         _ => "",
@@ -296,10 +296,11 @@ async fn read_keys(
             str_col(&b, "operation"),
         );
         for i in 0..b.num_rows() {
-            if let Some(c) = cursor {
-                if c.is_valid(i) && c.value(i) < threshold {
-                    continue;
-                }
+            if let Some(c) = cursor
+                && c.is_valid(i)
+                && c.value(i) < threshold
+            {
+                continue;
             }
             let kind_s = get(kind, i);
             let es = match event_seq {

@@ -36,11 +36,12 @@ impl Dedupe {
     /// Remembers an accepted event at `cursor`.
     pub fn remember(&mut self, key: u128, cursor: Option<i64>) {
         let Some(c) = cursor else { return };
-        if let Some(until) = self.durable_until {
-            if c > until.saturating_add(self.window) && !self.durable.is_empty() {
-                self.durable = HashSet::new();
-                self.durable_until = None;
-            }
+        if let Some(until) = self.durable_until
+            && c > until.saturating_add(self.window)
+            && !self.durable.is_empty()
+        {
+            self.durable = HashSet::new();
+            self.durable_until = None;
         }
         if self.window <= 0 {
             return;

@@ -211,14 +211,14 @@ pub async fn start_with_lake(
         "recovered lake state"
     );
     let mut rec = rec;
-    if rec.resume_cursor.is_none() {
-        if let (Input::Network, Some(c)) = (&input, cfg.source.start_cursor) {
-            tracing::info!(
-                cursor = c,
-                "no checkpoint: starting from the configured start_cursor"
-            );
-            rec.resume_cursor = Some(c);
-        }
+    if rec.resume_cursor.is_none()
+        && let (Input::Network, Some(c)) = (&input, cfg.source.start_cursor)
+    {
+        tracing::info!(
+            cursor = c,
+            "no checkpoint: starting from the configured start_cursor"
+        );
+        rec.resume_cursor = Some(c);
     }
     let live = Arc::new(LiveState::new(rec.files.clone(), rec.checkpoint.clone()));
     let filters = Filters::new(cfg.source.collections.clone(), cfg.source.dids.clone())
@@ -559,14 +559,11 @@ impl LoopState {
 
     async fn completed(&mut self, c: Completion) {
         self.awaiting.remove(&c.job_id);
-        match &c.file {
-            Some(_) => {
-                self.inflight.remove(&c.job_id);
-                self.summary.files += 1;
-                self.summary.bytes_written += c.file.as_ref().map_or(0, |f| f.size);
-            }
-            // abandoned: keep it pinned so the checkpoint never passes its rows
-            None => {}
+        // an abandoned job (no file) stays pinned so the checkpoint never passes its rows
+        if let Some(f) = &c.file {
+            self.inflight.remove(&c.job_id);
+            self.summary.files += 1;
+            self.summary.bytes_written += f.size;
         }
         metrics::gauge!("atlake_inflight_flushes").set(self.inflight.len() as f64);
         self.write_checkpoint().await;

@@ -39,6 +39,7 @@ pub struct StorageHealth {
 }
 
 /// Runs the writer until the job channel closes.
+#[allow(clippy::too_many_arguments)] // the writer's whole context, passed once at start-up
 pub async fn run(
     lake: Lake,
     cfg: WriterConfig,

@@ -262,7 +262,7 @@ fn ts_builder() -> TimestampMicrosecondBuilder {
 
 /// Builders for the typed columns of a core lexicon, filled from records (see
 /// [`super::lexicon::extract`]).
-#[allow(missing_docs)]
+#[allow(missing_docs, clippy::large_enum_variant)] // one per partition, never moved around
 pub enum TypedColumns {
     /// No typed columns.
     None,

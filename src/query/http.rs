@@ -120,6 +120,7 @@ pub struct SqlParams {
     format: Option<String>,
 }
 
+#[allow(clippy::result_large_err)] // the error is the response to send
 fn pick_format(params: &SqlParams, headers: &HeaderMap) -> Result<Format, Response> {
     if let Some(f) = &params.format {
         return Format::parse(f).ok_or_else(|| {

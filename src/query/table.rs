@@ -302,11 +302,11 @@ fn analyze(
             }
         }
         Expr::Between(b) if !b.negated => {
-            if matches!(col_name(&b.expr), Some("time" | "time_us")) {
-                if let (Some(l), Some(h)) = (lit_us(&b.low), lit_us(&b.high)) {
-                    *lo = (*lo).max(l);
-                    *hi = (*hi).min(h);
-                }
+            if matches!(col_name(&b.expr), Some("time" | "time_us"))
+                && let (Some(l), Some(h)) = (lit_us(&b.low), lit_us(&b.high))
+            {
+                *lo = (*lo).max(l);
+                *hi = (*hi).min(h);
             }
         }
         _ => {}
@@ -381,7 +381,7 @@ impl TableProvider for LakeTable {
         // rewritten to `time_us`, prune files, row groups and pages
         let stored_filters: Vec<Expr> = filters
             .iter()
-            .filter_map(|f| time_to_time_us(f))
+            .filter_map(time_to_time_us)
             .filter(|f| {
                 f.column_refs()
                     .iter()
@@ -475,7 +475,7 @@ impl LakeTable {
             let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); n.min(files.len())];
             // largest first, round robin, for even groups
             let mut sorted = files.clone();
-            sorted.sort_by(|a, b| b.size.cmp(&a.size));
+            sorted.sort_by_key(|f| std::cmp::Reverse(f.size));
             let len = groups.len();
             for (i, f) in sorted.into_iter().enumerate() {
                 let path = if self.prefix.is_empty() {

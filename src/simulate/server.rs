@@ -272,7 +272,7 @@ fn faults_after(
 ) -> Vec<Entry> {
     use super::faults::{Corruption, corrupt};
     let mut out = Vec::new();
-    let due = |every: Option<u64>| every.is_some_and(|n| i > 0 && i % n == 0);
+    let due = |every: Option<u64>| every.is_some_and(|n| i > 0 && i.is_multiple_of(n));
     let mk = |name: &'static str, seq: i64, frame: Vec<u8>| Entry {
         kind: EntryKind::Fault(name),
         seq,
@@ -300,10 +300,10 @@ fn faults_after(
             }
         }
     }
-    if due(f.backwards_every) {
-        if let Some((seq, frame)) = recent.front() {
-            out.push(mk("backwards", *seq, frame.clone()));
-        }
+    if due(f.backwards_every)
+        && let Some((seq, frame)) = recent.front()
+    {
+        out.push(mk("backwards", *seq, frame.clone()));
     }
     out
 }
@@ -455,12 +455,15 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(if b[i] == b'+' { b' ' } else { b[i] });
         i += 1;
@@ -468,6 +471,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+#[allow(clippy::result_large_err)] // tungstenite's handshake callback type
 async fn serve(
     sock: TcpStream,
     h: SimHandle,
@@ -515,25 +519,24 @@ async fn serve(
     // client messages: options_update for Jetstream; everything else ignored
     tokio::spawn(async move {
         while let Some(Ok(msg)) = stream.next().await {
-            if let Message::Text(t) = msg {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) {
-                    if v["type"] == "options_update" {
-                        let p = &v["payload"];
-                        let list = |k: &str| -> Vec<String> {
-                            p[k].as_array()
-                                .map(|a| {
-                                    a.iter()
-                                        .filter_map(|x| x.as_str().map(String::from))
-                                        .collect()
-                                })
-                                .unwrap_or_default()
-                        };
-                        params_tx.send_modify(|cur| {
-                            cur.collections = list("wantedCollections");
-                            cur.dids = list("wantedDids");
-                        });
-                    }
-                }
+            if let Message::Text(t) = msg
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&t)
+                && v["type"] == "options_update"
+            {
+                let p = &v["payload"];
+                let list = |k: &str| -> Vec<String> {
+                    p[k].as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                params_tx.send_modify(|cur| {
+                    cur.collections = list("wantedCollections");
+                    cur.dids = list("wantedDids");
+                });
             }
         }
     });
@@ -649,7 +652,7 @@ async fn serve(
             }
             if faults
                 .too_slow_every
-                .is_some_and(|n| sent > 0 && sent % n == 0)
+                .is_some_and(|n| sent > 0 && sent.is_multiple_of(n))
             {
                 let _ = sink
                     .send(Message::Binary(

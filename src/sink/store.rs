@@ -120,11 +120,10 @@ fn s3_store(bucket: &str, env: &[(String, String)]) -> Result<Arc<dyn ObjectStor
     let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let mut b = object_store::aws::AmazonS3Builder::new().with_bucket_name(bucket);
     for (k, v) in env {
-        if k.starts_with("AWS_") {
-            if let Ok(key) = object_store::aws::AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase())
-            {
-                b = b.with_config(key, v.clone());
-            }
+        if k.starts_with("AWS_")
+            && let Ok(key) = object_store::aws::AmazonS3ConfigKey::from_str(&k.to_ascii_lowercase())
+        {
+            b = b.with_config(key, v.clone());
         }
     }
     let endpoint = get("AWS_ENDPOINT")
@@ -440,11 +439,12 @@ fn remove_temps(root: &Path) -> Result<usize, StoreError> {
             let ft = entry.file_type().map_err(|e| io_err(&path, e))?;
             if ft.is_dir() {
                 stack.push(path);
-            } else if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
-                if name.starts_with('.') && name.ends_with(".tmp") {
-                    std::fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
-                    removed += 1;
-                }
+            } else if let Some(name) = path.file_name().and_then(|n| n.to_str())
+                && name.starts_with('.')
+                && name.ends_with(".tmp")
+            {
+                std::fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
+                removed += 1;
             }
         }
     }

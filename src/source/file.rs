@@ -125,11 +125,11 @@ impl FileSource {
                 }
             };
             progress.messages.fetch_add(1, Ordering::Relaxed);
-            if let (Some(c), Some(r)) = (cursor, self.resume_after) {
-                if c <= r {
-                    progress.skipped.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
+            if let (Some(c), Some(r)) = (cursor, self.resume_after)
+                && c <= r
+            {
+                progress.skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
             if tx.blocking_send(RawMessage { payload, cursor }).is_err() {
                 break Ok(());

@@ -230,12 +230,11 @@ impl FirehoseSource {
                     }
                 }
                 let seq = peek_seq(&frame);
-                if let (Some(s), Some(l)) = (seq, last_seq) {
-                    if s <= l {
-                        metrics::counter!("atlake_duplicates_total", "reason" => "seq")
-                            .increment(1);
-                        continue;
-                    }
+                if let (Some(s), Some(l)) = (seq, last_seq)
+                    && s <= l
+                {
+                    metrics::counter!("atlake_duplicates_total", "reason" => "seq").increment(1);
+                    continue;
                 }
                 let msg = RawMessage {
                     payload: Payload::Frame(frame),

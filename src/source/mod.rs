@@ -73,7 +73,7 @@ impl Filters {
     /// Whether an event passes: DIDs filter every kind; collections filter commits only
     /// (identity and account events always pass, as on Jetstream).
     pub fn matches(&self, env: &Envelope) -> bool {
-        if !self.dids.is_empty() && !self.dids.iter().any(|d| *d == env.event.did) {
+        if !self.dids.is_empty() && !self.dids.contains(&env.event.did) {
             return false;
         }
         match &env.event.data {
@@ -149,12 +149,12 @@ pub fn jetstream_url(url: &str) -> String {
 
 /// Checks that a source URL (bare host or full URL) is a usable WebSocket URL.
 pub fn validate_url(url: &str) -> Result<(), String> {
-    if let Some((scheme, _)) = url.trim().split_once("://") {
-        if !matches!(scheme, "ws" | "wss" | "http" | "https") {
-            return Err(format!(
-                "{url:?}: unsupported scheme {scheme:?} (use wss://, ws://, https:// or a bare host)"
-            ));
-        }
+    if let Some((scheme, _)) = url.trim().split_once("://")
+        && !matches!(scheme, "ws" | "wss" | "http" | "https")
+    {
+        return Err(format!(
+            "{url:?}: unsupported scheme {scheme:?} (use wss://, ws://, https:// or a bare host)"
+        ));
     }
     let u = with_scheme(url);
     let rest = u

@@ -467,7 +467,7 @@ async fn counts_never_go_backwards_or_beyond_the_source_while_flushing() {
     .unwrap();
     let mut last = 0u64;
     let mut queries = 0;
-    let mut files_seen = 0;
+    let mut files_seen: usize;
     loop {
         let b = engine
             .collect("SELECT (SELECT count(*) FROM events) AS n, (SELECT count(*) FROM (SELECT DISTINCT kind, did, collection, rkey, rev, operation, seq FROM events)) AS k")

@@ -87,11 +87,13 @@ impl Moto {
     }
 
     /// Stops the server (it can be started again on the same port with [`Moto::restart`]).
+    #[allow(dead_code)] // used by the storage-outage test
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
+    #[allow(dead_code)] // used by the storage-outage test
     /// Starts the server again on the same port (moto keeps no data across restarts, so this is
     /// only for outage tests that recreate the bucket).
     pub async fn restart(&mut self, bucket: &str) {
