@@ -55,14 +55,32 @@ impl TableDef {
         }
     }
 
-    /// The table's schema (stored columns, then typed columns derived from `record`).
+    /// The table's schema (stored columns, then typed columns derived from `record`). Stored
+    /// strings are read as `Utf8View`, which DataFusion filters, groups and joins faster and the
+    /// Parquet reader fills without copying.
     pub fn schema(&self) -> SchemaRef {
-        crate::model::rows::table_schema(self.kind())
+        let t = crate::model::rows::table_schema(self.kind());
+        let stored = crate::model::rows::schema(self.kind());
+        Arc::new(arrow::datatypes::Schema::new(
+            t.fields()
+                .iter()
+                .map(|f| {
+                    if stored.index_of(f.name()).is_ok() {
+                        view_field(f)
+                    } else {
+                        f.as_ref().clone()
+                    }
+                })
+                .collect::<Vec<_>>(),
+        ))
     }
 
-    /// The schema of the stored columns.
+    /// The schema of the stored columns, as scanned.
     pub fn stored_schema(&self) -> SchemaRef {
-        crate::model::rows::schema(self.kind())
+        let s = crate::model::rows::schema(self.kind());
+        Arc::new(arrow::datatypes::Schema::new(
+            s.fields().iter().map(|f| view_field(f)).collect::<Vec<_>>(),
+        ))
     }
 
     /// Whether a partition belongs to this table.
@@ -77,16 +95,25 @@ impl TableDef {
     }
 }
 
-/// Reshapes a batch to `schema`: columns by name, nulls for missing ones.
+fn view_field(f: &arrow::datatypes::Field) -> arrow::datatypes::Field {
+    use arrow::datatypes::DataType;
+    match f.data_type() {
+        DataType::Utf8 => f.clone().with_data_type(DataType::Utf8View),
+        _ => f.clone(),
+    }
+}
+
+/// Reshapes a batch to `schema`: columns by name (cast where the type differs), nulls for
+/// missing ones.
 pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
-    let cols: Vec<ArrayRef> = schema
-        .fields()
-        .iter()
-        .map(|f| match batch.column_by_name(f.name()) {
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for f in schema.fields() {
+        cols.push(match batch.column_by_name(f.name()) {
             Some(c) if c.data_type() == f.data_type() => c.clone(),
-            _ => new_null_array(f.data_type(), batch.num_rows()),
-        })
-        .collect();
+            Some(c) => arrow::compute::cast(c, f.data_type())?,
+            None => new_null_array(f.data_type(), batch.num_rows()),
+        });
+    }
     Ok(RecordBatch::try_new(schema.clone(), cols)?)
 }
 
@@ -235,6 +262,35 @@ fn lit_us(e: &Expr) -> Option<i64> {
     }
 }
 
+/// `col = 'a' OR col = 'b' OR …` on one column: the column and the values.
+fn or_of_equalities(e: &Expr) -> Option<(String, Vec<String>)> {
+    match e {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Or,
+            right,
+        }) => {
+            let (c1, mut v1) = or_of_equalities(left)?;
+            let (c2, v2) = or_of_equalities(right)?;
+            if c1 != c2 {
+                return None;
+            }
+            v1.extend(v2);
+            Some((c1, v1))
+        }
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Eq,
+            right,
+        }) => match (col_name(left), col_name(right)) {
+            (Some(c), None) => Some((c.to_string(), vec![lit_str(right)?])),
+            (None, Some(c)) => Some((c.to_string(), vec![lit_str(left)?])),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn analyze(
     e: &Expr,
     colls: &mut Option<Vec<String>>,
@@ -249,6 +305,18 @@ fn analyze(
         });
     };
     match e {
+        // `c = 'a' OR c = 'b' …` (how IN lists often arrive)
+        Expr::BinaryExpr(BinaryExpr {
+            op: Operator::Or, ..
+        }) => {
+            if let Some((c, vals)) = or_of_equalities(e) {
+                match c.as_str() {
+                    "collection" => set(colls, vals),
+                    "kind" => set(kinds, vals),
+                    _ => {}
+                }
+            }
+        }
         Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
             let (c, v, op) = match (col_name(left), col_name(right)) {
                 (Some(c), None) => (c, right.as_ref(), *op),
@@ -451,7 +519,172 @@ fn time_to_time_us(e: &Expr) -> Option<Expr> {
     }
 }
 
+/// What a file's partition says about columns that are the same on every row: (kind, collection).
+fn constants(name: &PartitionName) -> Option<(&'static str, Option<&str>)> {
+    match name {
+        PartitionName::Collection(c) => Some(("commit", Some(c.as_str()))),
+        PartitionName::Identity => Some(("identity", None)),
+        PartitionName::Account => Some(("account", None)),
+        PartitionName::Sync => Some(("sync", None)),
+        PartitionName::Other | PartitionName::Errors => None,
+    }
+}
+
 impl LakeTable {
+    fn partitioned(&self, files: &[&LakeFile]) -> Vec<PartitionedFile> {
+        files
+            .iter()
+            .map(|f| {
+                let path = if self.prefix.is_empty() {
+                    f.path.clone()
+                } else {
+                    format!("{}/{}", self.prefix, f.path)
+                };
+                PartitionedFile::new(path, f.size)
+            })
+            .collect()
+    }
+
+    fn groups(state: &dyn Session, mut files: Vec<PartitionedFile>) -> Vec<FileGroup> {
+        let n = state
+            .config()
+            .target_partitions()
+            .max(1)
+            .min(files.len())
+            .max(1);
+        // largest first, round robin, for even groups
+        files.sort_by_key(|f| std::cmp::Reverse(f.object_meta.size));
+        let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); n];
+        for (i, f) in files.into_iter().enumerate() {
+            groups[i % n].push(f);
+        }
+        groups
+            .into_iter()
+            .filter(|g| !g.is_empty())
+            .map(FileGroup::new)
+            .collect()
+    }
+
+    fn parquet_source(
+        &self,
+        state: &dyn Session,
+        table: datafusion::datasource::table_schema::TableSchema,
+        schema: SchemaRef,
+        filters: &[Expr],
+    ) -> ParquetSource {
+        let mut source = ParquetSource::new(table)
+            .with_table_parquet_options(state.table_options().parquet.clone());
+        let usable: Vec<Expr> = filters
+            .iter()
+            .filter(|f| {
+                f.column_refs()
+                    .iter()
+                    .all(|c| schema.index_of(&c.name).is_ok())
+            })
+            .cloned()
+            .collect();
+        if let Some(pred) = conjunction(usable) {
+            if let Ok(df_schema) = DFSchema::try_from(schema.as_ref().clone()) {
+                if let Ok(p) = state.create_physical_expr(pred, &df_schema) {
+                    source = source.with_predicate(p);
+                }
+            }
+        }
+        source
+    }
+
+    /// Files of one-collection partitions: `kind` and `collection` come from the partition
+    /// (the same on every row) instead of being decoded from each file.
+    fn scan_constant(
+        &self,
+        state: &dyn Session,
+        proj: &[usize],
+        filters: &[Expr],
+        limit: Option<usize>,
+        files: &[&LakeFile],
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+        use datafusion::physical_expr::expressions::Column;
+        let consts = ["kind", "collection"];
+        let (Ok(ki), Ok(ci)) = (
+            self.stored.index_of("kind"),
+            self.stored.index_of("collection"),
+        ) else {
+            return Ok(None);
+        };
+        if !proj.contains(&ki) && !proj.contains(&ci) {
+            return Ok(None);
+        }
+        let file_fields: Vec<arrow::datatypes::FieldRef> = self
+            .stored
+            .fields()
+            .iter()
+            .filter(|f| !consts.contains(&f.name().as_str()))
+            .cloned()
+            .collect();
+        let file_schema = Arc::new(arrow::datatypes::Schema::new(file_fields));
+        let part_fields: Vec<arrow::datatypes::FieldRef> = vec![
+            Arc::new(self.stored.field(ki).clone()),
+            Arc::new(self.stored.field(ci).clone()),
+        ];
+        let table_schema =
+            datafusion::datasource::table_schema::TableSchema::builder(file_schema.clone())
+                .with_table_partition_cols(part_fields)
+                .build();
+        let combined: Vec<String> = file_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .chain(consts.iter().map(|c| c.to_string()))
+            .collect();
+        // the combined column of each wanted stored column
+        let picks: Vec<usize> = proj
+            .iter()
+            .map(|&i| {
+                let name = self.stored.field(i).name();
+                combined.iter().position(|c| c == name).unwrap_or(0)
+            })
+            .collect();
+        let mut read: Vec<usize> = picks.clone();
+        read.sort_unstable();
+        read.dedup();
+        let pfiles: Vec<PartitionedFile> = files
+            .iter()
+            .zip(self.partitioned(files))
+            .map(|(f, pf)| {
+                let (kind, coll) = constants(&f.key.name).unwrap_or(("commit", None));
+                pf.with_partition_values(vec![
+                    ScalarValue::Utf8View(Some(kind.to_string())),
+                    ScalarValue::Utf8View(coll.map(|c| c.to_string())),
+                ])
+            })
+            .collect();
+        let source = self.parquet_source(state, table_schema, file_schema.clone(), filters);
+        let config = FileScanConfigBuilder::new(self.store_url.clone(), Arc::new(source))
+            .with_file_groups(Self::groups(state, pfiles))
+            .with_projection_indices(Some(read.clone()))?
+            .with_limit(limit)
+            .build();
+        let scan: Arc<dyn ExecutionPlan> = DataSourceExec::from_data_source(config);
+        // back to the stored column order
+        let scan_schema = scan.schema();
+        let exprs: Vec<(Arc<dyn datafusion::physical_expr::PhysicalExpr>, String)> = picks
+            .iter()
+            .zip(proj)
+            .map(|(&c, &i)| {
+                let pos = read.iter().position(|&r| r == c).unwrap_or(0);
+                let name = self.stored.field(i).name().clone();
+                (
+                    Arc::new(Column::new(scan_schema.field(pos).name(), pos))
+                        as Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+                    name,
+                )
+            })
+            .collect();
+        Ok(Some(Arc::new(
+            datafusion::physical_plan::projection::ProjectionExec::try_new(exprs, scan)?,
+        )))
+    }
+
     /// Files and in-memory rows of the stored columns `proj`.
     fn scan_stored(
         &self,
@@ -462,31 +695,25 @@ impl LakeTable {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         let files = self.prune(filters);
-        if !files.is_empty() {
-            let mut source = ParquetSource::new(self.stored.clone())
-                .with_table_parquet_options(state.table_options().parquet.clone());
-            if let Some(pred) = conjunction(filters.iter().cloned()) {
-                let df_schema = DFSchema::try_from(self.stored.as_ref().clone())?;
-                if let Ok(p) = state.create_physical_expr(pred, &df_schema) {
-                    source = source.with_predicate(p);
-                }
+        let (constant, varying): (Vec<&LakeFile>, Vec<&LakeFile>) = files
+            .into_iter()
+            .partition(|f| constants(&f.key.name).is_some());
+        let mut plain = varying;
+        if !constant.is_empty() {
+            match self.scan_constant(state, proj, filters, limit, &constant)? {
+                Some(p) => inputs.push(p),
+                None => plain.extend(constant),
             }
-            let n = state.config().target_partitions().max(1);
-            let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); n.min(files.len())];
-            // largest first, round robin, for even groups
-            let mut sorted = files.clone();
-            sorted.sort_by_key(|f| std::cmp::Reverse(f.size));
-            let len = groups.len();
-            for (i, f) in sorted.into_iter().enumerate() {
-                let path = if self.prefix.is_empty() {
-                    f.path.clone()
-                } else {
-                    format!("{}/{}", self.prefix, f.path)
-                };
-                groups[i % len].push(PartitionedFile::new(path, f.size));
-            }
+        }
+        if !plain.is_empty() {
+            let source = self.parquet_source(
+                state,
+                self.stored.clone().into(),
+                self.stored.clone(),
+                filters,
+            );
             let config = FileScanConfigBuilder::new(self.store_url.clone(), Arc::new(source))
-                .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
+                .with_file_groups(Self::groups(state, self.partitioned(&plain)))
                 .with_projection_indices(Some(proj.to_vec()))?
                 .with_limit(limit)
                 .build();
