@@ -583,12 +583,11 @@ impl LakeTable {
             })
             .cloned()
             .collect();
-        if let Some(pred) = conjunction(usable) {
-            if let Ok(df_schema) = DFSchema::try_from(schema.as_ref().clone()) {
-                if let Ok(p) = state.create_physical_expr(pred, &df_schema) {
-                    source = source.with_predicate(p);
-                }
-            }
+        if let Some(pred) = conjunction(usable)
+            && let Ok(df_schema) = DFSchema::try_from(schema.as_ref().clone())
+            && let Ok(p) = state.create_physical_expr(pred, &df_schema)
+        {
+            source = source.with_predicate(p);
         }
         source
     }
