@@ -1,4 +1,4 @@
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::print_stdout)] // a benchmark report printed to stdout
 //! JSONBench Q1–Q5 over a lake, with DuckDB side by side when the Python `duckdb` package is
 //! there.
 //!
