@@ -133,8 +133,11 @@ pub fn properties(
     did_ndv: usize,
 ) -> WriterProperties {
     let level = ZstdLevel::try_new(cfg.zstd_level).unwrap_or_default();
+    // the small columns compress as well at level 1, which needs less memory and time; the
+    // level applies to the big text columns
+    let fast = ZstdLevel::try_new(1).unwrap_or_default();
     let mut b = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(level))
+        .set_compression(Compression::ZSTD(fast))
         .set_dictionary_enabled(true)
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(cfg.row_group_rows))
@@ -148,6 +151,9 @@ pub fn properties(
             KeyValue::new(meta::PARTITION.into(), meta.partition.clone()),
             KeyValue::new(meta::ROWS.into(), rows.to_string()),
         ]));
+    for col in ["record", "raw"] {
+        b = b.set_column_compression(ColumnPath::from(col), Compression::ZSTD(level));
+    }
     // raw payloads and record JSON are unique per row: dictionary pages would only be discarded
     for col in ["record", "raw", "rkey", "cid", "rev", "time_us"] {
         b = b.set_column_dictionary_enabled(ColumnPath::from(col), false);
