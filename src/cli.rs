@@ -453,6 +453,7 @@ async fn run_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
         engine,
         token: cfg.server.token.clone(),
         storage: Some(handle.health.clone()),
+        filters: Some(handle.filters_sender()),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_rx2 = stop_rx.clone();
@@ -499,6 +500,7 @@ async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
         engine,
         token: cfg.server.token.clone(),
         storage: None,
+        filters: None,
     });
     eprintln!(
         "atlake: serving SQL over {} on http://{addr}/sql",

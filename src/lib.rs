@@ -2,17 +2,40 @@
 //!
 //! An analytics sink for the AT Protocol event streams: it reads the relay firehose
 //! (`com.atproto.sync.subscribeRepos`) or Jetstream, turns every event into Arrow rows
-//! partitioned by collection and hour, writes them as Parquet to local disk or S3, and answers
-//! SQL over the result.
+//! partitioned by collection and hour, writes them once (exactly once) as Parquet to local disk
+//! or S3, and answers SQL over the result, including rows not yet flushed.
 //!
 //! ## Layout
 //!
-//! Each stage of the data path has its own module, and dependencies point one way, down this
-//! list:
+//! Each stage of the data path has its own module, in the order data flows through them;
+//! dependencies point one way, down this list (the query side reads what ingest produced, never
+//! its internals):
 //!
-//! - [`decode`]: pure functions over bytes (DAG-CBOR, CID, CAR, firehose frames, Jetstream JSON,
-//!   identifier syntax).
-//! - [`model`]: the [`model::Event`] both sources produce, and its Arrow schema.
+//! ```text
+//!  source ──▶ decode ──▶ model ──▶ sink (batcher → parquet → store) ──▶ checkpoint
+//!  (socket,    (pure:     (Event,    partitions by collection/hour,       (cursor after
+//!   capture)    bytes →    rows)      flush policy, atomic writes)          durable files)
+//!                events)                        │
+//!                                               ▼
+//!                         ingest (the pipeline and its live state) ──▶ query (SQL, HTTP)
+//! ```
+//!
+//! - [`source`]: transport only. Firehose and Jetstream over WebSocket (reconnect, resume,
+//!   filters, zstd) and capture files; each yields raw messages with their cursors.
+//! - [`decode`]: pure functions over bytes. DAG-CBOR, CID, CAR, `subscribeRepos` frames,
+//!   Jetstream JSON, identifier syntax. No socket, no clock.
+//! - [`model`]: the [`model::Event`] both sources produce, and its Arrow rows and schemas.
+//! - [`sink`]: partition keys and lake paths, the batcher and its flush policy, Parquet
+//!   encoding, and storage through `object_store` (local fsync + rename, S3, memory).
+//! - [`checkpoint`]: the checkpoint (never ahead of durable data) and start-up recovery.
+//! - [`ingest`]: the pipeline that ties source, decode, batcher, writer and checkpoint together
+//!   with bounded channels, and the live state the daemon's SQL reads.
+//! - [`query`]: DataFusion over the lake (tables, system tables, derived columns) and the HTTP
+//!   endpoint.
+//! - [`simulate`]: deterministic synthetic traffic, served as a firehose and a Jetstream
+//!   endpoint with faults, or written as captures, with its ground truth.
+//! - [`convert`]: capture file → Jetstream JSON lines.
+//! - [`config`], [`telemetry`], [`cli`]: configuration, logs and metrics, the command line.
 
 pub mod convert;
 pub mod decode;

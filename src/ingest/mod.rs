@@ -130,6 +130,11 @@ impl IngestHandle {
         let _ = self.filters.send(f);
     }
 
+    /// The filters' sender, for the HTTP endpoint.
+    pub fn filters_sender(&self) -> watch::Sender<Filters> {
+        self.filters.clone()
+    }
+
     /// Waits for the end (file input end, or shutdown).
     pub async fn wait(self) -> Result<Summary, IngestError> {
         self.done.await.unwrap_or_else(|_| {

@@ -37,6 +37,8 @@ pub struct AppState {
     pub token: Option<String>,
     /// Storage health of the daemon's writer, when ingesting.
     pub storage: Option<Arc<StorageHealth>>,
+    /// The daemon's collection/DID filters, changeable at run time (`PUT /filters`).
+    pub filters: Option<tokio::sync::watch::Sender<crate::source::Filters>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -108,6 +110,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tables", get(tables))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/filters", get(filters_get).put(filters_put))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .with_state(state)
@@ -379,6 +382,59 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
         })),
     )
         .into_response()
+}
+
+fn filters_json(f: &crate::source::Filters) -> serde_json::Value {
+    serde_json::json!({ "collections": f.collections, "dids": f.dids })
+}
+
+async fn filters_get(State(s): State<Arc<AppState>>) -> Response {
+    match &s.filters {
+        Some(tx) => axum::Json(filters_json(&tx.borrow())).into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            "not_ingesting",
+            "filters exist only in the daemon (atlake run)",
+        ),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct FiltersBody {
+    #[serde(default)]
+    collections: Vec<String>,
+    #[serde(default)]
+    dids: Vec<String>,
+}
+
+/// Replaces the filters; Jetstream gets them as an `options_update`, the firehose applies them
+/// client-side.
+async fn filters_put(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let Some(tx) = &s.filters else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "not_ingesting",
+            "filters exist only in the daemon (atlake run)",
+        );
+    };
+    let parsed: FiltersBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_filters",
+                &format!("expected {{\"collections\": [...], \"dids\": [...]}}: {e}"),
+            );
+        }
+    };
+    match crate::source::Filters::new(parsed.collections, parsed.dids) {
+        Ok(f) => {
+            let _ = tx.send(f.clone());
+            tracing::info!(collections = ?f.collections, dids = f.dids.len(), "filters changed");
+            axum::Json(filters_json(&f)).into_response()
+        }
+        Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_filters", &e),
+    }
 }
 
 async fn metrics() -> Response {

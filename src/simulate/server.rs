@@ -196,6 +196,8 @@ struct Log {
     truth: Truth,
     finished: bool,
     connections: u64,
+    /// collections of every options_update received
+    options_updates: Vec<Vec<String>>,
 }
 
 /// A running simulator.
@@ -227,6 +229,11 @@ impl SimHandle {
     /// The highest seq sent so far (real or injected).
     pub fn last_seq(&self) -> Option<i64> {
         self.lock().entries.iter().map(|e| e.seq).max()
+    }
+
+    /// The `wantedCollections` of every `options_update` received, in order.
+    pub fn options_updates(&self) -> Vec<Vec<String>> {
+        self.lock().options_updates.clone()
     }
 
     /// Connections accepted so far.
@@ -517,6 +524,7 @@ async fn serve(
     }
     let (params_tx, mut params_rx) = watch::channel(js.clone());
     // client messages: options_update for Jetstream; everything else ignored
+    let h2 = h.clone();
     tokio::spawn(async move {
         while let Some(Ok(msg)) = stream.next().await {
             if let Message::Text(t) = msg
@@ -533,6 +541,7 @@ async fn serve(
                         })
                         .unwrap_or_default()
                 };
+                h2.lock().options_updates.push(list("wantedCollections"));
                 params_tx.send_modify(|cur| {
                     cur.collections = list("wantedCollections");
                     cur.dids = list("wantedDids");

@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod convert;
 mod crash;
+mod daemon;
 mod decode_fixtures;
 mod decode_frames;
 mod decode_props;

@@ -55,6 +55,7 @@ async fn server(lake: &str, limits: Limits, token: Option<&str>) -> Server {
         engine,
         token: token.map(String::from),
         storage: None,
+        filters: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -1,0 +1,191 @@
+//! The daemon as users run it: `atlake run` against the simulator, queried over HTTP while it
+//! ingests; metrics; filters changed at run time; a clean SIGTERM.
+
+use crate::common::atlake_bin;
+use atlake::simulate::server::{SimConfig, start as sim_start};
+use atlake::simulate::traffic::TrafficConfig;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn sql(c: &reqwest::Client, base: &str, q: &str) -> Option<Vec<serde_json::Value>> {
+    let r = c
+        .post(format!("{base}/sql"))
+        .body(q.to_string())
+        .send()
+        .await
+        .ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    r.json().await.ok()
+}
+
+async fn count(c: &reqwest::Client, base: &str, q: &str) -> u64 {
+    sql(c, base, q)
+        .await
+        .and_then(|v| v.first().and_then(|r| r["n"].as_u64()))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_fresh_sql_metrics_filters_and_stops_cleanly() {
+    let sim = sim_start(
+        SimConfig {
+            traffic: TrafficConfig {
+                seed: 31,
+                ..Default::default()
+            },
+            messages: None,
+            rate: Some(300.0),
+            retention: 100_000,
+            faults: Default::default(),
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let log = dir.path().join("run.log");
+    let started = Instant::now();
+    let mut child = Command::new(atlake_bin())
+        .args([
+            "run",
+            "--source",
+            "jetstream",
+            "--url",
+            &sim.url(),
+            "--lake",
+            "lake",
+            "--listen",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--start-cursor", "0"])
+        .current_dir(dir.path())
+        .env("ATLAKE_FLUSH_MAX_AGE", "2s")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let c = reqwest::Client::new();
+    // events land and SQL answers within seconds
+    let mut first = 0;
+    while started.elapsed() < Duration::from_secs(30) {
+        first = count(&c, &base, "SELECT count(*) AS n FROM events").await;
+        if first > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        first > 0,
+        "no rows after {:?}: {}",
+        started.elapsed(),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    eprintln!("first SQL answer with rows after {:?}", started.elapsed());
+    // let a few flushes happen
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let metrics = c
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for m in [
+        "atlake_events_total{kind=\"commit\",collection=\"app.bsky.feed.like\",operation=\"create\"}",
+        "atlake_bytes_in_total{source=\"jetstream\"}",
+        "atlake_messages_total",
+        "atlake_files_written_total",
+        "atlake_bytes_written_total",
+        "atlake_flush_seconds",
+        "atlake_buffered_rows",
+        "atlake_buffered_bytes",
+        "atlake_lag_seconds",
+        "atlake_last_cursor",
+        "atlake_checkpoint_cursor",
+        "atlake_queries_total",
+    ] {
+        assert!(metrics.contains(m), "/metrics has {m}:\n{metrics}");
+    }
+    let ingest = sql(
+        &c,
+        &base,
+        "SELECT count(*) AS n FROM system.ingest WHERE metric = 'atlake_events_total'",
+    )
+    .await
+    .unwrap();
+    assert!(
+        ingest[0]["n"].as_u64().unwrap() > 0,
+        "system.ingest mirrors /metrics"
+    );
+    let cp = sql(&c, &base, "SELECT source, cursor FROM system.checkpoint")
+        .await
+        .unwrap();
+    assert_eq!(cp[0]["source"], "jetstream");
+    let files = count(&c, &base, "SELECT count(*) AS n FROM system.files").await;
+    assert!(files > 0);
+    // filters changed at run time go to Jetstream as an options_update
+    let r = c
+        .put(format!("{base}/filters"))
+        .body(r#"{"collections": ["app.bsky.feed.post"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let bad = c
+        .put(format!("{base}/filters"))
+        .body(r#"{"collections": ["not an nsid"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sim
+        .options_updates()
+        .iter()
+        .any(|u| u == &vec!["app.bsky.feed.post".to_string()])
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no options_update reached the server"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = sim.truth().last_time_us.unwrap() + 2_000_000;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let q = format!("SELECT count(*) AS n FROM events WHERE kind = 'commit' AND time_us > {after}");
+    let commits_after = count(&c, &base, &q).await;
+    let q = format!(
+        "SELECT count(*) AS n FROM events WHERE kind = 'commit' AND time_us > {after} AND collection <> 'app.bsky.feed.post'"
+    );
+    let others_after = count(&c, &base, &q).await;
+    assert!(commits_after > 0, "posts still arrive after the update");
+    assert_eq!(others_after, 0, "only posts arrive after the update");
+    // SIGTERM: flush, checkpoint, exit 0 within the deadline
+    let t = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{status:?}\n{text}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(text.contains("shutting down"), "{text}");
+    sim.stop();
+}
