@@ -114,7 +114,11 @@ impl Backoff {
         let c = self.current;
         self.current = (self.current * 2).min(self.max);
         let half = c / 2;
-        let jitter = rand::random_range(0.0..=1.0);
+        // jitter only has to decorrelate clients: a clock-seeded SplitMix draw is enough
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let jitter = (crate::simulate::traffic::Rng::new(seed).next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         half + half.mul_f64(jitter)
     }
 

@@ -13,3 +13,4 @@ mod queries;
 mod sim_shape;
 mod sql;
 mod tools;
+mod faults;
