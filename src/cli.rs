@@ -252,6 +252,8 @@ pub fn main() -> ExitCode {
     crate::telemetry::init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // query planning walks expression trees recursively; give it room beyond the 2 MiB default
+        .thread_stack_size(8 << 20)
         .build()
     {
         Ok(rt) => rt,

@@ -16,6 +16,7 @@
 //! recomputed after every completed flush as the lowest cursor still buffered or in flight,
 //! minus one (or the last cursor seen when nothing is pending), and written only then.
 
+pub mod checkpointer;
 pub mod dedupe;
 pub mod live;
 pub mod writer;
@@ -287,6 +288,16 @@ pub async fn start_with_lake(
         abandon_rx.clone(),
     ));
 
+    // checkpoint writer
+    let (cp_tx, cp_rx) = watch::channel(None);
+    let checkpoint_task = tokio::spawn(checkpointer::run(
+        lake.clone(),
+        live.clone(),
+        cp_rx,
+        abandon_rx.clone(),
+        rec.resume_cursor,
+    ));
+
     // decode loop, on its own thread so CPU work never stalls the runtime's I/O
     let (result_tx, result_rx) = tokio::sync::oneshot::channel();
     let state = LoopState {
@@ -302,10 +313,10 @@ pub async fn start_with_lake(
             verify_hashes: cfg.source.verify_hashes,
         }),
         lines: JetstreamDecoder::new(JetstreamOptions::default()),
-        lake: lake.clone(),
         live: live.clone(),
         checkpoint: rec.checkpoint,
-        written_cursor: rec.resume_cursor,
+        requested_cursor: rec.resume_cursor,
+        checkpoints: cp_tx,
         high_water: rec.resume_cursor,
         inflight: BTreeMap::new(),
         awaiting: Default::default(),
@@ -330,6 +341,12 @@ pub async fn start_with_lake(
                 }
             };
             let r = rt.block_on(state.run(raw_rx, jobs_tx, done_rx, shutdown_rx));
+            // the loop has dropped its request sender: the writer stores the last one and ends
+            let written = rt_handle.block_on(checkpoint_task).unwrap_or(None);
+            let r = r.map(|mut s| {
+                s.checkpoint = written;
+                s
+            });
             // the source's own result explains an early end (fatal error)
             let src = rt_handle.block_on(source_task);
             let r = match (r, src) {
@@ -363,10 +380,11 @@ struct LoopState {
     source_url: String,
     frames: FrameDecoder,
     lines: JetstreamDecoder,
-    lake: Lake,
     live: Arc<LiveState>,
+    /// The checkpoint as last requested (every source's position).
     checkpoint: Checkpoint,
-    written_cursor: Option<i64>,
+    requested_cursor: Option<i64>,
+    checkpoints: watch::Sender<checkpointer::Request>,
     high_water: Option<i64>,
     /// job id → (lowest cursor, bytes); abandoned jobs stay here so the checkpoint never
     /// passes their rows
@@ -401,7 +419,7 @@ impl LoopState {
         loop {
             tokio::select! {
                 biased;
-                Some(c) = done.recv() => self.completed(c).await,
+                Some(c) = done.recv() => self.completed(c),
                 _ = shutdown.wait_for(|s| *s) => {
                     tracing::info!("shutdown: stop reading, flush everything, write the checkpoint");
                     break;
@@ -441,7 +459,7 @@ impl LoopState {
         drop(jobs);
         while !self.awaiting.is_empty() {
             match done.recv().await {
-                Some(c) => self.completed(c).await,
+                Some(c) => self.completed(c),
                 None => break,
             }
         }
@@ -450,7 +468,6 @@ impl LoopState {
             self.log_progress();
         }
         self.summary.clean = self.inflight.is_empty();
-        self.summary.checkpoint = self.written_cursor;
         Ok(self.summary)
     }
 
@@ -562,7 +579,7 @@ impl LoopState {
         }
     }
 
-    async fn completed(&mut self, c: Completion) {
+    fn completed(&mut self, c: Completion) {
         self.awaiting.remove(&c.job_id);
         // an abandoned job (no file) stays pinned so the checkpoint never passes its rows
         if let Some(f) = &c.file {
@@ -571,7 +588,7 @@ impl LoopState {
             self.summary.bytes_written += f.size;
         }
         metrics::gauge!("atlake_inflight_flushes").set(self.inflight.len() as f64);
-        self.write_checkpoint().await;
+        self.request_checkpoint();
     }
 
     /// The cursor at or below which everything accepted is durable.
@@ -588,15 +605,16 @@ impl LoopState {
         }
     }
 
-    async fn write_checkpoint(&mut self) {
+    /// Asks the checkpoint writer to store the durable position, if it moved.
+    fn request_checkpoint(&mut self) {
         let Some(c) = self.durable_cursor() else {
             return;
         };
-        if Some(c) == self.written_cursor {
+        if Some(c) == self.requested_cursor {
             return;
         }
-        let mut cp = self.checkpoint.clone();
-        cp.set(
+        self.requested_cursor = Some(c);
+        self.checkpoint.set(
             self.source,
             SourcePosition {
                 cursor: c,
@@ -604,19 +622,7 @@ impl LoopState {
                 updated_at: rfc3339_now(),
             },
         );
-        match cp.store(&self.lake).await {
-            Ok(()) => {
-                self.checkpoint = cp.clone();
-                self.written_cursor = Some(c);
-                self.live.set_checkpoint(cp);
-                metrics::gauge!("atlake_checkpoint_cursor").set(c as f64);
-            }
-            Err(e) => {
-                metrics::counter!("atlake_storage_errors_total", "kind" => "checkpoint")
-                    .increment(1);
-                tracing::warn!(error = %e, "writing the checkpoint failed; will retry after the next flush");
-            }
-        }
+        let _ = self.checkpoints.send(Some((self.checkpoint.clone(), c)));
     }
 
     fn flush_metrics(&mut self) {

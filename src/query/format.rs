@@ -3,7 +3,8 @@
 //! Each encoder turns batches into bytes as they come, so large results stream; Parquet is the
 //! exception (its footer needs every row group) and is built in memory within the byte limit.
 
-use arrow::datatypes::SchemaRef;
+use arrow::array::Array;
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 
@@ -118,6 +119,18 @@ impl Encoder {
 
     /// Encodes one batch.
     pub fn batch(&mut self, b: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
+        let converted;
+        let b = match self.format {
+            Format::Json | Format::Ndjson => {
+                converted = as_text(b, |t| matches!(t, DataType::Union(..)))?;
+                &converted
+            }
+            Format::Csv => {
+                converted = as_text(b, |t| t.is_nested() || matches!(t, DataType::Union(..)))?;
+                &converted
+            }
+            Format::Arrow | Format::Parquet => b,
+        };
         let out = match self.format {
             Format::Json => {
                 let mut w = arrow::json::LineDelimitedWriter::new(Vec::new());
@@ -186,7 +199,9 @@ impl Encoder {
                     let mut w = arrow::csv::WriterBuilder::new()
                         .with_header(true)
                         .build(&mut out);
-                    w.write(&RecordBatch::new_empty(schema.clone()))?;
+                    w.write(&as_text(&RecordBatch::new_empty(schema.clone()), |t| {
+                        t.is_nested() || matches!(t, DataType::Union(..))
+                    })?)?;
                 }
                 out
             }
@@ -204,4 +219,45 @@ impl Encoder {
             },
         })
     }
+}
+
+/// `b` with the columns whose type `unsupported` names rendered as text (JSON writers cannot
+/// encode unions, such as `json_get`'s result; CSV cannot encode lists or structs).
+fn as_text(
+    b: &RecordBatch,
+    unsupported: impl Fn(&DataType) -> bool,
+) -> Result<RecordBatch, ArrowError> {
+    if !b
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| unsupported(f.data_type()))
+    {
+        return Ok(b.clone());
+    }
+    let opts = arrow::util::display::FormatOptions::default().with_null("");
+    let mut fields = Vec::with_capacity(b.num_columns());
+    let mut columns: Vec<arrow::array::ArrayRef> = Vec::with_capacity(b.num_columns());
+    for (f, c) in b.schema().fields().iter().zip(b.columns()) {
+        if unsupported(f.data_type()) {
+            let fmt = arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &opts)?;
+            let mut out = arrow::array::StringBuilder::with_capacity(c.len(), c.len() * 16);
+            for i in 0..c.len() {
+                if c.is_null(i) {
+                    out.append_null();
+                } else {
+                    out.append_value(fmt.value(i).to_string());
+                }
+            }
+            fields.push(arrow::datatypes::Field::new(f.name(), DataType::Utf8, true));
+            columns.push(std::sync::Arc::new(out.finish()));
+        } else {
+            fields.push(f.as_ref().clone());
+            columns.push(c.clone());
+        }
+    }
+    RecordBatch::try_new(
+        std::sync::Arc::new(arrow::datatypes::Schema::new(fields)),
+        columns,
+    )
 }

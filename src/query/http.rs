@@ -164,11 +164,15 @@ async fn sql_post(
     State(s): State<Arc<AppState>>,
     Query(p): Query<SqlParams>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let format = match pick_format(&p, &headers) {
         Ok(f) => f,
         Err(r) => return r,
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return error_response(e.status(), "bad_request", &e.body_text()),
     };
     let Ok(sql) = std::str::from_utf8(&body) else {
         return error_response(StatusCode::BAD_REQUEST, "bad_sql", "the body is not UTF-8");
@@ -187,10 +191,7 @@ async fn run(s: &AppState, sql: String, format: Format) -> Response {
     let planned = tokio::time::timeout_at(deadline, async {
         let df = engine.sql(&sql).await?;
         let schema: arrow::datatypes::SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let stream = df
-            .execute_stream()
-            .await
-            .map_err(QueryError::from_datafusion)?;
+        let stream = engine.execute(df).await?;
         Ok::<_, QueryError>((schema, stream))
     })
     .await;

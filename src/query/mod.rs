@@ -13,7 +13,10 @@
 //! Queries are read-only: DDL, DML (including `COPY`), `SET` and other statements are refused
 //! through DataFusion's `SQLOptions`; files cannot be referenced by path.
 
+pub mod bounded;
+pub mod deadline;
 pub mod format;
+pub mod guard;
 pub mod http;
 pub mod system;
 pub mod table;
@@ -75,6 +78,11 @@ impl QueryError {
     /// Classifies a DataFusion error.
     pub fn from_datafusion(e: DataFusionError) -> QueryError {
         let msg = e.to_string();
+        if let DataFusionError::External(x) = e.find_root()
+            && let Some(d) = x.downcast_ref::<deadline::DeadlineExceeded>()
+        {
+            return QueryError::Timeout(d.0);
+        }
         match e.find_root() {
             DataFusionError::ResourcesExhausted(_) => QueryError::ResourcesExhausted(msg),
             DataFusionError::SQL(..)
@@ -256,6 +264,8 @@ impl QueryEngine {
         ctx.register_object_store(lake_store_url().as_ref(), self.lake.object_store());
         datafusion_functions_json::register_all(&mut ctx)
             .map_err(|e| QueryError::Internal(e.to_string()))?;
+        // a quarter of the query's memory pool for what one call of repeat(), lpad()… produces
+        bounded::register(&ctx, (self.limits.memory as u64 / 4).max(16 << 20));
         let prefix = self
             .lake
             .object_path("")
@@ -286,6 +296,7 @@ impl QueryEngine {
 
     /// Plans a read-only query.
     pub async fn sql(&self, sql: &str) -> Result<DataFrame, QueryError> {
+        guard::check(sql, guard::MAX_OPERATORS).map_err(|e| QueryError::Sql(e.to_string()))?;
         let ctx = self.context().await?;
         let opts = SQLOptions::new()
             .with_allow_ddl(false)
@@ -306,6 +317,23 @@ impl QueryEngine {
             .map_err(QueryError::from_datafusion)
     }
 
+    /// Starts executing a planned query; its operators stop at the query timeout (counted
+    /// from now) even when they never yield.
+    pub async fn execute(
+        &self,
+        df: DataFrame,
+    ) -> Result<datafusion::execution::SendableRecordBatchStream, QueryError> {
+        let deadline = std::time::Instant::now() + self.limits.timeout;
+        let task = Arc::new(df.task_ctx());
+        let plan = df
+            .create_physical_plan()
+            .await
+            .map_err(QueryError::from_datafusion)?;
+        let plan = deadline::wrap(plan, deadline, self.limits.timeout)
+            .map_err(QueryError::from_datafusion)?;
+        datafusion::physical_plan::execute_stream(plan, task).map_err(QueryError::from_datafusion)
+    }
+
     /// Runs a query to completion within the timeout and row limit.
     pub async fn collect(
         &self,
@@ -315,10 +343,7 @@ impl QueryEngine {
         let timeout = self.limits.timeout;
         let work = async {
             let df = self.sql(sql).await?;
-            let mut stream = df
-                .execute_stream()
-                .await
-                .map_err(QueryError::from_datafusion)?;
+            let mut stream = self.execute(df).await?;
             let mut out = Vec::new();
             let mut rows = 0u64;
             while let Some(b) = stream.next().await {

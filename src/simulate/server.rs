@@ -196,6 +196,8 @@ struct Log {
     truth: Truth,
     finished: bool,
     connections: u64,
+    /// messages sent, all connections together
+    sent: u64,
     /// collections of every options_update received
     options_updates: Vec<Vec<String>>,
 }
@@ -234,6 +236,11 @@ impl SimHandle {
     /// The `wantedCollections` of every `options_update` received, in order.
     pub fn options_updates(&self) -> Vec<Vec<String>> {
         self.lock().options_updates.clone()
+    }
+
+    /// Messages sent so far, all connections together.
+    pub fn sent(&self) -> u64 {
+        self.lock().sent
     }
 
     /// Connections accepted so far.
@@ -633,6 +640,7 @@ async fn serve(
                     .await
                     .map_err(|x| x.to_string())?;
                 sent += 1;
+                h.lock().sent += 1;
             } else {
                 // replay of the first matching entry may start mid-message
                 let params = params_rx.borrow_and_update().clone();

@@ -118,7 +118,8 @@ impl Backoff {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        let jitter = (crate::simulate::traffic::Rng::new(seed).next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let jitter = (crate::simulate::traffic::Rng::new(seed).next_u64() >> 11) as f64
+            / (1u64 << 53) as f64;
         half + half.mul_f64(jitter)
     }
 

@@ -1,5 +1,6 @@
 //! Crash safety: the real `atlake ingest` process is killed with SIGKILL at random moments
-//! (some during a flush, some during start-up recovery), restarted each time, and at the end
+//! (some during a data-file write, some during a checkpoint write, some during start-up
+//! recovery), restarted each time, and at the end
 //! the lake must hold every event of the simulator exactly once.
 
 use crate::common::{assert_exactly_once, atlake_bin, read_lake};
@@ -18,8 +19,10 @@ enum Backend {
     S3,
 }
 
-fn count_temp_files(dir: &Path) -> usize {
-    let mut n = 0;
+/// Temporary files left by the process `pid` (a write it was killed in): (data files, checkpoints).
+fn temp_files_of(dir: &Path, pid: u32) -> (usize, usize) {
+    let (mut data, mut checkpoints) = (0, 0);
+    let suffix = format!(".{pid}.tmp");
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else {
@@ -32,13 +35,17 @@ fn count_temp_files(dir: &Path) -> usize {
             } else if p
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"))
+                .is_some_and(|n| n.starts_with('.') && n.ends_with(&suffix))
             {
-                n += 1;
+                if p.components().any(|c| c.as_os_str() == "_atlake") {
+                    checkpoints += 1;
+                } else {
+                    data += 1;
+                }
             }
         }
     }
-    n
+    (data, checkpoints)
 }
 
 async fn checkpoint(lake: &Lake, source: &str) -> Option<i64> {
@@ -116,10 +123,10 @@ async fn crash_test(source: &str, backend: Backend) {
         (cmd.spawn().expect("spawn atlake"), log)
     };
     let mut rng = Rng::new(0xC0FFEE ^ source.len() as u64 ^ (backend as u64));
-    let (mut kills, mut mid_write, mut before_recovery) = (0, 0, 0);
+    let (mut kills, mut mid_write, mut mid_checkpoint, mut before_recovery) = (0, 0, 0, 0);
     let started = Instant::now();
     while kills < 12
-        || (backend == Backend::Local && mid_write == 0 && kills < 40)
+        || (backend == Backend::Local && (mid_write == 0 || mid_checkpoint == 0) && kills < 60)
         || (before_recovery == 0 && kills < 40)
     {
         let (mut child, log) = spawn(kills);
@@ -130,6 +137,7 @@ async fn crash_test(source: &str, backend: Backend) {
             150 + rng.below(700)
         };
         tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        let pid = child.id();
         child.kill().expect("SIGKILL");
         let _ = child.wait();
         kills += 1;
@@ -137,8 +145,10 @@ async fn crash_test(source: &str, backend: Backend) {
         if !text.contains("recovered lake state") {
             before_recovery += 1;
         }
-        if backend == Backend::Local && count_temp_files(&dir.path().join("lake")) > 0 {
-            mid_write += 1;
+        if backend == Backend::Local {
+            let (data, checkpoints) = temp_files_of(&dir.path().join("lake"), pid);
+            mid_write += usize::from(data > 0);
+            mid_checkpoint += usize::from(checkpoints > 0);
         }
     }
     // the last run catches up and shuts down cleanly
@@ -185,13 +195,17 @@ async fn crash_test(source: &str, backend: Backend) {
     let got = read_lake(&lake).await;
     assert_exactly_once(&got, &truth);
     eprintln!(
-        "CRASH RESULT source={source} backend={backend:?} kills={kills} mid_write={mid_write} before_recovery={before_recovery} events={} lost=0 duplicated=0 files={} took={:?}",
+        "CRASH RESULT source={source} backend={backend:?} kills={kills} mid_write={mid_write} mid_checkpoint={mid_checkpoint} before_recovery={before_recovery} events={} lost=0 duplicated=0 files={} took={:?}",
         truth.events(),
         got.files,
         started.elapsed()
     );
     if backend == Backend::Local {
         assert!(mid_write > 0, "no kill landed during a write");
+        assert!(
+            mid_checkpoint > 0,
+            "no kill landed during a checkpoint write"
+        );
     }
     assert!(
         before_recovery > 0,

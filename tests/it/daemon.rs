@@ -1,19 +1,11 @@
 //! The daemon as users run it: `atlake run` against the simulator, queried over HTTP while it
 //! ingests; metrics; filters changed at run time; a clean SIGTERM.
 
-use crate::common::atlake_bin;
+use crate::common::{atlake_bin, free_port};
 use atlake::simulate::server::{SimConfig, start as sim_start};
 use atlake::simulate::traffic::TrafficConfig;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn sql(c: &reqwest::Client, base: &str, q: &str) -> Option<Vec<serde_json::Value>> {
     let r = c

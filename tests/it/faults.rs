@@ -21,11 +21,19 @@ pub fn metric(name: &str, labels: &str) -> f64 {
         .sum()
 }
 
-async fn live(kind: SourceKindConfig, faults: Faults, n: u64, tweak: impl FnOnce(&mut atlake::config::Config)) -> (atlake::simulate::server::Truth, crate::common::LakeContents) {
+async fn live(
+    kind: SourceKindConfig,
+    faults: Faults,
+    n: u64,
+    tweak: impl FnOnce(&mut atlake::config::Config),
+) -> (atlake::simulate::server::Truth, crate::common::LakeContents) {
     atlake::telemetry::metrics();
     let sim = sim_start(
         SimConfig {
-            traffic: TrafficConfig { seed: 99, ..Default::default() },
+            traffic: TrafficConfig {
+                seed: 99,
+                ..Default::default()
+            },
             messages: Some(n),
             rate: None,
             retention: 1_000_000,
@@ -48,7 +56,10 @@ async fn live(kind: SourceKindConfig, faults: Faults, n: u64, tweak: impl FnOnce
         SourceKindConfig::Firehose => ("firehose", sim.last_seq().unwrap()),
         SourceKindConfig::Jetstream => ("jetstream", sim.truth().last_time_us.unwrap()),
     };
-    let ok = wait_until(Duration::from_secs(120), || local_checkpoint(dir.path(), source).is_some_and(|c| c >= target)).await;
+    let ok = wait_until(Duration::from_secs(120), || {
+        local_checkpoint(dir.path(), source).is_some_and(|c| c >= target)
+    })
+    .await;
     assert!(ok, "ingest did not catch up");
     h.stop(Duration::from_secs(10)).await.unwrap();
     let got = read_lake(&Lake::open(&lake).unwrap()).await;
@@ -60,7 +71,13 @@ async fn live(kind: SourceKindConfig, faults: Faults, n: u64, tweak: impl FnOnce
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_faults_are_counted_quarantined_and_survived() {
     let before = |r: &str| metric("atlake_quarantined_total", &format!("reason=\"{r}\""));
-    let b = [before("oversized"), before("record_too_large"), before("hash_mismatch"), before("car"), before("frame")];
+    let b = [
+        before("oversized"),
+        before("record_too_large"),
+        before("hash_mismatch"),
+        before("car"),
+        before("frame"),
+    ];
     let dups = metric("atlake_duplicates_total", "reason=\"seq\"");
     let too_slow = metric("atlake_stream_errors_total", "error=\"ConsumerTooSlow\"");
     let (truth, got) = live(
@@ -83,16 +100,48 @@ async fn relay_faults_are_counted_quarantined_and_survived() {
     let want = |name: &str| truth.faults.get(name).copied().unwrap_or(0);
     assert!(want("oversized") > 0 && want("record_too_large") > 0 && want("hash_mismatch") > 0);
     // each fault is in the quarantine once, under its reason
-    for (fault, reason) in [("oversized", "oversized"), ("record_too_large", "record_too_large"), ("hash_mismatch", "hash_mismatch"), ("car", "car"), ("garbage", "frame")] {
-        assert_eq!(got.errors.get(reason).copied().unwrap_or(0), want(fault), "quarantined {reason}: {:?}", got.errors);
+    for (fault, reason) in [
+        ("oversized", "oversized"),
+        ("record_too_large", "record_too_large"),
+        ("hash_mismatch", "hash_mismatch"),
+        ("car", "car"),
+        ("garbage", "frame"),
+    ] {
+        assert_eq!(
+            got.errors.get(reason).copied().unwrap_or(0),
+            want(fault),
+            "quarantined {reason}: {:?}",
+            got.errors
+        );
     }
     // and counted in the metrics (at least once each: replays after a dropped connection may
     // decode the same bad frame again before it is deduplicated)
-    let after = [before("oversized"), before("record_too_large"), before("hash_mismatch"), before("car"), before("frame")];
-    for (i, r) in ["oversized", "record_too_large", "hash_mismatch", "car", "frame"].iter().enumerate() {
-        assert!(after[i] - b[i] >= 1.0, "metric atlake_quarantined_total{{reason={r}}} did not move");
+    let after = [
+        before("oversized"),
+        before("record_too_large"),
+        before("hash_mismatch"),
+        before("car"),
+        before("frame"),
+    ];
+    for (i, r) in [
+        "oversized",
+        "record_too_large",
+        "hash_mismatch",
+        "car",
+        "frame",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(
+            after[i] - b[i] >= 1.0,
+            "metric atlake_quarantined_total{{reason={r}}} did not move"
+        );
     }
-    assert!(metric("atlake_duplicates_total", "reason=\"seq\"") > dups, "a seq that went backwards was dropped and counted");
+    assert!(
+        metric("atlake_duplicates_total", "reason=\"seq\"") > dups,
+        "a seq that went backwards was dropped and counted"
+    );
     assert!(metric("atlake_stream_errors_total", "error=\"ConsumerTooSlow\"") > too_slow);
     assert!(metric("atlake_reconnects_total", "source=\"firehose\"") > 0.0);
 }
@@ -121,7 +170,10 @@ async fn future_and_outdated_cursors_are_acted_on() {
     let fut = metric("atlake_stream_errors_total", "error=\"FutureCursor\"");
     let sim = sim_start(
         SimConfig {
-            traffic: TrafficConfig { seed: 5, ..Default::default() },
+            traffic: TrafficConfig {
+                seed: 5,
+                ..Default::default()
+            },
             messages: None,
             rate: Some(400.0),
             retention: 2000,
@@ -139,10 +191,21 @@ async fn future_and_outdated_cursors_are_acted_on() {
     cfg.source.url = sim.url();
     cfg.source.start_cursor = Some(sim.last_seq().unwrap() + 1_000_000);
     let h = ingest::start(cfg.clone(), Input::Network).await.unwrap();
-    assert!(wait_until(Duration::from_secs(20), || metric("atlake_stream_errors_total", "error=\"FutureCursor\"") > fut).await);
+    assert!(
+        wait_until(Duration::from_secs(20), || metric(
+            "atlake_stream_errors_total",
+            "error=\"FutureCursor\""
+        ) > fut)
+        .await
+    );
     let now = sim.last_seq().unwrap();
     assert!(
-        wait_until(Duration::from_secs(20), || local_checkpoint(dir.path(), "firehose").is_some_and(|c| c > now)).await,
+        wait_until(Duration::from_secs(20), || local_checkpoint(
+            dir.path(),
+            "firehose"
+        )
+        .is_some_and(|c| c > now))
+        .await,
         "events flow from the live tip after FutureCursor"
     );
     let s = h.stop(Duration::from_secs(10)).await.unwrap();
@@ -156,14 +219,29 @@ async fn future_and_outdated_cursors_are_acted_on() {
     cfg2.source.url = sim.url();
     cfg2.source.start_cursor = Some(1);
     let h2 = ingest::start(cfg2, Input::Network).await.unwrap();
-    assert!(wait_until(Duration::from_secs(20), || metric("atlake_info_total", "name=\"OutdatedCursor\"") > out).await);
+    assert!(
+        wait_until(Duration::from_secs(20), || metric(
+            "atlake_info_total",
+            "name=\"OutdatedCursor\""
+        ) > out)
+        .await
+    );
     let now = sim.last_seq().unwrap();
     assert!(
-        wait_until(Duration::from_secs(30), || local_checkpoint(dir2.path(), "firehose").is_some_and(|c| c >= now)).await,
+        wait_until(Duration::from_secs(30), || local_checkpoint(
+            dir2.path(),
+            "firehose"
+        )
+        .is_some_and(|c| c >= now))
+        .await,
         "caught up after OutdatedCursor"
     );
     let s = h2.stop(Duration::from_secs(10)).await.unwrap();
-    assert!(s.events > 1500, "the whole window was replayed: {} events", s.events);
+    assert!(
+        s.events > 1500,
+        "the whole window was replayed: {} events",
+        s.events
+    );
     sim.stop();
 }
 
@@ -180,43 +258,106 @@ async fn hostile_names_never_become_paths_and_are_quarantined() {
         atlake::decode::cid::Cid::for_dag_cbor(&e.buf).to_string()
     };
     let line = |did: &str, coll: &str, rkey: &str, t: u64| {
-        format!(r#"{{"did":"{did}","time_us":{t},"kind":"commit","commit":{{"rev":"3mmoojp7vgo2g","operation":"create","collection":"{coll}","rkey":"{rkey}","record":{rec},"cid":"{cid}"}}}}"#)
+        format!(
+            r#"{{"did":"{did}","time_us":{t},"kind":"commit","commit":{{"rev":"3mmoojp7vgo2g","operation":"create","collection":"{coll}","rkey":"{rkey}","record":{rec},"cid":"{cid}"}}}}"#
+        )
     };
-    let long_nsid = format!("com.{}.{}.{}.{}.thing", "a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(63));
+    let long_nsid = format!(
+        "com.{}.{}.{}.{}.thing",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(63)
+    );
     assert!(long_nsid.len() > 260 && atlake::decode::syntax::is_nsid(&long_nsid));
     let mut lines: Vec<Vec<u8>> = vec![
         line(did, "../../x", "3mmoojp7etg2a", 1_783_173_600_000_001).into_bytes(),
         line(did, "a/b", "3mmoojp7etg2b", 1_783_173_600_000_002).into_bytes(),
-        line(did, "Com.Example.thing", "3mmoojp7etg2c", 1_783_173_600_000_003).into_bytes(),
+        line(
+            did,
+            "Com.Example.thing",
+            "3mmoojp7etg2c",
+            1_783_173_600_000_003,
+        )
+        .into_bytes(),
         line(did, &long_nsid, "3mmoojp7etg2d", 1_783_173_600_000_004).into_bytes(),
-        line(did, "app.bsky.feed.like", &"k".repeat(513), 1_783_173_600_000_005).into_bytes(),
-        line(&format!("did:plc:{}", "x".repeat(2100)), "app.bsky.feed.like", "3mmoojp7etg2e", 1_783_173_600_000_006).into_bytes(),
+        line(
+            did,
+            "app.bsky.feed.like",
+            &"k".repeat(513),
+            1_783_173_600_000_005,
+        )
+        .into_bytes(),
+        line(
+            &format!("did:plc:{}", "x".repeat(2100)),
+            "app.bsky.feed.like",
+            "3mmoojp7etg2e",
+            1_783_173_600_000_006,
+        )
+        .into_bytes(),
         line(did, "app.bsky.feed.like", "..", 1_783_173_600_000_007).into_bytes(),
     ];
-    let mut bad_utf8 = line(did, "app.bsky.feed.like", "3mmoojp7etg2f", 1_783_173_600_000_008).into_bytes();
+    let mut bad_utf8 = line(
+        did,
+        "app.bsky.feed.like",
+        "3mmoojp7etg2f",
+        1_783_173_600_000_008,
+    )
+    .into_bytes();
     let at = bad_utf8.len() / 2;
     bad_utf8[at] = 0xff;
     lines.push(bad_utf8);
     // and two good ones around them
-    lines.push(line(did, "app.bsky.feed.like", "3mmoojp7etg2g", 1_783_173_600_000_009).into_bytes());
-    lines.push(line(did, "com.example.good", "3mmoojp7etg2h", 1_783_173_600_000_010).into_bytes());
-    let mut w = CaptureWriter::create(&cap, CaptureFormat::JetstreamJson, Compression::None).unwrap();
+    lines.push(
+        line(
+            did,
+            "app.bsky.feed.like",
+            "3mmoojp7etg2g",
+            1_783_173_600_000_009,
+        )
+        .into_bytes(),
+    );
+    lines.push(
+        line(
+            did,
+            "com.example.good",
+            "3mmoojp7etg2h",
+            1_783_173_600_000_010,
+        )
+        .into_bytes(),
+    );
+    let mut w =
+        CaptureWriter::create(&cap, CaptureFormat::JetstreamJson, Compression::None).unwrap();
     for l in &lines {
         w.write(l).unwrap();
     }
     w.finish().unwrap();
     let lake_dir = dir.path().join("lake");
     let before = metric("atlake_quarantined_total", "");
-    let h = ingest::start(test_config(lake_dir.to_str().unwrap()), Input::File(cap)).await.unwrap();
+    let h = ingest::start(test_config(lake_dir.to_str().unwrap()), Input::File(cap))
+        .await
+        .unwrap();
     let s = h.wait().await.unwrap();
-    assert_eq!((s.events, s.quarantined), (2, 8), "two good events land; eight hostile lines are quarantined");
+    assert_eq!(
+        (s.events, s.quarantined),
+        (2, 8),
+        "two good events land; eight hostile lines are quarantined"
+    );
     assert!(metric("atlake_quarantined_total", "") - before >= 8.0);
     let got = read_lake(&Lake::open(lake_dir.to_str().unwrap()).unwrap()).await;
     assert_eq!(got.keys.len(), 2);
     let reasons: u64 = got.errors.values().sum();
     assert_eq!(reasons, 8, "{:?}", got.errors);
-    assert!(got.errors.get("collection").copied().unwrap_or(0) >= 3, "{:?}", got.errors);
-    assert!(got.errors.contains_key("rkey") && got.errors.contains_key("did") && got.errors.contains_key("json"));
+    assert!(
+        got.errors.get("collection").copied().unwrap_or(0) >= 3,
+        "{:?}",
+        got.errors
+    );
+    assert!(
+        got.errors.contains_key("rkey")
+            && got.errors.contains_key("did")
+            && got.errors.contains_key("json")
+    );
     // no directory was named after anything hostile
     let mut stack = vec![lake_dir.clone()];
     while let Some(d) = stack.pop() {
@@ -224,7 +365,11 @@ async fn hostile_names_never_become_paths_and_are_quarantined() {
             let p = e.unwrap().path();
             let name = p.file_name().unwrap().to_str().unwrap().to_string();
             assert!(p.starts_with(&lake_dir));
-            assert!(!name.contains("..") && !name.contains("Com.") && name.len() < 200, "{}", p.display());
+            assert!(
+                !name.contains("..") && !name.contains("Com.") && name.len() < 200,
+                "{}",
+                p.display()
+            );
             if p.is_dir() {
                 stack.push(p);
             }
@@ -252,7 +397,10 @@ mod mutated {
     use proptest::prelude::*;
 
     fn frames() -> Vec<Vec<u8>> {
-        let mut t = Traffic::new(TrafficConfig { seed: 4, ..Default::default() });
+        let mut t = Traffic::new(TrafficConfig {
+            seed: 4,
+            ..Default::default()
+        });
         (0..40).map(|_| t.next_message().frame).collect()
     }
 

@@ -1,5 +1,6 @@
 //! atlake's integration tests: one binary, one module per area.
 
+mod abuse;
 mod cli;
 mod common;
 mod convert;
@@ -8,9 +9,10 @@ mod daemon;
 mod decode_fixtures;
 mod decode_frames;
 mod decode_props;
+mod faults;
 mod ingest;
 mod queries;
 mod sim_shape;
 mod sql;
+mod storage;
 mod tools;
-mod faults;
