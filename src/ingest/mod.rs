@@ -445,6 +445,9 @@ impl LoopState {
                     self.publish();
                     let due = self.batcher.due(Instant::now());
                     self.submit(due, &jobs).await;
+                    // the position also moves without a flush: a tail of duplicates or of
+                    // filtered events leaves nothing to write, yet is behind us
+                    self.request_checkpoint();
                     self.flush_metrics();
                     if self.progress.is_some() && last_progress.elapsed() >= Duration::from_secs(5) {
                         last_progress = Instant::now();
