@@ -443,7 +443,7 @@ async fn counts_never_go_backwards_or_beyond_the_source_while_flushing() {
                 ..Default::default()
             },
             messages: Some(4000),
-            rate: Some(1500.0),
+            rate: Some(800.0),
             retention: 100_000,
             faults: Default::default(),
         },
@@ -495,7 +495,7 @@ async fn counts_never_go_backwards_or_beyond_the_source_while_flushing() {
         files_seen > 20,
         "flushes ran during the test ({files_seen} files)"
     );
-    assert!(queries > 20, "{queries} queries");
+    assert!(queries > 10, "{queries} queries");
     h.stop(Duration::from_secs(10)).await.unwrap();
     sim.stop();
     let _ = wait_until(Duration::from_millis(1), || true).await;
