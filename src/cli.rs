@@ -564,24 +564,36 @@ async fn query_cmd(cfg: Config, format: QueryFormat, sql: &str) -> anyhow::Resul
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
+    shutdown_listener().await
+}
+
+/// Registers for SIGINT and SIGTERM now (not when first awaited), so a signal that arrives
+/// while the process is still starting is not lost to the default action.
+pub fn shutdown_listener() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async move {
+            match (term, int) {
+                (Some(mut t), Some(mut i)) => {
+                    tokio::select! {
+                        _ = t.recv() => {}
+                        _ = i.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -592,19 +604,27 @@ async fn ingest_cmd(cfg: Config, input: Option<PathBuf>) -> anyhow::Result<ExitC
         None => format!("{:?} {}", cfg.source.kind, cfg.source.url),
     };
     let lake_url = cfg.lake.url.clone();
-    let handle = ingest::start(
+    let stop = shutdown_listener();
+    tokio::pin!(stop);
+    let started = ingest::start(
         cfg,
         match input {
             Some(p) => Input::File(p),
             None => Input::Network,
         },
-    )
-    .await
-    .with_context(|| format!("starting ingest of {what} into {lake_url}"))?;
+    );
+    // a signal during start-up recovery stops before anything was read: nothing to flush
+    let handle = tokio::select! {
+        h = started => h.with_context(|| format!("starting ingest of {what} into {lake_url}"))?,
+        _ = &mut stop => {
+            tracing::info!("stopped during start-up");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     tracing::info!(source = %what, lake = %lake_url, "ingesting");
     let summary = tokio::select! {
         r = async { handle_wait(&handle).await } => r,
-        _ = shutdown_signal() => None,
+        _ = &mut stop => None,
     };
     let summary = match summary {
         Some(()) => handle.wait().await?,

@@ -3,7 +3,7 @@
 //! recovery), restarted each time, and at the end
 //! the lake must hold every event of the simulator exactly once.
 
-use crate::common::{assert_exactly_once, atlake_bin, read_lake};
+use crate::common::{ChildGuard, assert_exactly_once, atlake_bin, read_lake};
 use crate::tools::{Moto, missing};
 use atlake::checkpoint::Checkpoint;
 use atlake::simulate::server::{Faults, SimConfig, start as sim_start};
@@ -120,7 +120,7 @@ async fn crash_test(source: &str, backend: Backend) {
         .envs(env.iter().cloned())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
-        (cmd.spawn().expect("spawn atlake"), log)
+        (ChildGuard(cmd.spawn().expect("spawn atlake")), log)
     };
     let mut rng = Rng::new(0xC0FFEE ^ source.len() as u64 ^ (backend as u64));
     let (mut kills, mut mid_write, mut mid_checkpoint, mut before_recovery) = (0, 0, 0, 0);
