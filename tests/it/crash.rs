@@ -170,7 +170,13 @@ async fn crash_test(source: &str, backend: Backend) {
     };
     let (mut child, log) = spawn(kills);
     let deadline = Instant::now() + Duration::from_secs(180);
-    while checkpoint(&lake, source).await.is_none_or(|c| c < target) {
+    // caught up (earlier runs may already have checkpointed everything) and running: its
+    // signal handler is in place once recovery is logged
+    while checkpoint(&lake, source).await.is_none_or(|c| c < target)
+        || !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("recovered lake state")
+    {
         assert!(
             Instant::now() < deadline,
             "final run never caught up: {}",
