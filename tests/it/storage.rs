@@ -2,7 +2,7 @@
 //! lost, memory stays bounded (backpressure reaches the socket), and ingest resumes by itself.
 
 use crate::common::{
-    ChildGuard, assert_exactly_once, atlake_bin, local_checkpoint, read_lake, wait_until,
+    ChildGuard, assert_exactly_once, atlake_bin, local_checkpoint, read_lake, rss_kb, wait_until,
 };
 use crate::ingest::test_config;
 use crate::tools::{Moto, missing};
@@ -69,17 +69,6 @@ impl Proxy {
             self.generation.send_modify(|g| *g += 1);
         }
     }
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
