@@ -5,7 +5,8 @@
 //! `ATLAKE_BENCH_LAKE=/path/to/lake cargo bench --bench jsonbench` (scripts/bench builds a lake
 //! from the simulator first). Each query runs once to warm up, then `ATLAKE_BENCH_RUNS` times
 //! (default 3); the best time is reported. DuckDB reads the same Parquet files with the same
-//! number of threads (`ATLAKE_BENCH_THREADS`, default: all cores).
+//! number of threads (`ATLAKE_BENCH_THREADS`, default: all cores). `ATLAKE_BENCH_QUERIES=DIR`
+//! runs the `*.sql` files of DIR instead of Q1–Q5 (to compare formulations).
 
 use atlake::query::{Limits, QueryEngine};
 use atlake::sink::store::Lake;
@@ -65,15 +66,40 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let sqls: Vec<(String, String)> = QUERIES
-        .iter()
-        .map(|q| {
-            let text =
-                std::fs::read_to_string(root.join(format!("queries/{q}.sql"))).expect("query file");
-            (q.to_string(), text)
-        })
-        .collect();
+    // ATLAKE_BENCH_QUERIES=DIR runs every `*.sql` of DIR instead (to compare variants)
+    let sqls: Vec<(String, String)> = match std::env::var("ATLAKE_BENCH_QUERIES") {
+        Ok(dir) => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .expect("ATLAKE_BENCH_QUERIES: a directory")
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+                .collect();
+            files.sort();
+            files
+                .iter()
+                .map(|p| {
+                    let name = p.file_stem().unwrap_or_default().to_string_lossy();
+                    (
+                        name.into_owned(),
+                        std::fs::read_to_string(p).expect("query file"),
+                    )
+                })
+                .collect()
+        }
+        Err(_) => {
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+            QUERIES
+                .iter()
+                .map(|q| {
+                    let path = root.join(format!("queries/{q}.sql"));
+                    (
+                        q.to_string(),
+                        std::fs::read_to_string(path).expect("query file"),
+                    )
+                })
+                .collect()
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()

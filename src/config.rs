@@ -276,8 +276,8 @@ pub struct FlushConfig {
     pub max_bytes: ByteSize,
     /// Flush a partition when it holds this many rows.
     pub max_rows: u64,
-    /// Memory budget of the whole process for event data: buffered rows get 1/8 (the largest
-    /// partitions flush first beyond that), buffered plus in-flight rows 3/16 (reading pauses
+    /// Memory budget of the whole process for event data: buffered rows get 1/4 (the largest
+    /// partitions flush first beyond that), buffered plus in-flight rows 5/16 (reading pauses
     /// beyond that), and the rest is for encoding, read-ahead and the allocator.
     pub memory_cap: ByteSize,
     /// Most partitions buffered at once; collections beyond share `_other`.

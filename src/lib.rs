@@ -36,6 +36,7 @@
 //!   endpoint with faults, or written as captures, with its ground truth.
 //! - [`convert`]: capture file → Jetstream JSON lines.
 //! - [`config`], [`telemetry`], [`cli`]: configuration, logs and metrics, the command line.
+#![forbid(unsafe_code)]
 
 pub mod convert;
 pub mod decode;

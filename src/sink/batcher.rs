@@ -520,17 +520,19 @@ impl Batcher {
     }
 
     /// The share of the memory cap buffered rows may use. The cap budgets the whole process:
-    /// buffered rows get 1/8 of it and buffered plus in-flight rows 3/16; the rest covers what
-    /// encoding holds (page buffers, a row group, the gathered slice), the read-ahead, the code
-    /// and the allocator. The shares were measured: with the default 256 MiB cap, ingesting
-    /// capture files stays under 256 MiB resident (README).
+    /// buffered rows get 1/4 of it and buffered plus in-flight rows 5/16; the rest covers what
+    /// encoding holds (page buffers, a row group, the gathered slice), builder slack, the
+    /// read-ahead, the code and the allocator. The shares were measured (README, "Memory"): with
+    /// the default 256 MiB cap, ingesting the benchmark's capture files peaks at 140-160 MiB
+    /// resident; a bigger buffer share makes fewer, larger files (1/8 of the cap made 2.4 times
+    /// as many files, 3 % larger in all, since each repeats its `did` dictionary).
     pub fn buffer_budget(&self) -> usize {
-        self.policy.memory_cap / 8
+        self.policy.memory_cap / 4
     }
 
     /// Buffered plus in-flight rows may use this much before reading pauses.
     pub fn data_budget(&self) -> usize {
-        self.policy.memory_cap / 16 * 3
+        self.policy.memory_cap / 16 * 5
     }
 
     /// Flushes the largest partitions until the buffers fit their share of the memory cap
@@ -710,8 +712,8 @@ mod tests {
             push(&mut b, &ev("app.bsky.feed.post", T0, i), i as i64, t);
         }
         let mut i = 10;
-        // buffers get an eighth of the cap
-        while b.buffered_bytes() <= 6_250 {
+        // buffers get a quarter of the cap
+        while b.buffered_bytes() <= 12_500 {
             push(&mut b, &ev("app.bsky.feed.like", T0, i), i as i64, t);
             i += 1;
         }
@@ -722,7 +724,7 @@ mod tests {
             jobs[0].key.name,
             PartitionName::Collection("app.bsky.feed.like".into())
         );
-        assert!(b.buffered_bytes() <= 6_250);
+        assert!(b.buffered_bytes() <= 12_500);
         // with flushes in flight the buffers get less (never below a sixteenth)
         for j in 0..15 {
             push(
@@ -733,7 +735,7 @@ mod tests {
             );
         }
         let before = b.buffered_bytes();
-        let jobs = b.over_cap(8_000);
+        let jobs = b.over_cap(14_000);
         assert!(before > 3_125 && !jobs.is_empty(), "{before}");
         assert!(b.buffered_bytes() <= 3_125);
     }
