@@ -311,7 +311,9 @@ pub struct WriterConfig {
     pub zstd_level: i32,
     /// Rows per row group.
     pub row_group_rows: usize,
-    /// Target size of a data page before compression (bigger pages compress better).
+    /// Target size of a data page before compression. Each page is compressed on its own, so
+    /// bigger pages compress better: 4 MiB made the benchmark's Jetstream lake 2.7 % smaller
+    /// than 1 MiB (README, "Performance"); pages also end at 20,000 rows.
     pub page_bytes: usize,
     /// Write a bloom filter on `did`.
     pub bloom_filter_did: bool,
@@ -324,7 +326,7 @@ impl Default for WriterConfig {
         WriterConfig {
             zstd_level: 3,
             row_group_rows: 64 * 1024,
-            page_bytes: 1 << 20,
+            page_bytes: 4 << 20,
             bloom_filter_did: true,
             encoders: 1,
         }
