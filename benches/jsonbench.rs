@@ -51,6 +51,37 @@ fn best_of(runs: usize, mut f: impl FnMut() -> usize) -> (Duration, usize) {
     (best, rows)
 }
 
+/// The queries to time: Q1–Q5 of `queries/`, or every `*.sql` of `$ATLAKE_BENCH_QUERIES`.
+fn load_queries() -> Result<Vec<(String, String)>, String> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    match std::env::var("ATLAKE_BENCH_QUERIES") {
+        Ok(dir) => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|e| format!("ATLAKE_BENCH_QUERIES={dir}: {e}"))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+                .collect();
+            files.sort();
+            files
+                .iter()
+                .map(|p| {
+                    let name = p.file_stem().unwrap_or_default().to_string_lossy();
+                    Ok((name.into_owned(), read(p)?))
+                })
+                .collect()
+        }
+        Err(_) => {
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+            QUERIES
+                .iter()
+                .map(|q| Ok((q.to_string(), read(&root.join(format!("queries/{q}.sql")))?)))
+                .collect()
+        }
+    }
+}
+
 fn main() {
     let Ok(lake) = std::env::var("ATLAKE_BENCH_LAKE") else {
         eprintln!(
@@ -67,37 +98,11 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     // ATLAKE_BENCH_QUERIES=DIR runs every `*.sql` of DIR instead (to compare variants)
-    let sqls: Vec<(String, String)> = match std::env::var("ATLAKE_BENCH_QUERIES") {
-        Ok(dir) => {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .expect("ATLAKE_BENCH_QUERIES: a directory")
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-                .collect();
-            files.sort();
-            files
-                .iter()
-                .map(|p| {
-                    let name = p.file_stem().unwrap_or_default().to_string_lossy();
-                    (
-                        name.into_owned(),
-                        std::fs::read_to_string(p).expect("query file"),
-                    )
-                })
-                .collect()
-        }
-        Err(_) => {
-            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-            QUERIES
-                .iter()
-                .map(|q| {
-                    let path = root.join(format!("queries/{q}.sql"));
-                    (
-                        q.to_string(),
-                        std::fs::read_to_string(path).expect("query file"),
-                    )
-                })
-                .collect()
+    let sqls = match load_queries() {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("jsonbench: {e}");
+            std::process::exit(2);
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

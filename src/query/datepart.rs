@@ -11,19 +11,14 @@
 //! random timestamps of every unit).
 
 use arrow::array::{Array, ArrayRef, AsArray, Int32Array};
-use arrow::datatypes::{
-    DataType, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
-    TimestampNanosecondType, TimestampSecondType,
-};
+use arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::Transformed;
 use datafusion::common::{DFSchema, Result, ScalarValue};
 use datafusion::execution::FunctionRegistry;
 use datafusion::logical_expr::expr::ScalarFunction;
 use datafusion::logical_expr::expr_rewriter::FunctionRewrite;
-use datafusion::logical_expr::{
-    ColumnarValue, Expr, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
-};
+use datafusion::logical_expr::{ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl};
 use datafusion::prelude::SessionContext;
 use std::sync::Arc;
 
@@ -101,15 +96,12 @@ impl Part {
     }
 }
 
-/// Whether a zone name is UTC (no offset, no daylight saving).
+/// Whether a zone name is UTC (no offset, no daylight saving), spelled as Arrow accepts it.
 fn is_utc(tz: Option<&str>) -> bool {
-    match tz {
-        None => true,
-        Some(z) => matches!(
-            z.to_ascii_uppercase().as_str(),
-            "UTC" | "Z" | "+00:00" | "+0000" | "+00" | "ETC/UTC" | "GMT" | "ETC/GMT"
-        ),
-    }
+    matches!(
+        tz,
+        None | Some("UTC" | "+00:00" | "Etc/UTC" | "GMT" | "Etc/GMT")
+    )
 }
 
 const SECS_PER_DAY: i64 = 86_400;
@@ -145,64 +137,36 @@ fn field(part: Part, v: i64, per_sec: i64) -> Option<i32> {
 
 /// The part for every value of a UTC timestamp array; `None` to fall back.
 fn fast(part: Part, a: &dyn Array) -> Option<ArrayRef> {
-    let (values, per_sec, nulls) = match a.data_type() {
-        DataType::Timestamp(unit, tz) if is_utc(tz.as_deref()) => match unit {
-            TimeUnit::Second => {
-                let p = a.as_primitive::<TimestampSecondType>();
-                (p.values(), 1, p.nulls())
-            }
-            TimeUnit::Millisecond => {
-                let p = a.as_primitive::<TimestampMillisecondType>();
-                (p.values(), 1_000, p.nulls())
-            }
-            TimeUnit::Microsecond => {
-                let p = a.as_primitive::<TimestampMicrosecondType>();
-                (p.values(), 1_000_000, p.nulls())
-            }
-            TimeUnit::Nanosecond => {
-                let p = a.as_primitive::<TimestampNanosecondType>();
-                (p.values(), 1_000_000_000, p.nulls())
-            }
-        },
-        _ => return None,
+    let DataType::Timestamp(unit, tz) = a.data_type() else {
+        return None;
     };
-    let out: Vec<i32> = values
-        .iter()
-        .map(|&v| field(part, v, per_sec))
+    if !is_utc(tz.as_deref()) {
+        return None;
+    }
+    let per_sec = match unit {
+        TimeUnit::Second => 1,
+        TimeUnit::Millisecond => 1_000,
+        TimeUnit::Microsecond => 1_000_000,
+        TimeUnit::Nanosecond => 1_000_000_000,
+    };
+    // timestamps are Int64 underneath: the cast reinterprets the buffer without copying
+    let ints = arrow::compute::cast(a, &DataType::Int64).ok()?;
+    let ints = ints.as_primitive::<Int64Type>();
+    let out: Vec<i32> = (0..ints.len())
+        .map(|i| {
+            if ints.is_null(i) {
+                Some(0)
+            } else {
+                field(part, ints.value(i), per_sec)
+            }
+        })
         .collect::<Option<_>>()?;
-    Some(Arc::new(Int32Array::new(out.into(), nulls.cloned())))
+    Some(Arc::new(Int32Array::new(out.into(), ints.nulls().cloned())))
 }
 
 impl ScalarUDFImpl for FastDatePart {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn aliases(&self) -> &[String] {
-        self.inner.aliases()
-    }
-    fn signature(&self) -> &Signature {
-        self.inner.signature()
-    }
-    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
-        self.inner.return_type(arg_types)
-    }
-    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<arrow::datatypes::FieldRef> {
-        self.inner.return_field_from_args(args)
-    }
-    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
-        self.inner.coerce_types(arg_types)
-    }
-    fn preimage(
-        &self,
-        args: &[datafusion::logical_expr::Expr],
-        lit_expr: &datafusion::logical_expr::Expr,
-        info: &datafusion::logical_expr::simplify::SimplifyContext,
-    ) -> Result<datafusion::logical_expr::preimage::PreimageResult> {
-        self.inner.preimage(args, lit_expr, info)
-    }
-    fn documentation(&self) -> Option<&datafusion::logical_expr::Documentation> {
-        self.inner.documentation()
-    }
+    delegate_to_inner_udf!();
+
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let part = match args.args.first() {
             Some(ColumnarValue::Scalar(ScalarValue::Utf8(Some(p))))
@@ -221,7 +185,10 @@ impl ScalarUDFImpl for FastDatePart {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Int32Array, TimestampMicrosecondArray, TimestampNanosecondArray};
+    use arrow::array::{
+        Int32Array, TimestampMicrosecondArray, TimestampMillisecondArray, TimestampNanosecondArray,
+        TimestampSecondArray,
+    };
 
     fn random_values(n: usize, range: i64) -> Vec<Option<i64>> {
         // a fixed LCG: reproducible without a dependency
@@ -246,6 +213,14 @@ mod tests {
             Arc::new(TimestampMicrosecondArray::from(us.clone())),
             Arc::new(TimestampMicrosecondArray::from(us).with_timezone("+00:00")),
             Arc::new(TimestampNanosecondArray::from(ns).with_timezone("UTC")),
+            Arc::new(TimestampSecondArray::from(random_values(
+                20_000,
+                95_000_000_000,
+            ))),
+            Arc::new(
+                TimestampMillisecondArray::from(random_values(20_000, 95_000_000_000_000))
+                    .with_timezone("Etc/UTC"),
+            ),
         ];
         for a in arrays {
             for p in ["year", "month", "day", "hour", "minute", "'hour'", "HOURS"] {

@@ -13,6 +13,51 @@
 //! Queries are read-only: DDL, DML (including `COPY`), `SET` and other statements are refused
 //! through DataFusion's `SQLOptions`; files cannot be referenced by path.
 
+/// The methods of a `ScalarUDFImpl` that wraps `self.inner: Arc<ScalarUDF>` and changes only
+/// `invoke_with_args` (`bounded`, `datepart`): everything else is the original function's.
+macro_rules! delegate_to_inner_udf {
+    () => {
+        fn name(&self) -> &str {
+            self.inner.name()
+        }
+        fn aliases(&self) -> &[String] {
+            self.inner.aliases()
+        }
+        fn signature(&self) -> &datafusion::logical_expr::Signature {
+            self.inner.signature()
+        }
+        fn return_type(
+            &self,
+            arg_types: &[arrow::datatypes::DataType],
+        ) -> datafusion::common::Result<arrow::datatypes::DataType> {
+            self.inner.return_type(arg_types)
+        }
+        fn return_field_from_args(
+            &self,
+            args: datafusion::logical_expr::ReturnFieldArgs,
+        ) -> datafusion::common::Result<arrow::datatypes::FieldRef> {
+            self.inner.return_field_from_args(args)
+        }
+        fn coerce_types(
+            &self,
+            arg_types: &[arrow::datatypes::DataType],
+        ) -> datafusion::common::Result<Vec<arrow::datatypes::DataType>> {
+            self.inner.coerce_types(arg_types)
+        }
+        fn preimage(
+            &self,
+            args: &[datafusion::logical_expr::Expr],
+            lit_expr: &datafusion::logical_expr::Expr,
+            info: &datafusion::logical_expr::simplify::SimplifyContext,
+        ) -> datafusion::common::Result<datafusion::logical_expr::preimage::PreimageResult> {
+            self.inner.preimage(args, lit_expr, info)
+        }
+        fn documentation(&self) -> Option<&datafusion::logical_expr::Documentation> {
+            self.inner.documentation()
+        }
+    };
+}
+
 pub mod bounded;
 pub mod datepart;
 pub mod deadline;

@@ -523,7 +523,7 @@ impl Batcher {
     /// buffered rows get 1/4 of it and buffered plus in-flight rows 5/16; the rest covers what
     /// encoding holds (page buffers, a row group, the gathered slice), builder slack, the
     /// read-ahead, the code and the allocator. The shares were measured (README, "Memory"): with
-    /// the default 256 MiB cap, ingesting the benchmark's capture files peaks at 140-160 MiB
+    /// the default 256 MiB cap, ingesting the benchmark's capture files peaks at 135-147 MiB
     /// resident; a bigger buffer share makes fewer, larger files (1/8 of the cap made 2.4 times
     /// as many files, 3 % larger in all, since each repeats its `did` dictionary).
     pub fn buffer_budget(&self) -> usize {

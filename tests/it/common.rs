@@ -229,3 +229,24 @@ pub fn rss_kb(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A simulator configuration with traffic seed `seed`; the other fields are the defaults.
+pub fn seeded(seed: u64) -> atlake::simulate::server::SimConfig {
+    atlake::simulate::server::SimConfig {
+        traffic: atlake::simulate::traffic::TrafficConfig {
+            seed,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Starts the simulator on a free loopback port.
+pub async fn start_sim(
+    cfg: atlake::simulate::server::SimConfig,
+) -> atlake::simulate::server::SimHandle {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    atlake::simulate::server::start(cfg, addr)
+        .await
+        .expect("the simulator starts on loopback")
+}

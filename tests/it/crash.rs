@@ -3,11 +3,11 @@
 //! recovery), restarted each time, and at the end
 //! the lake must hold every event of the simulator exactly once.
 
-use crate::common::{ChildGuard, assert_exactly_once, atlake_bin, read_lake};
+use crate::common::{ChildGuard, assert_exactly_once, atlake_bin, read_lake, seeded, start_sim};
 use crate::tools::{Moto, missing};
 use atlake::checkpoint::Checkpoint;
-use atlake::simulate::server::{Faults, SimConfig, start as sim_start};
-use atlake::simulate::traffic::{Rng, TrafficConfig};
+use atlake::simulate::server::SimConfig;
+use atlake::simulate::traffic::Rng;
 use atlake::sink::store::Lake;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -66,21 +66,13 @@ async fn crash_test(source: &str, backend: Backend) {
         Backend::Local => None,
     };
     let messages = 5000;
-    let sim = sim_start(
-        SimConfig {
-            traffic: TrafficConfig {
-                seed: 77,
-                ..Default::default()
-            },
-            messages: Some(messages),
-            rate: Some(1500.0),
-            retention: 1_000_000,
-            faults: Faults::default(),
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim = start_sim(SimConfig {
+        messages: Some(messages),
+        rate: Some(1500.0),
+        retention: 1_000_000,
+        ..seeded(77)
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let lake_url = match backend {
         Backend::Local => dir.path().join("lake").to_str().unwrap().to_string(),

@@ -1,9 +1,8 @@
 //! The daemon as users run it: `atlake run` against the simulator, queried over HTTP while it
 //! ingests; metrics; filters changed at run time; a clean SIGTERM.
 
-use crate::common::{atlake_bin, free_port};
-use atlake::simulate::server::{SimConfig, start as sim_start};
-use atlake::simulate::traffic::TrafficConfig;
+use crate::common::{atlake_bin, free_port, seeded, start_sim};
+use atlake::simulate::server::SimConfig;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,21 +28,13 @@ async fn count(c: &reqwest::Client, base: &str, q: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_fresh_sql_metrics_filters_and_stops_cleanly() {
-    let sim = sim_start(
-        SimConfig {
-            traffic: TrafficConfig {
-                seed: 31,
-                ..Default::default()
-            },
-            messages: None,
-            rate: Some(300.0),
-            retention: 100_000,
-            faults: Default::default(),
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim = start_sim(SimConfig {
+        messages: None,
+        rate: Some(300.0),
+        retention: 100_000,
+        ..seeded(31)
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");

@@ -2,11 +2,13 @@
 //! checks that ingest goes on, that the fault is counted under its reason in the metrics, and
 //! that what could not be decoded is in the `_errors` quarantine instead of vanishing.
 
-use crate::common::{assert_exactly_once, local_checkpoint, read_lake, wait_until};
+use crate::common::{
+    assert_exactly_once, local_checkpoint, read_lake, seeded, start_sim, wait_until,
+};
 use crate::ingest::test_config;
 use atlake::config::SourceKindConfig;
 use atlake::ingest::{self, Input};
-use atlake::simulate::server::{Faults, SimConfig, start as sim_start};
+use atlake::simulate::server::{Faults, SimConfig};
 use atlake::simulate::traffic::{Traffic, TrafficConfig};
 use atlake::sink::store::Lake;
 use atlake::source::capture::{CaptureFormat, CaptureWriter, Compression};
@@ -28,21 +30,13 @@ async fn live(
     tweak: impl FnOnce(&mut atlake::config::Config),
 ) -> (atlake::simulate::server::Truth, crate::common::LakeContents) {
     atlake::telemetry::metrics();
-    let sim = sim_start(
-        SimConfig {
-            traffic: TrafficConfig {
-                seed: 99,
-                ..Default::default()
-            },
-            messages: Some(n),
-            rate: None,
-            retention: 1_000_000,
-            faults,
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim = start_sim(SimConfig {
+        messages: Some(n),
+        retention: 1_000_000,
+        faults,
+        ..seeded(99)
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().to_str().unwrap().to_string();
     let mut cfg = test_config(&lake);
@@ -168,21 +162,13 @@ async fn future_and_outdated_cursors_are_acted_on() {
     atlake::telemetry::metrics();
     // a cursor beyond the relay's head: FutureCursor, then the live tip
     let fut = metric("atlake_stream_errors_total", "error=\"FutureCursor\"");
-    let sim = sim_start(
-        SimConfig {
-            traffic: TrafficConfig {
-                seed: 5,
-                ..Default::default()
-            },
-            messages: None,
-            rate: Some(400.0),
-            retention: 2000,
-            faults: Default::default(),
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim = start_sim(SimConfig {
+        messages: None,
+        rate: Some(400.0),
+        retention: 2000,
+        ..seeded(5)
+    })
+    .await;
     sim.wait_for_messages(100).await;
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().to_str().unwrap().to_string();

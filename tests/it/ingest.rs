@@ -1,10 +1,12 @@
 //! Ingest end to end: capture files and live streams from the simulator into a lake, compared
 //! with the simulator's ground truth.
 
-use crate::common::{assert_exactly_once, local_checkpoint, read_lake, wait_until};
+use crate::common::{
+    assert_exactly_once, local_checkpoint, read_lake, seeded, start_sim, wait_until,
+};
 use atlake::config::{Config, SourceKindConfig};
 use atlake::ingest::{self, Input};
-use atlake::simulate::server::{Faults, SimConfig, start as sim_start};
+use atlake::simulate::server::{Faults, SimConfig};
 use atlake::simulate::traffic::{Traffic, TrafficConfig};
 use atlake::sink::store::Lake;
 use atlake::source::capture::{CaptureFormat, CaptureWriter, Compression};
@@ -86,21 +88,13 @@ async fn file_ingest_is_exactly_once_and_idempotent() {
 }
 
 async fn live_run(kind: SourceKindConfig, faults: Faults, n: u64) {
-    let sim = sim_start(
-        SimConfig {
-            traffic: TrafficConfig {
-                seed: 5,
-                ..Default::default()
-            },
-            messages: Some(n),
-            rate: None,
-            retention: 1_000_000,
-            faults,
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim = start_sim(SimConfig {
+        messages: Some(n),
+        retention: 1_000_000,
+        faults,
+        ..seeded(5)
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let lake_url = dir.path().to_str().unwrap().to_string();
     let mut cfg = test_config(&lake_url);

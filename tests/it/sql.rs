@@ -1,12 +1,12 @@
 //! SQL: the HTTP endpoint through a real client on port 0 (every format, errors, read-only,
 //! limits, token), and freshness of buffered rows in the daemon.
 
-use crate::common::wait_until;
+use crate::common::{seeded, start_sim, wait_until};
 use crate::ingest::test_config;
 use atlake::ingest::{self, Input};
 use atlake::query::http::{AppState, serve};
 use atlake::query::{Limits, QueryEngine};
-use atlake::simulate::server::{SimConfig, start as sim_start};
+use atlake::simulate::server::SimConfig;
 use atlake::simulate::traffic::{Traffic, TrafficConfig};
 use atlake::sink::store::Lake;
 use atlake::source::capture::{CaptureFormat, CaptureWriter, Compression};
@@ -369,21 +369,13 @@ async fn timeout_memory_cap_row_limit_and_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_rows_are_visible_within_a_second() {
-    let sim = sim_start(
-        SimConfig {
-            traffic: TrafficConfig {
-                seed: 8,
-                ..Default::default()
-            },
-            messages: Some(600),
-            rate: Some(400.0),
-            retention: 100_000,
-            faults: Default::default(),
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim = start_sim(SimConfig {
+        messages: Some(600),
+        rate: Some(400.0),
+        retention: 100_000,
+        ..seeded(8)
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().to_str().unwrap().to_string();
     let mut cfg = test_config(&lake);
@@ -436,21 +428,13 @@ async fn buffered_rows_are_visible_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_never_go_backwards_or_beyond_the_source_while_flushing() {
-    let sim = sim_start(
-        SimConfig {
-            traffic: TrafficConfig {
-                seed: 9,
-                ..Default::default()
-            },
-            messages: Some(4000),
-            rate: Some(800.0),
-            retention: 100_000,
-            faults: Default::default(),
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim = start_sim(SimConfig {
+        messages: Some(4000),
+        rate: Some(800.0),
+        retention: 100_000,
+        ..seeded(9)
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().to_str().unwrap().to_string();
     let mut cfg = test_config(&lake);

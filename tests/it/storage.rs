@@ -2,14 +2,14 @@
 //! lost, memory stays bounded (backpressure reaches the socket), and ingest resumes by itself.
 
 use crate::common::{
-    ChildGuard, assert_exactly_once, atlake_bin, local_checkpoint, read_lake, rss_kb, wait_until,
+    ChildGuard, assert_exactly_once, atlake_bin, local_checkpoint, read_lake, rss_kb, seeded,
+    start_sim, wait_until,
 };
 use crate::ingest::test_config;
 use crate::tools::{Moto, missing};
 use atlake::config::SourceKindConfig;
 use atlake::ingest::{self, Input};
-use atlake::simulate::server::{SimConfig, start as sim_start};
-use atlake::simulate::traffic::TrafficConfig;
+use atlake::simulate::server::SimConfig;
 use atlake::sink::store::Lake;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -79,21 +79,13 @@ async fn s3_outage_of_a_minute_loses_nothing_and_bounds_memory() {
     let target: std::net::SocketAddr = moto.endpoint.trim_start_matches("http://").parse().unwrap();
     let proxy = Proxy::start(target).await;
     let messages = 400_000;
-    let sim = sim_start(
-        SimConfig {
-            traffic: TrafficConfig {
-                seed: 61,
-                ..Default::default()
-            },
-            messages: Some(messages),
-            rate: Some(4000.0),
-            retention: 1_000_000,
-            faults: Default::default(),
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim = start_sim(SimConfig {
+        messages: Some(messages),
+        rate: Some(4000.0),
+        retention: 1_000_000,
+        ..seeded(61)
+    })
+    .await;
     let mut env = moto.env();
     env.retain(|(k, _)| k != "AWS_ENDPOINT");
     env.push(("AWS_ENDPOINT".into(), format!("http://{}", proxy.addr)));
@@ -238,21 +230,13 @@ async fn a_full_disk_is_reported_and_writing_resumes_when_space_returns() {
     // leave about 300 KiB free
     let filler = mnt.join("filler");
     std::fs::write(&filler, vec![0u8; 64 * 1024 * 1024 - 300 * 1024]).ok();
-    let sim = sim_start(
-        SimConfig {
-            traffic: TrafficConfig {
-                seed: 62,
-                ..Default::default()
-            },
-            messages: Some(20_000),
-            rate: Some(5000.0),
-            retention: 1_000_000,
-            faults: Default::default(),
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let sim = start_sim(SimConfig {
+        messages: Some(20_000),
+        rate: Some(5000.0),
+        retention: 1_000_000,
+        ..seeded(62)
+    })
+    .await;
     let lake_dir = mnt.join("lake");
     let mut cfg = test_config(lake_dir.to_str().unwrap());
     cfg.source.kind = SourceKindConfig::Firehose;
