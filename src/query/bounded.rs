@@ -165,9 +165,13 @@ impl Bounded {
                 };
                 Some(sum((0..stop.len())
                     .map(|i| {
-                        let lo = start.map_or(0, |s| s[i]) as i128;
-                        let step = step.map_or(1, |s| s[i]) as i128;
-                        let span = (stop[i] as i128 - lo).abs();
+                        // arguments can differ in length (a scalar expands to at least
+                        // one row even in an empty batch): missing values count as defaults
+                        let at = |v: Option<&Vec<i64>>, d: i64| {
+                            v.and_then(|v| v.get(i)).copied().unwrap_or(d) as i128
+                        };
+                        let (lo, step) = (at(start, 0), at(step, 1));
+                        let span = (at(Some(stop), 0) - lo).abs();
                         (span / step.abs().max(1) + 1) * 8
                     })
                     .collect()))
@@ -202,6 +206,42 @@ mod tests {
     async fn run(ctx: &SessionContext, q: &str) -> Result<usize> {
         let b = ctx.sql(q).await?.collect().await?;
         Ok(b.iter().map(|b| b.num_rows()).sum())
+    }
+
+    #[test]
+    fn an_empty_batch_with_scalar_and_array_arguments_is_estimated_without_panicking() {
+        let b = Bounded {
+            inner: Arc::new(ScalarUDF::new_from_impl(
+                datafusion::functions_nested::range::Range::new(),
+            )),
+            growth: Growth::Series,
+            budget: 1 << 20,
+        };
+        let empty: ArrayRef = Arc::new(Int64Array::from(Vec::<i64>::new()));
+        for args in [
+            vec![
+                ColumnarValue::Array(empty.clone()),
+                ColumnarValue::Scalar(datafusion::common::ScalarValue::Int64(Some(10))),
+            ],
+            vec![
+                ColumnarValue::Scalar(datafusion::common::ScalarValue::Int64(Some(0))),
+                ColumnarValue::Array(empty.clone()),
+                ColumnarValue::Scalar(datafusion::common::ScalarValue::Int64(Some(2))),
+            ],
+        ] {
+            let fields = args
+                .iter()
+                .map(|_| Arc::new(arrow::datatypes::Field::new("a", DataType::Int64, true)))
+                .collect();
+            let est = b.estimate(&ScalarFunctionArgs {
+                args,
+                arg_fields: fields,
+                number_rows: 0,
+                return_field: Arc::new(arrow::datatypes::Field::new("r", DataType::Int64, true)),
+                config_options: Arc::new(Default::default()),
+            });
+            assert!(est.is_some_and(|bytes| bytes < 1 << 20), "{est:?}");
+        }
     }
 
     #[tokio::test]
