@@ -13,18 +13,24 @@ use arrow::array::{ArrayRef, RecordBatch, new_null_array};
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::Result;
 use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::expr_rewriter::unnormalize_col;
+use datafusion::logical_expr::simplify::SimplifyContext;
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
+use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::filter::FilterExecBuilder;
 use datafusion::physical_plan::union::UnionExec;
 use std::sync::Arc;
 
@@ -395,7 +401,16 @@ impl TableProvider for LakeTable {
         &self,
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
-        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+        Ok(filters
+            .iter()
+            .map(|f| {
+                if self.applies_exactly(f) {
+                    TableProviderFilterPushDown::Exact
+                } else {
+                    TableProviderFilterPushDown::Inexact
+                }
+            })
+            .collect())
     }
 
     async fn scan(
@@ -438,6 +453,14 @@ impl TableProvider for LakeTable {
                 sources.push(Source::Typed(i - n_common_typed_start));
             }
         }
+        // filters on stored columns only are applied by the scan itself (exactly), right on
+        // the files: per file, what its partition says about `kind` and `collection` is
+        // substituted first, so those comparisons cost nothing per row
+        let exact: Vec<Expr> = filters
+            .iter()
+            .filter(|f| self.applies_exactly(f))
+            .map(|f| unnormalize_col(f.clone()))
+            .collect();
         let typed_wanted = sources.iter().any(|s| matches!(s, Source::Typed(_)));
         let record_pos = if typed_wanted {
             let si = self.stored.index_of("record")?;
@@ -445,23 +468,46 @@ impl TableProvider for LakeTable {
         } else {
             0
         };
+        // the scan returns the first `keep` columns; the ones after are read for the filter only
+        let keep = stored_proj.len();
+        for f in &exact {
+            for c in f.column_refs() {
+                let si = self.stored.index_of(&c.name)?;
+                need(si, &mut stored_proj);
+            }
+        }
         // filters on derived columns are evaluated above the scan; the others, and `time`
         // rewritten to `time_us`, prune files, row groups and pages
-        let stored_filters: Vec<Expr> = filters
+        let inexact: Vec<Expr> = filters
             .iter()
+            .filter(|f| !self.applies_exactly(f))
             .filter_map(time_to_time_us)
+            .map(unnormalize_col)
             .filter(|f| {
                 f.column_refs()
                     .iter()
                     .all(|c| self.stored.index_of(&c.name).is_ok())
             })
             .collect();
+        let filter = conjunction(exact.clone());
+        // with a filter, a limit would cut rows before it: the Limit above the scan stays
+        let limit = if derived || filter.is_some() {
+            None
+        } else {
+            limit
+        };
+        let mut prune_by = exact;
+        prune_by.extend(inexact.iter().cloned());
         let base = self.scan_stored(
             state,
             &stored_proj,
-            &stored_filters,
-            if derived { None } else { limit },
+            keep,
+            &prune_by,
+            &inexact,
+            filter,
+            limit,
         )?;
+        stored_proj.truncate(keep);
         let identity = !derived
             && sources
                 .iter()
@@ -530,7 +576,117 @@ fn constants(name: &PartitionName) -> Option<(&'static str, Option<&str>)> {
     }
 }
 
+/// `plan` with only the rows where `filter` holds (columns by name), and only its first `keep`
+/// columns.
+fn filtered(
+    state: &dyn Session,
+    plan: Arc<dyn ExecutionPlan>,
+    filter: Option<&Expr>,
+    keep: usize,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let width = plan.schema().fields().len();
+    let Some(filter) = filter else {
+        return Ok(plan);
+    };
+    let schema = DFSchema::try_from(plan.schema().as_ref().clone())?;
+    let predicate = state.create_physical_expr(filter.clone(), &schema)?;
+    let projection = (keep < width).then(|| (0..keep).collect());
+    Ok(Arc::new(
+        FilterExecBuilder::new(predicate, plan)
+            .apply_projection(projection)?
+            .build()?,
+    ))
+}
+
+/// What is left of `filter` on the rows of a partition, given what the partition says about
+/// `kind` and `collection`: `None` when no row can match, `Some(None)` when every row does.
+fn residual(filter: &Expr, name: &PartitionName, stored: &SchemaRef) -> Option<Option<Expr>> {
+    let Some((kind, coll)) = constants(name) else {
+        return Some(Some(filter.clone()));
+    };
+    let value = |col: &str, v: Option<&str>| -> Option<Expr> {
+        let dt = stored.field_with_name(col).ok()?.data_type().clone();
+        let s = ScalarValue::Utf8(v.map(str::to_string)).cast_to(&dt).ok()?;
+        Some(Expr::Literal(s, None))
+    };
+    let (Some(kind), Some(coll)) = (value("kind", Some(kind)), value("collection", coll)) else {
+        return Some(Some(filter.clone()));
+    };
+    let substituted = filter
+        .clone()
+        .transform(|e| {
+            Ok(match &e {
+                Expr::Column(c) if c.name == "kind" => Transformed::yes(kind.clone()),
+                Expr::Column(c) if c.name == "collection" => Transformed::yes(coll.clone()),
+                _ => Transformed::no(e),
+            })
+        })
+        .map(|t| t.data);
+    let simplified = substituted.and_then(|e| {
+        let schema = Arc::new(DFSchema::try_from(stored.as_ref().clone())?);
+        ExprSimplifier::new(SimplifyContext::builder().with_schema(schema).build()).simplify(e)
+    });
+    match simplified {
+        Ok(Expr::Literal(ScalarValue::Boolean(Some(true)), _)) => Some(None),
+        Ok(Expr::Literal(ScalarValue::Boolean(_) | ScalarValue::Null, _)) => None,
+        Ok(e) => Some(Some(e)),
+        // not simplified: the whole filter, row by row
+        Err(_) => Some(Some(filter.clone())),
+    }
+}
+
 impl LakeTable {
+    /// Whether the scan applies `filter` itself, exactly: it reads stored columns only (so the
+    /// files, row groups and rows in memory can all evaluate it) and holds nothing the scan
+    /// cannot evaluate (subqueries, placeholders, outer references, volatile functions).
+    fn applies_exactly(&self, filter: &Expr) -> bool {
+        let refs = filter.column_refs();
+        !refs.is_empty()
+            && refs.iter().all(|c| self.stored.index_of(&c.name).is_ok())
+            && !filter.is_volatile()
+            && !filter
+                .exists(|e| {
+                    Ok(matches!(
+                        e,
+                        Expr::ScalarSubquery(_)
+                            | Expr::Exists(_)
+                            | Expr::InSubquery(_)
+                            | Expr::OuterReferenceColumn(..)
+                            | Expr::Placeholder(_)
+                    ))
+                })
+                .unwrap_or(true)
+    }
+
+    /// Constant-partition files grouped by what `filter` leaves for their rows (files whose
+    /// rows cannot match are left out).
+    fn residuals<'a>(
+        &self,
+        filter: Option<&Expr>,
+        files: Vec<&'a LakeFile>,
+    ) -> Vec<(Option<Expr>, Vec<&'a LakeFile>)> {
+        let Some(filter) = filter else {
+            return if files.is_empty() {
+                Vec::new()
+            } else {
+                vec![(None, files)]
+            };
+        };
+        let mut by_name: std::collections::HashMap<&PartitionName, Option<Option<Expr>>> =
+            std::collections::HashMap::new();
+        let mut groups: Vec<(Option<Expr>, Vec<&LakeFile>)> = Vec::new();
+        for f in files {
+            let r = by_name
+                .entry(&f.key.name)
+                .or_insert_with(|| residual(filter, &f.key.name, &self.stored));
+            let Some(r) = r else { continue };
+            match groups.iter_mut().find(|(g, _)| g == r) {
+                Some((_, v)) => v.push(f),
+                None => groups.push((r.clone(), vec![f])),
+            }
+        }
+        groups
+    }
     fn partitioned(&self, files: &[&LakeFile]) -> Vec<PartitionedFile> {
         files
             .iter()
@@ -571,9 +727,26 @@ impl LakeTable {
         table: datafusion::datasource::table_schema::TableSchema,
         schema: SchemaRef,
         filters: &[Expr],
-    ) -> ParquetSource {
+        lookup: bool,
+    ) -> Result<ParquetSource> {
+        // lake files are immutable (a name is never reused for other bytes), so their footers
+        // and page indexes are cached across queries, within the runtime's metadata cache
+        // limit (least recently used first out)
+        let runtime = state.runtime_env();
+        let reader = CachedParquetFileReaderFactory::new(
+            runtime.object_store(&self.store_url)?,
+            runtime.cache_manager.get_file_metadata_cache(),
+        );
+        let mut options = state.table_options().parquet.clone();
+        if !lookup {
+            // page indexes and bloom filters only help a filter on a column with many values;
+            // reading them costs about a quarter of a broad scan's time (JSONBench Q2, Q3)
+            options.global.enable_page_index = false;
+            options.global.bloom_filter_on_read = false;
+        }
         let mut source = ParquetSource::new(table)
-            .with_table_parquet_options(state.table_options().parquet.clone());
+            .with_table_parquet_options(options)
+            .with_parquet_file_reader_factory(Arc::new(reader));
         let usable: Vec<Expr> = filters
             .iter()
             .filter(|f| {
@@ -589,16 +762,24 @@ impl LakeTable {
         {
             source = source.with_predicate(p);
         }
-        source
+        Ok(source)
     }
 
     /// Files of one-collection partitions: `kind` and `collection` come from the partition
     /// (the same on every row) instead of being decoded from each file.
+    ///
+    /// `residual` is what is left of the scan's exact filter once these files' constants are
+    /// substituted (the caller groups files by it); `predicate` only prunes. Returns the
+    /// columns `proj[..keep]`.
+    #[allow(clippy::too_many_arguments)]
     fn scan_constant(
         &self,
         state: &dyn Session,
         proj: &[usize],
-        filters: &[Expr],
+        keep: usize,
+        predicate: &[Expr],
+        residual: Option<&Expr>,
+        lookup: bool,
         limit: Option<usize>,
         files: &[&LakeFile],
     ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
@@ -635,15 +816,17 @@ impl LakeTable {
             .map(|f| f.name().clone())
             .chain(consts.iter().map(|c| c.to_string()))
             .collect();
+        let position = |name: &str| combined.iter().position(|c| c == name).unwrap_or(0);
         // the combined column of each wanted stored column
-        let picks: Vec<usize> = proj
+        let picks: Vec<usize> = proj[..keep]
             .iter()
-            .map(|&i| {
-                let name = self.stored.field(i).name();
-                combined.iter().position(|c| c == name).unwrap_or(0)
-            })
+            .map(|&i| position(self.stored.field(i).name()))
             .collect();
+        // and of each column the residual filter reads (never `kind` or `collection`)
         let mut read: Vec<usize> = picks.clone();
+        if let Some(r) = residual {
+            read.extend(r.column_refs().iter().map(|c| position(&c.name)));
+        }
         read.sort_unstable();
         read.dedup();
         let pfiles: Vec<PartitionedFile> = files
@@ -657,18 +840,20 @@ impl LakeTable {
                 ])
             })
             .collect();
-        let source = self.parquet_source(state, table_schema, file_schema.clone(), filters);
+        let source =
+            self.parquet_source(state, table_schema, file_schema.clone(), predicate, lookup)?;
         let config = FileScanConfigBuilder::new(self.store_url.clone(), Arc::new(source))
             .with_file_groups(Self::groups(state, pfiles))
             .with_projection_indices(Some(read.clone()))?
             .with_limit(limit)
             .build();
-        let scan: Arc<dyn ExecutionPlan> = DataSourceExec::from_data_source(config);
+        let scan = DataSourceExec::from_data_source(config);
+        let scan = filtered(state, scan, residual, read.len())?;
         // back to the stored column order
         let scan_schema = scan.schema();
         let exprs: Vec<(Arc<dyn datafusion::physical_expr::PhysicalExpr>, String)> = picks
             .iter()
-            .zip(proj)
+            .zip(&proj[..keep])
             .map(|(&c, &i)| {
                 let pos = read.iter().position(|&r| r == c).unwrap_or(0);
                 let name = self.stored.field(i).name().clone();
@@ -684,24 +869,47 @@ impl LakeTable {
         )))
     }
 
-    /// Files and in-memory rows of the stored columns `proj`.
+    /// Files and in-memory rows of the stored columns `proj[..keep]`: files pruned by
+    /// `prune_by`, row groups and pages by `predicate`, and rows kept only where `filter` holds
+    /// (it may read the columns of `proj[keep..]` too).
+    #[allow(clippy::too_many_arguments)]
     fn scan_stored(
         &self,
         state: &dyn Session,
         proj: &[usize],
-        filters: &[Expr],
+        keep: usize,
+        prune_by: &[Expr],
+        predicate: &[Expr],
+        filter: Option<Expr>,
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
-        let files = self.prune(filters);
+        // a lookup filters on a column with many values (a DID, a time range, a record key),
+        // not only on the two or three of `kind`, `operation` or `collection`
+        let lookup = filter.iter().chain(predicate).any(|f| {
+            f.column_refs()
+                .iter()
+                .any(|c| !matches!(c.name.as_str(), "kind" | "operation" | "collection"))
+        });
+        let files = self.prune(prune_by);
         let (constant, varying): (Vec<&LakeFile>, Vec<&LakeFile>) = files
             .into_iter()
             .partition(|f| constants(&f.key.name).is_some());
         let mut plain = varying;
-        if !constant.is_empty() {
-            match self.scan_constant(state, proj, filters, limit, &constant)? {
+        for (residual, group) in self.residuals(filter.as_ref(), constant) {
+            match self.scan_constant(
+                state,
+                proj,
+                keep,
+                predicate,
+                residual.as_ref(),
+                lookup,
+                limit,
+                &group,
+            )? {
                 Some(p) => inputs.push(p),
-                None => plain.extend(constant),
+                // the filter did not mention `kind` or `collection`: its residual is itself
+                None => plain.extend(group),
             }
         }
         if !plain.is_empty() {
@@ -709,25 +917,32 @@ impl LakeTable {
                 state,
                 self.stored.clone().into(),
                 self.stored.clone(),
-                filters,
-            );
+                predicate,
+                lookup,
+            )?;
             let config = FileScanConfigBuilder::new(self.store_url.clone(), Arc::new(source))
                 .with_file_groups(Self::groups(state, self.partitioned(&plain)))
                 .with_projection_indices(Some(proj.to_vec()))?
                 .with_limit(limit)
                 .build();
-            inputs.push(DataSourceExec::from_data_source(config));
+            inputs.push(filtered(
+                state,
+                DataSourceExec::from_data_source(config),
+                filter.as_ref(),
+                keep,
+            )?);
         }
         if !self.batches.is_empty() {
-            inputs.push(MemorySourceConfig::try_new_exec(
+            let memory = MemorySourceConfig::try_new_exec(
                 std::slice::from_ref(&self.batches),
                 self.stored.clone(),
                 Some(proj.to_vec()),
-            )?);
+            )?;
+            inputs.push(filtered(state, memory, filter.as_ref(), keep)?);
         }
         if inputs.is_empty() {
             return Ok(Arc::new(EmptyExec::new(Arc::new(
-                self.stored.project(proj)?,
+                self.stored.project(&proj[..keep])?,
             ))));
         }
         UnionExec::try_new(inputs)
