@@ -4,8 +4,15 @@
 //! Files are pruned by partition before DataFusion sees them: a filter on `collection` keeps only
 //! that collection's directory (and `_other`, which holds the long tail), a filter on `kind`
 //! keeps only the matching partitions, and a range on `time`/`time_us` keeps only the hours it
-//! touches. Inside the files, DataFusion prunes row groups and pages with their statistics and
-//! the page index, using the same filters.
+//! touches. Inside the files, DataFusion prunes row groups with their statistics, and pages
+//! with the page index and bloom filters when a filter names a column with many values (a
+//! lookup), using the same filters.
+//!
+//! Filters on stored columns are applied by the scan itself, exactly: for a file of a
+//! one-collection partition, what the partition says about `kind` and `collection` is
+//! substituted into the filter and folded, and only the rest (`operation = 'create'`, say) is
+//! evaluated on its rows, inside the Parquet reader. Footers are cached across queries (the
+//! files never change).
 
 use crate::model::rows::TableKind;
 use crate::sink::partition::{HOUR_US, LakeFile, PartitionName};
