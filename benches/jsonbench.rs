@@ -98,20 +98,19 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     // ATLAKE_BENCH_QUERIES=DIR runs every `*.sql` of DIR instead (to compare variants)
-    let sqls = match load_queries() {
-        Ok(q) => q,
-        Err(e) => {
-            eprintln!("jsonbench: {e}");
-            std::process::exit(2);
-        }
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let engine = QueryEngine::new(Lake::open(&lake).expect("lake"), None, Limits::default())
-        .expect("engine");
+    let sqls = or_exit(load_queries(), "queries");
+    let rt = or_exit(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build(),
+        "runtime",
+    );
+    let lake_handle = or_exit(Lake::open(&lake), &lake);
+    let engine = or_exit(
+        QueryEngine::new(lake_handle, None, Limits::default()),
+        "query engine",
+    );
     let events = rt
         .block_on(engine.collect("SELECT count(*) FROM events"))
         .ok()
@@ -125,8 +124,7 @@ fn main() {
     let mut ours = Vec::new();
     for (name, sql) in &sqls {
         let (t, rows) = best_of(runs, || {
-            rt.block_on(engine.collect(sql))
-                .unwrap_or_else(|e| panic!("{name}: {e}"))
+            or_exit(rt.block_on(engine.collect(sql)), name)
                 .iter()
                 .map(|b| b.num_rows())
                 .sum()
@@ -175,4 +173,12 @@ fn main() {
     if duck.is_none() {
         println!("(DuckDB not measured: no Python with duckdb at {py}; set ATLAKE_PYTHON)");
     }
+}
+
+/// The value, or the error on stderr and exit status 2 (a benchmark that cannot run says why).
+fn or_exit<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
+    r.unwrap_or_else(|e| {
+        eprintln!("jsonbench: {what}: {e}");
+        std::process::exit(2)
+    })
 }

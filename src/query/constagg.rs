@@ -435,23 +435,13 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::simulate::traffic::Rng;
     use arrow::array::{Int32Array, Int64Array, StringViewArray};
     use datafusion::common::ScalarValue;
     use datafusion::datasource::MemTable;
     use datafusion::execution::runtime_env::RuntimeEnvBuilder;
     use datafusion::execution::session_state::SessionStateBuilder;
     use datafusion::prelude::{SessionConfig, SessionContext};
-
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self, n: u64) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (self.0 >> 33) % n
-        }
-    }
 
     /// Batches like a lake's: some with one collection and hour (as one file gives), some
     /// mixed, some with null keys; `c` long strings, `h` small ints, `v` values.
@@ -462,41 +452,41 @@ mod tests {
             Field::new("v", DataType::Int64, true),
             Field::new("d", DataType::Utf8View, true),
         ]));
-        let mut rng = Lcg(seed);
+        let mut rng = Rng::new(seed);
         let name = |k: u64| format!("app.bsky.feed.collection{k}");
         let parts = (0..partitions)
             .map(|_| {
                 (0..8)
                     .map(|b| {
-                        let rows = 1 + rng.next(2500) as usize;
+                        let rows = 1 + rng.below(2500) as usize;
                         let (c, h): (StringViewArray, Int32Array) = match b % 4 {
                             // one value, repeated: what a partition column gives
                             0 | 1 => {
-                                let c = name(rng.next(5));
-                                let h = rng.next(24) as i32;
+                                let c = name(rng.below(5));
+                                let h = rng.below(24) as i32;
                                 let c = ScalarValue::Utf8View(Some(c))
                                     .to_array_of_size(rows)
                                     .unwrap();
                                 (c.as_string_view().clone(), Int32Array::from(vec![h; rows]))
                             }
                             2 => (
-                                (0..rows).map(|_| Some(name(rng.next(5)))).collect(),
-                                (0..rows).map(|_| Some(rng.next(24) as i32)).collect(),
+                                (0..rows).map(|_| Some(name(rng.below(5)))).collect(),
+                                (0..rows).map(|_| Some(rng.below(24) as i32)).collect(),
                             ),
                             _ => (
                                 (0..rows)
-                                    .map(|_| (rng.next(7) != 0).then(|| name(rng.next(5))))
+                                    .map(|_| (rng.below(7) != 0).then(|| name(rng.below(5))))
                                     .collect(),
                                 (0..rows)
-                                    .map(|_| (rng.next(7) != 0).then(|| rng.next(24) as i32))
+                                    .map(|_| (rng.below(7) != 0).then(|| rng.below(24) as i32))
                                     .collect(),
                             ),
                         };
                         let v: Int64Array = (0..rows)
-                            .map(|_| (rng.next(11) != 0).then(|| rng.next(1000) as i64 - 300))
+                            .map(|_| (rng.below(11) != 0).then(|| rng.below(1000) as i64 - 300))
                             .collect();
                         let d: StringViewArray = (0..rows)
-                            .map(|_| Some(format!("did:plc:{:0>24}", rng.next(300))))
+                            .map(|_| Some(format!("did:plc:{:0>24}", rng.below(300))))
                             .collect();
                         RecordBatch::try_new(
                             schema.clone(),

@@ -191,13 +191,10 @@ mod tests {
     };
 
     fn random_values(n: usize, range: i64) -> Vec<Option<i64>> {
-        // a fixed LCG: reproducible without a dependency
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        // the simulator's deterministic generator: reproducible without a dependency
+        let mut rng = crate::simulate::traffic::Rng::new(0x9e37_79b9_7f4a_7c15);
         (0..n)
-            .map(|i| {
-                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                (i % 17 != 0).then(|| ((x >> 1) as i64) % range)
-            })
+            .map(|i| (i % 17 != 0).then(|| ((rng.next_u64() >> 1) as i64) % range))
             .collect()
     }
 

@@ -291,21 +291,10 @@ impl Accumulator for ViewDistinct {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::simulate::traffic::Rng;
     use arrow::array::{DictionaryArray, Int32Array, RecordBatch, StringViewArray};
     use arrow::datatypes::{Int32Type, Schema};
     use datafusion::datasource::MemTable;
-
-    /// A reproducible stream of numbers (a fixed LCG).
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self, n: u64) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (self.0 >> 33) % n
-        }
-    }
 
     /// A value: short ones live in the view, long ones in a buffer.
     fn value(k: u64) -> String {
@@ -318,9 +307,9 @@ mod tests {
 
     /// Strings as the Parquet reader gives dictionary pages (rows of one value share a view)
     /// or as plain arrays (each row its own copy), with nulls.
-    fn strings(rng: &mut Lcg, rows: usize, dictionary: bool) -> ArrayRef {
+    fn strings(rng: &mut Rng, rows: usize, dictionary: bool) -> ArrayRef {
         let keys: Vec<Option<u64>> = (0..rows)
-            .map(|_| (rng.next(23) != 0).then(|| rng.next(500)))
+            .map(|_| (rng.below(23) != 0).then(|| rng.below(500)))
             .collect();
         if dictionary {
             let dict: Vec<String> = (0..500).map(value).collect();
@@ -342,16 +331,16 @@ mod tests {
             Field::new("g", DataType::Int32, false),
             Field::new("s", DataType::Utf8View, true),
         ]));
-        let mut rng = Lcg(seed);
+        let mut rng = Rng::new(seed);
         let partitions: Vec<Vec<RecordBatch>> = (0..3)
             .map(|p| {
                 (0..6)
                     .map(|b| {
-                        let rows = 1 + rng.next(3000) as usize;
+                        let rows = 1 + rng.below(3000) as usize;
                         // some batches hold one group (as a file of one collection does)
                         let groups = if b % 2 == 0 { 1 } else { 7 };
                         let g: Int32Array =
-                            (0..rows).map(|_| rng.next(groups) as i32 + p).collect();
+                            (0..rows).map(|_| rng.below(groups) as i32 + p).collect();
                         let s = strings(&mut rng, rows, !(b + p as usize).is_multiple_of(3));
                         RecordBatch::try_new(schema.clone(), vec![Arc::new(g), s]).unwrap()
                     })
@@ -414,7 +403,7 @@ mod tests {
 
     #[test]
     fn shared_views_are_sent_to_the_set_once() {
-        let mut rng = Lcg(9);
+        let mut rng = Rng::new(9);
         // one column chunk read in batches: slices of one array share its buffer
         let whole = strings(&mut rng, 16_000, true);
         let arrays: Vec<ArrayRef> = (0..4).map(|i| whole.slice(i * 4000, 4000)).collect();
@@ -441,9 +430,37 @@ mod tests {
         );
     }
 
+    /// Two dictionaries of same-length values with the same first four bytes: value `k` of
+    /// each has the very same 16-byte view (length, prefix, buffer 0, offset) but other bytes.
+    #[test]
+    fn equal_views_over_another_buffer_are_not_taken_for_seen_strings() {
+        let column = |base: u64| -> ArrayRef {
+            let values: Vec<String> = (0..200)
+                .map(|k| format!("did:plc:{:0>24}", base + k))
+                .collect();
+            let keys = Int32Array::from((0..2000).map(|i| i % 200).collect::<Vec<i32>>());
+            let d = DictionaryArray::<Int32Type>::try_new(
+                keys,
+                Arc::new(arrow::array::StringArray::from(values)),
+            )
+            .unwrap();
+            arrow::compute::cast(&d, &DataType::Utf8View).unwrap()
+        };
+        let (a, b) = (column(0), column(1_000_000));
+        assert_eq!(
+            a.as_string_view().views()[7],
+            b.as_string_view().views()[7],
+            "the two columns share views"
+        );
+        let mut acc = ViewDistinct::default();
+        acc.update_batch(std::slice::from_ref(&a)).unwrap();
+        acc.update_batch(std::slice::from_ref(&b)).unwrap();
+        assert_eq!(acc.evaluate().unwrap(), ScalarValue::Int64(Some(400)));
+    }
+
     #[test]
     fn state_merges_and_buffer_changes_keep_counts_exact() {
-        let mut rng = Lcg(3);
+        let mut rng = Rng::new(3);
         // plain arrays (several buffers each), then dictionary-like ones (one buffer each)
         let big: Vec<ArrayRef> = (0..4)
             .map(|b| {

@@ -463,11 +463,9 @@ impl TableProvider for LakeTable {
         // filters on stored columns only are applied by the scan itself (exactly), right on
         // the files: per file, what its partition says about `kind` and `collection` is
         // substituted first, so those comparisons cost nothing per row
-        let exact: Vec<Expr> = filters
-            .iter()
-            .filter(|f| self.applies_exactly(f))
-            .map(|f| unnormalize_col(f.clone()))
-            .collect();
+        let (exact, rest): (Vec<&Expr>, Vec<&Expr>) =
+            filters.iter().partition(|f| self.applies_exactly(f));
+        let exact: Vec<Expr> = exact.into_iter().cloned().map(unnormalize_col).collect();
         let typed_wanted = sources.iter().any(|s| matches!(s, Source::Typed(_)));
         let record_pos = if typed_wanted {
             let si = self.stored.index_of("record")?;
@@ -483,11 +481,10 @@ impl TableProvider for LakeTable {
                 need(si, &mut stored_proj);
             }
         }
-        // filters on derived columns are evaluated above the scan; the others, and `time`
-        // rewritten to `time_us`, prune files, row groups and pages
-        let inexact: Vec<Expr> = filters
-            .iter()
-            .filter(|f| !self.applies_exactly(f))
+        // filters on derived columns are evaluated above the scan; those on `time`, rewritten
+        // to `time_us`, prune files, row groups and pages here too
+        let inexact: Vec<Expr> = rest
+            .into_iter()
             .filter_map(time_to_time_us)
             .map(unnormalize_col)
             .filter(|f| {
