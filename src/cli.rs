@@ -2,7 +2,8 @@
 //!
 //! `main` stays thin; every command is a function here that calls into the library.
 
-use crate::config::{Config, SourceKindConfig};
+use crate::config::{Config, SourceKind};
+use crate::daemon::Daemon;
 use crate::ingest::{self, Input};
 use crate::simulate::server::{Faults, SimConfig};
 use crate::simulate::traffic::TrafficConfig;
@@ -44,12 +45,21 @@ pub struct CommonArgs {
     pub lake: Option<String>,
 }
 
+/// Flags of the commands that write the lake.
+#[derive(Debug, Clone, Args)]
+pub struct WriterArgs {
+    /// When another process is writing this lake, wait for it to stop (or, on S3, for its lease
+    /// to lapse) instead of failing.
+    #[arg(long)]
+    pub wait: bool,
+}
+
 /// Source flags.
 #[derive(Debug, Clone, Args)]
 pub struct SourceArgs {
     /// Which stream to read.
     #[arg(long, value_enum)]
-    pub source: Option<SourceArg>,
+    pub source: Option<SourceKind>,
     /// Endpoint: a bare host (wss://bsky.network) or the full URL.
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
@@ -65,13 +75,21 @@ pub struct SourceArgs {
     pub start_cursor: Option<i64>,
 }
 
-/// `--source` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SourceArg {
-    /// The relay firehose (com.atproto.sync.subscribeRepos).
-    Firehose,
-    /// Jetstream /subscribe.
-    Jetstream,
+/// `--source` takes the model's one source-kind type.
+impl ValueEnum for SourceKind {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[SourceKind::Jetstream, SourceKind::Firehose]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(match self {
+            SourceKind::Firehose => clap::builder::PossibleValue::new("firehose")
+                .help("The relay firehose (com.atproto.sync.subscribeRepos)"),
+            SourceKind::Jetstream => {
+                clap::builder::PossibleValue::new("jetstream").help("Jetstream /subscribe")
+            }
+        })
+    }
 }
 
 /// Capture formats for `simulate --capture`.
@@ -126,6 +144,9 @@ pub enum Command {
         /// Source.
         #[command(flatten)]
         source: SourceArgs,
+        /// Writing.
+        #[command(flatten)]
+        writer: WriterArgs,
         /// Address for the SQL endpoint (default 127.0.0.1:8080).
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
@@ -175,6 +196,9 @@ pub enum Command {
         /// Source.
         #[command(flatten)]
         source: SourceArgs,
+        /// Writing.
+        #[command(flatten)]
+        writer: WriterArgs,
         /// A capture file to ingest (frames, length-prefixed frames or Jetstream NDJSON; zstd/gzip ok).
         #[arg(long, short, value_name = "FILE")]
         input: Option<PathBuf>,
@@ -295,15 +319,12 @@ pub fn load_config(common: &CommonArgs, source: &SourceArgs) -> anyhow::Result<C
         cfg.lake.url = l.clone();
     }
     if let Some(s) = source.source {
-        cfg.source.kind = match s {
-            SourceArg::Firehose => SourceKindConfig::Firehose,
-            SourceArg::Jetstream => SourceKindConfig::Jetstream,
-        };
+        cfg.source.kind = s;
         // a source given without a URL uses that source's public default
         if source.url.is_none() && path.is_none() && std::env::var("ATLAKE_SOURCE_URL").is_err() {
             cfg.source.url = match s {
-                SourceArg::Firehose => "wss://bsky.network".into(),
-                SourceArg::Jetstream => "wss://jetstream2.us-east.bsky.network/subscribe".into(),
+                SourceKind::Firehose => "wss://bsky.network".into(),
+                SourceKind::Jetstream => "wss://jetstream2.us-east.bsky.network/subscribe".into(),
             };
         }
     }
@@ -332,18 +353,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load_config(&common, &source)?;
             let mut out = std::io::stdout().lock();
             writeln!(out, "# configuration is valid")?;
-            write!(out, "{}", cfg.to_toml())?;
+            write!(out, "{}", cfg.to_toml()?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {
             common,
             source,
+            writer,
             listen,
         } => {
             let mut cfg = load_config(&common, &source)?;
             if let Some(l) = listen {
                 cfg.server.listen = l;
             }
+            cfg.lake.lease_wait |= writer.wait;
             run_cmd(cfg).await
         }
         Command::Serve { common, listen } => {
@@ -371,9 +394,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ingest {
             common,
             source,
+            writer,
             input,
         } => {
-            let cfg = load_config(&common, &source)?;
+            let mut cfg = load_config(&common, &source)?;
+            cfg.lake.lease_wait |= writer.wait;
             ingest_cmd(cfg, input).await
         }
         Command::Simulate {
@@ -423,79 +448,31 @@ fn no_source() -> SourceArgs {
     }
 }
 
-fn open_lake(cfg: &Config) -> anyhow::Result<crate::sink::store::Lake> {
-    let lake = crate::sink::store::Lake::open(&cfg.lake.url).with_context(|| {
-        format!(
-            "cannot open the lake at {:?} (check the path is writable, or for S3 the AWS_* environment)",
-            cfg.lake.url
-        )
-    })?;
-    Ok(lake)
-}
-
-async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot listen on {addr:?} (is the port in use? use --listen HOST:PORT)")
-    })
-}
-
-async fn check_reachable(lake: &crate::sink::store::Lake) -> anyhow::Result<()> {
-    match tokio::time::timeout(Duration::from_secs(30), lake.list("_atlake")).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => bail!(
-            "cannot reach the lake at {}: {e} (check the URL, the bucket, and the AWS_* credentials/endpoint)",
-            lake.url()
-        ),
-        Err(_) => bail!(
-            "cannot reach the lake at {} within 30s (is the S3 endpoint up?)",
-            lake.url()
-        ),
-    }
-}
-
 async fn run_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
-    let lake = open_lake(&cfg)?;
-    check_reachable(&lake).await?;
-    let listener = bind(&cfg.server.listen).await?;
-    let addr = listener.local_addr()?;
-    crate::telemetry::metrics();
-    let handle = ingest::start_with_lake(cfg.clone(), Input::Network, lake.clone())
+    let stop = shutdown_listener();
+    let daemon = Daemon::start(cfg.clone())
         .await
         .with_context(|| format!("starting ingest into {}", cfg.lake.url))?;
-    let engine = Arc::new(crate::query::QueryEngine::new(
-        lake,
-        Some(handle.live.clone()),
-        crate::query::Limits::from_config(&cfg.server),
-    )?);
-    let state = Arc::new(crate::query::http::AppState {
-        engine,
-        token: cfg.server.token.clone(),
-        storage: Some(handle.health.clone()),
-        filters: Some(handle.filters_sender()),
-    });
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut stop_rx2 = stop_rx.clone();
-    let server = tokio::spawn(crate::query::http::serve(listener, state, async move {
-        let _ = stop_rx2.wait_for(|s| *s).await;
-    }));
+    let addr = daemon.addr;
     eprintln!(
-        "atlake: ingesting {:?} {} into {}\natlake: SQL on http://{addr}/sql  (try: curl -s http://{addr}/sql --data 'SELECT collection, count(*) FROM events GROUP BY 1 ORDER BY 2 DESC LIMIT 10')",
+        "atlake: ingesting {} {} into {}\natlake: SQL on http://{addr}/sql  (try: curl -s http://{addr}/sql --data 'SELECT collection, count(*) FROM events GROUP BY 1 ORDER BY 2 DESC LIMIT 10')",
         cfg.source.kind, cfg.source.url, cfg.lake.url
     );
-    if cfg.server.token.is_none() && !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "the SQL endpoint is reachable beyond this machine without a token; set ATLAKE_SERVER_TOKEN");
-    }
-    shutdown_signal().await;
+    let summary = daemon
+        .run_until(async {
+            stop.await;
+            eprintln!(
+                "atlake: shutting down (flushing; deadline {:?})",
+                cfg.shutdown.deadline.0
+            );
+        })
+        .await?;
     eprintln!(
-        "atlake: shutting down (flushing; deadline {:?})",
-        cfg.shutdown.deadline.0
-    );
-    let _ = stop_tx.send(true);
-    let summary = handle.stop(cfg.shutdown.deadline.0).await?;
-    let _ = tokio::time::timeout(crate::query::http::SHUTDOWN_GRACE, server).await;
-    eprintln!(
-        "atlake: {} events written, {} quarantined, {} files, checkpoint {:?}",
-        summary.events, summary.quarantined, summary.files, summary.checkpoint
+        "atlake: {} events written, {} quarantined, {} files, checkpoint {}",
+        summary.events,
+        summary.quarantined,
+        summary.files,
+        show_cursor(summary.checkpoint)
     );
     Ok(if summary.clean {
         ExitCode::SUCCESS
@@ -504,10 +481,13 @@ async fn run_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
     })
 }
 
+fn show_cursor(c: Option<crate::model::Cursor>) -> String {
+    c.map_or_else(|| "none".to_string(), |c| c.to_string())
+}
+
 async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
-    let lake = open_lake(&cfg)?;
-    check_reachable(&lake).await?;
-    let listener = bind(&cfg.server.listen).await?;
+    let lake = crate::daemon::open_lake(&cfg.lake.url).await?;
+    let listener = crate::daemon::bind(&cfg.server.listen).await?;
     let addr = listener.local_addr()?;
     let engine = Arc::new(crate::query::QueryEngine::new(
         lake,
@@ -532,8 +512,7 @@ async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
 }
 
 async fn query_cmd(cfg: Config, format: QueryFormat, sql: &str) -> anyhow::Result<ExitCode> {
-    let lake = open_lake(&cfg)?;
-    check_reachable(&lake).await?;
+    let lake = crate::daemon::open_lake(&cfg.lake.url).await?;
     let engine =
         crate::query::QueryEngine::new(lake, None, crate::query::Limits::from_config(&cfg.server))?;
     let batches = engine.collect(sql).await?;
@@ -601,7 +580,7 @@ async fn ingest_cmd(cfg: Config, input: Option<PathBuf>) -> anyhow::Result<ExitC
     let deadline = cfg.shutdown.deadline.0;
     let what = match &input {
         Some(p) => format!("capture {}", p.display()),
-        None => format!("{:?} {}", cfg.source.kind, cfg.source.url),
+        None => format!("{} {}", cfg.source.kind, cfg.source.url),
     };
     let lake_url = cfg.lake.url.clone();
     let stop = shutdown_listener();
@@ -614,7 +593,7 @@ async fn ingest_cmd(cfg: Config, input: Option<PathBuf>) -> anyhow::Result<ExitC
         },
     );
     // a signal during start-up recovery stops before anything was read: nothing to flush
-    let handle = tokio::select! {
+    let mut handle = tokio::select! {
         h = started => h.with_context(|| format!("starting ingest of {what} into {lake_url}"))?,
         _ = &mut stop => {
             tracing::info!("stopped during start-up");
@@ -622,16 +601,17 @@ async fn ingest_cmd(cfg: Config, input: Option<PathBuf>) -> anyhow::Result<ExitC
         }
     };
     tracing::info!(source = %what, lake = %lake_url, "ingesting");
-    let summary = tokio::select! {
-        r = async { handle_wait(&handle).await } => r,
+    // a file ends by itself; a network source only on a failure (a lost lease, a fatal error)
+    let ended = tokio::select! {
+        r = handle.finished() => Some(r),
         _ = &mut stop => None,
     };
-    let summary = match summary {
-        Some(()) => handle.wait().await?,
+    let summary = match ended {
+        Some(r) => r?,
         None => handle.stop(deadline).await?,
     };
     eprintln!(
-        "ingest: {} messages, {} events written, {} quarantined, {} duplicates skipped, {} filtered, {} files ({:.1} MB), checkpoint {:?}{}",
+        "ingest: {} messages, {} events written, {} quarantined, {} duplicates skipped, {} filtered, {} files ({:.1} MB), checkpoint {}{}",
         summary.messages,
         summary.events,
         summary.quarantined,
@@ -639,7 +619,7 @@ async fn ingest_cmd(cfg: Config, input: Option<PathBuf>) -> anyhow::Result<ExitC
         summary.filtered,
         summary.files,
         summary.bytes_written as f64 / 1e6,
-        summary.checkpoint,
+        show_cursor(summary.checkpoint),
         if summary.clean {
             ""
         } else {
@@ -651,19 +631,6 @@ async fn ingest_cmd(cfg: Config, input: Option<PathBuf>) -> anyhow::Result<ExitC
     } else {
         ExitCode::from(1)
     })
-}
-
-/// Waits until a file ingest has read everything (network ingest never finishes by itself).
-async fn handle_wait(h: &ingest::IngestHandle) -> Option<()> {
-    match &h.progress {
-        Some(p) => {
-            while !p.done.load(std::sync::atomic::Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Some(())
-        }
-        None => std::future::pending().await,
-    }
 }
 
 fn write_capture(

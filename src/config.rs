@@ -12,6 +12,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::model::SourceKind;
+
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -187,22 +189,12 @@ impl Serialize for ByteSize {
     }
 }
 
-/// Which stream to read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceKindConfig {
-    /// Jetstream `/subscribe` (JSON).
-    Jetstream,
-    /// The relay firehose (`subscribeRepos`, DAG-CBOR).
-    Firehose,
-}
-
 /// `[source]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
     /// `jetstream` or `firehose`.
-    pub kind: SourceKindConfig,
+    pub kind: SourceKind,
     /// Endpoint: a bare host (`wss://bsky.network`) or the full URL.
     pub url: String,
     /// Collections to keep (NSIDs or `prefix.*`); empty keeps all.
@@ -233,7 +225,7 @@ pub struct SourceConfig {
 impl Default for SourceConfig {
     fn default() -> Self {
         SourceConfig {
-            kind: SourceKindConfig::Jetstream,
+            kind: SourceKind::Jetstream,
             url: "wss://jetstream2.us-east.bsky.network/subscribe".into(),
             collections: Vec::new(),
             dids: Vec::new(),
@@ -256,12 +248,21 @@ impl Default for SourceConfig {
 pub struct LakeConfig {
     /// `./lake`, `file:///abs/path`, `s3://bucket/prefix` or `memory://`.
     pub url: String,
+    /// S3: how long the writer lease lasts without renewal (renewed every third of it). A
+    /// writer whose renewals fail stops writing half a lease after its last renewal; another
+    /// writer with `--wait` takes over once the lease went unrenewed for 7/6 of it.
+    pub lease_ttl: HumanDuration,
+    /// Wait for the lake's writer lease when another writer holds it, instead of failing
+    /// (the `--wait` flag).
+    pub lease_wait: bool,
 }
 
 impl Default for LakeConfig {
     fn default() -> Self {
         LakeConfig {
             url: "./lake".into(),
+            lease_ttl: HumanDuration(Duration::from_secs(30)),
+            lease_wait: false,
         }
     }
 }
@@ -465,7 +466,7 @@ impl Config {
                 message: message.to_string(),
             })
         };
-        if let Err(m) = crate::source::validate_url(&self.source.url) {
+        if let Err(m) = crate::syntax::validate_url(&self.source.url) {
             return bad("source.url", &m);
         }
         if self.source.max_message_size.0 < 5 << 20 {
@@ -475,7 +476,7 @@ impl Config {
             );
         }
         for c in &self.source.collections {
-            if !crate::decode::syntax::is_nsid_pattern(c) {
+            if !crate::syntax::is_nsid_pattern(c) {
                 return bad(
                     "source.collections",
                     &format!("{c:?} is not an NSID or prefix.* pattern"),
@@ -483,9 +484,12 @@ impl Config {
             }
         }
         for d in &self.source.dids {
-            if !crate::decode::syntax::is_did(d) {
+            if !crate::syntax::is_did(d) {
                 return bad("source.dids", &format!("{d:?} is not a DID"));
             }
+        }
+        if self.lake.lease_ttl.0 < Duration::from_secs(1) {
+            return bad("lake.lease_ttl", "must be at least 1s");
         }
         if self.flush.max_rows == 0 {
             return bad("flush.max_rows", "must be positive");
@@ -509,8 +513,11 @@ impl Config {
     }
 
     /// The configuration as TOML (what `check-config` prints).
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string_pretty(self).map_err(|e| ConfigError::Parse {
+            path: "(printing)".into(),
+            message: e.to_string(),
+        })
     }
 }
 

@@ -38,18 +38,24 @@
 //! - [`config`], [`telemetry`], [`cli`]: configuration, logs and metrics, the command line.
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod convert;
 pub mod decode;
 pub mod model;
 pub mod simulate;
 pub mod source;
+pub mod syntax;
 
+#[cfg(feature = "lake")]
+pub mod catalog;
 #[cfg(feature = "lake")]
 pub mod checkpoint;
 #[cfg(feature = "lake")]
 pub mod cli;
 #[cfg(feature = "lake")]
 pub mod config;
+#[cfg(feature = "lake")]
+pub mod daemon;
 #[cfg(feature = "lake")]
 pub mod ingest;
 #[cfg(feature = "lake")]

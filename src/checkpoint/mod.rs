@@ -12,12 +12,14 @@
 //! which partition an event landed in, so the `_other` routing (which depends on what was open)
 //! cannot cause duplicates.
 
-use crate::model::SourceKind;
-use crate::sink::batcher::{KeyParts, error_key_of, key_of};
+use crate::model::key::{EventKey, KeyParts, error_key_of, key_of};
+use crate::model::rows::TableKind;
+use crate::model::{Cursor, SourceKind};
 use crate::sink::partition::{LakeFile, STATE_DIR, parse_path};
 use crate::sink::store::{Lake, StoreError};
-use arrow::array::{Array, AsArray};
+use arrow::array::{Array, AsArray, BinaryArray, Int64Array, StringArray};
 use arrow::datatypes::Int64Type;
+use arrow::record_batch::RecordBatch;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
@@ -63,6 +65,17 @@ pub struct SourcePosition {
     pub updated_at: String,
 }
 
+impl SourcePosition {
+    /// The position at `cursor`, from `url`, now.
+    pub fn new(cursor: Cursor, url: &str) -> SourcePosition {
+        SourcePosition {
+            cursor: cursor.value(),
+            url: url.to_string(),
+            updated_at: crate::syntax::format_datetime_ms(crate::model::cursor::now_us()),
+        }
+    }
+}
+
 /// The checkpoint file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -85,6 +98,13 @@ impl Checkpoint {
         }
     }
 
+    /// The cursor of a source kind (`None` when absent; an out-of-range value is refused by
+    /// [`Checkpoint::load`], so it cannot be here).
+    pub fn cursor(&self, kind: SourceKind) -> Option<Cursor> {
+        self.position(kind)
+            .and_then(|p| Cursor::try_new(kind, p.cursor).ok())
+    }
+
     /// Sets the position of a source kind.
     pub fn set(&mut self, kind: SourceKind, pos: SourcePosition) {
         match kind {
@@ -93,18 +113,26 @@ impl Checkpoint {
         }
     }
 
-    /// Reads the checkpoint of a lake (`None` for a new lake).
+    /// Reads the checkpoint of a lake (`None` for a new lake). A cursor out of range is an
+    /// error, not a position.
     pub async fn load(lake: &Lake) -> Result<Option<Checkpoint>, CheckpointError> {
         let path = checkpoint_path();
-        match lake.get(&path).await? {
-            None => Ok(None),
-            Some(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| CheckpointError::Corrupt {
-                    path,
+        let Some(b) = lake.get(&path).await? else {
+            return Ok(None);
+        };
+        let c: Checkpoint = serde_json::from_slice(&b).map_err(|e| CheckpointError::Corrupt {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        for kind in [SourceKind::Firehose, SourceKind::Jetstream] {
+            if let Some(p) = c.position(kind) {
+                Cursor::try_new(kind, p.cursor).map_err(|e| CheckpointError::Corrupt {
+                    path: path.clone(),
                     message: e.to_string(),
-                }),
+                })?;
+            }
         }
+        Ok(Some(c))
     }
 
     /// Writes the checkpoint atomically.
@@ -126,13 +154,13 @@ pub struct Recovery {
     /// The checkpoint (possibly absent).
     pub checkpoint: Checkpoint,
     /// The cursor to resume from (`None`: live tip).
-    pub resume_cursor: Option<i64>,
+    pub resume_cursor: Option<Cursor>,
     /// Every data file in the lake.
     pub files: Vec<LakeFile>,
     /// Keys of durable events beyond the resume point.
-    pub durable_keys: HashSet<u128>,
+    pub durable_keys: HashSet<EventKey>,
     /// Highest cursor among this source's files.
-    pub durable_high: Option<i64>,
+    pub durable_high: Option<Cursor>,
     /// Temporary files removed.
     pub temp_removed: usize,
     /// Files read for keys.
@@ -157,29 +185,30 @@ pub async fn list_files(lake: &Lake) -> Result<Vec<LakeFile>, CheckpointError> {
 }
 
 /// Recovers the state for `source`: checkpoint, files, and the keys of durable events that a
-/// resumed stream may deliver again. `rewind` is the Jetstream rewind in cursor units (µs).
+/// resumed stream may deliver again. `rewind` is how far before the checkpoint the stream will
+/// resume, in cursor units (µs for Jetstream). The caller holds the lake's writer lease: only
+/// then are leftover temporary files safe to remove.
 pub async fn recover(
     lake: &Lake,
     source: SourceKind,
-    rewind: i64,
+    rewind: u64,
 ) -> Result<Recovery, CheckpointError> {
     let temp_removed = lake.remove_temp_files().await?;
     let checkpoint = Checkpoint::load(lake).await?.unwrap_or_default();
     let files = list_files(lake).await?;
-    let mine: Vec<&LakeFile> = files.iter().filter(|f| f.name.source == source).collect();
-    let durable_high = mine.iter().map(|f| f.name.last).max();
-    let cursor = checkpoint.position(source).map(|p| p.cursor);
+    let mine: Vec<&LakeFile> = files.iter().filter(|f| f.name.source() == source).collect();
+    let durable_high = mine.iter().map(|f| f.name.last()).max();
+    let resume_cursor = checkpoint.cursor(source);
     // without a checkpoint (a new lake, or a crash before the first checkpoint) nothing says
     // which events are durable: the caller starts at its configured start, and every file of
     // this source is read for dedupe keys
-    let resume_cursor = cursor;
-    let threshold = match cursor {
-        Some(c) => c.saturating_sub(rewind),
-        None => i64::MIN,
-    };
+    let threshold = resume_cursor.map(|c| c.back_by(rewind));
     let mut durable_keys = HashSet::new();
     let mut files_scanned = 0;
-    for f in mine.iter().filter(|f| f.name.last >= threshold) {
+    for f in mine
+        .iter()
+        .filter(|f| threshold.is_none_or(|t| f.name.last() >= t))
+    {
         files_scanned += 1;
         read_keys(lake, f, source, threshold, &mut durable_keys).await?;
     }
@@ -194,19 +223,65 @@ pub async fn recover(
     })
 }
 
-fn str_col<'a>(
-    b: &'a arrow::record_batch::RecordBatch,
-    name: &str,
-) -> Option<&'a arrow::array::StringArray> {
-    b.column_by_name(name)
-        .and_then(|c| c.as_string_opt::<i32>())
+/// The columns of a batch that recovery reads, each checked for presence and type: a file
+/// that lacks one cannot give correct keys, and guessing (an empty string) would let
+/// duplicates through.
+struct Columns<'a> {
+    batch: &'a RecordBatch,
+    path: &'a str,
 }
 
-fn get(c: Option<&arrow::array::StringArray>, i: usize) -> &str {
-    match c {
-        Some(c) if c.is_valid(i) => c.value(i),
-        _ => "",
+impl<'a> Columns<'a> {
+    fn err(&self, message: String) -> CheckpointError {
+        CheckpointError::File {
+            path: self.path.to_string(),
+            message,
+        }
     }
+
+    fn utf8(&self, name: &str) -> Result<&'a StringArray, CheckpointError> {
+        self.batch
+            .column_by_name(name)
+            .ok_or_else(|| self.err(format!("column `{name}` is missing")))?
+            .as_string_opt::<i32>()
+            .ok_or_else(|| self.err(format!("column `{name}` is not Utf8")))
+    }
+
+    fn int64(&self, name: &str) -> Result<&'a Int64Array, CheckpointError> {
+        self.batch
+            .column_by_name(name)
+            .ok_or_else(|| self.err(format!("column `{name}` is missing")))?
+            .as_primitive_opt::<Int64Type>()
+            .ok_or_else(|| self.err(format!("column `{name}` is not Int64")))
+    }
+
+    fn binary(&self, name: &str) -> Result<&'a BinaryArray, CheckpointError> {
+        self.batch
+            .column_by_name(name)
+            .ok_or_else(|| self.err(format!("column `{name}` is missing")))?
+            .as_binary_opt::<i32>()
+            .ok_or_else(|| self.err(format!("column `{name}` is not Binary")))
+    }
+}
+
+impl Columns<'_> {
+    /// A value that its row's kind requires.
+    fn need<'b>(
+        &self,
+        c: &'b StringArray,
+        i: usize,
+        name: &str,
+    ) -> Result<&'b str, CheckpointError> {
+        opt(c, i).ok_or_else(|| self.err(format!("row {i}: `{name}` is null")))
+    }
+}
+
+fn opt(c: &StringArray, i: usize) -> Option<&str> {
+    c.is_valid(i).then(|| c.value(i))
+}
+
+fn opt_i64(c: &Int64Array, i: usize) -> Option<i64> {
+    c.is_valid(i).then(|| c.value(i))
 }
 
 /// Adds the dedupe keys of the rows of `f` whose cursor is at or above `threshold`.
@@ -214,8 +289,8 @@ async fn read_keys(
     lake: &Lake,
     f: &LakeFile,
     source: SourceKind,
-    threshold: i64,
-    keys: &mut HashSet<u128>,
+    threshold: Option<Cursor>,
+    keys: &mut HashSet<EventKey>,
 ) -> Result<(), CheckpointError> {
     let bytes = lake
         .get(&f.path)
@@ -255,69 +330,84 @@ async fn read_keys(
         .with_batch_size(8192)
         .build()
         .map_err(|e| ferr(&e))?;
+    let below = |c: Option<i64>| match (c, threshold) {
+        (Some(c), Some(t)) => c < t.value(),
+        _ => false,
+    };
     for batch in reader {
         let b = batch.map_err(|e| ferr(&e))?;
+        let cols = Columns {
+            batch: &b,
+            path: &f.path,
+        };
         if is_errors {
-            let reason = str_col(&b, "reason");
-            let path = str_col(&b, "path");
-            let raw = b
-                .column_by_name("raw")
-                .and_then(|c| c.as_binary_opt::<i32>());
-            let cursor = b
-                .column_by_name("cursor")
-                .and_then(|c| c.as_primitive_opt::<Int64Type>());
+            let (reason, path, raw, cursor) = (
+                cols.utf8("reason")?,
+                cols.utf8("path")?,
+                cols.binary("raw")?,
+                cols.int64("cursor")?,
+            );
             for i in 0..b.num_rows() {
-                let c = cursor.and_then(|c| c.is_valid(i).then(|| c.value(i)));
-                if c.is_some_and(|c| c < threshold) {
+                let c = opt_i64(cursor, i);
+                if below(c) {
                     continue;
                 }
-                let p = path.and_then(|p| p.is_valid(i).then(|| p.value(i)));
-                let r = raw.map(|r| r.value(i)).unwrap_or_default();
-                keys.insert(error_key_of(get(reason, i), r, p, c));
+                let reason =
+                    opt(reason, i).ok_or_else(|| cols.err(format!("row {i}: `reason` is null")))?;
+                let raw = raw
+                    .is_valid(i)
+                    .then(|| raw.value(i))
+                    .ok_or_else(|| cols.err(format!("row {i}: `raw` is null")))?;
+                keys.insert(error_key_of(reason, raw, opt(path, i), c));
             }
             continue;
         }
-        let cur_name = match source {
+        let cursor = cols.int64(match source {
             SourceKind::Firehose => "seq",
             SourceKind::Jetstream => "time_us",
-        };
-        let cursor = b
-            .column_by_name(cur_name)
-            .and_then(|c| c.as_primitive_opt::<Int64Type>());
-        let event_seq = b
-            .column_by_name("event_seq")
-            .and_then(|c| c.as_primitive_opt::<Int64Type>());
+        })?;
         let (did, kind, coll, rkey, rev, op) = (
-            str_col(&b, "did"),
-            str_col(&b, "kind"),
-            str_col(&b, "collection"),
-            str_col(&b, "rkey"),
-            str_col(&b, "rev"),
-            str_col(&b, "operation"),
+            cols.utf8("did")?,
+            cols.utf8("kind")?,
+            cols.utf8("collection")?,
+            cols.utf8("rkey")?,
+            cols.utf8("rev")?,
+            cols.utf8("operation")?,
         );
+        let event_seq = match f.key.name.table_kind() {
+            TableKind::Identity | TableKind::Account => Some(cols.int64("event_seq")?),
+            _ => None,
+        };
         for i in 0..b.num_rows() {
-            if let Some(c) = cursor
-                && c.is_valid(i)
-                && c.value(i) < threshold
-            {
+            if below(opt_i64(cursor, i)) {
                 continue;
             }
-            let kind_s = get(kind, i);
-            let es = match event_seq {
-                Some(s) if s.is_valid(i) && (kind_s == "identity" || kind_s == "account") => {
-                    s.value(i)
-                }
-                _ => 0,
-            };
-            keys.insert(key_of(KeyParts {
+            let kind_s = cols.need(kind, i, "kind")?;
+            let mut parts = KeyParts {
                 kind: kind_s,
-                did: get(did, i),
-                collection: get(coll, i),
-                rkey: get(rkey, i),
-                rev: get(rev, i),
-                operation: get(op, i),
-                event_seq: es,
-            }));
+                did: cols.need(did, i, "did")?,
+                collection: "",
+                rkey: "",
+                rev: "",
+                operation: "",
+                event_seq: 0,
+            };
+            match kind_s {
+                "commit" => {
+                    parts.collection = cols.need(coll, i, "collection")?;
+                    parts.rkey = cols.need(rkey, i, "rkey")?;
+                    parts.rev = cols.need(rev, i, "rev")?;
+                    parts.operation = cols.need(op, i, "operation")?;
+                }
+                "sync" => parts.rev = cols.need(rev, i, "rev")?,
+                "identity" | "account" => {
+                    parts.event_seq = event_seq
+                        .and_then(|s| opt_i64(s, i))
+                        .ok_or_else(|| cols.err(format!("row {i}: `event_seq` is missing")))?;
+                }
+                other => return Err(cols.err(format!("row {i}: unknown kind {other:?}"))),
+            }
+            keys.insert(key_of(parts));
         }
     }
     Ok(())

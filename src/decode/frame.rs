@@ -9,11 +9,12 @@
 use super::car::{Car, CarError};
 use super::cbor::{CborError, JsonWriter, KeyCheck, MAX_DEPTH, Reader};
 use super::cid::Cid;
-use super::syntax;
+use crate::model::cursor::MAX_CURSOR;
 use crate::model::{
     Account, CommitOp, Decoded, Envelope, ErrorEvent, ErrorReason, Event, EventData, Identity,
     Operation, SyncInfo,
 };
+use crate::syntax;
 
 /// Largest record block atproto allows.
 pub const MAX_RECORD_BYTES: usize = 1_000_000;
@@ -577,6 +578,7 @@ impl FrameDecoder {
                         },
                         time_us,
                         seq,
+                        claimed_time_us: None,
                         since: None,
                     })),
                 }
@@ -597,6 +599,7 @@ impl FrameDecoder {
                         },
                         time_us,
                         seq,
+                        claimed_time_us: None,
                         since: None,
                     })),
                 }
@@ -624,6 +627,7 @@ impl FrameDecoder {
                             },
                             time_us,
                             seq,
+                            claimed_time_us: None,
                             since: None,
                         }))
                     }
@@ -787,15 +791,30 @@ impl FrameDecoder {
                 },
                 time_us,
                 seq,
+                claimed_time_us: None,
                 since: since.clone(),
             }));
         }
     }
 }
 
-/// Checks the DID and the time of a body; returns the time in µs or the error event.
+/// Checks the seq, the DID and the time of a body; returns the time in µs or the error event.
+/// A seq must be a positive integer below 2^53 (relays promise it): anything else could not
+/// be a resume cursor.
 #[allow(clippy::result_large_err)] // the error is the event we keep; it is moved, not copied
 fn check_common(did: &str, time: &str, frame: &[u8], seq: Option<i64>) -> Result<i64, Decoded> {
+    if let Some(s) = seq
+        && !(1..=MAX_CURSOR).contains(&s)
+    {
+        let mut e = ErrorEvent::new(
+            ErrorReason::Seq,
+            format!("seq {s} is not a positive integer below 2^53"),
+            frame,
+        );
+        e.seq = seq;
+        e.did = Some(did.to_string());
+        return Err(Decoded::Error(e));
+    }
     if !syntax::is_did(did) {
         return Err(frame_error(
             ErrorReason::Did,

@@ -5,11 +5,11 @@
 use super::cbor::{Encoder, JsonWriter};
 use super::cid::Cid;
 use super::json::{write_i64, write_str};
-use super::syntax;
 use crate::model::{
     Account, CommitOp, Decoded, Envelope, ErrorEvent, ErrorReason, Event, EventData, Identity,
     Operation,
 };
+use crate::syntax;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -223,6 +223,7 @@ impl JetstreamDecoder {
                 data,
             },
             time_us: line.time_us,
+            claimed_time_us: None,
             seq: None,
             since: None,
         })

@@ -6,7 +6,6 @@
 //! - [`frame`]: `subscribeRepos` frames and the join of commit ops with their record blocks.
 //! - [`jetstream`]: Jetstream v1 JSON lines, the v1 zstd dictionary, and the line writer.
 //! - [`json`]: JSON string output compatible with Jetstream's, and data-model errors.
-//! - [`syntax`]: NSID, DID, handle, record key, TID, AT-URI, datetime and friends.
 //!
 //! Every decoder treats its input as hostile: lengths are checked against the bytes that remain
 //! before anything is allocated, nesting is bounded, and no input can make a decoder panic
@@ -18,4 +17,3 @@ pub mod cid;
 pub mod frame;
 pub mod jetstream;
 pub mod json;
-pub mod syntax;

@@ -6,26 +6,30 @@
 //! gives up. So a slow or failing checkpoint store never stalls reading, and the last position
 //! is never forgotten because no further flush happened to come along.
 
-use super::live::LiveState;
-use crate::checkpoint::Checkpoint;
+use crate::backoff::Backoff;
+use crate::catalog::Catalog;
+use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::model::Cursor;
+use crate::sink::lease::FenceError;
 use crate::sink::store::Lake;
+use crate::sink::store::StoreError;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
 /// A position to store: the whole checkpoint file and the cursor it carries for this source.
-pub type Request = Option<(Checkpoint, i64)>;
+pub type Request = Option<(Checkpoint, Cursor)>;
 
 /// Runs until `requests` closes and its last request is stored (or `abandon` is set while it
 /// cannot be). Returns the last cursor stored.
 pub async fn run(
     lake: Lake,
-    live: Arc<LiveState>,
+    catalog: Arc<Catalog>,
     mut requests: watch::Receiver<Request>,
     mut abandon: watch::Receiver<bool>,
-    mut written: Option<i64>,
-) -> Option<i64> {
-    let mut delay = Duration::from_millis(200);
+    mut written: Option<Cursor>,
+) -> Option<Cursor> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut closed = false;
     loop {
         closed |= requests.changed().await.is_err();
@@ -40,18 +44,23 @@ pub async fn run(
             match cp.store(&lake).await {
                 Ok(()) => {
                     written = Some(cursor);
-                    delay = Duration::from_millis(200);
-                    live.set_checkpoint(cp);
-                    metrics::gauge!("atlake_checkpoint_cursor").set(cursor as f64);
+                    backoff.reset();
+                    catalog.set_checkpoint(cp);
+                    metrics::gauge!("atlake_checkpoint_cursor").set(cursor.value() as f64);
                     break;
                 }
                 Err(e) => {
                     metrics::counter!("atlake_storage_errors_total", "kind" => "checkpoint")
                         .increment(1);
+                    if let CheckpointError::Store(StoreError::Fenced(FenceError::Lost(why))) = &e {
+                        tracing::error!(%why, "the writer lease was lost; no further checkpoint is written");
+                        return written;
+                    }
                     if *abandon.borrow() {
                         tracing::error!(error = %e, "giving up on the checkpoint at shutdown; the lake's files stay authoritative");
                         return written;
                     }
+                    let delay = backoff.next_delay();
                     tracing::warn!(error = %e, ?delay, "writing the checkpoint failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -59,7 +68,6 @@ pub async fn run(
                         // a newer position arrived: store that one instead
                         r = requests.changed(), if !closed => closed = r.is_err(),
                     }
-                    delay = (delay * 2).min(Duration::from_secs(10));
                 }
             }
         }

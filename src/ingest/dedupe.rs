@@ -4,22 +4,24 @@
 //! start-up (dropped once the stream is past them), and, for Jetstream, the keys of the events
 //! of the last `rewind` of stream time (a reconnect replays that much on purpose).
 
+use crate::model::Cursor;
+use crate::model::key::EventKey;
 use std::collections::{HashSet, VecDeque};
 
 /// The dedupe state.
 #[derive(Debug, Default)]
 pub struct Dedupe {
-    durable: HashSet<u128>,
-    durable_until: Option<i64>,
-    window: i64,
-    recent: VecDeque<(i64, u128)>,
-    recent_set: HashSet<u128>,
+    durable: HashSet<EventKey>,
+    durable_until: Option<Cursor>,
+    window: u64,
+    recent: VecDeque<(Cursor, EventKey)>,
+    recent_set: HashSet<EventKey>,
 }
 
 impl Dedupe {
     /// Keys of durable events up to cursor `until`; a recent-key window of `window` cursor units
     /// (0 disables it).
-    pub fn new(durable: HashSet<u128>, until: Option<i64>, window: i64) -> Self {
+    pub fn new(durable: HashSet<EventKey>, until: Option<Cursor>, window: u64) -> Self {
         Dedupe {
             durable,
             durable_until: until,
@@ -29,27 +31,28 @@ impl Dedupe {
     }
 
     /// Whether the event is a duplicate.
-    pub fn is_duplicate(&self, key: u128) -> bool {
+    pub fn is_duplicate(&self, key: EventKey) -> bool {
         self.durable.contains(&key) || self.recent_set.contains(&key)
     }
 
     /// Remembers an accepted event at `cursor`.
-    pub fn remember(&mut self, key: u128, cursor: Option<i64>) {
+    pub fn remember(&mut self, key: EventKey, cursor: Option<Cursor>) {
         let Some(c) = cursor else { return };
         if let Some(until) = self.durable_until
-            && c > until.saturating_add(self.window)
+            && c.back_by(self.window) > until
             && !self.durable.is_empty()
         {
             self.durable = HashSet::new();
             self.durable_until = None;
         }
-        if self.window <= 0 {
+        if self.window == 0 {
             return;
         }
         self.recent.push_back((c, key));
         self.recent_set.insert(key);
+        let horizon = c.back_by(self.window);
         while let Some(&(oldest, k)) = self.recent.front() {
-            if oldest >= c.saturating_sub(self.window) {
+            if oldest >= horizon {
                 break;
             }
             self.recent.pop_front();
@@ -72,16 +75,34 @@ impl Dedupe {
 mod tests {
     use super::*;
 
+    /// A distinct key per number.
+    fn k(n: u32) -> EventKey {
+        let did = format!("did:plc:{n}");
+        crate::model::key::key_of(crate::model::key::KeyParts {
+            kind: "commit",
+            did: &did,
+            collection: "",
+            rkey: "",
+            rev: "",
+            operation: "",
+            event_seq: 0,
+        })
+    }
+
     #[test]
     fn durable_keys_expire_past_their_cursor_and_recent_window_slides() {
-        let mut d = Dedupe::new([1u128, 2].into_iter().collect(), Some(100), 10);
-        assert!(d.is_duplicate(1));
-        d.remember(5, Some(105));
-        assert!(d.is_duplicate(2) && d.is_duplicate(5));
-        d.remember(6, Some(111));
-        assert!(!d.is_duplicate(1), "durable keys dropped past until+window");
-        assert!(d.is_duplicate(5));
-        d.remember(7, Some(200));
-        assert!(!d.is_duplicate(5) && d.is_duplicate(7));
+        let c = |v| Cursor::time_us(v).ok();
+        let mut d = Dedupe::new([k(1), k(2)].into_iter().collect(), c(100), 10);
+        assert!(d.is_duplicate(k(1)));
+        d.remember(k(5), c(105));
+        assert!(d.is_duplicate(k(2)) && d.is_duplicate(k(5)));
+        d.remember(k(6), c(111));
+        assert!(
+            !d.is_duplicate(k(1)),
+            "durable keys dropped past until+window"
+        );
+        assert!(d.is_duplicate(k(5)));
+        d.remember(k(7), c(200));
+        assert!(!d.is_duplicate(k(5)) && d.is_duplicate(k(7)));
     }
 }

@@ -1,20 +1,24 @@
 //! The writer: flush jobs in, durable Parquet files out.
 //!
-//! Each job is sorted and encoded on a blocking thread (two at a time), then stored atomically.
+//! Each job is sorted and encoded on a blocking thread, then stored atomically.
 //! A failed store is retried with backoff until it succeeds or shutdown gives up; while it
 //! retries, the bounded job channel fills and ingest slows down to match (backpressure reaches
-//! the socket). A full disk is reported as such, and writing resumes when space returns.
+//! the socket). A full disk is reported as such, and writing resumes when space returns. A write
+//! refused because the writer lease lapsed is retried the same way (it resumes when a renewal
+//! succeeds); one refused because the lease was lost is abandoned.
 
-use super::live::LiveState;
+use crate::backoff::Backoff;
+use crate::catalog::{Catalog, StorageHealth};
 use crate::config::WriterConfig;
-use crate::model::SourceKind;
+use crate::model::{Cursor, SourceKind};
 use crate::sink::batcher::FlushJob;
+use crate::sink::lease::FenceError;
 use crate::sink::parquet::{FileMeta, encode_to};
 use crate::sink::partition::{FileName, LakeFile};
-use crate::sink::store::Lake;
+use crate::sink::store::{Lake, StoreError};
 use futures::StreamExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
@@ -29,41 +33,36 @@ pub struct Completion {
     pub rows: usize,
 }
 
-/// Storage health, for `/health` and logs.
-#[derive(Debug, Default)]
-pub struct StorageHealth {
-    /// The last store failed and is being retried.
-    pub failing: AtomicBool,
-    /// The last failure was a full disk.
-    pub no_space: AtomicBool,
+/// What the writer needs, passed once at start-up.
+#[derive(Debug, Clone)]
+pub struct WriterContext {
+    /// The lake (fenced by the writer lease).
+    pub lake: Lake,
+    /// Parquet settings.
+    pub cfg: WriterConfig,
+    /// Which source the rows came from.
+    pub source: SourceKind,
+    /// Where committed files are published.
+    pub catalog: Arc<Catalog>,
+    /// Storage health, for `/health`.
+    pub health: Arc<StorageHealth>,
+    /// Set at the shutdown deadline: give up on flushes that cannot be stored.
+    pub abandon: watch::Receiver<bool>,
 }
 
 /// Runs the writer until the job channel closes.
-#[allow(clippy::too_many_arguments)] // the writer's whole context, passed once at start-up
 pub async fn run(
-    lake: Lake,
-    cfg: WriterConfig,
-    source: SourceKind,
+    ctx: WriterContext,
     mut jobs: mpsc::Receiver<FlushJob>,
     done: mpsc::UnboundedSender<Completion>,
-    live: Arc<LiveState>,
-    health: Arc<StorageHealth>,
-    abandon: watch::Receiver<bool>,
 ) {
     // one encoder by default: with the decode loop on its own thread, that keeps two cores
     // busy, and every extra encoder holds its page buffers and row group in memory
-    let cfg_concurrency = cfg.encoders.max(1);
+    let concurrency = ctx.cfg.encoders.max(1);
     let stream = futures::stream::poll_fn(move |cx| jobs.poll_recv(cx));
     stream
-        .map(|job| {
-            let lake = lake.clone();
-            let cfg = cfg.clone();
-            let live = live.clone();
-            let health = health.clone();
-            let abandon = abandon.clone();
-            async move { write_job(lake, cfg, source, job, live, health, abandon).await }
-        })
-        .buffer_unordered(cfg_concurrency)
+        .map(|job| write_job(ctx.clone(), job))
+        .buffer_unordered(concurrency)
         .for_each(|c| {
             let _ = done.send(c);
             futures::future::ready(())
@@ -71,48 +70,81 @@ pub async fn run(
         .await;
 }
 
-async fn write_job(
-    lake: Lake,
-    cfg: WriterConfig,
-    source: SourceKind,
-    job: FlushJob,
-    live: Arc<LiveState>,
-    health: Arc<StorageHealth>,
-    abandon: watch::Receiver<bool>,
-) -> Completion {
-    let started = Instant::now();
-    let name = FileName {
+/// Counts the records that do not fit their lexicon's types (they land anyway, typed columns
+/// null).
+async fn count_invalid(job: &FlushJob) {
+    let crate::model::rows::TableKind::Events(Some(lex)) = job.kind else {
+        return;
+    };
+    let chunks = job.chunks.clone();
+    let counted = tokio::task::spawn_blocking(move || {
+        chunks
+            .iter()
+            .map(|c| crate::model::rows::count_invalid_records(lex, c))
+            .sum::<u64>()
+    })
+    .await;
+    match counted {
+        Ok(0) => {}
+        Ok(n) => {
+            metrics::counter!("atlake_invalid_records_total", "collection" => lex.nsid())
+                .increment(n);
+        }
+        Err(e) => {
+            metrics::counter!("atlake_broken_invariants_total").increment(1);
+            tracing::error!(error = %e, partition = %job.key, "counting invalid records failed");
+        }
+    }
+}
+
+/// The file name of a job: its source and cursor range (0-0 for rows that had no cursor).
+fn file_name(source: SourceKind, job: &FlushJob) -> Result<FileName, String> {
+    let zero = Cursor::try_new(source, 0).map_err(|e| e.to_string())?;
+    let hash = (job.key_hash ^ (job.key_hash >> 32)) as u32;
+    FileName::try_new(
+        job.first_cursor.unwrap_or(zero),
+        job.last_cursor.unwrap_or(zero),
+        hash,
+    )
+    .map_err(|e| e.to_string())
+}
+
+async fn write_job(ctx: WriterContext, job: FlushJob) -> Completion {
+    let WriterContext {
+        lake,
+        cfg,
         source,
-        first: job.first_cursor.unwrap_or(0),
-        last: job.last_cursor.unwrap_or(0),
-        hash: (job.key_hash ^ (job.key_hash >> 32)) as u32,
+        catalog,
+        health,
+        abandon,
+    } = ctx;
+    let started = Instant::now();
+    let abandoned = |why: &str| {
+        tracing::error!(partition = %job.key, why, "giving up on a flush; its events will be replayed from the checkpoint");
+        Completion {
+            job_id: job.id,
+            file: None,
+            rows: job.rows,
+        }
+    };
+    let name = match file_name(source, &job) {
+        Ok(n) => n,
+        Err(e) => {
+            metrics::counter!("atlake_broken_invariants_total").increment(1);
+            return abandoned(&e);
+        }
     };
     let path = format!("{}/{}", job.key.dir(), name.render());
     let meta = FileMeta {
         source,
-        first: name.first,
-        last: name.last,
+        first: name.first().value(),
+        last: name.last().value(),
         partition: job.key.dir(),
     };
     let kind = job.kind;
     let by_collection = job.key.name == crate::sink::partition::PartitionName::Other;
-    // records that do not fit their lexicon's types land anyway (typed columns null); count them
-    if let crate::model::rows::TableKind::Events(Some(lex)) = kind {
-        let chunks = job.chunks.clone();
-        let invalid = tokio::task::spawn_blocking(move || {
-            chunks
-                .iter()
-                .map(|c| crate::model::rows::count_invalid_records(lex, c))
-                .sum::<u64>()
-        })
-        .await
-        .unwrap_or(0);
-        if invalid > 0 {
-            metrics::counter!("atlake_invalid_records_total", "collection" => lex.nsid())
-                .increment(invalid);
-        }
-    }
-    let mut delay = Duration::from_millis(200);
+    count_invalid(&job).await;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut attempts = 0u32;
     let size = loop {
         let (cfg, meta, chunks) = (cfg.clone(), meta.clone(), job.chunks.clone());
@@ -136,25 +168,23 @@ async fn write_job(
                 health.no_space.store(no_space, Ordering::Relaxed);
                 let kind = if no_space { "no_space" } else { "store" };
                 metrics::counter!("atlake_storage_errors_total", "kind" => kind).increment(1);
+                let delay = backoff.next_delay();
                 if no_space {
                     tracing::error!(%path, attempts, "disk full: cannot write the lake; ingest is paused until space is freed");
                 } else {
                     tracing::warn!(%path, error = %e, attempts, ?delay, "storing a file failed; retrying");
                 }
+                if let StoreError::Fenced(FenceError::Lost(_)) = e {
+                    return abandoned("the writer lease was lost");
+                }
                 if *abandon.borrow() {
-                    tracing::error!(%path, "giving up on a flush at shutdown; its events will be replayed from the checkpoint");
-                    return Completion {
-                        job_id: job.id,
-                        file: None,
-                        rows: job.rows,
-                    };
+                    return abandoned("shutdown deadline");
                 }
                 let mut ab = abandon.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = ab.wait_for(|a| *a) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
     };
@@ -169,7 +199,7 @@ async fn write_job(
         size,
         rows: Some(job.rows as u64),
     };
-    live.commit(job.id, file.clone());
+    catalog.commit(job.id, file.clone());
     let table = job.kind;
     metrics::counter!("atlake_files_written_total", "table" => format!("{table:?}")).increment(1);
     metrics::counter!("atlake_bytes_written_total").increment(size);

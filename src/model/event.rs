@@ -160,8 +160,12 @@ impl Event {
     }
 }
 
-/// Where an event came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Where an event came from: the one source-kind type of the crate (configuration, command
+/// line, checkpoint, file names).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum SourceKind {
     /// `com.atproto.sync.subscribeRepos`.
     Firehose,
@@ -177,6 +181,21 @@ impl SourceKind {
             SourceKind::Jetstream => "jetstream",
         }
     }
+
+    /// Parses `firehose` or `jetstream`.
+    pub fn parse(s: &str) -> Option<SourceKind> {
+        match s {
+            "firehose" => Some(SourceKind::Firehose),
+            "jetstream" => Some(SourceKind::Jetstream),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// An event with its transport fields.
@@ -185,8 +204,13 @@ pub struct Envelope {
     /// The event.
     pub event: Event,
     /// Stream time in µs since the epoch: the firehose frame's `time`, or Jetstream's `time_us`.
-    /// Partitions are cut by this, never by a record's `createdAt`.
+    /// Partitions are cut by this, never by a record's `createdAt`. Ingest replaces a firehose
+    /// time outside the [`TimeWindow`](super::TimeWindow) by the time atlake received the event,
+    /// and keeps the claimed one in `claimed_time_us`.
     pub time_us: i64,
+    /// The time the source claimed, when it was outside the accepted window and `time_us` holds
+    /// the receive time instead (`None` otherwise).
+    pub claimed_time_us: Option<i64>,
     /// Firehose sequence number (`None` for Jetstream).
     pub seq: Option<i64>,
     /// The commit's `since` (firehose commits only).
@@ -194,9 +218,13 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// The resume cursor this event stands at: `seq` for the firehose, `time_us` for Jetstream.
-    pub fn cursor(&self) -> i64 {
-        self.seq.unwrap_or(self.time_us)
+    /// The resume cursor this event stands at: `seq` for the firehose, `time_us` for Jetstream
+    /// (`None` when the value is out of a cursor's range).
+    pub fn cursor(&self) -> Option<super::Cursor> {
+        match self.seq {
+            Some(s) => super::Cursor::seq(s).ok(),
+            None => super::Cursor::time_us(self.time_us).ok(),
+        }
     }
 }
 
@@ -239,6 +267,11 @@ pub enum ErrorReason {
     Rev,
     /// A commit flagged `tooBig` (deprecated; the diff is incomplete).
     TooBig,
+    /// A firehose `seq` that is not a positive integer below 2^53.
+    Seq,
+    /// A Jetstream `time_us` outside the accepted window (before the network existed, or more
+    /// than ten minutes after it was received): it cannot be a cursor or a partition time.
+    TimeRange,
 }
 
 impl ErrorReason {
@@ -263,6 +296,8 @@ impl ErrorReason {
             ErrorReason::Zstd => "zstd",
             ErrorReason::Rev => "rev",
             ErrorReason::TooBig => "too_big",
+            ErrorReason::Seq => "seq",
+            ErrorReason::TimeRange => "time_range",
         }
     }
 }

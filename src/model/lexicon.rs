@@ -251,7 +251,7 @@ pub enum Typed {
 }
 
 fn ts(s: &str) -> Option<i64> {
-    crate::decode::syntax::parse_datetime_us(s).ok()
+    crate::syntax::parse_datetime_us(s).ok()
 }
 
 /// Reads the typed fields of `record` for `lex`; `None` when the record does not fit the

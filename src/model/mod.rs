@@ -2,9 +2,15 @@
 //!
 //! [`event`] holds [`Event`] (what happened) and [`Envelope`] (how it arrived).
 
+pub mod cursor;
 pub mod event;
+pub mod filter;
+#[cfg(feature = "lake")]
+pub mod key;
 pub mod lexicon;
 #[cfg(feature = "lake")]
 pub mod rows;
 
+pub use cursor::{Cursor, TimeWindow};
 pub use event::*;
+pub use filter::Filters;

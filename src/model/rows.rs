@@ -2,7 +2,9 @@
 //! record batches.
 //!
 //! Every event row has the common columns `did, time_us, time, kind, operation, collection,
-//! rkey, rev, cid, seq, record`. Core lexicons add typed columns ([`super::lexicon`]); identity
+//! rkey, rev, cid, seq, record, claimed_time_us`. `time_us` is always the row's partition time
+//! (it lies within the partition's hour); `claimed_time_us` keeps a source's time that was
+//! outside the accepted window (null otherwise). Core lexicons add typed columns ([`super::lexicon`]); identity
 //! and account events have their own; errors (the quarantine) have a schema of their own.
 //! Schemas only ever gain columns; [`SCHEMA_VERSION`] is written into every file.
 
@@ -58,6 +60,7 @@ pub fn common_fields() -> Vec<Field> {
         Field::new("cid", DataType::Utf8, true),
         Field::new("seq", DataType::Int64, true),
         Field::new("record", DataType::Utf8, true),
+        Field::new("claimed_time_us", DataType::Int64, true),
     ]
 }
 
@@ -218,6 +221,7 @@ struct Common {
     cid: StringBuilder,
     seq: Int64Builder,
     record: StringBuilder,
+    claimed_time_us: Int64Builder,
 }
 
 impl Common {
@@ -233,6 +237,7 @@ impl Common {
             cid: StringBuilder::new(),
             seq: Int64Builder::new(),
             record: StringBuilder::new(),
+            claimed_time_us: Int64Builder::new(),
         }
     }
 
@@ -248,6 +253,7 @@ impl Common {
             Arc::new(self.cid.finish()),
             Arc::new(self.seq.finish()),
             Arc::new(self.record.finish()),
+            Arc::new(self.claimed_time_us.finish()),
         ]
     }
 }
@@ -654,6 +660,7 @@ impl RowBuilder {
         c.time_us.append_value(env.time_us);
         c.kind.append_value(e.kind().as_str());
         c.seq.append_option(env.seq);
+        c.claimed_time_us.append_option(env.claimed_time_us);
         match &e.data {
             EventData::Commit(op) => {
                 c.operation.append_value(op.operation.as_str());
@@ -682,7 +689,7 @@ impl RowBuilder {
                 if let TypedColumns::Identity { handle, seq, time } = &mut self.typed {
                     handle.append_option(i.handle.as_deref());
                     seq.append_value(i.seq);
-                    time.append_option(crate::decode::syntax::parse_datetime_us(&i.time).ok());
+                    time.append_option(crate::syntax::parse_datetime_us(&i.time).ok());
                 }
                 size += i.handle.as_ref().map_or(0, |s| s.len());
             }
@@ -707,7 +714,7 @@ impl RowBuilder {
                     active.append_value(a.active);
                     status.append_option(a.status.as_deref());
                     seq.append_value(a.seq);
-                    time.append_option(crate::decode::syntax::parse_datetime_us(&a.time).ok());
+                    time.append_option(crate::syntax::parse_datetime_us(&a.time).ok());
                 }
             }
             EventData::Sync(s) => {
@@ -728,7 +735,7 @@ impl RowBuilder {
         &mut self,
         err: &ErrorEvent,
         source: SourceKind,
-        cursor: Option<i64>,
+        cursor: Option<crate::model::Cursor>,
         time_us: i64,
     ) {
         let Some(c) = self.errors.as_mut() else {
@@ -737,7 +744,7 @@ impl RowBuilder {
         c.reason.append_value(err.reason.as_str());
         c.detail.append_value(&err.detail);
         c.source.append_value(source.as_str());
-        c.cursor.append_option(cursor);
+        c.cursor.append_option(cursor.map(|c| c.value()));
         c.seq.append_option(err.seq);
         c.time_us.append_value(time_us);
         c.time.append_value(time_us);

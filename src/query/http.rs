@@ -13,7 +13,7 @@
 
 use super::format::{Encoder, Format};
 use super::{QueryEngine, QueryError};
-use crate::ingest::writer::StorageHealth;
+use crate::catalog::StorageHealth;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -38,7 +38,7 @@ pub struct AppState {
     /// Storage health of the daemon's writer, when ingesting.
     pub storage: Option<Arc<StorageHealth>>,
     /// The daemon's collection/DID filters, changeable at run time (`PUT /filters`).
-    pub filters: Option<tokio::sync::watch::Sender<crate::source::Filters>>,
+    pub filters: Option<tokio::sync::watch::Sender<crate::model::Filters>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -385,7 +385,7 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-fn filters_json(f: &crate::source::Filters) -> serde_json::Value {
+fn filters_json(f: &crate::model::Filters) -> serde_json::Value {
     serde_json::json!({ "collections": f.collections, "dids": f.dids })
 }
 
@@ -428,7 +428,7 @@ async fn filters_put(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
             );
         }
     };
-    match crate::source::Filters::new(parsed.collections, parsed.dids) {
+    match crate::model::Filters::new(parsed.collections, parsed.dids) {
         Ok(f) => {
             let _ = tx.send(f.clone());
             tracing::info!(collections = ?f.collections, dids = f.dids.len(), "filters changed");

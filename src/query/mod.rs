@@ -70,8 +70,8 @@ pub mod system;
 pub mod table;
 pub mod typed;
 
+use crate::catalog::{Catalog, Snapshot};
 use crate::checkpoint::{Checkpoint, list_files};
-use crate::ingest::live::{LiveState, Snapshot};
 use crate::model::lexicon::Lexicon;
 use crate::sink::partition::LakeFile;
 use crate::sink::store::Lake;
@@ -195,7 +195,7 @@ pub fn lake_store_url() -> ObjectStoreUrl {
 /// The query engine: the lake, optionally the daemon's live state, and limits.
 pub struct QueryEngine {
     lake: Lake,
-    live: Option<Arc<LiveState>>,
+    live: Option<Arc<Catalog>>,
     /// Limits applied by the HTTP endpoint.
     pub limits: Limits,
     runtime: Arc<RuntimeEnv>,
@@ -233,11 +233,7 @@ fn table_def(name: &str) -> Option<TableDef> {
 
 impl QueryEngine {
     /// An engine over `lake`; with `live`, queries also see the daemon's in-memory rows.
-    pub fn new(
-        lake: Lake,
-        live: Option<Arc<LiveState>>,
-        limits: Limits,
-    ) -> Result<Self, QueryError> {
+    pub fn new(lake: Lake, live: Option<Arc<Catalog>>, limits: Limits) -> Result<Self, QueryError> {
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(limits.memory, 1.0)
             .with_disk_manager_builder(DiskManagerBuilder::default())

@@ -7,7 +7,7 @@
 //! - `system.ingest` (daemon only): the live ingest metrics, the same numbers as `/metrics`.
 
 use super::{QueryEngine, QueryError};
-use crate::ingest::live::Snapshot;
+use crate::catalog::Snapshot;
 use crate::sink::partition::{LakeFile, date_hour};
 use crate::sink::store::Lake;
 use arrow::array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
@@ -106,7 +106,8 @@ impl TableProvider for FilesTable {
             };
             rows.push(n.map(|n| n as i64));
         }
-        let dh: Vec<(String, String)> = self.files.iter().map(|f| date_hour(f.key.hour)).collect();
+        let dh: Vec<(String, String)> =
+            self.files.iter().map(|f| date_hour(f.key.hour())).collect();
         let cols: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(
                 self.files.iter().map(|f| f.path.clone()),
@@ -121,13 +122,13 @@ impl TableProvider for FilesTable {
                 dh.iter().map(|(_, h)| h.parse::<i64>().unwrap_or(0)),
             )),
             Arc::new(StringArray::from_iter_values(
-                self.files.iter().map(|f| f.name.source.as_str()),
+                self.files.iter().map(|f| f.name.source().as_str()),
             )),
             Arc::new(Int64Array::from_iter_values(
-                self.files.iter().map(|f| f.name.first),
+                self.files.iter().map(|f| f.name.first().value()),
             )),
             Arc::new(Int64Array::from_iter_values(
-                self.files.iter().map(|f| f.name.last),
+                self.files.iter().map(|f| f.name.last().value()),
             )),
             Arc::new(Int64Array::from(rows)),
             Arc::new(Int64Array::from_iter_values(

@@ -15,7 +15,7 @@
 //! files never change).
 
 use crate::model::rows::TableKind;
-use crate::sink::partition::{HOUR_US, LakeFile, PartitionName};
+use crate::sink::partition::{LakeFile, PartitionName};
 use arrow::array::{ArrayRef, RecordBatch, new_null_array};
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
@@ -211,8 +211,7 @@ impl LakeTable {
                         _ => false,
                     }),
                 };
-                let start = f.key.hour * HOUR_US;
-                let end = start + HOUR_US - 1;
+                let (start, end) = (f.key.start_us(), f.key.end_us() - 1);
                 coll_ok && kind_ok && end >= lo && start <= hi
             })
             .collect()
@@ -266,7 +265,7 @@ fn lit_us(e: &Expr) -> Option<i64> {
             ScalarValue::TimestampSecond(Some(x), _) => x.checked_mul(1_000_000),
             ScalarValue::TimestampNanosecond(Some(x), _) => Some(x / 1000),
             ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
-                crate::decode::syntax::parse_datetime_us(s).ok()
+                crate::syntax::parse_datetime_us(s).ok()
             }
             _ => None,
         },

@@ -10,7 +10,7 @@
 
 use super::traffic::{SimMessage, Traffic, TrafficConfig, TruthKey, error_frame, info_frame};
 use crate::decode::jetstream::ZstdCodec;
-use crate::decode::syntax::nsid_matches;
+use crate::syntax::nsid_matches;
 use futures::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;

@@ -12,8 +12,8 @@ use crate::decode::car::CarWriter;
 use crate::decode::cbor::Encoder;
 use crate::decode::cid::Cid;
 use crate::decode::jetstream::write_line;
-use crate::decode::syntax::{format_datetime_ms, tid_from_parts};
 use crate::model::{Account, CommitOp, Envelope, Event, EventData, Identity, Operation};
+use crate::syntax::{format_datetime_ms, tid_from_parts};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 
@@ -654,6 +654,7 @@ impl Traffic {
                 data: EventData::Identity(Identity { seq, time, handle }),
             },
             time_us: self.time_us,
+            claimed_time_us: None,
             seq: Some(seq),
             since: None,
         };
@@ -708,6 +709,7 @@ impl Traffic {
                 }),
             },
             time_us: self.time_us,
+            claimed_time_us: None,
             seq: Some(seq),
             since: None,
         };
@@ -971,6 +973,7 @@ impl Traffic {
                     }),
                 },
                 time_us: self.time_us,
+                claimed_time_us: None,
                 seq: Some(seq),
                 since: since.clone(),
             })

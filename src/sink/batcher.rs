@@ -11,14 +11,14 @@
 //! Rows are kept as Arrow builders and sealed into small record batches ("chunks") often, so the
 //! daemon's SQL can read buffered rows.
 
-use super::partition::{HOUR_US, PartitionKey, PartitionName, is_path_safe_collection};
+use super::partition::{PartitionKey, PartitionName, PartitionRangeError, is_path_safe_collection};
 use crate::config::FlushConfig;
+use crate::model::key::{EventKey, error_key};
 use crate::model::lexicon::Lexicon;
 use crate::model::rows::{RowBuilder, TableKind};
-use crate::model::{Envelope, ErrorEvent, EventData, SourceKind};
+use crate::model::{Cursor, Envelope, ErrorEvent, EventData, SourceKind};
 use arrow::record_batch::RecordBatch;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
 /// Why a partition was flushed (a metric label).
@@ -101,7 +101,7 @@ impl FlushPolicy {
         &self,
         p: &PartitionBuffer,
         now: Instant,
-        stream_time_us: i64,
+        stream_time_us: Option<i64>,
         events_seen: u64,
     ) -> Option<FlushReason> {
         if p.rows == 0 {
@@ -116,7 +116,9 @@ impl FlushPolicy {
         if now.saturating_duration_since(p.opened_at) >= self.max_age {
             return Some(FlushReason::Age);
         }
-        if stream_time_us >= (p.key.hour + 1) * HOUR_US + self.hour_close_grace_us {
+        if stream_time_us
+            .is_some_and(|t| t >= p.key.end_us().saturating_add(self.hour_close_grace_us))
+        {
             return Some(FlushReason::HourClosed);
         }
         if events_seen.saturating_sub(p.first_event) > self.max_checkpoint_lag {
@@ -140,14 +142,23 @@ pub struct PartitionBuffer {
     pub bytes: usize,
     /// When the first row arrived.
     pub opened_at: Instant,
-    /// Lowest cursor buffered.
-    pub first_cursor: i64,
+    /// Lowest cursor buffered (`None` while no row had one).
+    pub first_cursor: Option<Cursor>,
     /// Highest cursor buffered.
-    pub last_cursor: i64,
+    pub last_cursor: Option<Cursor>,
     /// Event counter at the first row.
     pub first_event: u64,
     /// Order-independent hash of the rows' keys.
     pub key_hash: u64,
+}
+
+impl PartitionBuffer {
+    fn note_cursor(&mut self, cursor: Option<Cursor>) {
+        if let Some(c) = cursor {
+            self.first_cursor = Some(self.first_cursor.map_or(c, |f| f.min(c)));
+            self.last_cursor = Some(self.last_cursor.map_or(c, |l| l.max(c)));
+        }
+    }
 }
 
 /// One partition's rows on their way to a file.
@@ -166,24 +177,48 @@ pub struct FlushJob {
     /// Estimated bytes.
     pub bytes: usize,
     /// Lowest cursor (`None` when no row had one).
-    pub first_cursor: Option<i64>,
+    pub first_cursor: Option<Cursor>,
     /// Highest cursor.
-    pub last_cursor: Option<i64>,
+    pub last_cursor: Option<Cursor>,
     /// Hash of the rows' keys (for the file name).
     pub key_hash: u64,
     /// Why.
     pub reason: FlushReason,
 }
 
-/// What happened to an event handed to the batcher.
+/// Where an event went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
     /// Buffered in its own partition.
     Own,
     /// Buffered in `_other` (open-partition cap reached).
     Other,
-    /// Its collection cannot name a partition; it went to the quarantine instead.
-    Quarantined,
+}
+
+/// Why the batcher could not take a row.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The event's collection cannot name a partition (the caller quarantines it).
+    #[error("collection cannot name a partition (not lower-case or longer than 253 bytes)")]
+    Collection,
+    /// The partition time cannot name a partition (the caller checks times first, so this is
+    /// a broken invariant).
+    #[error(transparent)]
+    Time(#[from] PartitionRangeError),
+    /// A chunk could not be sealed (a broken invariant).
+    #[error(transparent)]
+    Seal(#[from] SealError),
+}
+
+/// Rows that could not be turned into a record batch: a broken invariant (a builder out of step
+/// with its schema), never caused by input.
+#[derive(Debug, thiserror::Error)]
+#[error("sealing the rows of {partition} failed: {source}")]
+pub struct SealError {
+    /// The partition.
+    pub partition: String,
+    /// Arrow's error.
+    pub source: arrow::error::ArrowError,
 }
 
 /// The set of partition buffers.
@@ -195,98 +230,9 @@ pub struct Batcher {
     buffers: HashMap<PartitionKey, PartitionBuffer>,
     total_bytes: usize,
     events_seen: u64,
-    stream_time_us: i64,
+    stream_time_us: Option<i64>,
     next_job: u64,
     sealed: Vec<(PartitionKey, RecordBatch)>,
-}
-
-/// The identifying fields of an event, as stored in its row.
-#[derive(Debug, Clone, Copy)]
-pub struct KeyParts<'a> {
-    /// `commit`, `identity`, `account`, `sync`.
-    pub kind: &'a str,
-    /// Account DID.
-    pub did: &'a str,
-    /// Collection (commits).
-    pub collection: &'a str,
-    /// Record key (commits).
-    pub rkey: &'a str,
-    /// Revision (commits, sync).
-    pub rev: &'a str,
-    /// Operation (commits).
-    pub operation: &'a str,
-    /// Relay seq of the body (identity, account).
-    pub event_seq: i64,
-}
-
-/// A 128-bit key of an event for deduplication: (kind, did, collection, rkey, rev, operation)
-/// for commits, (kind, did, seq) for identity/account, (kind, did, rev) for sync. Computed the
-/// same way from an event and from its stored row.
-pub fn key_of(p: KeyParts<'_>) -> u128 {
-    let mut a = std::collections::hash_map::DefaultHasher::new();
-    let mut b = std::collections::hash_map::DefaultHasher::new();
-    0xA7u8.hash(&mut b);
-    for h in [&mut a, &mut b] {
-        p.kind.hash(h);
-        p.did.hash(h);
-        p.collection.hash(h);
-        p.rkey.hash(h);
-        p.rev.hash(h);
-        p.operation.hash(h);
-        p.event_seq.hash(h);
-    }
-    (u128::from(a.finish()) << 64) | u128::from(b.finish())
-}
-
-/// The dedupe key of an event (see [`key_of`]).
-pub fn event_key(env: &Envelope) -> u128 {
-    let e = &env.event;
-    let mut p = KeyParts {
-        kind: e.kind().as_str(),
-        did: &e.did,
-        collection: "",
-        rkey: "",
-        rev: "",
-        operation: "",
-        event_seq: 0,
-    };
-    match &e.data {
-        EventData::Commit(c) => {
-            p.collection = &c.collection;
-            p.rkey = &c.rkey;
-            p.rev = &c.rev;
-            p.operation = c.operation.as_str();
-        }
-        EventData::Identity(i) => p.event_seq = i.seq,
-        EventData::Account(x) => p.event_seq = x.seq,
-        EventData::Sync(s) => p.rev = &s.rev,
-    }
-    key_of(p)
-}
-
-/// The dedupe key of a quarantined input: its reason, bytes, path and cursor.
-pub fn error_key(err: &ErrorEvent, cursor: Option<i64>) -> u128 {
-    error_key_of(
-        err.reason.as_str(),
-        &err.raw[..err.raw.len().min(crate::model::rows::MAX_QUARANTINE_RAW)],
-        err.path.as_deref(),
-        cursor,
-    )
-}
-
-/// [`error_key`] from stored fields.
-pub fn error_key_of(reason: &str, raw: &[u8], path: Option<&str>, cursor: Option<i64>) -> u128 {
-    let mut a = std::collections::hash_map::DefaultHasher::new();
-    let mut b = std::collections::hash_map::DefaultHasher::new();
-    0x5Au8.hash(&mut b);
-    for h in [&mut a, &mut b] {
-        reason.hash(h);
-        raw.hash(h);
-        path.map(|p| crate::model::rows::truncate_str(p, 4096))
-            .hash(h);
-        cursor.hash(h);
-    }
-    (u128::from(a.finish()) << 64) | u128::from(b.finish())
 }
 
 impl Batcher {
@@ -298,7 +244,7 @@ impl Batcher {
             buffers: HashMap::new(),
             total_bytes: 0,
             events_seen: 0,
-            stream_time_us: i64::MIN,
+            stream_time_us: None,
             next_job: 1,
             sealed: Vec::new(),
         }
@@ -320,40 +266,42 @@ impl Batcher {
     }
 
     /// Lowest cursor still buffered.
-    pub fn min_buffered_cursor(&self) -> Option<i64> {
-        self.buffers
-            .values()
-            .map(|b| b.first_cursor)
-            .filter(|&c| c != i64::MAX)
-            .min()
+    pub fn min_buffered_cursor(&self) -> Option<Cursor> {
+        self.buffers.values().filter_map(|b| b.first_cursor).min()
     }
 
-    /// Latest stream time seen.
-    pub fn stream_time_us(&self) -> i64 {
+    /// Latest partition time seen (`None` before the first row).
+    pub fn stream_time_us(&self) -> Option<i64> {
         self.stream_time_us
     }
 
-    fn partition_for(&self, env: &Envelope) -> Result<PartitionName, ()> {
-        Ok(match &env.event.data {
+    fn note_time(&mut self, t: i64) {
+        self.stream_time_us = Some(self.stream_time_us.map_or(t, |s| s.max(t)));
+    }
+
+    fn partition_for(&self, env: &Envelope) -> Result<PartitionKey, Refused> {
+        let name = match &env.event.data {
             EventData::Identity(_) => PartitionName::Identity,
             EventData::Account(_) => PartitionName::Account,
             EventData::Sync(_) => PartitionName::Sync,
             EventData::Commit(c) => {
                 if !is_path_safe_collection(&c.collection) {
-                    return Err(());
+                    return Err(Refused::Collection);
                 }
-                let name = PartitionName::Collection(c.collection.clone());
-                let key = PartitionKey::new(name.clone(), env.time_us);
+                let own = PartitionKey::try_new(
+                    PartitionName::Collection(c.collection.clone()),
+                    env.time_us,
+                )?;
                 if Lexicon::of(&c.collection).is_some()
-                    || self.buffers.contains_key(&key)
+                    || self.buffers.contains_key(&own)
                     || self.buffers.len() < self.policy.max_open_partitions
                 {
-                    name
-                } else {
-                    PartitionName::Other
+                    return Ok(own);
                 }
+                PartitionName::Other
             }
-        })
+        };
+        Ok(PartitionKey::try_new(name, env.time_us)?)
     }
 
     fn buffer(&mut self, key: PartitionKey, now: Instant) -> &mut PartitionBuffer {
@@ -367,24 +315,30 @@ impl Batcher {
                 rows: 0,
                 bytes: 0,
                 opened_at: now,
-                first_cursor: i64::MAX,
-                last_cursor: i64::MIN,
+                first_cursor: None,
+                last_cursor: None,
                 first_event: events_seen,
                 key_hash: 0,
             })
     }
 
-    /// Buffers an event at `cursor`. Events whose collection cannot name a partition are
-    /// quarantined (returned as [`Accepted::Quarantined`]; the caller builds the error row).
-    pub fn push_event(&mut self, env: &Envelope, cursor: i64, key: u128, now: Instant) -> Accepted {
-        let name = match self.partition_for(env) {
-            Ok(n) => n,
-            Err(()) => return Accepted::Quarantined,
+    /// Buffers an event at `cursor`, in the partition of its `time_us` (the caller has checked
+    /// that time against the [`TimeWindow`](crate::model::TimeWindow)).
+    pub fn push_event(
+        &mut self,
+        env: &Envelope,
+        cursor: Option<Cursor>,
+        key: EventKey,
+        now: Instant,
+    ) -> Result<Accepted, Refused> {
+        let pk = self.partition_for(env)?;
+        let accepted = if pk.name == PartitionName::Other {
+            Accepted::Other
+        } else {
+            Accepted::Own
         };
-        let other = name == PartitionName::Other;
         self.events_seen += 1;
-        self.stream_time_us = self.stream_time_us.max(env.time_us);
-        let pk = PartitionKey::new(name, env.time_us);
+        self.note_time(env.time_us);
         let chunk_rows = self.policy.chunk_rows;
         let b = self.buffer(pk, now);
         let before = b.builder.bytes();
@@ -392,69 +346,70 @@ impl Batcher {
         let added = b.builder.bytes() - before;
         b.rows += 1;
         b.bytes += added;
-        b.first_cursor = b.first_cursor.min(cursor);
-        b.last_cursor = b.last_cursor.max(cursor);
-        b.key_hash = b.key_hash.wrapping_add(key as u64 ^ (key >> 64) as u64);
+        b.note_cursor(cursor);
+        b.key_hash = b.key_hash.wrapping_add(key.fold());
         let seal = (b.builder.len() >= chunk_rows).then(|| b.key.clone());
         self.total_bytes += added;
         if let Some(k) = seal {
-            self.seal_one(&k);
+            self.seal_one(&k)?;
         }
-        if other {
-            Accepted::Other
-        } else {
-            Accepted::Own
-        }
+        Ok(accepted)
     }
 
-    /// Buffers a quarantined input at `cursor` (when known).
-    pub fn push_error(&mut self, err: &ErrorEvent, cursor: Option<i64>, now_us: i64, now: Instant) {
-        let time_us = err.time_us.unwrap_or(now_us);
-        self.stream_time_us = self.stream_time_us.max(time_us.min(now_us));
-        let pk = PartitionKey::new(PartitionName::Errors, time_us);
+    /// Buffers a quarantined input at `cursor` (when known) in the partition of
+    /// `partition_time_us` (the input's own time when the window accepts it, else the time it
+    /// was received).
+    pub fn push_error(
+        &mut self,
+        err: &ErrorEvent,
+        cursor: Option<Cursor>,
+        partition_time_us: i64,
+        now: Instant,
+    ) -> Result<(), Refused> {
+        let pk = PartitionKey::try_new(PartitionName::Errors, partition_time_us)?;
+        self.note_time(partition_time_us);
         let source = self.source;
         let chunk_rows = self.policy.chunk_rows;
         let key = error_key(err, cursor);
         let b = self.buffer(pk, now);
         let before = b.builder.bytes();
-        b.builder.push_error(err, source, cursor, time_us);
+        b.builder.push_error(err, source, cursor, partition_time_us);
         let added = b.builder.bytes() - before;
         b.rows += 1;
         b.bytes += added;
-        if let Some(c) = cursor {
-            b.first_cursor = b.first_cursor.min(c);
-            b.last_cursor = b.last_cursor.max(c);
-        }
-        b.key_hash = b.key_hash.wrapping_add(key as u64 ^ (key >> 64) as u64);
+        b.note_cursor(cursor);
+        b.key_hash = b.key_hash.wrapping_add(key.fold());
         let seal = (b.builder.len() >= chunk_rows).then(|| b.key.clone());
         self.total_bytes += added;
         if let Some(k) = seal {
-            self.seal_one(&k);
+            self.seal_one(&k)?;
         }
+        Ok(())
     }
 
-    fn seal_one(&mut self, key: &PartitionKey) {
-        if let Some(b) = self.buffers.get_mut(key) {
-            if b.builder.is_empty() {
-                return;
-            }
-            let estimate = b.builder.bytes();
-            match b.builder.finish() {
-                Ok(batch) => {
-                    // from here on the chunk's real size counts, not the estimate
-                    let real = batch.get_array_memory_size();
-                    b.bytes = b.bytes - estimate.min(b.bytes) + real;
-                    self.total_bytes = self.total_bytes - estimate.min(self.total_bytes) + real;
-                    self.sealed.push((key.clone(), batch.clone()));
-                    b.chunks.push(batch);
-                }
-                Err(e) => tracing::error!(partition = %key, error = %e, "sealing rows failed"),
-            }
+    fn seal_one(&mut self, key: &PartitionKey) -> Result<(), SealError> {
+        let Some(b) = self.buffers.get_mut(key) else {
+            return Ok(());
+        };
+        if b.builder.is_empty() {
+            return Ok(());
         }
+        let estimate = b.builder.bytes();
+        let batch = b.builder.finish().map_err(|source| SealError {
+            partition: key.to_string(),
+            source,
+        })?;
+        // from here on the chunk's real size counts, not the estimate
+        let real = batch.get_array_memory_size();
+        b.bytes = b.bytes - estimate.min(b.bytes) + real;
+        self.total_bytes = self.total_bytes - estimate.min(self.total_bytes) + real;
+        self.sealed.push((key.clone(), batch.clone()));
+        b.chunks.push(batch);
+        Ok(())
     }
 
     /// Seals every partition's pending rows into chunks (for freshness of live queries).
-    pub fn seal_all(&mut self) {
+    pub fn seal_all(&mut self) -> Result<(), SealError> {
         let keys: Vec<PartitionKey> = self
             .buffers
             .iter()
@@ -462,8 +417,9 @@ impl Batcher {
             .map(|(k, _)| k.clone())
             .collect();
         for k in keys {
-            self.seal_one(&k);
+            self.seal_one(&k)?;
         }
+        Ok(())
     }
 
     /// Chunks sealed since the last call (to publish to live queries).
@@ -471,34 +427,52 @@ impl Batcher {
         std::mem::take(&mut self.sealed)
     }
 
-    fn take_job(&mut self, key: &PartitionKey, reason: FlushReason) -> Option<FlushJob> {
-        let mut b = self.buffers.remove(key)?;
+    fn take_job(
+        &mut self,
+        key: &PartitionKey,
+        reason: FlushReason,
+    ) -> Result<Option<FlushJob>, SealError> {
+        let Some(mut b) = self.buffers.remove(key) else {
+            return Ok(None);
+        };
         // the last rows go straight into the job, not to the list of chunks to publish
         if !b.builder.is_empty() {
-            match b.builder.finish() {
-                Ok(batch) => b.chunks.push(batch),
-                Err(e) => tracing::error!(partition = %key, error = %e, "sealing rows failed"),
-            }
+            let batch = b.builder.finish().map_err(|source| SealError {
+                partition: key.to_string(),
+                source,
+            })?;
+            b.chunks.push(batch);
         }
         self.total_bytes = self.total_bytes.saturating_sub(b.bytes);
         let id = self.next_job;
         self.next_job += 1;
-        Some(FlushJob {
+        Ok(Some(FlushJob {
             id,
             kind: b.key.name.table_kind(),
             key: b.key,
             chunks: b.chunks,
             rows: b.rows,
             bytes: b.bytes,
-            first_cursor: (b.first_cursor != i64::MAX).then_some(b.first_cursor),
-            last_cursor: (b.last_cursor != i64::MIN).then_some(b.last_cursor),
+            first_cursor: b.first_cursor,
+            last_cursor: b.last_cursor,
             key_hash: b.key_hash,
             reason,
-        })
+        }))
+    }
+
+    fn take_jobs(
+        &mut self,
+        due: Vec<(PartitionKey, FlushReason)>,
+    ) -> Result<Vec<FlushJob>, SealError> {
+        let mut jobs = Vec::with_capacity(due.len());
+        for (k, r) in due {
+            jobs.extend(self.take_job(&k, r)?);
+        }
+        Ok(jobs)
     }
 
     /// Partitions that must flush now (by size after a push, or by any rule on a tick).
-    pub fn due(&mut self, now: Instant) -> Vec<FlushJob> {
+    pub fn due(&mut self, now: Instant) -> Result<Vec<FlushJob>, SealError> {
         let stream = self.stream_time_us;
         let seen = self.events_seen;
         let mut due: Vec<(PartitionKey, FlushReason)> = self
@@ -511,12 +485,9 @@ impl Batcher {
             })
             .collect();
         due.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut jobs: Vec<FlushJob> = due
-            .into_iter()
-            .filter_map(|(k, r)| self.take_job(&k, r))
-            .collect();
-        jobs.extend(self.over_cap(0));
-        jobs
+        let mut jobs = self.take_jobs(due)?;
+        jobs.extend(self.over_cap(0)?);
+        Ok(jobs)
     }
 
     /// The share of the memory cap buffered rows may use. The cap budgets the whole process:
@@ -537,14 +508,14 @@ impl Batcher {
 
     /// Flushes the largest partitions until the buffers fit their share of the memory cap
     /// (`inflight_bytes` further lowers it while flushes are pending, never below a sixteenth).
-    pub fn over_cap(&mut self, inflight_bytes: usize) -> Vec<FlushJob> {
+    pub fn over_cap(&mut self, inflight_bytes: usize) -> Result<Vec<FlushJob>, SealError> {
         let mut jobs = Vec::new();
         let budget = self.buffer_budget().min(
             self.data_budget()
                 .saturating_sub(inflight_bytes)
                 .max(self.policy.memory_cap / 16),
         );
-        while self.total_bytes > budget && !self.buffers.is_empty() {
+        while self.total_bytes > budget {
             let Some(largest) = self
                 .buffers
                 .values()
@@ -553,25 +524,23 @@ impl Batcher {
             else {
                 break;
             };
-            match self.take_job(&largest, FlushReason::MemoryCap) {
+            match self.take_job(&largest, FlushReason::MemoryCap)? {
                 Some(j) => jobs.push(j),
                 None => break,
             }
         }
-        jobs
+        Ok(jobs)
     }
 
     /// Every buffered partition, for shutdown or the end of a file.
-    pub fn drain(&mut self) -> Vec<FlushJob> {
+    pub fn drain(&mut self) -> Result<Vec<FlushJob>, SealError> {
         let mut keys: Vec<PartitionKey> = self.buffers.keys().cloned().collect();
         keys.sort();
-        keys.iter()
-            .filter_map(|k| self.take_job(k, FlushReason::Drain))
-            .collect()
+        self.take_jobs(keys.into_iter().map(|k| (k, FlushReason::Drain)).collect())
     }
 
-    /// Whether a partition has reached its size limits (checked after each push).
-    pub fn size_due(&mut self) -> Vec<FlushJob> {
+    /// Partitions that reached their size limits (checked after each push).
+    pub fn size_due(&mut self) -> Result<Vec<FlushJob>, SealError> {
         let due: Vec<(PartitionKey, FlushReason)> = self
             .buffers
             .values()
@@ -585,19 +554,18 @@ impl Batcher {
                 }
             })
             .collect();
-        let mut jobs: Vec<FlushJob> = due
-            .into_iter()
-            .filter_map(|(k, r)| self.take_job(&k, r))
-            .collect();
-        jobs.extend(self.over_cap(0));
-        jobs
+        let mut jobs = self.take_jobs(due)?;
+        jobs.extend(self.over_cap(0)?);
+        Ok(jobs)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::key::event_key;
     use crate::model::{CommitOp, Event, Operation};
+    use crate::sink::partition::HOUR_US;
 
     fn policy() -> FlushPolicy {
         FlushPolicy {
@@ -626,13 +594,15 @@ mod tests {
                 }),
             },
             time_us,
+            claimed_time_us: None,
             seq: Some(i as i64),
             since: None,
         }
     }
 
-    fn push(b: &mut Batcher, e: &Envelope, cursor: i64, now: Instant) -> Accepted {
-        b.push_event(e, cursor, event_key(e), now)
+    fn push(b: &mut Batcher, e: &Envelope, cursor: i64, now: Instant) -> Option<Accepted> {
+        b.push_event(e, Some(Cursor::seq(cursor).unwrap()), event_key(e), now)
+            .ok()
     }
 
     const T0: i64 = 1_783_173_600_000_000; // an hour boundary
@@ -649,9 +619,9 @@ mod tests {
                 now,
             );
         }
-        assert!(b.size_due().is_empty());
+        assert!(b.size_due().unwrap().is_empty());
         push(&mut b, &ev("app.bsky.graph.follow", T0 + 99, 99), 99, now);
-        let jobs = b.size_due();
+        let jobs = b.size_due().unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!((jobs[0].rows, jobs[0].reason), (100, FlushReason::Rows));
         assert_eq!(
@@ -660,7 +630,7 @@ mod tests {
         );
         assert_eq!(
             (jobs[0].first_cursor, jobs[0].last_cursor),
-            (Some(0), Some(99))
+            (Cursor::seq(0).ok(), Cursor::seq(99).ok())
         );
         assert_eq!(b.buffered_rows(), 0);
     }
@@ -670,8 +640,8 @@ mod tests {
         let mut b = Batcher::new(policy(), SourceKind::Firehose);
         let t = Instant::now();
         push(&mut b, &ev("app.bsky.feed.like", T0, 1), 1, t);
-        assert!(b.due(t + Duration::from_secs(59)).is_empty());
-        let jobs = b.due(t + Duration::from_secs(60));
+        assert!(b.due(t + Duration::from_secs(59)).unwrap().is_empty());
+        let jobs = b.due(t + Duration::from_secs(60)).unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].reason, FlushReason::Age);
     }
@@ -688,18 +658,18 @@ mod tests {
             2,
             t,
         );
-        assert!(b.due(t).is_empty());
+        assert!(b.due(t).unwrap().is_empty());
         push(
             &mut b,
             &ev("app.bsky.feed.like", T0 + HOUR_US + 6_000_000, 3),
             3,
             t,
         );
-        let jobs = b.due(t);
+        let jobs = b.due(t).unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].reason, FlushReason::HourClosed);
-        assert_eq!(jobs[0].key.hour, T0 / HOUR_US);
-        assert_eq!(b.min_buffered_cursor(), Some(2));
+        assert_eq!(jobs[0].key.hour(), T0 / HOUR_US);
+        assert_eq!(b.min_buffered_cursor(), Cursor::seq(2).ok());
     }
 
     #[test]
@@ -717,7 +687,7 @@ mod tests {
             push(&mut b, &ev("app.bsky.feed.like", T0, i), i as i64, t);
             i += 1;
         }
-        let jobs = b.size_due();
+        let jobs = b.size_due().unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].reason, FlushReason::MemoryCap);
         assert_eq!(
@@ -735,7 +705,7 @@ mod tests {
             );
         }
         let before = b.buffered_bytes();
-        let jobs = b.over_cap(14_000);
+        let jobs = b.over_cap(14_000).unwrap();
         assert!(before > 3_125 && !jobs.is_empty(), "{before}");
         assert!(b.buffered_bytes() <= 3_125);
     }
@@ -754,9 +724,9 @@ mod tests {
             assert_eq!(
                 a,
                 if i < 20 {
-                    Accepted::Own
+                    Some(Accepted::Own)
                 } else {
-                    Accepted::Other
+                    Some(Accepted::Other)
                 },
                 "{i}"
             );
@@ -764,23 +734,20 @@ mod tests {
         assert_eq!(b.open_partitions(), 21);
         assert_eq!(
             push(&mut b, &ev("app.bsky.feed.post", T0, 99), 99, t),
-            Accepted::Own
+            Some(Accepted::Own)
         );
         assert_eq!(
             push(&mut b, &ev("app.bsky.graph.follow", T0, 98), 98, t),
-            Accepted::Own
+            Some(Accepted::Own)
         );
         // an already open one keeps its partition
         assert_eq!(
             push(&mut b, &ev("com.example3.app.thing", T0, 97), 97, t),
-            Accepted::Own
+            Some(Accepted::Own)
         );
         // a name that cannot be a path goes to the quarantine
-        assert_eq!(
-            push(&mut b, &ev("Com.Example.thing", T0, 96), 96, t),
-            Accepted::Quarantined
-        );
-        let jobs = b.drain();
+        assert_eq!(push(&mut b, &ev("Com.Example.thing", T0, 96), 96, t), None);
+        let jobs = b.drain().unwrap();
         let other = jobs
             .iter()
             .find(|j| j.key.name == PartitionName::Other)
@@ -806,9 +773,9 @@ mod tests {
         for i in 1..=11 {
             push(&mut b, &ev("app.bsky.feed.like", T0, i), i as i64, t);
         }
-        let jobs = b.due(t);
+        let jobs = b.due(t).unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].reason, FlushReason::CheckpointLag);
-        assert_eq!(b.min_buffered_cursor(), Some(1));
+        assert_eq!(b.min_buffered_cursor(), Cursor::seq(1).ok());
     }
 }

@@ -5,8 +5,10 @@
 //! - [`batcher`]: buffers per (collection, hour) and the named flush policy.
 //! - [`parquet`]: sorting and encoding one flush.
 //! - [`store`]: local disk (fsync + rename), S3 and memory through `object_store`.
+//! - [`lease`]: one writer per lake (an OS lock locally, a conditional-put lease on S3).
 
 pub mod batcher;
+pub mod lease;
 pub mod parquet;
 pub mod partition;
 pub mod store;

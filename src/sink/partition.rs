@@ -18,10 +18,10 @@
 //! keeps names unique. No path component is ever built from a name that was not validated:
 //! collections must pass [`is_path_safe_collection`], everything else is generated here.
 
-use crate::decode::syntax::{civil_from_days, is_nsid};
-use crate::model::SourceKind;
 use crate::model::lexicon::Lexicon;
 use crate::model::rows::TableKind;
+use crate::model::{Cursor, SourceKind};
+use crate::syntax::{civil_from_days, is_nsid};
 use std::fmt;
 
 /// Directory of event partitions under the lake root.
@@ -105,11 +105,26 @@ impl PartitionName {
 }
 
 /// A partition: what, and which hour of stream time.
+///
+/// The hour is private and always in `MIN_HOUR ..= MAX_HOUR` (years 0000 to 9999): every key
+/// renders a directory that [`parse_path`] reads back to the same key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PartitionKey {
     /// What it holds.
     pub name: PartitionName,
-    /// Hours since the Unix epoch.
+    hour: i64,
+}
+
+/// The first hour a partition may have: 0000-01-01T00.
+pub const MIN_HOUR: i64 = -17_268_672;
+/// The last hour a partition may have: 9999-12-31T23.
+pub const MAX_HOUR: i64 = 70_389_527;
+
+/// A time or hour that cannot name a partition directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("hour {hour} since the epoch is outside the years 0000 to 9999 a partition can name")]
+pub struct PartitionRangeError {
+    /// The hour refused.
     pub hour: i64,
 }
 
@@ -129,17 +144,28 @@ pub fn parse_date_hour(date: &str, hour: &str) -> Option<i64> {
     if b.len() != 10 || b[4] != b'-' || b[7] != b'-' || hour.len() != 2 {
         return None;
     }
-    let us = crate::decode::syntax::parse_datetime_us(&format!("{date}T{hour}:00:00Z")).ok()?;
+    let us = crate::syntax::parse_datetime_us(&format!("{date}T{hour}:00:00Z")).ok()?;
     Some(us.div_euclid(HOUR_US))
 }
 
 impl PartitionKey {
-    /// The partition of an event at `time_us`.
-    pub fn new(name: PartitionName, time_us: i64) -> Self {
-        PartitionKey {
-            name,
-            hour: time_us.div_euclid(HOUR_US),
+    /// The partition of an event whose partition time is `time_us`.
+    pub fn try_new(name: PartitionName, time_us: i64) -> Result<Self, PartitionRangeError> {
+        PartitionKey::at_hour(name, time_us.div_euclid(HOUR_US))
+    }
+
+    /// The partition of hour number `hour` (hours since the epoch).
+    pub fn at_hour(name: PartitionName, hour: i64) -> Result<Self, PartitionRangeError> {
+        if (MIN_HOUR..=MAX_HOUR).contains(&hour) {
+            Ok(PartitionKey { name, hour })
+        } else {
+            Err(PartitionRangeError { hour })
         }
+    }
+
+    /// Hours since the epoch.
+    pub fn hour(&self) -> i64 {
+        self.hour
     }
 
     /// Directory relative to the lake root.
@@ -158,6 +184,11 @@ impl PartitionKey {
     pub fn start_us(&self) -> i64 {
         self.hour * HOUR_US
     }
+
+    /// First µs after the hour.
+    pub fn end_us(&self) -> i64 {
+        (self.hour + 1) * HOUR_US
+    }
 }
 
 impl fmt::Display for PartitionKey {
@@ -166,51 +197,92 @@ impl fmt::Display for PartitionKey {
     }
 }
 
-/// A data file's name.
+/// A data file's name: `fh-<first>-<last>-<hash>.parquet` or `js-…`, the source and the range of
+/// cursors of its rows (0-0 when no row had a cursor: inputs quarantined before the stream gave
+/// any position).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FileName {
-    /// Which source wrote it.
-    pub source: SourceKind,
-    /// Lowest cursor in the file.
-    pub first: i64,
-    /// Highest cursor in the file.
-    pub last: i64,
+    first: Cursor,
+    last: Cursor,
     /// Hash of the rows' keys.
     pub hash: u32,
 }
 
+/// A file name that cannot be written: its cursors are of different sources or out of order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("file cursors {first} .. {last} are not an ordered range of one source")]
+pub struct FileNameError {
+    /// Lowest cursor.
+    pub first: Cursor,
+    /// Highest cursor.
+    pub last: Cursor,
+}
+
 impl FileName {
+    /// A name for rows with cursors `first ..= last`.
+    pub fn try_new(first: Cursor, last: Cursor, hash: u32) -> Result<FileName, FileNameError> {
+        if first.source() != last.source() || first > last {
+            return Err(FileNameError { first, last });
+        }
+        Ok(FileName { first, last, hash })
+    }
+
+    /// Which source wrote it.
+    pub fn source(&self) -> SourceKind {
+        self.first.source()
+    }
+
+    /// Lowest cursor in the file.
+    pub fn first(&self) -> Cursor {
+        self.first
+    }
+
+    /// Highest cursor in the file.
+    pub fn last(&self) -> Cursor {
+        self.last
+    }
+
     /// `fh-…` or `js-…`.
     pub fn render(&self) -> String {
-        let p = match self.source {
+        let p = match self.source() {
             SourceKind::Firehose => "fh",
             SourceKind::Jetstream => "js",
         };
-        format!("{p}-{}-{}-{:08x}.parquet", self.first, self.last, self.hash)
+        format!(
+            "{p}-{}-{}-{:08x}.parquet",
+            self.first.value(),
+            self.last.value(),
+            self.hash
+        )
     }
 
     /// Parses a file name written by [`FileName::render`].
     pub fn parse(name: &str) -> Option<FileName> {
         let stem = name.strip_suffix(".parquet")?;
         let mut parts = stem.split('-');
-        let source = match parts.next()? {
-            "fh" => SourceKind::Firehose,
-            "js" => SourceKind::Jetstream,
+        let source = SourceKind::parse(match parts.next()? {
+            "fh" => "firehose",
+            "js" => "jetstream",
             _ => return None,
-        };
-        let first: i64 = parts.next()?.parse().ok()?;
-        let last: i64 = parts.next()?.parse().ok()?;
-        let hash = u32::from_str_radix(parts.next()?, 16).ok()?;
-        if parts.next().is_some() || first > last {
+        })?;
+        let first = Cursor::try_new(source, digits(parts.next()?)?).ok()?;
+        let last = Cursor::try_new(source, digits(parts.next()?)?).ok()?;
+        let h = parts.next()?;
+        if h.len() != 8 || parts.next().is_some() {
             return None;
         }
-        Some(FileName {
-            source,
-            first,
-            last,
-            hash,
-        })
+        let hash = u32::from_str_radix(h, 16).ok()?;
+        FileName::try_new(first, last, hash).ok()
     }
+}
+
+/// A non-negative decimal written without sign or leading zeros (as `render` writes it).
+fn digits(s: &str) -> Option<i64> {
+    if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0'))
+    {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// A data file of the lake, as found by listing or as just written.
@@ -245,7 +317,7 @@ pub fn parse_path(rel: &str, size: u64) -> Option<LakeFile> {
     };
     let h = parse_date_hour(date.strip_prefix("date=")?, hour.strip_prefix("hour=")?)?;
     Some(LakeFile {
-        key: PartitionKey { name, hour: h },
+        key: PartitionKey::at_hour(name, h).ok()?,
         name: FileName::parse(file)?,
         path: rel.to_string(),
         size,
@@ -266,16 +338,17 @@ mod tests {
 
     #[test]
     fn paths_round_trip() {
-        let key = PartitionKey::new(
+        let key = PartitionKey::try_new(
             PartitionName::Collection("app.bsky.feed.post".into()),
             1_783_175_887_517_000,
-        );
-        let name = FileName {
-            source: SourceKind::Firehose,
-            first: 31_527_015_471,
-            last: 31_527_016_000,
-            hash: 0xdead_beef,
-        };
+        )
+        .unwrap();
+        let name = FileName::try_new(
+            Cursor::seq(31_527_015_471).unwrap(),
+            Cursor::seq(31_527_016_000).unwrap(),
+            0xdead_beef,
+        )
+        .unwrap();
         let path = format!("{}/{}", key.dir(), name.render());
         assert_eq!(
             path,
@@ -283,7 +356,7 @@ mod tests {
         );
         let f = parse_path(&path, 10).unwrap();
         assert_eq!((f.key, f.name), (key, name));
-        let e = PartitionKey::new(PartitionName::Errors, 0);
+        let e = PartitionKey::try_new(PartitionName::Errors, 0).unwrap();
         assert_eq!(e.dir(), "_errors/date=1970-01-01/hour=00");
         assert!(parse_path(&format!("{}/js-1-2-00000000.parquet", e.dir()), 1).is_some());
     }
@@ -321,5 +394,94 @@ mod tests {
         assert!(is_temp_path(
             "events/collection=a.b.c/date=2026-01-01/hour=00/.fh-1-2-0.parquet.tmp"
         ));
+    }
+
+    #[test]
+    fn every_representable_hour_round_trips_and_nothing_else_is_a_key() {
+        let file = "js-1-2-00000000.parquet";
+        for hour in [
+            MIN_HOUR,
+            MIN_HOUR + 1,
+            -1,
+            0,
+            1,
+            464_770,
+            MAX_HOUR - 1,
+            MAX_HOUR,
+        ] {
+            let k = PartitionKey::at_hour(PartitionName::Sync, hour).unwrap();
+            let f = parse_path(&format!("{}/{file}", k.dir()), 0).unwrap();
+            assert_eq!(f.key, k, "{}", k.dir());
+        }
+        for hour in [MIN_HOUR - 1, MAX_HOUR + 1, i64::MIN, i64::MAX] {
+            assert!(PartitionKey::at_hour(PartitionName::Sync, hour).is_err());
+        }
+        // the year-10000 and i64::MAX times of the hostile lines
+        assert!(PartitionKey::try_new(PartitionName::Other, 253_402_300_800_000_000).is_err());
+        assert!(PartitionKey::try_new(PartitionName::Other, i64::MAX).is_err());
+        assert!(PartitionKey::try_new(PartitionName::Other, i64::MIN).is_err());
+    }
+
+    #[test]
+    fn file_names_refuse_what_they_could_not_parse_back() {
+        let s = |v| Cursor::seq(v).unwrap();
+        let t = |v| Cursor::time_us(v).unwrap();
+        assert!(FileName::try_new(s(5), s(4), 0).is_err());
+        assert!(FileName::try_new(s(1), t(2), 0).is_err());
+        let n = FileName::try_new(t(0), t(crate::model::cursor::MAX_CURSOR), 7).unwrap();
+        assert_eq!(FileName::parse(&n.render()), Some(n));
+        for bad in [
+            "fh--5-3-00000000.parquet",
+            "fh-05-6-00000000.parquet",
+            "fh-5-6-0.parquet",
+            "fh-5-6-000000000.parquet",
+            "fh-9223372036854775807-9223372036854775807-00000000.parquet",
+            "xx-1-2-00000000.parquet",
+            "fh-2-1-00000000.parquet",
+            "fh-1-2-00000000-x.parquet",
+        ] {
+            assert!(FileName::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// No time, however absurd, gives a key whose directory the parser rejects or reads
+        /// back as another key.
+        #[test]
+        fn any_time_either_round_trips_or_is_refused(t in proptest::prelude::any::<i64>(), e in 0u8..6) {
+            let name = [PartitionName::Errors, PartitionName::Other, PartitionName::Sync,
+                PartitionName::Identity, PartitionName::Account,
+                PartitionName::Collection("app.bsky.feed.like".into())][usize::from(e)].clone();
+            if let Ok(k) = PartitionKey::try_new(name, t) {
+                let f = parse_path(&format!("{}/fh-1-2-00000000.parquet", k.dir()), 0);
+                proptest::prop_assert_eq!(f.map(|f| f.key), Some(k));
+            } else {
+                let h = t.div_euclid(HOUR_US);
+                proptest::prop_assert!(!(MIN_HOUR..=MAX_HOUR).contains(&h));
+            }
+        }
+
+        /// Every pair of i64 either names a file that parses back to itself or is refused.
+        #[test]
+        fn any_cursor_pair_either_round_trips_or_is_refused(
+            a in proptest::prelude::any::<i64>(),
+            b in proptest::prelude::any::<i64>(),
+            jet in proptest::prelude::any::<bool>(),
+            hash in proptest::prelude::any::<u32>(),
+        ) {
+            let src = if jet { SourceKind::Jetstream } else { SourceKind::Firehose };
+            let name = Cursor::try_new(src, a)
+                .and_then(|a| Ok((a, Cursor::try_new(src, b)?)))
+                .ok()
+                .and_then(|(a, b)| FileName::try_new(a, b, hash).ok());
+            match name {
+                Some(n) => proptest::prop_assert_eq!(FileName::parse(&n.render()), Some(n)),
+                None => proptest::prop_assert!(
+                    a < 0 || b < 0 || a > b
+                        || a > crate::model::cursor::MAX_CURSOR
+                        || b > crate::model::cursor::MAX_CURSOR
+                ),
+            }
+        }
     }
 }

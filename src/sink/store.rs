@@ -7,6 +7,7 @@
 //! `AWS_REGION`/`AWS_DEFAULT_REGION`, credentials); path-style addressing is the default and an
 //! `http://` endpoint is allowed, for S3-compatible servers.
 
+use super::lease::Fence;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
@@ -36,6 +37,9 @@ pub enum StoreError {
     /// An object store error.
     #[error("object store: {0}")]
     Object(#[from] object_store::Error),
+    /// This process may not write now (its writer lease lapsed or was lost).
+    #[error(transparent)]
+    Fenced(#[from] super::lease::FenceError),
 }
 
 impl StoreError {
@@ -113,6 +117,8 @@ pub struct Lake {
     /// The URL DataFusion uses to reach this store (e.g. `file:///…`, `s3://bucket`).
     pub store_url: String,
     location: LakeLocation,
+    /// Writes check this first (set once the writer lease is held).
+    fence: Option<Fence>,
 }
 
 fn s3_store(bucket: &str, env: &[(String, String)]) -> Result<Arc<dyn ObjectStore>, StoreError> {
@@ -177,6 +183,7 @@ impl Lake {
                     local_root: Some(root),
                     url: url.to_string(),
                     location,
+                    fence: None,
                 })
             }
             LakeLocation::S3 { bucket, prefix } => Ok(Lake {
@@ -186,6 +193,7 @@ impl Lake {
                 store_url: format!("s3://{bucket}"),
                 url: url.to_string(),
                 location,
+                fence: None,
             }),
             LakeLocation::Memory => Ok(Lake {
                 store: Arc::new(object_store::memory::InMemory::new()),
@@ -194,6 +202,7 @@ impl Lake {
                 store_url: "memory://".to_string(),
                 url: url.to_string(),
                 location,
+                fence: None,
             }),
         }
     }
@@ -207,6 +216,39 @@ impl Lake {
             store_url: store_url.to_string(),
             url: url.to_string(),
             location: LakeLocation::Memory,
+            fence: None,
+        }
+    }
+
+    /// The same lake, with every write checking `fence` first: a write starts only while the
+    /// writer lease is valid and is cancelled when the validity ends.
+    pub fn fenced(&self, fence: Fence) -> Lake {
+        Lake {
+            fence: Some(fence),
+            ..self.clone()
+        }
+    }
+
+    /// The root directory of a local lake.
+    pub fn local_root(&self) -> Option<&Path> {
+        self.local_root.as_deref()
+    }
+
+    /// Runs a write under the fence (if any): refused when the lease is not valid, cancelled
+    /// when its validity ends.
+    async fn guarded<T>(
+        &self,
+        write: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let deadline = match &self.fence {
+            None => None,
+            Some(f) => f.deadline()?,
+        };
+        match deadline {
+            None => write.await,
+            Some(d) => tokio::time::timeout(d, write)
+                .await
+                .map_err(|_| StoreError::Fenced(super::lease::FenceError::Expired))?,
         }
     }
 
@@ -258,6 +300,10 @@ impl Lake {
 
     /// Writes `data` at `rel` atomically and durably.
     pub async fn put_atomic(&self, rel: &str, data: Bytes) -> Result<(), StoreError> {
+        self.guarded(self.put_atomic_unfenced(rel, data)).await
+    }
+
+    async fn put_atomic_unfenced(&self, rel: &str, data: Bytes) -> Result<(), StoreError> {
         match &self.local_root {
             Some(root) => {
                 let root = root.clone();
@@ -282,6 +328,13 @@ impl Lake {
     /// streams them straight into the temporary file (no copy in memory); object stores get one
     /// PUT of the produced bytes. Returns the size written.
     pub async fn put_with<F>(&self, rel: &str, produce: F) -> Result<u64, StoreError>
+    where
+        F: FnOnce(&mut (dyn std::io::Write + Send)) -> std::io::Result<()> + Send + 'static,
+    {
+        self.guarded(self.put_with_unfenced(rel, produce)).await
+    }
+
+    async fn put_with_unfenced<F>(&self, rel: &str, produce: F) -> Result<u64, StoreError>
     where
         F: FnOnce(&mut (dyn std::io::Write + Send)) -> std::io::Result<()> + Send + 'static,
     {
@@ -339,17 +392,25 @@ impl Lake {
 
     /// Deletes an object (missing is fine).
     pub async fn delete(&self, rel: &str) -> Result<(), StoreError> {
-        match self.store.delete(&self.object_path(rel)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        self.guarded(async {
+            match self.store.delete(&self.object_path(rel)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
     }
 
-    /// Removes leftover temporary files of interrupted local writes; returns how many.
+    /// Removes leftover temporary files of interrupted local writes; returns how many. Only a
+    /// writer that holds the lake's lease may call this (the lease guarantees no other live
+    /// process is writing them).
     pub async fn remove_temp_files(&self) -> Result<usize, StoreError> {
         let Some(root) = self.local_root.clone() else {
             return Ok(0);
         };
+        if let Some(f) = &self.fence {
+            f.deadline()?;
+        }
         tokio::task::spawn_blocking(move || remove_temps(&root))
             .await
             .map_err(|e| StoreError::Io {
@@ -408,7 +469,7 @@ fn write_local_streaming(
         w.flush().map_err(|e| io_err(&tmp, e))?;
         let f = w.into_inner().map_err(|e| io_err(&tmp, e.into_error()))?;
         f.sync_all().map_err(|e| io_err(&tmp, e))?;
-        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let size = f.metadata().map_err(|e| io_err(&tmp, e))?.len();
         drop(f);
         if let Some(d) = slow_write_delay() {
             std::thread::sleep(d);

@@ -5,9 +5,10 @@
 //! re-ingesting a file after a crash only does the remaining work.
 
 use super::capture::{CaptureError, CaptureFormat, CaptureReader, Message};
-use super::{Payload, RawMessage, peek_time_us};
-use crate::decode::frame::peek_seq;
-use crate::model::SourceKind;
+use super::firehose::frame_cursor;
+use super::jetstream::line_cursor;
+use super::{Payload, RawMessage};
+use crate::model::{Cursor, SourceKind, TimeWindow};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,7 +37,7 @@ pub struct FileSource {
     /// Its detected format.
     pub format: CaptureFormat,
     /// Skip messages with a cursor at or below this.
-    pub resume_after: Option<i64>,
+    pub resume_after: Option<Cursor>,
 }
 
 /// A reader that counts bytes.
@@ -108,6 +109,7 @@ impl FileSource {
             progress: progress.clone(),
         };
         let mut reader = CaptureReader::from_reader(counting, &self.path.display().to_string())?;
+        let mut window = TimeWindow::now();
         let result = loop {
             if *shutdown.borrow() {
                 break Ok(());
@@ -115,12 +117,19 @@ impl FileSource {
             let (payload, cursor) = match reader.next_message() {
                 None => break Ok(()),
                 Some(Err(e)) => break Err(e),
-                Some(Ok(Message::Frame(f))) => {
-                    let seq = peek_seq(f);
-                    (Payload::Frame(bytes::Bytes::copy_from_slice(f)), seq)
-                }
+                Some(Ok(Message::Frame(f))) => (
+                    Payload::Frame(bytes::Bytes::copy_from_slice(f)),
+                    frame_cursor(f),
+                ),
                 Some(Ok(Message::Line(l))) => {
-                    let t = peek_time_us(l);
+                    if progress
+                        .messages
+                        .load(Ordering::Relaxed)
+                        .is_multiple_of(4096)
+                    {
+                        window = TimeWindow::now();
+                    }
+                    let t = line_cursor(l, window);
                     (Payload::Line(bytes::Bytes::copy_from_slice(l)), t)
                 }
             };

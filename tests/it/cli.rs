@@ -31,8 +31,8 @@ fn every_config_file_loads_and_the_default_one_is_the_defaults() {
             );
             if p.file_name().unwrap() == "atlake.toml" {
                 assert_eq!(
-                    cfg.to_toml(),
-                    Config::default().to_toml(),
+                    cfg.to_toml().unwrap(),
+                    Config::default().to_toml().unwrap(),
                     "config/atlake.toml spells out the defaults"
                 );
             }

@@ -3,7 +3,7 @@
 use crate::common::{fixture, fixture_lines};
 use atlake::decode::cbor::{Encoder, JsonWriter, decode_base64, validate_json};
 use atlake::decode::cid::Cid;
-use atlake::decode::syntax;
+use atlake::syntax;
 use serde_json::Value;
 
 fn load(rel: &str) -> Value {

@@ -6,7 +6,7 @@ use crate::common::{
     assert_exactly_once, local_checkpoint, read_lake, seeded, start_sim, wait_until,
 };
 use crate::ingest::test_config;
-use atlake::config::SourceKindConfig;
+use atlake::config::SourceKind;
 use atlake::ingest::{self, Input};
 use atlake::simulate::server::{Faults, SimConfig};
 use atlake::simulate::traffic::{Traffic, TrafficConfig};
@@ -24,7 +24,7 @@ pub fn metric(name: &str, labels: &str) -> f64 {
 }
 
 async fn live(
-    kind: SourceKindConfig,
+    kind: SourceKind,
     faults: Faults,
     n: u64,
     tweak: impl FnOnce(&mut atlake::config::Config),
@@ -47,8 +47,8 @@ async fn live(
     let h = ingest::start(cfg, Input::Network).await.unwrap();
     sim.wait_for_messages(n).await;
     let (source, target) = match kind {
-        SourceKindConfig::Firehose => ("firehose", sim.last_seq().unwrap()),
-        SourceKindConfig::Jetstream => ("jetstream", sim.truth().last_time_us.unwrap()),
+        SourceKind::Firehose => ("firehose", sim.last_seq().unwrap()),
+        SourceKind::Jetstream => ("jetstream", sim.truth().last_time_us.unwrap()),
     };
     let ok = wait_until(Duration::from_secs(120), || {
         local_checkpoint(dir.path(), source).is_some_and(|c| c >= target)
@@ -75,7 +75,7 @@ async fn relay_faults_are_counted_quarantined_and_survived() {
     let dups = metric("atlake_duplicates_total", "reason=\"seq\"");
     let too_slow = metric("atlake_stream_errors_total", "error=\"ConsumerTooSlow\"");
     let (truth, got) = live(
-        SourceKindConfig::Firehose,
+        SourceKind::Firehose,
         Faults {
             garbage_every: Some(700),
             oversized_every: Some(1100),
@@ -144,7 +144,7 @@ async fn relay_faults_are_counted_quarantined_and_survived() {
 async fn a_silent_relay_times_out_and_is_reconnected() {
     let before = metric("atlake_reconnects_total", "reason=\"timeout\"");
     let (truth, got) = live(
-        SourceKindConfig::Firehose,
+        SourceKind::Firehose,
         Faults {
             silent_connections: 1,
             ..Default::default()
@@ -173,7 +173,7 @@ async fn future_and_outdated_cursors_are_acted_on() {
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().to_str().unwrap().to_string();
     let mut cfg = test_config(&lake);
-    cfg.source.kind = SourceKindConfig::Firehose;
+    cfg.source.kind = SourceKind::Firehose;
     cfg.source.url = sim.url();
     cfg.source.start_cursor = Some(sim.last_seq().unwrap() + 1_000_000);
     let h = ingest::start(cfg.clone(), Input::Network).await.unwrap();
@@ -201,7 +201,7 @@ async fn future_and_outdated_cursors_are_acted_on() {
     let out = metric("atlake_info_total", "name=\"OutdatedCursor\"");
     let dir2 = tempfile::tempdir().unwrap();
     let mut cfg2 = test_config(dir2.path().to_str().unwrap());
-    cfg2.source.kind = SourceKindConfig::Firehose;
+    cfg2.source.kind = SourceKind::Firehose;
     cfg2.source.url = sim.url();
     cfg2.source.start_cursor = Some(1);
     let h2 = ingest::start(cfg2, Input::Network).await.unwrap();
@@ -255,7 +255,7 @@ async fn hostile_names_never_become_paths_and_are_quarantined() {
         "c".repeat(63),
         "d".repeat(63)
     );
-    assert!(long_nsid.len() > 260 && atlake::decode::syntax::is_nsid(&long_nsid));
+    assert!(long_nsid.len() > 260 && atlake::syntax::is_nsid(&long_nsid));
     let mut lines: Vec<Vec<u8>> = vec![
         line(did, "../../x", "3mmoojp7etg2a", 1_783_173_600_000_001).into_bytes(),
         line(did, "a/b", "3mmoojp7etg2b", 1_783_173_600_000_002).into_bytes(),
@@ -366,7 +366,7 @@ async fn hostile_names_never_become_paths_and_are_quarantined() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarantined_input_keeps_its_bytes_and_cursor() {
     let (_, got) = live(
-        SourceKindConfig::Firehose,
+        SourceKind::Firehose,
         Faults {
             garbage_every: Some(100),
             ..Default::default()

@@ -4,7 +4,7 @@
 use crate::common::{
     assert_exactly_once, local_checkpoint, read_lake, seeded, start_sim, wait_until,
 };
-use atlake::config::{Config, SourceKindConfig};
+use atlake::config::{Config, SourceKind};
 use atlake::ingest::{self, Input};
 use atlake::simulate::server::{Faults, SimConfig};
 use atlake::simulate::traffic::{Traffic, TrafficConfig};
@@ -87,7 +87,7 @@ async fn file_ingest_is_exactly_once_and_idempotent() {
     }
 }
 
-async fn live_run(kind: SourceKindConfig, faults: Faults, n: u64) {
+async fn live_run(kind: SourceKind, faults: Faults, n: u64) {
     let sim = start_sim(SimConfig {
         messages: Some(n),
         retention: 1_000_000,
@@ -104,12 +104,12 @@ async fn live_run(kind: SourceKindConfig, faults: Faults, n: u64) {
     let h = ingest::start(cfg, Input::Network).await.unwrap();
     sim.wait_for_messages(n).await;
     let source = match kind {
-        SourceKindConfig::Firehose => "firehose",
-        SourceKindConfig::Jetstream => "jetstream",
+        SourceKind::Firehose => "firehose",
+        SourceKind::Jetstream => "jetstream",
     };
     let target = match kind {
-        SourceKindConfig::Firehose => sim.last_seq().unwrap(),
-        SourceKindConfig::Jetstream => sim.truth().last_time_us.unwrap(),
+        SourceKind::Firehose => sim.last_seq().unwrap(),
+        SourceKind::Jetstream => sim.truth().last_time_us.unwrap(),
     };
     let reached = wait_until(Duration::from_secs(120), || {
         local_checkpoint(dir.path(), source).is_some_and(|c| c >= target)
@@ -134,10 +134,10 @@ async fn live_run(kind: SourceKindConfig, faults: Faults, n: u64) {
             "backwards" => continue, // dropped as a duplicate seq, not quarantined
             other => other,
         };
-        if kind == SourceKindConfig::Jetstream && name != "garbage" {
+        if kind == SourceKind::Jetstream && name != "garbage" {
             continue; // corrupted frames have no Jetstream form
         }
-        let want = if kind == SourceKindConfig::Jetstream {
+        let want = if kind == SourceKind::Jetstream {
             "json"
         } else {
             reason
@@ -154,7 +154,7 @@ async fn live_run(kind: SourceKindConfig, faults: Faults, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn firehose_with_dropped_connections_and_bad_frames_is_exactly_once() {
     live_run(
-        SourceKindConfig::Firehose,
+        SourceKind::Firehose,
         Faults {
             drop_every: Some(700),
             garbage_every: Some(900),
@@ -171,7 +171,7 @@ async fn firehose_with_dropped_connections_and_bad_frames_is_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_with_dropped_connections_and_rewind_is_exactly_once() {
     live_run(
-        SourceKindConfig::Jetstream,
+        SourceKind::Jetstream,
         Faults {
             drop_every: Some(700),
             garbage_every: Some(900),

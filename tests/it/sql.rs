@@ -379,7 +379,7 @@ async fn buffered_rows_are_visible_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().to_str().unwrap().to_string();
     let mut cfg = test_config(&lake);
-    cfg.source.kind = atlake::config::SourceKindConfig::Firehose;
+    cfg.source.kind = atlake::config::SourceKind::Firehose;
     cfg.source.url = sim.url();
     cfg.source.start_cursor = Some(0);
     // nothing is flushed during the test: every row is read from memory
@@ -389,7 +389,7 @@ async fn buffered_rows_are_visible_within_a_second() {
     let h = ingest::start(cfg, Input::Network).await.unwrap();
     let engine = QueryEngine::new(
         Lake::open(&lake).unwrap(),
-        Some(h.live.clone()),
+        Some(h.catalog.clone()),
         Limits::default(),
     )
     .unwrap();
@@ -440,7 +440,7 @@ async fn counts_never_go_backwards_or_beyond_the_source_while_flushing() {
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().to_str().unwrap().to_string();
     let mut cfg = test_config(&lake);
-    cfg.source.kind = atlake::config::SourceKindConfig::Firehose;
+    cfg.source.kind = atlake::config::SourceKind::Firehose;
     cfg.source.url = sim.url();
     cfg.source.start_cursor = Some(0);
     cfg.flush.max_rows = 50;
@@ -448,7 +448,7 @@ async fn counts_never_go_backwards_or_beyond_the_source_while_flushing() {
     let h = ingest::start(cfg, Input::Network).await.unwrap();
     let engine = QueryEngine::new(
         Lake::open(&lake).unwrap(),
-        Some(h.live.clone()),
+        Some(h.catalog.clone()),
         Limits::default(),
     )
     .unwrap();
@@ -471,7 +471,7 @@ async fn counts_never_go_backwards_or_beyond_the_source_while_flushing() {
         assert_eq!(n, k, "a row was seen twice");
         last = n;
         queries += 1;
-        files_seen = h.live.snapshot().files.len();
+        files_seen = h.catalog.snapshot().files.len();
         if sim.finished() && n == sent {
             break;
         }

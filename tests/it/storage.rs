@@ -7,7 +7,7 @@ use crate::common::{
 };
 use crate::ingest::test_config;
 use crate::tools::{Moto, missing};
-use atlake::config::SourceKindConfig;
+use atlake::config::SourceKind;
 use atlake::ingest::{self, Input};
 use atlake::simulate::server::SimConfig;
 use atlake::sink::store::Lake;
@@ -239,7 +239,7 @@ async fn a_full_disk_is_reported_and_writing_resumes_when_space_returns() {
     .await;
     let lake_dir = mnt.join("lake");
     let mut cfg = test_config(lake_dir.to_str().unwrap());
-    cfg.source.kind = SourceKindConfig::Firehose;
+    cfg.source.kind = SourceKind::Firehose;
     cfg.source.url = sim.url();
     cfg.source.start_cursor = Some(0);
     cfg.flush.max_age.0 = Duration::from_millis(500);

@@ -1,4 +1,7 @@
-//! Rows the daemon holds in memory, shared with its SQL endpoint as consistent snapshots.
+//! The lake's catalog: what files exist, which rows are buffered or on their way to a file, what
+//! the checkpoint says, and whether storage is healthy. Ingest writes it; the SQL side reads
+//! consistent [`Snapshot`]s of it. It sits between the two, so neither reads the other's
+//! internals.
 //!
 //! Three sets make up the lake as the daemon sees it: committed files, chunks of rows still
 //! buffered, and chunks on their way to a file. Moving rows between the sets happens under one
@@ -10,6 +13,7 @@ use crate::sink::partition::{LakeFile, PartitionKey};
 use arrow::record_batch::RecordBatch;
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -20,9 +24,9 @@ struct Inner {
     generation: u64,
 }
 
-/// The shared state.
+/// The shared catalog of a running daemon.
 #[derive(Debug, Default)]
-pub struct LiveState {
+pub struct Catalog {
     inner: Mutex<Inner>,
 }
 
@@ -39,10 +43,10 @@ pub struct Snapshot {
     pub generation: u64,
 }
 
-impl LiveState {
+impl Catalog {
     /// State over the files found at start-up.
     pub fn new(files: Vec<LakeFile>, checkpoint: Checkpoint) -> Self {
-        LiveState {
+        Catalog {
             inner: Mutex::new(Inner {
                 files,
                 checkpoint,
@@ -118,4 +122,13 @@ impl LiveState {
             .map(|b| b.num_rows())
             .sum()
     }
+}
+
+/// Storage health, for `/health` and logs: set by the writer, read by the SQL endpoint.
+#[derive(Debug, Default)]
+pub struct StorageHealth {
+    /// The last store failed and is being retried.
+    pub failing: AtomicBool,
+    /// The last failure was a full disk.
+    pub no_space: AtomicBool,
 }

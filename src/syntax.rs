@@ -436,6 +436,81 @@ pub fn is_uri(s: &str) -> bool {
         && rest.bytes().all(|c| c.is_ascii_graphic())
 }
 
+// ---- endpoint URLs ----
+
+/// The full `subscribeRepos` URL for a bare host or full URL.
+pub fn firehose_url(url: &str) -> String {
+    const PATH: &str = "/xrpc/com.atproto.sync.subscribeRepos";
+    let u = with_scheme(url);
+    let base = u.split('?').next().unwrap_or(&u).trim_end_matches('/');
+    if base.ends_with(PATH) {
+        base.to_string()
+    } else {
+        format!("{base}{PATH}")
+    }
+}
+
+/// The full Jetstream `/subscribe` URL for a bare host or full URL.
+pub fn jetstream_url(url: &str) -> String {
+    let u = with_scheme(url);
+    let base = u.split('?').next().unwrap_or(&u).trim_end_matches('/');
+    if base.ends_with("/subscribe") {
+        base.to_string()
+    } else {
+        format!("{base}/subscribe")
+    }
+}
+
+/// Checks that a source URL (bare host or full URL) is a usable WebSocket URL.
+pub fn validate_url(url: &str) -> Result<(), String> {
+    if let Some((scheme, _)) = url.trim().split_once("://")
+        && !matches!(scheme, "ws" | "wss" | "http" | "https")
+    {
+        return Err(format!(
+            "{url:?}: unsupported scheme {scheme:?} (use wss://, ws://, https:// or a bare host)"
+        ));
+    }
+    let u = with_scheme(url);
+    let rest = u
+        .strip_prefix("wss://")
+        .or_else(|| u.strip_prefix("ws://"))
+        .ok_or_else(|| format!("{url:?} is not a ws://, wss://, http(s):// URL or a host name"))?;
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let name = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    let ok_host = !name.is_empty()
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'[' | b']' | b':'));
+    if !ok_host
+        || u.bytes()
+            .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+    {
+        return Err(format!(
+            "{url:?} is not a valid source URL (expected e.g. wss://bsky.network or wss://jetstream2.us-east.bsky.network/subscribe)"
+        ));
+    }
+    Ok(())
+}
+
+fn with_scheme(url: &str) -> String {
+    let u = url.trim();
+    if u.starts_with("ws://") || u.starts_with("wss://") {
+        u.to_string()
+    } else if let Some(rest) = u.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = u.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        format!("wss://{u}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,5 +541,39 @@ mod tests {
         assert!(!is_nsid_pattern("app.bsky.fe*"));
         assert!(nsid_matches("app.bsky.*", "app.bsky.feed.like"));
         assert!(!nsid_matches("app.bsky.*", "app.bskyx.feed"));
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            firehose_url("wss://bsky.network"),
+            "wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos"
+        );
+        assert_eq!(
+            firehose_url("bsky.network"),
+            "wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos"
+        );
+        assert_eq!(
+            firehose_url("ws://127.0.0.1:9/xrpc/com.atproto.sync.subscribeRepos?cursor=5"),
+            "ws://127.0.0.1:9/xrpc/com.atproto.sync.subscribeRepos"
+        );
+        assert_eq!(
+            jetstream_url("wss://jetstream2.us-east.bsky.network"),
+            "wss://jetstream2.us-east.bsky.network/subscribe"
+        );
+        assert_eq!(
+            jetstream_url("wss://j.example/subscribe?x=1"),
+            "wss://j.example/subscribe"
+        );
+    }
+
+    #[test]
+    fn url_validation() {
+        assert!(validate_url("wss://bsky.network").is_ok());
+        assert!(validate_url("bsky.network").is_ok());
+        assert!(validate_url("ws://127.0.0.1:6008").is_ok());
+        assert!(validate_url("ht!tp://bad url").is_err());
+        assert!(validate_url("wss://").is_err());
+        assert!(validate_url("ftp://x").is_err());
     }
 }

@@ -1,0 +1,156 @@
+//! The daemon (`atlake run`): ingest and the SQL endpoint in one process, over one catalog, so
+//! queries see committed files and the rows still buffered. The command line and the tests
+//! start it the same way: [`Daemon::start`], then [`Daemon::run_until`].
+
+use crate::config::Config;
+use crate::ingest::{self, IngestError, IngestHandle, Input, Summary};
+use crate::query::http::{AppState, SHUTDOWN_GRACE};
+use crate::query::{Limits, QueryEngine, QueryError};
+use crate::sink::store::{Lake, StoreError};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Why the daemon could not start or ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The lake could not be opened or reached.
+    #[error(
+        "cannot open the lake at {url:?}: {source} (check the path is writable, or for S3 the AWS_* environment)"
+    )]
+    Lake {
+        /// The lake URL.
+        url: String,
+        /// Why.
+        source: StoreError,
+    },
+    /// The lake did not answer a listing.
+    #[error(
+        "cannot reach the lake at {url}: {source} (check the URL, the bucket, and the AWS_* credentials/endpoint)"
+    )]
+    Unreachable {
+        /// The lake URL.
+        url: String,
+        /// Why.
+        source: StoreError,
+    },
+    /// The lake did not answer in time.
+    #[error("cannot reach the lake at {0} within 30s (is the S3 endpoint up?)")]
+    Timeout(String),
+    /// The SQL port could not be bound.
+    #[error("cannot listen on {addr:?}: {source} (is the port in use? use --listen HOST:PORT)")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Ingest failed to start or failed while running.
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    /// The query engine could not be set up.
+    #[error(transparent)]
+    Query(#[from] QueryError),
+}
+
+/// Opens the lake at `url` and checks it answers (a listing of `_atlake/`).
+pub async fn open_lake(url: &str) -> Result<Lake, DaemonError> {
+    let lake = Lake::open(url).map_err(|source| DaemonError::Lake {
+        url: url.to_string(),
+        source,
+    })?;
+    match tokio::time::timeout(Duration::from_secs(30), lake.list("_atlake")).await {
+        Ok(Ok(_)) => Ok(lake),
+        Ok(Err(source)) => Err(DaemonError::Unreachable {
+            url: url.to_string(),
+            source,
+        }),
+        Err(_) => Err(DaemonError::Timeout(url.to_string())),
+    }
+}
+
+/// Binds the SQL endpoint's address.
+pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener, DaemonError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Where the SQL endpoint listens.
+    pub addr: SocketAddr,
+    ingest: IngestHandle,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop_server: watch::Sender<bool>,
+    deadline: Duration,
+}
+
+impl Daemon {
+    /// Opens the lake, takes its writer lease, recovers, starts ingesting from the configured
+    /// source and serves SQL on `cfg.server.listen`.
+    pub async fn start(cfg: Config) -> Result<Daemon, DaemonError> {
+        let lake = open_lake(&cfg.lake.url).await?;
+        let listener = bind(&cfg.server.listen).await?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| DaemonError::Listen {
+                addr: cfg.server.listen.clone(),
+                source,
+            })?;
+        crate::telemetry::metrics();
+        let ingest = ingest::start_with_lake(cfg.clone(), Input::Network, lake.clone()).await?;
+        let engine = Arc::new(QueryEngine::new(
+            lake,
+            Some(ingest.catalog.clone()),
+            Limits::from_config(&cfg.server),
+        )?);
+        let state = Arc::new(AppState {
+            engine,
+            token: cfg.server.token.clone(),
+            storage: Some(ingest.health.clone()),
+            filters: Some(ingest.filters_sender()),
+        });
+        let (stop_server, mut stop_rx) = watch::channel(false);
+        let server = tokio::spawn(crate::query::http::serve(listener, state, async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        }));
+        if cfg.server.token.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the SQL endpoint is reachable beyond this machine without a token; set ATLAKE_SERVER_TOKEN");
+        }
+        Ok(Daemon {
+            addr,
+            ingest,
+            server,
+            stop_server,
+            deadline: cfg.shutdown.deadline.0,
+        })
+    }
+
+    /// Runs until `stop` resolves (then flushes, checkpoints and stops within the shutdown
+    /// deadline) or until ingest fails by itself (a lost lease, a source that gave up).
+    pub async fn run_until(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Summary, DaemonError> {
+        let ended = tokio::select! {
+            r = self.ingest.finished() => Some(r),
+            _ = stop => None,
+        };
+        let _ = self.stop_server.send(true);
+        let summary = match ended {
+            Some(r) => r,
+            None => {
+                tracing::info!(deadline = ?self.deadline, "shutting down: flushing");
+                self.ingest.stop(self.deadline).await
+            }
+        };
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.server).await;
+        Ok(summary?)
+    }
+}

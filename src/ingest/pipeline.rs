@@ -1,0 +1,514 @@
+//! The decode loop: raw messages in; events checked, filtered, deduplicated and batched; flush
+//! jobs out; completions in; checkpoint requests out. It runs on its own thread so CPU work
+//! never stalls the runtime's I/O.
+
+use super::checkpointer;
+use super::dedupe::Dedupe;
+use super::writer::Completion;
+use super::{IngestError, Summary};
+use crate::catalog::Catalog;
+use crate::checkpoint::{Checkpoint, SourcePosition};
+use crate::decode::frame::{DecodeOptions, FrameDecoder};
+use crate::decode::jetstream::{JetstreamDecoder, JetstreamOptions, write_line};
+use crate::model::key::{error_key, event_key};
+use crate::model::lexicon::Lexicon;
+use crate::model::{
+    Cursor, Decoded, Envelope, ErrorEvent, ErrorReason, EventData, Filters, SourceKind, TimeWindow,
+};
+use crate::sink::batcher::{Batcher, FlushJob, Refused};
+use crate::sink::lease::{Fence, Lease};
+use crate::sink::store::Lake;
+use crate::source::file::FileProgress;
+use crate::source::{Payload, RawMessage};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Both decoders, reusing their buffers.
+pub(super) struct Decoders {
+    frames: FrameDecoder,
+    lines: JetstreamDecoder,
+}
+
+impl Decoders {
+    pub(super) fn new(verify_hashes: bool) -> Self {
+        Decoders {
+            frames: FrameDecoder::new(DecodeOptions { verify_hashes }),
+            lines: JetstreamDecoder::new(JetstreamOptions::default()),
+        }
+    }
+}
+
+/// The decode loop's state.
+pub(super) struct LoopState {
+    pub batcher: Batcher,
+    pub dedupe: Dedupe,
+    pub filters: watch::Receiver<Filters>,
+    pub source: SourceKind,
+    pub source_url: String,
+    pub decoders: Decoders,
+    pub catalog: Arc<Catalog>,
+    /// The checkpoint as last requested (every source's position).
+    pub checkpoint: Checkpoint,
+    pub requested_cursor: Option<Cursor>,
+    pub checkpoints: watch::Sender<checkpointer::Request>,
+    pub high_water: Option<Cursor>,
+    /// job id → (lowest cursor, bytes); abandoned jobs stay here so the checkpoint never
+    /// passes their rows
+    pub inflight: BTreeMap<u64, (Option<Cursor>, usize)>,
+    /// jobs whose completion has not arrived yet
+    pub awaiting: HashSet<u64>,
+    pub summary: Summary,
+    /// (kind, collection label, operation) → events since the last metrics flush
+    pub counts: HashMap<(&'static str, &'static str, &'static str), u64>,
+    pub last_event_time_us: Option<i64>,
+    pub started: Instant,
+    pub progress: Option<Arc<FileProgress>>,
+    pub fence: Fence,
+    pub lake_url: String,
+}
+
+/// The other tasks of the pipeline, joined when the loop ends.
+pub(super) struct Tasks {
+    pub source: tokio::task::JoinHandle<Result<(), IngestError>>,
+    pub writer: tokio::task::JoinHandle<()>,
+    pub checkpoint: tokio::task::JoinHandle<Option<Cursor>>,
+    pub lease: Lease,
+    pub lake: Lake,
+}
+
+/// The loop's channels.
+pub(super) struct Channels {
+    pub raw: mpsc::Receiver<RawMessage>,
+    pub jobs: mpsc::Sender<FlushJob>,
+    pub done: mpsc::UnboundedReceiver<Completion>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Runs the loop on its own thread; the result (joined with the other tasks' results) goes to
+/// `result`.
+pub(super) fn spawn_decode_thread(
+    state: LoopState,
+    tasks: Tasks,
+    ch: Channels,
+    result: oneshot::Sender<Result<Summary, IngestError>>,
+) -> Result<(), IngestError> {
+    let rt_handle = tokio::runtime::Handle::current();
+    std::thread::Builder::new()
+        .name("atlake-decode".into())
+        .spawn(move || {
+            let r = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(state.run(ch)),
+                Err(e) => Err(IngestError::Broken(format!(
+                    "cannot start the decode thread's runtime: {e}"
+                ))),
+            };
+            let r = rt_handle.block_on(finish(r, tasks));
+            let _ = result.send(r);
+        })
+        .map(|_| ())
+        .map_err(|e| IngestError::Broken(format!("cannot start the decode thread: {e}")))
+}
+
+/// Joins the other tasks after the loop ended, releases the lease, and says how it all went:
+/// a task that failed or panicked is an error, never a success.
+async fn finish(r: Result<Summary, IngestError>, t: Tasks) -> Result<Summary, IngestError> {
+    if r.is_err() {
+        // the loop failed (a lost lease, a broken invariant): nothing more is written; what is
+        // not checkpointed is replayed by the next run
+        t.source.abort();
+        t.writer.abort();
+        t.checkpoint.abort();
+        let _ = t.source.await;
+        let _ = t.writer.await;
+        let _ = t.checkpoint.await;
+        t.lease.release(&t.lake).await;
+        return r;
+    }
+    // the loop has dropped its senders: the writer ends, and the checkpoint writer stores the
+    // last request and ends
+    let writer = t.writer.await;
+    let written = t.checkpoint.await;
+    let src = t.source.await;
+    t.lease.release(&t.lake).await;
+    let mut s = r?;
+    writer.map_err(|e| IngestError::Broken(format!("the writer task failed: {e}")))?;
+    s.checkpoint =
+        written.map_err(|e| IngestError::Broken(format!("the checkpoint writer failed: {e}")))?;
+    match src {
+        Ok(Ok(())) => Ok(s),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(IngestError::Broken(format!("the source task failed: {e}"))),
+    }
+}
+
+fn collection_label(c: &str) -> &'static str {
+    Lexicon::of(c).map_or("other", |l| l.nsid())
+}
+
+impl LoopState {
+    async fn run(mut self, mut ch: Channels) -> Result<Summary, IngestError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut buf = Vec::with_capacity(256);
+        let mut decoded = Vec::with_capacity(64);
+        let mut last_progress = Instant::now();
+        let fence = self.fence.clone();
+        let lost = fence.lost();
+        tokio::pin!(lost);
+        loop {
+            tokio::select! {
+                biased;
+                why = &mut lost => {
+                    return Err(IngestError::Lease(crate::sink::lease::LeaseError::Lost {
+                        lake: self.lake_url.clone(),
+                        why,
+                    }));
+                }
+                Some(c) = ch.done.recv() => self.completed(c),
+                _ = ch.shutdown.wait_for(|s| *s) => {
+                    tracing::info!("shutdown: stop reading, flush everything, write the checkpoint");
+                    break;
+                }
+                // byte-based backpressure: stop reading while buffers and flushes in flight use
+                // the whole memory cap; completions free it
+                n = ch.raw.recv_many(&mut buf, 256), if !self.over_budget() => {
+                    if n == 0 {
+                        break;
+                    }
+                    let now = Instant::now();
+                    let window = TimeWindow::now();
+                    for msg in buf.drain(..) {
+                        self.process(msg, &mut decoded, now, window)?;
+                    }
+                    self.publish();
+                    let jobs_due = self.batcher.size_due().map_err(broken)?;
+                    self.submit(jobs_due, &ch.jobs).await;
+                    let over = self.batcher.over_cap(self.inflight_bytes()).map_err(broken)?;
+                    self.submit(over, &ch.jobs).await;
+                }
+                _ = tick.tick() => {
+                    self.batcher.seal_all().map_err(broken)?;
+                    self.publish();
+                    let due = self.batcher.due(Instant::now()).map_err(broken)?;
+                    self.submit(due, &ch.jobs).await;
+                    // the position also moves without a flush: a tail of duplicates or of
+                    // filtered events leaves nothing to write, yet is behind us
+                    self.request_checkpoint();
+                    self.flush_metrics();
+                    if self.progress.is_some() && last_progress.elapsed() >= Duration::from_secs(5) {
+                        last_progress = Instant::now();
+                        self.log_progress();
+                    }
+                }
+            }
+        }
+        // drain: whatever is buffered becomes files, then the final checkpoint
+        let rest = self.batcher.drain().map_err(broken)?;
+        self.submit(rest, &ch.jobs).await;
+        drop(ch.jobs);
+        while !self.awaiting.is_empty() {
+            tokio::select! {
+                c = ch.done.recv() => match c {
+                    Some(c) => self.completed(c),
+                    None => break,
+                },
+                why = &mut lost => {
+                    return Err(IngestError::Lease(crate::sink::lease::LeaseError::Lost {
+                        lake: self.lake_url.clone(),
+                        why,
+                    }));
+                }
+            }
+        }
+        self.flush_metrics();
+        if self.progress.is_some() {
+            self.log_progress();
+        }
+        self.summary.clean = self.inflight.is_empty();
+        Ok(self.summary)
+    }
+
+    fn process(
+        &mut self,
+        msg: RawMessage,
+        decoded: &mut Vec<Decoded>,
+        now: Instant,
+        window: TimeWindow,
+    ) -> Result<(), IngestError> {
+        self.summary.messages += 1;
+        decoded.clear();
+        match &msg.payload {
+            Payload::Frame(f) => self.decoders.frames.decode(f, decoded),
+            Payload::Line(l) => decoded.push(self.decoders.lines.decode(l)),
+            Payload::Undecodable(e) => decoded.push(Decoded::Error(e.clone())),
+        }
+        let cursor = msg.cursor.or(self.high_water);
+        for d in decoded.drain(..) {
+            match d {
+                Decoded::Event(env) => self.accept_event(env, &msg, cursor, now, window)?,
+                Decoded::Error(e) => self.accept_error(e, cursor, now, window)?,
+            }
+        }
+        if let Some(c) = msg.cursor {
+            self.high_water = Some(self.high_water.map_or(c, |h| h.max(c)));
+        }
+        Ok(())
+    }
+
+    /// Checks an event's stream time: a time outside the window never becomes a partition or
+    /// a cursor. On Jetstream `time_us` *is* the cursor, so such a line is quarantined; on the
+    /// firehose the time comes from the account's PDS, so the event is kept, partitioned by
+    /// the time atlake received it, with the claimed time in `claimed_time_us`.
+    fn check_time(
+        &mut self,
+        env: &mut Envelope,
+        msg: &RawMessage,
+        window: TimeWindow,
+    ) -> Result<(), Box<ErrorEvent>> {
+        let Err(e) = window.check(env.time_us) else {
+            return Ok(());
+        };
+        let source = self.source.as_str();
+        match self.source {
+            SourceKind::Jetstream => {
+                metrics::counter!("atlake_time_out_of_range_total", "source" => source, "action" => "quarantined").increment(1);
+                let raw = match &msg.payload {
+                    Payload::Line(l) => l.to_vec(),
+                    _ => {
+                        let mut line = Vec::new();
+                        write_line(env, &mut line);
+                        line
+                    }
+                };
+                let mut err = ErrorEvent::new(ErrorReason::TimeRange, e.to_string(), &raw);
+                err.did = Some(env.event.did.to_string());
+                err.time_us = Some(env.time_us);
+                Err(Box::new(err))
+            }
+            SourceKind::Firehose => {
+                metrics::counter!("atlake_time_out_of_range_total", "source" => source, "action" => "receive_time").increment(1);
+                tracing::debug!(did = %env.event.did, time_us = env.time_us, "stream time outside the window; partitioned by receive time");
+                env.claimed_time_us = Some(env.time_us);
+                env.time_us = window.received_us;
+                Ok(())
+            }
+        }
+    }
+
+    fn accept_event(
+        &mut self,
+        mut env: Envelope,
+        msg: &RawMessage,
+        cursor: Option<Cursor>,
+        now: Instant,
+        window: TimeWindow,
+    ) -> Result<(), IngestError> {
+        if let Err(e) = self.check_time(&mut env, msg, window) {
+            return self.accept_error(*e, cursor, now, window);
+        }
+        {
+            let filters = self.filters.borrow();
+            if !filters.is_empty() && !filters.matches(&env) {
+                self.summary.filtered += 1;
+                return Ok(());
+            }
+        }
+        let key = event_key(&env);
+        if self.dedupe.is_duplicate(key) {
+            self.summary.duplicates += 1;
+            metrics::counter!("atlake_duplicates_total", "reason" => "key").increment(1);
+            return Ok(());
+        }
+        let c = cursor.or_else(|| env.cursor());
+        match self.batcher.push_event(&env, c, key, now) {
+            Ok(_) => {}
+            Err(Refused::Collection) => {
+                let mut line = Vec::new();
+                write_line(&env, &mut line);
+                let mut e = ErrorEvent::new(
+                    ErrorReason::Collection,
+                    Refused::Collection.to_string(),
+                    &line,
+                );
+                e.did = Some(env.event.did.to_string());
+                e.seq = env.seq;
+                e.time_us = Some(env.time_us);
+                if let EventData::Commit(op) = &env.event.data {
+                    e.path = Some(format!("{}/{}", op.collection, op.rkey));
+                }
+                return self.quarantine(e, c, window.received_us, now);
+            }
+            Err(e) => return Err(broken(e)),
+        }
+        self.dedupe.remember(key, c);
+        self.summary.events += 1;
+        self.last_event_time_us = Some(env.time_us);
+        let (coll, op) = match &env.event.data {
+            EventData::Commit(c) => (collection_label(&c.collection), c.operation.as_str()),
+            _ => ("", ""),
+        };
+        *self
+            .counts
+            .entry((env.event.kind().as_str(), coll, op))
+            .or_default() += 1;
+        Ok(())
+    }
+
+    fn accept_error(
+        &mut self,
+        e: ErrorEvent,
+        cursor: Option<Cursor>,
+        now: Instant,
+        window: TimeWindow,
+    ) -> Result<(), IngestError> {
+        let key = error_key(&e, cursor);
+        if self.dedupe.is_duplicate(key) {
+            self.summary.duplicates += 1;
+            return Ok(());
+        }
+        self.dedupe.remember(key, cursor);
+        let at = e
+            .time_us
+            .filter(|&t| window.contains(t))
+            .unwrap_or(window.received_us);
+        self.quarantine(e, cursor, at, now)
+    }
+
+    fn inflight_bytes(&self) -> usize {
+        self.inflight.values().map(|(_, b)| *b).sum()
+    }
+
+    fn over_budget(&self) -> bool {
+        self.batcher.buffered_bytes() + self.inflight_bytes() > self.batcher.data_budget()
+            && !self.awaiting.is_empty()
+    }
+
+    fn quarantine(
+        &mut self,
+        e: ErrorEvent,
+        cursor: Option<Cursor>,
+        partition_time_us: i64,
+        now: Instant,
+    ) -> Result<(), IngestError> {
+        metrics::counter!("atlake_quarantined_total", "reason" => e.reason.as_str()).increment(1);
+        tracing::debug!(reason = %e.reason, detail = %e.detail, cursor = ?cursor, "quarantined input");
+        self.summary.quarantined += 1;
+        self.batcher
+            .push_error(&e, cursor, partition_time_us, now)
+            .map_err(broken)
+    }
+
+    fn publish(&mut self) {
+        self.catalog.append(self.batcher.take_sealed());
+    }
+
+    async fn submit(&mut self, jobs: Vec<FlushJob>, tx: &mpsc::Sender<FlushJob>) {
+        for job in jobs {
+            self.catalog
+                .start_flush(job.id, &job.key, job.chunks.clone());
+            self.inflight.insert(job.id, (job.first_cursor, job.bytes));
+            self.awaiting.insert(job.id);
+            metrics::gauge!("atlake_inflight_flushes").set(self.inflight.len() as f64);
+            if tx.send(job).await.is_err() {
+                tracing::error!("writer is gone; cannot flush");
+            }
+        }
+    }
+
+    fn completed(&mut self, c: Completion) {
+        self.awaiting.remove(&c.job_id);
+        // an abandoned job (no file) stays pinned so the checkpoint never passes its rows
+        if let Some(f) = &c.file {
+            self.inflight.remove(&c.job_id);
+            self.summary.files += 1;
+            self.summary.bytes_written += f.size;
+        }
+        metrics::gauge!("atlake_inflight_flushes").set(self.inflight.len() as f64);
+        self.request_checkpoint();
+    }
+
+    /// The cursor at or below which everything accepted is durable: just before the lowest
+    /// cursor still buffered or in flight, or the newest cursor seen when nothing is pending.
+    fn durable_cursor(&self) -> Option<Cursor> {
+        let pending = self
+            .batcher
+            .min_buffered_cursor()
+            .into_iter()
+            .chain(self.inflight.values().filter_map(|(c, _)| *c))
+            .min();
+        match pending {
+            Some(p) => p.prev(),
+            None => self.high_water,
+        }
+    }
+
+    /// Asks the checkpoint writer to store the durable position, if it moved.
+    fn request_checkpoint(&mut self) {
+        let Some(c) = self.durable_cursor() else {
+            return;
+        };
+        if Some(c) == self.requested_cursor {
+            return;
+        }
+        self.requested_cursor = Some(c);
+        self.checkpoint
+            .set(self.source, SourcePosition::new(c, &self.source_url));
+        let _ = self.checkpoints.send(Some((self.checkpoint.clone(), c)));
+    }
+
+    fn flush_metrics(&mut self) {
+        for ((kind, coll, op), n) in self.counts.drain() {
+            metrics::counter!("atlake_events_total", "kind" => kind, "collection" => coll, "operation" => op).increment(n);
+        }
+        tracing::trace!(
+            buffered = self.batcher.buffered_bytes(),
+            inflight = self.inflight_bytes(),
+            rows = self.batcher.buffered_rows(),
+            jobs = self.awaiting.len(),
+            "memory"
+        );
+        metrics::gauge!("atlake_buffered_rows").set(self.batcher.buffered_rows() as f64);
+        metrics::gauge!("atlake_buffered_bytes").set(self.batcher.buffered_bytes() as f64);
+        metrics::gauge!("atlake_open_partitions").set(self.batcher.open_partitions() as f64);
+        metrics::gauge!("atlake_dedupe_keys").set(self.dedupe.len() as f64);
+        if let Some(h) = self.high_water {
+            metrics::gauge!("atlake_last_cursor").set(h.value() as f64);
+        }
+        if let Some(t) = self.last_event_time_us {
+            metrics::gauge!("atlake_lag_seconds")
+                .set(crate::model::cursor::now_us().saturating_sub(t) as f64 / 1e6);
+        }
+    }
+
+    fn log_progress(&self) {
+        let Some(p) = &self.progress else { return };
+        let read = p.bytes_read.load(Ordering::Relaxed);
+        let total = p.total.load(Ordering::Relaxed).max(1);
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        tracing::info!(
+            "ingest: {} events ({:.0}/s), {} messages, {:.1}% of the file ({:.1} of {:.1} MB), {} quarantined, {} duplicates skipped, {} files written",
+            self.summary.events,
+            self.summary.events as f64 / secs,
+            self.summary.messages,
+            100.0 * read as f64 / total as f64,
+            read as f64 / 1e6,
+            total as f64 / 1e6,
+            self.summary.quarantined,
+            self.summary.duplicates + p.skipped.load(Ordering::Relaxed),
+            self.summary.files,
+        );
+    }
+}
+
+/// A broken invariant inside the pipeline (not caused by input): the pipeline stops with it.
+fn broken(e: impl std::fmt::Display) -> IngestError {
+    tracing::error!(error = %e, "broken invariant in the ingest pipeline");
+    metrics::counter!("atlake_broken_invariants_total").increment(1);
+    IngestError::Broken(e.to_string())
+}
