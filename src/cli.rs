@@ -226,6 +226,10 @@ pub enum Command {
         /// Accounts.
         #[arg(long, default_value_t = 5000)]
         accounts: u64,
+        /// Mean stream-time step between messages, µs (2,500: 400 messages/s of stream time;
+        /// at most 1,000 messages/s, as frame times have millisecond precision).
+        #[arg(long, default_value_t = 2500, value_name = "US")]
+        step_us: i64,
         /// Faults: drop=N, garbage=N, oversized=N, bad-hash=N, truncated-car=N, big-record=N,
         /// backwards=N, too-slow=N, silent=N (comma-separated).
         #[arg(long, default_value = "")]
@@ -407,15 +411,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rate,
             seed,
             accounts,
+            step_us,
             faults,
             capture,
             format,
             compress,
             truth,
         } => {
+            if step_us <= 0 {
+                bail!("--step-us must be positive");
+            }
             let traffic = TrafficConfig {
                 seed,
                 accounts,
+                step_us,
                 ..Default::default()
             };
             let faults = Faults::parse(&faults).map_err(anyhow::Error::msg)?;
@@ -716,9 +725,11 @@ async fn simulate_serve(
     );
     let mut last = 0;
     let mut truth_written = false;
+    let stop = shutdown_listener();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = shutdown_signal() => break,
+            _ = &mut stop => break,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {
                 let t = h.truth();
                 if t.messages != last {

@@ -127,7 +127,7 @@ impl JetstreamDecoder {
             return Err(fail(ErrorReason::Did, "invalid DID".into()));
         }
         if line.time_us < 0 {
-            return Err(fail(ErrorReason::Time, "negative time_us".into()));
+            return Err(fail(ErrorReason::TimeRange, "negative time_us".into()));
         }
         let data = match line.kind.as_ref() {
             "commit" => {

@@ -111,3 +111,17 @@ pub fn corrupt(m: &SimMessage, seq: i64, how: Corruption) -> Option<Vec<u8>> {
         }
     }
 }
+
+/// A copy of frame `frame` with its body's `seq` replaced (any value, even one no relay sends).
+pub fn with_seq(frame: &[u8], seq: i64) -> Option<Vec<u8>> {
+    let (t, mut body) = body_json(frame)?;
+    body["seq"] = json!(seq);
+    encode_frame(&t, &body)
+}
+
+/// A copy of frame `frame` with its body's `time` replaced.
+pub fn with_time(frame: &[u8], time: &str) -> Option<Vec<u8>> {
+    let (t, mut body) = body_json(frame)?;
+    body["time"] = json!(time);
+    encode_frame(&t, &body)
+}

@@ -42,11 +42,17 @@ pub struct Faults {
     pub too_slow_every: Option<u64>,
     /// The first N connections are accepted and then get nothing at all.
     pub silent_connections: u64,
+    /// Every N messages: the frame's `time` is made absurd (far future or before the network;
+    /// the event stays real), and Jetstream clients get an extra line whose `time_us` is absurd
+    /// (year 10000, `i64::MAX`, 0, negative, 2020).
+    pub bad_time_every: Option<u64>,
+    /// Insert a copy of a commit whose `seq` is `i64::MAX`, `i64::MIN`, 0 or negative, every N.
+    pub bad_seq_every: Option<u64>,
 }
 
 impl Faults {
     /// Parses `name=N,name=N` (`drop`, `garbage`, `oversized`, `bad-hash`, `truncated-car`,
-    /// `big-record`, `backwards`, `too-slow`, `silent`).
+    /// `big-record`, `backwards`, `too-slow`, `silent`, `bad-time`, `bad-seq`).
     pub fn parse(spec: &str) -> Result<Faults, String> {
         let mut f = Faults::default();
         for part in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -69,6 +75,8 @@ impl Faults {
                 "backwards" => f.backwards_every = Some(n),
                 "too-slow" => f.too_slow_every = Some(n),
                 "silent" => f.silent_connections = n,
+                "bad-time" => f.bad_time_every = Some(n),
+                "bad-seq" => f.bad_seq_every = Some(n),
                 other => return Err(format!("unknown fault {other:?}")),
             }
         }
@@ -319,8 +327,49 @@ fn faults_after(
     {
         out.push(mk("backwards", *seq, frame.clone()));
     }
+    if due(f.bad_seq_every) {
+        let n = i / f.bad_seq_every.unwrap_or(1);
+        let seq = [i64::MAX, i64::MIN, 0, -5][(n % 4) as usize];
+        if let Some(frame) = super::faults::with_seq(&m.frame, seq) {
+            out.push(mk("bad_seq", m.seq, frame));
+        }
+    }
+    if due(f.bad_time_every)
+        && let (Some((t, _)), Some(env)) = (m.jetstream_lines().into_iter().last(), m.events.last())
+    {
+        // a distinct event (its own rkey) whose `time_us` is absurd; the replay position
+        // stays the real one (`t`)
+        let n = i / f.bad_time_every.unwrap_or(1);
+        let mut env = env.clone();
+        env.time_us = BAD_TIMES_US[(n % BAD_TIMES_US.len() as u64) as usize];
+        env.seq = None;
+        env.since = None;
+        if let crate::model::EventData::Commit(c) = &mut env.event.data {
+            c.rkey = format!("badtime{i}");
+        }
+        let mut line = Vec::new();
+        if crate::decode::jetstream::write_line(&env, &mut line) {
+            let mut e = mk("bad_time", m.seq, Vec::new());
+            e.lines.push((t, line, String::new(), String::new()));
+            out.push(e);
+        }
+    }
     out
 }
+
+/// The `time_us` values of the `bad-time` fault's Jetstream lines: year 10000, `i64::MAX`,
+/// 0, negative, 2020-01-01 (before the network), 2050.
+pub const BAD_TIMES_US: [i64; 6] = [
+    253_402_300_800_000_000,
+    i64::MAX,
+    0,
+    -1_000_000,
+    1_577_836_800_000_000,
+    2_524_608_000_000_000,
+];
+
+/// The frame `time` values of the `bad-time` fault: far future, and before the network.
+pub const BAD_FRAME_TIMES: [&str; 2] = ["9999-12-31T23:59:59.999Z", "1970-01-01T00:00:00.000Z"];
 
 /// Starts the simulator on `addr` (use port 0 for any free port).
 pub async fn start(cfg: SimConfig, addr: SocketAddr) -> std::io::Result<SimHandle> {
@@ -364,7 +413,18 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> std::io::Result<SimHandl
                     if cfg.messages.is_some_and(|n| i >= n) {
                         break;
                     }
-                    let m = traffic.next_message();
+                    let mut m = traffic.next_message();
+                    let bad_frame_time = cfg
+                        .faults
+                        .bad_time_every
+                        .is_some_and(|n| (i + 1).is_multiple_of(n));
+                    if bad_frame_time {
+                        let k = ((i + 1) / cfg.faults.bad_time_every.unwrap_or(1)) as usize;
+                        let t = BAD_FRAME_TIMES[k % BAD_FRAME_TIMES.len()];
+                        if let Some(f) = super::faults::with_time(&m.frame, t) {
+                            m.frame = f;
+                        }
+                    }
                     let lines = m
                         .jetstream_lines()
                         .into_iter()
@@ -386,13 +446,16 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> std::io::Result<SimHandl
                     if recent.len() > 6 {
                         recent.pop_front();
                     }
-                    made.push((m, lines, faults));
+                    made.push((m, lines, faults, bad_frame_time));
                     i += 1;
                 }
                 {
                     let mut g = log.lock().unwrap_or_else(|e| e.into_inner());
-                    for (m, lines, faults) in made {
+                    for (m, lines, faults, bad_frame_time) in made {
                         g.truth.add_message(&m);
+                        if bad_frame_time {
+                            *g.truth.faults.entry("bad_frame_time".into()).or_default() += 1;
+                        }
                         g.truth.last_time_us = m
                             .jetstream_lines()
                             .last()
@@ -485,6 +548,15 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[allow(clippy::result_large_err)] // tungstenite's handshake callback type
 async fn serve(
     sock: TcpStream,
@@ -532,7 +604,9 @@ async fn serve(
     let (params_tx, mut params_rx) = watch::channel(js.clone());
     // client messages: options_update for Jetstream; everything else ignored
     let h2 = h.clone();
-    tokio::spawn(async move {
+    // the reader holds half of the socket: end it with this function, so a dropped connection
+    // really closes (a half-open socket would only be noticed by the client's read timeout)
+    let _reader = AbortOnDrop(tokio::spawn(async move {
         while let Some(Ok(msg)) = stream.next().await {
             if let Message::Text(t) = msg
                 && let Ok(v) = serde_json::from_str::<serde_json::Value>(&t)
@@ -555,7 +629,7 @@ async fn serve(
                 });
             }
         }
-    });
+    }));
     // where to start
     enum Start {
         At(u64),
@@ -636,6 +710,9 @@ async fn serve(
             next += 1;
             let first_line_time = e.lines.first().map(|(t, ..)| *t);
             if firehose {
+                if e.frame.is_empty() {
+                    continue; // a fault for Jetstream clients only
+                }
                 sink.send(Message::Binary(e.frame.clone().into()))
                     .await
                     .map_err(|x| x.to_string())?;

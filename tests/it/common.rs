@@ -250,3 +250,80 @@ pub async fn start_sim(
         .await
         .expect("the simulator starts on loopback")
 }
+
+/// An `atlake` child process with its stderr in a log file; killed when dropped.
+pub struct AtlakeChild {
+    /// The process.
+    pub child: ChildGuard,
+    /// Its stderr.
+    pub log: std::path::PathBuf,
+}
+
+impl AtlakeChild {
+    /// Starts `atlake args…` in `dir` with `env`, logging to `dir/<name>.log`.
+    pub fn spawn(
+        args: &[&str],
+        env: &[(String, String)],
+        dir: &std::path::Path,
+        name: &str,
+    ) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let child = std::process::Command::new(atlake_bin())
+            .args(args)
+            .current_dir(dir)
+            .envs(env.iter().cloned())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn atlake");
+        AtlakeChild {
+            child: ChildGuard(child),
+            log,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What it has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until its log contains `needle`; false on timeout or if it exits first.
+    pub async fn wait_log(&mut self, needle: &str, timeout: Duration) -> bool {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return self.log().contains(needle);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        self.child.wait().expect("wait")
+    }
+
+    /// Waits for the exit, at most `timeout`.
+    pub async fn exit_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        None
+    }
+}

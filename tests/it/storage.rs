@@ -6,70 +6,14 @@ use crate::common::{
     start_sim, wait_until,
 };
 use crate::ingest::test_config;
-use crate::tools::{Moto, missing};
+use crate::tools::{Moto, Proxy, missing};
 use atlake::config::SourceKind;
 use atlake::ingest::{self, Input};
 use atlake::simulate::server::SimConfig;
 use atlake::sink::store::Lake;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::io::copy_bidirectional;
-use tokio::net::{TcpListener, TcpStream};
-
-/// A TCP proxy that can cut every connection and refuse new ones, like a server going away.
-struct Proxy {
-    addr: std::net::SocketAddr,
-    down: Arc<AtomicBool>,
-    generation: Arc<tokio::sync::watch::Sender<u64>>,
-}
-
-impl Proxy {
-    async fn start(target: std::net::SocketAddr) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let down = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = tokio::sync::watch::channel(0u64);
-        let generation = Arc::new(tx);
-        let d = down.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = l.accept().await else {
-                    continue;
-                };
-                if d.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                // a fresh receiver: only cuts that happen after this connection count
-                let mut rx = rx.clone();
-                rx.mark_unchanged();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = rx.changed() => {}
-                    }
-                });
-            }
-        });
-        Proxy {
-            addr,
-            down,
-            generation,
-        }
-    }
-
-    fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-        if down {
-            self.generation.send_modify(|g| *g += 1);
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_outage_of_a_minute_loses_nothing_and_bounds_memory() {

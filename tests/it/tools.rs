@@ -6,7 +6,11 @@
 //! into a failure.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tokio::io::copy_bidirectional;
+use tokio::net::{TcpListener, TcpStream};
 
 fn required() -> bool {
     std::env::var("ATLAKE_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
@@ -145,4 +149,60 @@ pub fn run_python(py: &str, script: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf8")
+}
+
+/// A TCP proxy that can cut every connection and refuse new ones, like a server going away.
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: std::net::SocketAddr,
+    down: Arc<AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Proxy {
+    /// Starts forwarding to `target`.
+    pub async fn start(target: std::net::SocketAddr) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        let generation = Arc::new(tx);
+        let d = down.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = l.accept().await else {
+                    continue;
+                };
+                if d.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                // a fresh receiver: only cuts that happen after this connection count
+                let mut rx = rx.clone();
+                rx.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            down,
+            generation,
+        }
+    }
+
+    /// Cuts every connection and refuses new ones (`true`), or lets them through again.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
 }
