@@ -150,7 +150,14 @@ impl Daemon {
                 self.ingest.stop(self.deadline).await
             }
         };
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.server).await;
+        match tokio::time::timeout(SHUTDOWN_GRACE, self.server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the SQL endpoint failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "the SQL endpoint's task failed"),
+            Err(_) => {
+                tracing::warn!(grace = ?SHUTDOWN_GRACE, "requests still running at shutdown were cut off")
+            }
+        }
         Ok(summary?)
     }
 }

@@ -7,35 +7,53 @@
 //!
 //! ## Layout
 //!
-//! Each stage of the data path has its own module, in the order data flows through them;
-//! dependencies point one way, down this list (the query side reads what ingest produced, never
-//! its internals):
+//! Each stage of the data path has its own module. Modules are in layers, and a module imports
+//! only from the layers below its own (never sideways): the test `layout` in `tests/it` reads
+//! every file of `src/` and fails on an import against this table.
 //!
 //! ```text
-//!  source ──▶ decode ──▶ model ──▶ sink (batcher → parquet → store) ──▶ checkpoint
-//!  (socket,    (pure:     (Event,    partitions by collection/hour,       (cursor after
-//!   capture)    bytes →    rows)      flush policy, atomic writes)          durable files)
-//!                events)                        │
-//!                                               ▼
-//!                         ingest (the pipeline and its live state) ──▶ query (SQL, HTTP)
+//!  edges        cli ─────────▶ daemon (ingest + SQL in one process)
+//!                │                │
+//!  the two      ingest ──────▶ catalog ◀────── query        ingest writes the catalog,
+//!  sides        (pipeline,     (files,         (SQL, HTTP)   query reads snapshots of it;
+//!                writer,        buffered rows,               neither reads the other
+//!                checkpointer)  checkpoint)
+//!                │   │              │
+//!  the lake      │   └──────▶ checkpoint ──▶ sink (partitions, batcher, Parquet, store, lease)
+//!                ▼
+//!  transport   source (sockets, captures)       tools: simulate, convert
+//!                │
+//!  the data    decode (pure: bytes → events) ──▶ model (events, keys, cursors, rows) ◀── config
+//!                                                  │
+//!  leaves                                        syntax   backoff   telemetry
 //! ```
 //!
+//! - [`syntax`]: identifier syntax (NSID, DID, record key, TID, datetimes) and endpoint URLs.
+//!   A leaf: every name that becomes part of a path passes through it.
+//! - [`backoff`]: the one retry backoff (source reconnects, stores, checkpoints, the lease).
+//! - [`model`]: the [`model::Event`] both sources produce, event keys, cursors and the time
+//!   window, filters, and the Arrow rows and schemas.
+//! - [`decode`]: pure functions over bytes. DAG-CBOR, CID, CAR, `subscribeRepos` frames,
+//!   Jetstream JSON. No socket, no clock.
+//! - [`config`]: the configuration (file, `ATLAKE_*` environment, flags).
 //! - [`source`]: transport only. Firehose and Jetstream over WebSocket (reconnect, resume,
 //!   filters, zstd) and capture files; each yields raw messages with their cursors.
-//! - [`decode`]: pure functions over bytes. DAG-CBOR, CID, CAR, `subscribeRepos` frames,
-//!   Jetstream JSON, identifier syntax. No socket, no clock.
-//! - [`model`]: the [`model::Event`] both sources produce, and its Arrow rows and schemas.
 //! - [`sink`]: partition keys and lake paths, the batcher and its flush policy, Parquet
-//!   encoding, and storage through `object_store` (local fsync + rename, S3, memory).
+//!   encoding, storage through `object_store` (local fsync + rename, S3, memory), and the
+//!   writer lease (one writer per lake).
 //! - [`checkpoint`]: the checkpoint (never ahead of durable data) and start-up recovery.
+//! - [`catalog`]: what the lake holds as a running daemon sees it (files, buffered and
+//!   in-flight rows, the checkpoint, storage health): ingest writes it, query reads it.
 //! - [`ingest`]: the pipeline that ties source, decode, batcher, writer and checkpoint together
-//!   with bounded channels, and the live state the daemon's SQL reads.
+//!   with bounded channels, under the lake's writer lease.
 //! - [`query`]: DataFusion over the lake (tables, system tables, derived columns) and the HTTP
 //!   endpoint.
+//! - [`daemon`]: `atlake run`, ingest and SQL in one process, started the same way by the
+//!   command line and the tests.
 //! - [`simulate`]: deterministic synthetic traffic, served as a firehose and a Jetstream
 //!   endpoint with faults, or written as captures, with its ground truth.
 //! - [`convert`]: capture file → Jetstream JSON lines.
-//! - [`config`], [`telemetry`], [`cli`]: configuration, logs and metrics, the command line.
+//! - [`telemetry`], [`cli`]: logs and metrics, the command line.
 #![forbid(unsafe_code)]
 
 pub mod backoff;

@@ -226,7 +226,7 @@ async fn lease_and_recover(
     let rec = match recover(&lake, kind, rewind).await {
         Ok(r) => r,
         Err(e) => {
-            lease.release(&lake).await;
+            lease.release().await;
             return Err(e.into());
         }
     };
@@ -382,7 +382,6 @@ pub async fn start_with_lake(
         writer: writer_task,
         checkpoint: checkpoint_task,
         lease,
-        lake: lake.clone(),
     };
     pipeline::spawn_decode_thread(
         state,

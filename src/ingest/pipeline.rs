@@ -17,7 +17,6 @@ use crate::model::{
 };
 use crate::sink::batcher::{Batcher, FlushJob, Refused};
 use crate::sink::lease::{Fence, Lease};
-use crate::sink::store::Lake;
 use crate::source::file::FileProgress;
 use crate::source::{Payload, RawMessage};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -76,7 +75,6 @@ pub(super) struct Tasks {
     pub writer: tokio::task::JoinHandle<()>,
     pub checkpoint: tokio::task::JoinHandle<Option<Cursor>>,
     pub lease: Lease,
-    pub lake: Lake,
 }
 
 /// The loop's channels.
@@ -127,7 +125,7 @@ async fn finish(r: Result<Summary, IngestError>, t: Tasks) -> Result<Summary, In
         let _ = t.source.await;
         let _ = t.writer.await;
         let _ = t.checkpoint.await;
-        t.lease.release(&t.lake).await;
+        t.lease.release().await;
         return r;
     }
     // the loop has dropped its senders: the writer ends, and the checkpoint writer stores the
@@ -135,7 +133,7 @@ async fn finish(r: Result<Summary, IngestError>, t: Tasks) -> Result<Summary, In
     let writer = t.writer.await;
     let written = t.checkpoint.await;
     let src = t.source.await;
-    t.lease.release(&t.lake).await;
+    t.lease.release().await;
     let mut s = r?;
     writer.map_err(|e| IngestError::Broken(format!("the writer task failed: {e}")))?;
     s.checkpoint =
@@ -511,4 +509,76 @@ fn broken(e: impl std::fmt::Display) -> IngestError {
     tracing::error!(error = %e, "broken invariant in the ingest pipeline");
     metrics::counter!("atlake_broken_invariants_total").increment(1);
     IngestError::Broken(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::lease::LeaseSettings;
+
+    async fn tasks(
+        source: tokio::task::JoinHandle<Result<(), IngestError>>,
+        checkpoint: tokio::task::JoinHandle<Option<Cursor>>,
+    ) -> Tasks {
+        let lake = crate::sink::store::Lake::open("memory://").unwrap();
+        let lease = Lease::acquire(
+            &lake,
+            &LeaseSettings {
+                command: "test".into(),
+                ttl: Duration::from_secs(30),
+                wait: false,
+            },
+        )
+        .await
+        .unwrap();
+        Tasks {
+            source,
+            writer: tokio::spawn(async {}),
+            checkpoint,
+            lease,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicked_task_is_an_error_never_a_success() {
+        let t = tasks(
+            tokio::spawn(async { panic!("source blew up") }),
+            tokio::spawn(async { None }),
+        )
+        .await;
+        let r = finish(Ok(Summary::default()), t).await;
+        assert!(
+            matches!(&r, Err(IngestError::Broken(m)) if m.contains("source task")),
+            "{r:?}"
+        );
+        let t = tasks(
+            tokio::spawn(async { Ok(()) }),
+            tokio::spawn(async { panic!("checkpoint writer blew up") }),
+        )
+        .await;
+        let r = finish(Ok(Summary::default()), t).await;
+        assert!(
+            matches!(&r, Err(IngestError::Broken(m)) if m.contains("checkpoint writer")),
+            "{r:?}"
+        );
+        let c = Cursor::seq(7).unwrap();
+        let t = tasks(
+            tokio::spawn(async { Ok(()) }),
+            tokio::spawn(async move { Some(c) }),
+        )
+        .await;
+        let s = finish(Ok(Summary::default()), t).await.unwrap();
+        assert_eq!(s.checkpoint, Some(c));
+    }
+
+    #[tokio::test]
+    async fn a_failed_loop_ends_every_task_and_keeps_its_error() {
+        let t = tasks(
+            tokio::spawn(std::future::pending()),
+            tokio::spawn(std::future::pending()),
+        )
+        .await;
+        let r = finish(Err(IngestError::Broken("loop failed".into())), t).await;
+        assert!(matches!(&r, Err(IngestError::Broken(m)) if m == "loop failed"));
+    }
 }

@@ -45,16 +45,18 @@ const FUNCTIONS: &[(&str, Growth)] = &[
 
 /// Replaces the amplifying functions of `ctx` with bounded ones: one call may produce at most
 /// `budget` bytes for its batch.
-pub fn register(ctx: &SessionContext, budget: u64) {
+///
+/// A function that is not in the session is an error: the cap would silently not apply.
+pub fn register(ctx: &SessionContext, budget: u64) -> datafusion::error::Result<()> {
     for (name, growth) in FUNCTIONS {
-        if let Ok(inner) = ctx.udf(name) {
-            ctx.register_udf(ScalarUDF::new_from_impl(Bounded {
-                inner,
-                growth: *growth,
-                budget,
-            }));
-        }
+        let inner = ctx.udf(name)?;
+        ctx.register_udf(ScalarUDF::new_from_impl(Bounded {
+            inner,
+            growth: *growth,
+            budget,
+        }));
     }
+    Ok(())
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -247,7 +249,7 @@ mod tests {
     #[tokio::test]
     async fn amplifying_calls_over_the_budget_are_refused_and_small_ones_run() {
         let ctx = SessionContext::new();
-        register(&ctx, 16 << 20);
+        register(&ctx, 16 << 20).unwrap();
         for q in [
             "SELECT repeat('a', 2000000000)",
             "SELECT lpad('x', 2147483647)",

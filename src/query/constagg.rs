@@ -364,7 +364,11 @@ impl State {
         if keys.iter().all(one_value) {
             let first: Vec<ArrayRef> = keys.iter().map(|k| k.slice(0, 1)).collect();
             self.groups.intern(&first, &mut self.ids)?;
-            let g = self.ids.first().copied().unwrap_or(0);
+            let g = self.ids.first().copied().ok_or_else(|| {
+                datafusion::error::DataFusionError::Internal(
+                    "interning one group gave no group id".into(),
+                )
+            })?;
             self.ids.clear();
             self.ids.resize(n, g);
         } else {

@@ -25,14 +25,11 @@ use std::sync::Arc;
 /// Replaces `date_part` (and so `extract`, `datepart`) of `ctx` with the fast one. The SQL
 /// planner builds `extract(…)` from DataFusion's own instance rather than the registry, so a
 /// function rewrite swaps those calls too.
-pub fn register(ctx: &mut SessionContext) {
-    let Ok(inner) = ctx.udf("date_part") else {
-        return;
-    };
+pub fn register(ctx: &mut SessionContext) -> datafusion::error::Result<()> {
+    let inner = ctx.udf("date_part")?;
     let ours = Arc::new(ScalarUDF::new_from_impl(FastDatePart { inner }));
     SessionContext::register_udf(ctx, ours.as_ref().clone());
-    // cannot fail: registering a rewrite only appends it
-    let _ = ctx.register_function_rewrite(Arc::new(UseFastDatePart { ours }));
+    ctx.register_function_rewrite(Arc::new(UseFastDatePart { ours }))
 }
 
 /// Points every `date_part` call at the fast one.
@@ -277,7 +274,7 @@ mod tests {
         for fast in [true, false] {
             let mut ctx = SessionContext::new();
             if fast {
-                register(&mut ctx);
+                register(&mut ctx).unwrap();
             }
             let b = ctx.sql(q).await.unwrap().collect().await.unwrap();
             out.push(
@@ -290,7 +287,7 @@ mod tests {
         // `extract` is planned from DataFusion's own instance: the rewrite must swap it
         use datafusion::common::tree_node::TreeNode;
         let mut ctx = SessionContext::new();
-        register(&mut ctx);
+        register(&mut ctx).unwrap();
         let plan = ctx
             .sql("SELECT extract(hour FROM t) FROM (VALUES (TIMESTAMP '2026-01-01 10:00:00')) AS v(t)")
             .await

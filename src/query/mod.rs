@@ -187,9 +187,8 @@ impl Default for Limits {
 }
 
 /// The URL under which the lake's object store is registered in every session.
-pub fn lake_store_url() -> ObjectStoreUrl {
-    // a fixed, valid URL: the lake's own store is registered under it
-    ObjectStoreUrl::parse("atlake://lake").unwrap_or_else(|_| ObjectStoreUrl::local_filesystem())
+pub fn lake_store_url() -> Result<ObjectStoreUrl, QueryError> {
+    ObjectStoreUrl::parse("atlake://lake").map_err(|e| QueryError::Internal(e.to_string()))
 }
 
 /// The query engine: the lake, optionally the daemon's live state, and limits.
@@ -316,12 +315,13 @@ impl QueryEngine {
             .with_physical_optimizer_rule(Arc::new(constagg::UseConstantKeyAggregate))
             .build();
         let mut ctx = SessionContext::new_with_state(state);
-        ctx.register_object_store(lake_store_url().as_ref(), self.lake.object_store());
+        ctx.register_object_store(lake_store_url()?.as_ref(), self.lake.object_store());
         datafusion_functions_json::register_all(&mut ctx)
             .map_err(|e| QueryError::Internal(e.to_string()))?;
         // a quarter of the query's memory pool for what one call of repeat(), lpad()… produces
-        bounded::register(&ctx, (self.limits.memory as u64 / 4).max(16 << 20));
-        datepart::register(&mut ctx);
+        bounded::register(&ctx, (self.limits.memory as u64 / 4).max(16 << 20))
+            .map_err(QueryError::from_datafusion)?;
+        datepart::register(&mut ctx).map_err(QueryError::from_datafusion)?;
         distinct::register(&ctx);
         let prefix = self
             .lake
@@ -335,7 +335,7 @@ impl QueryEngine {
                 def,
                 &snap.files,
                 &snap.batches,
-                lake_store_url(),
+                lake_store_url()?,
                 prefix.clone(),
             )
             .map_err(|e| QueryError::Internal(e.to_string()))?;

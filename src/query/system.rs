@@ -119,7 +119,7 @@ impl TableProvider for FilesTable {
                 dh.iter().map(|(d, _)| d.clone()),
             )),
             Arc::new(Int64Array::from_iter_values(
-                dh.iter().map(|(_, h)| h.parse::<i64>().unwrap_or(0)),
+                self.files.iter().map(|f| f.key.hour().rem_euclid(24)),
             )),
             Arc::new(StringArray::from_iter_values(
                 self.files.iter().map(|f| f.name.source().as_str()),

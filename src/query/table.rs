@@ -28,7 +28,7 @@ use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::expr_rewriter::unnormalize_col;
 use datafusion::logical_expr::simplify::SimplifyContext;
@@ -819,16 +819,23 @@ impl LakeTable {
             .map(|f| f.name().clone())
             .chain(consts.iter().map(|c| c.to_string()))
             .collect();
-        let position = |name: &str| combined.iter().position(|c| c == name).unwrap_or(0);
+        // a column missing here is a broken invariant of this function, never a column 0
+        let position = |name: &str| {
+            combined.iter().position(|c| c == name).ok_or_else(|| {
+                DataFusionError::Internal(format!("column {name} is not in the lake scan"))
+            })
+        };
         // the combined column of each wanted stored column
         let picks: Vec<usize> = proj[..keep]
             .iter()
             .map(|&i| position(self.stored.field(i).name()))
-            .collect();
+            .collect::<Result<_>>()?;
         // and of each column the residual filter reads (never `kind` or `collection`)
         let mut read: Vec<usize> = picks.clone();
         if let Some(r) = residual {
-            read.extend(r.column_refs().iter().map(|c| position(&c.name)));
+            for c in r.column_refs() {
+                read.push(position(&c.name)?);
+            }
         }
         read.sort_unstable();
         read.dedup();
@@ -836,13 +843,18 @@ impl LakeTable {
             .iter()
             .zip(self.partitioned(files))
             .map(|(f, pf)| {
-                let (kind, coll) = constants(&f.key.name).unwrap_or(("commit", None));
-                pf.with_partition_values(vec![
+                let (kind, coll) = constants(&f.key.name).ok_or_else(|| {
+                    DataFusionError::Internal(format!(
+                        "{} is not a one-collection partition",
+                        f.path
+                    ))
+                })?;
+                Ok(pf.with_partition_values(vec![
                     ScalarValue::Utf8View(Some(kind.to_string())),
                     ScalarValue::Utf8View(coll.map(|c| c.to_string())),
-                ])
+                ]))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let source =
             self.parquet_source(state, table_schema, file_schema.clone(), predicate, lookup)?;
         let config = FileScanConfigBuilder::new(self.store_url.clone(), Arc::new(source))
@@ -858,15 +870,17 @@ impl LakeTable {
             .iter()
             .zip(&proj[..keep])
             .map(|(&c, &i)| {
-                let pos = read.iter().position(|&r| r == c).unwrap_or(0);
+                let pos = read.iter().position(|&r| r == c).ok_or_else(|| {
+                    DataFusionError::Internal(format!("scan column {c} was not read"))
+                })?;
                 let name = self.stored.field(i).name().clone();
-                (
+                Ok((
                     Arc::new(Column::new(scan_schema.field(pos).name(), pos))
                         as Arc<dyn datafusion::physical_expr::PhysicalExpr>,
                     name,
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(Some(Arc::new(
             datafusion::physical_plan::projection::ProjectionExec::try_new(exprs, scan)?,
         )))

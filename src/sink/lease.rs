@@ -359,13 +359,14 @@ impl Lease {
     }
 
     /// Gives the lease back (S3: marks the lease object released, if it is still ours).
-    pub async fn release(self, lake: &Lake) {
+    pub async fn release(self) {
         match self.kind {
             LeaseKind::Local { _file } => drop(_file),
             LeaseKind::S3 { stop, renewer } => {
                 let _ = stop.send(true);
-                let _ = renewer.await;
-                let _ = lake;
+                if let Err(e) = renewer.await {
+                    tracing::error!(error = %e, "the lease renewal task failed");
+                }
             }
             LeaseKind::None => {}
         }
@@ -399,7 +400,7 @@ async fn acquire_local(lake: &Lake, s: &LeaseSettings) -> Result<Lease, LeaseErr
         match file.try_lock() {
             Ok(()) => {
                 let me = me(&s.command, None);
-                let body = serde_json::to_vec_pretty(&me).unwrap_or_default();
+                let body = to_json(&me)?;
                 file.set_len(0).map_err(io)?;
                 file.rewind().map_err(io)?;
                 file.write_all(&body).map_err(io)?;
@@ -413,8 +414,9 @@ async fn acquire_local(lake: &Lake, s: &LeaseSettings) -> Result<Lease, LeaseErr
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
+                // the holder writes its name right after locking: until then it is unknown
                 let holder = serde_json::from_str::<Holder>(&text).unwrap_or_else(|_| Holder {
-                    command: "?".into(),
+                    command: "(not yet named in the lock file)".into(),
                     host: "?".into(),
                     pid: 0,
                     machine: String::new(),
@@ -442,13 +444,30 @@ async fn acquire_local(lake: &Lake, s: &LeaseSettings) -> Result<Lease, LeaseErr
     }
 }
 
+/// An object store that gives no ETags cannot hold a lease: conditional updates need them.
+fn no_etag(lake: &Lake) -> LeaseError {
+    LeaseError::Lost {
+        lake: lake.url().to_string(),
+        why: "the object store returned no ETag for the lease object, so it cannot be renewed \
+              safely"
+            .into(),
+    }
+}
+
+fn to_json(h: &Holder) -> Result<Vec<u8>, LeaseError> {
+    serde_json::to_vec_pretty(h).map_err(|e| LeaseError::Io {
+        path: lease_path(),
+        source: std::io::Error::other(e),
+    })
+}
+
 /// The lease object and its ETag (`None` when absent).
 async fn read_lease(lake: &Lake) -> Result<Option<(Holder, String)>, LeaseError> {
     let store = lake.object_store();
     let path = lake.object_path(&lease_path());
     match store.get(&path).await {
         Ok(r) => {
-            let etag = r.meta.e_tag.clone().unwrap_or_default();
+            let etag = r.meta.e_tag.clone().ok_or_else(|| no_etag(lake))?;
             let bytes = r.bytes().await.map_err(StoreError::from)?;
             let holder =
                 serde_json::from_slice::<Holder>(&bytes).map_err(|e| LeaseError::Lost {
@@ -471,7 +490,7 @@ async fn put_lease(
 ) -> Result<Option<String>, LeaseError> {
     let store = lake.object_store();
     let path = lake.object_path(&lease_path());
-    let bytes = serde_json::to_vec_pretty(body).unwrap_or_default();
+    let bytes = to_json(body)?;
     let mode = match etag {
         None => PutMode::Create,
         Some(e) => PutMode::Update(UpdateVersion {
@@ -484,7 +503,7 @@ async fn put_lease(
         ..Default::default()
     };
     match store.put_opts(&path, PutPayload::from(bytes), opts).await {
-        Ok(r) => Ok(Some(r.e_tag.unwrap_or_default())),
+        Ok(r) => Ok(Some(r.e_tag.ok_or_else(|| no_etag(lake))?)),
         Err(
             object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
         ) => Ok(None),

@@ -131,11 +131,12 @@ pub fn properties(
     meta: &FileMeta,
     rows: usize,
     did_ndv: usize,
-) -> WriterProperties {
-    let level = ZstdLevel::try_new(cfg.zstd_level).unwrap_or_default();
+) -> Result<WriterProperties, ParquetError> {
+    // a level outside 1..=22 is refused by the config check; here it is an error, not a default
+    let level = ZstdLevel::try_new(cfg.zstd_level)?;
     // the small columns compress as well at level 1, which needs less memory and time; the
     // level applies to the big text columns
-    let fast = ZstdLevel::try_new(1).unwrap_or_default();
+    let fast = ZstdLevel::try_new(1)?;
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(fast))
         .set_dictionary_enabled(true)
@@ -170,7 +171,7 @@ pub fn properties(
             .set_column_bloom_filter_max_ndv(ColumnPath::from("did"), (did_ndv as u64).max(16))
             .set_column_bloom_filter_fpp(ColumnPath::from("did"), 0.01);
     }
-    b.build()
+    Ok(b.build())
 }
 
 fn distinct_dids(chunks: &[RecordBatch]) -> usize {
@@ -207,7 +208,7 @@ pub fn encode_to<W: std::io::Write + Send>(
     } else {
         0
     };
-    let props = properties(cfg, kind, meta, rows, did_ndv);
+    let props = properties(cfg, kind, meta, rows, did_ndv)?;
     let mut w = ArrowWriter::try_new(out, schema, Some(props))?;
     let chunks: Vec<RecordBatch> = chunks
         .iter()

@@ -244,3 +244,37 @@ async fn duckdb_and_pyarrow_read_the_lake_with_hive_partitioning() {
         "{parts:?}"
     );
 }
+
+/// A file whose key column is missing (here: `rev`) cannot give correct dedupe keys. Recovery
+/// refuses it with the file and the column named, instead of reading the column as empty and
+/// letting duplicates through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_refuses_a_file_without_a_key_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("cap.zst");
+    write_capture(&cap, CaptureFormat::Frames, 500);
+    let lake_dir = dir.path().join("lake");
+    let cfg = test_config(lake_dir.to_str().unwrap());
+    let h = ingest::start(cfg.clone(), Input::File(cap.clone()))
+        .await
+        .unwrap();
+    h.wait().await.unwrap();
+    let lake = Lake::open(lake_dir.to_str().unwrap()).unwrap();
+    let victim = atlake::checkpoint::list_files(&lake)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|f| f.path.contains("app.bsky.feed.like"))
+        .unwrap();
+    crate::sql::rewrite_as_older_schema(&lake_dir.join(&victim.path), &["rev"]);
+    // without a checkpoint every file of the source is read for keys
+    std::fs::remove_file(lake_dir.join("_atlake/checkpoint.json")).unwrap();
+    let e = ingest::start(cfg, Input::File(cap))
+        .await
+        .expect_err("recovery must refuse the file");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&victim.path) && msg.contains("column `rev` is missing"),
+        "{msg}"
+    );
+}

@@ -11,6 +11,7 @@ mod decode_frames;
 mod decode_props;
 mod faults;
 mod ingest;
+mod layout;
 mod lease;
 mod queries;
 mod reconnect;

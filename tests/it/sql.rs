@@ -489,7 +489,7 @@ async fn counts_never_go_backwards_or_beyond_the_source_while_flushing() {
 
 /// Rewrites `path` without `drop` columns, as a writer of an older schema version would have.
 /// Returns the file's rows and, per dropped column, how many of them were not null.
-fn rewrite_as_older_schema(
+pub fn rewrite_as_older_schema(
     path: &std::path::Path,
     drop: &[&str],
 ) -> (u64, std::collections::HashMap<String, u64>) {
