@@ -108,7 +108,7 @@ fn main() {
     );
     let lake_handle = or_exit(Lake::open(&lake), &lake);
     let engine = or_exit(
-        QueryEngine::new(lake_handle, None, Limits::default()),
+        QueryEngine::try_new(lake_handle, None, Limits::default()),
         "query engine",
     );
     let events = rt

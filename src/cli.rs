@@ -498,7 +498,7 @@ async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
     let lake = crate::daemon::open_lake(&cfg.lake.url).await?;
     let listener = crate::daemon::bind(&cfg.server.listen).await?;
     let addr = listener.local_addr()?;
-    let engine = Arc::new(crate::query::QueryEngine::new(
+    let engine = Arc::new(crate::query::QueryEngine::try_new(
         lake,
         None,
         crate::query::Limits::from_config(&cfg.server),
@@ -522,8 +522,11 @@ async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
 
 async fn query_cmd(cfg: Config, format: QueryFormat, sql: &str) -> anyhow::Result<ExitCode> {
     let lake = crate::daemon::open_lake(&cfg.lake.url).await?;
-    let engine =
-        crate::query::QueryEngine::new(lake, None, crate::query::Limits::from_config(&cfg.server))?;
+    let engine = crate::query::QueryEngine::try_new(
+        lake,
+        None,
+        crate::query::Limits::from_config(&cfg.server),
+    )?;
     let batches = engine.collect(sql).await?;
     let mut out = std::io::stdout().lock();
     match format {

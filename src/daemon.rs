@@ -105,7 +105,7 @@ impl Daemon {
             })?;
         crate::telemetry::metrics();
         let ingest = ingest::start_with_lake(cfg.clone(), Input::Network, lake.clone()).await?;
-        let engine = Arc::new(QueryEngine::new(
+        let engine = Arc::new(QueryEngine::try_new(
             lake,
             Some(ingest.catalog.clone()),
             Limits::from_config(&cfg.server),

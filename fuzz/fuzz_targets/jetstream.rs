@@ -6,7 +6,7 @@ fuzz_target!(|data: &[u8]| {
     use atlake::decode::jetstream::*;
     let _ = JetstreamDecoder::new(JetstreamOptions { normalize: true }).decode(data);
     let _ = JetstreamDecoder::new(JetstreamOptions { normalize: false }).decode(data);
-    if let Ok(mut z) = ZstdCodec::new() {
+    if let Ok(mut z) = ZstdCodec::try_new() {
         let _ = z.decompress(data);
     }
 });

@@ -14,6 +14,7 @@ use crate::model::{
     Account, CommitOp, Decoded, Envelope, ErrorEvent, ErrorReason, Event, EventData, Identity,
     Operation, SyncInfo,
 };
+use crate::model::{Did, Nsid, Rkey, Tid};
 use crate::syntax;
 
 /// Largest record block atproto allows.
@@ -567,9 +568,9 @@ impl FrameDecoder {
                 let seq = Some(i.seq);
                 match check_common(i.did, i.time, frame, seq) {
                     Err(e) => out.push(e),
-                    Ok(time_us) => out.push(Decoded::Event(Envelope {
+                    Ok((did, time_us)) => out.push(Decoded::Event(Envelope {
                         event: Event {
-                            did: i.did.to_string(),
+                            did,
                             data: EventData::Identity(Identity {
                                 seq: i.seq,
                                 time: i.time.to_string(),
@@ -587,9 +588,9 @@ impl FrameDecoder {
                 let seq = Some(a.seq);
                 match check_common(a.did, a.time, frame, seq) {
                     Err(e) => out.push(e),
-                    Ok(time_us) => out.push(Decoded::Event(Envelope {
+                    Ok((did, time_us)) => out.push(Decoded::Event(Envelope {
                         event: Event {
-                            did: a.did.to_string(),
+                            did,
                             data: EventData::Account(Account {
                                 seq: a.seq,
                                 time: a.time.to_string(),
@@ -608,8 +609,8 @@ impl FrameDecoder {
                 let seq = Some(s.seq);
                 match check_common(s.did, s.time, frame, seq) {
                     Err(e) => out.push(e),
-                    Ok(time_us) => {
-                        if !syntax::is_tid(s.rev) {
+                    Ok((did, time_us)) => {
+                        let Ok(rev) = Tid::parse(s.rev) else {
                             out.push(frame_error(
                                 ErrorReason::Rev,
                                 format!("rev {:?} is not a TID", s.rev),
@@ -617,13 +618,11 @@ impl FrameDecoder {
                                 seq,
                             ));
                             return;
-                        }
+                        };
                         out.push(Decoded::Event(Envelope {
                             event: Event {
-                                did: s.did.to_string(),
-                                data: EventData::Sync(SyncInfo {
-                                    rev: s.rev.to_string(),
-                                }),
+                                did,
+                                data: EventData::Sync(SyncInfo { rev }),
                             },
                             time_us,
                             seq,
@@ -639,7 +638,7 @@ impl FrameDecoder {
 
     fn commit(&mut self, c: &Commit<'_>, frame: &[u8], out: &mut Vec<Decoded>) {
         let seq = Some(c.seq);
-        let time_us = match check_common(c.repo, c.time, frame, seq) {
+        let (did, time_us) = match check_common(c.repo, c.time, frame, seq) {
             Ok(t) => t,
             Err(e) => {
                 out.push(e);
@@ -653,13 +652,13 @@ impl FrameDecoder {
             e.did = Some(c.repo.to_string());
             Decoded::Error(e)
         };
-        if !syntax::is_tid(c.rev) {
+        let Ok(rev) = Tid::parse(c.rev) else {
             out.push(whole(
                 ErrorReason::Rev,
                 format!("rev {:?} is not a TID", c.rev),
             ));
             return;
-        }
+        };
         if c.too_big {
             out.push(whole(ErrorReason::TooBig, "commit flagged tooBig".into()));
             return;
@@ -707,22 +706,22 @@ impl FrameDecoder {
                     continue;
                 }
             };
-            if !syntax::is_nsid(collection) {
+            let Ok(collection) = Nsid::parse(collection) else {
                 out.push(op_error(
                     ErrorReason::Collection,
                     "collection is not an NSID".into(),
                     &[],
                 ));
                 continue;
-            }
-            if !syntax::is_rkey(rkey) {
+            };
+            let Ok(rkey) = Rkey::parse(rkey) else {
                 out.push(op_error(
                     ErrorReason::Rkey,
                     "invalid record key".into(),
                     &[],
                 ));
                 continue;
-            }
+            };
             let operation = match Operation::parse(op.action) {
                 Some(o) => o,
                 None => {
@@ -779,12 +778,12 @@ impl FrameDecoder {
             };
             out.push(Decoded::Event(Envelope {
                 event: Event {
-                    did: c.repo.to_string(),
+                    did: did.clone(),
                     data: EventData::Commit(CommitOp {
-                        rev: c.rev.to_string(),
+                        rev: rev.clone(),
                         operation,
-                        collection: collection.to_string(),
-                        rkey: rkey.to_string(),
+                        collection,
+                        rkey,
                         cid,
                         record,
                     }),
@@ -798,11 +797,17 @@ impl FrameDecoder {
     }
 }
 
-/// Checks the seq, the DID and the time of a body; returns the time in µs or the error event.
+/// Checks the seq, the DID and the time of a body; returns the DID and the time in µs, or the
+/// error event.
 /// A seq must be a positive integer below 2^53 (relays promise it): anything else could not
 /// be a resume cursor.
 #[allow(clippy::result_large_err)] // the error is the event we keep; it is moved, not copied
-fn check_common(did: &str, time: &str, frame: &[u8], seq: Option<i64>) -> Result<i64, Decoded> {
+fn check_common(
+    did: &str,
+    time: &str,
+    frame: &[u8],
+    seq: Option<i64>,
+) -> Result<(Did, i64), Decoded> {
     if let Some(s) = seq
         && !(1..=MAX_CURSOR).contains(&s)
     {
@@ -815,20 +820,21 @@ fn check_common(did: &str, time: &str, frame: &[u8], seq: Option<i64>) -> Result
         e.did = Some(did.to_string());
         return Err(Decoded::Error(e));
     }
-    if !syntax::is_did(did) {
+    let Ok(parsed) = Did::parse(did) else {
         return Err(frame_error(
             ErrorReason::Did,
             "invalid DID".to_string(),
             frame,
             seq,
         ));
-    }
-    syntax::parse_datetime_us(time).map_err(|e| {
+    };
+    let time_us = syntax::parse_datetime_us(time).map_err(|e| {
         let mut ev = ErrorEvent::new(ErrorReason::Time, format!("time {time:?}: {e}"), frame);
         ev.seq = seq;
         ev.did = Some(did.to_string());
         Decoded::Error(ev)
-    })
+    })?;
+    Ok((parsed, time_us))
 }
 
 /// Checks that the commit block exists and agrees with the frame on `did`, `rev` and version 3.

@@ -9,7 +9,7 @@ use crate::model::{
     Account, CommitOp, Decoded, Envelope, ErrorEvent, ErrorReason, Event, EventData, Identity,
     Operation,
 };
-use crate::syntax;
+use crate::model::{Did, Nsid, Rkey, Tid};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -123,9 +123,8 @@ impl JetstreamDecoder {
             e.did = Some(line.did.to_string());
             Decoded::Error(e)
         };
-        if !syntax::is_did(&line.did) {
-            return Err(fail(ErrorReason::Did, "invalid DID".into()));
-        }
+        let did = Did::parse(line.did.as_ref())
+            .map_err(|_| fail(ErrorReason::Did, "invalid DID".into()))?;
         if line.time_us < 0 {
             return Err(fail(ErrorReason::TimeRange, "negative time_us".into()));
         }
@@ -142,18 +141,12 @@ impl JetstreamDecoder {
                     e.path = Some(format!("{}/{}", c.collection, c.rkey));
                     Decoded::Error(e)
                 };
-                if !syntax::is_nsid(&c.collection) {
-                    return Err(path_err(
-                        ErrorReason::Collection,
-                        "collection is not an NSID",
-                    ));
-                }
-                if !syntax::is_rkey(&c.rkey) {
-                    return Err(path_err(ErrorReason::Rkey, "invalid record key"));
-                }
-                if !syntax::is_tid(&c.rev) {
-                    return Err(path_err(ErrorReason::Rev, "rev is not a TID"));
-                }
+                let collection = Nsid::parse(c.collection.as_ref())
+                    .map_err(|_| path_err(ErrorReason::Collection, "collection is not an NSID"))?;
+                let rkey = Rkey::parse(c.rkey.as_ref())
+                    .map_err(|_| path_err(ErrorReason::Rkey, "invalid record key"))?;
+                let rev = Tid::parse(c.rev.as_ref())
+                    .map_err(|_| path_err(ErrorReason::Rev, "rev is not a TID"))?;
                 let operation = Operation::parse(&c.operation)
                     .ok_or_else(|| path_err(ErrorReason::Action, "unknown operation"))?;
                 let (cid, record) = match operation {
@@ -184,10 +177,10 @@ impl JetstreamDecoder {
                     }
                 };
                 EventData::Commit(CommitOp {
-                    rev: c.rev.to_string(),
+                    rev,
                     operation,
-                    collection: c.collection.to_string(),
-                    rkey: c.rkey.to_string(),
+                    collection,
+                    rkey,
                     cid,
                     record,
                 })
@@ -218,10 +211,7 @@ impl JetstreamDecoder {
             }
         };
         Ok(Envelope {
-            event: Event {
-                did: line.did.to_string(),
-                data,
-            },
+            event: Event { did, data },
             time_us: line.time_us,
             claimed_time_us: None,
             seq: None,
@@ -338,7 +328,7 @@ impl std::fmt::Debug for ZstdCodec {
 
 impl ZstdCodec {
     /// A decompressor with the v1 dictionary.
-    pub fn new() -> Result<Self, ZstdError> {
+    pub fn try_new() -> Result<Self, ZstdError> {
         Ok(ZstdCodec {
             dec: zstd::bulk::Decompressor::with_dictionary(ZSTD_DICTIONARY_V1)?,
             enc: None,

@@ -62,6 +62,9 @@ pub enum IngestError {
     /// The lake's writer lease is held by another writer, or was lost.
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    /// The configured filters cannot be used.
+    #[error(transparent)]
+    Filters(#[from] crate::model::filter::FilterError),
     /// A part of the pipeline failed in a way that is a bug, not bad input.
     #[error("{0}")]
     Broken(String),
@@ -304,8 +307,7 @@ pub async fn start_with_lake(
 ) -> Result<IngestHandle, IngestError> {
     let (file, kind) = open_input(&cfg, &input)?;
     let rewind = rewind_us(&cfg, kind, &input);
-    let filters = Filters::new(cfg.source.collections.clone(), cfg.source.dids.clone())
-        .map_err(IngestError::Broken)?;
+    let filters = Filters::try_new(cfg.source.collections.clone(), cfg.source.dids.clone())?;
     let (lease, lake, mut rec) = lease_and_recover(&cfg, &lake, kind, rewind).await?;
     if rec.resume_cursor.is_none()
         && let (Input::Network, Some(c)) = (&input, cfg.source.start_cursor)

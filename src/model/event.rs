@@ -5,6 +5,7 @@
 //! The same record op read from the firehose and from Jetstream gives equal `Event`s; only the
 //! envelope differs.
 
+use super::ids::{Did, Nsid, Rkey, Tid};
 use std::fmt;
 
 /// Record operation of a commit event.
@@ -74,13 +75,13 @@ impl Kind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommitOp {
     /// Revision (TID) of the commit.
-    pub rev: String,
+    pub rev: Tid,
     /// What happened to the record.
     pub operation: Operation,
-    /// The record's collection (an NSID, validated).
-    pub collection: String,
-    /// The record key (validated).
-    pub rkey: String,
+    /// The record's collection.
+    pub collection: Nsid,
+    /// The record key.
+    pub rkey: Rkey,
     /// The record's CID on create and update.
     pub cid: Option<String>,
     /// The record as atproto JSON text on create and update.
@@ -115,7 +116,7 @@ pub struct Account {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncInfo {
     /// Revision the repo is at.
-    pub rev: String,
+    pub rev: Tid,
 }
 
 /// What an event carries.
@@ -134,8 +135,8 @@ pub enum EventData {
 /// One event, independent of the transport that carried it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    /// The account DID (validated).
-    pub did: String,
+    /// The account.
+    pub did: Did,
     /// The payload.
     pub data: EventData,
 }

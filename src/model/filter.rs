@@ -1,34 +1,57 @@
 //! Collection and DID filters: which events a user wants kept.
 
-use super::{Envelope, EventData};
-use crate::syntax::{is_did, is_nsid_pattern, nsid_matches};
+use super::{Did, Envelope, EventData};
+use crate::syntax::{is_nsid_pattern, nsid_matches};
 
 /// Collection and DID filters, shared by both sources (applied by Jetstream's server and,
-/// for the firehose, client-side).
+/// for the firehose, client-side). Made only by [`Filters::new`], which checks them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filters {
-    /// NSIDs or `prefix.*`; empty keeps all.
-    pub collections: Vec<String>,
-    /// DIDs; empty keeps all.
-    pub dids: Vec<String>,
+    collections: Vec<String>,
+    dids: Vec<Did>,
+}
+
+/// Filters that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    /// Not an NSID or `prefix.*`.
+    #[error("{0:?} is not an NSID or prefix.* pattern")]
+    Collection(String),
+    /// Not a DID.
+    #[error(transparent)]
+    Did(#[from] super::IdError),
+    /// Too many (Jetstream's limits).
+    #[error("at most {0}")]
+    TooMany(&'static str),
 }
 
 impl Filters {
-    /// Validated filters.
-    pub fn new(collections: Vec<String>, dids: Vec<String>) -> Result<Filters, String> {
+    /// Checked filters: collection patterns (at most 100) and DIDs (at most 10,000).
+    pub fn try_new(collections: Vec<String>, dids: Vec<String>) -> Result<Filters, FilterError> {
         if let Some(c) = collections.iter().find(|c| !is_nsid_pattern(c)) {
-            return Err(format!("{c:?} is not an NSID or prefix.* pattern"));
-        }
-        if let Some(d) = dids.iter().find(|d| !is_did(d)) {
-            return Err(format!("{d:?} is not a DID"));
+            return Err(FilterError::Collection(c.clone()));
         }
         if collections.len() > 100 {
-            return Err("at most 100 collections".into());
+            return Err(FilterError::TooMany("100 collections"));
         }
         if dids.len() > 10_000 {
-            return Err("at most 10,000 DIDs".into());
+            return Err(FilterError::TooMany("10,000 DIDs"));
         }
+        let dids = dids
+            .into_iter()
+            .map(Did::parse)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Filters { collections, dids })
+    }
+
+    /// The collection patterns (NSIDs or `prefix.*`); empty keeps all.
+    pub fn collections(&self) -> &[String] {
+        &self.collections
+    }
+
+    /// The DIDs; empty keeps all.
+    pub fn dids(&self) -> &[Did] {
+        &self.dids
     }
 
     /// Whether an event passes: DIDs filter every kind; collections filter commits only

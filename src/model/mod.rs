@@ -5,6 +5,7 @@
 pub mod cursor;
 pub mod event;
 pub mod filter;
+pub mod ids;
 #[cfg(feature = "lake")]
 pub mod key;
 pub mod lexicon;
@@ -14,3 +15,4 @@ pub mod rows;
 pub use cursor::{Cursor, TimeWindow};
 pub use event::*;
 pub use filter::Filters;
+pub use ids::{Did, IdError, Nsid, Rkey, Tid};

@@ -87,7 +87,7 @@ fn perr(e: parquet::errors::ParquetError) -> ArrowError {
 
 impl Encoder {
     /// Starts encoding results with this schema; returns the encoder and any leading bytes.
-    pub fn new(format: Format, schema: &SchemaRef) -> Result<(Encoder, Vec<u8>), ArrowError> {
+    pub fn try_new(format: Format, schema: &SchemaRef) -> Result<(Encoder, Vec<u8>), ArrowError> {
         let mut e = Encoder {
             format,
             first: true,

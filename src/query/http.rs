@@ -203,7 +203,7 @@ async fn run(s: &AppState, sql: String, format: Format) -> Response {
         }
         Ok(Ok(x)) => x,
     };
-    let (mut enc, head) = match Encoder::new(format, &schema) {
+    let (mut enc, head) = match Encoder::try_new(format, &schema) {
         Ok(x) => x,
         Err(e) => return query_error(&QueryError::Internal(e.to_string())),
     };
@@ -386,7 +386,10 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
 }
 
 fn filters_json(f: &crate::model::Filters) -> serde_json::Value {
-    serde_json::json!({ "collections": f.collections, "dids": f.dids })
+    serde_json::json!({
+        "collections": f.collections(),
+        "dids": f.dids().iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+    })
 }
 
 async fn filters_get(State(s): State<Arc<AppState>>) -> Response {
@@ -428,13 +431,13 @@ async fn filters_put(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
             );
         }
     };
-    match crate::model::Filters::new(parsed.collections, parsed.dids) {
+    match crate::model::Filters::try_new(parsed.collections, parsed.dids) {
         Ok(f) => {
             let _ = tx.send(f.clone());
-            tracing::info!(collections = ?f.collections, dids = f.dids.len(), "filters changed");
+            tracing::info!(collections = ?f.collections(), dids = f.dids().len(), "filters changed");
             axum::Json(filters_json(&f)).into_response()
         }
-        Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_filters", &e),
+        Err(e) => error_response(StatusCode::BAD_REQUEST, "bad_filters", &e.to_string()),
     }
 }
 

@@ -232,7 +232,11 @@ fn table_def(name: &str) -> Option<TableDef> {
 
 impl QueryEngine {
     /// An engine over `lake`; with `live`, queries also see the daemon's in-memory rows.
-    pub fn new(lake: Lake, live: Option<Arc<Catalog>>, limits: Limits) -> Result<Self, QueryError> {
+    pub fn try_new(
+        lake: Lake,
+        live: Option<Arc<Catalog>>,
+        limits: Limits,
+    ) -> Result<Self, QueryError> {
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(limits.memory, 1.0)
             .with_disk_manager_builder(DiskManagerBuilder::default())

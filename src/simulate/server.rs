@@ -345,7 +345,9 @@ fn faults_after(
         env.seq = None;
         env.since = None;
         if let crate::model::EventData::Commit(c) = &mut env.event.data {
-            c.rkey = format!("badtime{i}");
+            if let Ok(k) = crate::model::Rkey::parse(format!("badtime{i}")) {
+                c.rkey = k;
+            }
         }
         let mut line = Vec::new();
         if crate::decode::jetstream::write_line(&env, &mut line) {
@@ -431,10 +433,10 @@ pub async fn start(cfg: SimConfig, addr: SocketAddr) -> std::io::Result<SimHandl
                         .zip(m.events.iter())
                         .map(|((t, l), e)| {
                             let (did, coll) = (
-                                e.event.did.clone(),
+                                e.event.did.to_string(),
                                 e.event
                                     .commit()
-                                    .map(|c| c.collection.clone())
+                                    .map(|c| c.collection.to_string())
                                     .unwrap_or_default(),
                             );
                             (t, l, did, coll)
@@ -684,7 +686,7 @@ async fn serve(
             n
         }
     };
-    let mut zstd = ZstdCodec::new().map_err(|e| e.to_string())?;
+    let mut zstd = ZstdCodec::try_new().map_err(|e| e.to_string())?;
     let mut sent = 0u64;
     loop {
         if *stop.borrow() {

@@ -12,7 +12,9 @@ use crate::decode::car::CarWriter;
 use crate::decode::cbor::Encoder;
 use crate::decode::cid::Cid;
 use crate::decode::jetstream::write_line;
-use crate::model::{Account, CommitOp, Envelope, Event, EventData, Identity, Operation};
+use crate::model::{
+    Account, CommitOp, Did, Envelope, Event, EventData, Identity, Nsid, Operation, Rkey, Tid,
+};
 use crate::syntax::{format_datetime_ms, tid_from_parts};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -154,21 +156,27 @@ pub fn jetstream_time_us(frame_time_us: i64, k: usize) -> i64 {
     frame_time_us + 250 + k as i64
 }
 
+/// An identifier the simulator made: valid by construction, so a failure is a bug in the
+/// simulator itself (never input from outside).
+fn valid<T>(r: Result<T, crate::model::IdError>) -> T {
+    r.unwrap_or_else(|e| panic!("the simulator generated an invalid identifier: {e}"))
+}
+
 /// The truth key of an event.
 pub fn truth_key(env: &Envelope) -> TruthKey {
     let e = &env.event;
     match &e.data {
         EventData::Commit(c) => TruthKey {
             kind: "commit",
-            did: e.did.clone(),
-            collection: c.collection.clone(),
-            rkey: c.rkey.clone(),
-            rev: c.rev.clone(),
+            did: e.did.to_string(),
+            collection: c.collection.to_string(),
+            rkey: c.rkey.to_string(),
+            rev: c.rev.to_string(),
             operation: c.operation.as_str(),
         },
         EventData::Identity(i) => TruthKey {
             kind: "identity",
-            did: e.did.clone(),
+            did: e.did.to_string(),
             collection: String::new(),
             rkey: String::new(),
             rev: i.seq.to_string(),
@@ -176,7 +184,7 @@ pub fn truth_key(env: &Envelope) -> TruthKey {
         },
         EventData::Account(a) => TruthKey {
             kind: "account",
-            did: e.did.clone(),
+            did: e.did.to_string(),
             collection: String::new(),
             rkey: String::new(),
             rev: a.seq.to_string(),
@@ -184,10 +192,10 @@ pub fn truth_key(env: &Envelope) -> TruthKey {
         },
         EventData::Sync(s) => TruthKey {
             kind: "sync",
-            did: e.did.clone(),
+            did: e.did.to_string(),
             collection: String::new(),
             rkey: String::new(),
-            rev: s.rev.clone(),
+            rev: s.rev.to_string(),
             operation: "",
         },
     }
@@ -650,7 +658,7 @@ impl Traffic {
         let frame = frame_bytes("#identity", &e.buf);
         let env = Envelope {
             event: Event {
-                did,
+                did: valid(Did::parse(did)),
                 data: EventData::Identity(Identity { seq, time, handle }),
             },
             time_us: self.time_us,
@@ -700,7 +708,7 @@ impl Traffic {
         let frame = frame_bytes("#account", &e.buf);
         let env = Envelope {
             event: Event {
-                did,
+                did: valid(Did::parse(did)),
                 data: EventData::Account(Account {
                     seq,
                     time,
@@ -962,12 +970,12 @@ impl Traffic {
             .into_iter()
             .map(|(operation, collection, rkey, block, _, json)| Envelope {
                 event: Event {
-                    did: did.clone(),
+                    did: valid(Did::parse(did.as_str())),
                     data: EventData::Commit(CommitOp {
-                        rev: rev.clone(),
+                        rev: valid(Tid::parse(rev.as_str())),
                         operation,
-                        collection,
-                        rkey,
+                        collection: valid(Nsid::parse(collection)),
+                        rkey: valid(Rkey::parse(rkey)),
                         cid: block.map(|(c, _)| c.to_string()),
                         record: json,
                     }),

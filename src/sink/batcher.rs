@@ -289,7 +289,7 @@ impl Batcher {
                     return Err(Refused::Collection);
                 }
                 let own = PartitionKey::try_new(
-                    PartitionName::Collection(c.collection.clone()),
+                    PartitionName::Collection(c.collection.to_string()),
                     env.time_us,
                 )?;
                 if Lexicon::of(&c.collection).is_some()
@@ -564,7 +564,7 @@ impl Batcher {
 mod tests {
     use super::*;
     use crate::model::key::event_key;
-    use crate::model::{CommitOp, Event, Operation};
+    use crate::model::{CommitOp, Did, Event, Nsid, Operation, Rkey, Tid};
     use crate::sink::partition::HOUR_US;
 
     fn policy() -> FlushPolicy {
@@ -583,12 +583,12 @@ mod tests {
     fn ev(collection: &str, time_us: i64, i: usize) -> Envelope {
         Envelope {
             event: Event {
-                did: format!("did:plc:{i:024}"),
+                did: Did::parse(format!("did:plc:{i:024}")).unwrap(),
                 data: EventData::Commit(CommitOp {
-                    rev: "3mmoojp7vgo2g".into(),
+                    rev: Tid::parse("3mmoojp7vgo2g").unwrap(),
                     operation: Operation::Create,
-                    collection: collection.into(),
-                    rkey: format!("k{i}"),
+                    collection: Nsid::parse(collection).unwrap(),
+                    rkey: Rkey::parse(format!("k{i}")).unwrap(),
                     cid: Some("bafyreiclp443lavogvhj3d2ob2cxbfuscni2k5jk7bebjzg7khl3esabwq".into()),
                     record: Some(r#"{"$type":"x","createdAt":"2026-07-04T14:38:07.000Z","subject":"did:plc:x"}"#.into()),
                 }),

@@ -63,10 +63,10 @@ pub fn subscribe_url(
     cursor: Option<Cursor>,
 ) -> String {
     let mut params: Vec<String> = Vec::new();
-    for c in &filters.collections {
+    for c in filters.collections() {
         params.push(format!("wantedCollections={}", query_escape(c)));
     }
-    for d in &filters.dids {
+    for d in filters.dids() {
         params.push(format!("wantedDids={}", query_escape(d)));
     }
     if compress {
@@ -87,8 +87,8 @@ pub fn options_update(filters: &Filters) -> String {
     serde_json::json!({
         "type": "options_update",
         "payload": {
-            "wantedCollections": filters.collections,
-            "wantedDids": filters.dids,
+            "wantedCollections": filters.collections(),
+            "wantedDids": filters.dids().iter().map(|d| d.as_str()).collect::<Vec<_>>(),
         }
     })
     .to_string()
@@ -132,7 +132,7 @@ impl JetstreamSource {
         // instance (or another run), whose clock differs by seconds
         let mut start = self.cursor.map(|c| c.back_by(self.rewind_us));
         let mut backoff = s.backoff();
-        let mut zstd = ZstdCodec::new().map_err(|e| SourceError::Fatal {
+        let mut zstd = ZstdCodec::try_new().map_err(|e| SourceError::Fatal {
             url: s.url.clone(),
             message: e.to_string(),
         })?;
@@ -201,7 +201,7 @@ impl Connection<'_> {
                 changed = filters.changed() => {
                     if changed.is_ok() {
                         let f = filters.borrow_and_update().clone();
-                        tracing::info!(collections = ?f.collections, dids = f.dids.len(), "sending options_update");
+                        tracing::info!(collections = ?f.collections(), dids = f.dids().len(), "sending options_update");
                         metrics::counter!("atlake_options_updates_total").increment(1);
                         if ws.send(Message::Text(options_update(&f).into())).await.is_err() {
                             return Ended::Reconnect("error");

@@ -570,7 +570,7 @@ fn zstd_with_the_v1_dictionary() {
         u32::from_le_bytes(ZSTD_DICTIONARY_V1[4..8].try_into().unwrap()),
         ZSTD_DICTIONARY_V1_ID
     );
-    let mut codec = ZstdCodec::new().unwrap();
+    let mut codec = ZstdCodec::try_new().unwrap();
     for m in realistic_frames(50) {
         for (_, line) in m.jetstream_lines() {
             let c = codec.compress(&line).unwrap();

@@ -43,7 +43,7 @@ fn root() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_query_file_matches_its_golden_output() {
     let (_dir, lake) = golden_lake().await;
-    let engine = QueryEngine::new(Lake::open(&lake).unwrap(), None, Limits::default()).unwrap();
+    let engine = QueryEngine::try_new(Lake::open(&lake).unwrap(), None, Limits::default()).unwrap();
     let bless = std::env::var("ATLAKE_BLESS").is_ok_and(|v| v == "1");
     let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("queries"))
         .unwrap()

@@ -50,7 +50,7 @@ impl Drop for Server {
 }
 
 async fn server(lake: &str, limits: Limits, token: Option<&str>) -> Server {
-    let engine = Arc::new(QueryEngine::new(Lake::open(lake).unwrap(), None, limits).unwrap());
+    let engine = Arc::new(QueryEngine::try_new(Lake::open(lake).unwrap(), None, limits).unwrap());
     let state = Arc::new(AppState {
         engine,
         token: token.map(String::from),
@@ -387,7 +387,7 @@ async fn buffered_rows_are_visible_within_a_second() {
     cfg.flush.max_age.0 = Duration::from_secs(600);
     cfg.flush.hour_close_grace.0 = Duration::from_secs(36_000);
     let h = ingest::start(cfg, Input::Network).await.unwrap();
-    let engine = QueryEngine::new(
+    let engine = QueryEngine::try_new(
         Lake::open(&lake).unwrap(),
         Some(h.catalog.clone()),
         Limits::default(),
@@ -446,7 +446,7 @@ async fn counts_never_go_backwards_or_beyond_the_source_while_flushing() {
     cfg.flush.max_rows = 50;
     cfg.flush.max_age.0 = Duration::from_millis(50);
     let h = ingest::start(cfg, Input::Network).await.unwrap();
-    let engine = QueryEngine::new(
+    let engine = QueryEngine::try_new(
         Lake::open(&lake).unwrap(),
         Some(h.catalog.clone()),
         Limits::default(),
@@ -549,7 +549,7 @@ pub fn rewrite_as_older_schema(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_of_an_older_schema_version_read_with_missing_columns_as_null() {
     let (_dir, lake, _) = fixture_lake(1500, 21).await;
-    let engine = QueryEngine::new(Lake::open(&lake).unwrap(), None, Limits::default()).unwrap();
+    let engine = QueryEngine::try_new(Lake::open(&lake).unwrap(), None, Limits::default()).unwrap();
     let q = "SELECT count(*) AS n, count(rev) AS revs, count(cid) AS cids, count(seq) AS seqs, \
              count(subject_uri) AS subjects FROM likes";
     let before = first_row(&engine, q).await.unwrap();
@@ -570,7 +570,7 @@ async fn files_of_an_older_schema_version_read_with_missing_columns_as_null() {
     files.sort();
     let (old_rows, non_null) = rewrite_as_older_schema(&files[0], &["rev", "cid", "seq"]);
     assert!(old_rows > 0);
-    let engine = QueryEngine::new(Lake::open(&lake).unwrap(), None, Limits::default()).unwrap();
+    let engine = QueryEngine::try_new(Lake::open(&lake).unwrap(), None, Limits::default()).unwrap();
     let after = first_row(&engine, q).await.unwrap();
     let get = |v: &std::collections::HashMap<String, u64>, k: &str| v[k];
     assert_eq!(get(&after, "n"), get(&before, "n"), "every row still reads");
@@ -811,6 +811,6 @@ async fn filters_match_row_by_row_evaluation(engine: &QueryEngine) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_on_files_match_row_by_row_evaluation() {
     let (_dir, lake, _) = fixture_lake(1500, 11).await;
-    let engine = QueryEngine::new(Lake::open(&lake).unwrap(), None, Limits::default()).unwrap();
+    let engine = QueryEngine::try_new(Lake::open(&lake).unwrap(), None, Limits::default()).unwrap();
     filters_match_row_by_row_evaluation(&engine).await;
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 /// One number from a SQL query.
 async fn sql_count(lake: &str, sql: &str) -> i64 {
-    let engine = QueryEngine::new(Lake::open(lake).unwrap(), None, Limits::default()).unwrap();
+    let engine = QueryEngine::try_new(Lake::open(lake).unwrap(), None, Limits::default()).unwrap();
     let batches = engine.collect(sql).await.unwrap();
     let c = batches[0].column(0);
     arrow::array::cast::AsArray::as_primitive::<arrow::datatypes::Int64Type>(c).value(0)
@@ -80,7 +80,7 @@ fn hostile_jetstream_capture(path: &std::path::Path) -> (Truth, u64, i64) {
             env.time_us = absurd[(i - 1000) as usize];
             env.seq = None;
             if let atlake::model::EventData::Commit(c) = &mut env.event.data {
-                c.rkey = format!("hostile{i}");
+                c.rkey = atlake::model::Rkey::parse(format!("hostile{i}")).unwrap();
             }
             let mut line = Vec::new();
             assert!(atlake::decode::jetstream::write_line(&env, &mut line));
