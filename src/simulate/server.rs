@@ -344,10 +344,10 @@ fn faults_after(
         env.time_us = BAD_TIMES_US[(n % BAD_TIMES_US.len() as u64) as usize];
         env.seq = None;
         env.since = None;
-        if let crate::model::EventData::Commit(c) = &mut env.event.data {
-            if let Ok(k) = crate::model::Rkey::parse(format!("badtime{i}")) {
-                c.rkey = k;
-            }
+        if let crate::model::EventData::Commit(c) = &mut env.event.data
+            && let Ok(k) = crate::model::Rkey::parse(format!("badtime{i}"))
+        {
+            c.rkey = k;
         }
         let mut line = Vec::new();
         if crate::decode::jetstream::write_line(&env, &mut line) {
