@@ -9,7 +9,8 @@
 
 use atlake::decode::car::Car;
 use atlake::decode::cbor::{JsonWriter, MAX_DEPTH, Reader};
-use atlake::decode::frame::{Body, DecodeOptions, FrameDecoder, parse_frame};
+use atlake::decode::events::{DecodeOptions, FrameDecoder};
+use atlake::decode::frame::{Body, parse_frame};
 use atlake::decode::jetstream::{JetstreamDecoder, JetstreamOptions};
 use atlake::decode::json::write_str;
 use atlake::simulate::traffic::{Traffic, TrafficConfig};

@@ -111,17 +111,6 @@ impl Catalog {
     pub fn set_checkpoint(&self, c: Checkpoint) {
         self.lock().checkpoint = c;
     }
-
-    /// Rows in memory (buffered and in flight).
-    pub fn memory_rows(&self) -> usize {
-        let g = self.lock();
-        g.buffered
-            .values()
-            .chain(g.inflight.values().map(|(_, v)| v))
-            .flatten()
-            .map(|b| b.num_rows())
-            .sum()
-    }
 }
 
 /// Storage health, for `/health` and logs: set by the writer, read by the SQL endpoint.

@@ -5,7 +5,7 @@
 //! re-encoded to DAG-CBOR, checked against its CID, and written back in canonical form).
 //! Whatever cannot be converted is counted by reason and reported; it never stops the run.
 
-use crate::decode::frame::{DecodeOptions, FrameDecoder};
+use crate::decode::events::{DecodeOptions, FrameDecoder};
 use crate::decode::jetstream::{JetstreamDecoder, JetstreamOptions, write_line};
 use crate::model::{Decoded, ErrorReason};
 use crate::source::capture::{CaptureError, CaptureFormat, CaptureReader, Compression, Message};

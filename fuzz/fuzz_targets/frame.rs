@@ -5,5 +5,5 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let _ = atlake::decode::frame::parse_frame(data);
     let mut out = Vec::new();
-    atlake::decode::frame::FrameDecoder::default().decode(data, &mut out);
+    atlake::decode::events::FrameDecoder::default().decode(data, &mut out);
 });

@@ -284,6 +284,28 @@ fn opt_i64(c: &Int64Array, i: usize) -> Option<i64> {
     c.is_valid(i).then(|| c.value(i))
 }
 
+/// The columns recovery reads from an events file and from a quarantine file.
+const EVENT_KEY_COLUMNS: &[&str] = &[
+    "did",
+    "kind",
+    "collection",
+    "rkey",
+    "rev",
+    "operation",
+    "seq",
+    "time_us",
+    "event_seq",
+];
+const ERROR_KEY_COLUMNS: &[&str] = &["reason", "raw", "path", "cursor"];
+
+/// Whether a row's cursor is below the threshold (rows without one are always read).
+fn below(c: Option<i64>, threshold: Option<Cursor>) -> bool {
+    match (c, threshold) {
+        (Some(c), Some(t)) => c < t.value(),
+        _ => false,
+    }
+}
+
 /// Adds the dedupe keys of the rows of `f` whose cursor is at or above `threshold`.
 async fn read_keys(
     lake: &Lake,
@@ -305,20 +327,10 @@ async fn read_keys(
     };
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(|e| ferr(&e))?;
     let is_errors = f.key.name == crate::sink::partition::PartitionName::Errors;
-    let wanted: &[&str] = if is_errors {
-        &["reason", "raw", "path", "cursor"]
+    let wanted = if is_errors {
+        ERROR_KEY_COLUMNS
     } else {
-        &[
-            "did",
-            "kind",
-            "collection",
-            "rkey",
-            "rev",
-            "operation",
-            "seq",
-            "time_us",
-            "event_seq",
-        ]
+        EVENT_KEY_COLUMNS
     };
     let schema = builder.parquet_schema();
     let idx: Vec<usize> = (0..schema.num_columns())
@@ -330,10 +342,6 @@ async fn read_keys(
         .with_batch_size(8192)
         .build()
         .map_err(|e| ferr(&e))?;
-    let below = |c: Option<i64>| match (c, threshold) {
-        (Some(c), Some(t)) => c < t.value(),
-        _ => false,
-    };
     for batch in reader {
         let b = batch.map_err(|e| ferr(&e))?;
         let cols = Columns {
@@ -341,74 +349,95 @@ async fn read_keys(
             path: &f.path,
         };
         if is_errors {
-            let (reason, path, raw, cursor) = (
-                cols.utf8("reason")?,
-                cols.utf8("path")?,
-                cols.binary("raw")?,
-                cols.int64("cursor")?,
-            );
-            for i in 0..b.num_rows() {
-                let c = opt_i64(cursor, i);
-                if below(c) {
-                    continue;
-                }
-                let reason =
-                    opt(reason, i).ok_or_else(|| cols.err(format!("row {i}: `reason` is null")))?;
-                let raw = raw
-                    .is_valid(i)
-                    .then(|| raw.value(i))
-                    .ok_or_else(|| cols.err(format!("row {i}: `raw` is null")))?;
-                keys.insert(error_key_of(reason, raw, opt(path, i), c));
-            }
+            error_keys(&cols, threshold, keys)?;
+        } else {
+            event_keys(&cols, f, source, threshold, keys)?;
+        }
+    }
+    Ok(())
+}
+
+/// The keys of a quarantine batch's rows.
+fn error_keys(
+    cols: &Columns<'_>,
+    threshold: Option<Cursor>,
+    keys: &mut HashSet<EventKey>,
+) -> Result<(), CheckpointError> {
+    let (reason, path, raw, cursor) = (
+        cols.utf8("reason")?,
+        cols.utf8("path")?,
+        cols.binary("raw")?,
+        cols.int64("cursor")?,
+    );
+    for i in 0..cols.batch.num_rows() {
+        let c = opt_i64(cursor, i);
+        if below(c, threshold) {
             continue;
         }
-        let cursor = cols.int64(match source {
-            SourceKind::Firehose => "seq",
-            SourceKind::Jetstream => "time_us",
-        })?;
-        let (did, kind, coll, rkey, rev, op) = (
-            cols.utf8("did")?,
-            cols.utf8("kind")?,
-            cols.utf8("collection")?,
-            cols.utf8("rkey")?,
-            cols.utf8("rev")?,
-            cols.utf8("operation")?,
-        );
-        let event_seq = match f.key.name.table_kind() {
-            TableKind::Identity | TableKind::Account => Some(cols.int64("event_seq")?),
-            _ => None,
-        };
-        for i in 0..b.num_rows() {
-            if below(opt_i64(cursor, i)) {
-                continue;
-            }
-            let kind_s = cols.need(kind, i, "kind")?;
-            let mut parts = KeyParts {
-                kind: kind_s,
-                did: cols.need(did, i, "did")?,
-                collection: "",
-                rkey: "",
-                rev: "",
-                operation: "",
-                event_seq: 0,
-            };
-            match kind_s {
-                "commit" => {
-                    parts.collection = cols.need(coll, i, "collection")?;
-                    parts.rkey = cols.need(rkey, i, "rkey")?;
-                    parts.rev = cols.need(rev, i, "rev")?;
-                    parts.operation = cols.need(op, i, "operation")?;
-                }
-                "sync" => parts.rev = cols.need(rev, i, "rev")?,
-                "identity" | "account" => {
-                    parts.event_seq = event_seq
-                        .and_then(|s| opt_i64(s, i))
-                        .ok_or_else(|| cols.err(format!("row {i}: `event_seq` is missing")))?;
-                }
-                other => return Err(cols.err(format!("row {i}: unknown kind {other:?}"))),
-            }
-            keys.insert(key_of(parts));
+        let reason = cols.need(reason, i, "reason")?;
+        let raw = raw
+            .is_valid(i)
+            .then(|| raw.value(i))
+            .ok_or_else(|| cols.err(format!("row {i}: `raw` is null")))?;
+        keys.insert(error_key_of(reason, raw, opt(path, i), c));
+    }
+    Ok(())
+}
+
+/// The keys of an events batch's rows, each from the fields its kind requires.
+fn event_keys(
+    cols: &Columns<'_>,
+    f: &LakeFile,
+    source: SourceKind,
+    threshold: Option<Cursor>,
+    keys: &mut HashSet<EventKey>,
+) -> Result<(), CheckpointError> {
+    let cursor = cols.int64(match source {
+        SourceKind::Firehose => "seq",
+        SourceKind::Jetstream => "time_us",
+    })?;
+    let (did, kind, coll, rkey, rev, op) = (
+        cols.utf8("did")?,
+        cols.utf8("kind")?,
+        cols.utf8("collection")?,
+        cols.utf8("rkey")?,
+        cols.utf8("rev")?,
+        cols.utf8("operation")?,
+    );
+    let event_seq = match f.key.name.table_kind() {
+        TableKind::Identity | TableKind::Account => Some(cols.int64("event_seq")?),
+        _ => None,
+    };
+    for i in 0..cols.batch.num_rows() {
+        if below(opt_i64(cursor, i), threshold) {
+            continue;
         }
+        let kind_s = cols.need(kind, i, "kind")?;
+        let mut parts = KeyParts {
+            kind: kind_s,
+            did: cols.need(did, i, "did")?,
+            collection: "",
+            rkey: "",
+            rev: "",
+            operation: "",
+            event_seq: 0,
+        };
+        match kind_s {
+            "commit" => {
+                parts.collection = cols.need(coll, i, "collection")?;
+                parts.rkey = cols.need(rkey, i, "rkey")?;
+                parts.rev = cols.need(rev, i, "rev")?;
+                parts.operation = cols.need(op, i, "operation")?;
+            }
+            "sync" => parts.rev = cols.need(rev, i, "rev")?,
+            "identity" | "account" => {
+                parts.event_seq = event_seq
+                    .and_then(|s| opt_i64(s, i))
+                    .ok_or_else(|| cols.err(format!("row {i}: `event_seq` is missing")))?;
+            }
+            other => return Err(cols.err(format!("row {i}: unknown kind {other:?}"))),
+        }
+        keys.insert(key_of(parts));
     }
     Ok(())
 }

@@ -275,13 +275,6 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// Skips one complete value and returns its raw bytes.
-    pub fn raw_value(&mut self) -> Result<&'a [u8], CborError> {
-        let start = self.pos;
-        self.skip(MAX_DEPTH)?;
-        Ok(&self.buf[start..self.pos])
-    }
-
     fn expect_err(&self, expected: &'static str, pos: usize) -> CborError {
         CborError::Type { expected, pos }
     }

@@ -76,3 +76,69 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::SourcePosition;
+    use crate::model::{Cursor, SourceKind};
+    use crate::sink::lease::Fence;
+    use tokio::time::Instant;
+
+    fn request(v: i64) -> Request {
+        let c = Cursor::seq(v).unwrap();
+        let mut cp = Checkpoint::default();
+        cp.set(SourceKind::Firehose, SourcePosition::new(c, "wss://relay"));
+        Some((cp, c))
+    }
+
+    /// A failing store is retried with backoff until it works; a newer position replaces the
+    /// one being retried; the last position asked for is the one stored.
+    #[tokio::test(start_paused = true)]
+    async fn retries_until_stored_and_the_newest_request_wins() {
+        let fence = Fence::new(Some(Instant::now()));
+        let lake = Lake::open("memory://").unwrap().fenced(fence.clone());
+        let catalog = Arc::new(Catalog::default());
+        let (tx, rx) = watch::channel(None);
+        let (_abandon_tx, abandon) = watch::channel(false);
+        let task = tokio::spawn(run(lake.clone(), catalog.clone(), rx, abandon, None));
+        tx.send(request(10)).unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(
+            Checkpoint::load(&lake).await.unwrap(),
+            None,
+            "not stored yet"
+        );
+        tx.send(request(20)).unwrap();
+        fence.extend(Instant::now() + Duration::from_secs(3600));
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let stored = Checkpoint::load(&lake).await.unwrap().unwrap();
+        assert_eq!(stored.cursor(SourceKind::Firehose), Cursor::seq(20).ok());
+        assert_eq!(
+            catalog.snapshot().checkpoint.cursor(SourceKind::Firehose),
+            stored.cursor(SourceKind::Firehose)
+        );
+        drop(tx);
+        let written = task.await.unwrap();
+        assert_eq!(written, Cursor::seq(20).ok());
+    }
+
+    /// A lost lease ends the checkpoint writer without storing.
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_lease_stops_the_checkpoint_writer() {
+        let fence = Fence::new(Some(Instant::now()));
+        let lake = Lake::open("memory://").unwrap().fenced(fence.clone());
+        let (tx, rx) = watch::channel(None);
+        let (_abandon_tx, abandon) = watch::channel(false);
+        let task = tokio::spawn(run(lake.clone(), Arc::default(), rx, abandon, None));
+        tx.send(request(10)).unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        fence.lose("taken over".into());
+        let written = tokio::time::timeout(Duration::from_secs(11), task)
+            .await
+            .expect("ended")
+            .unwrap();
+        assert_eq!(written, None);
+        assert_eq!(Checkpoint::load(&lake).await.unwrap(), None);
+    }
+}

@@ -136,11 +136,6 @@ impl IngestHandle {
         let _ = self.abandon.send(true);
     }
 
-    /// Replaces the collection/DID filters (sent to Jetstream as `options_update`).
-    pub fn set_filters(&self, f: Filters) {
-        let _ = self.filters.send(f);
-    }
-
     /// The filters' sender, for the HTTP endpoint.
     pub fn filters_sender(&self) -> watch::Sender<Filters> {
         self.filters.clone()

@@ -8,7 +8,7 @@ use super::writer::Completion;
 use super::{IngestError, Summary};
 use crate::catalog::Catalog;
 use crate::checkpoint::{Checkpoint, SourcePosition};
-use crate::decode::frame::{DecodeOptions, FrameDecoder};
+use crate::decode::events::{DecodeOptions, FrameDecoder};
 use crate::decode::jetstream::{JetstreamDecoder, JetstreamOptions, write_line};
 use crate::model::key::{error_key, event_key};
 use crate::model::lexicon::Lexicon;

@@ -109,15 +109,84 @@ fn file_name(source: SourceKind, job: &FlushJob) -> Result<FileName, String> {
     .map_err(|e| e.to_string())
 }
 
+/// Encodes a job's rows into Parquet, writing straight into `w`. Errors keep their I/O kind
+/// (a full disk stays a full disk).
+fn encoder(
+    cfg: &WriterConfig,
+    job: &FlushJob,
+    meta: &FileMeta,
+) -> impl FnOnce(&mut (dyn std::io::Write + Send)) -> std::io::Result<()> + Send + 'static {
+    let (cfg, meta, chunks, kind) = (cfg.clone(), meta.clone(), job.chunks.clone(), job.kind);
+    let by_collection = job.key.name == crate::sink::partition::PartitionName::Other;
+    move |w: &mut (dyn std::io::Write + Send)| {
+        encode_to(&cfg, kind, &meta, &chunks, by_collection, w).map_err(|e| match e {
+            crate::sink::parquet::EncodeError::Parquet(
+                parquet::errors::ParquetError::External(inner),
+            ) => match inner.downcast::<std::io::Error>() {
+                Ok(io) => *io,
+                Err(other) => std::io::Error::other(other.to_string()),
+            },
+            other => std::io::Error::other(other.to_string()),
+        })
+    }
+}
+
+/// Why a file was not stored.
+enum NotStored {
+    /// The writer lease was lost: this process may not write any more.
+    LeaseLost,
+    /// Shutdown gave up on it.
+    Abandoned,
+}
+
+/// Stores the file, retrying with backoff until it succeeds, the lease is lost, or shutdown
+/// gives up. Storage health follows: failing while it retries, writable again after.
+async fn store(
+    ctx: &WriterContext,
+    job: &FlushJob,
+    path: &str,
+    meta: &FileMeta,
+) -> Result<u64, NotStored> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut attempts = 0u32;
+    loop {
+        let e = match ctx.lake.put_with(path, encoder(&ctx.cfg, job, meta)).await {
+            Ok(n) => {
+                if ctx.health.failing.swap(false, Ordering::Relaxed) {
+                    ctx.health.no_space.store(false, Ordering::Relaxed);
+                    tracing::info!("storage is writable again; ingest resumes");
+                }
+                return Ok(n);
+            }
+            Err(e) => e,
+        };
+        attempts += 1;
+        let no_space = e.is_no_space();
+        ctx.health.failing.store(true, Ordering::Relaxed);
+        ctx.health.no_space.store(no_space, Ordering::Relaxed);
+        let kind = if no_space { "no_space" } else { "store" };
+        metrics::counter!("atlake_storage_errors_total", "kind" => kind).increment(1);
+        let delay = backoff.next_delay();
+        if no_space {
+            tracing::error!(%path, attempts, "disk full: cannot write the lake; ingest is paused until space is freed");
+        } else {
+            tracing::warn!(%path, error = %e, attempts, ?delay, "storing a file failed; retrying");
+        }
+        if let StoreError::Fenced(FenceError::Lost(_)) = e {
+            return Err(NotStored::LeaseLost);
+        }
+        if *ctx.abandon.borrow() {
+            return Err(NotStored::Abandoned);
+        }
+        let mut ab = ctx.abandon.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = ab.wait_for(|a| *a) => {}
+        }
+    }
+}
+
 async fn write_job(ctx: WriterContext, job: FlushJob) -> Completion {
-    let WriterContext {
-        lake,
-        cfg,
-        source,
-        catalog,
-        health,
-        abandon,
-    } = ctx;
     let started = Instant::now();
     let abandoned = |why: &str| {
         tracing::error!(partition = %job.key, why, "giving up on a flush; its events will be replayed from the checkpoint");
@@ -127,7 +196,7 @@ async fn write_job(ctx: WriterContext, job: FlushJob) -> Completion {
             rows: job.rows,
         }
     };
-    let name = match file_name(source, &job) {
+    let name = match file_name(ctx.source, &job) {
         Ok(n) => n,
         Err(e) => {
             metrics::counter!("atlake_broken_invariants_total").increment(1);
@@ -136,62 +205,17 @@ async fn write_job(ctx: WriterContext, job: FlushJob) -> Completion {
     };
     let path = format!("{}/{}", job.key.dir(), name.render());
     let meta = FileMeta {
-        source,
+        source: ctx.source,
         first: name.first().value(),
         last: name.last().value(),
         partition: job.key.dir(),
     };
-    let kind = job.kind;
-    let by_collection = job.key.name == crate::sink::partition::PartitionName::Other;
     count_invalid(&job).await;
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    let mut attempts = 0u32;
-    let size = loop {
-        let (cfg, meta, chunks) = (cfg.clone(), meta.clone(), job.chunks.clone());
-        let produce = move |w: &mut (dyn std::io::Write + Send)| {
-            encode_to(&cfg, kind, &meta, &chunks, by_collection, w).map_err(|e| match e {
-                crate::sink::parquet::EncodeError::Parquet(
-                    parquet::errors::ParquetError::External(inner),
-                ) => match inner.downcast::<std::io::Error>() {
-                    Ok(io) => *io,
-                    Err(other) => std::io::Error::other(other.to_string()),
-                },
-                other => std::io::Error::other(other.to_string()),
-            })
-        };
-        match lake.put_with(&path, produce).await {
-            Ok(n) => break n,
-            Err(e) => {
-                attempts += 1;
-                let no_space = e.is_no_space();
-                health.failing.store(true, Ordering::Relaxed);
-                health.no_space.store(no_space, Ordering::Relaxed);
-                let kind = if no_space { "no_space" } else { "store" };
-                metrics::counter!("atlake_storage_errors_total", "kind" => kind).increment(1);
-                let delay = backoff.next_delay();
-                if no_space {
-                    tracing::error!(%path, attempts, "disk full: cannot write the lake; ingest is paused until space is freed");
-                } else {
-                    tracing::warn!(%path, error = %e, attempts, ?delay, "storing a file failed; retrying");
-                }
-                if let StoreError::Fenced(FenceError::Lost(_)) = e {
-                    return abandoned("the writer lease was lost");
-                }
-                if *abandon.borrow() {
-                    return abandoned("shutdown deadline");
-                }
-                let mut ab = abandon.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = ab.wait_for(|a| *a) => {}
-                }
-            }
-        }
+    let size = match store(&ctx, &job, &path, &meta).await {
+        Ok(n) => n,
+        Err(NotStored::LeaseLost) => return abandoned("the writer lease was lost"),
+        Err(NotStored::Abandoned) => return abandoned("shutdown deadline"),
     };
-    if health.failing.swap(false, Ordering::Relaxed) {
-        health.no_space.store(false, Ordering::Relaxed);
-        tracing::info!("storage is writable again; ingest resumes");
-    }
     let file = LakeFile {
         key: job.key.clone(),
         name,
@@ -199,7 +223,7 @@ async fn write_job(ctx: WriterContext, job: FlushJob) -> Completion {
         size,
         rows: Some(job.rows as u64),
     };
-    catalog.commit(job.id, file.clone());
+    ctx.catalog.commit(job.id, file.clone());
     let table = job.kind;
     metrics::counter!("atlake_files_written_total", "table" => format!("{table:?}")).increment(1);
     metrics::counter!("atlake_bytes_written_total").increment(size);
@@ -210,5 +234,103 @@ async fn write_job(ctx: WriterContext, job: FlushJob) -> Completion {
         job_id: job.id,
         file: Some(file),
         rows: job.rows,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::batcher::{Batcher, FlushPolicy};
+    use crate::sink::lease::Fence;
+    use tokio::time::Instant as TokioInstant;
+
+    /// One flush job of a few events, as the batcher makes it.
+    fn job() -> FlushJob {
+        let mut t = crate::simulate::traffic::Traffic::new(Default::default());
+        let mut b = Batcher::new(
+            FlushPolicy::from_config(&Default::default()),
+            SourceKind::Firehose,
+        );
+        let now = std::time::Instant::now();
+        for _ in 0..20 {
+            let m = t.next_message();
+            for e in &m.events {
+                b.push_event(e, e.cursor(), crate::model::key::event_key(e), now)
+                    .unwrap();
+            }
+        }
+        b.drain().unwrap().remove(0)
+    }
+
+    fn ctx(fence: Fence) -> (WriterContext, watch::Sender<bool>) {
+        let lake = Lake::open("memory://").unwrap().fenced(fence);
+        let (abandon_tx, abandon) = watch::channel(false);
+        let ctx = WriterContext {
+            lake,
+            cfg: WriterConfig::default(),
+            source: SourceKind::Firehose,
+            catalog: Arc::new(Catalog::default()),
+            health: Arc::new(StorageHealth::default()),
+            abandon,
+        };
+        (ctx, abandon_tx)
+    }
+
+    /// A write refused while the lease has lapsed is retried with backoff (storage reported
+    /// failing) and lands once a renewal makes the lease valid again.
+    #[tokio::test(start_paused = true)]
+    async fn a_lapsed_lease_pauses_writes_until_it_is_renewed() {
+        let fence = Fence::new(Some(TokioInstant::now()));
+        let (ctx, _abandon) = ctx(fence.clone());
+        let health = ctx.health.clone();
+        let job = job();
+        let rows = job.rows;
+        let task = tokio::spawn(write_job(ctx.clone(), job));
+        // a minute of retries, in virtual time: still waiting, reported as failing
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!task.is_finished());
+        assert!(health.failing.load(Ordering::Relaxed));
+        fence.extend(TokioInstant::now() + Duration::from_secs(3600));
+        // the backoff is capped at 10 s: the next attempt comes within it
+        let done = tokio::time::timeout(Duration::from_secs(11), task)
+            .await
+            .expect("written after the renewal")
+            .unwrap();
+        let file = done.file.expect("a file");
+        assert_eq!(done.rows, rows);
+        assert!(!health.failing.load(Ordering::Relaxed));
+        assert!(ctx.lake.get(&file.path).await.unwrap().is_some());
+    }
+
+    /// A lost lease ends the write at once: no file, and no more retries.
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_lease_abandons_the_write() {
+        let fence = Fence::new(Some(TokioInstant::now()));
+        let (ctx, _abandon) = ctx(fence.clone());
+        let task = tokio::spawn(write_job(ctx.clone(), job()));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        fence.lose("taken over".into());
+        let done = tokio::time::timeout(Duration::from_secs(11), task)
+            .await
+            .expect("ended")
+            .unwrap();
+        assert!(done.file.is_none());
+        assert!(ctx.lake.list("events").await.unwrap().is_empty());
+    }
+
+    /// At the shutdown deadline a write that cannot be stored is given up.
+    #[tokio::test(start_paused = true)]
+    async fn the_shutdown_deadline_abandons_an_unstorable_write() {
+        let fence = Fence::new(Some(TokioInstant::now()));
+        let (ctx, abandon) = ctx(fence);
+        let task = tokio::spawn(write_job(ctx, job()));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!task.is_finished());
+        abandon.send(true).unwrap();
+        let done = tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("ended")
+            .unwrap();
+        assert!(done.file.is_none());
     }
 }

@@ -48,10 +48,6 @@ macro_rules! identifier {
                 &self.0
             }
 
-            /// The text, owned.
-            pub fn into_string(self) -> String {
-                self.0
-            }
         }
 
         impl std::ops::Deref for $name {

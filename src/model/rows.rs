@@ -20,7 +20,8 @@ use arrow::record_batch::RecordBatch;
 use std::sync::{Arc, OnceLock};
 
 /// Version of the file schema, written into every Parquet file's metadata.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version 2 added `claimed_time_us` after every event kind's columns.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Largest raw payload kept in the quarantine (the original length is kept too).
 pub const MAX_QUARANTINE_RAW: usize = 1 << 20;
@@ -60,8 +61,13 @@ pub fn common_fields() -> Vec<Field> {
         Field::new("cid", DataType::Utf8, true),
         Field::new("seq", DataType::Int64, true),
         Field::new("record", DataType::Utf8, true),
-        Field::new("claimed_time_us", DataType::Int64, true),
     ]
+}
+
+/// The column added in schema version 2 after every kind's other columns (schemas only gain
+/// columns at their end): a source's time that was outside the accepted window.
+fn claimed_time_field() -> Field {
+    Field::new("claimed_time_us", DataType::Int64, true)
 }
 
 /// The columns a kind adds to the common ones.
@@ -134,23 +140,33 @@ pub fn stored_common_fields() -> Vec<Field> {
 }
 
 fn build_schema(kind: TableKind, physical: bool) -> SchemaRef {
+    let mut f = if physical {
+        stored_common_fields()
+    } else {
+        common_fields()
+    };
     let fields = match kind {
         TableKind::Errors => errors_fields(),
-        TableKind::Events(_) if physical => stored_common_fields(),
-        k => {
-            let mut f = if physical {
-                stored_common_fields()
-            } else {
-                common_fields()
-            };
-            f.extend(typed_fields(k));
+        // the stored columns, then (in SQL) the typed ones derived from `record`
+        TableKind::Events(_) => {
+            f.push(claimed_time_field());
+            if !physical {
+                f.extend(typed_fields(kind));
+            }
+            f
+        }
+        // the stored typed columns came first: the new column goes after them
+        TableKind::Identity | TableKind::Account => {
+            f.extend(typed_fields(kind));
+            f.push(claimed_time_field());
             f
         }
     };
     Arc::new(Schema::new(fields))
 }
 
-fn all_kinds() -> Vec<TableKind> {
+/// Every table kind: the event table, identity, account, the quarantine, and each core lexicon.
+pub fn all_kinds() -> Vec<TableKind> {
     let mut kinds = vec![
         TableKind::Events(None),
         TableKind::Identity,
@@ -253,7 +269,6 @@ impl Common {
             Arc::new(self.cid.finish()),
             Arc::new(self.seq.finish()),
             Arc::new(self.record.finish()),
-            Arc::new(self.claimed_time_us.finish()),
         ]
     }
 }
@@ -761,8 +776,12 @@ impl RowBuilder {
 
     /// Finishes the pending rows into a batch and resets the builder.
     pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
+        let mut claimed = None;
         let mut cols = match (&mut self.common, &mut self.errors) {
-            (Some(c), _) => c.finish(),
+            (Some(c), _) => {
+                claimed = Some(Arc::new(c.claimed_time_us.finish()) as ArrayRef);
+                c.finish()
+            }
             (None, Some(e)) => vec![
                 Arc::new(e.reason.finish()) as ArrayRef,
                 Arc::new(e.detail.finish()),
@@ -778,7 +797,16 @@ impl RowBuilder {
             ],
             (None, None) => vec![],
         };
-        cols.extend(self.typed.finish());
+        match self.kind {
+            TableKind::Identity | TableKind::Account => {
+                cols.extend(self.typed.finish());
+                cols.extend(claimed);
+            }
+            _ => {
+                cols.extend(claimed);
+                cols.extend(self.typed.finish());
+            }
+        }
         self.rows = 0;
         self.bytes = 0;
         RecordBatch::try_new(schema(self.kind), cols)

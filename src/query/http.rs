@@ -22,6 +22,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
+use datafusion::physical_plan::SendableRecordBatchStream;
 use futures::StreamExt;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -183,150 +184,138 @@ async fn sql_post(
     run(&s, sql.to_string(), format).await
 }
 
-async fn run(s: &AppState, sql: String, format: Format) -> Response {
-    let engine = s.engine.clone();
-    let limits = engine.limits.clone();
-    let deadline = Instant::now() + limits.timeout;
-    metrics::counter!("atlake_queries_total").increment(1);
+/// Plans and starts a query within the deadline.
+async fn start_query(
+    engine: &QueryEngine,
+    sql: &str,
+    deadline: Instant,
+) -> Result<(arrow::datatypes::SchemaRef, SendableRecordBatchStream), QueryError> {
+    let limits = &engine.limits;
     let planned = tokio::time::timeout_at(deadline, async {
-        let df = engine.sql(&sql).await?;
+        let df = engine.sql(sql).await?;
         let schema: arrow::datatypes::SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let stream = engine.execute(df).await?;
         Ok::<_, QueryError>((schema, stream))
     })
     .await;
-    let (schema, mut stream) = match planned {
-        Err(_) => return query_error(&QueryError::Timeout(limits.timeout)),
-        Ok(Err(e)) => {
+    match planned {
+        Err(_) => Err(QueryError::Timeout(limits.timeout)),
+        Ok(r) => r,
+    }
+}
+
+/// A result on its way out: batches encoded in the response format, counted against the row
+/// and byte limits, within the deadline.
+struct Encoding {
+    stream: SendableRecordBatchStream,
+    enc: Encoder,
+    schema: arrow::datatypes::SchemaRef,
+    rows: u64,
+    /// Bytes produced so far.
+    bytes: u64,
+    limits: super::Limits,
+    deadline: Instant,
+    done: bool,
+}
+
+impl Encoding {
+    fn too_large(&self, what: &str) -> QueryError {
+        QueryError::TooLarge(match what {
+            "rows" => format!(
+                "result has more than {} rows; add a LIMIT",
+                self.limits.max_rows
+            ),
+            _ => format!(
+                "result is larger than {} bytes; add a LIMIT or select fewer columns",
+                self.limits.max_bytes
+            ),
+        })
+    }
+
+    /// The next encoded bytes (`None` after the last, which carries the format's tail).
+    async fn next_bytes(&mut self) -> Result<Option<Vec<u8>>, QueryError> {
+        if self.done {
+            return Ok(None);
+        }
+        let next = tokio::time::timeout_at(self.deadline, self.stream.next())
+            .await
+            .map_err(|_| QueryError::Timeout(self.limits.timeout))?;
+        let out = match next {
+            None => {
+                self.done = true;
+                self.enc
+                    .finish(&self.schema)
+                    .map_err(|e| QueryError::Internal(e.to_string()))?
+            }
+            Some(Err(e)) => return Err(QueryError::from_datafusion(e)),
+            Some(Ok(b)) => {
+                self.rows += b.num_rows() as u64;
+                if self.rows > self.limits.max_rows {
+                    return Err(self.too_large("rows"));
+                }
+                self.enc
+                    .batch(&b)
+                    .map_err(|e| QueryError::Internal(e.to_string()))?
+            }
+        };
+        self.bytes += out.len() as u64;
+        if self.bytes + self.enc.buffered() as u64 > self.limits.max_bytes {
+            return Err(self.too_large("bytes"));
+        }
+        Ok(Some(out))
+    }
+}
+
+async fn run(s: &AppState, sql: String, format: Format) -> Response {
+    let engine = s.engine.clone();
+    let limits = engine.limits.clone();
+    let deadline = Instant::now() + limits.timeout;
+    metrics::counter!("atlake_queries_total").increment(1);
+    let (schema, stream) = match start_query(&engine, &sql, deadline).await {
+        Ok(x) => x,
+        Err(e) => {
             metrics::counter!("atlake_query_errors_total", "error" => e.code()).increment(1);
             return query_error(&e);
         }
-        Ok(Ok(x)) => x,
     };
-    let (mut enc, head) = match Encoder::try_new(format, &schema) {
+    let (enc, head) = match Encoder::try_new(format, &schema) {
         Ok(x) => x,
         Err(e) => return query_error(&QueryError::Internal(e.to_string())),
     };
-    let mut held = head;
-    let mut rows: u64 = 0;
-    let too_many_rows = |_rows: u64| {
-        QueryError::TooLarge(format!(
-            "result has more than {} rows; add a LIMIT",
-            limits.max_rows
-        ))
-    };
-    let too_many_bytes = || {
-        QueryError::TooLarge(format!(
-            "result is larger than {} bytes; add a LIMIT or select fewer columns",
-            limits.max_bytes
-        ))
-    };
-    // hold back the first part, so early errors get a real status
-    loop {
-        let next = match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) => return query_error(&QueryError::Timeout(limits.timeout)),
-            Ok(n) => n,
-        };
-        match next {
-            None => match enc.finish(&schema) {
-                Ok(tail) => {
-                    held.extend_from_slice(&tail);
-                    if held.len() as u64 > limits.max_bytes {
-                        return query_error(&too_many_bytes());
-                    }
-                    return ([(header::CONTENT_TYPE, format.content_type())], held).into_response();
-                }
-                Err(e) => return query_error(&QueryError::Internal(e.to_string())),
-            },
-            Some(Err(e)) => return query_error(&QueryError::from_datafusion(e)),
-            Some(Ok(b)) => {
-                rows += b.num_rows() as u64;
-                if rows > limits.max_rows {
-                    return query_error(&too_many_rows(rows));
-                }
-                match enc.batch(&b) {
-                    Ok(bytes) => held.extend_from_slice(&bytes),
-                    Err(e) => return query_error(&QueryError::Internal(e.to_string())),
-                }
-                if (held.len() + enc.buffered()) as u64 > limits.max_bytes {
-                    return query_error(&too_many_bytes());
-                }
-                if held.len() >= HOLD_BACK && format != Format::Parquet {
-                    break;
-                }
-            }
-        }
-    }
-    // stream the rest
-    let sent = held.len() as u64;
-    struct St {
-        stream: datafusion::physical_plan::SendableRecordBatchStream,
-        enc: Encoder,
-        schema: arrow::datatypes::SchemaRef,
-        rows: u64,
-        bytes: u64,
-        done: bool,
-    }
-    let state = St {
+    let mut out = Encoding {
         stream,
         enc,
         schema,
-        rows,
-        bytes: sent,
+        rows: 0,
+        bytes: head.len() as u64,
+        limits,
+        deadline,
         done: false,
     };
-    let max_rows = limits.max_rows;
-    let max_bytes = limits.max_bytes;
-    let timeout = limits.timeout;
-    let rest = futures::stream::unfold(state, move |mut st| async move {
-        if st.done {
-            return None;
+    // hold back the first part, so early errors and limits get a real status (Parquet is
+    // only complete at its end: all of it is held)
+    let mut held = head;
+    while held.len() < HOLD_BACK || format == Format::Parquet {
+        match out.next_bytes().await {
+            Ok(Some(b)) => held.extend_from_slice(&b),
+            Ok(None) => {
+                return ([(header::CONTENT_TYPE, format.content_type())], held).into_response();
+            }
+            Err(e) => return query_error(&e),
         }
-        let fail = |msg: String| std::io::Error::other(msg);
-        let next = match tokio::time::timeout_at(deadline, st.stream.next()).await {
-            Err(_) => {
-                st.done = true;
-                return Some((
-                    Err(fail(format!(
-                        "query exceeded the {timeout:?} timeout; response aborted"
-                    ))),
-                    st,
-                ));
-            }
-            Ok(n) => n,
-        };
-        match next {
-            None => {
-                st.done = true;
-                match st.enc.finish(&st.schema) {
-                    Ok(tail) => Some((Ok(Bytes::from(tail)), st)),
-                    Err(e) => Some((Err(fail(e.to_string())), st)),
-                }
-            }
-            Some(Err(e)) => {
-                st.done = true;
-                Some((Err(fail(e.to_string())), st))
-            }
-            Some(Ok(b)) => {
-                st.rows += b.num_rows() as u64;
-                let out = st.enc.batch(&b);
-                match out {
-                    Ok(bytes) => {
-                        st.bytes += bytes.len() as u64;
-                        if st.rows > max_rows || st.bytes > max_bytes {
-                            st.done = true;
-                            return Some((
-                                Err(fail("result limit exceeded; response aborted".into())),
-                                st,
-                            ));
-                        }
-                        Some((Ok(Bytes::from(bytes)), st))
-                    }
-                    Err(e) => {
-                        st.done = true;
-                        Some((Err(fail(e.to_string())), st))
-                    }
-                }
+    }
+    // then stream the rest; a failure now can only abort the transfer (the client sees an
+    // incomplete response, never a silently truncated one)
+    let rest = futures::stream::unfold(out, |mut out| async move {
+        match out.next_bytes().await {
+            Ok(Some(b)) => Some((Ok(Bytes::from(b)), out)),
+            Ok(None) => None,
+            Err(e) => {
+                out.done = true;
+                Some((
+                    Err(std::io::Error::other(format!("{e}; response aborted"))),
+                    out,
+                ))
             }
         }
     });
@@ -335,8 +324,12 @@ async fn run(s: &AppState, sql: String, format: Format) -> Response {
     Response::builder()
         .header(header::CONTENT_TYPE, format.content_type())
         .body(Body::from_stream(body))
-        .unwrap_or_else(|_| {
-            error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "response")
+        .unwrap_or_else(|e| {
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &e.to_string(),
+            )
         })
 }
 

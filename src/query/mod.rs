@@ -66,6 +66,7 @@ pub mod distinct;
 pub mod format;
 pub mod guard;
 pub mod http;
+pub mod prune;
 pub mod system;
 pub mod table;
 pub mod typed;

@@ -1,10 +1,7 @@
 //! A lake table: the Parquet files of some partitions plus the rows still in memory, scanned as
 //! one plan.
 //!
-//! Files are pruned by partition before DataFusion sees them: a filter on `collection` keeps only
-//! that collection's directory (and `_other`, which holds the long tail), a filter on `kind`
-//! keeps only the matching partitions, and a range on `time`/`time_us` keeps only the hours it
-//! touches. Inside the files, DataFusion prunes row groups with their statistics, and pages
+//! Files are pruned by partition before DataFusion sees them ([`super::prune`]). Inside the files, DataFusion prunes row groups with their statistics, and pages
 //! with the page index and bloom filters when a filter names a column with many values (a
 //! lookup), using the same filters.
 //!
@@ -14,6 +11,7 @@
 //! evaluated on its rows, inside the Parquet reader. Footers are cached across queries (the
 //! files never change).
 
+use super::prune::{Pruning, col_name, lit_us};
 use crate::model::rows::TableKind;
 use crate::sink::partition::{LakeFile, PartitionName};
 use arrow::array::{ArrayRef, RecordBatch, new_null_array};
@@ -179,217 +177,8 @@ impl LakeTable {
 
     /// Files that survive partition pruning by `filters`.
     pub fn prune(&self, filters: &[Expr]) -> Vec<&LakeFile> {
-        let mut colls: Option<Vec<String>> = None;
-        let mut kinds: Option<Vec<String>> = None;
-        let (mut lo, mut hi) = (i64::MIN, i64::MAX);
-        for f in filters {
-            for e in split_and(f) {
-                analyze(e, &mut colls, &mut kinds, &mut lo, &mut hi);
-            }
-        }
-        self.files
-            .iter()
-            .filter(|f| {
-                let name = &f.key.name;
-                let coll_ok = match &colls {
-                    None => true,
-                    Some(cs) => match name {
-                        PartitionName::Collection(c) => cs.iter().any(|x| x == c),
-                        PartitionName::Other => cs.iter().any(|x| !x.starts_with('_')),
-                        _ => false,
-                    },
-                };
-                let kind_ok = match &kinds {
-                    None => true,
-                    Some(ks) => ks.iter().any(|k| match k.as_str() {
-                        "commit" => {
-                            matches!(name, PartitionName::Collection(_) | PartitionName::Other)
-                        }
-                        "identity" => *name == PartitionName::Identity,
-                        "account" => *name == PartitionName::Account,
-                        "sync" => *name == PartitionName::Sync,
-                        _ => false,
-                    }),
-                };
-                let (start, end) = (f.key.start_us(), f.key.end_us() - 1);
-                coll_ok && kind_ok && end >= lo && start <= hi
-            })
-            .collect()
-    }
-}
-
-fn split_and(e: &Expr) -> Vec<&Expr> {
-    match e {
-        Expr::BinaryExpr(BinaryExpr {
-            left,
-            op: Operator::And,
-            right,
-        }) => {
-            let mut v = split_and(left);
-            v.extend(split_and(right));
-            v
-        }
-        other => vec![other],
-    }
-}
-
-fn col_name(e: &Expr) -> Option<&str> {
-    match e {
-        Expr::Column(c) => Some(c.name.as_str()),
-        Expr::Cast(c) => col_name(&c.expr),
-        Expr::TryCast(c) => col_name(&c.expr),
-        _ => None,
-    }
-}
-
-fn lit_str(e: &Expr) -> Option<String> {
-    match e {
-        Expr::Literal(
-            ScalarValue::Utf8(Some(s))
-            | ScalarValue::Utf8View(Some(s))
-            | ScalarValue::LargeUtf8(Some(s)),
-            _,
-        ) => Some(s.clone()),
-        Expr::Cast(c) => lit_str(&c.expr),
-        _ => None,
-    }
-}
-
-fn lit_us(e: &Expr) -> Option<i64> {
-    match e {
-        Expr::Literal(v, _) => match v {
-            ScalarValue::Int64(Some(x)) => Some(*x),
-            ScalarValue::Int32(Some(x)) => Some(i64::from(*x)),
-            ScalarValue::TimestampMicrosecond(Some(x), _) => Some(*x),
-            ScalarValue::TimestampMillisecond(Some(x), _) => x.checked_mul(1000),
-            ScalarValue::TimestampSecond(Some(x), _) => x.checked_mul(1_000_000),
-            ScalarValue::TimestampNanosecond(Some(x), _) => Some(x / 1000),
-            ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
-                crate::syntax::parse_datetime_us(s).ok()
-            }
-            _ => None,
-        },
-        Expr::Cast(c) => lit_us(&c.expr),
-        _ => None,
-    }
-}
-
-/// `col = 'a' OR col = 'b' OR …` on one column: the column and the values.
-fn or_of_equalities(e: &Expr) -> Option<(String, Vec<String>)> {
-    match e {
-        Expr::BinaryExpr(BinaryExpr {
-            left,
-            op: Operator::Or,
-            right,
-        }) => {
-            let (c1, mut v1) = or_of_equalities(left)?;
-            let (c2, v2) = or_of_equalities(right)?;
-            if c1 != c2 {
-                return None;
-            }
-            v1.extend(v2);
-            Some((c1, v1))
-        }
-        Expr::BinaryExpr(BinaryExpr {
-            left,
-            op: Operator::Eq,
-            right,
-        }) => match (col_name(left), col_name(right)) {
-            (Some(c), None) => Some((c.to_string(), vec![lit_str(right)?])),
-            (None, Some(c)) => Some((c.to_string(), vec![lit_str(left)?])),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-fn analyze(
-    e: &Expr,
-    colls: &mut Option<Vec<String>>,
-    kinds: &mut Option<Vec<String>>,
-    lo: &mut i64,
-    hi: &mut i64,
-) {
-    let set = |slot: &mut Option<Vec<String>>, vals: Vec<String>| {
-        *slot = Some(match slot.take() {
-            None => vals,
-            Some(prev) => prev.into_iter().filter(|p| vals.contains(p)).collect(),
-        });
-    };
-    match e {
-        // `c = 'a' OR c = 'b' …` (how IN lists often arrive)
-        Expr::BinaryExpr(BinaryExpr {
-            op: Operator::Or, ..
-        }) => {
-            if let Some((c, vals)) = or_of_equalities(e) {
-                match c.as_str() {
-                    "collection" => set(colls, vals),
-                    "kind" => set(kinds, vals),
-                    _ => {}
-                }
-            }
-        }
-        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
-            let (c, v, op) = match (col_name(left), col_name(right)) {
-                (Some(c), None) => (c, right.as_ref(), *op),
-                (None, Some(c)) => (
-                    c,
-                    left.as_ref(),
-                    match op {
-                        Operator::Lt => Operator::Gt,
-                        Operator::LtEq => Operator::GtEq,
-                        Operator::Gt => Operator::Lt,
-                        Operator::GtEq => Operator::LtEq,
-                        o => *o,
-                    },
-                ),
-                _ => return,
-            };
-            match (c, op) {
-                ("collection", Operator::Eq) => {
-                    if let Some(s) = lit_str(v) {
-                        set(colls, vec![s]);
-                    }
-                }
-                ("kind", Operator::Eq) => {
-                    if let Some(s) = lit_str(v) {
-                        set(kinds, vec![s]);
-                    }
-                }
-                ("time" | "time_us", op) => {
-                    if let Some(t) = lit_us(v) {
-                        match op {
-                            Operator::Gt | Operator::GtEq => *lo = (*lo).max(t),
-                            Operator::Lt | Operator::LtEq => *hi = (*hi).min(t),
-                            Operator::Eq => {
-                                *lo = (*lo).max(t);
-                                *hi = (*hi).min(t);
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        Expr::InList(l) if !l.negated => {
-            let Some(c) = col_name(&l.expr) else { return };
-            let vals: Option<Vec<String>> = l.list.iter().map(lit_str).collect();
-            match (c, vals) {
-                ("collection", Some(v)) => set(colls, v),
-                ("kind", Some(v)) => set(kinds, v),
-                _ => {}
-            }
-        }
-        Expr::Between(b) if !b.negated => {
-            if matches!(col_name(&b.expr), Some("time" | "time_us"))
-                && let (Some(l), Some(h)) = (lit_us(&b.low), lit_us(&b.high))
-            {
-                *lo = (*lo).max(l);
-                *hi = (*hi).min(h);
-            }
-        }
-        _ => {}
+        let p = Pruning::from_filters(filters);
+        self.files.iter().filter(|f| p.keeps(f)).collect()
     }
 }
 

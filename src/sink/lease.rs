@@ -169,7 +169,8 @@ pub struct Fence {
 }
 
 impl Fence {
-    fn new(valid_until: Option<Instant>) -> Fence {
+    /// A fence valid until `valid_until` (`None`: for good).
+    pub(crate) fn new(valid_until: Option<Instant>) -> Fence {
         let (lost_tx, _) = watch::channel(None);
         Fence {
             state: Arc::new(Mutex::new(FenceState {
@@ -208,14 +209,16 @@ impl Fence {
         }
     }
 
-    fn extend(&self, until: Instant) {
+    /// Extends the validity (a renewal succeeded).
+    pub(crate) fn extend(&self, until: Instant) {
         let mut g = self.lock();
         if g.lost.is_none() {
             g.valid_until = Some(g.valid_until.map_or(until, |u| u.max(until)));
         }
     }
 
-    fn lose(&self, why: String) {
+    /// Closes the fence for good (the lease was taken over).
+    pub(crate) fn lose(&self, why: String) {
         let mut g = self.lock();
         if g.lost.is_none() {
             g.lost = Some(why.clone());

@@ -114,8 +114,6 @@ pub struct Lake {
     prefix: ObjPath,
     local_root: Option<PathBuf>,
     url: String,
-    /// The URL DataFusion uses to reach this store (e.g. `file:///…`, `s3://bucket`).
-    pub store_url: String,
     location: LakeLocation,
     /// Writes check this first (set once the writer lease is held).
     fence: Option<Fence>,
@@ -179,7 +177,6 @@ impl Lake {
                 Ok(Lake {
                     store: Arc::new(store),
                     prefix: ObjPath::default(),
-                    store_url: format!("file://{}", root.display()),
                     local_root: Some(root),
                     url: url.to_string(),
                     location,
@@ -190,7 +187,6 @@ impl Lake {
                 store: s3_store(bucket, env)?,
                 prefix: ObjPath::from(prefix.as_str()),
                 local_root: None,
-                store_url: format!("s3://{bucket}"),
                 url: url.to_string(),
                 location,
                 fence: None,
@@ -199,24 +195,10 @@ impl Lake {
                 store: Arc::new(object_store::memory::InMemory::new()),
                 prefix: ObjPath::default(),
                 local_root: None,
-                store_url: "memory://".to_string(),
                 url: url.to_string(),
                 location,
                 fence: None,
             }),
-        }
-    }
-
-    /// Wraps an existing object store (tests use this to inject faults).
-    pub fn with_store(url: &str, store: Arc<dyn ObjectStore>, store_url: &str) -> Lake {
-        Lake {
-            store,
-            prefix: ObjPath::default(),
-            local_root: None,
-            store_url: store_url.to_string(),
-            url: url.to_string(),
-            location: LakeLocation::Memory,
-            fence: None,
         }
     }
 
@@ -286,15 +268,6 @@ impl Lake {
             s.strip_prefix(pre)
                 .map(|r| r.trim_start_matches('/').to_string())
                 .unwrap_or_else(|| s.to_string())
-        }
-    }
-
-    /// A full URL DataFusion can list: store URL + object path of `rel`.
-    pub fn table_url(&self, rel: &str) -> String {
-        let p = self.object_path(rel);
-        match &self.local_root {
-            Some(root) => format!("file://{}/{}", root.display(), rel.trim_end_matches('/')) + "/",
-            None => format!("{}/{}/", self.store_url.trim_end_matches('/'), p.as_ref()),
         }
     }
 

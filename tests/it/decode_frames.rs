@@ -4,7 +4,8 @@
 use atlake::decode::car::{Car, CarError, CarWriter};
 use atlake::decode::cbor::Encoder;
 use atlake::decode::cid::Cid;
-use atlake::decode::frame::{Body, Field, FrameDecoder, parse_frame};
+use atlake::decode::events::FrameDecoder;
+use atlake::decode::frame::{Body, Field, parse_frame};
 use atlake::decode::jetstream::{
     JetstreamDecoder, JetstreamOptions, ZSTD_DICTIONARY_V1, ZSTD_DICTIONARY_V1_ID, ZstdCodec,
     write_line,

@@ -3,7 +3,8 @@
 //! make a decoder panic.
 
 use atlake::decode::cbor::JsonWriter;
-use atlake::decode::frame::{FrameDecoder, parse_frame};
+use atlake::decode::events::FrameDecoder;
+use atlake::decode::frame::parse_frame;
 use atlake::decode::jetstream::{JetstreamDecoder, JetstreamOptions};
 use data_encoding::BASE64_NOPAD;
 use proptest::prelude::*;

@@ -15,6 +15,7 @@ mod layout;
 mod lease;
 mod queries;
 mod reconnect;
+mod schemas;
 mod sim_shape;
 mod sql;
 mod storage;

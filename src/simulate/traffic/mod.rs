@@ -1,0 +1,352 @@
+//! Deterministic synthetic network traffic with the shape of the real firehose.
+//!
+//! [`Traffic`] yields [`SimMessage`]s: a `subscribeRepos` frame, the Jetstream lines the same
+//! event becomes, and the ground truth (keys of the events it carries). The same seed always gives
+//! the same bytes. The mix follows published figures (roughly 45% likes, 25% follows, 10% posts,
+//! 7% reposts, then blocks, listitems, profiles and a long tail of third-party NSIDs; about 4%
+//! deletes, a few updates, identity and account events, some multi-op commits). Commits have the
+//! Sync 1.1 shape: a CAR with the signed commit, MST nodes and the record blocks in shuffled order,
+//! `prevData`, per-op `prev` on updates and deletes, no commit-level `prev`, `blobs: []`.
+
+mod commit;
+mod frames;
+mod records;
+mod rng;
+
+pub use frames::{error_frame, frame_bytes, info_frame};
+pub use rng::Rng;
+
+use crate::decode::cbor::Encoder;
+use crate::decode::cid::Cid;
+use crate::decode::jetstream::write_line;
+use crate::model::{Account, Did, Envelope, Event, EventData, Identity};
+use crate::syntax::{format_datetime_ms, tid_from_parts};
+use records::THIRD_PARTY;
+use std::collections::HashMap;
+
+/// Settings of the generator.
+#[derive(Debug, Clone)]
+pub struct TrafficConfig {
+    /// Seed; the same seed gives the same traffic.
+    pub seed: u64,
+    /// Number of distinct accounts.
+    pub accounts: u64,
+    /// Stream time of the first message, µs since the epoch.
+    pub start_time_us: i64,
+    /// Mean stream-time step between messages, µs (at least 1,000: frame times have ms precision).
+    pub step_us: i64,
+    /// First sequence number.
+    pub first_seq: i64,
+    /// Number of distinct third-party NSIDs in the long tail.
+    pub long_tail: u64,
+}
+
+impl Default for TrafficConfig {
+    fn default() -> Self {
+        TrafficConfig {
+            seed: 1,
+            accounts: 5_000,
+            // 2026-07-04T14:00:00Z
+            start_time_us: 1_783_173_600_000_000,
+            step_us: 2_500,
+            first_seq: 31_527_015_471,
+            long_tail: 120,
+        }
+    }
+}
+
+/// The key of one event in the ground truth.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TruthKey {
+    /// `commit`, `identity` or `account`.
+    pub kind: &'static str,
+    /// Account DID.
+    pub did: String,
+    /// Collection (empty for identity/account).
+    pub collection: String,
+    /// Record key (empty for identity/account).
+    pub rkey: String,
+    /// Revision, or the seq for identity/account.
+    pub rev: String,
+    /// `create`, `update`, `delete`, or empty.
+    pub operation: &'static str,
+}
+
+/// One message of simulated traffic.
+#[derive(Debug, Clone)]
+pub struct SimMessage {
+    /// Firehose sequence number.
+    pub seq: i64,
+    /// Stream time, µs.
+    pub time_us: i64,
+    /// The `subscribeRepos` frame.
+    pub frame: Vec<u8>,
+    /// The events it carries, as both sources should decode them (firehose envelopes).
+    pub events: Vec<Envelope>,
+}
+
+impl SimMessage {
+    /// The Jetstream lines for this message, with Jetstream's own `time_us` (the frame time plus
+    /// a small processing delay, strictly increasing).
+    pub fn jetstream_lines(&self) -> Vec<(i64, Vec<u8>)> {
+        let mut out = Vec::with_capacity(self.events.len());
+        for (k, env) in self.events.iter().enumerate() {
+            let time_us = jetstream_time_us(self.time_us, k);
+            let mut e = env.clone();
+            e.time_us = time_us;
+            e.seq = None;
+            e.since = None;
+            let mut line = Vec::with_capacity(512);
+            if write_line(&e, &mut line) {
+                out.push((time_us, line));
+            }
+        }
+        out
+    }
+
+    /// Ground-truth keys of the events in this message.
+    pub fn truth(&self) -> Vec<TruthKey> {
+        self.events.iter().map(truth_key).collect()
+    }
+}
+
+/// Jetstream `time_us` for op `k` of a message at `frame_time_us`.
+pub fn jetstream_time_us(frame_time_us: i64, k: usize) -> i64 {
+    frame_time_us + 250 + k as i64
+}
+
+/// An identifier the simulator made: valid by construction, so a failure is a bug in the
+/// simulator itself (never input from outside).
+fn valid<T>(r: Result<T, crate::model::IdError>) -> T {
+    r.unwrap_or_else(|e| panic!("the simulator generated an invalid identifier: {e}"))
+}
+
+/// The truth key of an event.
+pub fn truth_key(env: &Envelope) -> TruthKey {
+    let e = &env.event;
+    match &e.data {
+        EventData::Commit(c) => TruthKey {
+            kind: "commit",
+            did: e.did.to_string(),
+            collection: c.collection.to_string(),
+            rkey: c.rkey.to_string(),
+            rev: c.rev.to_string(),
+            operation: c.operation.as_str(),
+        },
+        EventData::Identity(i) => TruthKey {
+            kind: "identity",
+            did: e.did.to_string(),
+            collection: String::new(),
+            rkey: String::new(),
+            rev: i.seq.to_string(),
+            operation: "",
+        },
+        EventData::Account(a) => TruthKey {
+            kind: "account",
+            did: e.did.to_string(),
+            collection: String::new(),
+            rkey: String::new(),
+            rev: a.seq.to_string(),
+            operation: "",
+        },
+        EventData::Sync(s) => TruthKey {
+            kind: "sync",
+            did: e.did.to_string(),
+            collection: String::new(),
+            rkey: String::new(),
+            rev: s.rev.to_string(),
+            operation: "",
+        },
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Repo {
+    rev_time: i64,
+    records: Vec<(String, String, Cid)>,
+    has_profile: bool,
+    depth: u8,
+}
+
+/// The generator.
+#[derive(Debug, Clone)]
+pub struct Traffic {
+    cfg: TrafficConfig,
+    rng: Rng,
+    seq: i64,
+    time_us: i64,
+    repos: HashMap<u64, Repo>,
+    recent_posts: Vec<(String, Cid)>,
+    long_tail: Vec<String>,
+    produced: u64,
+}
+
+/// The DID of simulated account `i`.
+pub fn did_of(i: u64) -> String {
+    let mut r = Rng::new(i.wrapping_mul(0x2545_F491_4F6C_DD1D));
+    const A: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let s: String = (0..24).map(|_| A[r.below(32) as usize] as char).collect();
+    format!("did:plc:{s}")
+}
+
+impl Traffic {
+    /// A generator at the start of the stream.
+    pub fn new(cfg: TrafficConfig) -> Self {
+        let mut long_tail: Vec<String> = THIRD_PARTY.iter().map(|s| s.to_string()).collect();
+        for i in 0..cfg.long_tail {
+            long_tail.push(format!("com.example{}.app.record{}", i % 37, i));
+        }
+        Traffic {
+            rng: Rng::new(cfg.seed),
+            seq: cfg.first_seq,
+            time_us: cfg.start_time_us,
+            repos: HashMap::new(),
+            recent_posts: Vec::new(),
+            long_tail,
+            produced: 0,
+            cfg,
+        }
+    }
+
+    /// Messages produced so far.
+    pub fn produced(&self) -> u64 {
+        self.produced
+    }
+
+    /// The next sequence number.
+    pub fn next_seq(&self) -> i64 {
+        self.seq
+    }
+
+    /// Uses up the next sequence number (for an injected message).
+    pub fn skip_seq(&mut self) {
+        self.seq += 1;
+    }
+
+    fn next_rev(&mut self, account: u64) -> (String, Option<String>) {
+        let now = self.time_us;
+        let repo = self.repos.entry(account).or_default();
+        let since = if repo.rev_time == 0 {
+            None
+        } else {
+            Some(tid_from_parts(repo.rev_time as u64, 0))
+        };
+        repo.rev_time = now.max(repo.rev_time + 1);
+        (tid_from_parts(repo.rev_time as u64, 0), since)
+    }
+
+    /// Generates the next message.
+    pub fn next_message(&mut self) -> SimMessage {
+        self.produced += 1;
+        let jitter = self.rng.below(self.cfg.step_us as u64) as i64;
+        let step = (self.cfg.step_us / 2 + jitter).max(1000);
+        self.time_us += step;
+        // frame times have millisecond precision
+        self.time_us -= self.time_us % 1000;
+        let seq = self.seq;
+        self.seq += 1;
+        let account = self.rng.skewed(self.cfg.accounts);
+        let did = did_of(account);
+        let time = format_datetime_ms(self.time_us);
+        let r = self.rng.below(1000);
+        if r < 5 {
+            return self.identity(seq, did, time);
+        }
+        if r < 10 {
+            return self.account(seq, did, time);
+        }
+        self.commit(seq, account, did, time)
+    }
+
+    fn identity(&mut self, seq: i64, did: String, time: String) -> SimMessage {
+        let handle = if self.rng.chance(0.2) {
+            Some(format!("user{}.bsky.social", self.rng.below(100_000)))
+        } else {
+            None
+        };
+        let mut e = Encoder::new();
+        let n = 3 + usize::from(handle.is_some());
+        e.map(n)
+            .text("did")
+            .text(&did)
+            .text("seq")
+            .int(seq)
+            .text("time")
+            .text(&time);
+        if let Some(h) = &handle {
+            e.text("handle").text(h);
+        }
+        let frame = frame_bytes("#identity", &e.buf);
+        let env = Envelope {
+            event: Event {
+                did: valid(Did::parse(did)),
+                data: EventData::Identity(Identity { seq, time, handle }),
+            },
+            time_us: self.time_us,
+            claimed_time_us: None,
+            seq: Some(seq),
+            since: None,
+        };
+        SimMessage {
+            seq,
+            time_us: self.time_us,
+            frame,
+            events: vec![env],
+        }
+    }
+
+    fn account(&mut self, seq: i64, did: String, time: String) -> SimMessage {
+        let active = self.rng.chance(0.6);
+        let status = if active {
+            None
+        } else {
+            Some(
+                self.rng
+                    .pick(&[
+                        "deactivated",
+                        "takendown",
+                        "suspended",
+                        "deleted",
+                        "desynchronized",
+                        "throttled",
+                    ])
+                    .to_string(),
+            )
+        };
+        let mut e = Encoder::new();
+        let n = 4 + usize::from(status.is_some());
+        e.map(n)
+            .text("did")
+            .text(&did)
+            .text("seq")
+            .int(seq)
+            .text("time")
+            .text(&time);
+        e.text("active").bool(active);
+        if let Some(s) = &status {
+            e.text("status").text(s);
+        }
+        let frame = frame_bytes("#account", &e.buf);
+        let env = Envelope {
+            event: Event {
+                did: valid(Did::parse(did)),
+                data: EventData::Account(Account {
+                    seq,
+                    time,
+                    active,
+                    status,
+                }),
+            },
+            time_us: self.time_us,
+            claimed_time_us: None,
+            seq: Some(seq),
+            since: None,
+        };
+        SimMessage {
+            seq,
+            time_us: self.time_us,
+            frame,
+            events: vec![env],
+        }
+    }
+}
