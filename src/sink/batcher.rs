@@ -778,4 +778,136 @@ mod tests {
         assert_eq!(jobs[0].reason, FlushReason::CheckpointLag);
         assert_eq!(b.min_buffered_cursor(), Cursor::seq(1).ok());
     }
+
+    /// One step of the property test: a push, or time moving on and the batcher asked what is
+    /// due.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// An event of collection number `coll` at stream time `+dt` µs from the last.
+        Push { coll: usize, dt: i64 },
+        /// The clock moves on `ms` and the tick asks for due flushes.
+        Tick { ms: u64 },
+        /// The check after a push: size limits and the memory cap.
+        Sizes,
+    }
+
+    const COLLS: [&str; 6] = [
+        "app.bsky.feed.like",
+        "app.bsky.feed.post",
+        "com.example.one.thing",
+        "com.example.two.thing",
+        "com.example.three.thing",
+        "com.example.four.thing",
+    ];
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => (0..COLLS.len(), -5_000_000i64..20 * 60 * 1_000_000)
+                .prop_map(|(coll, dt)| Step::Push { coll, dt }),
+            2 => (0u64..90_000).prop_map(|ms| Step::Tick { ms }),
+            1 => Just(Step::Sizes),
+        ]
+    }
+
+    /// Every row of `jobs`: (cursor, time_us, collection), and each job checked on its own.
+    fn check_jobs(jobs: &[FlushJob], out: &mut Vec<(i64, i64, String)>) {
+        use arrow::array::{Array, AsArray};
+        for j in jobs {
+            let mut rows = Vec::new();
+            for c in &j.chunks {
+                let seq = c.column_by_name("seq").unwrap().as_primitive::<arrow::datatypes::Int64Type>();
+                let t = c.column_by_name("time_us").unwrap().as_primitive::<arrow::datatypes::Int64Type>();
+                let coll = c.column_by_name("collection").unwrap().as_string::<i32>();
+                for i in 0..c.num_rows() {
+                    rows.push((seq.value(i), t.value(i), coll.value(i).to_string()));
+                }
+            }
+            assert_eq!(rows.len(), j.rows, "a job's row count is its rows");
+            for (_, t, coll) in &rows {
+                assert!(
+                    (j.key.start_us()..j.key.end_us()).contains(t),
+                    "a row's time lies in its partition's hour"
+                );
+                match &j.key.name {
+                    PartitionName::Collection(c) => assert_eq!(c, coll),
+                    PartitionName::Other => assert!(Lexicon::of(coll).is_none()),
+                    other => panic!("unexpected partition {other:?}"),
+                }
+            }
+            let first = rows.iter().map(|r| r.0).min();
+            let last = rows.iter().map(|r| r.0).max();
+            assert_eq!(j.first_cursor.map(|c| c.value()), first);
+            assert_eq!(j.last_cursor.map(|c| c.value()), last);
+            out.extend(rows);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever the order of pushes and ticks, and however the clock and stream time move:
+        /// every row leaves the batcher exactly once, in a job of its own partition and hour,
+        /// with the job's cursor range right; after a tick nothing due is left behind; the
+        /// lowest buffered cursor is the lowest cursor not yet flushed.
+        #[test]
+        fn every_row_is_flushed_once_in_its_partition(
+            steps in proptest::collection::vec(step(), 1..120),
+            max_rows in 3usize..40,
+            open in 2usize..5,
+        ) {
+            let mut policy = policy();
+            policy.max_rows = max_rows;
+            policy.max_age = Duration::from_secs(30);
+            policy.max_open_partitions = open;
+            policy.memory_cap = 400_000;
+            policy.max_checkpoint_lag = 50;
+            let mut b = Batcher::new(policy, SourceKind::Firehose);
+            let start = Instant::now();
+            let (mut now, mut time, mut cursor) = (start, T0, 0i64);
+            let mut pending: std::collections::BTreeMap<i64, ()> = Default::default();
+            let mut flushed = Vec::new();
+            for s in steps {
+                let jobs = match s {
+                    Step::Push { coll, dt } => {
+                        time = (time + dt).max(T0);
+                        cursor += 1;
+                        let mut e = ev(COLLS[coll], time, cursor as usize);
+                        e.seq = Some(cursor);
+                        push(&mut b, &e, cursor, now).expect("a valid event is taken");
+                        pending.insert(cursor, ());
+                        Vec::new()
+                    }
+                    Step::Tick { ms } => {
+                        now += Duration::from_millis(ms);
+                        let jobs = b.due(now).unwrap();
+                        // nothing due stays behind
+                        proptest::prop_assert!(b.due(now).unwrap().is_empty());
+                        jobs
+                    }
+                    Step::Sizes => b.size_due().unwrap(),
+                };
+                let before = flushed.len();
+                check_jobs(&jobs, &mut flushed);
+                for (c, _, _) in &flushed[before..] {
+                    proptest::prop_assert!(pending.remove(c).is_some(), "row {c} flushed twice");
+                }
+                proptest::prop_assert_eq!(b.buffered_rows(), pending.len());
+                proptest::prop_assert_eq!(
+                    b.min_buffered_cursor().map(|c| c.value()),
+                    pending.keys().next().copied()
+                );
+            }
+            let rest = b.drain().unwrap();
+            check_jobs(&rest, &mut flushed);
+            proptest::prop_assert_eq!(b.buffered_rows(), 0);
+            proptest::prop_assert_eq!(b.buffered_bytes(), 0);
+            let mut all: Vec<i64> = flushed.iter().map(|r| r.0).collect();
+            all.sort_unstable();
+            let n = all.len();
+            all.dedup();
+            proptest::prop_assert_eq!(all.len(), n, "a row flushed twice");
+            proptest::prop_assert_eq!(n as i64, cursor, "every row flushed");
+        }
+    }
 }
