@@ -441,3 +441,188 @@ fn event_keys(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WriterConfig;
+    use crate::model::key::{error_key, event_key};
+    use crate::model::{Envelope, ErrorEvent, ErrorReason};
+    use crate::simulate::traffic::{Traffic, TrafficConfig};
+    use crate::sink::batcher::{Batcher, FlushJob, FlushPolicy};
+    use crate::sink::parquet::{FileMeta, encode_to};
+    use crate::sink::partition::FileName;
+    use std::time::Instant;
+
+    /// The events of `n` simulated messages, with their firehose cursors.
+    fn events(n: usize) -> Vec<Envelope> {
+        let mut t = Traffic::new(TrafficConfig {
+            seed: 9,
+            ..Default::default()
+        });
+        (0..n).flat_map(|_| t.next_message().events).collect()
+    }
+
+    /// Writes each job as a file named by its cursor range, as the writer would.
+    async fn write(lake: &Lake, source: SourceKind, jobs: Vec<FlushJob>) {
+        for job in jobs {
+            let name = FileName::try_new(
+                job.first_cursor.unwrap(),
+                job.last_cursor.unwrap(),
+                job.key_hash as u32,
+            )
+            .unwrap();
+            let meta = FileMeta {
+                source,
+                first: name.first().value(),
+                last: name.last().value(),
+                partition: job.key.dir(),
+            };
+            let mut buf = Vec::new();
+            let by = job.key.name == crate::sink::partition::PartitionName::Other;
+            encode_to(
+                &WriterConfig::default(),
+                job.kind,
+                &meta,
+                &job.chunks,
+                by,
+                &mut buf,
+            )
+            .unwrap();
+            lake.put_atomic(&format!("{}/{}", job.key.dir(), name.render()), buf.into())
+                .await
+                .unwrap();
+        }
+    }
+
+    /// A lake of `evs` in files of at most `rows` rows, plus one quarantined input at cursor 5.
+    async fn lake_of(evs: &[Envelope], rows: usize) -> (Lake, ErrorEvent) {
+        let lake = Lake::open("memory://").unwrap();
+        let mut policy = FlushPolicy::from_config(&Default::default());
+        policy.max_rows = rows;
+        let mut b = Batcher::new(policy, SourceKind::Firehose);
+        let now = Instant::now();
+        let mut jobs = Vec::new();
+        for e in evs {
+            b.push_event(e, e.cursor(), event_key(e), now).unwrap();
+            jobs.extend(b.size_due().unwrap());
+        }
+        let mut bad = ErrorEvent::new(ErrorReason::Car, "cut", b"\x01\x02");
+        bad.path = Some("app.bsky.feed.like/3k".into());
+        b.push_error(
+            &bad,
+            Cursor::seq(evs[4].seq.unwrap()).ok(),
+            evs[4].time_us,
+            now,
+        )
+        .unwrap();
+        jobs.extend(b.drain().unwrap());
+        write(&lake, SourceKind::Firehose, jobs).await;
+        (lake, bad)
+    }
+
+    #[tokio::test]
+    async fn without_a_checkpoint_every_file_gives_its_keys() {
+        let evs = events(300);
+        let (lake, bad) = lake_of(&evs, 50).await;
+        let r = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
+        assert_eq!(r.resume_cursor, None);
+        assert_eq!(r.files_scanned, r.files.len());
+        let mut want: HashSet<EventKey> = evs.iter().map(event_key).collect();
+        want.insert(error_key(&bad, Cursor::seq(evs[4].seq.unwrap()).ok()));
+        assert_eq!(r.durable_keys, want);
+        let high = evs.iter().filter_map(|e| e.seq).max();
+        assert_eq!(r.durable_high.map(|c| c.value()), high);
+        // the other source has none of these files
+        let j = recover(&lake, SourceKind::Jetstream, 0).await.unwrap();
+        assert_eq!((j.files_scanned, j.durable_keys.len()), (0, 0));
+        assert_eq!(j.durable_high, None);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_limits_the_keys_to_rows_beyond_it_less_the_rewind() {
+        let evs = events(300);
+        let (lake, _) = lake_of(&evs, 50).await;
+        let seqs: Vec<i64> = evs.iter().filter_map(|e| e.seq).collect();
+        let c = seqs[seqs.len() / 2];
+        let mut cp = Checkpoint::default();
+        cp.set(
+            SourceKind::Firehose,
+            SourcePosition::new(Cursor::seq(c).unwrap(), "wss://relay"),
+        );
+        cp.store(&lake).await.unwrap();
+        for rewind in [0u64, 20] {
+            let r = recover(&lake, SourceKind::Firehose, rewind).await.unwrap();
+            assert_eq!(r.resume_cursor, Cursor::seq(c).ok());
+            let want: HashSet<EventKey> = evs
+                .iter()
+                .filter(|e| e.seq.unwrap() >= c - rewind as i64)
+                .map(event_key)
+                .collect();
+            assert_eq!(r.durable_keys, want, "rewind {rewind}");
+            assert!(r.files_scanned < r.files.len());
+            assert!(
+                r.files
+                    .iter()
+                    .filter(|f| f.name.last().value() >= c - rewind as i64)
+                    .count()
+                    <= r.files_scanned
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_out_of_range_or_corrupt_is_an_error() {
+        let lake = Lake::open("memory://").unwrap();
+        assert_eq!(Checkpoint::load(&lake).await.unwrap(), None);
+        lake.put_atomic(
+            &checkpoint_path(),
+            br#"{"version":1,"firehose":{"cursor":9223372036854775807,"url":"x","updated_at":"y"}}"#
+                .to_vec()
+                .into(),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            Checkpoint::load(&lake).await,
+            Err(CheckpointError::Corrupt { .. })
+        ));
+        lake.put_atomic(&checkpoint_path(), b"{not json".to_vec().into())
+            .await
+            .unwrap();
+        assert!(matches!(
+            recover(&lake, SourceKind::Firehose, 0).await,
+            Err(CheckpointError::Corrupt { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn leftover_temporary_files_are_removed_and_foreign_files_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+        let evs = events(40);
+        let mut b = Batcher::new(
+            FlushPolicy::from_config(&Default::default()),
+            SourceKind::Firehose,
+        );
+        for e in &evs {
+            b.push_event(e, e.cursor(), event_key(e), Instant::now())
+                .unwrap();
+        }
+        write(&lake, SourceKind::Firehose, b.drain().unwrap()).await;
+        let part = dir
+            .path()
+            .join("events/collection=app.bsky.feed.like/date=2026-07-04/hour=14");
+        std::fs::create_dir_all(&part).unwrap();
+        std::fs::write(part.join(".fh-1-2-00000000.parquet.123.tmp"), b"partial").unwrap();
+        std::fs::write(part.join("notes.txt"), b"not a data file").unwrap();
+        let r = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
+        assert_eq!(r.temp_removed, 1);
+        assert!(!part.join(".fh-1-2-00000000.parquet.123.tmp").exists());
+        assert!(r.files.iter().all(|f| f.path.ends_with(".parquet")));
+        assert_eq!(
+            r.durable_keys,
+            evs.iter().map(event_key).collect::<HashSet<_>>()
+        );
+    }
+}

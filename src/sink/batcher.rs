@@ -816,8 +816,14 @@ mod tests {
         for j in jobs {
             let mut rows = Vec::new();
             for c in &j.chunks {
-                let seq = c.column_by_name("seq").unwrap().as_primitive::<arrow::datatypes::Int64Type>();
-                let t = c.column_by_name("time_us").unwrap().as_primitive::<arrow::datatypes::Int64Type>();
+                let seq = c
+                    .column_by_name("seq")
+                    .unwrap()
+                    .as_primitive::<arrow::datatypes::Int64Type>();
+                let t = c
+                    .column_by_name("time_us")
+                    .unwrap()
+                    .as_primitive::<arrow::datatypes::Int64Type>();
                 let coll = c.column_by_name("collection").unwrap().as_string::<i32>();
                 for i in 0..c.num_rows() {
                     rows.push((seq.value(i), t.value(i), coll.value(i).to_string()));

@@ -84,8 +84,12 @@ pub fn sort_order(
             .iter()
             .filter_map(|c| c.column_by_name(n).map(|a| a.as_ref()))
             .collect();
+        // every row has a time (and in `_other`, a collection): a missing sort column is a
+        // broken invariant, not an unsorted file
         if arrays.len() != chunks.len() || arrays.is_empty() {
-            continue;
+            return Err(EncodeError::Arrow(arrow::error::ArrowError::SchemaError(
+                format!("cannot sort a flush by `{n}`: some rows do not have it"),
+            )));
         }
         sort_cols.push(SortColumn {
             values: arrow::compute::concat(&arrays)?,
@@ -236,4 +240,182 @@ pub fn encode(
     let mut out = Vec::new();
     encode_to(cfg, kind, meta, chunks, by_collection, &mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::key::event_key;
+    use crate::simulate::traffic::{Traffic, TrafficConfig};
+    use crate::sink::batcher::{Batcher, FlushJob, FlushPolicy};
+    use crate::sink::partition::PartitionName;
+    use arrow::array::{Array, AsArray};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    /// The flush jobs of `n` simulated messages, in small chunks, with a few long-tail
+    /// collections sharing `_other`.
+    fn jobs(n: usize) -> Vec<FlushJob> {
+        let mut t = Traffic::new(TrafficConfig {
+            seed: 5,
+            ..Default::default()
+        });
+        let mut policy = FlushPolicy::from_config(&Default::default());
+        policy.chunk_rows = 64;
+        policy.max_open_partitions = 9;
+        let mut b = Batcher::new(policy, SourceKind::Firehose);
+        let now = std::time::Instant::now();
+        for _ in 0..n {
+            for e in t.next_message().events {
+                b.push_event(&e, e.cursor(), event_key(&e), now).unwrap();
+            }
+        }
+        b.drain().unwrap()
+    }
+
+    fn meta(job: &FlushJob) -> FileMeta {
+        FileMeta {
+            source: SourceKind::Firehose,
+            first: job.first_cursor.unwrap().value(),
+            last: job.last_cursor.unwrap().value(),
+            partition: job.key.dir(),
+        }
+    }
+
+    #[test]
+    fn a_flush_reads_back_whole_sorted_and_described() {
+        let jobs = jobs(3000);
+        let like = jobs
+            .iter()
+            .find(|j| j.key.name == PartitionName::Collection("app.bsky.feed.like".into()))
+            .unwrap();
+        let other = jobs
+            .iter()
+            .find(|j| j.key.name == PartitionName::Other)
+            .unwrap();
+        for (job, by_collection) in [(like, false), (other, true)] {
+            assert!(job.chunks.len() > 1, "several chunks");
+            let bytes = encode(
+                &WriterConfig::default(),
+                job.kind,
+                &meta(job),
+                &job.chunks,
+                by_collection,
+            )
+            .unwrap();
+            let b = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap();
+            let kv: std::collections::HashMap<String, String> = b
+                .metadata()
+                .file_metadata()
+                .key_value_metadata()
+                .unwrap()
+                .iter()
+                .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
+                .collect();
+            assert_eq!(kv[meta::SOURCE], "firehose");
+            assert_eq!(
+                kv[meta::CURSOR_FIRST],
+                job.first_cursor.unwrap().value().to_string()
+            );
+            assert_eq!(
+                kv[meta::CURSOR_LAST],
+                job.last_cursor.unwrap().value().to_string()
+            );
+            assert_eq!(kv[meta::ROWS], job.rows.to_string());
+            assert_eq!(kv[meta::SCHEMA_VERSION], SCHEMA_VERSION.to_string());
+            assert_eq!(kv[meta::PARTITION], job.key.dir());
+            let rg = b.metadata().row_group(0);
+            let did = rg
+                .columns()
+                .iter()
+                .position(|c| c.column_path().string() == "did")
+                .unwrap();
+            assert!(
+                rg.column(did).bloom_filter_offset().is_some(),
+                "a bloom filter on did"
+            );
+            let batches: Vec<RecordBatch> = b.build().unwrap().map(|r| r.unwrap()).collect();
+            let mut rows: Vec<(String, i64, String)> = Vec::new();
+            for rb in &batches {
+                let c = rb.column_by_name("collection").unwrap().as_string::<i32>();
+                let t = rb
+                    .column_by_name("time_us")
+                    .unwrap()
+                    .as_primitive::<arrow::datatypes::Int64Type>();
+                let k = rb.column_by_name("rkey").unwrap().as_string::<i32>();
+                for i in 0..rb.num_rows() {
+                    rows.push((c.value(i).to_string(), t.value(i), k.value(i).to_string()));
+                }
+            }
+            assert_eq!(rows.len(), job.rows);
+            let key = |r: &(String, i64, String)| {
+                if by_collection {
+                    (r.0.clone(), r.1)
+                } else {
+                    (String::new(), r.1)
+                }
+            };
+            assert!(rows.windows(2).all(|w| key(&w[0]) <= key(&w[1])), "sorted");
+            let mut got: Vec<_> = rows.iter().map(|r| (r.0.clone(), r.2.clone())).collect();
+            let mut want = Vec::new();
+            for c in &job.chunks {
+                let coll = c.column_by_name("collection").unwrap().as_string::<i32>();
+                let k = c.column_by_name("rkey").unwrap().as_string::<i32>();
+                for i in 0..c.num_rows() {
+                    want.push((coll.value(i).to_string(), k.value(i).to_string()));
+                }
+            }
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "the same rows, each once");
+        }
+    }
+
+    #[test]
+    fn rows_gather_from_the_right_chunk_and_row() {
+        let job = jobs(400)
+            .into_iter()
+            .max_by_key(|j| j.chunks.len())
+            .unwrap();
+        let order = sort_order(&job.chunks, false).unwrap();
+        assert_eq!(order.len(), job.rows);
+        let batch = gather(&job.chunks, &order).unwrap();
+        let t = batch
+            .column_by_name("time_us")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        for (i, (c, r)) in order.iter().enumerate() {
+            let src = job.chunks[*c]
+                .column_by_name("time_us")
+                .unwrap()
+                .as_primitive::<arrow::datatypes::Int64Type>();
+            assert_eq!(t.value(i), src.value(*r));
+        }
+        assert!(t.values().windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn a_flush_without_its_sort_column_is_an_error() {
+        let job = jobs(50).remove(0);
+        let cut: Vec<RecordBatch> = job
+            .chunks
+            .iter()
+            .map(|c| {
+                let keep: Vec<usize> = (0..c.num_columns())
+                    .filter(|&i| c.schema().field(i).name() != "time_us")
+                    .collect();
+                c.project(&keep).unwrap()
+            })
+            .collect();
+        assert!(sort_order(&cut, false).is_err());
+    }
+
+    #[test]
+    fn a_zstd_level_out_of_range_is_an_error_not_a_default() {
+        let job = jobs(10).remove(0);
+        let cfg = WriterConfig {
+            zstd_level: 99,
+            ..Default::default()
+        };
+        assert!(encode(&cfg, job.kind, &meta(&job), &job.chunks, false).is_err());
+    }
 }

@@ -484,3 +484,142 @@ fn remove_temps(root: &Path) -> Result<usize, StoreError> {
     }
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::lease::FenceError;
+
+    #[test]
+    fn lake_locations_parse() {
+        assert_eq!(
+            LakeLocation::parse("s3://bucket/some/prefix/").unwrap(),
+            LakeLocation::S3 {
+                bucket: "bucket".into(),
+                prefix: "some/prefix".into()
+            }
+        );
+        assert_eq!(
+            LakeLocation::parse("s3://bucket").unwrap(),
+            LakeLocation::S3 {
+                bucket: "bucket".into(),
+                prefix: String::new()
+            }
+        );
+        assert!(LakeLocation::parse("s3:///x").is_err());
+        assert_eq!(
+            LakeLocation::parse("memory://").unwrap(),
+            LakeLocation::Memory
+        );
+        assert_eq!(
+            LakeLocation::parse("file:///tmp/l").unwrap(),
+            LakeLocation::Local("/tmp/l".into())
+        );
+        assert_eq!(
+            LakeLocation::parse("./lake").unwrap(),
+            LakeLocation::Local("./lake".into())
+        );
+        assert!(LakeLocation::parse("ftp://x/y").is_err());
+        assert!(LakeLocation::parse("").is_err());
+        assert!(LakeLocation::parse("file://").is_err());
+    }
+
+    #[test]
+    fn s3_paths_carry_the_prefix_both_ways() {
+        let env = vec![("AWS_REGION".to_string(), "us-east-1".to_string())];
+        let lake = Lake::open_with_env("s3://b/pre/fix", &env).unwrap();
+        let p = lake.object_path("events/x.parquet");
+        assert_eq!(p.as_ref(), "pre/fix/events/x.parquet");
+        assert_eq!(lake.relative(&p), "events/x.parquet");
+        let plain = Lake::open("memory://").unwrap();
+        assert_eq!(plain.object_path("a/b").as_ref(), "a/b");
+        assert_eq!(plain.relative(&plain.object_path("a/b")), "a/b");
+    }
+
+    #[tokio::test]
+    async fn local_writes_are_whole_listed_and_leave_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path().join("l").to_str().unwrap()).unwrap();
+        assert!(lake.local_root().is_some());
+        lake.put_atomic("_atlake/a.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        let n = lake
+            .put_with("events/p/f.parquet", |w| w.write_all(b"0123456789"))
+            .await
+            .unwrap();
+        assert_eq!(n, 10);
+        assert_eq!(
+            lake.get("events/p/f.parquet").await.unwrap().unwrap(),
+            Bytes::from_static(b"0123456789")
+        );
+        assert_eq!(lake.get("events/p/none").await.unwrap(), None);
+        assert_eq!(
+            lake.list("events").await.unwrap(),
+            vec![("events/p/f.parquet".to_string(), 10)]
+        );
+        // a write that fails half way leaves neither the file nor its temporary file
+        let e = lake
+            .put_with("events/p/g.parquet", |w| {
+                w.write_all(b"half")?;
+                Err(std::io::Error::other("encoder failed"))
+            })
+            .await;
+        assert!(e.is_err());
+        assert_eq!(lake.list("events").await.unwrap().len(), 1);
+        assert_eq!(lake.remove_temp_files().await.unwrap(), 0);
+        lake.delete("events/p/f.parquet").await.unwrap();
+        lake.delete("events/p/f.parquet").await.unwrap();
+        assert!(lake.list("events").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_fenced_lake_writes_only_while_the_lease_is_valid() {
+        use tokio::time::{Duration, Instant};
+        let fence = Fence::new(Some(Instant::now() + Duration::from_secs(60)));
+        let lake = Lake::open("memory://").unwrap().fenced(fence.clone());
+        lake.put_atomic("a", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        let expired = Lake::open("memory://")
+            .unwrap()
+            .fenced(Fence::new(Some(Instant::now())));
+        let refused =
+            |r: Result<_, StoreError>| matches!(r, Err(StoreError::Fenced(FenceError::Expired)));
+        assert!(refused(
+            expired.put_atomic("a", Bytes::from_static(b"1")).await
+        ));
+        assert!(refused(
+            expired
+                .put_with("b", |w| w.write_all(b"1"))
+                .await
+                .map(|_| ())
+        ));
+        assert!(refused(expired.delete("a").await));
+        // reading needs no lease
+        assert_eq!(expired.get("a").await.unwrap(), None);
+        fence.lose("taken over".into());
+        assert!(matches!(
+            lake.put_atomic("a", Bytes::from_static(b"2")).await,
+            Err(StoreError::Fenced(FenceError::Lost(_)))
+        ));
+        assert_eq!(
+            lake.get("a").await.unwrap().unwrap(),
+            Bytes::from_static(b"1")
+        );
+    }
+
+    #[test]
+    fn a_full_disk_is_told_apart() {
+        let full = StoreError::Io {
+            path: "x".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        assert!(full.is_no_space());
+        let other = StoreError::Io {
+            path: "x".into(),
+            source: std::io::Error::from_raw_os_error(13),
+        };
+        assert!(!other.is_no_space());
+    }
+}
