@@ -812,7 +812,7 @@ mod tests {
 
     /// Every row of `jobs`: (cursor, time_us, collection), and each job checked on its own.
     fn check_jobs(jobs: &[FlushJob], out: &mut Vec<(i64, i64, String)>) {
-        use arrow::array::{Array, AsArray};
+        use arrow::array::AsArray;
         for j in jobs {
             let mut rows = Vec::new();
             for c in &j.chunks {

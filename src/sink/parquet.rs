@@ -249,7 +249,7 @@ mod tests {
     use crate::simulate::traffic::{Traffic, TrafficConfig};
     use crate::sink::batcher::{Batcher, FlushJob, FlushPolicy};
     use crate::sink::partition::PartitionName;
-    use arrow::array::{Array, AsArray};
+    use arrow::array::AsArray;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
     /// The flush jobs of `n` simulated messages, in small chunks, with a few long-tail
