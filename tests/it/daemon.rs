@@ -172,3 +172,74 @@ async fn run_serves_fresh_sql_metrics_filters_and_stops_cleanly() {
     assert!(text.contains("shutting down"), "{text}");
     sim.stop();
 }
+
+/// The daemon started in-process the way the binary starts it (`Daemon::start`, then
+/// `run_until`): SQL over HTTP sees every event, and the stop signal flushes and checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_daemon_serves_and_stops_like_the_binary() {
+    let n = 800;
+    let sim = start_sim(SimConfig {
+        messages: Some(n),
+        ..seeded(34)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = crate::ingest::test_config(dir.path().to_str().unwrap());
+    cfg.source.url = sim.url();
+    cfg.source.start_cursor = Some(0);
+    cfg.server.listen = "127.0.0.1:0".into();
+    let daemon = atlake::daemon::Daemon::start(cfg).await.unwrap();
+    let base = format!("http://{}", daemon.addr);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(daemon.run_until(async {
+        let _ = stop_rx.await;
+    }));
+    sim.wait_for_messages(n).await;
+    let truth = sim.truth().events();
+    let c = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&c, &base, "SELECT count(*) AS n FROM events").await < truth {
+        assert!(Instant::now() < deadline, "SQL never saw every event");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_tx.send(()).unwrap();
+    let summary = running.await.unwrap().unwrap();
+    assert!(summary.clean);
+    assert_eq!(summary.events, truth);
+    assert_eq!(
+        summary.checkpoint.map(|c| c.value()),
+        sim.truth().last_time_us
+    );
+    sim.stop();
+}
+
+/// A daemon whose source fails for good ends by itself with that error (no signal needed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_ends_with_its_sources_fatal_error() {
+    // a server that answers every upgrade with 404: the endpoint does not exist
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = crate::ingest::test_config(dir.path().to_str().unwrap());
+    cfg.source.url = format!("ws://{addr}");
+    cfg.server.listen = "127.0.0.1:0".into();
+    let daemon = atlake::daemon::Daemon::start(cfg).await.unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        daemon.run_until(std::future::pending()),
+    )
+    .await
+    .expect("ends by itself");
+    let e = r.expect_err("a fatal source error");
+    assert!(e.to_string().contains("404"), "{e}");
+}
