@@ -131,11 +131,6 @@ impl IngestHandle {
         let _ = self.shutdown.send(true);
     }
 
-    /// Gives up on flushes that cannot be stored (after the shutdown deadline).
-    pub fn abandon(&self) {
-        let _ = self.abandon.send(true);
-    }
-
     /// The filters' sender, for the HTTP endpoint.
     pub fn filters_sender(&self) -> watch::Sender<Filters> {
         self.filters.clone()

@@ -278,3 +278,98 @@ async fn recovery_refuses_a_file_without_a_key_column() {
         "{msg}"
     );
 }
+
+/// Jetstream's rewind is for the first connection of a run (the lake's cursor may come from
+/// another instance): a restart asks for the checkpoint minus the rewind, and every reconnect
+/// after a dropped connection asks for a cursor no earlier than the previous connection's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_rewinds_on_restart_and_reconnects_only_move_forward() {
+    let n = 2500;
+    let sim = start_sim(SimConfig {
+        messages: Some(n),
+        retention: 1_000_000,
+        faults: Faults {
+            drop_every: Some(300),
+            ..Default::default()
+        },
+        ..seeded(61)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().to_str().unwrap().to_string();
+    let mut cfg = test_config(&lake);
+    cfg.source.kind = SourceKind::Jetstream;
+    cfg.source.url = sim.url();
+    cfg.source.start_cursor = Some(0);
+    cfg.source.rewind.0 = Duration::from_secs(2);
+    sim.wait_for_messages(n).await;
+    let target = sim.truth().last_time_us.unwrap();
+    let caught_up = || local_checkpoint(dir.path(), "jetstream").is_some_and(|c| c >= target);
+    let h = ingest::start(cfg.clone(), Input::Network).await.unwrap();
+    assert!(wait_until(Duration::from_secs(60), caught_up).await);
+    h.stop(Duration::from_secs(10)).await.unwrap();
+    let first_run = sim.cursors();
+    assert!(first_run.len() > 5, "the connection dropped: {first_run:?}");
+    assert_eq!(first_run[0], Some(0), "start_cursor 0, rewound, stays 0");
+    for w in first_run.windows(2) {
+        assert!(w[1] >= w[0], "a reconnect went back: {first_run:?}");
+    }
+    // the connections delivered new events every time: every reconnect moved forward
+    assert!(first_run.windows(2).all(|w| w[1] > w[0]), "{first_run:?}");
+    let checkpoint = local_checkpoint(dir.path(), "jetstream").unwrap();
+    let h = ingest::start(cfg, Input::Network).await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || sim.cursors().len()
+            > first_run.len())
+        .await
+    );
+    h.stop(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        sim.cursors()[first_run.len()],
+        Some(checkpoint - 2_000_000),
+        "a restart starts the rewind before the checkpoint"
+    );
+    let got = read_lake(&Lake::open(&lake).unwrap()).await;
+    assert_exactly_once(&got, &sim.truth());
+    sim.stop();
+}
+
+/// With no rewind configured, the instant a reconnect resumes at is still replayed by the server
+/// and still deduplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_without_rewind_still_deduplicates_each_resume_instant() {
+    let n = 2000;
+    let sim = start_sim(SimConfig {
+        messages: Some(n),
+        retention: 1_000_000,
+        faults: Faults {
+            drop_every: Some(250),
+            ..Default::default()
+        },
+        ..seeded(62)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().to_str().unwrap().to_string();
+    let mut cfg = test_config(&lake);
+    cfg.source.kind = SourceKind::Jetstream;
+    cfg.source.url = sim.url();
+    cfg.source.start_cursor = Some(0);
+    cfg.source.rewind.0 = Duration::ZERO;
+    let h = ingest::start(cfg, Input::Network).await.unwrap();
+    sim.wait_for_messages(n).await;
+    let target = sim.truth().last_time_us.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || local_checkpoint(
+            dir.path(),
+            "jetstream"
+        )
+        .is_some_and(|c| c >= target))
+        .await
+    );
+    h.stop(Duration::from_secs(10)).await.unwrap();
+    assert!(sim.cursors().len() > 5);
+    let got = read_lake(&Lake::open(&lake).unwrap()).await;
+    assert_exactly_once(&got, &sim.truth());
+    sim.stop();
+}

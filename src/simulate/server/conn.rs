@@ -194,6 +194,7 @@ pub(super) async fn serve(
         g.connections
     };
     let ask = Ask::parse(&uri);
+    h.lock().cursors.push(ask.cursor);
     let (mut sink, mut stream) = ws.split();
     if conn_no <= faults.silent_connections {
         // accept, then say nothing until the client gives up

@@ -205,6 +205,8 @@ struct Log {
     sent: u64,
     /// collections of every options_update received
     options_updates: Vec<Vec<String>>,
+    /// the cursor every connection asked for, in order
+    cursors: Vec<Option<i64>>,
 }
 
 /// A running simulator.
@@ -241,6 +243,11 @@ impl SimHandle {
     /// The `wantedCollections` of every `options_update` received, in order.
     pub fn options_updates(&self) -> Vec<Vec<String>> {
         self.lock().options_updates.clone()
+    }
+
+    /// The cursor each connection asked for (`None`: the live tip), in order of connection.
+    pub fn cursors(&self) -> Vec<Option<i64>> {
+        self.lock().cursors.clone()
     }
 
     /// Messages sent so far, all connections together.
