@@ -35,6 +35,19 @@ pub enum CarError {
     /// The archive has no roots.
     #[error("CAR has no roots")]
     NoRoots,
+    /// A section longer than the reader accepts (a hostile length must not make it buffer).
+    #[error("section at byte {pos} claims {len} bytes (at most {max})")]
+    SectionTooLarge {
+        /// byte offset
+        pos: u64,
+        /// the claimed length
+        len: u64,
+        /// the limit
+        max: usize,
+    },
+    /// The stream ended inside a section, or before its header.
+    #[error("CAR stream ends inside the section at byte {0}")]
+    EndsEarly(u64),
 }
 
 /// A parsed CAR: roots and blocks, borrowing the input.
@@ -149,6 +162,115 @@ fn parse_header(h: &[u8]) -> Result<Vec<Cid>, CarError> {
         return Err(CarError::NoRoots);
     }
     Ok(roots)
+}
+
+/// Reads a CAR from a stream of chunks without holding more than one section beyond what the
+/// caller keeps: [`CarStream::push`] bytes as they arrive, then take blocks with
+/// [`CarStream::next_block`] until it says it needs more. Every block's hash is verified; a
+/// section longer than `max_section` is an error before any of it is buffered.
+#[derive(Debug)]
+pub struct CarStream {
+    buf: Vec<u8>,
+    /// bytes of `buf` already consumed
+    start: usize,
+    /// stream offset of `buf[0]`
+    base: u64,
+    roots: Option<Vec<Cid>>,
+    max_section: usize,
+}
+
+impl CarStream {
+    /// A reader that refuses sections (header or block) longer than `max_section` bytes.
+    pub fn new(max_section: usize) -> Self {
+        CarStream {
+            buf: Vec::new(),
+            start: 0,
+            base: 0,
+            roots: None,
+            max_section,
+        }
+    }
+
+    /// Appends bytes from the stream.
+    pub fn push(&mut self, chunk: &[u8]) {
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.base += self.start as u64;
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// Bytes buffered and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The header's roots, once the header has been read.
+    pub fn roots(&self) -> Option<&[Cid]> {
+        self.roots.as_deref()
+    }
+
+    /// The next complete section's bytes, or `None` if more input is needed.
+    fn section(&mut self) -> Result<Option<(u64, std::ops::Range<usize>)>, CarError> {
+        let at = self.base + self.start as u64;
+        let rest = &self.buf[self.start..];
+        if rest.is_empty() {
+            return Ok(None);
+        }
+        let (len, n) = match read_varint(rest) {
+            Ok(v) => v,
+            Err(super::cid::CidError::Truncated) => return Ok(None),
+            Err(_) => return Err(CarError::Varint(at as usize)),
+        };
+        if len > self.max_section as u64 {
+            return Err(CarError::SectionTooLarge {
+                pos: at,
+                len,
+                max: self.max_section,
+            });
+        }
+        let len = len as usize;
+        if rest.len() - n < len {
+            self.buf.reserve(len + n - rest.len());
+            return Ok(None);
+        }
+        let from = self.start + n;
+        self.start = from + len;
+        Ok(Some((at, from..from + len)))
+    }
+
+    /// The next block, hash verified; `Ok(None)` when more input is needed (or the stream is
+    /// done: see [`CarStream::finish`]). Reads the header first.
+    pub fn next_block(&mut self) -> Result<Option<(Cid, &[u8])>, CarError> {
+        if self.roots.is_none() {
+            let Some((_, range)) = self.section()? else {
+                return Ok(None);
+            };
+            self.roots = Some(parse_header(&self.buf[range])?);
+        }
+        let Some((at, range)) = self.section()? else {
+            return Ok(None);
+        };
+        let sec = &self.buf[range];
+        let (cid, used) = Cid::read_prefix(sec).map_err(|err| CarError::Cid {
+            err,
+            pos: at as usize,
+        })?;
+        let data = &sec[used..];
+        if !cid.matches(data) {
+            return Err(CarError::HashMismatch(cid));
+        }
+        Ok(Some((cid, data)))
+    }
+
+    /// Checks that the stream ended at a section boundary, after its header.
+    pub fn finish(&self) -> Result<(), CarError> {
+        if self.roots.is_none() || self.buffered() > 0 {
+            return Err(CarError::EndsEarly(self.base + self.start as u64));
+        }
+        Ok(())
+    }
 }
 
 /// Writes CAR slices (used by the simulator and tests).

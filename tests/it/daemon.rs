@@ -102,6 +102,22 @@ async fn run_serves_fresh_sql_metrics_filters_and_stops_cleanly() {
     ] {
         assert!(metrics.contains(m), "/metrics has {m}:\n{metrics}");
     }
+    // every flush is counted under the reason that triggered it
+    let reasons = [
+        "rows",
+        "bytes",
+        "age",
+        "hour_closed",
+        "memory_cap",
+        "checkpoint_lag",
+    ];
+    assert!(
+        reasons
+            .iter()
+            .any(|r| metrics.contains(&format!("atlake_flushes_total{{reason=\"{r}\"}}"))),
+        "/metrics counts flushes by reason:\n{metrics}"
+    );
+    assert!(!metrics.contains("atlake_flushes_total{reason=\"\"}"));
     let ingest = sql(
         &c,
         &base,
