@@ -4,6 +4,7 @@
 //! - [`firehose`]: `subscribeRepos` over WebSocket, with reconnect, resume and error frames.
 //! - [`jetstream`]: Jetstream `/subscribe` over WebSocket, with filters, zstd and rewind.
 //! - [`file`]: a capture file as a stream of messages that ends.
+//! - [`repo_blocks`]: a fetched repository's blocks, in memory up to a cap, then in a spill file.
 //!
 //! A source yields [`RawMessage`]s into a bounded channel: when the pipeline is slow the send
 //! waits, the socket is not read, and TCP pushes back on the server. Nothing is dropped.
@@ -15,6 +16,8 @@ pub mod file;
 pub mod firehose;
 #[cfg(feature = "lake")]
 pub mod jetstream;
+#[cfg(feature = "lake")]
+pub mod repo_blocks;
 #[cfg(feature = "lake")]
 mod ws;
 
