@@ -270,11 +270,6 @@ impl Batcher {
         self.buffers.values().filter_map(|b| b.first_cursor).min()
     }
 
-    /// Latest partition time seen (`None` before the first row).
-    pub fn stream_time_us(&self) -> Option<i64> {
-        self.stream_time_us
-    }
-
     fn note_time(&mut self, t: i64) {
         self.stream_time_us = Some(self.stream_time_us.map_or(t, |s| s.max(t)));
     }

@@ -4,6 +4,8 @@
 //! - [`firehose`]: `subscribeRepos` over WebSocket, with reconnect, resume and error frames.
 //! - [`jetstream`]: Jetstream `/subscribe` over WebSocket, with filters, zstd and rewind.
 //! - [`file`]: a capture file as a stream of messages that ends.
+//! - [`sync`]: the repository sync endpoints (`listRepos`, DID resolution, `getRepo`) with
+//!   per-host limits, 429 and retries.
 //! - [`repo_blocks`]: a fetched repository's blocks, in memory up to a cap, then in a spill file.
 //!
 //! A source yields [`RawMessage`]s into a bounded channel: when the pipeline is slow the send
@@ -18,6 +20,8 @@ pub mod firehose;
 pub mod jetstream;
 #[cfg(feature = "lake")]
 pub mod repo_blocks;
+#[cfg(feature = "lake")]
+pub mod sync;
 #[cfg(feature = "lake")]
 mod ws;
 

@@ -79,6 +79,13 @@ impl RepoBlocks {
         self.spill.is_some()
     }
 
+    /// Empties the store (a fetch that starts over); the spill file, if any, is dropped.
+    pub fn clear(&mut self) {
+        self.mem.clear();
+        self.spill = None;
+        self.total = 0;
+    }
+
     /// Adds a block (a duplicate CID is ignored: its bytes are the same, the hash says so).
     pub fn insert(&mut self, cid: Cid, data: &[u8]) -> Result<(), BlocksError> {
         if self.contains(&cid) {
