@@ -630,6 +630,42 @@ mod tests {
         assert_eq!(b.buffered_rows(), 0);
     }
 
+    /// Rows below a chunk's size are sealed on demand, so live queries see them; nothing is
+    /// sealed twice and the rows stay buffered until their flush.
+    #[test]
+    fn seal_all_publishes_pending_rows_once() {
+        let mut b = Batcher::new(policy(), SourceKind::Firehose);
+        let now = Instant::now();
+        for i in 0..5 {
+            push(
+                &mut b,
+                &ev("app.bsky.feed.like", T0 + i as i64, i),
+                i as i64,
+                now,
+            );
+        }
+        push(&mut b, &ev("app.bsky.graph.follow", T0, 9), 9, now);
+        assert!(
+            b.take_sealed().is_empty(),
+            "below chunk_rows nothing is sealed yet"
+        );
+        b.seal_all().unwrap();
+        let mut sealed: Vec<(String, usize)> = b
+            .take_sealed()
+            .iter()
+            .map(|(k, c)| (k.to_string(), c.num_rows()))
+            .collect();
+        sealed.sort();
+        assert_eq!(sealed.len(), 2, "{sealed:?}");
+        assert_eq!(sealed.iter().map(|(_, n)| n).sum::<usize>(), 6);
+        b.seal_all().unwrap();
+        assert!(
+            b.take_sealed().is_empty(),
+            "sealed rows are not published twice"
+        );
+        assert_eq!(b.buffered_rows(), 6);
+    }
+
     #[test]
     fn flushes_when_max_age_elapses() {
         let mut b = Batcher::new(policy(), SourceKind::Firehose);
