@@ -186,6 +186,50 @@ pub fn walk_records(
     Ok((commit, n))
 }
 
+/// The record's own `createdAt` (a top-level text field), if it has one.
+pub fn created_at(block: &[u8]) -> Option<&str> {
+    let mut r = Reader::new(block);
+    let n = r.map().ok()?;
+    for _ in 0..n {
+        let k = r.key().ok()?;
+        if k == "createdAt" {
+            return r.text().ok();
+        }
+        r.skip(super::cbor::MAX_DEPTH).ok()?;
+    }
+    None
+}
+
+/// When a backfilled record was made, for its partition: the timestamp inside its rkey when the
+/// rkey is a TID, else its `createdAt` when that parses; either only if it lies between the
+/// network's start (2022-11-17) and `upper_us`, else `upper_us`. `upper_us` is the repo's `rev`
+/// time, itself clamped to the network's start and to when the repo was fetched (+10 min); a
+/// version-2 repo (no `rev`) uses the fetch time. A record's claim is never trusted beyond those
+/// bounds.
+pub fn record_time_us(
+    rkey: &str,
+    created_at: Option<&str>,
+    rev: Option<&str>,
+    fetched_us: i64,
+) -> i64 {
+    use crate::model::cursor::{MAX_FUTURE_US, NETWORK_EPOCH_US};
+    let ceiling = fetched_us.saturating_add(MAX_FUTURE_US);
+    let upper = rev
+        .and_then(crate::syntax::tid_timestamp_us)
+        .unwrap_or(fetched_us)
+        .clamp(NETWORK_EPOCH_US, ceiling.max(NETWORK_EPOCH_US));
+    let within = |t: i64| (NETWORK_EPOCH_US..=upper).contains(&t).then_some(t);
+    if crate::syntax::is_tid(rkey)
+        && let Some(t) = crate::syntax::tid_timestamp_us(rkey).and_then(within)
+    {
+        return t;
+    }
+    created_at
+        .and_then(|c| crate::syntax::parse_datetime_us(c).ok())
+        .and_then(within)
+        .unwrap_or(upper)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::car::{Car, CarError, CarStream, CarWriter};
@@ -521,5 +565,72 @@ mod tests {
                 let _ = walk_all(&m, &root, DID);
             }
         }
+    }
+
+    #[test]
+    fn a_record_time_comes_from_its_tid_then_created_at_then_the_rev() {
+        use crate::syntax::tid_from_parts;
+        let day = 86_400_000_000i64;
+        let fetched = 1_790_000_000_000_000; // 2026-09
+        let rev_t = fetched - 30 * day;
+        let rev = tid_from_parts(rev_t as u64, 0);
+        let tid_t = 1_700_000_000_000_000; // 2023-11
+        let tid = tid_from_parts(tid_t as u64, 5);
+        let made = "2024-01-02T03:04:05.000Z";
+        let made_t = crate::syntax::parse_datetime_us(made).unwrap();
+        // a TID rkey wins over createdAt
+        assert_eq!(record_time_us(&tid, Some(made), Some(&rev), fetched), tid_t);
+        // not a TID: createdAt
+        assert_eq!(
+            record_time_us("self", Some(made), Some(&rev), fetched),
+            made_t
+        );
+        // neither: the rev's time
+        assert_eq!(record_time_us("self", None, Some(&rev), fetched), rev_t);
+        assert_eq!(
+            record_time_us("self", Some("yesterday"), Some(&rev), fetched),
+            rev_t
+        );
+        // claims after the rev or before the network are not trusted
+        let future = tid_from_parts((rev_t + day) as u64, 0);
+        assert_eq!(record_time_us(&future, None, Some(&rev), fetched), rev_t);
+        assert_eq!(
+            record_time_us("self", Some("2030-01-01T00:00:00Z"), Some(&rev), fetched),
+            rev_t
+        );
+        assert_eq!(
+            record_time_us("self", Some("2001-01-01T00:00:00Z"), Some(&rev), fetched),
+            rev_t
+        );
+        let old = tid_from_parts(1_000_000_000_000_000, 0); // 2001
+        assert_eq!(
+            record_time_us(&old, Some(made), Some(&rev), fetched),
+            made_t
+        );
+        // a rev in the future is held to the fetch time (+10 min); no rev (version 2): fetch time
+        let far = tid_from_parts((fetched + 365 * day) as u64, 0);
+        let ceiling = fetched + crate::model::cursor::MAX_FUTURE_US;
+        assert_eq!(record_time_us("self", None, Some(&far), fetched), ceiling);
+        assert_eq!(record_time_us("self", None, None, fetched), fetched);
+        assert_eq!(record_time_us("self", Some(made), None, fetched), made_t);
+    }
+
+    #[test]
+    fn created_at_is_read_from_the_top_level_only() {
+        let mut e = Encoder::new();
+        e.map(2)
+            .text("text")
+            .text("hi")
+            .text("createdAt")
+            .text("2024-01-02T03:04:05Z");
+        assert_eq!(created_at(&e.buf), Some("2024-01-02T03:04:05Z"));
+        let mut e = Encoder::new();
+        e.map(1)
+            .text("embed")
+            .map(1)
+            .text("createdAt")
+            .text("2024-01-02T03:04:05Z");
+        assert_eq!(created_at(&e.buf), None);
+        assert_eq!(created_at(b"\xff"), None);
     }
 }
