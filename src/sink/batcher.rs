@@ -703,6 +703,28 @@ mod tests {
         assert_eq!(b.min_buffered_cursor(), Cursor::seq(2).ok());
     }
 
+    /// Buffers exactly at their budget are within it: only going over flushes.
+    #[test]
+    fn buffers_at_exactly_the_budget_stay() {
+        let t = Instant::now();
+        let fill = |b: &mut Batcher| {
+            for i in 0..40 {
+                push(b, &ev("app.bsky.feed.like", T0, i), i as i64, t);
+            }
+        };
+        let mut probe = Batcher::new(policy(), SourceKind::Firehose);
+        fill(&mut probe);
+        let size = probe.buffered_bytes();
+        let mut p = policy();
+        p.memory_cap = size * 4;
+        let mut b = Batcher::new(p, SourceKind::Firehose);
+        fill(&mut b);
+        assert_eq!((b.buffered_bytes(), b.buffer_budget()), (size, size));
+        assert!(b.over_cap(0).unwrap().is_empty());
+        push(&mut b, &ev("app.bsky.feed.like", T0, 99), 99, t);
+        assert_eq!(b.over_cap(0).unwrap().len(), 1);
+    }
+
     #[test]
     fn memory_cap_flushes_the_largest_first() {
         let mut p = policy();
