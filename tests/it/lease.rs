@@ -282,6 +282,20 @@ async fn skewed_clocks_never_let_a_live_lease_be_taken() {
         "{}",
         a.log()
     );
+    // the skew is real: a's lease says it expires about two hours before now
+    let lease = case
+        .lake()
+        .get("_atlake/lease.json")
+        .await
+        .unwrap()
+        .unwrap();
+    let lease: serde_json::Value = serde_json::from_slice(&lease).unwrap();
+    let expires = atlake::syntax::parse_datetime_us(lease["expires"].as_str().unwrap()).unwrap();
+    let behind = atlake::model::cursor::now_us() - expires;
+    assert!(
+        (7_000_000_000..7_200_000_000).contains(&behind),
+        "a's lease expires {behind} µs before now: {lease}"
+    );
     let mut b = case.writer(
         "b",
         true,
