@@ -75,29 +75,24 @@ pub trait BlockSource {
     fn read_block(&self, cid: &Cid, out: &mut Vec<u8>) -> Result<bool, String>;
 }
 
+/// Copies a block found in memory into `out`.
+pub fn copy_block(found: Option<&[u8]>, out: &mut Vec<u8>) -> Result<bool, String> {
+    out.clear();
+    if let Some(b) = found {
+        out.extend_from_slice(b);
+    }
+    Ok(found.is_some())
+}
+
 impl BlockSource for HashMap<Cid, Vec<u8>> {
     fn read_block(&self, cid: &Cid, out: &mut Vec<u8>) -> Result<bool, String> {
-        out.clear();
-        match self.get(cid) {
-            Some(b) => {
-                out.extend_from_slice(b);
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        copy_block(self.get(cid).map(Vec::as_slice), out)
     }
 }
 
 impl BlockSource for super::car::Car<'_> {
     fn read_block(&self, cid: &Cid, out: &mut Vec<u8>) -> Result<bool, String> {
-        out.clear();
-        match self.get(cid) {
-            Some(b) => {
-                out.extend_from_slice(b);
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        copy_block(self.get(cid), out)
     }
 }
 

@@ -230,17 +230,16 @@ pub fn record_time_us(
         .unwrap_or(upper)
 }
 
+/// Small valid repos for tests (here, in the block store's and in the sync client's).
 #[cfg(test)]
-mod tests {
-    use super::super::car::{Car, CarError, CarStream, CarWriter};
+pub(crate) mod sample {
+    use super::super::car::CarWriter;
     use super::super::cbor::Encoder;
-    use super::super::mst::{Node, build};
-    use super::*;
-    use std::collections::HashMap;
+    use super::super::mst::build;
+    use super::Cid;
 
-    const DID: &str = "did:plc:abcdefghijklmnopqrstuvwx";
-
-    fn record(text: &str) -> Vec<u8> {
+    /// A post record.
+    pub fn record(text: &str) -> Vec<u8> {
         let mut e = Encoder::new();
         e.map(2)
             .text("text")
@@ -250,7 +249,8 @@ mod tests {
         e.buf
     }
 
-    fn commit(did: &str, version: i64, data: &Cid, rev: Option<&str>) -> Vec<u8> {
+    /// A signed-looking commit block.
+    pub fn commit(did: &str, version: i64, data: &Cid, rev: Option<&str>) -> Vec<u8> {
         let mut e = Encoder::new();
         e.map(if rev.is_some() { 6 } else { 5 });
         e.text("did").text(did);
@@ -262,24 +262,25 @@ mod tests {
         e.buf
     }
 
-    struct Repo {
-        root: Cid,
-        blocks: Vec<(Cid, Vec<u8>)>,
-        keys: Vec<(String, Cid)>,
+    /// A repo: its commit CID, every block, and its record keys in order.
+    pub struct Repo {
+        pub root: Cid,
+        pub blocks: Vec<(Cid, Vec<u8>)>,
+        pub keys: Vec<(String, Cid)>,
     }
 
-    /// A repo of `n` posts and `n / 3` likes, with its blocks in the order given by `order`.
-    fn repo(n: usize, did: &str) -> Repo {
+    /// A repo of `posts` posts (TID rkeys) and `likes` likes (other rkeys).
+    pub fn repo(did: &str, posts: u64, likes: u64) -> Repo {
         let mut keys = Vec::new();
         let mut blocks = Vec::new();
-        for i in 0..n {
+        for i in 0..posts {
             let b = record(&format!("post {i}"));
             let c = Cid::for_dag_cbor(&b);
-            let rkey = crate::syntax::tid_from_parts(1_700_000_000_000_000 + i as u64 * 1000, 0);
+            let rkey = crate::syntax::tid_from_parts(1_700_000_000_000_000 + i * 1000, 0);
             keys.push((format!("app.bsky.feed.post/{rkey}"), c));
             blocks.push((c, b));
         }
-        for i in 0..n / 3 {
+        for i in 0..likes {
             let b = record(&format!("like {i}"));
             let c = Cid::for_dag_cbor(&b);
             keys.push((format!("app.bsky.feed.like/l{i:05}"), c));
@@ -294,13 +295,36 @@ mod tests {
         Repo { root, blocks, keys }
     }
 
-    fn car(r: &Repo) -> Vec<u8> {
-        let mut w = CarWriter::new(&[r.root]);
-        // records and nodes first, the commit last: the order real repos may use
-        for (c, b) in &r.blocks {
-            w.block(c, b);
+    impl Repo {
+        /// Its CAR: records and nodes first, the commit last (an order real repos may use).
+        pub fn car(&self) -> Vec<u8> {
+            let mut w = CarWriter::new(&[self.root]);
+            for (c, b) in &self.blocks {
+                w.block(c, b);
+            }
+            w.buf
         }
-        w.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::car::{Car, CarError, CarStream, CarWriter};
+    use super::super::cbor::Encoder;
+    use super::super::mst::Node;
+    use super::sample::{Repo, commit, record};
+    use super::*;
+    use std::collections::HashMap;
+
+    const DID: &str = "did:plc:abcdefghijklmnopqrstuvwx";
+
+    /// `n` posts and `n / 3` likes.
+    fn repo(n: usize, did: &str) -> Repo {
+        sample::repo(did, n as u64, n as u64 / 3)
+    }
+
+    fn car(r: &Repo) -> Vec<u8> {
+        r.car()
     }
 
     fn store(bytes: &[u8], chunk: usize) -> Result<(Cid, HashMap<Cid, Vec<u8>>), RepoError> {

@@ -155,16 +155,10 @@ impl Spill {
 
 impl BlockSource for RepoBlocks {
     fn read_block(&self, cid: &Cid, out: &mut Vec<u8>) -> Result<bool, String> {
-        out.clear();
         match &self.spill {
-            None => match self.mem.get(cid) {
-                Some(b) => {
-                    out.extend_from_slice(b);
-                    Ok(true)
-                }
-                None => Ok(false),
-            },
+            None => crate::decode::mst::copy_block(self.mem.get(cid).map(Vec::as_slice), out),
             Some(s) => {
+                out.clear();
                 let Some(&(at, len)) = s.index.get(cid) else {
                     return Ok(false);
                 };
@@ -255,46 +249,21 @@ mod tests {
 #[cfg(test)]
 mod walk_tests {
     use super::*;
-    use crate::decode::car::{CarStream, CarWriter};
-    use crate::decode::cbor::Encoder;
-    use crate::decode::{mst, repo};
+    use crate::decode::car::CarStream;
+    use crate::decode::repo;
 
     /// A repo streamed in small chunks into a store with a tiny memory cap spills, and its walk
     /// gives every record, the same as in memory.
     #[test]
     fn a_spilled_repo_walks_like_one_in_memory() {
         let did = "did:plc:spillspillspillspillspil";
-        let mut keys = Vec::new();
-        let mut blocks = Vec::new();
-        for i in 0..2_000u64 {
-            let mut e = Encoder::new();
-            e.map(1).text("text").text(&format!("record {i}"));
-            let c = Cid::for_dag_cbor(&e.buf);
-            let rkey = crate::syntax::tid_from_parts(1_700_000_000_000_000 + i * 7, 3);
-            keys.push((format!("app.bsky.feed.post/{rkey}"), c));
-            blocks.push((c, e.buf));
-        }
-        keys.sort();
-        let (data, nodes) = mst::build(&keys);
-        let mut e = Encoder::new();
-        e.map(5)
-            .text("did")
-            .text(did)
-            .text("rev")
-            .text("3l5kq2zbzxk2c");
-        e.text("sig").bytes(&[0; 64]).text("data").link(&data);
-        e.text("version").int(3);
-        let root = Cid::for_dag_cbor(&e.buf);
-        let mut w = CarWriter::new(&[root]);
-        for (c, b) in nodes.iter().chain(&blocks) {
-            w.block(c, b);
-        }
-        w.block(&root, &e.buf);
+        let r = repo::sample::repo(did, 2_000, 0);
+        let (root, keys, car) = (r.root, r.keys.clone(), r.car());
         let dir = tempfile::tempdir().unwrap();
         for cap in [usize::MAX, 10_000] {
             let mut store = RepoBlocks::new(cap, u64::MAX, dir.path().to_path_buf());
             let mut s = CarStream::new(1 << 20);
-            for part in w.buf.chunks(1000) {
+            for part in car.chunks(1000) {
                 s.push(part);
                 while let Some((c, b)) = s.next_block().unwrap() {
                     store.insert(c, b).unwrap();

@@ -337,12 +337,7 @@ impl SyncClient {
                 async move {
                     let resp = match req.send().await {
                         Ok(r) => r,
-                        Err(e) => {
-                            return Ok(Attempt::Retry {
-                                why: transport(&e),
-                                wait: None,
-                            });
-                        }
+                        Err(e) => return retry(transport(&e)),
                     };
                     match Self::check(resp).await? {
                         Attempt::Done(resp) => match read_capped(resp, MAX_JSON).await {
@@ -351,7 +346,7 @@ impl SyncClient {
                                 url: url.to_string(),
                                 why,
                             }),
-                            Err(why) => Ok(Attempt::Retry { why, wait: None }),
+                            Err(why) => retry(why),
                         },
                         Attempt::Retry { why, wait } => Ok(Attempt::Retry { why, wait }),
                     }
@@ -502,18 +497,8 @@ impl SyncClient {
                 async move {
                     let resp = match tokio::time::timeout(idle, req.send()).await {
                         Ok(Ok(r)) => r,
-                        Ok(Err(e)) => {
-                            return Ok(Attempt::Retry {
-                                why: transport(&e),
-                                wait: None,
-                            });
-                        }
-                        Err(_) => {
-                            return Ok(Attempt::Retry {
-                                why: "no response".into(),
-                                wait: None,
-                            });
-                        }
+                        Ok(Err(e)) => return retry(transport(&e)),
+                        Err(_) => return retry("no response".into()),
                     };
                     let mut resp = match Self::check(resp).await? {
                         Attempt::Done(r) => r,
@@ -527,18 +512,8 @@ impl SyncClient {
                         let chunk = match tokio::time::timeout(idle, resp.chunk()).await {
                             Ok(Ok(Some(c))) => c,
                             Ok(Ok(None)) => break,
-                            Ok(Err(e)) => {
-                                return Ok(Attempt::Retry {
-                                    why: transport(&e),
-                                    wait: None,
-                                });
-                            }
-                            Err(_) => {
-                                return Ok(Attempt::Retry {
-                                    why: format!("stalled for {idle:?}"),
-                                    wait: None,
-                                });
-                            }
+                            Ok(Err(e)) => return retry(transport(&e)),
+                            Err(_) => return retry(format!("stalled for {idle:?}")),
                         };
                         bytes += chunk.len() as u64;
                         car.push(&chunk);
@@ -578,6 +553,11 @@ fn xrpc(host: &str, method: &str) -> Result<reqwest::Url, SyncError> {
         });
     }
     Ok(url)
+}
+
+/// An attempt to retry after the backoff.
+fn retry<T>(why: String) -> Result<Attempt<T>, SyncError> {
+    Ok(Attempt::Retry { why, wait: None })
 }
 
 fn transport(e: &reqwest::Error) -> String {
@@ -630,9 +610,7 @@ async fn read_capped(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::car::CarWriter;
-    use crate::decode::cbor::Encoder;
-    use crate::decode::{mst, repo};
+    use crate::decode::repo;
     use axum::extract::{Query, State};
     use axum::http::{HeaderMap, StatusCode};
     use axum::response::{IntoResponse, Response};
@@ -641,33 +619,7 @@ mod tests {
     const DID: &str = "did:plc:aaaabbbbccccddddeeeeffff";
 
     fn repo_car(did: &str, n: u64) -> Vec<u8> {
-        let mut keys = Vec::new();
-        let mut blocks = Vec::new();
-        for i in 0..n {
-            let mut e = Encoder::new();
-            e.map(1).text("text").text(&format!("post {i}"));
-            let c = Cid::for_dag_cbor(&e.buf);
-            let rkey = crate::syntax::tid_from_parts(1_700_000_000_000_000 + i, 1);
-            keys.push((format!("app.bsky.feed.post/{rkey}"), c));
-            blocks.push((c, e.buf));
-        }
-        keys.sort();
-        let (data, nodes) = mst::build(&keys);
-        let mut e = Encoder::new();
-        e.map(5)
-            .text("did")
-            .text(did)
-            .text("rev")
-            .text("3l5kq2zbzxk2c");
-        e.text("sig").bytes(&[0; 64]).text("data").link(&data);
-        e.text("version").int(3);
-        let root = Cid::for_dag_cbor(&e.buf);
-        let mut w = CarWriter::new(&[root]);
-        w.block(&root, &e.buf);
-        for (c, b) in nodes.iter().chain(&blocks) {
-            w.block(c, b);
-        }
-        w.buf
+        repo::sample::repo(did, n, 0).car()
     }
 
     #[derive(Default)]

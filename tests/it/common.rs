@@ -185,6 +185,26 @@ pub fn local_checkpoint(dir: &std::path::Path, source: &str) -> Option<i64> {
 }
 
 /// A TCP port that was free a moment ago, for a child process to listen on.
+/// Every regular file under `dirs` (missing directories are skipped).
+pub fn files_under(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = dirs.to_vec();
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

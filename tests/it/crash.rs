@@ -23,25 +23,15 @@ enum Backend {
 fn temp_files_of(dir: &Path, pid: u32) -> (usize, usize) {
     let (mut data, mut checkpoints) = (0, 0);
     let suffix = format!(".{pid}.tmp");
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('.') && n.ends_with(&suffix))
-            {
-                if p.components().any(|c| c.as_os_str() == "_atlake") {
-                    checkpoints += 1;
-                } else {
-                    data += 1;
-                }
+    for p in crate::common::files_under(&[dir.to_path_buf()]) {
+        if p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.') && n.ends_with(&suffix))
+        {
+            if p.components().any(|c| c.as_os_str() == "_atlake") {
+                checkpoints += 1;
+            } else {
+                data += 1;
             }
         }
     }

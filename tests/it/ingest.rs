@@ -6,7 +6,7 @@ use crate::common::{
 };
 use atlake::config::{Config, SourceKind};
 use atlake::ingest::{self, Input};
-use atlake::simulate::server::{Faults, SimConfig};
+use atlake::simulate::server::{Faults, SimConfig, SimHandle};
 use atlake::simulate::traffic::{Traffic, TrafficConfig};
 use atlake::sink::store::Lake;
 use atlake::source::capture::{CaptureFormat, CaptureWriter, Compression};
@@ -279,29 +279,41 @@ async fn recovery_refuses_a_file_without_a_key_column() {
     );
 }
 
+/// A simulator that drops every Jetstream connection after `drop_every` events, and an ingest
+/// config that reads it from cursor 0 with `rewind`.
+async fn jetstream_dropping(
+    n: u64,
+    drop_every: u64,
+    seed: u64,
+    rewind: Duration,
+) -> (SimHandle, tempfile::TempDir, Config) {
+    let sim = start_sim(SimConfig {
+        messages: Some(n),
+        retention: 1_000_000,
+        faults: Faults {
+            drop_every: Some(drop_every),
+            ..Default::default()
+        },
+        ..seeded(seed)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path().to_str().unwrap());
+    cfg.source.kind = SourceKind::Jetstream;
+    cfg.source.url = sim.url();
+    cfg.source.start_cursor = Some(0);
+    cfg.source.rewind.0 = rewind;
+    (sim, dir, cfg)
+}
+
 /// Jetstream's rewind is for the first connection of a run (the lake's cursor may come from
 /// another instance): a restart asks for the checkpoint minus the rewind, and every reconnect
 /// after a dropped connection asks for a cursor no earlier than the previous connection's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_rewinds_on_restart_and_reconnects_only_move_forward() {
     let n = 2500;
-    let sim = start_sim(SimConfig {
-        messages: Some(n),
-        retention: 1_000_000,
-        faults: Faults {
-            drop_every: Some(300),
-            ..Default::default()
-        },
-        ..seeded(61)
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
+    let (sim, dir, cfg) = jetstream_dropping(n, 300, 61, Duration::from_secs(2)).await;
     let lake = dir.path().to_str().unwrap().to_string();
-    let mut cfg = test_config(&lake);
-    cfg.source.kind = SourceKind::Jetstream;
-    cfg.source.url = sim.url();
-    cfg.source.start_cursor = Some(0);
-    cfg.source.rewind.0 = Duration::from_secs(2);
     sim.wait_for_messages(n).await;
     let target = sim.truth().last_time_us.unwrap();
     let caught_up = || local_checkpoint(dir.path(), "jetstream").is_some_and(|c| c >= target);
@@ -339,23 +351,8 @@ async fn jetstream_rewinds_on_restart_and_reconnects_only_move_forward() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_without_rewind_still_deduplicates_each_resume_instant() {
     let n = 2000;
-    let sim = start_sim(SimConfig {
-        messages: Some(n),
-        retention: 1_000_000,
-        faults: Faults {
-            drop_every: Some(250),
-            ..Default::default()
-        },
-        ..seeded(62)
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
+    let (sim, dir, cfg) = jetstream_dropping(n, 250, 62, Duration::ZERO).await;
     let lake = dir.path().to_str().unwrap().to_string();
-    let mut cfg = test_config(&lake);
-    cfg.source.kind = SourceKind::Jetstream;
-    cfg.source.url = sim.url();
-    cfg.source.start_cursor = Some(0);
-    cfg.source.rewind.0 = Duration::ZERO;
     let h = ingest::start(cfg, Input::Network).await.unwrap();
     sim.wait_for_messages(n).await;
     let target = sim.truth().last_time_us.unwrap();

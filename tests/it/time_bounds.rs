@@ -27,21 +27,10 @@ async fn sql_count(lake: &str, sql: &str) -> i64 {
 /// Every `.parquet` under the lake's data directories is a file the lake lists (none was
 /// written under a partition it cannot parse).
 async fn assert_every_file_parses(dir: &std::path::Path) {
-    let mut on_disk = 0;
-    let mut stack = vec![dir.join("events"), dir.join("_errors")];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "parquet") {
-                on_disk += 1;
-            }
-        }
-    }
+    let on_disk = crate::common::files_under(&[dir.join("events"), dir.join("_errors")])
+        .iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .count();
     let listed = atlake::checkpoint::list_files(&Lake::open(dir.to_str().unwrap()).unwrap())
         .await
         .unwrap()

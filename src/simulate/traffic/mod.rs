@@ -258,6 +258,16 @@ impl Traffic {
         self.commit(seq, account, did, time)
     }
 
+    /// A frame carrying one event, at the stream's current time.
+    fn one_event(&self, seq: i64, frame: Vec<u8>, env: Envelope) -> SimMessage {
+        SimMessage {
+            seq,
+            time_us: self.time_us,
+            frame,
+            events: vec![env],
+        }
+    }
+
     fn identity(&mut self, seq: i64, did: String, time: String) -> SimMessage {
         let handle = if self.rng.chance(0.2) {
             Some(format!("user{}.bsky.social", self.rng.below(100_000)))
@@ -287,12 +297,7 @@ impl Traffic {
             seq: Some(seq),
             since: None,
         };
-        SimMessage {
-            seq,
-            time_us: self.time_us,
-            frame,
-            events: vec![env],
-        }
+        self.one_event(seq, frame, env)
     }
 
     fn account(&mut self, seq: i64, did: String, time: String) -> SimMessage {
@@ -342,11 +347,6 @@ impl Traffic {
             seq: Some(seq),
             since: None,
         };
-        SimMessage {
-            seq,
-            time_us: self.time_us,
-            frame,
-            events: vec![env],
-        }
+        self.one_event(seq, frame, env)
     }
 }
