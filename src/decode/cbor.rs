@@ -966,6 +966,37 @@ mod tests {
         );
     }
 
+    /// Skipping a value counts its depth through maps as well as arrays.
+    #[test]
+    fn skip_stops_at_the_depth_limit_in_maps_and_arrays() {
+        for map in [true, false] {
+            let mut e = Encoder::new();
+            for _ in 0..MAX_DEPTH + 5 {
+                if map {
+                    e.map(1).text("k");
+                } else {
+                    e.array(1);
+                }
+            }
+            e.int(1);
+            assert_eq!(
+                Reader::new(&e.buf).skip(MAX_DEPTH),
+                Err(CborError::Depth(MAX_DEPTH)),
+                "maps: {map}"
+            );
+            let mut e = Encoder::new();
+            for _ in 0..MAX_DEPTH {
+                if map {
+                    e.map(1).text("k");
+                } else {
+                    e.array(1);
+                }
+            }
+            e.int(1);
+            assert_eq!(Reader::new(&e.buf).skip(MAX_DEPTH), Ok(()), "maps: {map}");
+        }
+    }
+
     #[test]
     fn depth_limit() {
         let mut b = vec![0x81; 200];
