@@ -194,19 +194,6 @@ pub enum Body<'a> {
     },
 }
 
-impl Body<'_> {
-    /// The sequence number, for types that have one.
-    pub fn seq(&self) -> Option<i64> {
-        match self {
-            Body::Commit(c) => Some(c.seq),
-            Body::Sync(s) => Some(s.seq),
-            Body::Identity(i) => Some(i.seq),
-            Body::Account(a) => Some(a.seq),
-            _ => None,
-        }
-    }
-}
-
 /// Parses the header of a frame; returns it and the offset where the body starts.
 pub fn parse_header(frame: &[u8]) -> Result<(Header<'_>, usize), FrameError> {
     let mut r = Reader::new(frame);
