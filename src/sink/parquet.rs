@@ -333,7 +333,24 @@ mod tests {
                 rg.column(did).bloom_filter_offset().is_some(),
                 "a bloom filter on did"
             );
+            let bloom_bytes = rg.column(did).bloom_filter_length().unwrap() as usize;
             let batches: Vec<RecordBatch> = b.build().unwrap().map(|r| r.unwrap()).collect();
+            // the filter is sized by distinct DIDs (about 1.2 bytes each at 1 % false positives)
+            let dids: std::collections::HashSet<String> = batches
+                .iter()
+                .flat_map(|rb| {
+                    let d = rb.column_by_name("did").unwrap().as_string::<i32>();
+                    (0..rb.num_rows())
+                        .map(|i| d.value(i).to_string())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            assert!(dids.len() >= 50, "{} DIDs", dids.len());
+            assert!(
+                bloom_bytes >= dids.len() && bloom_bytes <= 4 * dids.len(),
+                "a {bloom_bytes}-byte bloom filter for {} DIDs",
+                dids.len()
+            );
             let mut rows: Vec<(String, i64, String)> = Vec::new();
             for rb in &batches {
                 let c = rb.column_by_name("collection").unwrap().as_string::<i32>();

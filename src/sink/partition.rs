@@ -336,6 +336,19 @@ pub fn is_temp_path(rel: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Collections up to 253 bytes name directories; a byte more does not.
+    #[test]
+    fn path_safe_collections_stop_at_253_bytes() {
+        let head = format!("{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(63));
+        let at = format!("{head}.{}", "d".repeat(253 - head.len() - 1));
+        let over = format!("{head}.{}", "d".repeat(254 - head.len() - 1));
+        assert_eq!((at.len(), over.len()), (253, 254));
+        assert!(crate::syntax::is_nsid(&at) && crate::syntax::is_nsid(&over));
+        assert!(is_path_safe_collection(&at));
+        assert!(!is_path_safe_collection(&over));
+        assert!(!is_path_safe_collection("Com.Example.post"));
+    }
+
     #[test]
     fn paths_round_trip() {
         let key = PartitionKey::try_new(
