@@ -336,6 +336,47 @@ pub fn is_temp_path(rel: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// An hour's bounds hold exactly its microseconds.
+    #[test]
+    fn an_hour_spans_its_own_microseconds() {
+        for t in [
+            0,
+            1,
+            HOUR_US - 1,
+            HOUR_US,
+            1_783_173_600_000_000,
+            1_783_177_199_999_999,
+        ] {
+            let k = PartitionKey::try_new(PartitionName::Errors, t).unwrap();
+            assert_eq!(k.start_us(), t - t.rem_euclid(HOUR_US), "{t}");
+            assert_eq!(k.end_us() - k.start_us(), HOUR_US);
+            assert!((k.start_us()..k.end_us()).contains(&t));
+        }
+    }
+
+    /// Dates and hours that are not `YYYY-MM-DD` and `HH` are refused, whatever their length.
+    #[test]
+    fn malformed_dates_and_hours_are_refused() {
+        for (d, h) in [
+            ("", "00"),
+            ("2026", "00"),
+            ("2026-07", "00"),
+            ("2026-07-0", "00"),
+            ("2026-07-044", "00"),
+            ("2026/07/04", "00"),
+            ("2026-13-04", "00"),
+            ("2026-07-04", "24"),
+            ("2026-07-04", "0"),
+            ("2026-07-04", ""),
+        ] {
+            assert_eq!(parse_date_hour(d, h), None, "{d} {h}");
+        }
+        assert_eq!(
+            parse_date_hour("2026-07-04", "14"),
+            Some(1_783_173_600_000_000 / HOUR_US)
+        );
+    }
+
     /// Collections up to 253 bytes name directories; a byte more does not.
     #[test]
     fn path_safe_collections_stop_at_253_bytes() {
