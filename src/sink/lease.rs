@@ -415,10 +415,20 @@ async fn acquire_local(lake: &Lake, s: &LeaseSettings) -> Result<Lease, LeaseErr
                 });
             }
             Err(std::fs::TryLockError::WouldBlock) => {
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                // the holder writes its name right after locking: until then it is unknown
-                let holder = serde_json::from_str::<Holder>(&text).unwrap_or_else(|_| Holder {
+                // the holder writes its name right after locking: give it a moment, so the
+                // refusal can name it, before calling it unknown
+                let mut named = None;
+                for _ in 0..20 {
+                    let mut text = String::new();
+                    file.rewind().map_err(io)?;
+                    file.read_to_string(&mut text).map_err(io)?;
+                    if let Ok(h) = serde_json::from_str::<Holder>(&text) {
+                        named = Some(h);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let holder = named.unwrap_or_else(|| Holder {
                     command: "(not yet named in the lock file)".into(),
                     host: "?".into(),
                     pid: 0,

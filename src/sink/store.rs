@@ -142,10 +142,10 @@ fn s3_store(bucket: &str, env: &[(String, String)]) -> Result<Arc<dyn ObjectStor
     if let Some(r) = get("AWS_REGION").or_else(|| get("AWS_DEFAULT_REGION")) {
         b = b.with_region(r);
     }
-    // retry briefly inside object_store; the writer retries a failed flush itself, forever
+    // retry briefly inside object_store (three retries end within a few seconds, before its
+    // retry timeout could); the writer retries a failed flush itself, forever
     let retry = object_store::RetryConfig {
         max_retries: 3,
-        retry_timeout: std::time::Duration::from_secs(20),
         ..Default::default()
     };
     b = b.with_retry(retry);

@@ -81,7 +81,7 @@ async fn finish(w: &mut AtlakeChild, lake: &Lake, source: &str, target: i64) {
 }
 
 /// The one-line error of a refused writer, which must name the holder.
-fn assert_refused(w: &mut AtlakeChild, holder_pid: u32) -> String {
+fn assert_refused(w: &mut AtlakeChild, holder_pid: u32, lake_url: &str) -> String {
     let status = w.child.wait().unwrap();
     assert!(!status.success(), "a second writer must fail: {}", w.log());
     let err = w.log();
@@ -93,6 +93,10 @@ fn assert_refused(w: &mut AtlakeChild, holder_pid: u32) -> String {
     assert!(
         line.contains("is being written by") && line.contains(&format!("pid {holder_pid}")),
         "the error names the holder (pid {holder_pid}): {line}"
+    );
+    assert!(
+        line.contains(&format!("the lake {lake_url} ")),
+        "the error names the lake: {line}"
     );
     line
 }
@@ -136,7 +140,7 @@ async fn two_writers(source: &str, s3: bool) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let line = assert_refused(&mut refused, holder.pid());
+    let line = assert_refused(&mut refused, holder.pid(), &lake_url);
     let lake = Lake::open_with_env(&lake_url, &env).unwrap();
     let t = target(&sim, source, messages).await;
     finish(&mut holder, &lake, source, t).await;
@@ -237,7 +241,7 @@ async fn a_killed_holders_lease_is_taken_over_after_it_lapses() {
     let _ = a.child.wait();
     let killed_at = Instant::now();
     let mut b = case.writer("b", false, &[("ATLAKE_FAULT_MACHINE_ID", "machine-b")]);
-    assert_refused(&mut b, holder);
+    assert_refused(&mut b, holder, &case.lake_url);
     let mut c = case.writer("c", true, &[("ATLAKE_FAULT_MACHINE_ID", "machine-b")]);
     assert!(
         c.wait_log("took over the lake's writer lease", Duration::from_secs(60))
