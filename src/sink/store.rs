@@ -490,6 +490,22 @@ mod tests {
     use super::*;
     use crate::sink::lease::FenceError;
 
+    /// A directory that is gone by the time it is read (removed by hand, or never made) is
+    /// nothing to clean, not an error; other failures are errors.
+    #[test]
+    fn temp_file_cleanup_skips_missing_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("not-there");
+        assert_eq!(remove_temps(&gone).unwrap(), 0);
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::write(dir.path().join("a/b/.x.1.tmp"), b"x").unwrap();
+        std::fs::write(dir.path().join("a/b/kept.parquet"), b"x").unwrap();
+        assert_eq!(remove_temps(dir.path()).unwrap(), 1);
+        assert!(dir.path().join("a/b/kept.parquet").exists());
+        let file = dir.path().join("a/b/kept.parquet");
+        assert!(remove_temps(&file).is_err(), "a file is not a directory");
+    }
+
     #[test]
     fn lake_locations_parse() {
         assert_eq!(
