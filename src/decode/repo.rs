@@ -186,18 +186,23 @@ pub fn walk_records(
     Ok((commit, n))
 }
 
-/// The record's own `createdAt` (a top-level text field), if it has one.
-pub fn created_at(block: &[u8]) -> Option<&str> {
+/// The record's own `createdAt` (a top-level field): `Ok(None)` when it has none or it is not
+/// text (a claim that does not parse is not used); an error when the record is not a map of
+/// valid DAG-CBOR.
+pub fn created_at(block: &[u8]) -> Result<Option<&str>, CborError> {
     let mut r = Reader::new(block);
-    let n = r.map().ok()?;
+    let n = r.map()?;
     for _ in 0..n {
-        let k = r.key().ok()?;
+        let k = r.key()?;
         if k == "createdAt" {
-            return r.text().ok();
+            return Ok(match r.item()? {
+                super::cbor::Item::Text(t) => Some(t),
+                _ => None,
+            });
         }
-        r.skip(super::cbor::MAX_DEPTH).ok()?;
+        r.skip(super::cbor::MAX_DEPTH)?;
     }
-    None
+    Ok(None)
 }
 
 /// When a backfilled record was made, for its partition: the timestamp inside its rkey when the
@@ -585,8 +590,11 @@ mod tests {
             let mut b = bytes.clone();
             let i = (rng as usize) % b.len();
             b[i] = (rng >> 32) as u8;
-            if let Ok((root, m)) = store(&b, 97) {
-                let _ = walk_all(&m, &root, DID);
+            // a change that passes every hash check cannot change what the repo holds
+            if let Ok((root, m)) = store(&b, 97)
+                && let Ok(got) = walk_all(&m, &root, DID)
+            {
+                assert_eq!(got, r.keys);
             }
         }
     }
@@ -647,14 +655,21 @@ mod tests {
             .text("hi")
             .text("createdAt")
             .text("2024-01-02T03:04:05Z");
-        assert_eq!(created_at(&e.buf), Some("2024-01-02T03:04:05Z"));
+        assert_eq!(created_at(&e.buf), Ok(Some("2024-01-02T03:04:05Z")));
         let mut e = Encoder::new();
         e.map(1)
             .text("embed")
             .map(1)
             .text("createdAt")
             .text("2024-01-02T03:04:05Z");
-        assert_eq!(created_at(&e.buf), None);
-        assert_eq!(created_at(b"\xff"), None);
+        assert_eq!(created_at(&e.buf), Ok(None));
+        let mut e = Encoder::new();
+        e.map(1).text("createdAt").int(5);
+        assert_eq!(
+            created_at(&e.buf),
+            Ok(None),
+            "a createdAt that is not text is no claim"
+        );
+        assert!(created_at(b"\xff").is_err(), "a broken record is an error");
     }
 }

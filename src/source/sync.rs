@@ -202,22 +202,24 @@ impl SyncClient {
         })
     }
 
-    fn host(&self, url: &reqwest::Url) -> Arc<Host> {
-        let key = format!(
-            "{}:{}",
-            url.host_str().unwrap_or(""),
-            url.port_or_known_default().unwrap_or(0)
-        );
-        let mut hosts = self.hosts.lock().expect("host map lock");
-        hosts
-            .entry(key)
+    fn host(&self, url: &reqwest::Url) -> Result<Arc<Host>, SyncError> {
+        let (Some(name), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+            return Err(SyncError::BadResponse {
+                url: url.to_string(),
+                why: "no host or port".into(),
+            });
+        };
+        // a poisoned map still holds valid limiters: no update is left half done in it
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(hosts
+            .entry(format!("{name}:{port}"))
             .or_insert_with(|| {
                 Arc::new(Host {
                     slots: Semaphore::new(self.settings.per_host.max(1)),
                     next_start: tokio::sync::Mutex::new(Instant::now()),
                 })
             })
-            .clone()
+            .clone())
     }
 
     /// Runs `attempt` under the host's limits, retrying as the module says.
@@ -230,16 +232,15 @@ impl SyncClient {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<Attempt<T>, SyncError>>,
     {
-        let host = self.host(url);
+        let host = self.host(url)?;
         let mut backoff = Backoff::new(self.settings.backoff, Duration::from_secs(30));
         let mut last = String::new();
         for n in 1..=self.settings.attempts.max(1) {
             let outcome = {
-                let _slot = host
-                    .slots
-                    .acquire()
-                    .await
-                    .expect("host semaphore is never closed");
+                let _slot = host.slots.acquire().await.map_err(|_| SyncError::GaveUp {
+                    attempts: n,
+                    last: "the host's request limiter was closed".into(),
+                })?;
                 {
                     let mut next = host.next_start.lock().await;
                     tokio::time::sleep_until(*next).await;
@@ -310,6 +311,7 @@ impl SyncClient {
             error: Option<String>,
             message: Option<String>,
         }
+        // a body that is not an XRPC error (a proxy's HTML page) keeps the status as the name
         let e: Option<XrpcError> = serde_json::from_slice(&body).ok();
         let name = e
             .as_ref()
@@ -405,7 +407,7 @@ impl SyncClient {
     /// its host's `/.well-known/did.json` (`http` for `localhost` and loopback hosts, `https`
     /// otherwise).
     pub async fn resolve_pds(&self, did: &str) -> Result<String, SyncError> {
-        if let Some(p) = self.dids.lock().expect("did cache lock").get(did) {
+        if let Some(p) = self.dids.lock().unwrap_or_else(|e| e.into_inner()).get(did) {
             return Ok(p.clone());
         }
         let err = |why: String| SyncError::Resolve {
@@ -468,14 +470,17 @@ impl SyncClient {
         let pds = pds.trim_end_matches('/').to_string();
         self.dids
             .lock()
-            .expect("did cache lock")
+            .unwrap_or_else(|e| e.into_inner())
             .insert(did.to_string(), pds.clone());
         Ok(pds)
     }
 
     /// Forgets a DID's PDS (after an `#identity` event, or when the PDS says the repo moved).
     pub fn forget(&self, did: &str) {
-        self.dids.lock().expect("did cache lock").remove(did);
+        self.dids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(did);
     }
 
     /// Streams `getRepo` of `did` from `pds` into `blocks`, verifying every block's hash. A retry
