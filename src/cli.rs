@@ -88,6 +88,8 @@ impl ValueEnum for SourceKind {
             SourceKind::Jetstream => {
                 clap::builder::PossibleValue::new("jetstream").help("Jetstream /subscribe")
             }
+            // not offered (value_variants): a backfill is its own command
+            SourceKind::Repo => return None,
         })
     }
 }
@@ -203,6 +205,46 @@ pub enum Command {
         #[arg(long, short, value_name = "FILE")]
         input: Option<PathBuf>,
     },
+    /// Backfill the network's history from the repositories into the lake, then exit.
+    ///
+    /// Lists the repos of a relay (or of a PDS: --relay takes its URL too), or takes
+    /// --dids/--dids-file, resolves each DID to its PDS, fetches its repo (getRepo), verifies
+    /// every block's hash and the MST, and writes one row per record. Progress is durable in
+    /// the lake: a restart skips finished repos, exactly once.
+    #[command(
+        after_help = "Examples:\n  atlake backfill --relay https://bsky.network --lake ./lake\n  atlake backfill --relay https://bsky.network --collections app.bsky.feed.post --lake s3://my-bucket/atlake\n  atlake backfill --dids did:plc:z72i7hdynmk6r22z27h6tvur --relay https://bsky.network --lake ./lake\n  atlake backfill --relay https://my-pds.example --plc https://plc.directory --lake ./lake"
+    )]
+    Backfill {
+        /// Config and lake.
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Writing.
+        #[command(flatten)]
+        writer: WriterArgs,
+        /// Host that lists repos (a relay, or a PDS for its own accounts).
+        #[arg(long, value_name = "URL")]
+        relay: Option<String>,
+        /// PLC directory for did:plc (default https://plc.directory).
+        #[arg(long, value_name = "URL")]
+        plc: Option<String>,
+        /// Only records of these collections (NSIDs), comma-separated.
+        #[arg(long, value_delimiter = ',', value_name = "NSID")]
+        collections: Vec<String>,
+        /// Only these repos, comma-separated (instead of listing the relay's).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            value_name = "DID",
+            conflicts_with = "dids_file"
+        )]
+        dids: Vec<String>,
+        /// Only the repos in this file, one DID a line.
+        #[arg(long, value_name = "FILE")]
+        dids_file: Option<PathBuf>,
+        /// Repos fetched at once (default 32).
+        #[arg(long, value_name = "N")]
+        concurrency: Option<usize>,
+    },
     /// Serve synthetic traffic as a firehose and a Jetstream endpoint, or write it as a capture.
     ///
     /// The same seed always gives the same bytes. The server speaks
@@ -246,6 +288,19 @@ pub enum Command {
         /// Write the ground truth (counts per kind/collection/operation) as JSON.
         #[arg(long, value_name = "FILE")]
         truth: Option<PathBuf>,
+        /// Serve the repository sync endpoints instead (listRepos, listReposByCollection,
+        /// getRepo on several PDS hosts, a PLC stand-in at /plc), for `atlake backfill`.
+        #[arg(long)]
+        sync: bool,
+        /// With --sync: mean records per repo.
+        #[arg(long, default_value_t = 60, value_name = "N")]
+        records: u64,
+        /// With --sync: PDS hosts.
+        #[arg(long, default_value_t = 3, value_name = "N")]
+        hosts: usize,
+        /// With --sync: make account 0's repo this many records.
+        #[arg(long, value_name = "N")]
+        big_repo: Option<u64>,
     },
     /// Write the Jetstream v1 JSON lines for a capture file to stdout.
     ///
@@ -329,6 +384,9 @@ pub fn load_config(common: &CommonArgs, source: &SourceArgs) -> anyhow::Result<C
             cfg.source.url = match s {
                 SourceKind::Firehose => "wss://bsky.network".into(),
                 SourceKind::Jetstream => "wss://jetstream2.us-east.bsky.network/subscribe".into(),
+                SourceKind::Repo => {
+                    anyhow::bail!("--source repo is not a live source; use `atlake backfill`")
+                }
             };
         }
     }
@@ -405,6 +463,49 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.lake.lease_wait |= writer.wait;
             ingest_cmd(cfg, input).await
         }
+        Command::Backfill {
+            common,
+            writer,
+            relay,
+            plc,
+            collections,
+            dids,
+            dids_file,
+            concurrency,
+        } => {
+            let mut cfg = load_config(&common, &no_source())?;
+            cfg.lake.lease_wait |= writer.wait;
+            let b = &mut cfg.backfill;
+            if let Some(r) = relay {
+                b.relay = r;
+            }
+            if let Some(p) = plc {
+                b.plc = p;
+            }
+            if !collections.is_empty() {
+                b.collections = collections;
+            }
+            if let Some(c) = concurrency {
+                b.concurrency = c;
+            }
+            cfg.validate()?;
+            let target = match (dids.is_empty(), dids_file) {
+                (false, _) => crate::backfill::Target::Dids(check_dids(dids)?),
+                (true, Some(f)) => {
+                    let text = std::fs::read_to_string(&f)
+                        .with_context(|| format!("reading {}", f.display()))?;
+                    let list = text
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(str::to_string)
+                        .collect();
+                    crate::backfill::Target::Dids(check_dids(list)?)
+                }
+                (true, None) => crate::backfill::Target::Listed,
+            };
+            backfill_cmd(cfg, target).await
+        }
         Command::Simulate {
             listen,
             messages,
@@ -417,7 +518,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             format,
             compress,
             truth,
+            sync,
+            records,
+            hosts,
+            big_repo,
         } => {
+            if sync {
+                return simulate_sync(SyncArgs {
+                    listen,
+                    seed,
+                    accounts,
+                    records,
+                    hosts,
+                    big_repo,
+                })
+                .await;
+            }
             if step_us <= 0 {
                 bail!("--step-us must be positive");
             }
@@ -445,6 +561,112 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+/// Every DID must be one (`did:plc:…`, `did:web:…`).
+fn check_dids(dids: Vec<String>) -> anyhow::Result<Vec<String>> {
+    if let Some(bad) = dids.iter().find(|d| !crate::syntax::is_did(d)) {
+        bail!("{bad:?} is not a DID");
+    }
+    Ok(dids)
+}
+
+async fn backfill_cmd(cfg: Config, target: crate::backfill::Target) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let lake = crate::sink::store::Lake::open(&cfg.lake.url)?;
+    let stats = Arc::new(crate::backfill::Stats::default());
+    let from = match &target {
+        crate::backfill::Target::Dids(d) => format!("{} repos", d.len()),
+        crate::backfill::Target::Listed => format!("the repos listed by {}", cfg.backfill.relay),
+    };
+    eprintln!("atlake: backfilling {from} into {}", cfg.lake.url);
+    let tty = std::io::stderr().is_terminal();
+    let watch = stats.clone();
+    let started = std::time::Instant::now();
+    let reporter = tokio::spawn(async move {
+        let every = if tty {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(10)
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            let line = progress_line(&watch, started.elapsed());
+            if tty {
+                eprint!("\r\x1b[2K{line}");
+            } else {
+                tracing::info!("{line}");
+            }
+        }
+    });
+    let plan = crate::backfill::Plan { target, cfg };
+    let result = crate::backfill::run(plan, &lake, stats.clone()).await;
+    reporter.abort();
+    if tty {
+        eprintln!("\r\x1b[2K{}", progress_line(&stats, started.elapsed()));
+    }
+    let s = result?;
+    let failed: u64 = s.failures.values().sum();
+    eprintln!(
+        "atlake: {} repos done ({} were already), {} failed {:?}, {} inactive {:?}; {} records, {} MB of CAR, {} files in {} batches, {:.1}s",
+        s.done,
+        s.already_done,
+        failed,
+        s.failures,
+        s.inactive.values().sum::<u64>(),
+        s.inactive,
+        s.records,
+        s.car_bytes / 1_000_000,
+        s.files,
+        s.batches,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        // finished, but some repos must be fetched again by another run
+        ExitCode::from(3)
+    })
+}
+
+/// `repos 1200/5000 [####......] 24% · 152k rec/s · 110 MB/s · 3 failed · ETA 40s`.
+fn progress_line(s: &crate::backfill::Stats, elapsed: Duration) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let listed = s.listed.load(Relaxed);
+    let finished = s.done.load(Relaxed) + s.failed.load(Relaxed) + s.already_done.load(Relaxed);
+    let inactive: u64 = s.snapshot().inactive.values().sum();
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    let rate = s.records.load(Relaxed) as f64 / secs;
+    let mbs = s.car_bytes.load(Relaxed) as f64 / 1e6 / secs;
+    let of = listed.saturating_sub(inactive);
+    let frac = if of == 0 {
+        0.0
+    } else {
+        finished as f64 / of as f64
+    };
+    let bar: String = (0..20)
+        .map(|i| if (i as f64) < frac * 20.0 { '#' } else { '.' })
+        .collect();
+    let listing = if s.listing_done.load(Relaxed) == 1 {
+        ""
+    } else {
+        "+ (listing)"
+    };
+    let done_now = s.done.load(Relaxed) + s.failed.load(Relaxed);
+    let eta = if s.listing_done.load(Relaxed) == 1 && done_now > 0 && of > finished {
+        let per = secs / done_now as f64;
+        format!(" · ETA {:.0}s", per * (of - finished) as f64)
+    } else {
+        String::new()
+    };
+    format!(
+        "repos {finished}/{of}{listing} [{bar}] {:.0}% · {:.0} rec/s · {:.1} MB/s · {} failed · {} in flight{eta}",
+        frac * 100.0,
+        rate,
+        mbs,
+        s.failed.load(Relaxed),
+        s.in_flight.load(Relaxed),
+    )
 }
 
 fn no_source() -> SourceArgs {
@@ -705,6 +927,53 @@ fn write_capture(
     if let Some(p) = truth {
         std::fs::write(p, truth_acc.to_json())?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+struct SyncArgs {
+    listen: String,
+    seed: u64,
+    accounts: u64,
+    records: u64,
+    hosts: usize,
+    big_repo: Option<u64>,
+}
+
+async fn simulate_sync(a: SyncArgs) -> anyhow::Result<ExitCode> {
+    let addr: std::net::SocketAddr = a
+        .listen
+        .parse()
+        .with_context(|| format!("--listen {:?} is not an address", a.listen))?;
+    let started = std::time::Instant::now();
+    let sim = crate::simulate::sync::SyncSim::start(crate::simulate::sync::SyncSimConfig {
+        seed: a.seed,
+        accounts: a.accounts,
+        hosts: a.hosts,
+        records: a.records,
+        big_repo: a.big_repo,
+        listen: Some(addr),
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("cannot listen on {addr}"))?;
+    let (records, bytes) = sim.size();
+    eprintln!(
+        "simulate: sync endpoints ready in {:.1}s: {} repos, {records} records, {:.1} MB of CAR\n  relay: {}\n  plc:   {}\n  hosts: {}\n  try:   atlake backfill --relay {} --plc {} --lake ./lake",
+        started.elapsed().as_secs_f64(),
+        a.accounts,
+        bytes as f64 / 1e6,
+        sim.relay,
+        sim.plc,
+        sim.hosts.join(" "),
+        sim.relay,
+        sim.plc,
+    );
+    shutdown_listener().await;
+    eprintln!(
+        "simulate: {} requests ({} getRepo)",
+        sim.requests(),
+        sim.get_repo_requests()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -381,6 +381,85 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// `[backfill]`: history from the repositories (`atlake backfill`, and `atlake run` when
+/// `enabled`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackfillConfig {
+    /// `atlake run` backfills beside the live source.
+    pub enabled: bool,
+    /// Host that lists the repos (`com.atproto.sync.listRepos`): a relay, or a PDS for its own
+    /// accounts.
+    pub relay: String,
+    /// PLC directory that resolves `did:plc` DIDs.
+    pub plc: String,
+    /// Only records of these collections (NSIDs); with a relay that serves
+    /// `listReposByCollection`, only repos that hold them are fetched. Empty: everything.
+    pub collections: Vec<String>,
+    /// Repos fetched at once.
+    pub concurrency: usize,
+    /// Requests in flight per host.
+    pub per_host: usize,
+    /// Least time between two request starts on one host.
+    pub min_interval: HumanDuration,
+    /// Attempts per request (429, 5xx, timeouts).
+    pub attempts: u32,
+    /// Timeout of one request (a repo's body: the most time between two chunks).
+    pub timeout: HumanDuration,
+    /// Rows buffered before they are written (one file per partition per flush).
+    pub buffer: ByteSize,
+    /// Longest time rows stay buffered before a flush makes them (and the repos they finish)
+    /// durable.
+    pub flush_interval: HumanDuration,
+    /// Blocks of one repo kept in memory; beyond this a repo spills to a temporary file.
+    pub repo_memory: ByteSize,
+    /// Largest repo fetched (bigger ones fail with `repo_too_large`).
+    pub max_repo_size: ByteSize,
+    /// Directory for spilled repos (empty: the system's temporary directory).
+    pub spill_dir: String,
+}
+
+impl Default for BackfillConfig {
+    fn default() -> Self {
+        BackfillConfig {
+            enabled: false,
+            relay: "https://bsky.network".into(),
+            plc: "https://plc.directory".into(),
+            collections: Vec::new(),
+            concurrency: 32,
+            per_host: 4,
+            min_interval: HumanDuration(Duration::ZERO),
+            attempts: 5,
+            timeout: HumanDuration(Duration::from_secs(60)),
+            buffer: ByteSize(64 << 20),
+            flush_interval: HumanDuration(Duration::from_secs(30)),
+            repo_memory: ByteSize(4 << 20),
+            max_repo_size: ByteSize(8 << 30),
+            spill_dir: String::new(),
+        }
+    }
+}
+
+/// Checks an `http(s)://host[:port][/path]` URL.
+pub fn validate_http_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty()
+        || url
+            .bytes()
+            .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+        || !host
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'[' | b']' | b':'))
+    {
+        return Err(format!("{url:?} is not a valid http(s) URL"));
+    }
+    Ok(())
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -397,6 +476,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Shutdown behaviour.
     pub shutdown: ShutdownConfig,
+    /// History from the repositories.
+    pub backfill: BackfillConfig,
 }
 
 /// The default config file, used when it exists and no `--config` is given.
@@ -469,6 +550,12 @@ impl Config {
         if let Err(m) = crate::syntax::validate_url(&self.source.url) {
             return bad("source.url", &m);
         }
+        if !self.source.kind.is_live() {
+            return bad(
+                "source.kind",
+                "must be firehose or jetstream (a backfill is configured in [backfill])",
+            );
+        }
         if self.source.max_message_size.0 < 5 << 20 {
             return bad(
                 "source.max_message_size",
@@ -487,6 +574,36 @@ impl Config {
             if !crate::syntax::is_did(d) {
                 return bad("source.dids", &format!("{d:?} is not a DID"));
             }
+        }
+        let b = &self.backfill;
+        if let Err(m) = validate_http_url(&b.relay) {
+            return bad("backfill.relay", &m);
+        }
+        if let Err(m) = validate_http_url(&b.plc) {
+            return bad("backfill.plc", &m);
+        }
+        for c in &b.collections {
+            if !crate::syntax::is_nsid(c) {
+                return bad("backfill.collections", &format!("{c:?} is not an NSID"));
+            }
+        }
+        if b.concurrency == 0 || b.concurrency > 4096 {
+            return bad("backfill.concurrency", "must be 1 to 4096");
+        }
+        if b.per_host == 0 {
+            return bad("backfill.per_host", "must be at least 1");
+        }
+        if b.attempts == 0 {
+            return bad("backfill.attempts", "must be at least 1");
+        }
+        if b.buffer.0 < 1 << 20 {
+            return bad("backfill.buffer", "must be at least 1MiB");
+        }
+        if b.repo_memory.0 < 64 << 10 {
+            return bad("backfill.repo_memory", "must be at least 64KiB");
+        }
+        if b.timeout.0 < Duration::from_millis(100) {
+            return bad("backfill.timeout", "must be at least 100ms");
         }
         if self.lake.lease_ttl.0 < Duration::from_secs(1) {
             return bad("lake.lease_ttl", "must be at least 1s");

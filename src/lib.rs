@@ -65,6 +65,8 @@ pub mod source;
 pub mod syntax;
 
 #[cfg(feature = "lake")]
+pub mod backfill;
+#[cfg(feature = "lake")]
 pub mod catalog;
 #[cfg(feature = "lake")]
 pub mod checkpoint;

@@ -95,6 +95,8 @@ impl Checkpoint {
         match kind {
             SourceKind::Firehose => self.firehose.as_ref(),
             SourceKind::Jetstream => self.jetstream.as_ref(),
+            // a backfill's progress is per repository, in its own records (`crate::sink::backfill`)
+            SourceKind::Repo => None,
         }
     }
 
@@ -105,12 +107,19 @@ impl Checkpoint {
             .and_then(|p| Cursor::try_new(kind, p.cursor).ok())
     }
 
-    /// Sets the position of a source kind.
-    pub fn set(&mut self, kind: SourceKind, pos: SourcePosition) {
+    /// Sets the position of a live source kind; a backfill has no stream position.
+    pub fn set(&mut self, kind: SourceKind, pos: SourcePosition) -> Result<(), CheckpointError> {
         match kind {
             SourceKind::Firehose => self.firehose = Some(pos),
             SourceKind::Jetstream => self.jetstream = Some(pos),
+            SourceKind::Repo => {
+                return Err(CheckpointError::Corrupt {
+                    path: checkpoint_path(),
+                    message: "a backfill has no stream position".into(),
+                });
+            }
         }
+        Ok(())
     }
 
     /// Reads the checkpoint of a lake (`None` for a new lake). A cursor out of range is an
@@ -172,6 +181,7 @@ pub async fn list_files(lake: &Lake) -> Result<Vec<LakeFile>, CheckpointError> {
     let mut files = Vec::new();
     for dir in [
         crate::sink::partition::EVENTS_DIR,
+        crate::sink::partition::HISTORY_DIR,
         crate::sink::partition::ERRORS_DIR,
     ] {
         for (path, size) in lake.list(dir).await? {
@@ -395,6 +405,12 @@ fn event_keys(
     let cursor = cols.int64(match source {
         SourceKind::Firehose => "seq",
         SourceKind::Jetstream => "time_us",
+        SourceKind::Repo => {
+            return Err(CheckpointError::File {
+                path: f.path.clone(),
+                message: "backfill files have no stream keys to recover".into(),
+            });
+        }
     })?;
     let (did, kind, coll, rkey, rev, op) = (
         cols.utf8("did")?,
@@ -549,7 +565,8 @@ mod tests {
         cp.set(
             SourceKind::Firehose,
             SourcePosition::new(Cursor::seq(c).unwrap(), "wss://relay"),
-        );
+        )
+        .unwrap();
         cp.store(&lake).await.unwrap();
         for rewind in [0u64, 20] {
             let r = recover(&lake, SourceKind::Firehose, rewind).await.unwrap();

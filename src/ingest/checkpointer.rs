@@ -88,7 +88,8 @@ mod tests {
     fn request(v: i64) -> Request {
         let c = Cursor::seq(v).unwrap();
         let mut cp = Checkpoint::default();
-        cp.set(SourceKind::Firehose, SourcePosition::new(c, "wss://relay"));
+        cp.set(SourceKind::Firehose, SourcePosition::new(c, "wss://relay"))
+            .unwrap();
         Some((cp, c))
     }
 

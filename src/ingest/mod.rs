@@ -285,6 +285,11 @@ fn spawn_source(
             let f = w.filters.1.clone();
             tokio::spawn(async move { src.run(raw_tx, f, sd).await.map_err(IngestError::from) })
         }
+        SourceKind::Repo => tokio::spawn(async move {
+            Err(IngestError::Broken(
+                "a backfill is not a live source (use `atlake backfill`)".into(),
+            ))
+        }),
     };
     (task, None)
 }
@@ -296,6 +301,11 @@ pub async fn start_with_lake(
     lake: Lake,
 ) -> Result<IngestHandle, IngestError> {
     let (file, kind) = open_input(&cfg, &input)?;
+    if !kind.is_live() {
+        return Err(IngestError::Broken(format!(
+            "{kind} is not a live source (use `atlake backfill`)"
+        )));
+    }
     let rewind = rewind_us(&cfg, kind, &input);
     let filters = Filters::try_new(cfg.source.collections.clone(), cfg.source.dids.clone())?;
     let (lease, lake, mut rec) = lease_and_recover(&cfg, &lake, kind, rewind).await?;

@@ -274,7 +274,7 @@ impl LoopState {
         };
         let source = self.source.as_str();
         match self.source {
-            SourceKind::Jetstream => {
+            SourceKind::Jetstream | SourceKind::Repo => {
                 metrics::counter!("atlake_time_out_of_range_total", "source" => source, "action" => "quarantined").increment(1);
                 let raw = match &msg.payload {
                     Payload::Line(l) => l.to_vec(),
@@ -454,9 +454,15 @@ impl LoopState {
         if Some(c) == self.requested_cursor {
             return;
         }
+        if let Err(e) = self
+            .checkpoint
+            .set(self.source, SourcePosition::new(c, &self.source_url))
+        {
+            tracing::error!(error = %e, "checkpoint not requested");
+            metrics::counter!("atlake_broken_invariants_total").increment(1);
+            return;
+        }
         self.requested_cursor = Some(c);
-        self.checkpoint
-            .set(self.source, SourcePosition::new(c, &self.source_url));
         let _ = self.checkpoints.send(Some((self.checkpoint.clone(), c)));
     }
 

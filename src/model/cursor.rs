@@ -88,6 +88,7 @@ impl fmt::Display for Cursor {
         match self.source {
             SourceKind::Firehose => write!(f, "seq {}", self.value),
             SourceKind::Jetstream => write!(f, "time_us {}", self.value),
+            SourceKind::Repo => write!(f, "backfill batch {}", self.value),
         }
     }
 }

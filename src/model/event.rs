@@ -172,22 +172,32 @@ pub enum SourceKind {
     Firehose,
     /// Jetstream `/subscribe`.
     Jetstream,
+    /// A repository fetched whole (`com.atproto.sync.getRepo`) by a backfill. Not a live
+    /// source: its cursor is the backfill's batch number.
+    Repo,
 }
 
 impl SourceKind {
-    /// `firehose` or `jetstream`.
+    /// `firehose`, `jetstream` or `repo` (the `origin` column).
     pub fn as_str(self) -> &'static str {
         match self {
             SourceKind::Firehose => "firehose",
             SourceKind::Jetstream => "jetstream",
+            SourceKind::Repo => "repo",
         }
     }
 
-    /// Parses `firehose` or `jetstream`.
+    /// Whether it is a live stream (firehose or Jetstream) that a daemon can follow.
+    pub fn is_live(self) -> bool {
+        matches!(self, SourceKind::Firehose | SourceKind::Jetstream)
+    }
+
+    /// Parses `firehose`, `jetstream` or `repo`.
     pub fn parse(s: &str) -> Option<SourceKind> {
         match s {
             "firehose" => Some(SourceKind::Firehose),
             "jetstream" => Some(SourceKind::Jetstream),
+            "repo" => Some(SourceKind::Repo),
             _ => None,
         }
     }
@@ -273,6 +283,14 @@ pub enum ErrorReason {
     /// A Jetstream `time_us` outside the accepted window (before the network existed, or more
     /// than ten minutes after it was received): it cannot be a cursor or a partition time.
     TimeRange,
+    /// A repository CAR that ends in the middle of a block.
+    Truncated,
+    /// A repository whose commit is another account's.
+    DidMismatch,
+    /// A repository whose commit block is not a valid commit.
+    Commit,
+    /// A repository whose MST does not match its root (bad node, order, layer or depth).
+    Mst,
 }
 
 impl ErrorReason {
@@ -299,6 +317,10 @@ impl ErrorReason {
             ErrorReason::TooBig => "too_big",
             ErrorReason::Seq => "seq",
             ErrorReason::TimeRange => "time_range",
+            ErrorReason::Truncated => "truncated",
+            ErrorReason::DidMismatch => "did_mismatch",
+            ErrorReason::Commit => "commit",
+            ErrorReason::Mst => "mst",
         }
     }
 }

@@ -20,8 +20,9 @@ use arrow::record_batch::RecordBatch;
 use std::sync::{Arc, OnceLock};
 
 /// Version of the file schema, written into every Parquet file's metadata.
-/// Version 2 added `claimed_time_us` after every event kind's columns.
-pub const SCHEMA_VERSION: u32 = 2;
+/// Version 2 added `claimed_time_us` after every event kind's columns; version 3 added
+/// `origin` after it.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Largest raw payload kept in the quarantine (the original length is kept too).
 pub const MAX_QUARANTINE_RAW: usize = 1 << 20;
@@ -68,6 +69,13 @@ pub fn common_fields() -> Vec<Field> {
 /// columns at their end): a source's time that was outside the accepted window.
 fn claimed_time_field() -> Field {
     Field::new("claimed_time_us", DataType::Int64, true)
+}
+
+/// The column added in schema version 3 after `claimed_time_us`: where the row came from
+/// (`firehose`, `jetstream` or `repo`). Files written before it have no such column; a query
+/// takes the origin of their rows from the file name, which names the source.
+fn origin_field() -> Field {
+    Field::new("origin", DataType::Utf8, true)
 }
 
 /// The columns a kind adds to the common ones.
@@ -150,6 +158,7 @@ fn build_schema(kind: TableKind, physical: bool) -> SchemaRef {
         // the stored columns, then (in SQL) the typed ones derived from `record`
         TableKind::Events(_) => {
             f.push(claimed_time_field());
+            f.push(origin_field());
             if !physical {
                 f.extend(typed_fields(kind));
             }
@@ -159,6 +168,7 @@ fn build_schema(kind: TableKind, physical: bool) -> SchemaRef {
         TableKind::Identity | TableKind::Account => {
             f.extend(typed_fields(kind));
             f.push(claimed_time_field());
+            f.push(origin_field());
             f
         }
     };
@@ -238,6 +248,7 @@ struct Common {
     seq: Int64Builder,
     record: StringBuilder,
     claimed_time_us: Int64Builder,
+    origin: StringBuilder,
 }
 
 impl Common {
@@ -254,6 +265,7 @@ impl Common {
             seq: Int64Builder::new(),
             record: StringBuilder::new(),
             claimed_time_us: Int64Builder::new(),
+            origin: StringBuilder::new(),
         }
     }
 
@@ -588,6 +600,7 @@ struct ErrorCols {
 /// Accumulates rows of one table kind and turns them into record batches.
 pub struct RowBuilder {
     kind: TableKind,
+    origin: SourceKind,
     common: Option<Common>,
     typed: TypedColumns,
     errors: Option<ErrorCols>,
@@ -608,8 +621,8 @@ impl std::fmt::Debug for RowBuilder {
 const ROW_OVERHEAD: usize = 160;
 
 impl RowBuilder {
-    /// An empty builder for `kind`.
-    pub fn new(kind: TableKind) -> Self {
+    /// An empty builder for `kind`, of rows that came from `origin`.
+    pub fn new(kind: TableKind, origin: SourceKind) -> Self {
         let (common, errors) = if kind == TableKind::Errors {
             (
                 None,
@@ -632,6 +645,7 @@ impl RowBuilder {
         };
         RowBuilder {
             kind,
+            origin,
             common,
             // commit rows store the common columns only; typed columns are derived when queried
             typed: TypedColumns::new(match kind {
@@ -676,6 +690,7 @@ impl RowBuilder {
         c.kind.append_value(e.kind().as_str());
         c.seq.append_option(env.seq);
         c.claimed_time_us.append_option(env.claimed_time_us);
+        c.origin.append_value(self.origin.as_str());
         match &e.data {
             EventData::Commit(op) => {
                 c.operation.append_value(op.operation.as_str());
@@ -745,6 +760,45 @@ impl RowBuilder {
         self.bytes += size;
     }
 
+    /// Appends a record of a repository snapshot (a backfill): a `commit` row, operation
+    /// `create`, no `seq`. `rev` is the repo's revision (`None` for a version-2 repo, which has
+    /// none).
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_record(
+        &mut self,
+        did: &str,
+        time_us: i64,
+        collection: &str,
+        rkey: &str,
+        rev: Option<&str>,
+        cid: &str,
+        record: &str,
+    ) {
+        let Some(c) = self.common.as_mut() else {
+            return;
+        };
+        c.did.append_value(did);
+        c.time_us.append_value(time_us);
+        c.kind.append_value("commit");
+        c.operation.append_value("create");
+        c.collection.append_value(collection);
+        c.rkey.append_value(rkey);
+        c.rev.append_option(rev);
+        c.cid.append_value(cid);
+        c.seq.append_null();
+        c.record.append_value(record);
+        c.claimed_time_us.append_null();
+        c.origin.append_value(self.origin.as_str());
+        self.rows += 1;
+        self.bytes += ROW_OVERHEAD
+            + did.len()
+            + collection.len()
+            + rkey.len()
+            + rev.map_or(0, str::len)
+            + cid.len()
+            + record.len();
+    }
+
     /// Appends a quarantined input.
     pub fn push_error(
         &mut self,
@@ -776,10 +830,13 @@ impl RowBuilder {
 
     /// Finishes the pending rows into a batch and resets the builder.
     pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
-        let mut claimed = None;
+        let mut claimed = Vec::new();
         let mut cols = match (&mut self.common, &mut self.errors) {
             (Some(c), _) => {
-                claimed = Some(Arc::new(c.claimed_time_us.finish()) as ArrayRef);
+                claimed = vec![
+                    Arc::new(c.claimed_time_us.finish()) as ArrayRef,
+                    Arc::new(c.origin.finish()),
+                ];
                 c.finish()
             }
             (None, Some(e)) => vec![

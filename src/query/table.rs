@@ -378,6 +378,24 @@ fn filtered(
 ) -> Result<Arc<dyn ExecutionPlan>> {
     let width = plan.schema().fields().len();
     let Some(filter) = filter else {
+        // columns read only for a filter that turned out to hold on every row
+        if keep < width {
+            use datafusion::physical_expr::PhysicalExpr;
+            use datafusion::physical_expr::expressions::Column;
+            let schema = plan.schema();
+            let exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = (0..keep)
+                .map(|i| {
+                    let f = schema.field(i);
+                    (
+                        Arc::new(Column::new(f.name(), i)) as Arc<dyn PhysicalExpr>,
+                        f.name().clone(),
+                    )
+                })
+                .collect();
+            return Ok(Arc::new(
+                datafusion::physical_plan::projection::ProjectionExec::try_new(exprs, plan)?,
+            ));
+        }
         return Ok(plan);
     };
     let schema = DFSchema::try_from(plan.schema().as_ref().clone())?;
@@ -388,6 +406,93 @@ fn filtered(
             .apply_projection(projection)?
             .build()?,
     ))
+}
+
+/// `filter` on the rows of a file from `source`, whose `origin` is that source: `None` when no
+/// row can match, `Some(None)` when every row does.
+fn with_origin(
+    filter: &Expr,
+    source: crate::model::SourceKind,
+    stored: &SchemaRef,
+) -> Option<Option<Expr>> {
+    if !filter.column_refs().iter().any(|c| c.name == "origin") {
+        return Some(Some(filter.clone()));
+    }
+    let Some(value) = stored
+        .field_with_name("origin")
+        .ok()
+        .and_then(|f| {
+            ScalarValue::Utf8(Some(source.as_str().to_string()))
+                .cast_to(f.data_type())
+                .ok()
+        })
+        .map(|v| Expr::Literal(v, None))
+    else {
+        return Some(Some(filter.clone()));
+    };
+    simplified(filter, stored, |name| {
+        (name == "origin").then(|| value.clone())
+    })
+}
+
+/// `plan` with its column `pos` replaced by the text `value` (same name and type).
+fn constant_column(
+    plan: Arc<dyn ExecutionPlan>,
+    pos: usize,
+    value: &str,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    use datafusion::physical_expr::PhysicalExpr;
+    use datafusion::physical_expr::expressions::{Column, Literal};
+    let schema = plan.schema();
+    let exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let e: Arc<dyn PhysicalExpr> = if i == pos {
+                let v = ScalarValue::Utf8(Some(value.to_string())).cast_to(f.data_type())?;
+                Arc::new(Literal::new(v))
+            } else {
+                Arc::new(Column::new(f.name(), i))
+            };
+            Ok((e, f.name().clone()))
+        })
+        .collect::<Result<_>>()?;
+    Ok(Arc::new(
+        datafusion::physical_plan::projection::ProjectionExec::try_new(exprs, plan)?,
+    ))
+}
+
+/// `filter` with the columns `value_of` names replaced by values and simplified: `None` when
+/// no row can match, `Some(None)` when every row does.
+fn simplified(
+    filter: &Expr,
+    stored: &SchemaRef,
+    value_of: impl Fn(&str) -> Option<Expr>,
+) -> Option<Option<Expr>> {
+    let substituted = filter
+        .clone()
+        .transform(|e| {
+            Ok(match &e {
+                Expr::Column(c) => match value_of(&c.name) {
+                    Some(v) => Transformed::yes(v),
+                    None => Transformed::no(e),
+                },
+                _ => Transformed::no(e),
+            })
+        })
+        .map(|t| t.data);
+    let simplified = substituted.and_then(|e| {
+        let schema = Arc::new(DFSchema::try_from(stored.as_ref().clone())?);
+        ExprSimplifier::new(SimplifyContext::builder().with_schema(schema).build()).simplify(e)
+    });
+    match simplified {
+        Ok(Expr::Literal(ScalarValue::Boolean(Some(true)), _)) => Some(None),
+        Ok(Expr::Literal(ScalarValue::Boolean(_) | ScalarValue::Null, _)) => None,
+        Ok(e) => Some(Some(e)),
+        // not simplified: the whole filter, row by row
+        Err(_) => Some(Some(filter.clone())),
+    }
 }
 
 /// What is left of `filter` on the rows of a partition, given what the partition says about
@@ -404,27 +509,11 @@ fn residual(filter: &Expr, name: &PartitionName, stored: &SchemaRef) -> Option<O
     let (Some(kind), Some(coll)) = (value("kind", Some(kind)), value("collection", coll)) else {
         return Some(Some(filter.clone()));
     };
-    let substituted = filter
-        .clone()
-        .transform(|e| {
-            Ok(match &e {
-                Expr::Column(c) if c.name == "kind" => Transformed::yes(kind.clone()),
-                Expr::Column(c) if c.name == "collection" => Transformed::yes(coll.clone()),
-                _ => Transformed::no(e),
-            })
-        })
-        .map(|t| t.data);
-    let simplified = substituted.and_then(|e| {
-        let schema = Arc::new(DFSchema::try_from(stored.as_ref().clone())?);
-        ExprSimplifier::new(SimplifyContext::builder().with_schema(schema).build()).simplify(e)
-    });
-    match simplified {
-        Ok(Expr::Literal(ScalarValue::Boolean(Some(true)), _)) => Some(None),
-        Ok(Expr::Literal(ScalarValue::Boolean(_) | ScalarValue::Null, _)) => None,
-        Ok(e) => Some(Some(e)),
-        // not simplified: the whole filter, row by row
-        Err(_) => Some(Some(filter.clone())),
-    }
+    simplified(filter, stored, |name| match name {
+        "kind" => Some(kind.clone()),
+        "collection" => Some(coll.clone()),
+        _ => None,
+    })
 }
 
 impl LakeTable {
@@ -675,29 +764,20 @@ impl LakeTable {
         )))
     }
 
-    /// Files and in-memory rows of the stored columns `proj[..keep]`: files pruned by
-    /// `prune_by`, row groups and pages by `predicate`, and rows kept only where `filter` holds
-    /// (it may read the columns of `proj[keep..]` too).
+    /// Plans for `files` (of the stored columns `proj[..keep]`), pushed onto `inputs`.
     #[allow(clippy::too_many_arguments)]
-    fn scan_stored(
+    fn scan_files(
         &self,
         state: &dyn Session,
         proj: &[usize],
         keep: usize,
-        prune_by: &[Expr],
         predicate: &[Expr],
         filter: Option<Expr>,
+        lookup: bool,
         limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
-        // a lookup filters on a column with many values (a DID, a time range, a record key),
-        // not only on the two or three of `kind`, `operation` or `collection`
-        let lookup = filter.iter().chain(predicate).any(|f| {
-            f.column_refs()
-                .iter()
-                .any(|c| !matches!(c.name.as_str(), "kind" | "operation" | "collection"))
-        });
-        let files = self.prune(prune_by);
+        files: Vec<&LakeFile>,
+        inputs: &mut Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<()> {
         let (constant, varying): (Vec<&LakeFile>, Vec<&LakeFile>) = files
             .into_iter()
             .partition(|f| constants(&f.key.name).is_some());
@@ -737,6 +817,78 @@ impl LakeTable {
                 filter.as_ref(),
                 keep,
             )?);
+        }
+        Ok(())
+    }
+
+    /// Files and in-memory rows of the stored columns `proj[..keep]`: files pruned by
+    /// `prune_by`, row groups and pages by `predicate`, and rows kept only where `filter` holds
+    /// (it may read the columns of `proj[keep..]` too).
+    #[allow(clippy::too_many_arguments)]
+    fn scan_stored(
+        &self,
+        state: &dyn Session,
+        proj: &[usize],
+        keep: usize,
+        prune_by: &[Expr],
+        predicate: &[Expr],
+        filter: Option<Expr>,
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        // a lookup filters on a column with many values (a DID, a time range, a record key),
+        // not only on the two or three of `kind`, `operation` or `collection`
+        let lookup = filter.iter().chain(predicate).any(|f| {
+            f.column_refs()
+                .iter()
+                .any(|c| !matches!(c.name.as_str(), "kind" | "operation" | "collection"))
+        });
+        let origin = self.stored.index_of("origin").ok();
+        let mut by_source: Vec<(crate::model::SourceKind, Vec<&LakeFile>)> = Vec::new();
+        for f in self.prune(prune_by) {
+            let s = f.name.source();
+            match by_source.iter_mut().find(|(k, _)| *k == s) {
+                Some((_, v)) => v.push(f),
+                None => by_source.push((s, vec![f])),
+            }
+        }
+        for (source, files) in by_source {
+            // a file's rows all came from the source its name says: `origin` is a constant of
+            // the file (files written before schema version 3 do not store it)
+            let (filter, predicate) = if origin.is_some() {
+                let f = match &filter {
+                    Some(f) => with_origin(f, source, &self.stored),
+                    None => Some(None),
+                };
+                // no row of these files can match
+                let Some(f) = f else { continue };
+                let p: Vec<Expr> = predicate
+                    .iter()
+                    .filter_map(|e| with_origin(e, source, &self.stored).flatten())
+                    .collect();
+                (f, p)
+            } else {
+                (filter.clone(), predicate.to_vec())
+            };
+            let first = inputs.len();
+            self.scan_files(
+                state,
+                proj,
+                keep,
+                &predicate,
+                filter,
+                lookup,
+                limit,
+                files,
+                &mut inputs,
+            )?;
+            if let Some(oi) = origin
+                && let Some(pos) = proj[..keep].iter().position(|&i| i == oi)
+            {
+                for plan in &mut inputs[first..] {
+                    *plan = constant_column(plan.clone(), pos, source.as_str())?;
+                }
+            }
         }
         if !self.batches.is_empty() {
             let memory = MemorySourceConfig::try_new_exec(

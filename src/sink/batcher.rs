@@ -304,7 +304,7 @@ impl Batcher {
         self.buffers
             .entry(key.clone())
             .or_insert_with(|| PartitionBuffer {
-                builder: RowBuilder::new(key.name.table_kind()),
+                builder: RowBuilder::new(key.name.table_kind(), self.source),
                 key,
                 chunks: Vec::new(),
                 rows: 0,

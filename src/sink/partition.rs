@@ -9,6 +9,7 @@
 //! <root>/events/collection=_identity/…   #identity events
 //! <root>/events/collection=_account/…    #account events
 //! <root>/events/collection=_sync/…       #sync events (firehose only)
+//! <root>/history/collection=<nsid>/month=YYYY-MM/<file>.parquet   backfilled records
 //! <root>/_errors/date=YYYY-MM-DD/hour=HH/<file>.parquet   quarantine
 //! <root>/_atlake/checkpoint.json
 //! ```
@@ -26,6 +27,8 @@ use std::fmt;
 
 /// Directory of event partitions under the lake root.
 pub const EVENTS_DIR: &str = "events";
+/// Directory of backfilled history (month partitions) under the lake root.
+pub const HISTORY_DIR: &str = "history";
 /// Directory of the quarantine under the lake root.
 pub const ERRORS_DIR: &str = "_errors";
 /// Directory of atlake's own state under the lake root.
@@ -104,15 +107,27 @@ impl PartitionName {
     }
 }
 
-/// A partition: what, and which hour of stream time.
+/// How much time a partition covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Span {
+    /// One hour (`events/…/date=…/hour=…`): live streams.
+    Hour,
+    /// One calendar month (`history/…/month=YYYY-MM`): backfilled records, which spread over
+    /// years; hourly partitions would make a file per record.
+    Month,
+}
+
+/// A partition: what, and which hour (or month) of partition time.
 ///
 /// The hour is private and always in `MIN_HOUR ..= MAX_HOUR` (years 0000 to 9999): every key
-/// renders a directory that [`parse_path`] reads back to the same key.
+/// renders a directory that [`parse_path`] reads back to the same key. A month partition's hour
+/// is the first hour of its month.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PartitionKey {
     /// What it holds.
     pub name: PartitionName,
     hour: i64,
+    span: Span,
 }
 
 /// The first hour a partition may have: 0000-01-01T00.
@@ -157,20 +172,51 @@ impl PartitionKey {
     /// The partition of hour number `hour` (hours since the epoch).
     pub fn at_hour(name: PartitionName, hour: i64) -> Result<Self, PartitionRangeError> {
         if (MIN_HOUR..=MAX_HOUR).contains(&hour) {
-            Ok(PartitionKey { name, hour })
+            Ok(PartitionKey {
+                name,
+                hour,
+                span: Span::Hour,
+            })
         } else {
             Err(PartitionRangeError { hour })
         }
     }
 
-    /// Hours since the epoch.
+    /// The month partition (of backfilled history) of `time_us`. The quarantine has no month
+    /// partitions: it is refused.
+    pub fn month_of(name: PartitionName, time_us: i64) -> Result<Self, PartitionRangeError> {
+        let hour = time_us.div_euclid(HOUR_US);
+        if name == PartitionName::Errors || !(MIN_HOUR..=MAX_HOUR).contains(&hour) {
+            return Err(PartitionRangeError { hour });
+        }
+        let (y, m, _) = civil_from_days(hour.div_euclid(24));
+        Ok(PartitionKey {
+            name,
+            hour: crate::syntax::days_from_civil(y, m, 1) * 24,
+            span: Span::Month,
+        })
+    }
+
+    /// Hours since the epoch (of the first hour, for a month partition).
     pub fn hour(&self) -> i64 {
         self.hour
+    }
+
+    /// The time it covers.
+    pub fn span(&self) -> Span {
+        self.span
     }
 
     /// Directory relative to the lake root.
     pub fn dir(&self) -> String {
         let (date, hour) = date_hour(self.hour);
+        if self.span == Span::Month {
+            return format!(
+                "{HISTORY_DIR}/collection={}/month={}",
+                self.name.value(),
+                &date[..7]
+            );
+        }
         match &self.name {
             PartitionName::Errors => format!("{ERRORS_DIR}/date={date}/hour={hour}"),
             n => format!(
@@ -185,9 +231,16 @@ impl PartitionKey {
         self.hour * HOUR_US
     }
 
-    /// First µs after the hour.
+    /// First µs after the hour (or month).
     pub fn end_us(&self) -> i64 {
-        (self.hour + 1) * HOUR_US
+        match self.span {
+            Span::Hour => (self.hour + 1) * HOUR_US,
+            Span::Month => {
+                let (y, m, _) = civil_from_days(self.hour.div_euclid(24));
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                crate::syntax::days_from_civil(ny, nm, 1) * 24 * HOUR_US
+            }
+        }
     }
 }
 
@@ -247,6 +300,7 @@ impl FileName {
         let p = match self.source() {
             SourceKind::Firehose => "fh",
             SourceKind::Jetstream => "js",
+            SourceKind::Repo => "rp",
         };
         format!(
             "{p}-{}-{}-{:08x}.parquet",
@@ -263,6 +317,7 @@ impl FileName {
         let source = SourceKind::parse(match parts.next()? {
             "fh" => "firehose",
             "js" => "jetstream",
+            "rp" => "repo",
             _ => return None,
         })?;
         let first = Cursor::try_new(source, digits(parts.next()?)?).ok()?;
@@ -313,6 +368,22 @@ pub fn parse_path(rel: &str, size: u64) -> Option<LakeFile> {
             (n, *date, *hour, *file)
         }
         [ERRORS_DIR, date, hour, file] => (PartitionName::Errors, *date, *hour, *file),
+        [HISTORY_DIR, coll, month, file] => {
+            let n = PartitionName::parse(coll.strip_prefix("collection=")?)?;
+            let m = month.strip_prefix("month=")?;
+            if n == PartitionName::Errors || m.len() != 7 {
+                return None;
+            }
+            let start = parse_date_hour(&format!("{m}-01"), "00")?;
+            let key = PartitionKey::month_of(n, start * HOUR_US).ok()?;
+            return Some(LakeFile {
+                key,
+                name: FileName::parse(file)?,
+                path: rel.to_string(),
+                size,
+                rows: None,
+            });
+        }
         _ => return None,
     };
     let h = parse_date_hour(date.strip_prefix("date=")?, hour.strip_prefix("hour=")?)?;
@@ -335,6 +406,62 @@ pub fn is_temp_path(rel: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A month partition holds exactly its month, renders under `history/` and parses back,
+    /// across year ends and leap days.
+    #[test]
+    fn month_partitions_round_trip() {
+        let name = PartitionName::Collection("app.bsky.feed.post".into());
+        for (t, dir, days) in [
+            (
+                "2024-02-29T23:59:59Z",
+                "history/collection=app.bsky.feed.post/month=2024-02",
+                29,
+            ),
+            (
+                "2023-12-31T23:00:00Z",
+                "history/collection=app.bsky.feed.post/month=2023-12",
+                31,
+            ),
+            (
+                "2025-01-01T00:00:00Z",
+                "history/collection=app.bsky.feed.post/month=2025-01",
+                31,
+            ),
+        ] {
+            let us = crate::syntax::parse_datetime_us(t).unwrap();
+            let k = PartitionKey::month_of(name.clone(), us).unwrap();
+            assert_eq!(k.dir(), dir);
+            assert!((k.start_us()..k.end_us()).contains(&us));
+            assert_eq!(k.end_us() - k.start_us(), days * 24 * HOUR_US);
+            let f = FileName::try_new(
+                Cursor::try_new(SourceKind::Repo, 3).unwrap(),
+                Cursor::try_new(SourceKind::Repo, 3).unwrap(),
+                7,
+            )
+            .unwrap();
+            let path = format!("{dir}/{}", f.render());
+            assert!(path.ends_with("/rp-3-3-00000007.parquet"));
+            let back = parse_path(&path, 1).unwrap();
+            assert_eq!(back.key, k);
+            assert_eq!(back.name, f);
+        }
+        assert!(PartitionKey::month_of(PartitionName::Errors, 0).is_err());
+        assert!(
+            parse_path(
+                "history/collection=_errors/month=2024-01/rp-1-1-00000001.parquet",
+                1
+            )
+            .is_none()
+        );
+        assert!(
+            parse_path(
+                "history/collection=app.bsky.feed.post/month=2024-13/rp-1-1-00000001.parquet",
+                1
+            )
+            .is_none()
+        );
+    }
 
     /// An hour's bounds hold exactly its microseconds.
     #[test]

@@ -49,6 +49,7 @@ async fn live(
     let (source, target) = match kind {
         SourceKind::Firehose => ("firehose", sim.last_seq().unwrap()),
         SourceKind::Jetstream => ("jetstream", sim.truth().last_time_us.unwrap()),
+        SourceKind::Repo => unreachable!("not a live source"),
     };
     let ok = wait_until(Duration::from_secs(120), || {
         local_checkpoint(dir.path(), source).is_some_and(|c| c >= target)

@@ -106,10 +106,12 @@ async fn live_run(kind: SourceKind, faults: Faults, n: u64) {
     let source = match kind {
         SourceKind::Firehose => "firehose",
         SourceKind::Jetstream => "jetstream",
+        SourceKind::Repo => unreachable!("not a live source"),
     };
     let target = match kind {
         SourceKind::Firehose => sim.last_seq().unwrap(),
         SourceKind::Jetstream => sim.truth().last_time_us.unwrap(),
+        SourceKind::Repo => unreachable!("not a live source"),
     };
     let reached = wait_until(Duration::from_secs(120), || {
         local_checkpoint(dir.path(), source).is_some_and(|c| c >= target)

@@ -40,6 +40,20 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "backfill",
+        &[
+            "syntax",
+            "model",
+            "config",
+            "decode",
+            "backoff",
+            "source",
+            "sink",
+            "checkpoint",
+            "catalog",
+        ],
+    ),
+    (
         "query",
         &[
             "syntax",
@@ -57,7 +71,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // the edges
     (
         "daemon",
-        &["config", "model", "sink", "ingest", "query", "telemetry"],
+        &[
+            "config",
+            "model",
+            "sink",
+            "ingest",
+            "backfill",
+            "query",
+            "telemetry",
+        ],
     ),
     (
         "cli",
@@ -70,6 +92,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "sink",
             "checkpoint",
             "ingest",
+            "backfill",
             "query",
             "daemon",
             "simulate",

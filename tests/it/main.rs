@@ -1,6 +1,7 @@
 //! atlake's integration tests: one binary, one module per area.
 
 mod abuse;
+mod backfill;
 mod cli;
 mod common;
 mod convert;

@@ -234,6 +234,7 @@ async fn live(kind: SourceKind) {
     let (name, target) = match kind {
         SourceKind::Firehose => ("firehose", sim.last_seq().unwrap()),
         SourceKind::Jetstream => ("jetstream", sim.truth().last_time_us.unwrap()),
+        SourceKind::Repo => unreachable!("not a live source"),
     };
     let ok = wait_until(Duration::from_secs(120), || {
         local_checkpoint(dir.path(), name).is_some_and(|c| c >= target)
@@ -267,6 +268,7 @@ async fn live(kind: SourceKind) {
                     >= fault("bad_frame_time") as i64
             );
         }
+        SourceKind::Repo => unreachable!("not a live source"),
     }
     assert_eq!(
         sql_count(&l, "SELECT count(*) FROM events").await,

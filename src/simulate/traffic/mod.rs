@@ -235,6 +235,64 @@ impl Traffic {
         (tid_from_parts(repo.rev_time as u64, 0), since)
     }
 
+    /// The records of simulated account `account`'s repository as a backfill finds it: `n`
+    /// records made between `from_us` and `to_us` (collections in the live mix; TID record
+    /// keys of their creation time, `self` for the profile, some third-party keys that are not
+    /// TIDs). Keys are unique; the same seed and account give the same records.
+    pub fn history(
+        seed: u64,
+        accounts: u64,
+        account: u64,
+        n: u64,
+        from_us: i64,
+        to_us: i64,
+    ) -> Vec<(String, serde_json::Value)> {
+        let mut t = Traffic::new(TrafficConfig {
+            seed: seed ^ account.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            accounts,
+            ..Default::default()
+        });
+        let span = (to_us - from_us).max(1) as u64;
+        let mut keys = std::collections::BTreeMap::new();
+        let mut profile = false;
+        for i in 0..n {
+            // creation times spread over the span, older records first
+            let at = from_us + (span / n.max(1) * i + t.rng.below(span / n.max(1) + 1)) as i64;
+            t.time_us = at.min(to_us);
+            let coll = t.pick_coll();
+            let nsid = match coll {
+                records::Coll::ThirdParty => {
+                    let k = t.rng.below(t.long_tail.len() as u64) as usize;
+                    t.long_tail[k].clone()
+                }
+                c => c.nsid().to_string(),
+            };
+            let rkey = match coll {
+                records::Coll::Profile if !profile => {
+                    profile = true;
+                    "self".to_string()
+                }
+                records::Coll::ThirdParty if t.rng.chance(0.3) => {
+                    format!("k{}-{}", t.rng.below(1 << 30), i)
+                }
+                _ => tid_from_parts(t.time_us as u64, (i % 1024) as u16),
+            };
+            let coll = if rkey != "self" && coll == records::Coll::Profile {
+                records::Coll::Post
+            } else {
+                coll
+            };
+            let nsid = if coll == records::Coll::Post && nsid == "app.bsky.actor.profile" {
+                "app.bsky.feed.post".to_string()
+            } else {
+                nsid
+            };
+            let rec = t.record_for(coll, &nsid);
+            keys.insert(format!("{nsid}/{rkey}"), rec);
+        }
+        keys.into_iter().collect()
+    }
+
     /// Generates the next message.
     pub fn next_message(&mut self) -> SimMessage {
         self.produced += 1;

@@ -1,0 +1,362 @@
+//! The rows of a backfill between two flushes, and the flush that makes them files.
+//!
+//! History spreads over thousands of hours, so the live batcher's shape (one row builder per
+//! open partition, a file when one fills) would make a file per hour per repo. Here every row
+//! goes into one builder with its partition number beside it; a flush cuts the rows by
+//! partition and writes one file per partition it touched, so a flush of many repos makes one
+//! file per (collection, hour) that those repos wrote in. The buffer's size (`backfill.buffer`)
+//! sets how many repos share a file.
+
+use crate::config::WriterConfig;
+use crate::model::lexicon::Lexicon;
+use crate::model::rows::{RowBuilder, TableKind};
+use crate::model::{Cursor, ErrorEvent, SourceKind};
+use crate::sink::parquet::{FileMeta, encode_to};
+use crate::sink::partition::{
+    FileName, LakeFile, PartitionKey, PartitionName, PartitionRangeError, is_path_safe_collection,
+};
+use crate::sink::store::Lake;
+use arrow::array::{RecordBatch, UInt32Array};
+use std::collections::{HashMap, HashSet};
+
+/// Collections outside the core lexicons that get partitions of their own in one flush; the
+/// rest share `_other`.
+pub const MAX_NAMED_PARTITIONS: usize = 16;
+
+/// Why a flush failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    /// The rows could not be made a batch.
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// A file could not be stored (after retries).
+    #[error("storing {path}: {why}")]
+    Store {
+        /// the file
+        path: String,
+        /// why
+        why: String,
+    },
+    /// A file name could not be made.
+    #[error("{0}")]
+    Name(String),
+}
+
+/// Rows waiting for the next flush.
+#[derive(Debug)]
+pub struct HistoryBuffer {
+    rows: RowBuilder,
+    parts: Vec<u32>,
+    keys: Vec<PartitionKey>,
+    index: HashMap<PartitionKey, u32>,
+    named: HashSet<String>,
+    errors: RowBuilder,
+    error_parts: Vec<u32>,
+}
+
+impl Default for HistoryBuffer {
+    fn default() -> Self {
+        HistoryBuffer {
+            rows: RowBuilder::new(TableKind::Events(None), SourceKind::Repo),
+            parts: Vec::new(),
+            keys: Vec::new(),
+            index: HashMap::new(),
+            named: HashSet::new(),
+            errors: RowBuilder::new(TableKind::Errors, SourceKind::Repo),
+            error_parts: Vec::new(),
+        }
+    }
+}
+
+impl HistoryBuffer {
+    /// Estimated bytes buffered.
+    pub fn bytes(&self) -> usize {
+        self.rows.bytes() + self.errors.bytes() + self.parts.len() * 4
+    }
+
+    /// Rows buffered (records and quarantined inputs).
+    pub fn len(&self) -> usize {
+        self.rows.len() + self.errors.len()
+    }
+
+    /// Whether nothing is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn part(&mut self, key: PartitionKey) -> u32 {
+        if let Some(&i) = self.index.get(&key) {
+            return i;
+        }
+        let i = self.keys.len() as u32;
+        self.keys.push(key.clone());
+        self.index.insert(key, i);
+        i
+    }
+
+    /// The partition of a record of `collection` made at `time_us`.
+    fn record_partition(
+        &mut self,
+        collection: &str,
+        time_us: i64,
+    ) -> Result<PartitionKey, PartitionRangeError> {
+        let own = Lexicon::of(collection).is_some()
+            || self.named.contains(collection)
+            || (self.named.len() < MAX_NAMED_PARTITIONS && is_path_safe_collection(collection));
+        let name = if own && is_path_safe_collection(collection) {
+            if Lexicon::of(collection).is_none() {
+                self.named.insert(collection.to_string());
+            }
+            PartitionName::Collection(collection.to_string())
+        } else {
+            PartitionName::Other
+        };
+        PartitionKey::month_of(name, time_us)
+    }
+
+    /// Buffers one record (its time already bounded by
+    /// [`crate::decode::repo::record_time_us`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_record(
+        &mut self,
+        did: &str,
+        time_us: i64,
+        collection: &str,
+        rkey: &str,
+        rev: Option<&str>,
+        cid: &str,
+        record: &str,
+    ) -> Result<(), PartitionRangeError> {
+        let key = self.record_partition(collection, time_us)?;
+        let p = self.part(key);
+        self.rows
+            .push_record(did, time_us, collection, rkey, rev, cid, record);
+        self.parts.push(p);
+        Ok(())
+    }
+
+    /// Buffers a quarantined input, in the quarantine's partition of `time_us`.
+    pub fn push_error(
+        &mut self,
+        err: &ErrorEvent,
+        batch: Cursor,
+        time_us: i64,
+    ) -> Result<(), PartitionRangeError> {
+        let key = PartitionKey::try_new(PartitionName::Errors, time_us)?;
+        let p = self.part(key);
+        self.errors
+            .push_error(err, SourceKind::Repo, Some(batch), time_us);
+        self.error_parts.push(p);
+        Ok(())
+    }
+
+    /// The buffered rows cut by partition; the buffer is empty after.
+    pub fn take(&mut self) -> Result<Vec<(PartitionKey, RecordBatch)>, FlushError> {
+        let mut out = Vec::new();
+        let keys = std::mem::take(&mut self.keys);
+        self.index.clear();
+        self.named.clear();
+        for (builder, parts) in [
+            (&mut self.rows, std::mem::take(&mut self.parts)),
+            (&mut self.errors, std::mem::take(&mut self.error_parts)),
+        ] {
+            if builder.is_empty() {
+                continue;
+            }
+            let batch = builder.finish()?;
+            if batch.num_rows() != parts.len() {
+                return Err(FlushError::Name(format!(
+                    "{} rows but {} partitions",
+                    batch.num_rows(),
+                    parts.len()
+                )));
+            }
+            // rows of each partition, in buffer order (a counting sort)
+            let mut counts = vec![0u32; keys.len() + 1];
+            for &p in &parts {
+                counts[p as usize + 1] += 1;
+            }
+            for i in 1..counts.len() {
+                counts[i] += counts[i - 1];
+            }
+            let starts = counts.clone();
+            let mut order = vec![0u32; parts.len()];
+            for (row, &p) in parts.iter().enumerate() {
+                order[counts[p as usize] as usize] = row as u32;
+                counts[p as usize] += 1;
+            }
+            for (p, key) in keys.iter().enumerate() {
+                let (a, b) = (starts[p] as usize, starts[p + 1] as usize);
+                if a == b {
+                    continue;
+                }
+                let idx = UInt32Array::from(order[a..b].to_vec());
+                out.push((
+                    key.clone(),
+                    arrow::compute::take_record_batch(&batch, &idx)?,
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Writes one file per partition of batch `batch` (two at a time: encoding is the work),
+/// retrying a failing store with backoff until `attempts` run out. Returns the files.
+pub async fn write_files(
+    lake: &Lake,
+    cfg: &WriterConfig,
+    batch: Cursor,
+    parts: Vec<(PartitionKey, RecordBatch)>,
+    attempts: u32,
+) -> Result<Vec<LakeFile>, FlushError> {
+    use futures::StreamExt;
+    let jobs = parts.into_iter().map(|(key, rows)| {
+        let lake = lake.clone();
+        let cfg = cfg.clone();
+        async move { write_one(&lake, &cfg, batch, key, rows, attempts).await }
+    });
+    let results: Vec<Result<LakeFile, FlushError>> = futures::stream::iter(jobs)
+        .buffer_unordered(2)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+async fn write_one(
+    lake: &Lake,
+    cfg: &WriterConfig,
+    batch: Cursor,
+    key: PartitionKey,
+    rows: RecordBatch,
+    attempts: u32,
+) -> Result<LakeFile, FlushError> {
+    let dir = key.dir();
+    let hash = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(dir.as_bytes());
+        u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+    };
+    let name =
+        FileName::try_new(batch, batch, hash).map_err(|e| FlushError::Name(e.to_string()))?;
+    let path = format!("{dir}/{}", name.render());
+    let meta = FileMeta {
+        source: SourceKind::Repo,
+        first: batch.value(),
+        last: batch.value(),
+        partition: dir,
+    };
+    let kind = key.name.table_kind();
+    let by_collection = key.name == PartitionName::Other;
+    let n = rows.num_rows() as u64;
+    let mut backoff = crate::backoff::Backoff::new(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(10),
+    );
+    let mut tries = 0;
+    loop {
+        let (cfg2, meta2, chunk) = (cfg.clone(), meta.clone(), vec![rows.clone()]);
+        let produce = move |w: &mut (dyn std::io::Write + Send)| {
+            encode_to(&cfg2, kind, &meta2, &chunk, by_collection, w)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        match lake.put_with(&path, produce).await {
+            Ok(size) => {
+                return Ok(LakeFile {
+                    key,
+                    name,
+                    path,
+                    size,
+                    rows: Some(n),
+                });
+            }
+            Err(e) => {
+                tries += 1;
+                metrics::counter!("atlake_storage_errors_total", "kind" => "store").increment(1);
+                let fenced = matches!(e, crate::sink::store::StoreError::Fenced(_));
+                if tries >= attempts || fenced {
+                    return Err(FlushError::Store {
+                        path,
+                        why: e.to_string(),
+                    });
+                }
+                let d = backoff.next_delay();
+                tracing::warn!(%path, error = %e, tries, ?d, "storing a backfill file failed; retrying");
+                tokio::time::sleep(d).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray};
+
+    const T: i64 = 1_700_000_000_000_000;
+
+    /// Rows are cut by (collection, month); long-tail collections past the cap share `_other`.
+    #[test]
+    fn rows_are_cut_by_partition() {
+        let mut b = HistoryBuffer::default();
+        for i in 0..10i64 {
+            let coll = if i % 2 == 0 {
+                "app.bsky.feed.post"
+            } else {
+                "app.bsky.feed.like"
+            };
+            b.push_record(
+                "did:plc:a",
+                T + (i % 3) * 40 * 24 * crate::sink::partition::HOUR_US,
+                coll,
+                &format!("k{i}"),
+                Some("3l"),
+                "bafy",
+                "{}",
+            )
+            .unwrap();
+        }
+        for i in 0..(MAX_NAMED_PARTITIONS + 5) {
+            b.push_record(
+                "did:plc:a",
+                T,
+                &format!("com.example.c{i}"),
+                "self",
+                None,
+                "bafy",
+                "{}",
+            )
+            .unwrap();
+        }
+        assert!(b.bytes() > 0);
+        let parts = b.take().unwrap();
+        assert!(b.is_empty());
+        let total: usize = parts.iter().map(|(_, r)| r.num_rows()).sum();
+        assert_eq!(total, 10 + MAX_NAMED_PARTITIONS + 5);
+        let other = parts
+            .iter()
+            .find(|(k, _)| k.name == PartitionName::Other)
+            .unwrap();
+        assert_eq!(other.1.num_rows(), 5);
+        // every row sits in its partition's collection and hour
+        for (k, r) in &parts {
+            let t = r
+                .column_by_name("time_us")
+                .unwrap()
+                .as_primitive::<arrow::datatypes::Int64Type>();
+            let c = r.column_by_name("collection").unwrap().as_string::<i32>();
+            let o = r.column_by_name("origin").unwrap().as_string::<i32>();
+            assert_eq!(k.span(), crate::sink::partition::Span::Month);
+            for i in 0..r.num_rows() {
+                assert!((k.start_us()..k.end_us()).contains(&t.value(i)));
+                if let PartitionName::Collection(n) = &k.name {
+                    assert_eq!(c.value(i), n);
+                }
+                assert_eq!(o.value(i), "repo");
+                assert!(r.column_by_name("seq").unwrap().is_null(i));
+            }
+        }
+        // posts and likes in three months each: 6 partitions, plus 64 named and `_other`
+        assert_eq!(parts.len(), 6 + MAX_NAMED_PARTITIONS + 1);
+    }
+}

@@ -1,0 +1,280 @@
+//! One repository: resolve its PDS, stream `getRepo` into a bounded block store, walk the MST,
+//! and send its records to the batch loop in chunks.
+
+use super::{Msg, Row, Stats};
+use crate::decode::cbor::JsonWriter;
+use crate::decode::cid::Cid;
+use crate::decode::repo::{RepoError, created_at, record_time_us, walk_records};
+use crate::model::{ErrorEvent, ErrorReason};
+use crate::source::repo_blocks::RepoBlocks;
+use crate::source::sync::{SyncClient, SyncError};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::sync::mpsc;
+
+/// Records sent to the batch loop at once.
+const CHUNK_ROWS: usize = 512;
+/// Record JSON bytes sent at once.
+const CHUNK_BYTES: usize = 512 << 10;
+/// Largest record block (as on the firehose).
+const MAX_RECORD: usize = 1_000_000;
+
+/// A repo to fetch.
+#[derive(Debug, Clone)]
+pub struct RepoJob {
+    /// The account.
+    pub did: String,
+    /// Resume after this key (records up to it are already in the lake).
+    pub after: Option<String>,
+}
+
+/// What a fetch needs.
+#[derive(Debug, Clone)]
+pub struct FetchContext {
+    /// The sync client (shared limits and DID cache).
+    pub client: SyncClient,
+    /// Blocks of one repo kept in memory.
+    pub repo_memory: usize,
+    /// Largest repo.
+    pub max_repo_size: u64,
+    /// Where big repos spill.
+    pub spill_dir: PathBuf,
+    /// Only these collections (empty: all).
+    pub collections: Arc<Vec<String>>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+/// The quarantine reason of a repo that cannot be read, if it is bad data (not a network
+/// failure or an XRPC refusal).
+fn quarantine_reason(reason: &str) -> Option<ErrorReason> {
+    Some(match reason {
+        "hash_mismatch" => ErrorReason::HashMismatch,
+        "truncated" => ErrorReason::Truncated,
+        "block_too_large" => ErrorReason::Oversized,
+        "car" => ErrorReason::Car,
+        "missing_block" => ErrorReason::MissingBlock,
+        "commit" => ErrorReason::Commit,
+        "did_mismatch" => ErrorReason::DidMismatch,
+        "mst" => ErrorReason::Mst,
+        _ => return None,
+    })
+}
+
+fn failed(did: &str, reason: String, detail: String) -> Msg {
+    let quarantine = quarantine_reason(&reason).map(|r| {
+        let mut e = ErrorEvent::new(r, detail.clone(), &[]);
+        e.did = Some(did.to_string());
+        e
+    });
+    Msg::Failed {
+        did: did.to_string(),
+        reason,
+        detail,
+        quarantine,
+    }
+}
+
+/// Fetches and walks one repo, sending its rows and then `Done` or `Failed` to `tx`.
+pub async fn fetch_one(ctx: FetchContext, job: RepoJob, tx: mpsc::Sender<Msg>) {
+    ctx.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    let msg = fetch_inner(&ctx, &job, &tx).await;
+    ctx.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    // a closed channel means the run is ending: nothing more to report to
+    let _ = tx.send(msg).await;
+}
+
+async fn fetch_inner(ctx: &FetchContext, job: &RepoJob, tx: &mpsc::Sender<Msg>) -> Msg {
+    let did = job.did.clone();
+    let pds = match ctx.client.resolve_pds(&did).await {
+        Ok(p) => p,
+        Err(e) => return failed(&did, e.reason(), e.to_string()),
+    };
+    let mut blocks = RepoBlocks::new(ctx.repo_memory, ctx.max_repo_size, ctx.spill_dir.clone());
+    let fetched = match ctx.client.get_repo(&pds, &did, &mut blocks).await {
+        Ok(f) => f,
+        Err(e) => {
+            let reason = match &e {
+                SyncError::Xrpc { name, .. } => name.clone(),
+                other => other.reason(),
+            };
+            return failed(&did, reason, e.to_string());
+        }
+    };
+    ctx.stats
+        .car_bytes
+        .fetch_add(fetched.bytes, Ordering::Relaxed);
+    let fetched_us = crate::model::cursor::now_us();
+    let (tx2, job2, colls, stats) = (
+        tx.clone(),
+        job.clone(),
+        ctx.collections.clone(),
+        ctx.stats.clone(),
+    );
+    let walked = tokio::task::spawn_blocking(move || {
+        walk(
+            &blocks,
+            &fetched.root,
+            &job2,
+            &colls,
+            fetched_us,
+            &tx2,
+            &stats,
+        )
+    })
+    .await;
+    match walked {
+        Ok(m) => m,
+        Err(e) => {
+            metrics::counter!("atlake_broken_invariants_total").increment(1);
+            failed(&did, "panic".into(), e.to_string())
+        }
+    }
+}
+
+/// A chunk being filled.
+struct Chunk {
+    rows: Vec<Row>,
+    errors: Vec<ErrorEvent>,
+    bytes: usize,
+    last_key: Option<String>,
+}
+
+impl Chunk {
+    fn new() -> Self {
+        Chunk {
+            rows: Vec::new(),
+            errors: Vec::new(),
+            bytes: 0,
+            last_key: None,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.rows.len() + self.errors.len() >= CHUNK_ROWS || self.bytes >= CHUNK_BYTES
+    }
+}
+
+/// Walks a fetched repo (blocking: hashing is done, this decodes records to JSON).
+fn walk(
+    blocks: &RepoBlocks,
+    root: &Cid,
+    job: &RepoJob,
+    collections: &[String],
+    fetched_us: i64,
+    tx: &mpsc::Sender<Msg>,
+    stats: &Stats,
+) -> Msg {
+    let did = job.did.as_str();
+    let mut json = JsonWriter::new();
+    let mut buf = Vec::new();
+    let mut chunk = Chunk::new();
+    let mut records = 0u64;
+    // the rev is only known once the commit is decoded: rows are sent with it after the walk
+    // begins, so the commit is read first
+    let mut commit_buf = Vec::new();
+    let rev = match crate::decode::mst::BlockSource::read_block(blocks, root, &mut commit_buf) {
+        Ok(true) => match crate::decode::repo::Commit::decode(&commit_buf) {
+            Ok(c) => c.rev,
+            Err(e) => return failed(did, e.reason().into(), e.to_string()),
+        },
+        Ok(false) => {
+            let e = RepoError::MissingCommit(*root);
+            return failed(did, e.reason().into(), e.to_string());
+        }
+        Err(why) => return failed(did, "spill".into(), why),
+    };
+    let send = |chunk: &mut Chunk| -> Result<(), RepoError> {
+        if chunk.rows.is_empty() && chunk.errors.is_empty() {
+            return Ok(());
+        }
+        let c = std::mem::replace(chunk, Chunk::new());
+        let Some(last_key) = c.last_key else {
+            return Ok(());
+        };
+        tx.blocking_send(Msg::Rows {
+            did: did.to_string(),
+            rev: rev.clone(),
+            rows: c.rows,
+            errors: c.errors,
+            last_key,
+        })
+        .map_err(|_| RepoError::Stopped("the backfill is stopping".into()))
+    };
+    let walked = walk_records(blocks, root, did, &mut |r| {
+        let key_len = r.collection.len() + 1 + r.rkey.len();
+        let skip = job.after.as_deref().is_some_and(|a| {
+            let key = format!("{}/{}", r.collection, r.rkey);
+            key.as_str() <= a
+        });
+        if skip || (!collections.is_empty() && !collections.iter().any(|c| c == r.collection)) {
+            return Ok(());
+        }
+        let key = format!("{}/{}", r.collection, r.rkey);
+        debug_assert_eq!(key.len(), key_len);
+        let bad = |reason: ErrorReason, detail: String| {
+            let mut e = ErrorEvent::new(reason, detail, &r.block[..r.block.len().min(MAX_RECORD)]);
+            e.did = Some(did.to_string());
+            e.path = Some(key.clone());
+            e
+        };
+        if !crate::syntax::is_nsid(r.collection) {
+            chunk
+                .errors
+                .push(bad(ErrorReason::Collection, "not an NSID".into()));
+        } else if !crate::syntax::is_rkey(r.rkey) {
+            chunk
+                .errors
+                .push(bad(ErrorReason::Rkey, "not a record key".into()));
+        } else if r.block.len() > MAX_RECORD {
+            chunk.errors.push(bad(
+                ErrorReason::RecordTooLarge,
+                format!("{} bytes", r.block.len()),
+            ));
+        } else {
+            buf.clear();
+            match json.record_to_json(r.block, &mut buf) {
+                Err(e) => chunk.errors.push(bad(ErrorReason::Record, e.to_string())),
+                Ok(()) => {
+                    let claimed = created_at(r.block).ok().flatten();
+                    let time_us = record_time_us(r.rkey, claimed, rev.as_deref(), fetched_us);
+                    // the JSON writer emits UTF-8 only (DAG-CBOR text is valid UTF-8)
+                    match String::from_utf8(buf.clone()) {
+                        Ok(record) => {
+                            chunk.bytes += record.len() + key_len + 80;
+                            chunk.rows.push(Row {
+                                collection: r.collection.to_string(),
+                                rkey: r.rkey.to_string(),
+                                cid: r.cid.to_string(),
+                                record,
+                                time_us,
+                            });
+                            records += 1;
+                        }
+                        Err(e) => chunk.errors.push(bad(ErrorReason::Record, e.to_string())),
+                    }
+                }
+            }
+        }
+        chunk.last_key = Some(key);
+        if chunk.full() {
+            send(&mut chunk)?;
+        }
+        Ok(())
+    });
+    let outcome = walked.and_then(|_| send(&mut chunk));
+    stats.records.fetch_add(records, Ordering::Relaxed);
+    match outcome {
+        Ok(()) => Msg::Done {
+            did: did.to_string(),
+            rev,
+        },
+        Err(e) => {
+            // what was walked before the error is verified (every node on its path hashed to
+            // its link): it is kept, and a later fetch resumes after it
+            let _ = send(&mut chunk);
+            failed(did, e.reason().into(), e.to_string())
+        }
+    }
+}

@@ -1,0 +1,661 @@
+//! Backfill: every record that exists in the network's repositories, into the lake.
+//!
+//! ```text
+//!  lister ──(repo jobs)──▶ fetchers (N at once) ──(row chunks)──▶ batch loop ──▶ files, then
+//!  listRepos / --dids       resolve DID → PDS                      one buffer     the batch
+//!  (done repos skipped)     getRepo → block store (spills)         for all        record
+//!                           walk MST (hashes verified)             repos
+//! ```
+//!
+//! - The lister pages `listRepos` (or `listReposByCollection` per collection, when
+//!   collections are given and the host serves it) or reads an explicit DID list; inactive
+//!   repos are counted by status and skipped, repos the lake has finished are skipped.
+//! - Fetchers resolve each DID, stream its CAR into a [`RepoBlocks`] store (memory up to
+//!   `backfill.repo_memory`, then a temporary file), walk the MST from the commit, and send
+//!   records in chunks. A repo that cannot be read is recorded as failed with its reason
+//!   (and, when the repo's bytes are bad, quarantined); the next run fetches it again.
+//! - The batch loop buffers rows of every repo in one [`buffer::HistoryBuffer`] and flushes
+//!   it when it is full or `backfill.flush_interval` passed: one file per partition, then the
+//!   batch record that makes them and the repos they finish durable ([`progress`]).
+//!
+//! Rows: `kind = 'commit'`, `operation = 'create'`, the repo's `rev`, the record's `cid`, no
+//! `seq`, `origin = 'repo'`. A row's time (and partition) is when the record was made, bounded
+//! by [`crate::decode::repo::record_time_us`].
+
+pub mod buffer;
+pub mod fetch;
+pub mod progress;
+
+use crate::config::Config;
+use crate::model::{Cursor, ErrorEvent, SourceKind};
+use crate::sink::lease::{Lease, LeaseError, LeaseSettings};
+use crate::sink::partition::LakeFile;
+use crate::sink::store::Lake;
+use crate::source::sync::{SyncClient, SyncError, SyncSettings};
+use buffer::HistoryBuffer;
+use fetch::{FetchContext, RepoJob};
+use progress::{BatchRecord, Progress, RepoDone, RepoFailed, RepoPartial};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Why a backfill stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    /// The lake's writer lease is held by another writer, or was lost.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// Progress could not be read or written.
+    #[error(transparent)]
+    Progress(#[from] progress::ProgressError),
+    /// A flush failed.
+    #[error(transparent)]
+    Flush(#[from] buffer::FlushError),
+    /// Listing the repos failed.
+    #[error("listing repos: {0}")]
+    List(SyncError),
+    /// The sync client could not be made.
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    /// A part of the backfill failed in a way that is a bug, not bad input.
+    #[error("{0}")]
+    Broken(String),
+}
+
+/// Which repos.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Every repo the host lists (`listRepos`, or `listReposByCollection` per collection).
+    Listed,
+    /// These DIDs.
+    Dids(Vec<String>),
+}
+
+/// Records of one repo in a chunk.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Its collection.
+    pub collection: String,
+    /// Its record key.
+    pub rkey: String,
+    /// Its CID.
+    pub cid: String,
+    /// The record as JSON.
+    pub record: String,
+    /// When it was made (bounded).
+    pub time_us: i64,
+}
+
+/// From fetchers to the batch loop.
+#[derive(Debug)]
+pub enum Msg {
+    /// Records of a repo, in key order, up to `last_key`.
+    Rows {
+        /// the account
+        did: String,
+        /// the snapshot's rev
+        rev: Option<String>,
+        /// records
+        rows: Vec<Row>,
+        /// records set aside
+        errors: Vec<ErrorEvent>,
+        /// the last key these cover
+        last_key: String,
+    },
+    /// Every record of the repo was sent.
+    Done {
+        /// the account
+        did: String,
+        /// the snapshot's rev
+        rev: Option<String>,
+    },
+    /// The repo could not be read.
+    Failed {
+        /// the account
+        did: String,
+        /// short reason
+        reason: String,
+        /// the error
+        detail: String,
+        /// a quarantine row, when the repo's bytes are bad
+        quarantine: Option<ErrorEvent>,
+    },
+}
+
+/// Live counters of a run (for the progress bar, `system.backfill` and metrics).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Repos listed (or given).
+    pub listed: AtomicU64,
+    /// Repos skipped because the lake has them.
+    pub already_done: AtomicU64,
+    /// Repos finished in this run.
+    pub done: AtomicU64,
+    /// Repos that failed in this run.
+    pub failed: AtomicU64,
+    /// Repos being fetched.
+    pub in_flight: AtomicU64,
+    /// Records read.
+    pub records: AtomicU64,
+    /// CAR bytes read.
+    pub car_bytes: AtomicU64,
+    /// Files written.
+    pub files: AtomicU64,
+    /// Batches committed.
+    pub batches: AtomicU64,
+    /// Whether listing has finished.
+    pub listing_done: AtomicU64,
+    /// Inactive repos by status, failures by reason, and the listing cursor.
+    pub detail: Mutex<StatsDetail>,
+}
+
+/// The parts of [`Stats`] that are not counters.
+#[derive(Debug, Default, Clone)]
+pub struct StatsDetail {
+    /// Inactive repos skipped, by status.
+    pub inactive: BTreeMap<String, u64>,
+    /// Failures in this run, by reason.
+    pub failures: BTreeMap<String, u64>,
+    /// The listing's cursor (`None` before the first page or after the last).
+    pub cursor: Option<String>,
+    /// Repos per state in the lake (done, partial, failed), as of the last commit.
+    pub lake_states: (u64, u64, u64),
+}
+
+impl Stats {
+    fn detail(&self) -> std::sync::MutexGuard<'_, StatsDetail> {
+        self.detail.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the detail.
+    pub fn snapshot(&self) -> StatsDetail {
+        self.detail().clone()
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Repos listed or given.
+    pub listed: u64,
+    /// Repos finished by this run.
+    pub done: u64,
+    /// Repos skipped because the lake had them.
+    pub already_done: u64,
+    /// Repos that failed, by reason.
+    pub failures: BTreeMap<String, u64>,
+    /// Inactive repos skipped, by status.
+    pub inactive: BTreeMap<String, u64>,
+    /// Records written.
+    pub records: u64,
+    /// CAR bytes read.
+    pub car_bytes: u64,
+    /// Files written.
+    pub files: u64,
+    /// Batches committed.
+    pub batches: u64,
+    /// Files of uncommitted batches removed at start.
+    pub orphans_removed: usize,
+}
+
+/// How a run is set up.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Which repos.
+    pub target: Target,
+    /// The configuration (`[backfill]`, `[writer]`, `[lake]`).
+    pub cfg: Config,
+}
+
+/// Called with every committed batch's files (the daemon adds them to its catalog).
+pub type OnCommit = Arc<dyn Fn(&[LakeFile]) + Send + Sync>;
+
+/// Runs a backfill to completion under the lake's writer lease (taken here).
+pub async fn run(plan: Plan, lake: &Lake, stats: Arc<Stats>) -> Result<Summary, BackfillError> {
+    let lease = Lease::acquire(
+        lake,
+        &LeaseSettings {
+            command: "backfill".into(),
+            ttl: plan.cfg.lake.lease_ttl.0,
+            wait: plan.cfg.lake.lease_wait,
+        },
+    )
+    .await?;
+    let fenced = lake.fenced(lease.fence());
+    let (_stop_tx, stop) = watch::channel(false);
+    let r = run_fenced(plan, &fenced, stats, None, stop).await;
+    lease.release().await;
+    r
+}
+
+fn sync_settings(cfg: &Config) -> SyncSettings {
+    let b = &cfg.backfill;
+    SyncSettings {
+        plc: b.plc.clone(),
+        per_host: b.per_host,
+        min_interval: b.min_interval.0,
+        attempts: b.attempts,
+        timeout: b.timeout.0,
+        idle_timeout: b.timeout.0,
+        ..SyncSettings::default()
+    }
+}
+
+/// Runs a backfill on a lake whose writer lease the caller holds (`lake` is fenced by it).
+/// `stop` ends it early: what is buffered is flushed and committed first.
+pub async fn run_fenced(
+    plan: Plan,
+    lake: &Lake,
+    stats: Arc<Stats>,
+    on_commit: Option<OnCommit>,
+    stop: watch::Receiver<bool>,
+) -> Result<Summary, BackfillError> {
+    let started = Instant::now();
+    let (mut progress, next_batch, orphans) = Progress::recover(lake).await?;
+    tracing::info!(
+        lake = lake.url(),
+        repos_known = progress.repos.len(),
+        next_batch,
+        orphans_removed = orphans,
+        took = ?started.elapsed(),
+        "recovered backfill progress"
+    );
+    stats.detail().lake_states = progress.counts();
+    let client = SyncClient::new(sync_settings(&plan.cfg))?;
+    let b = &plan.cfg.backfill;
+    let ctx = FetchContext {
+        client: client.clone(),
+        repo_memory: usize::try_from(b.repo_memory.0).unwrap_or(usize::MAX),
+        max_repo_size: b.max_repo_size.0,
+        spill_dir: if b.spill_dir.is_empty() {
+            std::env::temp_dir()
+        } else {
+            PathBuf::from(&b.spill_dir)
+        },
+        collections: Arc::new(b.collections.clone()),
+        stats: stats.clone(),
+    };
+    let resume: HashMap<String, Option<String>> = progress
+        .repos
+        .iter()
+        .map(|(d, s)| (d.clone(), s.after().map(str::to_string)))
+        .collect();
+    let done: HashSet<String> = progress
+        .repos
+        .iter()
+        .filter(|(_, s)| matches!(s, progress::RepoState::Done { .. }))
+        .map(|(d, _)| d.clone())
+        .collect();
+    let (job_tx, job_rx) = mpsc::channel::<RepoJob>(b.concurrency * 2);
+    let (msg_tx, msg_rx) = mpsc::channel::<Msg>(64);
+    let lister = tokio::spawn(list(
+        client.clone(),
+        plan.target.clone(),
+        b.relay.clone(),
+        b.collections.clone(),
+        done,
+        resume,
+        stats.clone(),
+        job_tx,
+        stop.clone(),
+    ));
+    let concurrency = b.concurrency;
+    let fetchers =
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let jobs = futures::stream::unfold(job_rx, |mut rx| async move {
+                rx.recv().await.map(|j| (j, rx))
+            });
+            jobs.map(|j| fetch::fetch_one(ctx.clone(), j, msg_tx.clone()))
+                .buffer_unordered(concurrency)
+                .for_each(|_| futures::future::ready(()))
+                .await;
+        });
+    let mut batches = BatchLoop {
+        lake: lake.clone(),
+        cfg: plan.cfg.clone(),
+        buffer: HistoryBuffer::default(),
+        batch: next_batch,
+        in_batch: HashMap::new(),
+        records: HashMap::new(),
+        done: Vec::new(),
+        failed: Vec::new(),
+        stats: stats.clone(),
+        on_commit,
+        summary: Summary {
+            orphans_removed: orphans,
+            ..Summary::default()
+        },
+        opened: Instant::now(),
+    };
+    let result = batches.run(msg_rx, &mut progress).await;
+    // the batch loop ended (all fetchers done, a stop, or a failure): stop the rest
+    lister.abort();
+    fetchers.abort();
+    let listed = match lister.await {
+        Ok(r) => r,
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => Err(BackfillError::Broken(format!("the lister failed: {e}"))),
+    };
+    result?;
+    listed?;
+    let mut s = batches.summary;
+    let d = stats.snapshot();
+    s.listed = stats.listed.load(Ordering::Relaxed);
+    s.already_done = stats.already_done.load(Ordering::Relaxed);
+    s.car_bytes = stats.car_bytes.load(Ordering::Relaxed);
+    s.inactive = d.inactive;
+    s.failures = d.failures;
+    Ok(s)
+}
+
+/// Sends a job for every repo to fetch; inactive and finished repos are counted and skipped.
+#[allow(clippy::too_many_arguments)]
+async fn list(
+    client: SyncClient,
+    target: Target,
+    host: String,
+    collections: Vec<String>,
+    done: HashSet<String>,
+    resume: HashMap<String, Option<String>>,
+    stats: Arc<Stats>,
+    tx: mpsc::Sender<RepoJob>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), BackfillError> {
+    let mut seen: HashSet<String> = HashSet::new();
+    let job = |did: String| {
+        let after = resume.get(&did).cloned().flatten();
+        RepoJob { did, after }
+    };
+    let offer = |did: String, seen: &mut HashSet<String>| -> Option<RepoJob> {
+        if !seen.insert(did.clone()) {
+            return None;
+        }
+        stats.listed.fetch_add(1, Ordering::Relaxed);
+        if done.contains(&did) {
+            stats.already_done.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(job(did))
+    };
+    match target {
+        Target::Dids(dids) => {
+            for d in dids {
+                if *stop.borrow() {
+                    break;
+                }
+                if let Some(j) = offer(d, &mut seen)
+                    && tx.send(j).await.is_err()
+                {
+                    break;
+                }
+            }
+        }
+        Target::Listed => {
+            let by_collection: Vec<Option<String>> = if collections.is_empty() {
+                vec![None]
+            } else {
+                collections.iter().cloned().map(Some).collect()
+            };
+            let mut plain = false;
+            'outer: for coll in by_collection {
+                let mut cursor: Option<String> = None;
+                loop {
+                    if *stop.borrow() {
+                        break 'outer;
+                    }
+                    let asked = if plain { None } else { coll.as_deref() };
+                    let page = client
+                        .list_repos(&host, asked, cursor.as_deref(), 1000)
+                        .await;
+                    let (repos, next) = match page {
+                        Ok(p) => p,
+                        // a host without listReposByCollection: every repo, filtered by record
+                        Err(SyncError::Xrpc { status, name, .. })
+                            if asked.is_some()
+                                && (status == 404
+                                    || status == 501
+                                    || name == "MethodNotImplemented") =>
+                        {
+                            tracing::warn!(%host, status, %name, "the host does not serve listReposByCollection; listing every repo (records are still filtered by collection)");
+                            plain = true;
+                            cursor = None;
+                            continue;
+                        }
+                        Err(e) => return Err(BackfillError::List(e)),
+                    };
+                    for r in repos {
+                        if !r.active {
+                            let status = r.status.unwrap_or_else(|| "inactive".into());
+                            metrics::counter!("atlake_backfill_inactive_total", "status" => status.clone()).increment(1);
+                            *stats.detail().inactive.entry(status).or_insert(0) += 1;
+                            stats.listed.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        if let Some(j) = offer(r.did, &mut seen)
+                            && tx.send(j).await.is_err()
+                        {
+                            break 'outer;
+                        }
+                    }
+                    stats.detail().cursor = next.clone();
+                    match next {
+                        Some(c) => cursor = Some(c),
+                        None => break,
+                    }
+                }
+                if plain {
+                    break;
+                }
+            }
+        }
+    }
+    stats.listing_done.store(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Per repo with rows in the current buffer: its rev and the last key buffered.
+#[derive(Debug)]
+struct Buffered {
+    rev: Option<String>,
+    last_key: String,
+}
+
+/// The one loop that owns the buffer and commits batches.
+struct BatchLoop {
+    lake: Lake,
+    cfg: Config,
+    buffer: HistoryBuffer,
+    batch: i64,
+    in_batch: HashMap<String, Buffered>,
+    records: HashMap<String, u64>,
+    done: Vec<RepoDone>,
+    failed: Vec<RepoFailed>,
+    stats: Arc<Stats>,
+    on_commit: Option<OnCommit>,
+    summary: Summary,
+    opened: Instant,
+}
+
+impl BatchLoop {
+    fn cursor(&self) -> Result<Cursor, BackfillError> {
+        Cursor::try_new(SourceKind::Repo, self.batch)
+            .map_err(|e| BackfillError::Broken(e.to_string()))
+    }
+
+    async fn run(
+        &mut self,
+        mut rx: mpsc::Receiver<Msg>,
+        progress: &mut Progress,
+    ) -> Result<(), BackfillError> {
+        let interval = self
+            .cfg
+            .backfill
+            .flush_interval
+            .0
+            .max(Duration::from_millis(100));
+        let cap = usize::try_from(self.cfg.backfill.buffer.0).unwrap_or(usize::MAX);
+        loop {
+            let deadline = tokio::time::Instant::from_std(self.opened + interval);
+            let msg = tokio::select! {
+                m = rx.recv() => m,
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.flush(progress).await?;
+                    continue;
+                }
+            };
+            let Some(msg) = msg else { break };
+            self.take(msg)?;
+            if self.buffer.bytes() >= cap {
+                self.flush(progress).await?;
+            }
+        }
+        self.flush(progress).await
+    }
+
+    fn take(&mut self, msg: Msg) -> Result<(), BackfillError> {
+        let now = crate::model::cursor::now_us();
+        let batch = self.cursor()?;
+        let range = |e: crate::sink::partition::PartitionRangeError| {
+            BackfillError::Broken(format!("a bounded time has no partition: {e}"))
+        };
+        match msg {
+            Msg::Rows {
+                did,
+                rev,
+                rows,
+                errors,
+                last_key,
+            } => {
+                for r in &rows {
+                    self.buffer
+                        .push_record(
+                            &did,
+                            r.time_us,
+                            &r.collection,
+                            &r.rkey,
+                            rev.as_deref(),
+                            &r.cid,
+                            &r.record,
+                        )
+                        .map_err(range)?;
+                }
+                for mut e in errors {
+                    e.time_us = Some(now);
+                    self.buffer.push_error(&e, batch, now).map_err(range)?;
+                }
+                self.summary.records += rows.len() as u64;
+                *self.records.entry(did.clone()).or_insert(0) += rows.len() as u64;
+                self.in_batch.insert(did, Buffered { rev, last_key });
+            }
+            Msg::Done { did, rev } => {
+                self.in_batch.remove(&did);
+                let records = self.records.remove(&did).unwrap_or(0);
+                self.stats.done.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("atlake_backfill_repos_total", "state" => "done").increment(1);
+                self.done.push(RepoDone { did, rev, records });
+            }
+            Msg::Failed {
+                did,
+                reason,
+                detail,
+                quarantine,
+            } => {
+                tracing::warn!(%did, %reason, %detail, "repo failed; the next run fetches it again");
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("atlake_backfill_repos_total", "state" => "failed").increment(1);
+                metrics::counter!("atlake_backfill_failures_total", "reason" => reason.clone())
+                    .increment(1);
+                *self
+                    .stats
+                    .detail()
+                    .failures
+                    .entry(reason.clone())
+                    .or_insert(0) += 1;
+                if let Some(mut q) = quarantine {
+                    q.time_us = Some(now);
+                    self.buffer.push_error(&q, batch, now).map_err(range)?;
+                }
+                self.records.remove(&did);
+                self.failed.push(RepoFailed {
+                    did,
+                    reason,
+                    detail,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the buffer's files, then the batch record.
+    async fn flush(&mut self, progress: &mut Progress) -> Result<(), BackfillError> {
+        self.opened = Instant::now();
+        if self.buffer.is_empty() && self.done.is_empty() && self.failed.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let batch = self.cursor()?;
+        let rows = self.buffer.len() as u64;
+        let parts = self.buffer.take()?;
+        let files = buffer::write_files(
+            &self.lake,
+            &self.cfg.writer,
+            batch,
+            parts,
+            self.cfg.backfill.attempts.max(3),
+        )
+        .await?;
+        let mut partial: Vec<RepoPartial> = self
+            .in_batch
+            .drain()
+            .map(|(did, b)| RepoPartial {
+                did,
+                rev: b.rev,
+                after: b.last_key,
+            })
+            .collect();
+        partial.sort_by(|a, b| a.did.cmp(&b.did));
+        let record = BatchRecord {
+            version: 1,
+            batch: self.batch,
+            written_at: crate::syntax::format_datetime_ms(crate::model::cursor::now_us()),
+            files: files.iter().map(|f| f.path.clone()).collect(),
+            rows,
+            done: std::mem::take(&mut self.done),
+            partial,
+            failed: std::mem::take(&mut self.failed),
+        };
+        progress.commit(&self.lake, &record).await?;
+        if let Some(f) = &self.on_commit {
+            f(&files);
+        }
+        let bytes: u64 = files.iter().map(|f| f.size).sum();
+        self.stats
+            .files
+            .fetch_add(files.len() as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.detail().lake_states = progress.counts();
+        metrics::counter!("atlake_files_written_total", "table" => "backfill")
+            .increment(files.len() as u64);
+        metrics::counter!("atlake_bytes_written_total").increment(bytes);
+        self.summary.files += files.len() as u64;
+        self.summary.batches += 1;
+        self.summary.done += record.done.len() as u64;
+        tracing::info!(
+            batch = self.batch,
+            files = files.len(),
+            rows,
+            bytes,
+            done = record.done.len(),
+            partial = record.partial.len(),
+            failed = record.failed.len(),
+            took = ?started.elapsed(),
+            "backfill batch committed"
+        );
+        self.batch += 1;
+        Ok(())
+    }
+}
