@@ -89,6 +89,14 @@ pub struct Daemon {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     stop_server: watch::Sender<bool>,
     deadline: Duration,
+    backfill: Option<Backfill>,
+}
+
+/// A backfill running beside the live source.
+#[derive(Debug)]
+struct Backfill {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<crate::backfill::Summary, crate::backfill::BackfillError>>,
 }
 
 impl Daemon {
@@ -123,12 +131,42 @@ impl Daemon {
         if cfg.server.token.is_none() && !addr.ip().is_loopback() {
             tracing::warn!(%addr, "the SQL endpoint is reachable beyond this machine without a token; set ATLAKE_SERVER_TOKEN");
         }
+        // the live source runs first; the backfill follows, under the same lease
+        let backfill = cfg.backfill.enabled.then(|| {
+            let (stop, stop_rx) = watch::channel(false);
+            let plan = crate::backfill::Plan {
+                target: crate::backfill::Target::Listed,
+                cfg: cfg.clone(),
+            };
+            let lake = ingest.lake.clone();
+            let catalog = ingest.catalog.clone();
+            let task = tokio::spawn(async move {
+                let stats = Arc::new(crate::backfill::Stats::default());
+                let r =
+                    crate::backfill::run_fenced(plan, &lake, stats, Some(catalog), stop_rx).await;
+                match &r {
+                    Ok(s) => tracing::info!(
+                        done = s.done,
+                        records = s.records,
+                        failed = s.failures.values().sum::<u64>(),
+                        "backfill finished; live ingest goes on"
+                    ),
+                    Err(e) => {
+                        metrics::counter!("atlake_backfill_runs_failed_total").increment(1);
+                        tracing::error!(error = %e, "backfill failed; live ingest goes on (see system.backfill)")
+                    }
+                }
+                r
+            });
+            Backfill { stop, task }
+        });
         Ok(Daemon {
             addr,
             ingest,
             server,
             stop_server,
             deadline: cfg.shutdown.deadline.0,
+            backfill,
         })
     }
 
@@ -143,6 +181,16 @@ impl Daemon {
             _ = stop => None,
         };
         let _ = self.stop_server.send(true);
+        if let Some(b) = self.backfill.take() {
+            let _ = b.stop.send(true);
+            match tokio::time::timeout(self.deadline, b.task).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "the backfill task failed"),
+                Err(_) => {
+                    tracing::warn!(deadline = ?self.deadline, "the backfill did not commit within the shutdown deadline; its uncommitted batch is fetched again next time")
+                }
+            }
+        }
         let summary = match ended {
             Some(r) => r,
             None => {

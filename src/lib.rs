@@ -14,10 +14,11 @@
 //! ```text
 //!  edges        cli ─────────▶ daemon (ingest + SQL in one process)
 //!                │                │
-//!  the two      ingest ──────▶ catalog ◀────── query        ingest writes the catalog,
-//!  sides        (pipeline,     (files,         (SQL, HTTP)   query reads snapshots of it;
-//!                writer,        buffered rows,               neither reads the other
-//!                checkpointer)  checkpoint)
+//!  the two      ingest ──────▶ catalog ◀────── query        ingest and backfill write
+//!  sides        (pipeline,     (files,         (SQL, HTTP)   the lake, query reads
+//!                writer,        buffered rows,               snapshots of it; none reads
+//!                checkpointer)  checkpoint)                  another
+//!               backfill (repos → month partitions, per-repo progress)
 //!                │   │              │
 //!  the lake      │   └──────▶ checkpoint ──▶ sink (partitions, batcher, Parquet, store, lease)
 //!                ▼
@@ -46,6 +47,8 @@
 //!   in-flight rows, the checkpoint, storage health): ingest writes it, query reads it.
 //! - [`ingest`]: the pipeline that ties source, decode, batcher, writer and checkpoint together
 //!   with bounded channels, under the lake's writer lease.
+//! - [`backfill`]: history from the repositories (list, resolve, fetch, verify, walk) into
+//!   month partitions, with durable per-repo progress, under the lake's writer lease.
 //! - [`query`]: DataFusion over the lake (tables, system tables, derived columns) and the HTTP
 //!   endpoint.
 //! - [`daemon`]: `atlake run`, ingest and SQL in one process, started the same way by the

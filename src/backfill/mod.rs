@@ -26,10 +26,10 @@ pub mod buffer;
 pub mod fetch;
 pub mod progress;
 
+use crate::catalog::{BackfillStatus, Catalog};
 use crate::config::Config;
 use crate::model::{Cursor, ErrorEvent, SourceKind};
 use crate::sink::lease::{Lease, LeaseError, LeaseSettings};
-use crate::sink::partition::LakeFile;
 use crate::sink::store::Lake;
 use crate::source::sync::{SyncClient, SyncError, SyncSettings};
 use buffer::HistoryBuffer;
@@ -210,9 +210,6 @@ pub struct Plan {
     pub cfg: Config,
 }
 
-/// Called with every committed batch's files (the daemon adds them to its catalog).
-pub type OnCommit = Arc<dyn Fn(&[LakeFile]) + Send + Sync>;
-
 /// Runs a backfill to completion under the lake's writer lease (taken here).
 pub async fn run(plan: Plan, lake: &Lake, stats: Arc<Stats>) -> Result<Summary, BackfillError> {
     let lease = Lease::acquire(
@@ -244,17 +241,100 @@ fn sync_settings(cfg: &Config) -> SyncSettings {
     }
 }
 
+/// The counters as the catalog shows them.
+pub fn status(stats: &Stats, state: &str, error: Option<String>) -> BackfillStatus {
+    let d = stats.snapshot();
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let map = |v: &[(&str, u64)]| v.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    BackfillStatus {
+        state: state.to_string(),
+        error,
+        repos: map(&[
+            ("listed", n(&stats.listed)),
+            ("done", n(&stats.done)),
+            ("already_done", n(&stats.already_done)),
+            ("failed", n(&stats.failed)),
+            ("in_flight", n(&stats.in_flight)),
+        ]),
+        lake: map(&[
+            ("done", d.lake_states.0),
+            ("partial", d.lake_states.1),
+            ("failed", d.lake_states.2),
+        ]),
+        failures: d.failures,
+        inactive: d.inactive,
+        totals: map(&[
+            ("records", n(&stats.records)),
+            ("car_bytes", n(&stats.car_bytes)),
+            ("files", n(&stats.files)),
+            ("batches", n(&stats.batches)),
+        ]),
+        cursor: d.cursor,
+    }
+}
+
 /// Runs a backfill on a lake whose writer lease the caller holds (`lake` is fenced by it).
-/// `stop` ends it early: what is buffered is flushed and committed first.
+/// With a `catalog` (the daemon's), committed files become visible to queries at once and
+/// [`BackfillStatus`] is published there. `stop` ends it early: what is buffered is flushed
+/// and committed first (repos cut short resume after their last key).
 pub async fn run_fenced(
     plan: Plan,
     lake: &Lake,
     stats: Arc<Stats>,
-    on_commit: Option<OnCommit>,
+    catalog: Option<Arc<Catalog>>,
+    stop: watch::Receiver<bool>,
+) -> Result<Summary, BackfillError> {
+    let publisher = catalog.clone().map(|c| {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            loop {
+                c.set_backfill(status(&stats, "running", None));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    });
+    let r = run_inner(plan, lake, stats.clone(), catalog.clone(), stop).await;
+    if let Some(p) = publisher {
+        p.abort();
+    }
+    if let Some(c) = &catalog {
+        match &r {
+            Ok(_) => c.set_backfill(status(&stats, "finished", None)),
+            Err(e) => c.set_backfill(status(&stats, "failed", Some(e.to_string()))),
+        }
+    }
+    r
+}
+
+async fn run_inner(
+    plan: Plan,
+    lake: &Lake,
+    stats: Arc<Stats>,
+    catalog: Option<Arc<Catalog>>,
     stop: watch::Receiver<bool>,
 ) -> Result<Summary, BackfillError> {
     let started = Instant::now();
-    let (mut progress, next_batch, orphans) = Progress::recover(lake).await?;
+    let (mut progress, next_batch, removed) = Progress::recover(lake).await?;
+    if let Some(c) = &catalog {
+        c.remove_paths(&removed);
+    }
+    let orphans = removed.len();
+    if let Some(cut) = catalog.as_ref().and_then(|c| c.cutover()) {
+        for (did, state) in &progress.repos {
+            if let progress::RepoState::Done {
+                rev: Some(rev),
+                live,
+            }
+            | progress::RepoState::Partial {
+                rev: Some(rev),
+                live,
+                ..
+            } = state
+            {
+                cut.load_snapshot(did, rev, live);
+            }
+        }
+    }
     tracing::info!(
         lake = lake.url(),
         repos_known = progress.repos.len(),
@@ -321,17 +401,18 @@ pub async fn run_fenced(
         batch: next_batch,
         in_batch: HashMap::new(),
         records: HashMap::new(),
+        deferred: HashMap::new(),
         done: Vec::new(),
         failed: Vec::new(),
         stats: stats.clone(),
-        on_commit,
+        catalog,
         summary: Summary {
             orphans_removed: orphans,
             ..Summary::default()
         },
         opened: Instant::now(),
     };
-    let result = batches.run(msg_rx, &mut progress).await;
+    let result = batches.run(msg_rx, &mut progress, stop).await;
     // the batch loop ended (all fetchers done, a stop, or a failure): stop the rest
     lister.abort();
     fetchers.abort();
@@ -472,10 +553,11 @@ struct BatchLoop {
     batch: i64,
     in_batch: HashMap<String, Buffered>,
     records: HashMap<String, u64>,
+    deferred: HashMap<String, Vec<String>>,
     done: Vec<RepoDone>,
     failed: Vec<RepoFailed>,
     stats: Arc<Stats>,
-    on_commit: Option<OnCommit>,
+    catalog: Option<Arc<Catalog>>,
     summary: Summary,
     opened: Instant,
 }
@@ -490,6 +572,7 @@ impl BatchLoop {
         &mut self,
         mut rx: mpsc::Receiver<Msg>,
         progress: &mut Progress,
+        mut stop: watch::Receiver<bool>,
     ) -> Result<(), BackfillError> {
         let interval = self
             .cfg
@@ -502,6 +585,10 @@ impl BatchLoop {
             let deadline = tokio::time::Instant::from_std(self.opened + interval);
             let msg = tokio::select! {
                 m = rx.recv() => m,
+                _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
+                    tracing::info!("backfill stopping: committing what is buffered");
+                    break;
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     self.flush(progress).await?;
                     continue;
@@ -530,7 +617,28 @@ impl BatchLoop {
                 errors,
                 last_key,
             } => {
-                for r in &rows {
+                // rows created live at or before this snapshot's rev stay live ones
+                let cut = self.catalog.as_ref().and_then(|c| c.cutover().cloned());
+                let drop = match &cut {
+                    Some(c) => c.snapshot(
+                        &did,
+                        rev.as_deref(),
+                        rows.iter()
+                            .map(|r| (r.collection.as_str(), r.rkey.as_str())),
+                    ),
+                    None => Vec::new(),
+                };
+                let mut kept = 0u64;
+                for (i, r) in rows.iter().enumerate() {
+                    if drop.get(i).copied().unwrap_or(false) {
+                        metrics::counter!("atlake_backfill_cutover_dropped_total", "side" => "snapshot").increment(1);
+                        self.deferred
+                            .entry(did.clone())
+                            .or_default()
+                            .push(format!("{}/{}", r.collection, r.rkey));
+                        continue;
+                    }
+                    kept += 1;
                     self.buffer
                         .push_record(
                             &did,
@@ -547,8 +655,8 @@ impl BatchLoop {
                     e.time_us = Some(now);
                     self.buffer.push_error(&e, batch, now).map_err(range)?;
                 }
-                self.summary.records += rows.len() as u64;
-                *self.records.entry(did.clone()).or_insert(0) += rows.len() as u64;
+                self.summary.records += kept;
+                *self.records.entry(did.clone()).or_insert(0) += kept;
                 self.in_batch.insert(did, Buffered { rev, last_key });
             }
             Msg::Done { did, rev } => {
@@ -556,7 +664,13 @@ impl BatchLoop {
                 let records = self.records.remove(&did).unwrap_or(0);
                 self.stats.done.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("atlake_backfill_repos_total", "state" => "done").increment(1);
-                self.done.push(RepoDone { did, rev, records });
+                let live = self.deferred.remove(&did).unwrap_or_default();
+                self.done.push(RepoDone {
+                    did,
+                    rev,
+                    records,
+                    live,
+                });
             }
             Msg::Failed {
                 did,
@@ -612,6 +726,7 @@ impl BatchLoop {
             .in_batch
             .drain()
             .map(|(did, b)| RepoPartial {
+                live: self.deferred.remove(&did).unwrap_or_default(),
                 did,
                 rev: b.rev,
                 after: b.last_key,
@@ -629,8 +744,8 @@ impl BatchLoop {
             failed: std::mem::take(&mut self.failed),
         };
         progress.commit(&self.lake, &record).await?;
-        if let Some(f) = &self.on_commit {
-            f(&files);
+        if let Some(c) = &self.catalog {
+            c.add_files(&files);
         }
         let bytes: u64 = files.iter().map(|f| f.size).sum();
         self.stats

@@ -63,6 +63,9 @@ pub struct RepoDone {
     pub rev: Option<String>,
     /// Records written from it (over every batch).
     pub records: u64,
+    /// Keys left to their live create by the daemon's cut-over (`collection/rkey`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub live: Vec<String>,
 }
 
 /// A repo of which the records up to `after` (MST key order) are in the lake.
@@ -74,6 +77,9 @@ pub struct RepoPartial {
     pub rev: Option<String>,
     /// The last `collection/rkey` written.
     pub after: String,
+    /// Keys left to their live create by the daemon's cut-over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub live: Vec<String>,
 }
 
 /// A repo that could not be read; fetched again by the next run.
@@ -116,6 +122,9 @@ pub enum RepoState {
     Done {
         /// at this revision
         rev: Option<String>,
+        /// keys left to their live create
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        live: Vec<String>,
     },
     /// Records up to `after` are in the lake.
     Partial {
@@ -123,6 +132,9 @@ pub enum RepoState {
         rev: Option<String>,
         /// the last key written
         after: String,
+        /// keys left to their live create
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        live: Vec<String>,
     },
     /// It failed; records up to `after` (if any) are in the lake.
     Failed {
@@ -198,15 +210,26 @@ impl Progress {
         m
     }
 
+    /// Keys a repo left to live creates so far.
+    fn live_of(&self, did: &str) -> Vec<String> {
+        match self.repos.get(did) {
+            Some(RepoState::Done { live, .. } | RepoState::Partial { live, .. }) => live.clone(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Applies a committed record: its partial repos, then its failures (which keep the key a
     /// partial wrote up to), then the repos it finished.
     pub fn apply(&mut self, r: &BatchRecord) {
         for p in &r.partial {
+            let mut live = self.live_of(&p.did);
+            live.extend(p.live.iter().cloned());
             self.repos.insert(
                 p.did.clone(),
                 RepoState::Partial {
                     rev: p.rev.clone(),
                     after: p.after.clone(),
+                    live,
                 },
             );
         }
@@ -225,8 +248,15 @@ impl Progress {
             );
         }
         for d in &r.done {
-            self.repos
-                .insert(d.did.clone(), RepoState::Done { rev: d.rev.clone() });
+            let mut live = self.live_of(&d.did);
+            live.extend(d.live.iter().cloned());
+            self.repos.insert(
+                d.did.clone(),
+                RepoState::Done {
+                    rev: d.rev.clone(),
+                    live,
+                },
+            );
         }
         self.rows += r.rows;
         self.last_batch = Some(self.last_batch.map_or(r.batch, |b| b.max(r.batch)));
@@ -234,8 +264,8 @@ impl Progress {
 
     /// Reads the lake's backfill records and removes the files of batches that were never
     /// committed (a crash between a flush's files and its record). The caller holds the writer
-    /// lease. Returns the progress and the next batch number.
-    pub async fn recover(lake: &Lake) -> Result<(Progress, i64, usize), ProgressError> {
+    /// lease. Returns the progress, the next batch number and the files removed.
+    pub async fn recover(lake: &Lake) -> Result<(Progress, i64, Vec<String>), ProgressError> {
         let mut states = Vec::new();
         let mut batches = Vec::new();
         for (path, _) in lake.list(&dir()).await? {
@@ -277,7 +307,7 @@ impl Progress {
         }
         let committed: std::collections::HashSet<i64> = batches.iter().map(|(n, _)| *n).collect();
         let mut highest = p.last_batch.unwrap_or(0);
-        let mut removed = 0;
+        let mut removed = Vec::new();
         for f in list_files(lake).await? {
             if f.name.source() != SourceKind::Repo {
                 continue;
@@ -289,7 +319,7 @@ impl Progress {
             }
             tracing::info!(path = %f.path, batch = b, "removing a backfill file whose batch was never committed");
             lake.delete(&f.path).await?;
-            removed += 1;
+            removed.push(f.path);
             highest = highest.max(b);
         }
         Ok((p, highest + 1, removed))
@@ -385,11 +415,13 @@ mod tests {
             did: "did:plc:a".into(),
             rev: None,
             after: "app.bsky.feed.post/3k".into(),
+            live: Vec::new(),
         });
         a.done.push(RepoDone {
             did: "did:plc:b".into(),
             rev: Some("3l".into()),
             records: 3,
+            live: Vec::new(),
         });
         a.rows = 7;
         p.apply(&a);
@@ -428,6 +460,7 @@ mod tests {
                 did: format!("did:plc:r{b}"),
                 rev: None,
                 records: 1,
+                live: Vec::new(),
             });
             r.rows = 1;
             p.commit(&lake, &r).await.unwrap();
@@ -441,7 +474,7 @@ mod tests {
                 .unwrap();
         }
         let (q, next, removed) = Progress::recover(&lake).await.unwrap();
-        assert_eq!(removed, 1);
+        assert_eq!(removed, vec![orphan.to_string()]);
         assert_eq!(next, 100);
         assert!(lake.get(orphan).await.unwrap().is_none());
         assert!(lake.get(kept).await.unwrap().is_some());

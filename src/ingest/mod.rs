@@ -70,6 +70,9 @@ pub enum IngestError {
     Broken(String),
 }
 
+/// Live creates the cut-over with a backfill remembers (about 40 bytes each).
+pub const CUTOVER_KEYS: usize = 4_000_000;
+
 /// Where events come from.
 #[derive(Debug, Clone)]
 pub enum Input {
@@ -317,6 +320,10 @@ pub async fn start_with_lake(
         rec.resume_cursor = Some(c);
     }
     let catalog = Arc::new(Catalog::new(rec.files.clone(), rec.checkpoint.clone()));
+    if cfg.backfill.enabled && matches!(input, Input::Network) {
+        // before the source starts: every live create is seen by the cut-over
+        catalog.enable_cutover(crate::catalog::Cutover::new(CUTOVER_KEYS));
+    }
     let w = Wiring {
         filters: watch::channel(filters),
         shutdown: watch::channel(false),

@@ -324,6 +324,16 @@ impl LoopState {
             return Ok(());
         }
         let c = cursor.or_else(|| env.cursor());
+        // a create the daemon's backfill already holds in a snapshot at a later rev
+        if let (Some(cut), EventData::Commit(op)) = (self.catalog.cutover(), &env.event.data)
+            && op.operation == crate::model::Operation::Create
+            && !cut.live_create(&env.event.did, &op.collection, &op.rkey, &op.rev)
+        {
+            metrics::counter!("atlake_backfill_cutover_dropped_total", "side" => "live")
+                .increment(1);
+            self.summary.filtered += 1;
+            return Ok(());
+        }
         match self.batcher.push_event(&env, c, key, now) {
             Ok(_) => {}
             Err(Refused::Collection) => {

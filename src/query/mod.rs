@@ -60,6 +60,7 @@ macro_rules! delegate_to_inner_udf {
 
 pub mod bounded;
 pub mod constagg;
+pub mod current;
 pub mod datepart;
 pub mod deadline;
 pub mod distinct;
@@ -298,6 +299,7 @@ impl QueryEngine {
             batches: Vec::new(),
             checkpoint,
             generation: 0,
+            backfill: None,
         })
     }
 
@@ -353,6 +355,9 @@ impl QueryEngine {
             cat.register_schema("system", sys)
                 .map_err(|e| QueryError::Internal(e.to_string()))?;
         }
+        current::register(&ctx)
+            .await
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
         Ok(ctx)
     }
 
@@ -441,6 +446,11 @@ impl QueryEngine {
             }
             if let Ok(t) = ctx.table_provider(format!("system.{name}").as_str()).await {
                 out.push((format!("system.{name}"), t.schema()));
+            }
+        }
+        for (name, _) in current::views() {
+            if let Ok(t) = ctx.table_provider(format!("current.{name}").as_str()).await {
+                out.push((format!("current.{name}"), t.schema()));
             }
         }
         Ok(out)

@@ -5,6 +5,9 @@
 //!   footers when the table is queried, once per file).
 //! - `system.checkpoint`: the checkpoint per source.
 //! - `system.ingest` (daemon only): the live ingest metrics, the same numbers as `/metrics`.
+//! - `system.backfill` (daemon with `[backfill] enabled`): the backfill's state, repos per state
+//!   (this run's and the lake's), failures by reason, inactive repos by status, totals and the
+//!   listing cursor, one `(metric, label, value, text)` row each.
 
 use super::{QueryEngine, QueryError};
 use crate::catalog::Snapshot;
@@ -23,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// Table names in the `system` schema.
-pub const NAMES: &[&str] = &["files", "checkpoint", "ingest"];
+pub const NAMES: &[&str] = &["files", "checkpoint", "ingest", "backfill"];
 
 fn files_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -202,6 +205,51 @@ fn ingest_table() -> Result<MemTable> {
     MemTable::try_new(schema, vec![vec![batch]])
 }
 
+/// A row of `system.backfill`: metric, label, value, text.
+type BackfillRow = (String, Option<String>, Option<i64>, Option<String>);
+
+fn backfill_table(b: &crate::catalog::BackfillStatus) -> Result<MemTable> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("metric", DataType::Utf8, false),
+        Field::new("label", DataType::Utf8, true),
+        Field::new("value", DataType::Int64, true),
+        Field::new("text", DataType::Utf8, true),
+    ]));
+    let mut rows: Vec<BackfillRow> = vec![
+        ("state".into(), None, None, Some(b.state.clone())),
+        ("error".into(), None, None, b.error.clone()),
+        ("cursor".into(), None, None, b.cursor.clone()),
+    ];
+    for (metric, map) in [
+        ("repos", &b.repos),
+        ("lake_repos", &b.lake),
+        ("failures", &b.failures),
+        ("inactive", &b.inactive),
+        ("totals", &b.totals),
+    ] {
+        for (k, v) in map {
+            rows.push((
+                metric.into(),
+                Some(k.clone()),
+                Some(i64::try_from(*v).unwrap_or(i64::MAX)),
+                None,
+            ));
+        }
+    }
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.0.clone()),
+            )),
+            Arc::new(StringArray::from_iter(rows.iter().map(|r| r.1.clone()))),
+            Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.2))),
+            Arc::new(StringArray::from_iter(rows.iter().map(|r| r.3.clone()))),
+        ],
+    )?;
+    MemTable::try_new(schema, vec![vec![batch]])
+}
+
 /// Registers the system tables of a snapshot.
 pub async fn register(
     engine: &QueryEngine,
@@ -228,6 +276,11 @@ pub async fn register(
     if engine.is_live() {
         schema
             .register_table("ingest".into(), Arc::new(ingest_table().map_err(err)?))
+            .map_err(err)?;
+    }
+    if let Some(b) = &snap.backfill {
+        schema
+            .register_table("backfill".into(), Arc::new(backfill_table(b).map_err(err)?))
             .map_err(err)?;
     }
     Ok(())

@@ -259,3 +259,129 @@ async fn the_daemon_ends_with_its_sources_fatal_error() {
     let e = r.expect_err("a fatal source error");
     assert!(e.to_string().contains("404"), "{e}");
 }
+
+/// `atlake run` with `[backfill] enabled`: the live stream lands while every repo of the
+/// simulator's sync endpoints is backfilled into the same tables; `system.backfill` reports
+/// the run; `current.records` has every backfilled record; SIGTERM stops both cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_backfill_lands_history_beside_the_live_stream() {
+    use atlake::simulate::sync::{Broken, SyncSim, SyncSimConfig};
+    let sim = start_sim(SimConfig {
+        messages: None,
+        rate: Some(200.0),
+        retention: 100_000,
+        ..seeded(32)
+    })
+    .await;
+    let sync = SyncSim::start(SyncSimConfig {
+        accounts: 40,
+        records: 30,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let records: u64 = sync
+        .truth()
+        .iter()
+        .filter(|t| t.broken == Broken::No)
+        .map(|t| t.records.len() as u64)
+        .sum();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let log = dir.path().join("run.log");
+    let mut child = Command::new(atlake_bin())
+        .args([
+            "run",
+            "--source",
+            "jetstream",
+            "--url",
+            &sim.url(),
+            "--lake",
+            "lake",
+            "--listen",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .current_dir(dir.path())
+        .env("ATLAKE_FLUSH_MAX_AGE", "1s")
+        .env("ATLAKE_BACKFILL_ENABLED", "true")
+        .env("ATLAKE_BACKFILL_RELAY", &sync.relay)
+        .env("ATLAKE_BACKFILL_PLC", &sync.plc)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let c = reqwest::Client::new();
+    let started = Instant::now();
+    let mut state = String::new();
+    while started.elapsed() < Duration::from_secs(60) {
+        if let Some(rows) = sql(
+            &c,
+            &base,
+            "SELECT text FROM system.backfill WHERE metric = 'state'",
+        )
+        .await
+            && let Some(s) = rows.first().and_then(|r| r["text"].as_str())
+        {
+            state = s.to_string();
+            if state == "finished" {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        state,
+        "finished",
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let repo_rows = count(
+        &c,
+        &base,
+        "SELECT count(*) AS n FROM events WHERE origin = 'repo'",
+    )
+    .await;
+    assert_eq!(repo_rows, records);
+    let done = count(
+        &c,
+        &base,
+        "SELECT value AS n FROM system.backfill WHERE metric = 'repos' AND label = 'done'",
+    )
+    .await;
+    assert_eq!(done, 40);
+    // the live stream lands beside it
+    let until = Instant::now() + Duration::from_secs(20);
+    while count(
+        &c,
+        &base,
+        "SELECT count(*) AS n FROM events WHERE origin = 'jetstream'",
+    )
+    .await
+        == 0
+    {
+        assert!(Instant::now() < until, "no live rows");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let current = count(
+        &c,
+        &base,
+        "SELECT count(*) AS n FROM current.records WHERE origin = 'repo'",
+    )
+    .await;
+    assert!(current > 0 && current <= records, "{current}");
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    sim.stop();
+}

@@ -1,0 +1,74 @@
+//! The `current` schema: the log folded into what exists now.
+//!
+//! - `current.records`: one row per existing `(did, collection, rkey)`: its latest `cid`, `rev`,
+//!   `time`, `record` and `origin`.
+//! - `current.posts`, `current.likes`, `current.reposts`, `current.follows`, `current.blocks`,
+//!   `current.listitems`, `current.profiles`: the same, with each lexicon's typed columns.
+//!
+//! The latest version of a record is the row with the highest `rev` (TIDs sort in time order;
+//! a backfilled row of a version-2 repo, with no `rev`, loses to any row that has one). A latest
+//! row that is a delete removes the record. Accounts whose latest `#account` event says
+//! `active = false` with status `deleted` or `takendown` have no rows. Views over the tables, so
+//! they include the rows still in the daemon's memory and are as fresh as the tables.
+
+use datafusion::catalog::{MemorySchemaProvider, SchemaProvider};
+use datafusion::datasource::ViewTable;
+use datafusion::prelude::SessionContext;
+use std::sync::Arc;
+
+/// Accounts that are gone: their latest `#account` event is inactive, deleted or takendown.
+const GONE: &str = "SELECT did FROM (SELECT did, active, status, \
+     row_number() OVER (PARTITION BY did ORDER BY time_us DESC, event_seq DESC NULLS LAST) AS rn \
+     FROM account) WHERE rn = 1 AND NOT active AND status IN ('deleted', 'takendown')";
+
+/// The fold of `table` (its commit rows) to the latest version of each record.
+fn fold(columns: &str, table: &str) -> String {
+    format!(
+        "SELECT {columns} FROM (SELECT *, row_number() OVER (PARTITION BY did, collection, rkey \
+         ORDER BY rev DESC NULLS LAST, time_us DESC) AS current_rn FROM {table} \
+         WHERE kind = 'commit') \
+         WHERE current_rn = 1 AND operation <> 'delete' AND did NOT IN ({GONE})"
+    )
+}
+
+/// The views: (name, SQL).
+pub fn views() -> Vec<(&'static str, String)> {
+    let mut v = vec![(
+        "records",
+        fold(
+            "did, collection, rkey, cid, rev, time_us, time, record, origin",
+            "events",
+        ),
+    )];
+    for t in [
+        "posts",
+        "likes",
+        "reposts",
+        "follows",
+        "blocks",
+        "listitems",
+        "profiles",
+    ] {
+        v.push((
+            t,
+            fold(
+                "* EXCLUDE (current_rn, operation, kind, seq, claimed_time_us)",
+                t,
+            ),
+        ));
+    }
+    v
+}
+
+/// Registers the `current` schema in `ctx` (whose tables are already registered).
+pub async fn register(ctx: &SessionContext) -> datafusion::error::Result<()> {
+    let schema = Arc::new(MemorySchemaProvider::new());
+    for (name, sql) in views() {
+        let plan = ctx.state().create_logical_plan(&sql).await?;
+        schema.register_table(name.into(), Arc::new(ViewTable::new(plan, Some(sql))))?;
+    }
+    if let Some(cat) = ctx.catalog("datafusion") {
+        cat.register_schema("current", schema)?;
+    }
+    Ok(())
+}
