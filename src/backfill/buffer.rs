@@ -9,7 +9,7 @@
 
 use crate::config::WriterConfig;
 use crate::model::lexicon::Lexicon;
-use crate::model::rows::{RowBuilder, TableKind};
+use crate::model::rows::{RepoRecord, RowBuilder, TableKind};
 use crate::model::{Cursor, ErrorEvent, SourceKind};
 use crate::sink::parquet::{FileMeta, encode_to};
 use crate::sink::partition::{
@@ -116,21 +116,10 @@ impl HistoryBuffer {
 
     /// Buffers one record (its time already bounded by
     /// [`crate::decode::repo::record_time_us`]).
-    #[allow(clippy::too_many_arguments)]
-    pub fn push_record(
-        &mut self,
-        did: &str,
-        time_us: i64,
-        collection: &str,
-        rkey: &str,
-        rev: Option<&str>,
-        cid: &str,
-        record: &str,
-    ) -> Result<(), PartitionRangeError> {
-        let key = self.record_partition(collection, time_us)?;
+    pub fn push_record(&mut self, r: &RepoRecord<'_>) -> Result<(), PartitionRangeError> {
+        let key = self.record_partition(r.collection, r.time_us)?;
         let p = self.part(key);
-        self.rows
-            .push_record(did, time_us, collection, rkey, rev, cid, record);
+        self.rows.push_record(r);
         self.parts.push(p);
         Ok(())
     }
@@ -305,27 +294,27 @@ mod tests {
             } else {
                 "app.bsky.feed.like"
             };
-            b.push_record(
-                "did:plc:a",
-                T + (i % 3) * 40 * 24 * crate::sink::partition::HOUR_US,
-                coll,
-                &format!("k{i}"),
-                Some("3l"),
-                "bafy",
-                "{}",
-            )
+            b.push_record(&RepoRecord {
+                did: "did:plc:a",
+                time_us: T + (i % 3) * 40 * 24 * crate::sink::partition::HOUR_US,
+                collection: coll,
+                rkey: &format!("k{i}"),
+                rev: Some("3l"),
+                cid: "bafy",
+                record: "{}",
+            })
             .unwrap();
         }
         for i in 0..(MAX_NAMED_PARTITIONS + 5) {
-            b.push_record(
-                "did:plc:a",
-                T,
-                &format!("com.example.c{i}"),
-                "self",
-                None,
-                "bafy",
-                "{}",
-            )
+            b.push_record(&RepoRecord {
+                did: "did:plc:a",
+                time_us: T,
+                collection: &format!("com.example.c{i}"),
+                rkey: "self",
+                rev: None,
+                cid: "bafy",
+                record: "{}",
+            })
             .unwrap();
         }
         assert!(b.bytes() > 0);

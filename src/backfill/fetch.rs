@@ -204,15 +204,11 @@ fn walk(
     };
     let walked = walk_records(blocks, root, did, &mut |r| {
         let key_len = r.collection.len() + 1 + r.rkey.len();
-        let skip = job.after.as_deref().is_some_and(|a| {
-            let key = format!("{}/{}", r.collection, r.rkey);
-            key.as_str() <= a
-        });
+        let key = format!("{}/{}", r.collection, r.rkey);
+        let skip = job.after.as_deref().is_some_and(|a| key.as_str() <= a);
         if skip || (!collections.is_empty() && !collections.iter().any(|c| c == r.collection)) {
             return Ok(());
         }
-        let key = format!("{}/{}", r.collection, r.rkey);
-        debug_assert_eq!(key.len(), key_len);
         let bad = |reason: ErrorReason, detail: String| {
             let mut e = ErrorEvent::new(reason, detail, &r.block[..r.block.len().min(MAX_RECORD)]);
             e.did = Some(did.to_string());
@@ -240,7 +236,7 @@ fn walk(
                     let claimed = created_at(r.block).ok().flatten();
                     let time_us = record_time_us(r.rkey, claimed, rev.as_deref(), fetched_us);
                     // the JSON writer emits UTF-8 only (DAG-CBOR text is valid UTF-8)
-                    match String::from_utf8(buf.clone()) {
+                    match String::from_utf8(std::mem::take(&mut buf)) {
                         Ok(record) => {
                             chunk.bytes += record.len() + key_len + 80;
                             chunk.rows.push(Row {

@@ -640,15 +640,15 @@ impl BatchLoop {
                     }
                     kept += 1;
                     self.buffer
-                        .push_record(
-                            &did,
-                            r.time_us,
-                            &r.collection,
-                            &r.rkey,
-                            rev.as_deref(),
-                            &r.cid,
-                            &r.record,
-                        )
+                        .push_record(&crate::model::rows::RepoRecord {
+                            did: &did,
+                            time_us: r.time_us,
+                            collection: &r.collection,
+                            rkey: &r.rkey,
+                            rev: rev.as_deref(),
+                            cid: &r.cid,
+                            record: &r.record,
+                        })
                         .map_err(range)?;
                 }
                 for mut e in errors {

@@ -597,6 +597,25 @@ struct ErrorCols {
     raw: BinaryBuilder,
 }
 
+/// One record of a repository snapshot, as a backfill row.
+#[derive(Debug, Clone, Copy)]
+pub struct RepoRecord<'a> {
+    /// The account.
+    pub did: &'a str,
+    /// When it was made (bounded): the row's partition time.
+    pub time_us: i64,
+    /// Its collection.
+    pub collection: &'a str,
+    /// Its record key.
+    pub rkey: &'a str,
+    /// The repo's revision (`None` for a version-2 repo, which has none).
+    pub rev: Option<&'a str>,
+    /// Its CID.
+    pub cid: &'a str,
+    /// The record as atproto JSON.
+    pub record: &'a str,
+}
+
 /// Accumulates rows of one table kind and turns them into record batches.
 pub struct RowBuilder {
     kind: TableKind,
@@ -761,19 +780,17 @@ impl RowBuilder {
     }
 
     /// Appends a record of a repository snapshot (a backfill): a `commit` row, operation
-    /// `create`, no `seq`. `rev` is the repo's revision (`None` for a version-2 repo, which has
-    /// none).
-    #[allow(clippy::too_many_arguments)]
-    pub fn push_record(
-        &mut self,
-        did: &str,
-        time_us: i64,
-        collection: &str,
-        rkey: &str,
-        rev: Option<&str>,
-        cid: &str,
-        record: &str,
-    ) {
+    /// `create`, no `seq`.
+    pub fn push_record(&mut self, r: &RepoRecord<'_>) {
+        let RepoRecord {
+            did,
+            time_us,
+            collection,
+            rkey,
+            rev,
+            cid,
+            record,
+        } = *r;
         let Some(c) = self.common.as_mut() else {
             return;
         };

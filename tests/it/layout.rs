@@ -23,7 +23,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("sink", &["syntax", "model", "config", "backoff"]),
     ("checkpoint", &["syntax", "model", "sink"]),
-    ("catalog", &["model", "sink", "checkpoint"]),
+    ("catalog", &["syntax", "model", "sink", "checkpoint"]),
     // the two sides of the catalog: neither reads the other
     (
         "ingest",

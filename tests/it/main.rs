@@ -14,6 +14,7 @@ mod faults;
 mod ingest;
 mod layout;
 mod lease;
+mod pds;
 mod queries;
 mod reconnect;
 mod schemas;
