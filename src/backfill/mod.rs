@@ -314,7 +314,7 @@ async fn run_inner(
     stop: watch::Receiver<bool>,
 ) -> Result<Summary, BackfillError> {
     let started = Instant::now();
-    let (mut progress, next_batch, removed) = Progress::recover(lake).await?;
+    let (progress, next_batch, removed) = Progress::recover(lake).await?;
     if let Some(c) = &catalog {
         c.remove_paths(&removed);
     }
@@ -411,8 +411,10 @@ async fn run_inner(
             ..Summary::default()
         },
         opened: Instant::now(),
+        progress: Arc::new(tokio::sync::Mutex::new(progress)),
+        pending: None,
     };
-    let result = batches.run(msg_rx, &mut progress, stop).await;
+    let result = batches.run(msg_rx, stop).await;
     // the batch loop ended (all fetchers done, a stop, or a failure): stop the rest
     lister.abort();
     fetchers.abort();
@@ -560,6 +562,15 @@ struct BatchLoop {
     catalog: Option<Arc<Catalog>>,
     summary: Summary,
     opened: Instant,
+    progress: Arc<tokio::sync::Mutex<Progress>>,
+    /// The previous batch's files and record being written while this one fills.
+    pending: Option<tokio::task::JoinHandle<Result<Committed, BackfillError>>>,
+}
+
+/// What a commit task reports back.
+struct Committed {
+    files: u64,
+    done: u64,
 }
 
 impl BatchLoop {
@@ -571,7 +582,6 @@ impl BatchLoop {
     async fn run(
         &mut self,
         mut rx: mpsc::Receiver<Msg>,
-        progress: &mut Progress,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), BackfillError> {
         let interval = self
@@ -590,17 +600,31 @@ impl BatchLoop {
                     break;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
-                    self.flush(progress).await?;
+                    self.flush().await?;
                     continue;
                 }
             };
             let Some(msg) = msg else { break };
             self.take(msg)?;
             if self.buffer.bytes() >= cap {
-                self.flush(progress).await?;
+                self.flush().await?;
             }
         }
-        self.flush(progress).await
+        self.flush().await?;
+        self.settle().await
+    }
+
+    /// Waits for the previous batch's commit.
+    async fn settle(&mut self) -> Result<(), BackfillError> {
+        if let Some(t) = self.pending.take() {
+            let c = t.await.map_err(|e| {
+                BackfillError::Broken(format!("a batch's commit task failed: {e}"))
+            })??;
+            self.summary.files += c.files;
+            self.summary.batches += 1;
+            self.summary.done += c.done;
+        }
+        Ok(())
     }
 
     fn take(&mut self, msg: Msg) -> Result<(), BackfillError> {
@@ -656,6 +680,7 @@ impl BatchLoop {
                     self.buffer.push_error(&e, batch, now).map_err(range)?;
                 }
                 self.summary.records += kept;
+                metrics::counter!("atlake_backfill_records_total").increment(kept);
                 *self.records.entry(did.clone()).or_insert(0) += kept;
                 self.in_batch.insert(did, Buffered { rev, last_key });
             }
@@ -704,24 +729,17 @@ impl BatchLoop {
         Ok(())
     }
 
-    /// Writes the buffer's files, then the batch record.
-    async fn flush(&mut self, progress: &mut Progress) -> Result<(), BackfillError> {
+    /// Cuts the buffer into a batch and commits it in the background (its files, then its
+    /// record), after the previous batch's commit: records are written in batch order, and the
+    /// next batch fills while this one is written.
+    async fn flush(&mut self) -> Result<(), BackfillError> {
         self.opened = Instant::now();
         if self.buffer.is_empty() && self.done.is_empty() && self.failed.is_empty() {
             return Ok(());
         }
-        let started = Instant::now();
         let batch = self.cursor()?;
         let rows = self.buffer.len() as u64;
         let parts = self.buffer.take()?;
-        let files = buffer::write_files(
-            &self.lake,
-            &self.cfg.writer,
-            batch,
-            parts,
-            self.cfg.backfill.attempts.max(3),
-        )
-        .await?;
         let mut partial: Vec<RepoPartial> = self
             .in_batch
             .drain()
@@ -733,44 +751,61 @@ impl BatchLoop {
             })
             .collect();
         partial.sort_by(|a, b| a.did.cmp(&b.did));
-        let record = BatchRecord {
+        let mut record = BatchRecord {
             version: 1,
             batch: self.batch,
-            written_at: crate::syntax::format_datetime_ms(crate::model::cursor::now_us()),
-            files: files.iter().map(|f| f.path.clone()).collect(),
+            written_at: String::new(),
+            files: Vec::new(),
             rows,
             done: std::mem::take(&mut self.done),
             partial,
             failed: std::mem::take(&mut self.failed),
         };
-        progress.commit(&self.lake, &record).await?;
-        if let Some(c) = &self.catalog {
-            c.add_files(&files);
-        }
-        let bytes: u64 = files.iter().map(|f| f.size).sum();
-        self.stats
-            .files
-            .fetch_add(files.len() as u64, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        self.stats.detail().lake_states = progress.counts();
-        metrics::counter!("atlake_files_written_total", "table" => "backfill")
-            .increment(files.len() as u64);
-        metrics::counter!("atlake_bytes_written_total").increment(bytes);
-        self.summary.files += files.len() as u64;
-        self.summary.batches += 1;
-        self.summary.done += record.done.len() as u64;
-        tracing::info!(
-            batch = self.batch,
-            files = files.len(),
-            rows,
-            bytes,
-            done = record.done.len(),
-            partial = record.partial.len(),
-            failed = record.failed.len(),
-            took = ?started.elapsed(),
-            "backfill batch committed"
-        );
         self.batch += 1;
+        self.settle().await?;
+        let (lake, writer, attempts) = (
+            self.lake.clone(),
+            self.cfg.writer.clone(),
+            self.cfg.backfill.attempts.max(3),
+        );
+        let (catalog, stats, progress) = (
+            self.catalog.clone(),
+            self.stats.clone(),
+            self.progress.clone(),
+        );
+        self.pending = Some(tokio::spawn(async move {
+            let started = Instant::now();
+            let files = buffer::write_files(&lake, &writer, batch, parts, attempts).await?;
+            record.files = files.iter().map(|f| f.path.clone()).collect();
+            record.written_at = crate::syntax::format_datetime_ms(crate::model::cursor::now_us());
+            let mut p = progress.lock().await;
+            p.commit(&lake, &record).await?;
+            if let Some(c) = &catalog {
+                c.add_files(&files);
+            }
+            let bytes: u64 = files.iter().map(|f| f.size).sum();
+            stats.files.fetch_add(files.len() as u64, Ordering::Relaxed);
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats.detail().lake_states = p.counts();
+            metrics::counter!("atlake_files_written_total", "table" => "backfill")
+                .increment(files.len() as u64);
+            metrics::counter!("atlake_bytes_written_total").increment(bytes);
+            tracing::info!(
+                batch = record.batch,
+                files = files.len(),
+                rows,
+                bytes,
+                done = record.done.len(),
+                partial = record.partial.len(),
+                failed = record.failed.len(),
+                took = ?started.elapsed(),
+                "backfill batch committed"
+            );
+            Ok(Committed {
+                files: files.len() as u64,
+                done: record.done.len() as u64,
+            })
+        }));
         Ok(())
     }
 }
