@@ -431,7 +431,7 @@ impl Default for BackfillConfig {
             min_interval: HumanDuration(Duration::ZERO),
             attempts: 5,
             timeout: HumanDuration(Duration::from_secs(60)),
-            buffer: ByteSize(64 << 20),
+            buffer: ByteSize(48 << 20),
             flush_interval: HumanDuration(Duration::from_secs(30)),
             repo_memory: ByteSize(4 << 20),
             max_repo_size: ByteSize(8 << 30),

@@ -190,8 +190,12 @@ impl HistoryBuffer {
     }
 }
 
-/// Writes one file per partition of batch `batch` (two at a time: encoding is the work),
-/// retrying a failing store with backoff until `attempts` run out. Returns the files.
+/// Files written at once: most history files are small, and each waits for its fsync (local)
+/// or its PUT (S3) longer than it takes to encode.
+const WRITES_IN_FLIGHT: usize = 6;
+
+/// Writes one file per partition of batch `batch` ([`WRITES_IN_FLIGHT`] at a time), retrying
+/// a failing store with backoff until `attempts` run out. Returns the files.
 pub async fn write_files(
     lake: &Lake,
     cfg: &WriterConfig,
@@ -206,7 +210,7 @@ pub async fn write_files(
         async move { write_one(&lake, &cfg, batch, key, rows, attempts).await }
     });
     let results: Vec<Result<LakeFile, FlushError>> = futures::stream::iter(jobs)
-        .buffer_unordered(2)
+        .buffer_unordered(WRITES_IN_FLIGHT)
         .collect()
         .await;
     results.into_iter().collect()

@@ -29,9 +29,18 @@ pub enum BlocksError {
 }
 
 /// The blocks of one repo, in memory or spilled to a temporary file.
+///
+/// In memory, every block sits in one arena (one allocation, not one per block); spilled, in
+/// the file, read back through a few 1 MiB windows: a PDS writes a repo's CAR in about the
+/// order a walk reads it, so most reads are served from a window, not a system call.
 #[derive(Debug)]
 pub struct RepoBlocks {
-    mem: HashMap<Cid, Vec<u8>>,
+    index: HashMap<Cid, (u64, u32)>,
+    /// Spilled: the index by the first 8 bytes of each digest (24 bytes an entry instead of
+    /// 56; a big repo has a million blocks). Every spilled read is hashed, so two digests that
+    /// share a prefix make the walk fail with a mismatch, never read a wrong block.
+    short: HashMap<u64, (u64, u32)>,
+    arena: Vec<u8>,
     memory_cap: usize,
     max_total: u64,
     spill_dir: PathBuf,
@@ -42,16 +51,31 @@ pub struct RepoBlocks {
 #[derive(Debug)]
 struct Spill {
     out: BufWriter<File>,
-    index: HashMap<Cid, (u64, u32)>,
     len: u64,
+    windows: std::cell::RefCell<Windows>,
 }
+
+/// Recently read stretches of the spill file (at most [`WINDOWS`], least recently used out).
+#[derive(Debug, Default)]
+struct Windows {
+    slots: Vec<(u64, Vec<u8>)>,
+    tick: u64,
+    used: Vec<u64>,
+}
+
+/// Windows kept per spilled repo.
+const WINDOWS: usize = 4;
+/// Bytes read into a window at once.
+const WINDOW: usize = 1 << 20;
 
 impl RepoBlocks {
     /// A store that keeps up to `memory_cap` bytes in memory, spills the rest under `spill_dir`,
     /// and refuses a repo over `max_total` bytes.
     pub fn new(memory_cap: usize, max_total: u64, spill_dir: PathBuf) -> Self {
         RepoBlocks {
-            mem: HashMap::new(),
+            index: HashMap::new(),
+            short: HashMap::new(),
+            arena: Vec::new(),
             memory_cap,
             max_total,
             spill_dir,
@@ -81,14 +105,16 @@ impl RepoBlocks {
 
     /// Empties the store (a fetch that starts over); the spill file, if any, is dropped.
     pub fn clear(&mut self) {
-        self.mem.clear();
+        self.index = HashMap::new();
+        self.short = HashMap::new();
+        self.arena = Vec::new();
         self.spill = None;
         self.total = 0;
     }
 
     /// Adds a block (a duplicate CID is ignored: its bytes are the same, the hash says so).
     pub fn insert(&mut self, cid: Cid, data: &[u8]) -> Result<(), BlocksError> {
-        if self.contains(&cid) {
+        if self.index.contains_key(&cid) || self.short.contains_key(&short_key(&cid)) {
             return Ok(());
         }
         let after = self.total + data.len() as u64;
@@ -100,21 +126,20 @@ impl RepoBlocks {
         if self.spill.is_none() && after > self.memory_cap as u64 {
             self.start_spill()?;
         }
+        let len = u32::try_from(data.len()).map_err(std::io::Error::other)?;
         match &mut self.spill {
-            Some(s) => s.write(cid, data)?,
+            Some(s) => {
+                let at = s.write(data)?;
+                self.short.insert(short_key(&cid), (at, len));
+            }
             None => {
-                self.mem.insert(cid, data.to_vec());
+                let at = self.arena.len() as u64;
+                self.arena.extend_from_slice(data);
+                self.index.insert(cid, (at, len));
             }
         }
         self.total = after;
         Ok(())
-    }
-
-    fn contains(&self, cid: &Cid) -> bool {
-        match &self.spill {
-            Some(s) => s.index.contains_key(cid),
-            None => self.mem.contains_key(cid),
-        }
     }
 
     fn start_spill(&mut self) -> Result<(), BlocksError> {
@@ -122,12 +147,16 @@ impl RepoBlocks {
         let file = tempfile::tempfile_in(&self.spill_dir)?;
         let mut s = Spill {
             out: BufWriter::with_capacity(1 << 20, file),
-            index: HashMap::with_capacity(self.mem.len() * 2),
             len: 0,
+            windows: Default::default(),
         };
-        for (cid, data) in std::mem::take(&mut self.mem) {
-            s.write(cid, &data)?;
-        }
+        // the arena goes to the file as it is: the offsets stay valid
+        s.write(&self.arena)?;
+        self.arena = Vec::new();
+        self.short = std::mem::take(&mut self.index)
+            .into_iter()
+            .map(|(c, v)| (short_key(&c), v))
+            .collect();
         tracing::debug!(bytes = self.total, dir = %self.spill_dir.display(), "repo spilled to disk");
         metrics::counter!("atlake_backfill_spills_total").increment(1);
         self.spill = Some(s);
@@ -144,32 +173,79 @@ impl RepoBlocks {
 }
 
 impl Spill {
-    fn write(&mut self, cid: Cid, data: &[u8]) -> std::io::Result<()> {
-        let len = u32::try_from(data.len()).map_err(std::io::Error::other)?;
+    /// Appends bytes; returns where they start.
+    fn write(&mut self, data: &[u8]) -> std::io::Result<u64> {
+        let at = self.len;
         self.out.write_all(data)?;
-        self.index.insert(cid, (self.len, len));
-        self.len += u64::from(len);
+        self.len += data.len() as u64;
+        Ok(at)
+    }
+
+    /// Copies `len` bytes at `at` into `out`, through the windows.
+    fn read(&self, at: u64, len: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let mut w = self.windows.borrow_mut();
+        w.tick += 1;
+        let tick = w.tick;
+        let end = at + len as u64;
+        let hit = w
+            .slots
+            .iter()
+            .position(|(start, data)| *start <= at && end <= *start + data.len() as u64);
+        let slot = match hit {
+            Some(i) => i,
+            None => {
+                let size = (len.max(WINDOW) as u64).min(self.len.saturating_sub(at)) as usize;
+                let mut data = vec![0u8; size];
+                self.out.get_ref().read_exact_at(&mut data, at)?;
+                if w.slots.len() < WINDOWS {
+                    w.slots.push((at, data));
+                    w.used.push(tick);
+                    w.slots.len() - 1
+                } else {
+                    let oldest = (0..w.used.len()).min_by_key(|&i| w.used[i]).unwrap_or(0);
+                    w.slots[oldest] = (at, data);
+                    oldest
+                }
+            }
+        };
+        w.used[slot] = tick;
+        let (start, data) = &w.slots[slot];
+        let from = (at - start) as usize;
+        let bytes = data
+            .get(from..from + len)
+            .ok_or_else(|| std::io::Error::other("a window is shorter than the block"))?;
+        out.clear();
+        out.extend_from_slice(bytes);
         Ok(())
     }
 }
 
+/// The first 8 bytes of a block's digest.
+fn short_key(cid: &Cid) -> u64 {
+    let d = cid.digest();
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
 impl BlockSource for RepoBlocks {
     fn read_block(&self, cid: &Cid, out: &mut Vec<u8>) -> Result<bool, String> {
+        let found = match &self.spill {
+            None => self.index.get(cid),
+            Some(_) => self.short.get(&short_key(cid)),
+        };
+        let Some(&(at, len)) = found else {
+            out.clear();
+            return Ok(false);
+        };
         match &self.spill {
-            None => crate::decode::mst::copy_block(self.mem.get(cid).map(Vec::as_slice), out),
+            None => {
+                let from = usize::try_from(at).map_err(|e| e.to_string())?;
+                crate::decode::mst::copy_block(self.arena.get(from..from + len as usize), out)
+            }
             Some(s) => {
-                out.clear();
-                let Some(&(at, len)) = s.index.get(cid) else {
-                    return Ok(false);
-                };
                 if !s.out.buffer().is_empty() {
                     return Err("the spill file was read before it was sealed".into());
                 }
-                out.resize(len as usize, 0);
-                s.out
-                    .get_ref()
-                    .read_exact_at(out, at)
-                    .map_err(|e| e.to_string())?;
+                s.read(at, len as usize, out).map_err(|e| e.to_string())?;
                 // the file is ours, but a disk can still return wrong bytes: the walk trusts
                 // nothing it did not hash
                 if !cid.matches(out) {
