@@ -11,8 +11,9 @@
 //! `active = false` with status `deleted` or `takendown` have no rows. Views over the tables, so
 //! they include the rows still in the daemon's memory and are as fresh as the tables.
 
-use datafusion::catalog::{MemorySchemaProvider, SchemaProvider};
+use datafusion::catalog::SchemaProvider;
 use datafusion::datasource::ViewTable;
+use datafusion::execution::SessionState;
 use datafusion::prelude::SessionContext;
 use std::sync::Arc;
 
@@ -60,13 +61,52 @@ pub fn views() -> Vec<(&'static str, String)> {
     v
 }
 
-/// Registers the `current` schema in `ctx` (whose tables are already registered).
-pub async fn register(ctx: &SessionContext) -> datafusion::error::Result<()> {
-    let schema = Arc::new(MemorySchemaProvider::new());
-    for (name, sql) in views() {
-        let plan = ctx.state().create_logical_plan(&sql).await?;
-        schema.register_table(name.into(), Arc::new(ViewTable::new(plan, Some(sql))))?;
+/// The `current` schema: each view is planned when a query names it (planning all eight for
+/// every query cost every query, the trivial ones too).
+struct CurrentSchema {
+    state: Box<dyn Fn() -> Option<SessionState> + Send + Sync>,
+}
+
+impl std::fmt::Debug for CurrentSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CurrentSchema")
     }
+}
+
+#[async_trait::async_trait]
+impl SchemaProvider for CurrentSchema {
+    fn table_names(&self) -> Vec<String> {
+        views().into_iter().map(|(n, _)| n.to_string()).collect()
+    }
+
+    async fn table(
+        &self,
+        name: &str,
+    ) -> datafusion::error::Result<Option<Arc<dyn datafusion::catalog::TableProvider>>> {
+        let Some((_, sql)) = views().into_iter().find(|(n, _)| *n == name) else {
+            return Ok(None);
+        };
+        let state = (self.state)().ok_or_else(|| {
+            datafusion::error::DataFusionError::Internal(
+                "the session of a current.* view is gone".into(),
+            )
+        })?;
+        let plan = state.create_logical_plan(&sql).await?;
+        Ok(Some(Arc::new(ViewTable::new(plan, Some(sql)))))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        views().iter().any(|(n, _)| *n == name)
+    }
+}
+
+/// Registers the `current` schema in `ctx` (whose tables are already registered).
+pub fn register(ctx: &SessionContext) -> datafusion::error::Result<()> {
+    let weak = ctx.state_weak_ref();
+    let schema = Arc::new(CurrentSchema {
+        // a weak reference: the session owns the schema, not the other way round
+        state: Box::new(move || weak.upgrade().map(|s| s.read().clone())),
+    });
     if let Some(cat) = ctx.catalog("datafusion") {
         cat.register_schema("current", schema)?;
     }

@@ -355,9 +355,7 @@ impl QueryEngine {
             cat.register_schema("system", sys)
                 .map_err(|e| QueryError::Internal(e.to_string()))?;
         }
-        current::register(&ctx)
-            .await
-            .map_err(|e| QueryError::Internal(e.to_string()))?;
+        current::register(&ctx).map_err(|e| QueryError::Internal(e.to_string()))?;
         Ok(ctx)
     }
 
