@@ -263,6 +263,13 @@ async fn write_one(
                     rows: Some(n),
                 });
             }
+            // the lease's renewals are late: wait for one (or for the lease to be lost)
+            Err(crate::sink::store::StoreError::Fenced(
+                crate::sink::lease::FenceError::Expired,
+            )) => {
+                tracing::warn!(%path, "the writer lease is not valid now; the write waits for a renewal");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
             Err(e) => {
                 tries += 1;
                 metrics::counter!("atlake_storage_errors_total", "kind" => "store").increment(1);

@@ -332,7 +332,7 @@ impl Progress {
             path: batch_path(r.batch),
             why: e.to_string(),
         })?;
-        lake.put_atomic(&batch_path(r.batch), body.into()).await?;
+        put(lake, &batch_path(r.batch), body).await?;
         self.apply(r);
         self.unfolded.push(r.batch);
         if self.unfolded.len() >= COMPACT_AFTER {
@@ -357,7 +357,7 @@ impl Progress {
             path: state_path(batch),
             why: e.to_string(),
         })?;
-        lake.put_atomic(&state_path(batch), body.into()).await?;
+        put(lake, &state_path(batch), body).await?;
         for b in std::mem::take(&mut self.unfolded) {
             lake.delete(&batch_path(b)).await?;
         }
@@ -365,6 +365,21 @@ impl Progress {
             lake.delete(&state_path(old)).await?;
         }
         Ok(())
+    }
+}
+
+/// Writes a record atomically; while the writer lease's renewals are late the write waits for
+/// one (a lost lease, or any other failure, is an error).
+async fn put(lake: &Lake, path: &str, body: Vec<u8>) -> Result<(), StoreError> {
+    let body = bytes::Bytes::from(body);
+    loop {
+        match lake.put_atomic(path, body.clone()).await {
+            Err(StoreError::Fenced(crate::sink::lease::FenceError::Expired)) => {
+                tracing::warn!(%path, "the writer lease is not valid now; the record waits for a renewal");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            r => return r,
+        }
     }
 }
 

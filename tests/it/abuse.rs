@@ -252,6 +252,7 @@ fn hostile(rng: &mut Rng, i: u64) -> (&'static str, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_hostile_queries_leave_the_server_up_and_bounded() {
+    let _heavy = crate::common::HEAVY.lock().await;
     let (dir, lake, _) = fixture_lake(2000, 17).await;
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");

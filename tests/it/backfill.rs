@@ -245,6 +245,7 @@ enum Backend {
 /// The real process, killed with SIGKILL at random moments (≥ 10 times), then run to the end:
 /// every record once.
 async fn crash(backend: Backend) {
+    let _heavy = crate::common::HEAVY.lock().await;
     let bucket = "backfill";
     let moto = match backend {
         Backend::S3 => match Moto::start(bucket).await {

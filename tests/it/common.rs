@@ -347,3 +347,8 @@ impl AtlakeChild {
         None
     }
 }
+
+/// Held by the tests whose timing bounds need the machine (the abuse test's per-query bound)
+/// and by the heaviest ones (kill -9 loops of the backfill), so that they never overlap on a
+/// 2-core machine.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
