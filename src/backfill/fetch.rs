@@ -81,8 +81,11 @@ pub async fn fetch_one(ctx: FetchContext, job: RepoJob, tx: mpsc::Sender<Msg>) {
     ctx.stats.in_flight.fetch_add(1, Ordering::Relaxed);
     let msg = fetch_inner(&ctx, &job, &tx).await;
     ctx.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-    // a closed channel means the run is ending: nothing more to report to
-    let _ = tx.send(msg).await;
+    // a closed channel means the batch loop ended (a stop or a failure of the run): the repo
+    // was not recorded as done, so the next run fetches it again
+    if tx.send(msg).await.is_err() {
+        tracing::debug!(did = %job.did, "the backfill is stopping; this repo's outcome is not recorded");
+    }
 }
 
 async fn fetch_inner(ctx: &FetchContext, job: &RepoJob, tx: &mpsc::Sender<Msg>) -> Msg {
@@ -268,9 +271,12 @@ fn walk(
         },
         Err(e) => {
             // what was walked before the error is verified (every node on its path hashed to
-            // its link): it is kept, and a later fetch resumes after it
-            let _ = send(&mut chunk);
-            failed(did, e.reason().into(), e.to_string())
+            // its link): it is kept, and a later fetch resumes after it. If the batch loop is
+            // gone, the run is stopping: that is the failure to report
+            match send(&mut chunk) {
+                Ok(()) => failed(did, e.reason().into(), e.to_string()),
+                Err(stopped) => failed(did, stopped.reason().into(), stopped.to_string()),
+            }
         }
     }
 }

@@ -61,7 +61,8 @@ pub struct RepoDone {
     pub did: String,
     /// The snapshot's revision (absent for a version-2 repo).
     pub rev: Option<String>,
-    /// Records written from it (over every batch).
+    /// Records written from it by the run that finished it (a repo resumed after a restart
+    /// counts only what that run wrote; an empty repo has 0).
     pub records: u64,
     /// Keys left to their live create by the daemon's cut-over (`collection/rkey`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
