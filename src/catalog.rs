@@ -205,6 +205,12 @@ pub struct StorageHealth {
 /// record created live before it (in an earlier run) and also in a later snapshot is in the
 /// lake twice, as the same key and CID; `current.*` folds them to one row. At most `cap` live
 /// creates are noted; past that, the overflow is counted and logged, never silent.
+///
+/// It also follows each repo's chain of commits once a snapshot anchors it (Sync 1.1): a live
+/// `#commit` whose `since` is not the last rev seen, or whose `prevData` is not the last MST
+/// root seen, means events were missed; a `#sync` announces a state reached without commits.
+/// Either marks the repo for a fresh fetch ([`Cutover::take_refetch`]), which the daemon's
+/// backfill performs.
 #[derive(Debug)]
 pub struct Cutover {
     inner: Mutex<CutoverInner>,
@@ -219,7 +225,60 @@ struct CutoverInner {
     /// Keys a committed snapshot left to their live create (kept when replayed).
     deferred: std::collections::HashSet<u64>,
     overflow: u64,
+    /// The last commit seen of each DID (live or snapshot).
+    heads: HashMap<u64, Head>,
+    heads_overflow: u64,
+    /// Repos marked for a fresh fetch, by DID hash, and the queue of those not yet taken.
+    marked: HashMap<u64, Mark>,
+    queue: std::collections::VecDeque<String>,
+    refetch_overflow: u64,
 }
+
+/// The last commit seen of a DID.
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    rev: [u8; 13],
+    /// A hash of its MST root (0: unknown).
+    data: u64,
+    /// Whether a snapshot anchors the chain (only then is a gap a reason to fetch again).
+    anchored: bool,
+}
+
+/// Where a repo marked for a fresh fetch stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    /// Waiting in the queue (else being fetched).
+    queued: bool,
+    /// Marked once more while being fetched.
+    again: bool,
+    /// Fresh fetches of it that failed.
+    failures: u8,
+}
+
+/// Why a repo was marked for a fresh fetch (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gap {
+    /// A `#sync` event at a later rev.
+    Sync,
+    /// A commit whose `since` is not the last rev seen.
+    Since,
+    /// A commit whose `prevData` is not the last MST root seen.
+    PrevData,
+}
+
+impl Gap {
+    /// `sync`, `since` or `prev_data`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Gap::Sync => "sync",
+            Gap::Since => "since",
+            Gap::PrevData => "prev_data",
+        }
+    }
+}
+
+/// Times a fresh fetch that fails is queued again before the repo is left to the next run.
+const REFETCH_ATTEMPTS: u8 = 3;
 
 /// A rev as 13 bytes (a TID); `None` for anything else.
 fn rev_bytes(rev: &str) -> Option<[u8; 13]> {
@@ -255,7 +314,8 @@ impl Cutover {
 
     /// Snapshot revs already durable (from the backfill's progress), with the keys each left
     /// to its live create (`collection/rkey`): a replayed live create of such a key is kept.
-    pub fn load_snapshot(&self, did: &str, rev: &str, deferred: &[String]) {
+    pub fn load_snapshot(&self, did: &str, rev: &str, data: Option<&str>, deferred: &[String]) {
+        let _ = self.snapshot_done(did, Some(rev), data, false);
         let mut g = self.lock();
         if let Some(r) = rev_bytes(rev) {
             let h = self.hash(&[did]);
@@ -325,6 +385,225 @@ impl Cutover {
         .collect()
     }
 
+    fn data_hash(&self, data: &str) -> u64 {
+        // 0 means unknown
+        self.hash(&[data]).max(1)
+    }
+
+    /// Marks `did` for a fresh fetch (`g` locked).
+    fn mark(&self, g: &mut CutoverInner, d: u64, did: &str, why: Gap) {
+        match g.marked.get_mut(&d) {
+            Some(m) if m.queued || m.again => return,
+            Some(m) => m.again = true,
+            None => {
+                if g.marked.len() >= self.cap {
+                    g.refetch_overflow += 1;
+                    if g.refetch_overflow.is_power_of_two() {
+                        tracing::error!(
+                            cap = self.cap,
+                            overflow = g.refetch_overflow,
+                            "the queue of repos to fetch again is full: a repo with a gap keeps its stale records until a later backfill"
+                        );
+                    }
+                    metrics::counter!("atlake_backfill_refetch_overflow_total").increment(1);
+                    return;
+                }
+                g.marked.insert(
+                    d,
+                    Mark {
+                        queued: true,
+                        again: false,
+                        failures: 0,
+                    },
+                );
+                g.queue.push_back(did.to_string());
+            }
+        }
+        tracing::info!(%did, why = why.as_str(), "a gap in the repo's history: it will be fetched again");
+        metrics::counter!("atlake_backfill_refetch_marked_total", "why" => why.as_str())
+            .increment(1);
+    }
+
+    fn set_head(&self, g: &mut CutoverInner, d: u64, head: Head) {
+        if g.heads.len() < self.cap || g.heads.contains_key(&d) {
+            g.heads.insert(d, head);
+        } else {
+            g.heads_overflow += 1;
+            if g.heads_overflow.is_power_of_two() {
+                tracing::error!(
+                    cap = self.cap,
+                    overflow = g.heads_overflow,
+                    "the cut-over's table of repo heads is full: gaps in these repos' histories go unnoticed"
+                );
+            }
+            metrics::counter!("atlake_backfill_heads_overflow_total").increment(1);
+        }
+    }
+
+    /// A live commit of `did` at `rev` (every op of it may call this; the first one advances
+    /// the head). Returns the gap it reveals, if the DID's chain is anchored by a snapshot and
+    /// the commit does not follow the last one seen. A commit without chain fields (Jetstream)
+    /// advances the head without a check.
+    pub fn live_commit(
+        &self,
+        did: &str,
+        rev: &str,
+        chain: Option<&crate::model::Chain>,
+    ) -> Option<Gap> {
+        let r = rev_bytes(rev)?;
+        let d = self.hash(&[did]);
+        let data = chain.map_or(0, |c| self.data_hash(&c.data));
+        let mut g = self.lock();
+        let head = g.heads.get(&d).copied();
+        let gap = match (head, chain) {
+            (Some(h), _) if r <= h.rev => return None,
+            (Some(h), Some(c)) if h.anchored => {
+                let since_ok = c.since.as_deref().and_then(rev_bytes) == Some(h.rev);
+                let prev_ok = match (&c.prev_data, h.data) {
+                    (Some(p), known) if known != 0 => self.data_hash(p) == known,
+                    _ => true,
+                };
+                if !since_ok {
+                    Some(Gap::Since)
+                } else if !prev_ok {
+                    Some(Gap::PrevData)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        if let Some(why) = gap {
+            self.mark(&mut g, d, did, why);
+        }
+        let anchored = head.is_some_and(|h| h.anchored);
+        self.set_head(
+            &mut g,
+            d,
+            Head {
+                rev: r,
+                data,
+                anchored,
+            },
+        );
+        gap
+    }
+
+    /// A live `#sync` of `did` at `rev`: a repo anchored by a snapshot at an earlier rev is
+    /// marked for a fresh fetch.
+    pub fn live_sync(&self, did: &str, rev: &str) -> Option<Gap> {
+        let r = rev_bytes(rev)?;
+        let d = self.hash(&[did]);
+        let mut g = self.lock();
+        let head = g.heads.get(&d).copied();
+        if head.is_some_and(|h| r <= h.rev) {
+            return None;
+        }
+        let anchored = head.is_some_and(|h| h.anchored);
+        if anchored {
+            self.mark(&mut g, d, did, Gap::Sync);
+        }
+        self.set_head(
+            &mut g,
+            d,
+            Head {
+                rev: r,
+                data: 0,
+                anchored,
+            },
+        );
+        anchored.then_some(Gap::Sync)
+    }
+
+    /// A snapshot of `did` at `rev` with MST root `data` is complete: it anchors the DID's
+    /// chain (unless live commits already went past it: their head stays, now anchored). A
+    /// fresh fetch (`refetch`) that completes takes the DID off the queue, or queues it again
+    /// when it was marked meanwhile. Returns the cut: the latest rev seen of the repo (live or
+    /// this snapshot's).
+    pub fn snapshot_done(
+        &self,
+        did: &str,
+        rev: Option<&str>,
+        data: Option<&str>,
+        refetch: bool,
+    ) -> Option<String> {
+        let d = self.hash(&[did]);
+        let mut g = self.lock();
+        let mut cut = None;
+        if let Some(r) = rev.and_then(rev_bytes) {
+            let head = match g.heads.get(&d).copied() {
+                Some(h) if h.rev > r => Head {
+                    anchored: true,
+                    ..h
+                },
+                _ => Head {
+                    rev: r,
+                    data: data.map_or(0, |x| self.data_hash(x)),
+                    anchored: true,
+                },
+            };
+            cut = String::from_utf8(head.rev.to_vec()).ok();
+            self.set_head(&mut g, d, head);
+        }
+        if refetch {
+            self.finish_refetch(&mut g, d, did, false);
+        }
+        cut
+    }
+
+    /// A fresh fetch of `did` ended (`failed` or not): off the queue, or queued again when it
+    /// was marked meanwhile or failed fewer than [`REFETCH_ATTEMPTS`] times.
+    fn finish_refetch(&self, g: &mut CutoverInner, d: u64, did: &str, failed: bool) -> bool {
+        let Some(m) = g.marked.get_mut(&d) else {
+            return false;
+        };
+        if m.queued {
+            return true;
+        }
+        if failed {
+            m.failures += 1;
+        }
+        if m.again || (failed && m.failures < REFETCH_ATTEMPTS) {
+            m.queued = true;
+            m.again = false;
+            g.queue.push_back(did.to_string());
+            true
+        } else {
+            g.marked.remove(&d);
+            false
+        }
+    }
+
+    /// A fresh fetch of `did` failed: it is queued again, up to a few times; then it is left to
+    /// the next backfill run (its failure is in the progress) and `false` is returned.
+    pub fn refetch_failed(&self, did: &str) -> bool {
+        let d = self.hash(&[did]);
+        let mut g = self.lock();
+        self.finish_refetch(&mut g, d, did, true)
+    }
+
+    /// Up to `n` repos to fetch again, now in flight.
+    pub fn take_refetch(&self, n: usize) -> Vec<String> {
+        let mut g = self.lock();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let Some(did) = g.queue.pop_front() else {
+                break;
+            };
+            let d = self.hash(&[did.as_str()]);
+            if let Some(m) = g.marked.get_mut(&d) {
+                m.queued = false;
+            }
+            out.push(did);
+        }
+        out
+    }
+
+    /// Repos marked for a fresh fetch and not finished (queued or in flight).
+    pub fn refetch_pending(&self) -> usize {
+        self.lock().marked.len()
+    }
+
     /// Live creates noted, and how many did not fit.
     pub fn noted(&self) -> (usize, u64) {
         let g = self.lock();
@@ -381,11 +660,149 @@ mod tests {
         d.load_snapshot(
             DID,
             "3kcaaaaaaaaa2",
+            None,
             &["app.bsky.feed.post/3k7".to_string()],
         );
         assert!(!d.live_create(DID, "app.bsky.feed.post", "3k1", "3kaaaaaaaaaa2"));
         assert!(d.live_create(DID, "app.bsky.feed.post", "3k7", "3kaaaaaaaaaa2"));
         assert!(d.live_create(DID, "app.bsky.feed.post", "3k1", "3kdaaaaaaaaa2"));
+    }
+
+    fn chain(since: Option<&str>, prev: Option<&str>, data: &str) -> crate::model::Chain {
+        crate::model::Chain {
+            since: since.map(str::to_string),
+            prev_data: prev.map(str::to_string),
+            data: data.to_string(),
+        }
+    }
+
+    /// Once a snapshot anchors a repo, a live commit must follow the last one seen (`since`
+    /// and `prevData`); a `#sync` past it, or a commit that does not follow, marks the repo
+    /// for a fresh fetch, once, until that fetch completes.
+    #[test]
+    fn gaps_in_an_anchored_chain_mark_the_repo_for_a_fresh_fetch() {
+        let c = Cutover::new(100);
+        // not anchored: nothing is checked
+        assert_eq!(
+            c.live_commit(
+                DID,
+                "3kaaaaaaaaaa2",
+                Some(&chain(Some("3k2222222222"), Some("x"), "d0"))
+            ),
+            None
+        );
+        c.snapshot_done(DID, Some("3kbaaaaaaaaa2"), Some("d1"), false);
+        // at or before the snapshot: reflected in it, no check, no change
+        assert_eq!(
+            c.live_commit(
+                DID,
+                "3kbaaaaaaaaa2",
+                Some(&chain(Some("zz"), Some("zz"), "zz"))
+            ),
+            None
+        );
+        // follows: since is the snapshot's rev, prevData its root
+        assert_eq!(
+            c.live_commit(
+                DID,
+                "3kcaaaaaaaaa2",
+                Some(&chain(Some("3kbaaaaaaaaa2"), Some("d1"), "d2"))
+            ),
+            None
+        );
+        // another op of the same commit
+        assert_eq!(
+            c.live_commit(
+                DID,
+                "3kcaaaaaaaaa2",
+                Some(&chain(Some("3kbaaaaaaaaa2"), Some("d1"), "d2"))
+            ),
+            None
+        );
+        // prevData that is not the last root
+        assert_eq!(
+            c.live_commit(
+                DID,
+                "3kdaaaaaaaaa2",
+                Some(&chain(Some("3kcaaaaaaaaa2"), Some("d9"), "d3"))
+            ),
+            Some(Gap::PrevData)
+        );
+        // marked once: a later gap while queued adds nothing
+        assert_eq!(
+            c.live_commit(
+                DID,
+                "3keaaaaaaaaa2",
+                Some(&chain(Some("3kcaaaaaaaaa2"), Some("d3"), "d4"))
+            ),
+            Some(Gap::Since)
+        );
+        assert_eq!(c.refetch_pending(), 1);
+        assert_eq!(c.take_refetch(10), vec![DID.to_string()]);
+        assert!(c.take_refetch(10).is_empty());
+        // a #sync while it is fetched: fetched again after
+        assert_eq!(c.live_sync(DID, "3kfaaaaaaaaa2"), Some(Gap::Sync));
+        assert!(c.take_refetch(10).is_empty());
+        c.snapshot_done(DID, Some("3kfaaaaaaaaa2"), Some("d5"), true);
+        assert_eq!(c.take_refetch(10), vec![DID.to_string()]);
+        c.snapshot_done(DID, Some("3kgaaaaaaaaa2"), Some("d6"), true);
+        assert_eq!(c.refetch_pending(), 0);
+        // the fresh snapshot anchors the chain again
+        assert_eq!(
+            c.live_commit(
+                DID,
+                "3khaaaaaaaaa2",
+                Some(&chain(Some("3kgaaaaaaaaa2"), Some("d6"), "d7"))
+            ),
+            None
+        );
+        // a #sync at or before the head is old news; Jetstream commits (no chain) just advance
+        assert_eq!(c.live_sync(DID, "3khaaaaaaaaa2"), None);
+        assert_eq!(c.live_commit(DID, "3kiaaaaaaaaa2", None), None);
+        assert_eq!(
+            c.live_commit(
+                DID,
+                "3kjaaaaaaaaa2",
+                Some(&chain(Some("3kiaaaaaaaaa2"), None, "d8"))
+            ),
+            None
+        );
+        // a #sync of a repo no snapshot anchors is not a reason to fetch
+        assert_eq!(
+            c.live_sync("did:plc:bbbbbbbbbbbbbbbbbbbbbbbb", "3kzaaaaaaaaa2"),
+            None
+        );
+        assert_eq!(c.refetch_pending(), 0);
+    }
+
+    /// Live commits past a snapshot's rev before the snapshot completes stay the head; a fresh
+    /// fetch that fails is tried again a few times, then left to the next run.
+    #[test]
+    fn a_snapshot_behind_the_live_head_anchors_it_and_failures_are_bounded() {
+        let c = Cutover::new(100);
+        c.live_commit(
+            DID,
+            "3kcaaaaaaaaa2",
+            Some(&chain(Some("3kbaaaaaaaaa2"), Some("d1"), "d2")),
+        );
+        c.snapshot_done(DID, Some("3kbaaaaaaaaa2"), Some("d1"), false);
+        assert_eq!(
+            c.live_commit(
+                DID,
+                "3kdaaaaaaaaa2",
+                Some(&chain(Some("3kcaaaaaaaaa2"), Some("d2"), "d3"))
+            ),
+            None
+        );
+        assert_eq!(c.live_sync(DID, "3keaaaaaaaaa2"), Some(Gap::Sync));
+        for _ in 0..REFETCH_ATTEMPTS - 1 {
+            assert_eq!(c.take_refetch(10).len(), 1);
+            assert!(c.refetch_failed(DID));
+        }
+        assert_eq!(c.take_refetch(10).len(), 1);
+        assert!(!c.refetch_failed(DID));
+        assert_eq!(c.refetch_pending(), 0);
+        assert!(c.take_refetch(10).is_empty());
     }
 
     /// Past the cap, creates are counted as overflow (and kept), never dropped silently.

@@ -599,7 +599,11 @@ async fn backfill_cmd(cfg: Config, target: crate::backfill::Target) -> anyhow::R
             }
         }
     });
-    let plan = crate::backfill::Plan { target, cfg };
+    let plan = crate::backfill::Plan {
+        target,
+        cfg,
+        follow: false,
+    };
     let result = crate::backfill::run(plan, &lake, stats.clone()).await;
     reporter.abort();
     if tty {

@@ -137,6 +137,7 @@ impl Daemon {
             let plan = crate::backfill::Plan {
                 target: crate::backfill::Target::Listed,
                 cfg: cfg.clone(),
+                follow: true,
             };
             let lake = ingest.lake.clone();
             let catalog = ingest.catalog.clone();

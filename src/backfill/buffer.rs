@@ -124,6 +124,42 @@ impl HistoryBuffer {
         Ok(())
     }
 
+    /// Buffers the marker of a fresh fetch after a gap: a `sync` row of `did` at the cut
+    /// `cut` (the latest rev seen of the repo, at least the snapshot's) with origin `repo`, the
+    /// snapshot's rev in its record, in the `_sync` partition of the cut's (bounded) time.
+    /// `current.*` takes it to mean that the repo's rows up to the cut are replaced by the
+    /// snapshot's.
+    pub fn push_reset(&mut self, did: &str, snapshot: &str, cut: &str) -> Result<(), String> {
+        use crate::model::{Did, Envelope, Event, EventData, SyncInfo, Tid};
+        let now = crate::model::cursor::now_us();
+        let time_us = crate::decode::repo::record_time_us("", None, Some(cut), now);
+        let (Ok(did), Ok(rev), Ok(snap)) = (Did::parse(did), Tid::parse(cut), Tid::parse(snapshot))
+        else {
+            // the fetch checked them (the commit's DID is the one asked for; v3 revs are TIDs)
+            return Err(format!(
+                "a reset marker for {did:?} at {snapshot:?}/{cut:?}"
+            ));
+        };
+        let key =
+            PartitionKey::month_of(PartitionName::Sync, time_us).map_err(|e| e.to_string())?;
+        let p = self.part(key);
+        self.rows.push_event(&Envelope {
+            event: Event {
+                did,
+                data: EventData::Sync(SyncInfo {
+                    rev,
+                    snapshot: Some(snap),
+                }),
+            },
+            time_us,
+            claimed_time_us: None,
+            seq: None,
+            chain: None,
+        });
+        self.parts.push(p);
+        Ok(())
+    }
+
     /// Buffers a quarantined input, in the quarantine's partition of `time_us`.
     pub fn push_error(
         &mut self,

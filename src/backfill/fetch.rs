@@ -27,6 +27,8 @@ pub struct RepoJob {
     pub did: String,
     /// Resume after this key (records up to it are already in the lake).
     pub after: Option<String>,
+    /// A fresh fetch after a gap in the repo's live history: its snapshot replaces the repo.
+    pub reset: bool,
 }
 
 /// What a fetch needs.
@@ -62,7 +64,8 @@ fn quarantine_reason(reason: &str) -> Option<ErrorReason> {
     })
 }
 
-fn failed(did: &str, reason: String, detail: String) -> Msg {
+fn failed(job: &RepoJob, reason: String, detail: String) -> Msg {
+    let did = job.did.as_str();
     let quarantine = quarantine_reason(&reason).map(|r| {
         let mut e = ErrorEvent::new(r, detail.clone(), &[]);
         e.did = Some(did.to_string());
@@ -73,26 +76,29 @@ fn failed(did: &str, reason: String, detail: String) -> Msg {
         reason,
         detail,
         quarantine,
+        reset: job.reset,
     }
 }
 
 /// Fetches and walks one repo, sending its rows and then `Done` or `Failed` to `tx`.
 pub async fn fetch_one(ctx: FetchContext, job: RepoJob, tx: mpsc::Sender<Msg>) {
     ctx.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.queued.fetch_sub(1, Ordering::Relaxed);
     let msg = fetch_inner(&ctx, &job, &tx).await;
-    ctx.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     // a closed channel means the batch loop ended (a stop or a failure of the run): the repo
     // was not recorded as done, so the next run fetches it again
     if tx.send(msg).await.is_err() {
         tracing::debug!(did = %job.did, "the backfill is stopping; this repo's outcome is not recorded");
     }
+    // after the send: a repo is never out of flight before its outcome is in the channel
+    ctx.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
 }
 
 async fn fetch_inner(ctx: &FetchContext, job: &RepoJob, tx: &mpsc::Sender<Msg>) -> Msg {
     let did = job.did.clone();
     let pds = match ctx.client.resolve_pds(&did).await {
         Ok(p) => p,
-        Err(e) => return failed(&did, e.reason(), e.to_string()),
+        Err(e) => return failed(job, e.reason(), e.to_string()),
     };
     let mut blocks = RepoBlocks::new(ctx.repo_memory, ctx.max_repo_size, ctx.spill_dir.clone());
     let fetched = match ctx.client.get_repo(&pds, &did, &mut blocks).await {
@@ -102,7 +108,7 @@ async fn fetch_inner(ctx: &FetchContext, job: &RepoJob, tx: &mpsc::Sender<Msg>) 
                 SyncError::Xrpc { name, .. } => name.clone(),
                 other => other.reason(),
             };
-            return failed(&did, reason, e.to_string());
+            return failed(job, reason, e.to_string());
         }
     };
     ctx.stats
@@ -131,7 +137,7 @@ async fn fetch_inner(ctx: &FetchContext, job: &RepoJob, tx: &mpsc::Sender<Msg>) 
         Ok(m) => m,
         Err(e) => {
             metrics::counter!("atlake_broken_invariants_total").increment(1);
-            failed(&did, "panic".into(), e.to_string())
+            failed(job, "panic".into(), e.to_string())
         }
     }
 }
@@ -177,17 +183,26 @@ fn walk(
     // the rev is only known once the commit is decoded: rows are sent with it after the walk
     // begins, so the commit is read first
     let mut commit_buf = Vec::new();
-    let rev = match crate::decode::mst::BlockSource::read_block(blocks, root, &mut commit_buf) {
-        Ok(true) => match crate::decode::repo::Commit::decode(&commit_buf) {
-            Ok(c) => c.rev,
-            Err(e) => return failed(did, e.reason().into(), e.to_string()),
-        },
-        Ok(false) => {
-            let e = RepoError::MissingCommit(*root);
-            return failed(did, e.reason().into(), e.to_string());
-        }
-        Err(why) => return failed(did, "spill".into(), why),
-    };
+    let (rev, data) =
+        match crate::decode::mst::BlockSource::read_block(blocks, root, &mut commit_buf) {
+            Ok(true) => match crate::decode::repo::Commit::decode(&commit_buf) {
+                Ok(c) => (c.rev, c.data.to_string()),
+                Err(e) => return failed(job, e.reason().into(), e.to_string()),
+            },
+            Ok(false) => {
+                let e = RepoError::MissingCommit(*root);
+                return failed(job, e.reason().into(), e.to_string());
+            }
+            Err(why) => return failed(job, "spill".into(), why),
+        };
+    if job.reset && rev.is_none() {
+        // a replacement is marked by its rev: a version-2 repo cannot be one
+        return failed(
+            job,
+            "commit".into(),
+            "a fresh fetch after a gap found a version-2 repo (no rev)".into(),
+        );
+    }
     let send = |chunk: &mut Chunk| -> Result<(), RepoError> {
         if chunk.rows.is_empty() && chunk.errors.is_empty() {
             return Ok(());
@@ -202,6 +217,7 @@ fn walk(
             rows: c.rows,
             errors: c.errors,
             last_key,
+            reset: job.reset,
         })
         .map_err(|_| RepoError::Stopped("the backfill is stopping".into()))
     };
@@ -268,14 +284,16 @@ fn walk(
         Ok(()) => Msg::Done {
             did: did.to_string(),
             rev,
+            data: Some(data),
+            reset: job.reset,
         },
         Err(e) => {
             // what was walked before the error is verified (every node on its path hashed to
             // its link): it is kept, and a later fetch resumes after it. If the batch loop is
             // gone, the run is stopping: that is the failure to report
             match send(&mut chunk) {
-                Ok(()) => failed(did, e.reason().into(), e.to_string()),
-                Err(stopped) => failed(did, stopped.reason().into(), stopped.to_string()),
+                Ok(()) => failed(job, e.reason().into(), e.to_string()),
+                Err(stopped) => failed(job, stopped.reason().into(), stopped.to_string()),
             }
         }
     }

@@ -104,6 +104,8 @@ pub enum Msg {
         errors: Vec<ErrorEvent>,
         /// the last key these cover
         last_key: String,
+        /// a fresh fetch after a gap
+        reset: bool,
     },
     /// Every record of the repo was sent.
     Done {
@@ -111,6 +113,10 @@ pub enum Msg {
         did: String,
         /// the snapshot's rev
         rev: Option<String>,
+        /// the snapshot's MST root
+        data: Option<String>,
+        /// a fresh fetch after a gap
+        reset: bool,
     },
     /// The repo could not be read.
     Failed {
@@ -122,6 +128,8 @@ pub enum Msg {
         detail: String,
         /// a quarantine row, when the repo's bytes are bad
         quarantine: Option<ErrorEvent>,
+        /// a fresh fetch after a gap
+        reset: bool,
     },
 }
 
@@ -148,6 +156,12 @@ pub struct Stats {
     pub batches: AtomicU64,
     /// Whether listing has finished.
     pub listing_done: AtomicU64,
+    /// Jobs sent to the fetchers and not yet started.
+    pub queued: AtomicU64,
+    /// Repos fetched again after a gap in their live history (daemon).
+    pub refetched: AtomicU64,
+    /// 1 when every listed repo is committed and the run only follows gaps (daemon).
+    pub caught_up: AtomicU64,
     /// Inactive repos by status, failures by reason, and the listing cursor.
     pub detail: Mutex<StatsDetail>,
 }
@@ -208,6 +222,9 @@ pub struct Plan {
     pub target: Target,
     /// The configuration (`[backfill]`, `[writer]`, `[lake]`).
     pub cfg: Config,
+    /// After the listing, keep fetching again the repos the live stream finds gaps in (the
+    /// daemon's cut-over marks them), until stopped.
+    pub follow: bool,
 }
 
 /// Runs a backfill to completion under the lake's writer lease (taken here).
@@ -255,6 +272,7 @@ pub fn status(stats: &Stats, state: &str, error: Option<String>) -> BackfillStat
             ("already_done", n(&stats.already_done)),
             ("failed", n(&stats.failed)),
             ("in_flight", n(&stats.in_flight)),
+            ("refetched", n(&stats.refetched)),
         ]),
         lake: map(&[
             ("done", d.lake_states.0),
@@ -288,7 +306,12 @@ pub async fn run_fenced(
         let stats = stats.clone();
         tokio::spawn(async move {
             loop {
-                c.set_backfill(status(&stats, "running", None));
+                let state = if stats.caught_up.load(Ordering::Relaxed) == 1 {
+                    "following"
+                } else {
+                    "running"
+                };
+                c.set_backfill(status(&stats, state, None));
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         })
@@ -321,17 +344,18 @@ async fn run_inner(
     let orphans = removed.len();
     if let Some(cut) = catalog.as_ref().and_then(|c| c.cutover()) {
         for (did, state) in &progress.repos {
-            if let progress::RepoState::Done {
-                rev: Some(rev),
-                live,
-            }
-            | progress::RepoState::Partial {
-                rev: Some(rev),
-                live,
-                ..
-            } = state
-            {
-                cut.load_snapshot(did, rev, live);
+            match state {
+                progress::RepoState::Done {
+                    rev: Some(rev),
+                    live,
+                    data,
+                } => cut.load_snapshot(did, rev, data.as_deref(), live),
+                progress::RepoState::Partial {
+                    rev: Some(rev),
+                    live,
+                    ..
+                } => cut.load_snapshot(did, rev, None, live),
+                _ => {}
             }
         }
     }
@@ -358,10 +382,10 @@ async fn run_inner(
         collections: Arc::new(b.collections.clone()),
         stats: stats.clone(),
     };
-    let resume: HashMap<String, Option<String>> = progress
+    let resume: HashMap<String, (Option<String>, bool)> = progress
         .repos
         .iter()
-        .map(|(d, s)| (d.clone(), s.after().map(str::to_string)))
+        .map(|(d, s)| (d.clone(), (s.after().map(str::to_string), s.reset())))
         .collect();
     let done: HashSet<String> = progress
         .repos
@@ -371,6 +395,11 @@ async fn run_inner(
         .collect();
     let (job_tx, job_rx) = mpsc::channel::<RepoJob>(b.concurrency * 2);
     let (msg_tx, msg_rx) = mpsc::channel::<Msg>(64);
+    let follow = catalog
+        .as_ref()
+        .and_then(|c| c.cutover().cloned())
+        .filter(|_| plan.follow);
+    let follow_mode = follow.is_some();
     let lister = tokio::spawn(list(
         client.clone(),
         plan.target.clone(),
@@ -381,6 +410,7 @@ async fn run_inner(
         stats.clone(),
         job_tx,
         stop.clone(),
+        follow,
     ));
     let concurrency = b.concurrency;
     let fetchers =
@@ -413,6 +443,8 @@ async fn run_inner(
         opened: Instant::now(),
         progress: Arc::new(tokio::sync::Mutex::new(progress)),
         pending: None,
+        follow: follow_mode,
+        last_msg: Instant::now(),
     };
     let result = batches.run(msg_rx, stop).await;
     // the batch loop ended (all fetchers done, a stop, or a failure): stop the rest
@@ -443,15 +475,16 @@ async fn list(
     host: String,
     collections: Vec<String>,
     done: HashSet<String>,
-    resume: HashMap<String, Option<String>>,
+    resume: HashMap<String, (Option<String>, bool)>,
     stats: Arc<Stats>,
     tx: mpsc::Sender<RepoJob>,
     stop: watch::Receiver<bool>,
+    follow: Option<Arc<crate::catalog::Cutover>>,
 ) -> Result<(), BackfillError> {
     let mut seen: HashSet<String> = HashSet::new();
     let job = |did: String| {
-        let after = resume.get(&did).cloned().flatten();
-        RepoJob { did, after }
+        let (after, reset) = resume.get(&did).cloned().unwrap_or((None, false));
+        RepoJob { did, after, reset }
     };
     let offer = |did: String, seen: &mut HashSet<String>| -> Option<RepoJob> {
         if !seen.insert(did.clone()) {
@@ -470,10 +503,11 @@ async fn list(
                 if *stop.borrow() {
                     break;
                 }
-                if let Some(j) = offer(d, &mut seen)
-                    && tx.send(j).await.is_err()
-                {
-                    break;
+                if let Some(j) = offer(d, &mut seen) {
+                    stats.queued.fetch_add(1, Ordering::Relaxed);
+                    if tx.send(j).await.is_err() {
+                        break;
+                    }
                 }
             }
         }
@@ -518,10 +552,11 @@ async fn list(
                             stats.listed.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
-                        if let Some(j) = offer(r.did, &mut seen)
-                            && tx.send(j).await.is_err()
-                        {
-                            break 'outer;
+                        if let Some(j) = offer(r.did, &mut seen) {
+                            stats.queued.fetch_add(1, Ordering::Relaxed);
+                            if tx.send(j).await.is_err() {
+                                break 'outer;
+                            }
                         }
                     }
                     stats.detail().cursor = next.clone();
@@ -537,7 +572,39 @@ async fn list(
         }
     }
     stats.listing_done.store(1, Ordering::Relaxed);
+    if let Some(cut) = follow {
+        follow_gaps(&cut, &stats, &tx, stop).await;
+    }
     Ok(())
+}
+
+/// After the listing, in the daemon: fetches again every repo the live stream marks (a
+/// `#sync`, or a commit that does not follow the last one seen), until stopped.
+async fn follow_gaps(
+    cut: &crate::catalog::Cutover,
+    stats: &Stats,
+    tx: &mpsc::Sender<RepoJob>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        for did in cut.take_refetch(64) {
+            stats.refetched.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("atlake_backfill_refetch_total").increment(1);
+            let job = RepoJob {
+                did,
+                after: None,
+                reset: true,
+            };
+            stats.queued.fetch_add(1, Ordering::Relaxed);
+            if tx.send(job).await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
 }
 
 /// Per repo with rows in the current buffer: its rev and the last key buffered.
@@ -545,6 +612,7 @@ async fn list(
 struct Buffered {
     rev: Option<String>,
     last_key: String,
+    reset: bool,
 }
 
 /// The one loop that owns the buffer and commits batches.
@@ -565,6 +633,10 @@ struct BatchLoop {
     progress: Arc<tokio::sync::Mutex<Progress>>,
     /// The previous batch's files and record being written while this one fills.
     pending: Option<tokio::task::JoinHandle<Result<Committed, BackfillError>>>,
+    /// Following gaps after the listing (daemon): flush as soon as the fetchers are idle.
+    follow: bool,
+    /// When the last message came.
+    last_msg: Instant,
 }
 
 /// What a commit task reports back.
@@ -592,7 +664,21 @@ impl BatchLoop {
             .max(Duration::from_millis(100));
         let cap = usize::try_from(self.cfg.backfill.buffer.0).unwrap_or(usize::MAX);
         loop {
-            let deadline = tokio::time::Instant::from_std(self.opened + interval);
+            let idle = self.follow && self.fetchers_idle() && rx.is_empty();
+            if idle && !self.has_content() {
+                // everything listed (or marked) is committed once the last commit settles:
+                // only gaps are followed now
+                self.settle().await?;
+                self.stats.caught_up.store(1, Ordering::Relaxed);
+            } else {
+                self.stats.caught_up.store(0, Ordering::Relaxed);
+            }
+            let deadline = if idle && self.has_content() {
+                // nothing more is coming soon: commit what is here (a fresh fetch lands now)
+                tokio::time::Instant::from_std(self.last_msg + Duration::from_millis(200))
+            } else {
+                tokio::time::Instant::from_std(self.opened + interval)
+            };
             let msg = tokio::select! {
                 m = rx.recv() => m,
                 _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
@@ -605,6 +691,7 @@ impl BatchLoop {
                 }
             };
             let Some(msg) = msg else { break };
+            self.last_msg = Instant::now();
             self.take(msg)?;
             if self.buffer.bytes() >= cap {
                 self.flush().await?;
@@ -612,6 +699,19 @@ impl BatchLoop {
         }
         self.flush().await?;
         self.settle().await
+    }
+
+    /// Whether the listing is over and no repo is queued or being fetched.
+    fn fetchers_idle(&self) -> bool {
+        let s = &self.stats;
+        s.listing_done.load(Ordering::Relaxed) == 1
+            && s.queued.load(Ordering::Relaxed) == 0
+            && s.in_flight.load(Ordering::Relaxed) == 0
+    }
+
+    /// Whether anything waits for a flush.
+    fn has_content(&self) -> bool {
+        !self.buffer.is_empty() || !self.done.is_empty() || !self.failed.is_empty()
     }
 
     /// Waits for the previous batch's commit.
@@ -640,16 +740,23 @@ impl BatchLoop {
                 rows,
                 errors,
                 last_key,
+                reset,
             } => {
-                // rows created live at or before this snapshot's rev stay live ones
+                // rows created live at or before this snapshot's rev stay live ones; a fresh
+                // fetch after a gap keeps every row (it replaces the repo: `current.*` reads
+                // only its rows and later ones)
                 let cut = self.catalog.as_ref().and_then(|c| c.cutover().cloned());
                 let drop = match &cut {
-                    Some(c) => c.snapshot(
+                    Some(c) if !reset => c.snapshot(
                         &did,
                         rev.as_deref(),
                         rows.iter()
                             .map(|r| (r.collection.as_str(), r.rkey.as_str())),
                     ),
+                    Some(c) => {
+                        c.snapshot(&did, rev.as_deref(), std::iter::empty());
+                        Vec::new()
+                    }
                     None => Vec::new(),
                 };
                 let mut kept = 0u64;
@@ -682,11 +789,40 @@ impl BatchLoop {
                 self.summary.records += kept;
                 metrics::counter!("atlake_backfill_records_total").increment(kept);
                 *self.records.entry(did.clone()).or_insert(0) += kept;
-                self.in_batch.insert(did, Buffered { rev, last_key });
+                self.in_batch.insert(
+                    did,
+                    Buffered {
+                        rev,
+                        last_key,
+                        reset,
+                    },
+                );
             }
-            Msg::Done { did, rev } => {
+            Msg::Done {
+                did,
+                rev,
+                data,
+                reset,
+            } => {
                 self.in_batch.remove(&did);
                 let records = self.records.remove(&did).unwrap_or(0);
+                let cut = self
+                    .catalog
+                    .as_ref()
+                    .and_then(|c| c.cutover())
+                    .and_then(|c| c.snapshot_done(&did, rev.as_deref(), data.as_deref(), reset));
+                if reset {
+                    // the marker that the repo was replaced (`current.*` reads it)
+                    let Some(r) = rev.as_deref() else {
+                        return Err(BackfillError::Broken(format!(
+                            "a fresh fetch of {did} has no rev"
+                        )));
+                    };
+                    let cut = cut.unwrap_or_else(|| r.to_string());
+                    self.buffer.push_reset(&did, r, &cut).map_err(|e| {
+                        BackfillError::Broken(format!("a bounded time has no partition: {e}"))
+                    })?;
+                }
                 self.stats.done.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("atlake_backfill_repos_total", "state" => "done").increment(1);
                 let live = self.deferred.remove(&did).unwrap_or_default();
@@ -695,6 +831,8 @@ impl BatchLoop {
                     rev,
                     records,
                     live,
+                    data,
+                    reset,
                 });
             }
             Msg::Failed {
@@ -702,7 +840,14 @@ impl BatchLoop {
                 reason,
                 detail,
                 quarantine,
+                reset,
             } => {
+                if reset
+                    && let Some(c) = self.catalog.as_ref().and_then(|c| c.cutover())
+                    && c.refetch_failed(&did)
+                {
+                    tracing::warn!(%did, %reason, "a fresh fetch failed; it is tried again");
+                }
                 tracing::warn!(%did, %reason, %detail, "repo failed; the next run fetches it again");
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("atlake_backfill_repos_total", "state" => "failed").increment(1);
@@ -723,6 +868,7 @@ impl BatchLoop {
                     did,
                     reason,
                     detail,
+                    reset,
                 });
             }
         }
@@ -748,6 +894,7 @@ impl BatchLoop {
                 did,
                 rev: b.rev,
                 after: b.last_key,
+                reset: b.reset,
             })
             .collect();
         partial.sort_by(|a, b| a.did.cmp(&b.did));

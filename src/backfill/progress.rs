@@ -67,6 +67,13 @@ pub struct RepoDone {
     /// Keys left to their live create by the daemon's cut-over (`collection/rkey`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub live: Vec<String>,
+    /// The snapshot's MST root (the commit's `data`), which the next live commit must name
+    /// as its `prevData`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// A fresh fetch after a gap: the snapshot replaces what the lake held of the repo.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
 }
 
 /// A repo of which the records up to `after` (MST key order) are in the lake.
@@ -81,6 +88,9 @@ pub struct RepoPartial {
     /// Keys left to their live create by the daemon's cut-over.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub live: Vec<String>,
+    /// A fresh fetch after a gap: the snapshot replaces what the lake held of the repo.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
 }
 
 /// A repo that could not be read; fetched again by the next run.
@@ -92,6 +102,9 @@ pub struct RepoFailed {
     pub reason: String,
     /// The error.
     pub detail: String,
+    /// It was a fresh fetch after a gap (the next one is too).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
 }
 
 /// One committed flush.
@@ -126,6 +139,9 @@ pub enum RepoState {
         /// keys left to their live create
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         live: Vec<String>,
+        /// the snapshot's MST root
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
     },
     /// Records up to `after` are in the lake.
     Partial {
@@ -136,6 +152,9 @@ pub enum RepoState {
         /// keys left to their live create
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         live: Vec<String>,
+        /// a fresh fetch after a gap
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        reset: bool,
     },
     /// It failed; records up to `after` (if any) are in the lake.
     Failed {
@@ -143,6 +162,9 @@ pub enum RepoState {
         reason: String,
         /// the last key written
         after: Option<String>,
+        /// a fresh fetch after a gap
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        reset: bool,
     },
 }
 
@@ -153,6 +175,14 @@ impl RepoState {
             RepoState::Done { .. } => None,
             RepoState::Partial { after, .. } => Some(after),
             RepoState::Failed { after, .. } => after.as_deref(),
+        }
+    }
+
+    /// Whether a new fetch is a fresh fetch after a gap (it replaces the repo's rows).
+    pub fn reset(&self) -> bool {
+        match self {
+            RepoState::Done { .. } => false,
+            RepoState::Partial { reset, .. } | RepoState::Failed { reset, .. } => *reset,
         }
     }
 }
@@ -219,11 +249,26 @@ impl Progress {
         }
     }
 
+    /// The keys left to live creates that a repo's next record carries on: none when it
+    /// starts a fresh fetch (the snapshot replaces the repo; what earlier ones left is moot).
+    fn live_before(&self, did: &str, reset: bool) -> Vec<String> {
+        let resumed = matches!(
+            self.repos.get(did),
+            Some(RepoState::Partial { reset: true, .. })
+        );
+        if reset && !resumed {
+            Vec::new()
+        } else {
+            self.live_of(did)
+        }
+    }
+
     /// Applies a committed record: its partial repos, then its failures (which keep the key a
     /// partial wrote up to), then the repos it finished.
     pub fn apply(&mut self, r: &BatchRecord) {
         for p in &r.partial {
-            let mut live = self.live_of(&p.did);
+            // a fresh fetch starts over: what earlier snapshots left to live creates is moot
+            let mut live = self.live_before(&p.did, p.reset);
             live.extend(p.live.iter().cloned());
             self.repos.insert(
                 p.did.clone(),
@@ -231,6 +276,7 @@ impl Progress {
                     rev: p.rev.clone(),
                     after: p.after.clone(),
                     live,
+                    reset: p.reset,
                 },
             );
         }
@@ -245,17 +291,19 @@ impl Progress {
                 RepoState::Failed {
                     reason: f.reason.clone(),
                     after,
+                    reset: f.reset,
                 },
             );
         }
         for d in &r.done {
-            let mut live = self.live_of(&d.did);
+            let mut live = self.live_before(&d.did, d.reset);
             live.extend(d.live.iter().cloned());
             self.repos.insert(
                 d.did.clone(),
                 RepoState::Done {
                     rev: d.rev.clone(),
                     live,
+                    data: d.data.clone(),
                 },
             );
         }
@@ -432,12 +480,15 @@ mod tests {
             rev: None,
             after: "app.bsky.feed.post/3k".into(),
             live: Vec::new(),
+            reset: false,
         });
         a.done.push(RepoDone {
             did: "did:plc:b".into(),
             rev: Some("3l".into()),
             records: 3,
             live: Vec::new(),
+            data: None,
+            reset: false,
         });
         a.rows = 7;
         p.apply(&a);
@@ -446,6 +497,7 @@ mod tests {
             did: "did:plc:a".into(),
             reason: "mst".into(),
             detail: String::new(),
+            reset: false,
         });
         b.rows = 2;
         p.apply(&b);
@@ -453,7 +505,8 @@ mod tests {
             p.repos["did:plc:a"],
             RepoState::Failed {
                 reason: "mst".into(),
-                after: Some("app.bsky.feed.post/3k".into())
+                after: Some("app.bsky.feed.post/3k".into()),
+                reset: false,
             }
         );
         assert!(p.is_done("did:plc:b"));
@@ -462,6 +515,71 @@ mod tests {
         assert_eq!(p.rows, 9);
         assert_eq!(p.last_batch, Some(2));
         assert_eq!(p.failures()["mst"], 1);
+    }
+
+    /// A fresh fetch after a gap starts the repo's keys left to live creates over, carries
+    /// its `reset` through a partial and a failure (the next fetch is one too), and a done
+    /// record keeps the snapshot's MST root.
+    #[test]
+    fn a_fresh_fetch_replaces_what_the_repo_left_to_live_creates() {
+        let did = "did:plc:a";
+        let mut p = Progress::default();
+        let mut a = rec(1);
+        a.done.push(RepoDone {
+            did: did.into(),
+            rev: Some("3ka".into()),
+            records: 2,
+            live: vec!["app.bsky.feed.post/3k1".into()],
+            data: Some("bafyroot1".into()),
+            reset: false,
+        });
+        p.apply(&a);
+        let mut b = rec(2);
+        b.partial.push(RepoPartial {
+            did: did.into(),
+            rev: Some("3kb".into()),
+            after: "app.bsky.feed.like/3k2".into(),
+            live: Vec::new(),
+            reset: true,
+        });
+        p.apply(&b);
+        assert!(p.repos[did].reset());
+        assert_eq!(p.repos[did].after(), Some("app.bsky.feed.like/3k2"));
+        assert_eq!(p.live_of(did), Vec::<String>::new());
+        let mut c = rec(3);
+        c.failed.push(RepoFailed {
+            did: did.into(),
+            reason: "truncated".into(),
+            detail: String::new(),
+            reset: true,
+        });
+        p.apply(&c);
+        assert!(p.repos[did].reset());
+        let mut d = rec(4);
+        d.done.push(RepoDone {
+            did: did.into(),
+            rev: Some("3kc".into()),
+            records: 5,
+            live: Vec::new(),
+            data: Some("bafyroot2".into()),
+            reset: true,
+        });
+        p.apply(&d);
+        assert_eq!(
+            p.repos[did],
+            RepoState::Done {
+                rev: Some("3kc".into()),
+                live: Vec::new(),
+                data: Some("bafyroot2".into()),
+            }
+        );
+        assert!(!p.repos[did].reset());
+        // a record round-trips through JSON, and older records (no reset, no data) still read
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(serde_json::from_str::<BatchRecord>(&json).unwrap(), d);
+        let old: RepoDone =
+            serde_json::from_str(r#"{"did":"did:plc:a","rev":null,"records":1}"#).unwrap();
+        assert!(!old.reset && old.data.is_none());
     }
 
     /// Records and state files round-trip through a lake; files of an uncommitted batch go.
@@ -477,6 +595,8 @@ mod tests {
                 rev: None,
                 records: 1,
                 live: Vec::new(),
+                data: None,
+                reset: false,
             });
             r.rows = 1;
             p.commit(&lake, &r).await.unwrap();

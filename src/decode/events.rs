@@ -5,13 +5,15 @@
 
 use super::car::{Car, CarError};
 use super::cbor::{CborError, JsonWriter, KeyCheck, MAX_DEPTH, Reader};
+use super::cid::Cid;
 use super::frame::{Body, Commit, Field, RepoOp, parse_frame};
 use crate::model::cursor::MAX_CURSOR;
 use crate::model::{
-    Account, CommitOp, Decoded, Did, Envelope, ErrorEvent, ErrorReason, Event, EventData, Identity,
-    Nsid, Operation, Rkey, SyncInfo, Tid,
+    Account, Chain, CommitOp, Decoded, Did, Envelope, ErrorEvent, ErrorReason, Event, EventData,
+    Identity, Nsid, Operation, Rkey, SyncInfo, Tid,
 };
 use crate::syntax;
+use std::sync::Arc;
 
 /// Largest record block atproto allows.
 pub const MAX_RECORD_BYTES: usize = 1_000_000;
@@ -85,7 +87,7 @@ impl FrameDecoder {
                         time_us,
                         seq,
                         claimed_time_us: None,
-                        since: None,
+                        chain: None,
                     })),
                 }
             }
@@ -106,7 +108,7 @@ impl FrameDecoder {
                         time_us,
                         seq,
                         claimed_time_us: None,
-                        since: None,
+                        chain: None,
                     })),
                 }
             }
@@ -127,12 +129,15 @@ impl FrameDecoder {
                         out.push(Decoded::Event(Envelope {
                             event: Event {
                                 did,
-                                data: EventData::Sync(SyncInfo { rev }),
+                                data: EventData::Sync(SyncInfo {
+                                    rev,
+                                    snapshot: None,
+                                }),
                             },
                             time_us,
                             seq,
                             claimed_time_us: None,
-                            since: None,
+                            chain: None,
                         }))
                     }
                 }
@@ -168,8 +173,8 @@ impl FrameDecoder {
             out.push(whole(ErrorReason::TooBig, "commit flagged tooBig".into()));
             return;
         }
-        let car = match self.checked_car(c) {
-            Ok(car) => car,
+        let (car, data) = match self.checked_car(c) {
+            Ok(v) => v,
             Err((reason, detail)) => {
                 out.push(whole(reason, detail));
                 return;
@@ -178,7 +183,11 @@ impl FrameDecoder {
         let ctx = CommitContext {
             did,
             rev,
-            since: c.since.value().map(|s| s.to_string()),
+            chain: Arc::new(Chain {
+                since: c.since.value().map(|s| s.to_string()),
+                prev_data: c.prev_data.value().map(|d| d.to_string()),
+                data: data.to_string(),
+            }),
             seq,
             time_us,
             car: &car,
@@ -200,7 +209,7 @@ impl FrameDecoder {
 
     /// The commit's CAR, with every block's hash checked (when asked), the commit as its first
     /// root, and the commit block agreeing with the frame.
-    fn checked_car<'a>(&self, c: &Commit<'a>) -> Result<Car<'a>, (ErrorReason, String)> {
+    fn checked_car<'a>(&self, c: &Commit<'a>) -> Result<(Car<'a>, Cid), (ErrorReason, String)> {
         let car = Car::parse(c.blocks, self.options.verify_hashes).map_err(|e| match e {
             CarError::HashMismatch(_) => (ErrorReason::HashMismatch, e.to_string()),
             _ => (ErrorReason::Car, e.to_string()),
@@ -211,8 +220,8 @@ impl FrameDecoder {
                 "first CAR root is not the commit".into(),
             ));
         }
-        check_commit_block(&car, c).map_err(|d| (ErrorReason::CommitMismatch, d))?;
-        Ok(car)
+        let data = check_commit_block(&car, c).map_err(|d| (ErrorReason::CommitMismatch, d))?;
+        Ok((car, data))
     }
 
     /// One op as an event: its path checked, its record (creates and updates) found in the CAR
@@ -264,7 +273,7 @@ impl FrameDecoder {
             time_us: ctx.time_us,
             claimed_time_us: None,
             seq: ctx.seq,
-            since: ctx.since.clone(),
+            chain: Some(ctx.chain.clone()),
         })
     }
 
@@ -309,7 +318,7 @@ impl FrameDecoder {
 struct CommitContext<'a, 'b> {
     did: Did,
     rev: Tid,
-    since: Option<String>,
+    chain: Arc<Chain>,
     seq: Option<i64>,
     time_us: i64,
     car: &'b Car<'a>,
@@ -356,7 +365,8 @@ fn check_common(
 }
 
 /// Checks that the commit block exists and agrees with the frame on `did`, `rev` and version 3.
-fn check_commit_block(car: &Car<'_>, c: &Commit<'_>) -> Result<(), String> {
+/// Checks the commit block against the frame; returns its MST root (`data`).
+fn check_commit_block(car: &Car<'_>, c: &Commit<'_>) -> Result<Cid, String> {
     let block = car
         .get(&c.commit)
         .ok_or_else(|| "commit block is not in the CAR".to_string())?;
@@ -364,6 +374,7 @@ fn check_commit_block(car: &Car<'_>, c: &Commit<'_>) -> Result<(), String> {
     let mut did = None;
     let mut rev = None;
     let mut version = None;
+    let mut data = None;
     let res: Result<(), CborError> = (|| {
         let n = r.map()?;
         let mut keys = KeyCheck::new();
@@ -374,6 +385,7 @@ fn check_commit_block(car: &Car<'_>, c: &Commit<'_>) -> Result<(), String> {
                 "did" => did = Some(r.text()?),
                 "rev" => rev = Some(r.text()?),
                 "version" => version = Some(r.int()?),
+                "data" => data = Some(r.link()?),
                 _ => r.skip(MAX_DEPTH)?,
             }
         }
@@ -389,5 +401,5 @@ fn check_commit_block(car: &Car<'_>, c: &Commit<'_>) -> Result<(), String> {
     if version != Some(3) {
         return Err(format!("commit version {version:?}, expected 3"));
     }
-    Ok(())
+    data.ok_or_else(|| "commit block has no data".to_string())
 }

@@ -215,7 +215,7 @@ impl JetstreamDecoder {
             time_us: line.time_us,
             claimed_time_us: None,
             seq: None,
-            since: None,
+            chain: None,
         })
     }
 

@@ -324,6 +324,18 @@ impl LoopState {
             return Ok(());
         }
         let c = cursor.or_else(|| env.cursor());
+        // the repo's chain of commits: a gap marks it for a fresh fetch by the backfill
+        if let Some(cut) = self.catalog.cutover() {
+            match &env.event.data {
+                EventData::Commit(op) => {
+                    cut.live_commit(&env.event.did, &op.rev, env.chain.as_deref());
+                }
+                EventData::Sync(s) => {
+                    cut.live_sync(&env.event.did, &s.rev);
+                }
+                _ => {}
+            }
+        }
         // a create the daemon's backfill already holds in a snapshot at a later rev
         if let (Some(cut), EventData::Commit(op)) = (self.catalog.cutover(), &env.event.data)
             && op.operation == crate::model::Operation::Create

@@ -117,6 +117,11 @@ pub struct Account {
 pub struct SyncInfo {
     /// Revision the repo is at.
     pub rev: Tid,
+    /// Only on atlake's marker of a fresh fetch after a gap (origin `repo`): the rev of the
+    /// snapshot whose rows replace the repo's earlier rows (`rev` is then the cut: rows at or
+    /// before it that are not the snapshot's are superseded). Written in the row's `record` as
+    /// `{"snapshot_rev":"<rev>"}`.
+    pub snapshot: Option<Tid>,
 }
 
 /// What an event carries.
@@ -224,8 +229,22 @@ pub struct Envelope {
     pub claimed_time_us: Option<i64>,
     /// Firehose sequence number (`None` for Jetstream).
     pub seq: Option<i64>,
-    /// The commit's `since` (firehose commits only).
+    /// Where the commit sits in its repo's history (firehose commits only; Jetstream does
+    /// not carry it). Every op of one commit shares it.
+    pub chain: Option<std::sync::Arc<Chain>>,
+}
+
+/// A firehose commit's place in its repo's history (Sync 1.1): a consumer that knows the
+/// repo's last commit checks that this one follows it (`since` is that commit's rev,
+/// `prev_data` its MST root); otherwise events were missed and the repo must be fetched again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// The rev of the previous commit (`since`), when the frame carries one.
     pub since: Option<String>,
+    /// The previous commit's MST root (`prevData`), when the frame carries one.
+    pub prev_data: Option<String>,
+    /// This commit's MST root (the commit block's `data`).
+    pub data: String,
 }
 
 impl Envelope {

@@ -772,7 +772,13 @@ impl RowBuilder {
                 c.rkey.append_null();
                 c.rev.append_value(&s.rev);
                 c.cid.append_null();
-                c.record.append_null();
+                match &s.snapshot {
+                    Some(snap) => {
+                        c.record
+                            .append_value(format!("{{\"snapshot_rev\":\"{snap}\"}}"));
+                    }
+                    None => c.record.append_null(),
+                }
             }
         }
         self.rows += 1;

@@ -7,7 +7,9 @@
 //!
 //! The latest version of a record is the row with the highest `rev` (TIDs sort in time order;
 //! a backfilled row of a version-2 repo, with no `rev`, loses to any row that has one). A latest
-//! row that is a delete removes the record. Accounts whose latest `#account` event says
+//! row that is a delete removes the record. A repo the daemon fetched again after a gap in its
+//! live history (a `#sync`, or a commit that did not follow the last one) is replaced: only
+//! that snapshot's rows and rows after its cut (the latest rev seen of the repo then) count. Accounts whose latest `#account` event says
 //! `active = false` with status `deleted` or `takendown` have no rows. Views over the tables, so
 //! they include the rows still in the daemon's memory and are as fresh as the tables.
 
@@ -22,12 +24,24 @@ const GONE: &str = "SELECT did FROM (SELECT did, active, status, \
      row_number() OVER (PARTITION BY did ORDER BY time_us DESC, event_seq DESC NULLS LAST) AS rn \
      FROM account) WHERE rn = 1 AND NOT active AND status IN ('deleted', 'takendown')";
 
-/// The fold of `table` (its commit rows) to the latest version of each record.
+/// Repos fetched again after a gap in their live history: the backfill's latest marker of
+/// each (a `sync` row with origin `repo`): its cut (`rev`: the latest rev seen of the repo
+/// when the snapshot was taken) and the snapshot's rev (its `record` is
+/// `{"snapshot_rev":"<13-character TID>"}`).
+const RESETS: &str = "SELECT reset_did, reset_cut, reset_snapshot FROM (SELECT did AS reset_did, \
+     rev AS reset_cut, substr(record, 18, 13) AS reset_snapshot, row_number() OVER \
+     (PARTITION BY did ORDER BY rev DESC) AS reset_rn FROM events \
+     WHERE kind = 'sync' AND origin = 'repo') WHERE reset_rn = 1";
+
+/// The fold of `table` (its commit rows) to the latest version of each record. A repo
+/// replaced by a fresh snapshot keeps only that snapshot's rows and rows after its cut.
 fn fold(columns: &str, table: &str) -> String {
     format!(
-        "SELECT {columns} FROM (SELECT *, row_number() OVER (PARTITION BY did, collection, rkey \
-         ORDER BY rev DESC NULLS LAST, time_us DESC) AS current_rn FROM {table} \
-         WHERE kind = 'commit') \
+        "SELECT {columns} FROM (SELECT t.*, row_number() OVER (PARTITION BY t.did, \
+         t.collection, t.rkey ORDER BY t.rev DESC NULLS LAST, t.time_us DESC) AS current_rn \
+         FROM {table} t LEFT JOIN ({RESETS}) r ON t.did = r.reset_did \
+         WHERE t.kind = 'commit' AND (r.reset_did IS NULL OR t.rev > r.reset_cut \
+         OR (t.origin = 'repo' AND t.rev = r.reset_snapshot))) \
          WHERE current_rn = 1 AND operation <> 'delete' AND did NOT IN ({GONE})"
     )
 }

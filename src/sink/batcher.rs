@@ -591,7 +591,7 @@ mod tests {
             time_us,
             claimed_time_us: None,
             seq: Some(i as i64),
-            since: None,
+            chain: None,
         }
     }
 

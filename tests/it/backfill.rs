@@ -131,6 +131,7 @@ async fn every_record_of_every_repo_once_with_faults_and_a_second_run() {
         Plan {
             target: Target::Listed,
             cfg: cfg.clone(),
+            follow: false,
         },
         &lake,
         stats.clone(),
@@ -195,6 +196,7 @@ async fn every_record_of_every_repo_once_with_faults_and_a_second_run() {
         Plan {
             target: Target::Listed,
             cfg,
+            follow: false,
         },
         &lake,
         Arc::new(Stats::default()),
@@ -229,6 +231,7 @@ async fn an_explicit_did_list() {
         Plan {
             target: Target::Dids(picked.iter().map(|t| t.did.clone()).collect()),
             cfg: config(&url, &sim),
+            follow: false,
         },
         &lake,
         Arc::new(Stats::default()),

@@ -324,7 +324,8 @@ async fn run_with_backfill_lands_history_beside_the_live_stream() {
             && let Some(s) = rows.first().and_then(|r| r["text"].as_str())
         {
             state = s.to_string();
-            if state == "finished" {
+            // every listed repo is committed; the daemon now follows gaps in live histories
+            if state == "following" {
                 break;
             }
         }
@@ -332,7 +333,7 @@ async fn run_with_backfill_lands_history_beside_the_live_stream() {
     }
     assert_eq!(
         state,
-        "finished",
+        "following",
         "{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );

@@ -347,7 +347,7 @@ fn faults_after(
         let mut env = env.clone();
         env.time_us = BAD_TIMES_US[(n % BAD_TIMES_US.len() as u64) as usize];
         env.seq = None;
-        env.since = None;
+        env.chain = None;
         if let crate::model::EventData::Commit(c) = &mut env.event.data
             && let Ok(k) = crate::model::Rkey::parse(format!("badtime{i}"))
         {

@@ -78,6 +78,11 @@ impl Traffic {
             prev_data: &prev_data,
         }
         .encode();
+        let chain = std::sync::Arc::new(crate::model::Chain {
+            since: since.clone(),
+            prev_data: Some(prev_data.to_string()),
+            data: data.to_string(),
+        });
         let events = ops
             .into_iter()
             .map(|o| Envelope {
@@ -95,7 +100,7 @@ impl Traffic {
                 time_us: self.time_us,
                 claimed_time_us: None,
                 seq: Some(seq),
-                since: since.clone(),
+                chain: Some(chain.clone()),
             })
             .collect();
         SimMessage {

@@ -95,7 +95,7 @@ impl SimMessage {
             let mut e = env.clone();
             e.time_us = time_us;
             e.seq = None;
-            e.since = None;
+            e.chain = None;
             let mut line = Vec::with_capacity(512);
             if write_line(&e, &mut line) {
                 out.push((time_us, line));
@@ -353,7 +353,7 @@ impl Traffic {
             time_us: self.time_us,
             claimed_time_us: None,
             seq: Some(seq),
-            since: None,
+            chain: None,
         };
         self.one_event(seq, frame, env)
     }
@@ -403,7 +403,7 @@ impl Traffic {
             time_us: self.time_us,
             claimed_time_us: None,
             seq: Some(seq),
-            since: None,
+            chain: None,
         };
         self.one_event(seq, frame, env)
     }
