@@ -1,7 +1,7 @@
 //! The daemon as users run it: `atlake run` against the simulator, queried over HTTP while it
 //! ingests; metrics; filters changed at run time; a clean SIGTERM.
 
-use crate::common::{atlake_bin, free_port, seeded, start_sim};
+use crate::common::{ChildGuard, atlake_bin, free_port, seeded, start_sim};
 use atlake::simulate::server::SimConfig;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,25 +40,28 @@ async fn run_serves_fresh_sql_metrics_filters_and_stops_cleanly() {
     let base = format!("http://127.0.0.1:{port}");
     let log = dir.path().join("run.log");
     let started = Instant::now();
-    let mut child = Command::new(atlake_bin())
-        .args([
-            "run",
-            "--source",
-            "jetstream",
-            "--url",
-            &sim.url(),
-            "--lake",
-            "lake",
-            "--listen",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["--start-cursor", "0"])
-        .current_dir(dir.path())
-        .env("ATLAKE_FLUSH_MAX_AGE", "2s")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    // killed on drop: a failing assertion does not leave the daemon running
+    let mut child = ChildGuard(
+        Command::new(atlake_bin())
+            .args([
+                "run",
+                "--source",
+                "jetstream",
+                "--url",
+                &sim.url(),
+                "--lake",
+                "lake",
+                "--listen",
+            ])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--start-cursor", "0"])
+            .current_dir(dir.path())
+            .env("ATLAKE_FLUSH_MAX_AGE", "2s")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let c = reqwest::Client::new();
     // events land and SQL answers within seconds
     let mut first = 0;
@@ -290,27 +293,30 @@ async fn run_with_backfill_lands_history_beside_the_live_stream() {
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let log = dir.path().join("run.log");
-    let mut child = Command::new(atlake_bin())
-        .args([
-            "run",
-            "--source",
-            "jetstream",
-            "--url",
-            &sim.url(),
-            "--lake",
-            "lake",
-            "--listen",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .current_dir(dir.path())
-        .env("ATLAKE_FLUSH_MAX_AGE", "1s")
-        .env("ATLAKE_BACKFILL_ENABLED", "true")
-        .env("ATLAKE_BACKFILL_RELAY", &sync.relay)
-        .env("ATLAKE_BACKFILL_PLC", &sync.plc)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    // killed on drop: a failing assertion does not leave the daemon running
+    let mut child = ChildGuard(
+        Command::new(atlake_bin())
+            .args([
+                "run",
+                "--source",
+                "jetstream",
+                "--url",
+                &sim.url(),
+                "--lake",
+                "lake",
+                "--listen",
+            ])
+            .arg(format!("127.0.0.1:{port}"))
+            .current_dir(dir.path())
+            .env("ATLAKE_FLUSH_MAX_AGE", "1s")
+            .env("ATLAKE_BACKFILL_ENABLED", "true")
+            .env("ATLAKE_BACKFILL_RELAY", &sync.relay)
+            .env("ATLAKE_BACKFILL_PLC", &sync.plc)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let c = reqwest::Client::new();
     let started = Instant::now();
     let mut state = String::new();
