@@ -135,6 +135,7 @@ pub fn properties(
     meta: &FileMeta,
     rows: usize,
     did_ndv: usize,
+    trivial: &[&str],
 ) -> Result<WriterProperties, ParquetError> {
     // a level outside 1..=22 is refused by the config check; here it is an error, not a default
     let level = ZstdLevel::try_new(cfg.zstd_level)?;
@@ -169,6 +170,13 @@ pub fn properties(
     for col in ["rkey", "rev"] {
         b = b.set_column_encoding(ColumnPath::from(col), Encoding::DELTA_BYTE_ARRAY);
     }
+    // a column that is all null or one repeated value encodes to a few bytes (definition
+    // levels, a one-entry dictionary, RLE): compressing it saves nothing, and each compressed
+    // column costs a compression and a decompression context per file, which dominated the
+    // writing of small files (history files hold a few hundred rows)
+    for col in trivial {
+        b = b.set_column_compression(ColumnPath::from(*col), Compression::UNCOMPRESSED);
+    }
     if cfg.bloom_filter_did && kind != TableKind::Errors {
         b = b
             .set_column_bloom_filter_enabled(ColumnPath::from("did"), true)
@@ -176,6 +184,49 @@ pub fn properties(
             .set_column_bloom_filter_fpp(ColumnPath::from("did"), 0.01);
     }
     Ok(b.build())
+}
+
+/// Top-level columns (not nested) that are all null, or one string value repeated, in every
+/// chunk.
+fn trivial_columns(chunks: &[RecordBatch]) -> Vec<&str> {
+    use arrow::array::{Array, AsArray};
+    let Some(first) = chunks.first() else {
+        return Vec::new();
+    };
+    let schema = first.schema_ref();
+    let mut out = Vec::new();
+    for (i, f) in schema.fields().iter().enumerate() {
+        if f.data_type().is_nested() {
+            continue;
+        }
+        let all_null = chunks.iter().all(|c| {
+            let a = c.column(i);
+            a.null_count() == a.len()
+        });
+        let constant = || {
+            let mut value: Option<&str> = None;
+            for c in chunks {
+                let Some(a) = c.column(i).as_string_opt::<i32>() else {
+                    return false;
+                };
+                if a.null_count() > 0 {
+                    return false;
+                }
+                for v in a.iter().flatten() {
+                    match value {
+                        None => value = Some(v),
+                        Some(x) if x == v => {}
+                        Some(_) => return false,
+                    }
+                }
+            }
+            true
+        };
+        if all_null || constant() {
+            out.push(f.name().as_str());
+        }
+    }
+    out
 }
 
 fn distinct_dids(chunks: &[RecordBatch]) -> usize {
@@ -212,7 +263,8 @@ pub fn encode_to<W: std::io::Write + Send>(
     } else {
         0
     };
-    let props = properties(cfg, kind, meta, rows, did_ndv)?;
+    let trivial = trivial_columns(chunks);
+    let props = properties(cfg, kind, meta, rows, did_ndv, &trivial)?;
     let mut w = ArrowWriter::try_new(out, schema, Some(props))?;
     let chunks: Vec<RecordBatch> = chunks
         .iter()
@@ -385,6 +437,46 @@ mod tests {
             want.sort();
             assert_eq!(got, want, "the same rows, each once");
         }
+    }
+
+    /// Columns all null or one repeated value are stored uncompressed (no codec contexts);
+    /// the others keep zstd, and the file reads back the same.
+    #[test]
+    fn trivial_columns_are_not_compressed() {
+        let jobs = jobs(3000);
+        let like = jobs
+            .iter()
+            .find(|j| j.key.name == PartitionName::Collection("app.bsky.feed.like".into()))
+            .unwrap();
+        let bytes = encode(
+            &WriterConfig::default(),
+            like.kind,
+            &meta(like),
+            &like.chunks,
+            false,
+        )
+        .unwrap();
+        let b = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap();
+        let rg = b.metadata().row_group(0).clone();
+        let codec = |name: &str| {
+            rg.columns()
+                .iter()
+                .find(|c| c.column_path().string() == name)
+                .unwrap()
+                .compression()
+        };
+        // one collection, one kind, one origin; no claimed times in this traffic
+        for c in ["collection", "kind", "origin", "claimed_time_us"] {
+            assert_eq!(codec(c), parquet::basic::Compression::UNCOMPRESSED, "{c}");
+        }
+        for c in ["did", "record", "rkey", "time_us"] {
+            assert!(
+                matches!(codec(c), parquet::basic::Compression::ZSTD(_)),
+                "{c}"
+            );
+        }
+        let rows: usize = b.build().unwrap().map(|r| r.unwrap().num_rows()).sum();
+        assert_eq!(rows, like.rows);
     }
 
     #[test]
