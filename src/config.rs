@@ -411,6 +411,10 @@ pub struct BackfillConfig {
     /// Longest time rows stay buffered before a flush makes them (and the repos they finish)
     /// durable.
     pub flush_interval: HumanDuration,
+    /// Rows of several flushes staged on local disk (Arrow IPC in `spill_dir`) before a commit
+    /// writes them as one file per partition: history spreads over hundreds of (collection,
+    /// month) partitions, so a flush alone makes small files. 0: every flush commits.
+    pub stage: ByteSize,
     /// Blocks of one repo kept in memory; beyond this a repo spills to a temporary file.
     pub repo_memory: ByteSize,
     /// Largest repo fetched (bigger ones fail with `repo_too_large`).
@@ -433,6 +437,7 @@ impl Default for BackfillConfig {
             timeout: HumanDuration(Duration::from_secs(60)),
             buffer: ByteSize(48 << 20),
             flush_interval: HumanDuration(Duration::from_secs(30)),
+            stage: ByteSize(512 << 20),
             repo_memory: ByteSize(4 << 20),
             max_repo_size: ByteSize(8 << 30),
             spill_dir: String::new(),
@@ -595,6 +600,9 @@ impl Config {
         }
         if b.attempts == 0 {
             return bad("backfill.attempts", "must be at least 1");
+        }
+        if b.stage.0 != 0 && b.stage.0 < b.buffer.0 {
+            return bad("backfill.stage", "must be 0 or at least backfill.buffer");
         }
         if b.buffer.0 < 1 << 20 {
             return bad("backfill.buffer", "must be at least 1MiB");

@@ -18,6 +18,7 @@ use crate::sink::partition::{
 use crate::sink::store::Lake;
 use arrow::array::{RecordBatch, UInt32Array};
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 /// Collections outside the core lexicons that get partitions of their own in one flush; the
 /// rest share `_other`.
@@ -230,6 +231,258 @@ impl HistoryBuffer {
 /// or its PUT (S3) longer than it takes to encode.
 const WRITES_IN_FLIGHT: usize = 6;
 
+/// Rows of one partition per file at most (Arrow bytes), so that a file is encoded within a
+/// bounded memory; a bigger partition is written as several files.
+const STAGED_FILE_BYTES: u64 = 48 << 20;
+
+/// Arrow bytes of staged rows read back at once by a commit's writes.
+const STAGED_READ_BUDGET_MIB: u32 = 96;
+
+/// Rows of several flushes on local disk, written as one file per partition when the batch
+/// commits. Each spill is one Arrow IPC file holding a record batch per partition (the
+/// quarantine's few rows stay in memory). The directory goes when the stage is dropped; one
+/// left by a killed process is removed by the next run ([`Stage::remove_stale`]).
+#[derive(Debug)]
+pub struct Stage {
+    dir: tempfile::TempDir,
+    spills: Vec<std::path::PathBuf>,
+    /// (partition, spill, batch index in it, Arrow bytes)
+    index: Vec<(PartitionKey, usize, usize, u64)>,
+    errors: Vec<(PartitionKey, RecordBatch)>,
+    bytes: u64,
+    rows: u64,
+}
+
+/// The prefix of stage directories: `atlake-stage-<pid>-…`.
+const STAGE_PREFIX: &str = "atlake-stage-";
+
+impl Stage {
+    /// An empty stage in `spill_dir`.
+    pub fn new(spill_dir: &std::path::Path) -> std::io::Result<Stage> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{STAGE_PREFIX}{}-", std::process::id()))
+            .tempdir_in(spill_dir)?;
+        Ok(Stage {
+            dir,
+            spills: Vec::new(),
+            index: Vec::new(),
+            errors: Vec::new(),
+            bytes: 0,
+            rows: 0,
+        })
+    }
+
+    /// Removes stage directories in `spill_dir` left by processes that are gone (Linux: a
+    /// process is alive when `/proc/<pid>` exists). Returns how many were removed.
+    pub fn remove_stale(spill_dir: &std::path::Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(spill_dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(STAGE_PREFIX)) else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => removed += 1,
+                Err(err) => {
+                    tracing::warn!(path = %e.path().display(), error = %err, "cannot remove a stale backfill stage")
+                }
+            }
+        }
+        removed
+    }
+
+    /// Arrow bytes staged.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Rows staged (records and quarantined inputs).
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Whether nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty() && self.errors.is_empty()
+    }
+
+    /// Writes the rows of one flush (blocking file I/O).
+    pub fn spill(&mut self, parts: Vec<(PartitionKey, RecordBatch)>) -> Result<(), FlushError> {
+        let io = |e: std::io::Error| FlushError::Name(format!("staging rows: {e}"));
+        self.rows += parts.iter().map(|(_, b)| b.num_rows() as u64).sum::<u64>();
+        let (errors, rows): (Vec<_>, Vec<_>) = parts
+            .into_iter()
+            .partition(|(k, _)| k.name == PartitionName::Errors);
+        self.errors.extend(errors);
+        let Some(schema) = rows.first().map(|(_, b)| b.schema()) else {
+            return Ok(());
+        };
+        let n = self.spills.len();
+        let path = self.dir.path().join(format!("spill-{n}.arrow"));
+        let file =
+            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path).map_err(io)?);
+        let mut w = arrow::ipc::writer::FileWriter::try_new(file, &schema)?;
+        for (i, (key, batch)) in rows.into_iter().enumerate() {
+            let bytes = batch.get_array_memory_size() as u64;
+            w.write(&batch)?;
+            self.index.push((key, n, i, bytes));
+            self.bytes += bytes;
+        }
+        w.finish()?;
+        w.into_inner()?
+            .into_inner()
+            .map_err(|e| io(e.into_error()))?;
+        self.spills.push(path);
+        Ok(())
+    }
+}
+
+/// Writes the staged rows of batch `batch` as files: per partition, its rows of every spill
+/// (several files when they exceed [`STAGED_FILE_BYTES`]), reading back at most
+/// [`STAGED_READ_BUDGET_MIB`] at a time. Returns the files.
+pub async fn write_staged(
+    lake: &Lake,
+    cfg: &WriterConfig,
+    batch: Cursor,
+    stage: Stage,
+    attempts: u32,
+) -> Result<Vec<LakeFile>, FlushError> {
+    write_staged_in(lake, cfg, batch, stage, attempts, STAGED_FILE_BYTES).await
+}
+
+async fn write_staged_in(
+    lake: &Lake,
+    cfg: &WriterConfig,
+    batch: Cursor,
+    stage: Stage,
+    attempts: u32,
+    file_bytes: u64,
+) -> Result<Vec<LakeFile>, FlushError> {
+    use futures::StreamExt;
+    // the directory (and its files) lives until every file is written
+    let Stage {
+        dir,
+        spills,
+        index,
+        errors,
+        ..
+    } = stage;
+    // partition → groups of (spill, index) of at most STAGED_FILE_BYTES
+    let mut by_part: std::collections::BTreeMap<
+        String,
+        (PartitionKey, Vec<(Vec<(usize, usize)>, u64)>),
+    > = std::collections::BTreeMap::new();
+    for (key, spill, i, bytes) in &index {
+        let groups = &mut by_part
+            .entry(key.dir())
+            .or_insert_with(|| (key.clone(), Vec::new()))
+            .1;
+        let full = groups
+            .last()
+            .is_none_or(|(g, b)| !g.is_empty() && b + bytes > file_bytes);
+        if full {
+            groups.push((Vec::new(), 0));
+        }
+        if let Some((g, b)) = groups.last_mut() {
+            g.push((*spill, *i));
+            *b += bytes;
+        }
+    }
+    let budget = Arc::new(tokio::sync::Semaphore::new(STAGED_READ_BUDGET_MIB as usize));
+    let spills = Arc::new(spills);
+    type Job =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<LakeFile, FlushError>> + Send>>;
+    let mut jobs: Vec<Job> = Vec::new();
+    for (_, (key, groups)) in by_part {
+        let parts = groups.len();
+        for (part, (group, bytes)) in groups.into_iter().enumerate() {
+            let (lake, cfg, key, spills, budget) = (
+                lake.clone(),
+                cfg.clone(),
+                key.clone(),
+                spills.clone(),
+                budget.clone(),
+            );
+            jobs.push(Box::pin(async move {
+                let mib = u32::try_from(bytes >> 20)
+                    .unwrap_or(u32::MAX)
+                    .clamp(1, STAGED_READ_BUDGET_MIB);
+                let _permit = budget
+                    .acquire_many(mib)
+                    .await
+                    .map_err(|e| FlushError::Name(format!("the read budget closed: {e}")))?;
+                let chunks = tokio::task::spawn_blocking(move || read_staged(&spills, &group))
+                    .await
+                    .map_err(|e| FlushError::Name(format!("reading staged rows: {e}")))??;
+                let part = (parts > 1).then_some(part);
+                write_one(&lake, &cfg, batch, key, chunks, part, attempts).await
+            }));
+        }
+    }
+    // the quarantine's rows of every spill: one file per partition, as for records
+    let mut error_parts: std::collections::BTreeMap<String, (PartitionKey, Vec<RecordBatch>)> =
+        std::collections::BTreeMap::new();
+    for (key, rows) in errors {
+        error_parts
+            .entry(key.dir())
+            .or_insert_with(|| (key, Vec::new()))
+            .1
+            .push(rows);
+    }
+    for (_, (key, chunks)) in error_parts {
+        let (lake, cfg) = (lake.clone(), cfg.clone());
+        jobs.push(Box::pin(async move {
+            write_one(&lake, &cfg, batch, key, chunks, None, attempts).await
+        }));
+    }
+    let results: Vec<Result<LakeFile, FlushError>> = futures::stream::iter(jobs)
+        .buffer_unordered(WRITES_IN_FLIGHT)
+        .collect()
+        .await;
+    drop(dir);
+    results.into_iter().collect()
+}
+
+/// Reads record batches `(spill, index)` back from the stage's IPC files.
+fn read_staged(
+    spills: &[std::path::PathBuf],
+    group: &[(usize, usize)],
+) -> Result<Vec<RecordBatch>, FlushError> {
+    let io = |e: std::io::Error| FlushError::Name(format!("reading staged rows: {e}"));
+    let mut out = Vec::with_capacity(group.len());
+    let mut open: Option<(
+        usize,
+        arrow::ipc::reader::FileReader<std::io::BufReader<std::fs::File>>,
+    )> = None;
+    for &(spill, i) in group {
+        if open.as_ref().map(|(n, _)| *n) != Some(spill) {
+            let path = spills
+                .get(spill)
+                .ok_or_else(|| FlushError::Name(format!("no staged spill {spill}")))?;
+            let f = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+            open = Some((spill, arrow::ipc::reader::FileReader::try_new(f, None)?));
+        }
+        let Some((_, r)) = open.as_mut() else {
+            return Err(FlushError::Name("a staged spill is not open".into()));
+        };
+        r.set_index(i)?;
+        let b = r.next().ok_or_else(|| {
+            FlushError::Name(format!("staged batch {i} of spill {spill} is missing"))
+        })??;
+        out.push(b);
+    }
+    Ok(out)
+}
+
 /// Writes one file per partition of batch `batch` ([`WRITES_IN_FLIGHT`] at a time), retrying
 /// a failing store with backoff until `attempts` run out. Returns the files.
 pub async fn write_files(
@@ -243,7 +496,7 @@ pub async fn write_files(
     let jobs = parts.into_iter().map(|(key, rows)| {
         let lake = lake.clone();
         let cfg = cfg.clone();
-        async move { write_one(&lake, &cfg, batch, key, rows, attempts).await }
+        async move { write_one(&lake, &cfg, batch, key, vec![rows], None, attempts).await }
     });
     let results: Vec<Result<LakeFile, FlushError>> = futures::stream::iter(jobs)
         .buffer_unordered(WRITES_IN_FLIGHT)
@@ -257,13 +510,20 @@ async fn write_one(
     cfg: &WriterConfig,
     batch: Cursor,
     key: PartitionKey,
-    rows: RecordBatch,
+    rows: Vec<RecordBatch>,
+    part: Option<usize>,
     attempts: u32,
 ) -> Result<LakeFile, FlushError> {
     let dir = key.dir();
+    // several files of one partition in one batch (a big partition) differ by their hash
     let hash = {
         use sha2::Digest;
-        let d = sha2::Sha256::digest(dir.as_bytes());
+        let mut h = sha2::Sha256::new();
+        h.update(dir.as_bytes());
+        if let Some(p) = part {
+            h.update(format!("/{p}").as_bytes());
+        }
+        let d = h.finalize();
         u32::from_be_bytes([d[0], d[1], d[2], d[3]])
     };
     let name =
@@ -277,14 +537,14 @@ async fn write_one(
     };
     let kind = key.name.table_kind();
     let by_collection = key.name == PartitionName::Other;
-    let n = rows.num_rows() as u64;
+    let n: u64 = rows.iter().map(|r| r.num_rows() as u64).sum();
     let mut backoff = crate::backoff::Backoff::new(
         std::time::Duration::from_millis(200),
         std::time::Duration::from_secs(10),
     );
     let mut tries = 0;
     loop {
-        let (cfg2, meta2, chunk) = (cfg.clone(), meta.clone(), vec![rows.clone()]);
+        let (cfg2, meta2, chunk) = (cfg.clone(), meta.clone(), rows.clone());
         let produce = move |w: &mut (dyn std::io::Write + Send)| {
             encode_to(&cfg2, kind, &meta2, &chunk, by_collection, w)
                 .map_err(|e| std::io::Error::other(e.to_string()))
@@ -394,5 +654,86 @@ mod tests {
         }
         // posts and likes in three months each: 6 partitions, plus 64 named and `_other`
         assert_eq!(parts.len(), 6 + MAX_NAMED_PARTITIONS + 1);
+    }
+
+    fn fill(b: &mut HistoryBuffer, from: usize, n: usize) {
+        for i in from..from + n {
+            let coll = if i % 2 == 0 {
+                "app.bsky.feed.post"
+            } else {
+                "app.bsky.feed.like"
+            };
+            b.push_record(&RepoRecord {
+                did: "did:plc:a",
+                time_us: T + (i as i64 % 2) * 40 * 24 * crate::sink::partition::HOUR_US,
+                collection: coll,
+                rkey: &format!("k{i:05}"),
+                rev: Some("3l"),
+                cid: "bafy",
+                record: "{\"text\":\"a record of some length to stage\"}",
+            })
+            .unwrap();
+        }
+    }
+
+    /// Rows of several flushes staged on disk become one file per partition at the commit
+    /// (several when a partition exceeds the file size), every row once; the quarantine's rows
+    /// too; the stage's directory goes after, and a stage left by a dead process is removed.
+    #[tokio::test]
+    async fn staged_flushes_become_one_file_per_partition() {
+        let spill = tempfile::tempdir().unwrap();
+        let lake_dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(lake_dir.path().to_str().unwrap()).unwrap();
+        let mut stage = Stage::new(spill.path()).unwrap();
+        let mut b = HistoryBuffer::default();
+        let batch = Cursor::try_new(SourceKind::Repo, 7).unwrap();
+        for round in 0..3 {
+            fill(&mut b, round * 100, 100);
+            let mut e = ErrorEvent::new(
+                crate::model::ErrorReason::Mst,
+                String::from("bad"),
+                &b"x"[..],
+            );
+            e.did = Some("did:plc:a".into());
+            b.push_error(&e, batch, T).unwrap();
+            stage.spill(b.take().unwrap()).unwrap();
+        }
+        assert_eq!(stage.rows(), 303);
+        assert!(stage.bytes() > 0);
+        let dir = stage.dir.path().to_path_buf();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 3);
+        let files = write_staged(&lake, &WriterConfig::default(), batch, stage, 3)
+            .await
+            .unwrap();
+        // posts in one month, likes in another, and the quarantine's rows of three flushes
+        assert_eq!(files.len(), 2 + 1, "{files:?}");
+        let names: HashSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(names.len(), files.len());
+        let rows: u64 = files.iter().map(|f| f.rows.unwrap()).sum();
+        assert_eq!(rows, 303);
+        assert!(!dir.exists(), "the stage's directory is removed");
+        // a small file size splits a partition into several files, with distinct names
+        let mut stage = Stage::new(spill.path()).unwrap();
+        for round in 0..4 {
+            fill(&mut b, 1000 + round * 50, 50);
+            stage.spill(b.take().unwrap()).unwrap();
+        }
+        let batch = Cursor::try_new(SourceKind::Repo, 8).unwrap();
+        let files = write_staged_in(&lake, &WriterConfig::default(), batch, stage, 3, 1)
+            .await
+            .unwrap();
+        assert_eq!(files.len(), 8, "{files:?}");
+        let names: HashSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(names.len(), 8);
+        assert_eq!(files.iter().map(|f| f.rows.unwrap()).sum::<u64>(), 200);
+        // a stage of a process that is gone (no such pid) is removed; a live one is kept
+        let dead = spill
+            .path()
+            .join(format!("{STAGE_PREFIX}{}-x", u32::MAX - 1));
+        std::fs::create_dir(&dead).unwrap();
+        let live = Stage::new(spill.path()).unwrap();
+        assert_eq!(Stage::remove_stale(spill.path()), 1);
+        assert!(!dead.exists());
+        assert!(live.dir.path().exists());
     }
 }

@@ -370,15 +370,20 @@ async fn run_inner(
     stats.detail().lake_states = progress.counts();
     let client = SyncClient::new(sync_settings(&plan.cfg))?;
     let b = &plan.cfg.backfill;
+    let ctx_spill_dir = if b.spill_dir.is_empty() {
+        std::env::temp_dir()
+    } else {
+        PathBuf::from(&b.spill_dir)
+    };
+    let stale = buffer::Stage::remove_stale(&ctx_spill_dir);
+    if stale > 0 {
+        tracing::info!(removed = stale, dir = %ctx_spill_dir.display(), "removed the backfill stages of processes that are gone");
+    }
     let ctx = FetchContext {
         client: client.clone(),
         repo_memory: usize::try_from(b.repo_memory.0).unwrap_or(usize::MAX),
         max_repo_size: b.max_repo_size.0,
-        spill_dir: if b.spill_dir.is_empty() {
-            std::env::temp_dir()
-        } else {
-            PathBuf::from(&b.spill_dir)
-        },
+        spill_dir: ctx_spill_dir.clone(),
         collections: Arc::new(b.collections.clone()),
         stats: stats.clone(),
     };
@@ -445,6 +450,8 @@ async fn run_inner(
         pending: None,
         follow: follow_mode,
         last_msg: Instant::now(),
+        stage: None,
+        spill_dir: ctx_spill_dir,
     };
     let result = batches.run(msg_rx, stop).await;
     // the batch loop ended (all fetchers done, a stop, or a failure): stop the rest
@@ -637,6 +644,23 @@ struct BatchLoop {
     follow: bool,
     /// When the last message came.
     last_msg: Instant,
+    /// Rows of earlier flushes of this batch on local disk (`None`: staging is off).
+    stage: Option<buffer::Stage>,
+    /// Where stages go.
+    spill_dir: PathBuf,
+}
+
+/// The rows a commit writes.
+enum Work {
+    /// In memory, by partition.
+    Parts(
+        Vec<(
+            crate::sink::partition::PartitionKey,
+            arrow::array::RecordBatch,
+        )>,
+    ),
+    /// Staged on local disk.
+    Staged(buffer::Stage),
 }
 
 /// What a commit task reports back.
@@ -694,7 +718,7 @@ impl BatchLoop {
             self.last_msg = Instant::now();
             self.take(msg)?;
             if self.buffer.bytes() >= cap {
-                self.flush().await?;
+                self.spill_or_flush().await?;
             }
         }
         self.flush().await?;
@@ -711,7 +735,49 @@ impl BatchLoop {
 
     /// Whether anything waits for a flush.
     fn has_content(&self) -> bool {
-        !self.buffer.is_empty() || !self.done.is_empty() || !self.failed.is_empty()
+        !self.buffer.is_empty()
+            || !self.done.is_empty()
+            || !self.failed.is_empty()
+            || self.stage.as_ref().is_some_and(|s| !s.is_empty())
+    }
+
+    /// A full buffer: staged on local disk while the stage is under `backfill.stage`, else
+    /// (or with staging off) committed.
+    async fn spill_or_flush(&mut self) -> Result<(), BackfillError> {
+        let cap = self.cfg.backfill.stage.0;
+        if cap == 0 {
+            return self.flush().await;
+        }
+        self.spill().await?;
+        if self.stage.as_ref().is_some_and(|s| s.bytes() >= cap) {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Moves the buffer's rows into the stage (created when needed).
+    async fn spill(&mut self) -> Result<(), BackfillError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let parts = self.buffer.take()?;
+        let stage = match self.stage.take() {
+            Some(s) => s,
+            None => buffer::Stage::new(&self.spill_dir).map_err(|e| {
+                BackfillError::Broken(format!(
+                    "cannot stage rows in {}: {e}",
+                    self.spill_dir.display()
+                ))
+            })?,
+        };
+        let stage = tokio::task::spawn_blocking(move || {
+            let mut stage = stage;
+            stage.spill(parts).map(|_| stage)
+        })
+        .await
+        .map_err(|e| BackfillError::Broken(format!("staging rows failed: {e}")))??;
+        self.stage = Some(stage);
+        Ok(())
     }
 
     /// Waits for the previous batch's commit.
@@ -880,12 +946,19 @@ impl BatchLoop {
     /// next batch fills while this one is written.
     async fn flush(&mut self) -> Result<(), BackfillError> {
         self.opened = Instant::now();
-        if self.buffer.is_empty() && self.done.is_empty() && self.failed.is_empty() {
+        if !self.has_content() {
             return Ok(());
         }
         let batch = self.cursor()?;
-        let rows = self.buffer.len() as u64;
-        let parts = self.buffer.take()?;
+        let (rows, work) = if self.cfg.backfill.stage.0 > 0 {
+            self.spill().await?;
+            match self.stage.take() {
+                Some(st) => (st.rows(), Work::Staged(st)),
+                None => (0, Work::Parts(Vec::new())),
+            }
+        } else {
+            (self.buffer.len() as u64, Work::Parts(self.buffer.take()?))
+        };
         let mut partial: Vec<RepoPartial> = self
             .in_batch
             .drain()
@@ -922,7 +995,14 @@ impl BatchLoop {
         );
         self.pending = Some(tokio::spawn(async move {
             let started = Instant::now();
-            let files = buffer::write_files(&lake, &writer, batch, parts, attempts).await?;
+            let files = match work {
+                Work::Parts(parts) => {
+                    buffer::write_files(&lake, &writer, batch, parts, attempts).await?
+                }
+                Work::Staged(stage) => {
+                    buffer::write_staged(&lake, &writer, batch, stage, attempts).await?
+                }
+            };
             record.files = files.iter().map(|f| f.path.clone()).collect();
             record.written_at = crate::syntax::format_datetime_ms(crate::model::cursor::now_us());
             let mut p = progress.lock().await;

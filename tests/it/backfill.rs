@@ -107,6 +107,8 @@ fn config(lake: &str, sim: &SyncSim) -> Config {
     cfg.backfill.timeout = atlake::config::HumanDuration(Duration::from_millis(1500));
     // small enough that repos span batches (partial progress is exercised)
     cfg.backfill.buffer = atlake::config::ByteSize(1 << 20);
+    // and several flushes staged on disk per commit
+    cfg.backfill.stage = atlake::config::ByteSize(3 << 20);
     cfg.backfill.repo_memory = atlake::config::ByteSize(64 << 10);
     cfg
 }
@@ -279,8 +281,16 @@ async fn crash(backend: Backend) {
         Backend::Local => dir.path().join("lake").to_str().unwrap().to_string(),
         Backend::S3 => format!("s3://{bucket}/lake"),
     };
+    // stages of killed runs land here; each restart removes those of dead processes
+    let spill = dir.path().join("spill");
+    std::fs::create_dir_all(&spill).unwrap();
     let mut env: Vec<(String, String)> = vec![
+        (
+            "ATLAKE_BACKFILL_SPILL_DIR".into(),
+            spill.to_str().unwrap().to_string(),
+        ),
         ("ATLAKE_BACKFILL_BUFFER".into(), "1MiB".into()),
+        ("ATLAKE_BACKFILL_STAGE".into(), "2MiB".into()),
         ("ATLAKE_BACKFILL_FLUSH_INTERVAL".into(), "300ms".into()),
         ("ATLAKE_BACKFILL_CONCURRENCY".into(), "8".into()),
         ("ATLAKE_BACKFILL_REPO_MEMORY".into(), "64KiB".into()),
@@ -342,6 +352,10 @@ async fn crash(backend: Backend) {
         }
     }
     assert!(
+        kills >= 10,
+        "only {kills} kills landed before the backfill finished"
+    );
+    assert!(
         finished_early || committed_before_kill >= 3,
         "too few kills landed after a commit ({committed_before_kill}): {first_log}"
     );
@@ -361,6 +375,13 @@ async fn crash(backend: Backend) {
         orphans > 0,
         "no kill landed between a flush's files and its record"
     );
+    let stages: Vec<_> = std::fs::read_dir(&spill)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("atlake-stage-"))
+        .collect();
+    assert!(stages.is_empty(), "stages left behind: {stages:?}");
     eprintln!(
         "BACKFILL CRASH RESULT backend={backend:?} kills={kills} committed_before_kill={committed_before_kill} uncommitted_files_removed={orphans} repos={} records={} lost=0 duplicated=0 took={:?}",
         truth.len(),
