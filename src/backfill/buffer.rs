@@ -346,6 +346,9 @@ impl Stage {
     }
 }
 
+/// The staged batches `(spill, index)` of one file, and their Arrow bytes.
+type FileGroup = (Vec<(usize, usize)>, u64);
+
 /// Writes the staged rows of batch `batch` as files: per partition, its rows of every spill
 /// (several files when they exceed [`STAGED_FILE_BYTES`]), reading back at most
 /// [`STAGED_READ_BUDGET_MIB`] at a time. Returns the files.
@@ -377,10 +380,8 @@ async fn write_staged_in(
         ..
     } = stage;
     // partition → groups of (spill, index) of at most STAGED_FILE_BYTES
-    let mut by_part: std::collections::BTreeMap<
-        String,
-        (PartitionKey, Vec<(Vec<(usize, usize)>, u64)>),
-    > = std::collections::BTreeMap::new();
+    let mut by_part: std::collections::BTreeMap<String, (PartitionKey, Vec<FileGroup>)> =
+        std::collections::BTreeMap::new();
     for (key, spill, i, bytes) in &index {
         let groups = &mut by_part
             .entry(key.dir())
