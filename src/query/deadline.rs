@@ -7,6 +7,10 @@
 //! the clock each time its output is polled and ends the stream with [`DeadlineExceeded`] once
 //! the deadline has passed, so the work stops within one batch of the limit.
 //!
+//! Planning is under the same deadline: every logical and physical optimizer rule checks it
+//! before it runs (and rules the optimizer applies node by node check it at every node), so
+//! a plan whose optimisation grows fast with its depth stops at the timeout.
+//!
 //! Each poll also starts a new count of what the bounded functions produce (`bounded`'s
 //! ledger), before the operator is polled and after it yields: what one operator computes for
 //! one batch is counted on its own.
@@ -171,4 +175,113 @@ impl datafusion::physical_plan::RecordBatchStream for DeadlineStream {
     fn schema(&self) -> arrow::datatypes::SchemaRef {
         self.input.schema()
     }
+}
+
+fn exceeded(deadline: Instant, timeout: Duration) -> Result<()> {
+    if Instant::now() >= deadline {
+        return Err(DataFusionError::External(Box::new(DeadlineExceeded(
+            timeout,
+        ))));
+    }
+    Ok(())
+}
+
+/// A logical optimizer rule that first checks the deadline.
+#[derive(Debug)]
+struct TimedRule {
+    inner: Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl datafusion::optimizer::OptimizerRule for TimedRule {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn apply_order(&self) -> Option<datafusion::optimizer::ApplyOrder> {
+        self.inner.apply_order()
+    }
+
+    fn rewrite(
+        &self,
+        plan: datafusion::logical_expr::LogicalPlan,
+        config: &dyn datafusion::optimizer::OptimizerConfig,
+    ) -> Result<Transformed<datafusion::logical_expr::LogicalPlan>> {
+        exceeded(self.deadline, self.timeout)?;
+        self.inner.rewrite(plan, config)
+    }
+}
+
+/// A physical optimizer rule that first checks the deadline.
+#[derive(Debug)]
+struct TimedPhysicalRule {
+    inner: Arc<dyn datafusion::physical_optimizer::PhysicalOptimizerRule + Send + Sync>,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl datafusion::physical_optimizer::PhysicalOptimizerRule for TimedPhysicalRule {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        config: &datafusion::config::ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        exceeded(self.deadline, self.timeout)?;
+        self.inner.optimize(plan, config)
+    }
+
+    fn optimize_with_context(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        context: &dyn datafusion::physical_optimizer::PhysicalOptimizerContext,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        exceeded(self.deadline, self.timeout)?;
+        self.inner.optimize_with_context(plan, context)
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn schema_check(&self) -> bool {
+        self.inner.schema_check()
+    }
+}
+
+/// DataFusion's logical optimizer rules, each checking `deadline` first.
+pub fn logical_rules(
+    deadline: Instant,
+    timeout: Duration,
+) -> Vec<Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>> {
+    datafusion::optimizer::Optimizer::new()
+        .rules
+        .into_iter()
+        .map(|inner| {
+            Arc::new(TimedRule {
+                inner,
+                deadline,
+                timeout,
+            }) as Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>
+        })
+        .collect()
+}
+
+/// DataFusion's physical optimizer rules, each checking `deadline` first.
+pub fn physical_rules(
+    deadline: Instant,
+    timeout: Duration,
+) -> Vec<Arc<dyn datafusion::physical_optimizer::PhysicalOptimizerRule + Send + Sync>> {
+    datafusion::physical_optimizer::optimizer::PhysicalOptimizer::new()
+        .rules
+        .into_iter()
+        .map(|inner| {
+            Arc::new(TimedPhysicalRule {
+                inner,
+                deadline,
+                timeout,
+            })
+                as Arc<dyn datafusion::physical_optimizer::PhysicalOptimizerRule + Send + Sync>
+        })
+        .collect()
 }

@@ -398,10 +398,17 @@ impl QueryEngine {
             .set_bool("datafusion.execution.parquet.reorder_filters", true);
         // the partial phase of GROUP BY looks a batch's group up once when the batch has one
         // group, as batches of one file (one collection, one hour) do
-        let state = SessionStateBuilder::new()
+        let mut builder = SessionStateBuilder::new()
             .with_config(cfg)
             .with_runtime_env(self.runtime.clone())
-            .with_default_features()
+            .with_default_features();
+        if let Some(at) = deadline {
+            // planning stops at the deadline too (rules check it before they run)
+            builder = builder
+                .with_optimizer_rules(deadline::logical_rules(at, self.limits.timeout))
+                .with_physical_optimizer_rules(deadline::physical_rules(at, self.limits.timeout));
+        }
+        let state = builder
             .with_physical_optimizer_rule(Arc::new(constagg::UseConstantKeyAggregate))
             .build();
         let mut ctx = SessionContext::new_with_state(state);
