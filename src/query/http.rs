@@ -263,6 +263,31 @@ struct Encoding {
     limits: super::Limits,
     deadline: Instant,
     done: bool,
+    format: Format,
+}
+
+/// Bytes of the string and binary values of a batch's rows.
+fn text_bytes(b: &arrow::record_batch::RecordBatch) -> usize {
+    use arrow::datatypes::DataType;
+    b.columns()
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.data_type(),
+                DataType::Utf8
+                    | DataType::LargeUtf8
+                    | DataType::Utf8View
+                    | DataType::Binary
+                    | DataType::LargeBinary
+                    | DataType::BinaryView
+            )
+        })
+        .map(|c| {
+            c.to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| c.get_array_memory_size())
+        })
+        .sum()
 }
 
 /// Bytes a batch's rows hold (a slice counts only its rows).
@@ -295,9 +320,13 @@ impl Encoding {
     fn encode(&mut self, b: &arrow::record_batch::RecordBatch) -> Result<Vec<u8>, QueryError> {
         let size = batch_bytes(b);
         let rows = b.num_rows();
-        // a batch whose values alone pass the limit is refused before any is encoded
-        // (Parquet may compress it below the limit; it is refused all the same)
-        if self.bytes + size as u64 > self.limits.max_bytes.saturating_mul(4) {
+        // a batch whose values alone pass the limit is refused before any is encoded: strings
+        // and binaries encode to at least their own size in every format but Parquet; other
+        // columns may shrink (a 0 takes one byte in JSON), so they get four times the room
+        let text = text_bytes(b) as u64;
+        if self.bytes + size as u64 > self.limits.max_bytes.saturating_mul(4)
+            || (self.format != Format::Parquet && self.bytes + text > self.limits.max_bytes)
+        {
             return Err(self.too_large("bytes"));
         }
         let per_slice = if size <= ENCODE_SLICE_BYTES || rows <= 1 {
@@ -382,6 +411,7 @@ async fn produce(
             limits: limits.clone(),
             deadline,
             done: false,
+            format,
         };
         if tx.send(Ok(head)).await.is_err() {
             return Ok(());
