@@ -777,6 +777,16 @@ fn apply_env(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn check_config_prints_the_token_redacted_and_idle_must_outlast_queries() {
+        let mut c = super::Config::default();
+        c.server.token = Some("s3cret-token".into());
+        let t = c.to_toml_redacted().unwrap();
+        assert!(!t.contains("s3cret-token") && t.contains("<redacted>"), "{t}");
+        c.server.idle_timeout = c.server.query_timeout;
+        assert!(c.validate().is_err());
+    }
+
     use super::*;
 
     #[test]
