@@ -782,7 +782,10 @@ mod tests {
         let mut c = super::Config::default();
         c.server.token = Some("s3cret-token".into());
         let t = c.to_toml_redacted().unwrap();
-        assert!(!t.contains("s3cret-token") && t.contains("<redacted>"), "{t}");
+        assert!(
+            !t.contains("s3cret-token") && t.contains("<redacted>"),
+            "{t}"
+        );
         c.server.idle_timeout = c.server.query_timeout;
         assert!(c.validate().is_err());
     }
