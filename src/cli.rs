@@ -415,7 +415,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load_config(&common, &source)?;
             let mut out = std::io::stdout().lock();
             writeln!(out, "# configuration is valid")?;
-            write!(out, "{}", cfg.to_toml()?)?;
+            write!(out, "{}", cfg.to_toml_redacted()?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {

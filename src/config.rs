@@ -350,6 +350,24 @@ pub struct ServerConfig {
     pub max_result_rows: u64,
     /// Most bytes a result may have.
     pub max_result_bytes: ByteSize,
+    /// Queries that run at once; more wait in the queue.
+    pub max_concurrent_queries: usize,
+    /// Queries that may wait for a slot; beyond this a query gets 503 at once.
+    pub query_queue: usize,
+    /// Directory where queries spill sorts and joins (empty: the system's temporary directory).
+    pub spill_dir: String,
+    /// Most bytes all queries together may spill to disk.
+    pub spill_limit: ByteSize,
+    /// Time a client has to send a request's header, counted from when the connection starts
+    /// waiting for it (a new connection, or the end of the previous response).
+    pub header_timeout: HumanDuration,
+    /// Time a client has to send a request's body.
+    pub body_timeout: HumanDuration,
+    /// A connection on which nothing is read or written for this long is closed; must be longer
+    /// than `query_timeout`.
+    pub idle_timeout: HumanDuration,
+    /// Most connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -361,6 +379,14 @@ impl Default for ServerConfig {
             memory_limit: ByteSize(1 << 30),
             max_result_rows: 1_000_000,
             max_result_bytes: ByteSize(256 << 20),
+            max_concurrent_queries: 4,
+            query_queue: 16,
+            spill_dir: String::new(),
+            spill_limit: ByteSize(4 << 30),
+            header_timeout: HumanDuration(Duration::from_secs(10)),
+            body_timeout: HumanDuration(Duration::from_secs(30)),
+            idle_timeout: HumanDuration(Duration::from_secs(60)),
+            max_connections: 256,
         }
     }
 }
@@ -634,7 +660,38 @@ impl Config {
         if self.writer.row_group_rows == 0 {
             return bad("writer.row_group_rows", "must be positive");
         }
+        let sv = &self.server;
+        if sv.max_concurrent_queries == 0 {
+            return bad("server.max_concurrent_queries", "must be at least 1");
+        }
+        if sv.max_connections == 0 {
+            return bad("server.max_connections", "must be at least 1");
+        }
+        for (key, d) in [
+            ("server.query_timeout", sv.query_timeout.0),
+            ("server.header_timeout", sv.header_timeout.0),
+            ("server.body_timeout", sv.body_timeout.0),
+        ] {
+            if d < Duration::from_millis(100) {
+                return bad(key, "must be at least 100ms");
+            }
+        }
+        if sv.idle_timeout.0 <= sv.query_timeout.0 {
+            return bad(
+                "server.idle_timeout",
+                "must be longer than server.query_timeout (a query's connection is quiet while it runs)",
+            );
+        }
         Ok(())
+    }
+
+    /// The configuration as TOML with secrets redacted (what `check-config` prints).
+    pub fn to_toml_redacted(&self) -> Result<String, ConfigError> {
+        let mut c = self.clone();
+        if c.server.token.is_some() {
+            c.server.token = Some("<redacted>".into());
+        }
+        c.to_toml()
     }
 
     /// The configuration as TOML (what `check-config` prints).
@@ -728,6 +785,19 @@ fn apply_env(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn check_config_prints_the_token_redacted_and_idle_must_outlast_queries() {
+        let mut c = super::Config::default();
+        c.server.token = Some("s3cret-token".into());
+        let t = c.to_toml_redacted().unwrap();
+        assert!(
+            !t.contains("s3cret-token") && t.contains("<redacted>"),
+            "{t}"
+        );
+        c.server.idle_timeout = c.server.query_timeout;
+        assert!(c.validate().is_err());
+    }
+
     use super::*;
 
     #[test]

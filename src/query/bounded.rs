@@ -6,14 +6,55 @@
 //! faster than any timeout can fire. These wrappers compute, from the arguments alone, how many
 //! bytes a call would produce for the whole batch and refuse the call (a `resources_exhausted`
 //! error) when that exceeds the budget; below it they call the original function unchanged.
+//!
+//! The budget holds for the **sum** of what these functions produce while one batch is
+//! computed, not per call: `concat(repeat('a', 250000000), repeat('a', 250000000), …)` passed
+//! each call's check and reached 5 GB. A thread-local ledger counts the bytes every wrapped
+//! call produces (the estimate before the call, the real size after it); it is reset each time
+//! an operator of the plan is polled or yields a batch (`deadline::DeadlineExec`), and while a
+//! query is planned (constant folding evaluates these functions too). A batch is computed
+//! within one poll, on one thread, so the ledger sees exactly the calls of that batch.
+//!
+//! Time: a wrapped call over many rows runs in slices of [`SLICE_ROWS`] rows and checks the
+//! query's deadline between slices, so a slow function (`regexp_replace` with a thousand
+//! back-references, a regex over long strings) stops at the timeout instead of finishing its
+//! batch first.
 
-use arrow::array::{Array, ArrayRef, Int64Array};
-use arrow::datatypes::DataType;
+use super::deadline::DeadlineExceeded;
+use arrow::array::{Array, ArrayRef, Int64Array, StringArray};
+use arrow::datatypes::{DataType, IntervalUnit, TimeUnit};
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::FunctionRegistry;
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl};
 use datafusion::prelude::SessionContext;
+use std::cell::Cell;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Rows per slice of a wrapped call; the deadline is checked between slices.
+pub const SLICE_ROWS: usize = 512;
+
+/// Most character comparisons `levenshtein` may make for one batch (a few hundred ms).
+const LEVENSHTEIN_WORK: u128 = 200_000_000;
+
+thread_local! {
+    /// Bytes produced by wrapped calls for the batch being computed on this thread.
+    static PRODUCED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Starts a new batch's count on this thread (an operator was polled, or yielded a batch).
+pub fn reset_ledger() {
+    PRODUCED.with(|p| p.set(0));
+}
+
+/// Bytes counted for the current batch on this thread.
+pub fn ledger() -> u64 {
+    PRODUCED.with(|p| p.get())
+}
+
+fn charge(bytes: u64) {
+    PRODUCED.with(|p| p.set(p.get().saturating_add(bytes)));
+}
 
 /// How a function's output size follows from its arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -28,8 +69,24 @@ enum Growth {
     ArrayRepeat,
     /// `array_resize(a, n[, x])`: `n` elements.
     ArrayResize,
-    /// `range(start, stop[, step])`, `generate_series`: one element per step.
+    /// `range(start, stop[, step])`, `generate_series`: one element per step, for integers,
+    /// dates and timestamps.
     Series,
+    /// `concat(a, b, …)`: the sum of its arguments.
+    Concat,
+    /// `concat_ws(sep, a, b, …)`: the arguments and a separator between each two.
+    ConcatWs,
+    /// `regexp_replace(s, pattern, replacement[, flags])`: with `g`, one replacement per
+    /// position at most, and back-references that copy at most the string once each.
+    RegexpReplace,
+    /// `overlay(s placing t from p [for n])`: `s` and `t`.
+    Overlay,
+    /// `translate(s, from, to)`: each character of `s` becomes one of up to 4 bytes.
+    Translate,
+    /// `levenshtein(a, b)`: small output, `len(a) * len(b)` work.
+    Levenshtein,
+    /// Regex matching: small output, but slow on long strings; wrapped for the deadline.
+    Scan,
 }
 
 const FUNCTIONS: &[(&str, Growth)] = &[
@@ -41,19 +98,54 @@ const FUNCTIONS: &[(&str, Growth)] = &[
     ("array_resize", Growth::ArrayResize),
     ("range", Growth::Series),
     ("generate_series", Growth::Series),
+    ("concat", Growth::Concat),
+    ("concat_ws", Growth::ConcatWs),
+    ("regexp_replace", Growth::RegexpReplace),
+    ("overlay", Growth::Overlay),
+    ("translate", Growth::Translate),
+    ("levenshtein", Growth::Levenshtein),
+    ("regexp_like", Growth::Scan),
+    ("regexp_match", Growth::Scan),
+    ("regexp_count", Growth::Scan),
+    ("regexp_instr", Growth::Scan),
 ];
 
-/// Replaces the amplifying functions of `ctx` with bounded ones: one call may produce at most
-/// `budget` bytes for its batch.
+/// The query's deadline, as the wrapped functions see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Deadline {
+    /// When the query's time is up.
+    pub at: Instant,
+    /// The timeout (for the error message).
+    pub timeout: Duration,
+}
+
+impl Deadline {
+    fn check(&self) -> Result<()> {
+        if Instant::now() >= self.at {
+            return Err(DataFusionError::External(Box::new(DeadlineExceeded(
+                self.timeout,
+            ))));
+        }
+        Ok(())
+    }
+}
+
+/// Replaces the amplifying functions of `ctx` with bounded ones: the calls computing one batch
+/// may produce at most `budget` bytes together, and stop at `deadline`.
 ///
 /// A function that is not in the session is an error: the cap would silently not apply.
-pub fn register(ctx: &SessionContext, budget: u64) -> datafusion::error::Result<()> {
+pub fn register(
+    ctx: &SessionContext,
+    budget: u64,
+    deadline: Option<Deadline>,
+) -> datafusion::error::Result<()> {
     for (name, growth) in FUNCTIONS {
         let inner = ctx.udf(name)?;
         ctx.register_udf(ScalarUDF::new_from_impl(Bounded {
             inner,
             growth: *growth,
             budget,
+            deadline,
         }));
     }
     Ok(())
@@ -64,27 +156,147 @@ struct Bounded {
     inner: Arc<ScalarUDF>,
     growth: Growth,
     budget: u64,
+    deadline: Option<Deadline>,
+}
+
+/// Rows an argument stands for: a scalar is one value for every row.
+fn expand<T: Clone>(v: Vec<T>, scalar: bool, rows: usize) -> Vec<T> {
+    match (scalar, v.first()) {
+        (true, Some(x)) => vec![x.clone(); rows.max(1)],
+        _ => v,
+    }
 }
 
 /// The argument as one Int64 per row (null as 0), if it converts.
 fn ints(v: &ColumnarValue, rows: usize) -> Option<Vec<i64>> {
-    let a = v.to_array(rows.max(1)).ok()?;
+    let (a, scalar) = match v {
+        ColumnarValue::Array(a) => (a.clone(), false),
+        ColumnarValue::Scalar(s) => (s.to_array_of_size(1).ok()?, true),
+    };
+    if a.data_type() == &DataType::Null {
+        return Some(vec![0; if scalar { rows.max(1) } else { a.len() }]);
+    }
     if !a.data_type().is_integer() && !a.data_type().is_floating() {
         return None;
     }
     let a = arrow::compute::cast(&a, &DataType::Int64).ok()?;
     let a = a.as_any().downcast_ref::<Int64Array>()?;
-    Some(
-        (0..a.len())
-            .map(|i| if a.is_null(i) { 0 } else { a.value(i) })
-            .collect(),
-    )
+    let v = (0..a.len())
+        .map(|i| if a.is_null(i) { 0 } else { a.value(i) })
+        .collect();
+    Some(expand(v, scalar, rows))
+}
+
+/// The argument as instants (nanoseconds for dates and timestamps, the value for integers),
+/// and whether they are times.
+fn points(v: &ColumnarValue, rows: usize) -> Option<(Vec<i128>, bool)> {
+    let dt = v.data_type();
+    let per = match &dt {
+        DataType::Date32 => 86_400_000_000_000i128,
+        DataType::Date64 | DataType::Timestamp(TimeUnit::Millisecond, _) => 1_000_000,
+        DataType::Timestamp(TimeUnit::Second, _) => 1_000_000_000,
+        DataType::Timestamp(TimeUnit::Microsecond, _) => 1_000,
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => 1,
+        _ => return Some((ints(v, rows)?.into_iter().map(i128::from).collect(), false)),
+    };
+    let (a, scalar) = match v {
+        ColumnarValue::Array(a) => (a.clone(), false),
+        ColumnarValue::Scalar(s) => (s.to_array_of_size(1).ok()?, true),
+    };
+    let a = arrow::compute::cast(&a, &DataType::Int64).ok()?;
+    let a = a.as_any().downcast_ref::<Int64Array>()?;
+    let v = (0..a.len())
+        .map(|i| {
+            if a.is_null(i) {
+                0
+            } else {
+                a.value(i) as i128 * per
+            }
+        })
+        .collect();
+    Some((expand(v, scalar, rows), true))
+}
+
+/// The smallest length, in nanoseconds, of an interval step (months of 28 to 31 days, days of
+/// 23 to 25 hours), one per row; integers for integer series.
+fn steps(v: &ColumnarValue, rows: usize) -> Option<Vec<i128>> {
+    const H: i128 = 3_600_000_000_000;
+    let least = |months: i128, days: i128, nanos: i128| -> i128 {
+        let mut m = i128::MAX;
+        for month_days in 28..=31 {
+            for day_h in 23..=25 {
+                let t = months * month_days * day_h * H + days * day_h * H + nanos;
+                m = m.min(t.abs());
+            }
+        }
+        m
+    };
+    let (a, scalar) = match v {
+        ColumnarValue::Array(a) => (a.clone(), false),
+        ColumnarValue::Scalar(s) => (s.to_array_of_size(1).ok()?, true),
+    };
+    let out: Vec<i128> = match a.data_type() {
+        DataType::Interval(IntervalUnit::MonthDayNano) => {
+            let a = a
+                .as_any()
+                .downcast_ref::<arrow::array::IntervalMonthDayNanoArray>()?;
+            a.iter()
+                .map(|x| {
+                    x.map_or(1, |x| {
+                        least(x.months.into(), x.days.into(), x.nanoseconds.into())
+                    })
+                })
+                .collect()
+        }
+        DataType::Interval(IntervalUnit::DayTime) => {
+            let a = a
+                .as_any()
+                .downcast_ref::<arrow::array::IntervalDayTimeArray>()?;
+            a.iter()
+                .map(|x| {
+                    x.map_or(1, |x| {
+                        least(0, x.days.into(), i128::from(x.milliseconds) * 1_000_000)
+                    })
+                })
+                .collect()
+        }
+        DataType::Interval(IntervalUnit::YearMonth) => {
+            let a = a
+                .as_any()
+                .downcast_ref::<arrow::array::IntervalYearMonthArray>()?;
+            a.iter()
+                .map(|x| x.map_or(1, |m| least(m.into(), 0, 0)))
+                .collect()
+        }
+        _ => return Some(ints(v, rows)?.into_iter().map(i128::from).collect()),
+    };
+    Some(expand(out, scalar, rows))
+}
+
+/// The argument as strings, one per row (for back-references in replacements).
+fn strs(v: &ColumnarValue, rows: usize) -> Option<Vec<Option<String>>> {
+    let (a, scalar) = match v {
+        ColumnarValue::Array(a) => (a.clone(), false),
+        ColumnarValue::Scalar(s) => (s.to_array_of_size(1).ok()?, true),
+    };
+    let a = arrow::compute::cast(&a, &DataType::Utf8).ok()?;
+    let a = a.as_any().downcast_ref::<StringArray>()?;
+    Some(expand(
+        a.iter().map(|x| x.map(String::from)).collect(),
+        scalar,
+        rows,
+    ))
 }
 
 /// The byte length of each value (strings, binaries, lists: elements × 16); 16 for other types.
 fn lens(v: &ColumnarValue, rows: usize) -> Vec<i64> {
-    let Ok(a) = v.to_array(rows.max(1)) else {
-        return vec![16; rows.max(1)];
+    // a scalar is measured once, not expanded to every row first
+    let (a, scalar) = match v {
+        ColumnarValue::Array(a) => (a.clone(), false),
+        ColumnarValue::Scalar(s) => match s.to_array_of_size(1) {
+            Ok(a) => (a, true),
+            Err(_) => return vec![16; rows.max(1)],
+        },
     };
     let as_utf8 = |a: &ArrayRef| -> Option<ArrayRef> {
         match a.data_type() {
@@ -98,17 +310,40 @@ fn lens(v: &ColumnarValue, rows: usize) -> Vec<i64> {
     let measured = as_utf8(&a)
         .and_then(|a| arrow::compute::kernels::length::length(&a).ok())
         .and_then(|l| ints(&ColumnarValue::Array(l), rows));
-    match (measured, a.data_type()) {
+    let v = match (measured, a.data_type()) {
         (Some(l), DataType::List(_) | DataType::LargeList(_)) => {
             l.into_iter().map(|n| n.saturating_mul(16)).collect()
         }
         (Some(l), _) => l,
         (None, _) => vec![16; a.len()],
+    };
+    expand(v, scalar, rows)
+}
+
+/// Bytes a value holds (a slice counts only its rows).
+fn out_bytes(v: &ColumnarValue) -> u64 {
+    match v {
+        ColumnarValue::Array(a) => {
+            a.to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| a.get_array_memory_size()) as u64
+        }
+        ColumnarValue::Scalar(s) => s.size() as u64,
     }
 }
 
+/// The number of back-references (`\1`, `$1`, `${name}`) in a replacement.
+fn backrefs(rep: &str) -> i128 {
+    let b = rep.as_bytes();
+    (0..b.len())
+        .filter(|&i| {
+            (b[i] == b'\\' && b.get(i + 1).is_some_and(u8::is_ascii_digit)) || b[i] == b'$'
+        })
+        .count() as i128
+}
+
 impl Bounded {
-    /// Bytes the call would produce for the batch; `None` when it cannot tell (then it runs).
+    /// Bytes the call would produce for the batch; `None` when it cannot tell.
     fn estimate(&self, args: &ScalarFunctionArgs) -> Option<u128> {
         let rows = args.number_rows;
         let a = &args.args;
@@ -158,27 +393,158 @@ impl Bounded {
                 Some(sum(n.iter().map(|n| *n as i128 * 16).collect()))
             }
             Growth::Series => {
-                let v: Vec<Vec<i64>> = a.iter().map(|x| ints(x, rows)).collect::<Option<_>>()?;
-                let (start, stop, step) = match v.len() {
-                    1 => (None, &v[0], None),
-                    2 => (Some(&v[0]), &v[1], None),
-                    3 => (Some(&v[0]), &v[1], Some(&v[2])),
+                let (start, stop, step) = match a.len() {
+                    1 => (None, points(&a[0], rows)?.0, None),
+                    2 => (Some(points(&a[0], rows)?.0), points(&a[1], rows)?.0, None),
+                    3 => (
+                        Some(points(&a[0], rows)?.0),
+                        points(&a[1], rows)?.0,
+                        Some(steps(&a[2], rows)?),
+                    ),
                     _ => return None,
                 };
                 Some(sum((0..stop.len())
                     .map(|i| {
                         // arguments can differ in length (a scalar expands to at least
                         // one row even in an empty batch): missing values count as defaults
-                        let at = |v: Option<&Vec<i64>>, d: i64| {
-                            v.and_then(|v| v.get(i)).copied().unwrap_or(d) as i128
+                        let at = |v: Option<&Vec<i128>>, d: i128| {
+                            v.and_then(|v| v.get(i)).copied().unwrap_or(d)
                         };
-                        let (lo, step) = (at(start, 0), at(step, 1));
-                        let span = (at(Some(stop), 0) - lo).abs();
-                        (span / step.abs().max(1) + 1) * 8
+                        let (lo, step) = (at(start.as_ref(), 0), at(step.as_ref(), 1));
+                        let span = (at(Some(&stop), 0) - lo).abs();
+                        (span / step.abs().max(1) + 1).saturating_mul(8)
                     })
                     .collect()))
             }
+            Growth::Concat => Some(
+                a.iter()
+                    .map(|v| sum(lens(v, rows).into_iter().map(i128::from).collect()))
+                    .sum(),
+            ),
+            Growth::ConcatWs => {
+                let sep = sum(lens(a.first()?, rows).into_iter().map(i128::from).collect());
+                let rest: u128 = a[1..]
+                    .iter()
+                    .map(|v| sum(lens(v, rows).into_iter().map(i128::from).collect()))
+                    .sum();
+                Some(rest + sep * a.len().saturating_sub(2) as u128)
+            }
+            Growth::RegexpReplace => {
+                let s = lens(a.first()?, rows);
+                let rep = strs(a.get(2)?, rows)?;
+                let global = match a.get(3) {
+                    None => vec![false; s.len()],
+                    Some(f) => strs(f, rows)?
+                        .into_iter()
+                        .map(|f| f.is_none_or(|f| f.contains('g')))
+                        .collect(),
+                };
+                Some(sum(s
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let s = *s as i128;
+                        let r = rep.get(i).cloned().flatten().unwrap_or_default();
+                        let k = backrefs(&r);
+                        let lit = r.len() as i128;
+                        let g = global.get(i).copied().unwrap_or(true);
+                        if g {
+                            s + (s + 1) * lit + k * s
+                        } else {
+                            s + lit + k * s
+                        }
+                    })
+                    .collect()))
+            }
+            Growth::Overlay => {
+                let (s, t) = (lens(a.first()?, rows), lens(a.get(1)?, rows));
+                Some(sum(s
+                    .iter()
+                    .zip(&t)
+                    .map(|(s, t)| *s as i128 + *t as i128)
+                    .collect()))
+            }
+            Growth::Translate => Some(sum(lens(a.first()?, rows)
+                .into_iter()
+                .map(|s| s as i128 * 4)
+                .collect())),
+            Growth::Levenshtein => {
+                let (x, y) = (lens(a.first()?, rows), lens(a.get(1)?, rows));
+                let work = sum(x
+                    .iter()
+                    .zip(&y)
+                    .map(|(x, y)| *x as i128 * *y as i128)
+                    .collect());
+                // work, not bytes: refused above its own limit, counted as its output
+                if work > LEVENSHTEIN_WORK {
+                    return Some(u128::MAX);
+                }
+                Some(rows as u128 * 8)
+            }
+            Growth::Scan => Some(0),
         }
+    }
+
+    fn refuse(&self, what: String) -> DataFusionError {
+        metrics::counter!("atlake_query_functions_refused_total", "function" => self.name().to_string())
+            .increment(1);
+        DataFusionError::ResourcesExhausted(what)
+    }
+
+    /// Calls the function on slices of rows, checking the deadline and the ledger between them.
+    fn call_in_slices(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let rows = args.number_rows;
+        let sliced = rows > SLICE_ROWS
+            && args
+                .args
+                .iter()
+                .any(|a| matches!(a, ColumnarValue::Array(_)));
+        if !sliced {
+            let out = self.inner.invoke_with_args(args)?;
+            self.count(&out, rows)?;
+            return Ok(out);
+        }
+        let mut parts: Vec<ArrayRef> = Vec::with_capacity(rows.div_ceil(SLICE_ROWS));
+        for offset in (0..rows).step_by(SLICE_ROWS) {
+            if let Some(d) = &self.deadline {
+                d.check()?;
+            }
+            let len = SLICE_ROWS.min(rows - offset);
+            let part = ScalarFunctionArgs {
+                args: args
+                    .args
+                    .iter()
+                    .map(|a| match a {
+                        ColumnarValue::Array(a) => ColumnarValue::Array(a.slice(offset, len)),
+                        s => s.clone(),
+                    })
+                    .collect(),
+                arg_fields: args.arg_fields.clone(),
+                number_rows: len,
+                return_field: args.return_field.clone(),
+                config_options: args.config_options.clone(),
+            };
+            let out = self.inner.invoke_with_args(part)?;
+            self.count(&out, len)?;
+            parts.push(out.into_array(len)?);
+        }
+        let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
+        Ok(ColumnarValue::Array(arrow::compute::concat(&refs)?))
+    }
+
+    /// Counts what a call produced; over the budget, the batch fails.
+    fn count(&self, out: &ColumnarValue, rows: usize) -> Result<()> {
+        charge(out_bytes(out));
+        let total = ledger();
+        if total > self.budget {
+            return Err(self.refuse(format!(
+                "{}() and the functions before it produced {} MiB for {rows} rows, more than the {} MiB the functions of one batch may use",
+                self.name(),
+                total >> 20,
+                self.budget >> 20
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -186,18 +552,40 @@ impl ScalarUDFImpl for Bounded {
     delegate_to_inner_udf!();
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        if let Some(bytes) = self.estimate(&args)
-            && bytes > self.budget as u128
-        {
-            return Err(DataFusionError::ResourcesExhausted(format!(
-                "{}() would produce about {} MiB for {} rows, more than the {} MiB one function call may use",
-                self.name(),
-                bytes >> 20,
-                args.number_rows,
-                self.budget >> 20
-            )));
+        if let Some(d) = &self.deadline {
+            d.check()?;
         }
-        self.inner.invoke_with_args(args)
+        let before = ledger() as u128;
+        match self.estimate(&args) {
+            Some(bytes) if before.saturating_add(bytes) > self.budget as u128 => {
+                return Err(self.refuse(if self.growth == Growth::Levenshtein {
+                    format!(
+                        "levenshtein() would compare more than {LEVENSHTEIN_WORK} character pairs for {} rows",
+                        args.number_rows
+                    )
+                } else {
+                    format!(
+                        "{}() would produce about {} MiB for {} rows ({} MiB already produced for this batch), more than the {} MiB the functions of one batch may use",
+                        self.name(),
+                        bytes >> 20,
+                        args.number_rows,
+                        before >> 20,
+                        self.budget >> 20
+                    )
+                }));
+            }
+            Some(_) => {}
+            // a series whose size cannot be told is not run: it is the one shape that can
+            // produce billions of elements from three small arguments
+            None if self.growth == Growth::Series => {
+                return Err(self.refuse(format!(
+                    "{}() over these argument types cannot be bounded; cast them to integers, dates or timestamps",
+                    self.name()
+                )));
+            }
+            None => {}
+        }
+        self.call_in_slices(args)
     }
 }
 
@@ -218,6 +606,7 @@ mod tests {
             )),
             growth: Growth::Series,
             budget: 1 << 20,
+            deadline: None,
         };
         let empty: ArrayRef = Arc::new(Int64Array::from(Vec::<i64>::new()));
         for args in [
@@ -249,7 +638,7 @@ mod tests {
     #[tokio::test]
     async fn amplifying_calls_over_the_budget_are_refused_and_small_ones_run() {
         let ctx = SessionContext::new();
-        register(&ctx, 16 << 20).unwrap();
+        register(&ctx, 16 << 20, None).unwrap();
         for q in [
             "SELECT repeat('a', 2000000000)",
             "SELECT lpad('x', 2147483647)",
@@ -259,10 +648,26 @@ mod tests {
             "SELECT generate_series(0, 100000000000, 1)",
             "SELECT replace(repeat('a', 1000), 'a', repeat('b', 100000))",
             "SELECT array_resize([1], 1000000000)",
+            // the sum of calls, not each call
+            "SELECT concat(repeat('a', 6000000), repeat('a', 6000000), repeat('a', 6000000))",
+            "SELECT repeat('a', 6000000) || repeat('a', 6000000) || repeat('a', 6000000)",
+            "SELECT regexp_replace(repeat('a', 100000), '', repeat('b', 1000), 'g')",
+            "SELECT regexp_replace(repeat('a', 100000), '(a+)', repeat('\\1', 1000))",
+            "SELECT concat_ws(repeat('-', 1000000), 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17)",
+            "SELECT overlay(repeat('a', 9000000) placing repeat('b', 9000000) from 2)",
+            "SELECT translate(repeat('a', 5000000), 'a', 'é')",
+            "SELECT levenshtein(repeat('a', 100000), repeat('b', 100000))",
+            // timestamps and dates with a tiny step
+            "SELECT range(TIMESTAMP '2020-01-01', TIMESTAMP '2020-01-02', INTERVAL '1 nanosecond')",
+            "SELECT generate_series(TIMESTAMP '2020-01-01', TIMESTAMP '2020-01-01 00:00:10', INTERVAL '1 microsecond')",
+            "SELECT range(DATE '1000-01-01', DATE '9000-01-01', INTERVAL '1 day')",
+            "SELECT range(TIMESTAMP '2020-01-01', TIMESTAMP '2020-02-01', INTERVAL '1 month' - INTERVAL '30 days' - INTERVAL '23 hours')",
         ] {
+            reset_ledger();
             let e = run(&ctx, q).await.unwrap_err();
             assert!(
-                e.to_string().contains("one function call may use"),
+                e.to_string().contains("the functions of one batch may use")
+                    || e.to_string().contains("character pairs"),
                 "{q}: {e}"
             );
         }
@@ -274,8 +679,32 @@ mod tests {
             "SELECT range(1, 10)",
             "SELECT array_resize([1, 2], 4)",
             "SELECT repeat(CAST(NULL AS VARCHAR), 3)",
+            "SELECT concat(repeat('a', 6000000), 'b')",
+            "SELECT regexp_replace('hello world', '(\\w+)', '\\1\\1', 'g')",
+            "SELECT range(TIMESTAMP '2020-01-01', TIMESTAMP '2020-01-02', INTERVAL '1 hour')",
+            "SELECT range(DATE '2020-01-01', DATE '2021-01-01', INTERVAL '1 day')",
+            "SELECT translate('abc', 'a', 'x')",
+            "SELECT levenshtein('kitten', 'sitting')",
         ] {
+            reset_ledger();
             assert_eq!(run(&ctx, q).await.unwrap(), 1, "{q}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_slow_call_stops_at_the_deadline_between_slices() {
+        let ctx = SessionContext::new();
+        let d = Deadline {
+            at: Instant::now(),
+            timeout: Duration::from_millis(1),
+        };
+        register(&ctx, 1 << 30, Some(d)).unwrap();
+        let e = run(
+            &ctx,
+            "SELECT regexp_like(x, 'a+b') FROM (SELECT repeat('a', 100) AS x FROM range(10000))",
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("timeout"), "{e}");
     }
 }

@@ -6,12 +6,19 @@
 //! it finished. Every operator of a plan is therefore wrapped in a [`DeadlineExec`] that checks
 //! the clock each time its output is polled and ends the stream with [`DeadlineExceeded`] once
 //! the deadline has passed, so the work stops within one batch of the limit.
+//!
+//! Planning is under the same deadline: every logical and physical optimizer rule checks it
+//! before it runs (and rules the optimizer applies node by node check it at every node), so
+//! a plan whose optimisation grows fast with its depth stops at the timeout.
+//!
+//! Each poll also starts a new count of what the bounded functions produce (`bounded`'s
+//! ledger), before the operator is polled and after it yields: what one operator computes for
+//! one batch is counted on its own.
 
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::PhysicalExpr;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use futures::StreamExt;
 use std::sync::Arc;
@@ -106,24 +113,175 @@ impl ExecutionPlan for DeadlineExec {
             ))));
         }
         let input = self.input.execute(partition, context)?;
-        let schema = input.schema();
-        let stream = input
-            .map(move |b| {
-                if Instant::now() >= deadline {
-                    return Err(DataFusionError::External(Box::new(DeadlineExceeded(
-                        timeout,
-                    ))));
-                }
-                b
-            })
-            // end the stream after the error: nothing more is computed
-            .scan(false, |done, b| {
-                if *done {
-                    return futures::future::ready(None);
-                }
-                *done = b.is_err();
-                futures::future::ready(Some(b))
-            });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+        Ok(Box::pin(DeadlineStream {
+            input,
+            deadline,
+            timeout,
+            done: false,
+        }))
     }
+}
+
+/// An operator's output, up to the deadline.
+struct DeadlineStream {
+    input: SendableRecordBatchStream,
+    deadline: Instant,
+    timeout: Duration,
+    /// The stream ended (with its last batch or an error): nothing more is computed.
+    done: bool,
+}
+
+impl futures::Stream for DeadlineStream {
+    type Item = Result<arrow::record_batch::RecordBatch>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if Instant::now() >= self.deadline {
+            self.done = true;
+            return Poll::Ready(Some(Err(DataFusionError::External(Box::new(
+                DeadlineExceeded(self.timeout),
+            )))));
+        }
+        super::bounded::reset_ledger();
+        let r = self.input.poll_next_unpin(cx);
+        super::bounded::reset_ledger();
+        match r {
+            Poll::Ready(Some(Ok(_))) if Instant::now() >= self.deadline => {
+                self.done = true;
+                Poll::Ready(Some(Err(DataFusionError::External(Box::new(
+                    DeadlineExceeded(self.timeout),
+                )))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+}
+
+impl datafusion::physical_plan::RecordBatchStream for DeadlineStream {
+    fn schema(&self) -> arrow::datatypes::SchemaRef {
+        self.input.schema()
+    }
+}
+
+fn exceeded(deadline: Instant, timeout: Duration) -> Result<()> {
+    if Instant::now() >= deadline {
+        return Err(DataFusionError::External(Box::new(DeadlineExceeded(
+            timeout,
+        ))));
+    }
+    Ok(())
+}
+
+/// A logical optimizer rule that first checks the deadline.
+#[derive(Debug)]
+struct TimedRule {
+    inner: Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl datafusion::optimizer::OptimizerRule for TimedRule {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn apply_order(&self) -> Option<datafusion::optimizer::ApplyOrder> {
+        self.inner.apply_order()
+    }
+
+    fn rewrite(
+        &self,
+        plan: datafusion::logical_expr::LogicalPlan,
+        config: &dyn datafusion::optimizer::OptimizerConfig,
+    ) -> Result<Transformed<datafusion::logical_expr::LogicalPlan>> {
+        exceeded(self.deadline, self.timeout)?;
+        self.inner.rewrite(plan, config)
+    }
+}
+
+/// A physical optimizer rule that first checks the deadline.
+#[derive(Debug)]
+struct TimedPhysicalRule {
+    inner: Arc<dyn datafusion::physical_optimizer::PhysicalOptimizerRule + Send + Sync>,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl datafusion::physical_optimizer::PhysicalOptimizerRule for TimedPhysicalRule {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        config: &datafusion::config::ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        exceeded(self.deadline, self.timeout)?;
+        self.inner.optimize(plan, config)
+    }
+
+    fn optimize_with_context(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        context: &dyn datafusion::physical_optimizer::PhysicalOptimizerContext,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        exceeded(self.deadline, self.timeout)?;
+        self.inner.optimize_with_context(plan, context)
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn schema_check(&self) -> bool {
+        self.inner.schema_check()
+    }
+}
+
+/// DataFusion's logical optimizer rules, each checking `deadline` first.
+pub fn logical_rules(
+    deadline: Instant,
+    timeout: Duration,
+) -> Vec<Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>> {
+    datafusion::optimizer::Optimizer::new()
+        .rules
+        .into_iter()
+        .map(|inner| {
+            Arc::new(TimedRule {
+                inner,
+                deadline,
+                timeout,
+            }) as Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>
+        })
+        .collect()
+}
+
+/// DataFusion's physical optimizer rules, each checking `deadline` first.
+pub fn physical_rules(
+    deadline: Instant,
+    timeout: Duration,
+) -> Vec<Arc<dyn datafusion::physical_optimizer::PhysicalOptimizerRule + Send + Sync>> {
+    datafusion::physical_optimizer::optimizer::PhysicalOptimizer::new()
+        .rules
+        .into_iter()
+        .map(|inner| {
+            Arc::new(TimedPhysicalRule {
+                inner,
+                deadline,
+                timeout,
+            })
+                as Arc<dyn datafusion::physical_optimizer::PhysicalOptimizerRule + Send + Sync>
+        })
+        .collect()
 }

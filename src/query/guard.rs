@@ -6,13 +6,37 @@
 //! recursively: ten thousand terms overflowed a thread's stack and aborted the whole server.
 //! Counting the operators on the token stream (the tokenizer is a loop, and its output a flat
 //! list) refuses such a query before any tree exists.
+//!
+//! The same holds for chains of query blocks: `SELECT 1 UNION ALL SELECT 1 …` (and `INTERSECT`,
+//! `EXCEPT`), `FROM a, b, c, …`, `a CROSS JOIN b JOIN c ON true …`, 3,000 CTEs or comma-joined
+//! subqueries parse in a loop but plan into a tree as deep as the chain, and three thousand of
+//! them overflowed a stack. Every `SELECT`, set operation, `JOIN` and comma between the
+//! relations of a `FROM` counts as one *relation*; a statement may hold [`MAX_RELATIONS`].
+//! `IN` counts as an operator (`true IN (true) IN (true) …` nests like `+`).
+//!
+//! What this count does not see is bounded elsewhere: parentheses (nested expressions,
+//! subqueries, function calls) by the parser's recursion limit (`sql_parser.recursion_limit`,
+//! 50), and the text by the request body limit. Together they bound the depth of every tree
+//! the planner builds; planning and execution then run on threads with large stacks
+//! (`query::pool`).
 
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
-/// Most operators one statement may hold. Real queries use tens; the stack holds thousands.
-pub const MAX_OPERATORS: usize = 1_000;
+/// Most operators one statement may hold. Real queries use tens. The stack would hold
+/// thousands, but optimising a chain takes time quadratic in its length (1,000 `+`: 2.2 s,
+/// 300: 0.2 s in a debug build), in single steps the deadline cannot interrupt.
+pub const MAX_OPERATORS: usize = 300;
+
+/// Most query blocks nested inside each other (`SELECT (SELECT (SELECT …)))`,
+/// `FROM (SELECT … FROM (SELECT …))`): optimising nested scalar subqueries takes about four
+/// times longer with each level (12 levels: 0.4 s, 15: 2.9 s in a debug build).
+pub const MAX_NESTING: usize = 10;
+
+/// Most relations (query blocks, set operations, joins) one statement may hold. Real queries
+/// use a handful; a chain of 3,000 overflowed a 2 MiB stack.
+pub const MAX_RELATIONS: usize = 200;
 
 /// Why a query was refused before parsing.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,6 +50,26 @@ pub enum GuardError {
     )]
     TooComplex {
         /// Operators found.
+        found: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Query blocks nested too deep.
+    #[error(
+        "the query nests {found} SELECTs inside each other, more than the limit of {limit}; use WITH or joins"
+    )]
+    TooDeep {
+        /// Depth found.
+        found: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Too many query blocks, set operations and joins.
+    #[error(
+        "the query has {found} SELECTs, set operations and joins, more than the limit of {limit}; split it into several queries"
+    )]
+    TooManyRelations {
+        /// Relations found.
         found: usize,
         /// The limit.
         limit: usize,
@@ -50,6 +94,7 @@ fn is_operator(t: &Token) -> bool {
                 | Keyword::AT
                 | Keyword::CASE
                 | Keyword::WHEN
+                | Keyword::IN
         ),
         Token::EOF
         | Token::Number(..)
@@ -88,7 +133,95 @@ fn is_operator(t: &Token) -> bool {
     }
 }
 
-/// Refuses a query that chains more than `limit` operators.
+/// Whether a keyword ends the `FROM` clause of the query block it appears in.
+fn ends_from(k: Keyword) -> bool {
+    matches!(
+        k,
+        Keyword::WHERE
+            | Keyword::GROUP
+            | Keyword::HAVING
+            | Keyword::ORDER
+            | Keyword::LIMIT
+            | Keyword::OFFSET
+            | Keyword::WINDOW
+            | Keyword::QUALIFY
+            | Keyword::UNION
+            | Keyword::INTERSECT
+            | Keyword::EXCEPT
+            | Keyword::SELECT
+            | Keyword::ON
+            | Keyword::USING
+    )
+}
+
+/// How deep `SELECT`s nest: the most parenthesis levels holding a `SELECT` that enclose one
+/// another.
+fn nesting(tokens: &[Token]) -> usize {
+    // per open parenthesis: the nesting of SELECTs outside it, and whether it holds one
+    let mut stack: Vec<(usize, bool)> = vec![(0, false)];
+    let mut deepest = 0;
+    for t in tokens {
+        match t {
+            Token::LParen => {
+                let outer = stack.last().map_or(0, |(d, s)| d + usize::from(*s));
+                stack.push((outer, false));
+            }
+            Token::RParen if stack.len() > 1 => {
+                stack.pop();
+            }
+            Token::Word(w) if w.keyword == Keyword::SELECT => {
+                if let Some(top) = stack.last_mut() {
+                    top.1 = true;
+                    deepest = deepest.max(top.0 + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// Counts the relations of a token stream: `SELECT`s, set operations, `JOIN`s, and commas
+/// between the relations of a `FROM` clause (at the parenthesis depth of its `FROM`).
+fn relations(tokens: &[Token]) -> usize {
+    // per parenthesis depth: whether a FROM clause is open at that depth
+    let mut in_from = vec![false];
+    let mut found = 0usize;
+    for t in tokens {
+        match t {
+            Token::LParen => in_from.push(false),
+            Token::RParen if in_from.len() > 1 => {
+                in_from.pop();
+            }
+            Token::Comma if in_from.last().copied().unwrap_or(false) => {
+                found += 1;
+            }
+            Token::Word(w) => {
+                match w.keyword {
+                    Keyword::SELECT
+                    | Keyword::UNION
+                    | Keyword::INTERSECT
+                    | Keyword::EXCEPT
+                    | Keyword::MINUS
+                    | Keyword::JOIN => found += 1,
+                    _ => {}
+                }
+                if let Some(open) = in_from.last_mut() {
+                    if w.keyword == Keyword::FROM {
+                        *open = true;
+                    } else if ends_from(w.keyword) {
+                        *open = false;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
+/// Refuses a query that chains more than `limit` operators, or more than [`MAX_RELATIONS`]
+/// query blocks, set operations and joins.
 pub fn check(sql: &str, limit: usize) -> Result<(), GuardError> {
     let tokens = Tokenizer::new(&GenericDialect {}, sql)
         .tokenize()
@@ -96,6 +229,20 @@ pub fn check(sql: &str, limit: usize) -> Result<(), GuardError> {
     let found = tokens.iter().filter(|t| is_operator(t)).count();
     if found > limit {
         return Err(GuardError::TooComplex { found, limit });
+    }
+    let found = nesting(&tokens);
+    if found > MAX_NESTING {
+        return Err(GuardError::TooDeep {
+            found,
+            limit: MAX_NESTING,
+        });
+    }
+    let found = relations(&tokens);
+    if found > MAX_RELATIONS {
+        return Err(GuardError::TooManyRelations {
+            found,
+            limit: MAX_RELATIONS,
+        });
     }
     Ok(())
 }
@@ -139,6 +286,112 @@ mod tests {
         // operators inside strings and comments do not count
         let s = format!("SELECT '{}' -- {}", "+".repeat(10_000), "+".repeat(10_000));
         assert_eq!(check(&s, MAX_OPERATORS), Ok(()));
+    }
+
+    /// Deep SQL of every shape that parses in a loop, `n` links long.
+    fn chains(n: usize) -> Vec<(&'static str, String)> {
+        let sub = |k: usize| format!("(SELECT {k} AS x) t{k}");
+        vec![
+            (
+                "union",
+                format!("SELECT 1 AS x{}", " UNION ALL SELECT 1".repeat(n)),
+            ),
+            (
+                "intersect",
+                format!("SELECT 1 AS x{}", " INTERSECT SELECT 1".repeat(n)),
+            ),
+            (
+                "except",
+                format!("SELECT 1 AS x{}", " EXCEPT SELECT 1".repeat(n)),
+            ),
+            (
+                "comma join",
+                format!(
+                    "SELECT count(*) FROM {}",
+                    (0..n).map(sub).collect::<Vec<_>>().join(", ")
+                ),
+            ),
+            (
+                "comma join of tables",
+                format!(
+                    "SELECT count(*) FROM {}",
+                    (0..n)
+                        .map(|k| format!("events e{k}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            (
+                "cross join",
+                format!(
+                    "SELECT count(*) FROM {}",
+                    (0..n).map(sub).collect::<Vec<_>>().join(" CROSS JOIN ")
+                ),
+            ),
+            (
+                "join on true",
+                format!(
+                    "SELECT count(*) FROM {}{}",
+                    sub(0),
+                    (1..n)
+                        .map(|k| format!(" JOIN {} ON true", sub(k)))
+                        .collect::<String>()
+                ),
+            ),
+            (
+                "cte chain",
+                format!(
+                    "WITH c0 AS (SELECT 1 AS x){} SELECT * FROM c{}",
+                    (1..n)
+                        .map(|k| format!(", c{k} AS (SELECT x FROM c{})", k - 1))
+                        .collect::<String>(),
+                    n.saturating_sub(1)
+                ),
+            ),
+            ("in chain", format!("SELECT true{}", " IN (true)".repeat(n))),
+            ("plus chain", format!("SELECT 1{}", " + 1".repeat(n))),
+            (
+                "nested subqueries",
+                format!("SELECT {}1{}", "(SELECT ".repeat(n), ")".repeat(n)),
+            ),
+            (
+                "nested parentheses",
+                format!("SELECT {}1{}", "(".repeat(n), ")".repeat(n)),
+            ),
+        ]
+    }
+
+    #[test]
+    fn chains_of_relations_are_refused_and_short_ones_pass() {
+        for (shape, q) in chains(3_000) {
+            let e = check(&q, MAX_OPERATORS);
+            // nested parentheses are the parser's recursion limit's to refuse
+            if shape == "nested parentheses" {
+                continue;
+            }
+            assert!(e.is_err(), "{shape} passed");
+        }
+        for (shape, q) in chains(MAX_NESTING - 1) {
+            assert_eq!(check(&q, MAX_OPERATORS), Ok(()), "{shape}");
+        }
+        let nested = |n: usize| format!("SELECT {}1{}", "(SELECT ".repeat(n), ")".repeat(n));
+        assert_eq!(check(&nested(MAX_NESTING - 1), MAX_OPERATORS), Ok(()));
+        assert_eq!(
+            check(&nested(MAX_NESTING), MAX_OPERATORS),
+            Err(GuardError::TooDeep {
+                found: MAX_NESTING + 1,
+                limit: MAX_NESTING
+            })
+        );
+        // side by side is not nested
+        let side = format!("SELECT {}", vec!["(SELECT 1)"; 50].join(", "));
+        assert_eq!(check(&side, MAX_OPERATORS), Ok(()));
+        // a FROM inside a function call is not a join list
+        let q = "SELECT extract(year FROM time), substring(did FROM 1 FOR 3), a, b, c FROM events, posts WHERE x IN (1, 2, 3)";
+        assert_eq!(
+            relations(&Tokenizer::new(&GenericDialect {}, q).tokenize().unwrap()),
+            2
+        );
     }
 
     #[test]

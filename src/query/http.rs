@@ -10,7 +10,17 @@
 //! megabyte of a result is held back, so an error or limit hit early still gets a proper status;
 //! after that the body streams, and a limit hit mid-stream aborts the transfer (the client sees
 //! an incomplete response, never a silently truncated one).
-
+//!
+//! A query runs as one task on the query runtime (`pool`): planning, execution and encoding,
+//! all under one deadline. The task sends encoded chunks through a channel of two; the
+//! response reads them. When the client goes away, the answer is complete, or the deadline
+//! passes, the task is aborted and its plan dropped. A result is encoded a slice of rows at a
+//! time, each slice checked against the byte limit, so a result over the limit stops there.
+//!
+//! Connections ([`serve`]): the header must arrive within `header_timeout` (also the limit for
+//! an idle keep-alive connection), the body within `body_timeout`; a connection with nothing
+//! read or written for `idle_timeout` is closed; at most `max_connections` are open, more wait
+//! in the listen backlog.
 use super::format::{Encoder, Format};
 use super::{QueryEngine, QueryError};
 use crate::catalog::StorageHealth;
@@ -26,7 +36,7 @@ use datafusion::physical_plan::SendableRecordBatchStream;
 use futures::StreamExt;
 use serde::Deserialize;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -65,6 +75,7 @@ fn query_error(e: &QueryError) -> Response {
         QueryError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
         QueryError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         QueryError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        QueryError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     error_response(status, e.code(), &e.to_string())
 }
@@ -112,9 +123,50 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/filters", get(filters_get).put(filters_put))
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
-        .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+/// Largest request body.
+const BODY_LIMIT: usize = 1 << 20;
+
+/// Reads the whole body (at most [`BODY_LIMIT`]) within the body timeout, before the handler.
+async fn read_body(
+    State(state): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let limit = state.engine.limits.conn.body_timeout;
+    let read = tokio::time::timeout(limit, axum::body::to_bytes(body, BODY_LIMIT)).await;
+    let bytes = match read {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "bad_request",
+                    &format!("the body is larger than {BODY_LIMIT} bytes"),
+                )
+            } else {
+                error_response(StatusCode::BAD_REQUEST, "bad_request", &e.to_string())
+            };
+        }
+        Err(_) => {
+            metrics::counter!("atlake_http_body_timeouts_total").increment(1);
+            return error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                &format!("the request body did not arrive within {limit:?}"),
+            );
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 /// `?q=` and `?format=`.
@@ -190,19 +242,14 @@ async fn start_query(
     sql: &str,
     deadline: Instant,
 ) -> Result<(arrow::datatypes::SchemaRef, SendableRecordBatchStream), QueryError> {
-    let limits = &engine.limits;
-    let planned = tokio::time::timeout_at(deadline, async {
-        let df = engine.sql(sql).await?;
-        let schema: arrow::datatypes::SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let stream = engine.execute(df).await?;
-        Ok::<_, QueryError>((schema, stream))
-    })
-    .await;
-    match planned {
-        Err(_) => Err(QueryError::Timeout(limits.timeout)),
-        Ok(r) => r,
-    }
+    let df = engine.sql_until(sql, Some(deadline.into_std())).await?;
+    let schema: arrow::datatypes::SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let stream = engine.execute_until(df, deadline.into_std()).await?;
+    Ok((schema, stream))
 }
+
+/// Rows encoded at once when a batch is large: the byte limit is checked between slices.
+const ENCODE_SLICE_BYTES: usize = 1 << 20;
 
 /// A result on its way out: batches encoded in the response format, counted against the row
 /// and byte limits, within the deadline.
@@ -216,6 +263,43 @@ struct Encoding {
     limits: super::Limits,
     deadline: Instant,
     done: bool,
+    format: Format,
+}
+
+/// Bytes of the string and binary values of a batch's rows.
+fn text_bytes(b: &arrow::record_batch::RecordBatch) -> usize {
+    use arrow::datatypes::DataType;
+    b.columns()
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.data_type(),
+                DataType::Utf8
+                    | DataType::LargeUtf8
+                    | DataType::Utf8View
+                    | DataType::Binary
+                    | DataType::LargeBinary
+                    | DataType::BinaryView
+            )
+        })
+        .map(|c| {
+            c.to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| c.get_array_memory_size())
+        })
+        .sum()
+}
+
+/// Bytes a batch's rows hold (a slice counts only its rows).
+fn batch_bytes(b: &arrow::record_batch::RecordBatch) -> usize {
+    b.columns()
+        .iter()
+        .map(|c| {
+            c.to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| c.get_array_memory_size())
+        })
+        .sum()
 }
 
 impl Encoding {
@@ -230,6 +314,44 @@ impl Encoding {
                 self.limits.max_bytes
             ),
         })
+    }
+
+    /// Encodes a batch a slice at a time, stopping as soon as the byte limit is passed.
+    fn encode(&mut self, b: &arrow::record_batch::RecordBatch) -> Result<Vec<u8>, QueryError> {
+        let size = batch_bytes(b);
+        let rows = b.num_rows();
+        // a batch whose values alone pass the limit is refused before any is encoded: strings
+        // and binaries encode to at least their own size in every format but Parquet; other
+        // columns may shrink (a 0 takes one byte in JSON), so they get four times the room
+        let text = text_bytes(b) as u64;
+        if self.bytes + size as u64 > self.limits.max_bytes.saturating_mul(4)
+            || (self.format != Format::Parquet && self.bytes + text > self.limits.max_bytes)
+        {
+            return Err(self.too_large("bytes"));
+        }
+        let per_slice = if size <= ENCODE_SLICE_BYTES || rows <= 1 {
+            rows.max(1)
+        } else {
+            (rows * ENCODE_SLICE_BYTES / size).max(1)
+        };
+        let mut out = Vec::new();
+        let mut offset = 0;
+        while offset < rows {
+            if Instant::now() >= self.deadline {
+                return Err(QueryError::Timeout(self.limits.timeout));
+            }
+            let len = per_slice.min(rows - offset);
+            let part = self
+                .enc
+                .batch(&b.slice(offset, len))
+                .map_err(|e| QueryError::Internal(e.to_string()))?;
+            out.extend_from_slice(&part);
+            if self.bytes + (out.len() + self.enc.buffered()) as u64 > self.limits.max_bytes {
+                return Err(self.too_large("bytes"));
+            }
+            offset += len;
+        }
+        Ok(out)
     }
 
     /// The next encoded bytes (`None` after the last, which carries the format's tail).
@@ -253,9 +375,7 @@ impl Encoding {
                 if self.rows > self.limits.max_rows {
                     return Err(self.too_large("rows"));
                 }
-                self.enc
-                    .batch(&b)
-                    .map_err(|e| QueryError::Internal(e.to_string()))?
+                self.encode(&b)?
             }
         };
         self.bytes += out.len() as u64;
@@ -266,48 +386,131 @@ impl Encoding {
     }
 }
 
+/// One query from plan to encoded bytes, on the query runtime: chunks go to `tx` until the
+/// result ends, fails, reaches the deadline, or the receiver is gone.
+async fn produce(
+    engine: Arc<QueryEngine>,
+    sql: String,
+    format: Format,
+    deadline: Instant,
+    ticket: super::pool::Ticket,
+    tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, QueryError>>,
+) {
+    let limits = engine.limits.clone();
+    let work = async {
+        let _slot = ticket.slot().await?;
+        let (schema, stream) = start_query(&engine, &sql, deadline).await?;
+        let (enc, head) =
+            Encoder::try_new(format, &schema).map_err(|e| QueryError::Internal(e.to_string()))?;
+        let mut out = Encoding {
+            stream,
+            enc,
+            schema,
+            rows: 0,
+            bytes: head.len() as u64,
+            limits: limits.clone(),
+            deadline,
+            done: false,
+            format,
+        };
+        if tx.send(Ok(head)).await.is_err() {
+            return Ok(());
+        }
+        while let Some(b) = out.next_bytes().await? {
+            if tx.send(Ok(b)).await.is_err() {
+                // the client is gone: drop the plan
+                return Ok(());
+            }
+        }
+        Ok(())
+    };
+    let r = match tokio::time::timeout_at(deadline, work).await {
+        Ok(r) => r,
+        Err(_) => Err(QueryError::Timeout(limits.timeout)),
+    };
+    if let Err(e) = r {
+        let _ = tx.send(Err(e)).await;
+    }
+}
+
+/// The response side of a query: chunks from its task, within the deadline (plus a moment
+/// for the task's own timeout error to arrive first).
+struct Chunks {
+    rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, QueryError>>,
+    /// Aborted when the response is dropped.
+    _task: super::pool::QueryTask<()>,
+    deadline: Instant,
+    timeout: Duration,
+    done: bool,
+}
+
+impl Chunks {
+    async fn next(&mut self) -> Result<Option<Vec<u8>>, QueryError> {
+        if self.done {
+            return Ok(None);
+        }
+        let grace = Duration::from_millis(250);
+        match tokio::time::timeout_at(self.deadline + grace, self.rx.recv()).await {
+            Err(_) => {
+                self.done = true;
+                metrics::counter!("atlake_query_overruns_total").increment(1);
+                tracing::warn!(timeout = ?self.timeout, "a query did not stop at its deadline; its task is aborted");
+                Err(QueryError::Timeout(self.timeout))
+            }
+            Ok(None) => {
+                self.done = true;
+                Ok(None)
+            }
+            Ok(Some(Err(e))) => {
+                self.done = true;
+                Err(e)
+            }
+            Ok(Some(Ok(b))) => Ok(Some(b)),
+        }
+    }
+}
+
 async fn run(s: &AppState, sql: String, format: Format) -> Response {
     let engine = s.engine.clone();
     let limits = engine.limits.clone();
     let deadline = Instant::now() + limits.timeout;
     metrics::counter!("atlake_queries_total").increment(1);
-    let (schema, stream) = match start_query(&engine, &sql, deadline).await {
-        Ok(x) => x,
-        Err(e) => {
-            metrics::counter!("atlake_query_errors_total", "error" => e.code()).increment(1);
-            return query_error(&e);
-        }
+    let fail = |e: QueryError| {
+        metrics::counter!("atlake_query_errors_total", "error" => e.code()).increment(1);
+        query_error(&e)
     };
-    let (enc, head) = match Encoder::try_new(format, &schema) {
-        Ok(x) => x,
-        Err(e) => return query_error(&QueryError::Internal(e.to_string())),
+    let ticket = match engine.admit() {
+        Ok(t) => t,
+        Err(e) => return fail(e),
     };
-    let mut out = Encoding {
-        stream,
-        enc,
-        schema,
-        rows: 0,
-        bytes: head.len() as u64,
-        limits,
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let task = match super::pool::spawn(produce(engine, sql, format, deadline, ticket, tx)) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let mut out = Chunks {
+        rx,
+        _task: task,
         deadline,
+        timeout: limits.timeout,
         done: false,
     };
     // hold back the first part, so early errors and limits get a real status (Parquet is
     // only complete at its end: all of it is held)
-    let mut held = head;
+    let mut held = Vec::new();
     while held.len() < HOLD_BACK || format == Format::Parquet {
-        match out.next_bytes().await {
+        match out.next().await {
             Ok(Some(b)) => held.extend_from_slice(&b),
             Ok(None) => {
                 return ([(header::CONTENT_TYPE, format.content_type())], held).into_response();
             }
-            Err(e) => return query_error(&e),
+            Err(e) => return fail(e),
         }
     }
     // then stream the rest; a failure now can only abort the transfer (the client sees an
     // incomplete response, never a silently truncated one)
     let rest = futures::stream::unfold(out, |mut out| async move {
-        match out.next_bytes().await {
+        match out.next().await {
             Ok(Some(b)) => Some((Ok(Bytes::from(b)), out)),
             Ok(None) => None,
             Err(e) => {
@@ -371,8 +574,6 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
         axum::Json(serde_json::json!({
             "status": status,
             "storage": storage,
-            "ingesting": s.storage.is_some(),
-            "lake": s.engine.lake().url(),
         })),
     )
         .into_response()
@@ -442,15 +643,172 @@ async fn metrics() -> Response {
         .into_response()
 }
 
-/// Serves the endpoint on `listener` until `shutdown` resolves.
+/// Serves the endpoint on `listener` until `shutdown` resolves, then lets the open
+/// connections finish their requests.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = state.engine.limits.conn.clone();
+    let app = router(state);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            _ = &mut shutdown => break,
+            s = slots.clone().acquire_owned() => s.map_err(std::io::Error::other)?,
+        };
+        let sock = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok((sock, _)) => sock,
+                Err(e) => {
+                    // out of file descriptors and the like: wait for connections to close
+                    metrics::counter!("atlake_http_accept_errors_total").increment(1);
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        while conns.try_join_next().is_some() {}
+        conns.spawn(connection(
+            sock,
+            app.clone(),
+            limits.clone(),
+            stopped.clone(),
+            slot,
+        ));
+    }
+    let _ = stop.send(true);
+    while conns.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// When a connection last read or wrote a byte, in milliseconds since `since`.
+#[derive(Debug)]
+struct Activity {
+    since: std::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.since.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.since + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let until = last + idle;
+            if std::time::Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep_until(until.into()).await;
+        }
+    }
+}
+
+/// A socket that records its activity.
+struct Tracked {
+    inner: tokio::net::TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for Tracked {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// One connection, until it ends, idles out, or the server stops (then its current request
+/// finishes first).
+async fn connection(
+    sock: tokio::net::TcpStream,
+    app: Router,
+    limits: super::ConnLimits,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _ = sock.set_nodelay(true);
+    let activity = Arc::new(Activity {
+        since: std::time::Instant::now(),
+        last_ms: AtomicU64::new(0),
+    });
+    let io = hyper_util::rt::TokioIo::new(Tracked {
+        inner: sock,
+        activity: activity.clone(),
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let conn = builder.serve_connection(io, hyper_util::service::TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    let mut stopping = false;
+    metrics::gauge!("atlake_http_connections").increment(1.0);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = stopped.wait_for(|s| *s), if !stopping => {
+                conn.as_mut().graceful_shutdown();
+                stopping = true;
+            }
+            _ = activity.idle_for(limits.idle_timeout) => {
+                metrics::counter!("atlake_http_idle_closed_total").increment(1);
+                tracing::debug!(idle = ?limits.idle_timeout, "closing an idle connection");
+                break;
+            }
+        }
+    }
+    metrics::gauge!("atlake_http_connections").decrement(1.0);
 }
 
 /// Gives up waiting for in-flight requests after this long at shutdown.

@@ -12,6 +12,13 @@
 //!
 //! Queries are read-only: DDL, DML (including `COPY`), `SET` and other statements are refused
 //! through DataFusion's `SQLOptions`; files cannot be referenced by path.
+//!
+//! Hostile queries: the text is measured before it is parsed (`guard`), the parser's recursion
+//! is limited, planning and execution run on their own threads with large stacks and a
+//! concurrency limit (`pool`), every operator stops at the deadline (`deadline`), functions
+//! that amplify their input are bounded by what they produce per batch (`bounded`), and
+//! results stream against their byte limit (`http`). `SHOW ALL` and
+//! `information_schema.df_settings` leave out `datafusion.runtime.*` (the spill directory).
 
 /// The methods of a `ScalarUDFImpl` that wraps `self.inner: Arc<ScalarUDF>` and changes only
 /// `invoke_with_args` (`bounded`, `datepart`): everything else is the original function's.
@@ -67,6 +74,7 @@ pub mod distinct;
 pub mod format;
 pub mod guard;
 pub mod http;
+pub mod pool;
 pub mod prune;
 pub mod system;
 pub mod table;
@@ -80,7 +88,7 @@ use crate::sink::store::Lake;
 use datafusion::catalog::MemorySchemaProvider;
 use datafusion::dataframe::DataFrame;
 use datafusion::error::DataFusionError;
-use datafusion::execution::disk_manager::DiskManagerBuilder;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
@@ -111,6 +119,9 @@ pub enum QueryError {
     /// The lake could not be read.
     #[error("{0}")]
     Internal(String),
+    /// Too many queries are running and waiting; try again later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl QueryError {
@@ -123,6 +134,7 @@ impl QueryError {
             QueryError::Timeout(_) => "timeout",
             QueryError::TooLarge(_) => "result_too_large",
             QueryError::Internal(_) => "internal",
+            QueryError::Busy(_) => "busy",
         }
     }
 
@@ -168,6 +180,29 @@ pub struct Limits {
     pub max_rows: u64,
     /// Most bytes in an encoded result.
     pub max_bytes: u64,
+    /// Queries running at once.
+    pub max_concurrent: usize,
+    /// Queries waiting for a slot; beyond this, [`QueryError::Busy`].
+    pub queue: usize,
+    /// Where queries spill (`None`: the system's temporary directory).
+    pub spill_dir: Option<std::path::PathBuf>,
+    /// Most bytes spilled at once, by all queries together.
+    pub spill_limit: u64,
+    /// Connection limits of the HTTP endpoint.
+    pub conn: ConnLimits,
+}
+
+/// Connection limits of a front end.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    /// Time to receive a request's header, from when the connection waits for one.
+    pub header_timeout: Duration,
+    /// Time to receive a request's body.
+    pub body_timeout: Duration,
+    /// A connection without any byte read or written for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
 }
 
 impl Limits {
@@ -178,7 +213,23 @@ impl Limits {
             memory: c.memory_limit.0.try_into().unwrap_or(usize::MAX),
             max_rows: c.max_result_rows,
             max_bytes: c.max_result_bytes.0,
+            max_concurrent: c.max_concurrent_queries,
+            queue: c.query_queue,
+            spill_dir: (!c.spill_dir.is_empty()).then(|| c.spill_dir.clone().into()),
+            spill_limit: c.spill_limit.0,
+            conn: ConnLimits {
+                header_timeout: c.header_timeout.0,
+                body_timeout: c.body_timeout.0,
+                idle_timeout: c.idle_timeout.0,
+                max_connections: c.max_connections,
+            },
         }
+    }
+
+    /// What the bounded functions computing one batch may produce together: a quarter of the
+    /// memory pool (at least 16 MiB).
+    pub fn function_budget(&self) -> u64 {
+        (self.memory as u64 / 4).max(16 << 20)
     }
 }
 
@@ -204,6 +255,7 @@ pub struct QueryEngine {
     listing_ttl: Duration,
     /// Row counts of files read from their footers (files never change).
     pub(crate) row_cache: Arc<Mutex<HashMap<String, u64>>>,
+    admission: pool::Admission,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -239,12 +291,30 @@ impl QueryEngine {
         live: Option<Arc<Catalog>>,
         limits: Limits,
     ) -> Result<Self, QueryError> {
+        let mode = match &limits.spill_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    QueryError::Internal(format!(
+                        "cannot create the spill directory {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+                DiskManagerMode::Directories(vec![dir.clone()])
+            }
+            None => DiskManagerMode::OsTmpDirectory,
+        };
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(limits.memory, 1.0)
-            .with_disk_manager_builder(DiskManagerBuilder::default())
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default()
+                    .with_mode(mode)
+                    .with_max_temp_directory_size(limits.spill_limit),
+            )
             .build_arc()
             .map_err(|e| QueryError::Internal(e.to_string()))?;
+        let admission = pool::Admission::new(limits.max_concurrent, limits.queue);
         Ok(QueryEngine {
+            admission,
             lake,
             live,
             limits,
@@ -303,8 +373,21 @@ impl QueryEngine {
         })
     }
 
+    /// A place for one query in this engine's slots or queue.
+    pub fn admit(&self) -> Result<pool::Ticket, QueryError> {
+        self.admission.admit()
+    }
+
     /// A session over one snapshot, with every table registered.
     pub async fn context(&self) -> Result<SessionContext, QueryError> {
+        self.context_until(None).await
+    }
+
+    /// A session whose bounded functions stop at `deadline`.
+    pub async fn context_until(
+        &self,
+        deadline: Option<Instant>,
+    ) -> Result<SessionContext, QueryError> {
         let snap = self.snapshot().await?;
         let cfg = SessionConfig::new()
             .with_information_schema(true)
@@ -315,18 +398,29 @@ impl QueryEngine {
             .set_bool("datafusion.execution.parquet.reorder_filters", true);
         // the partial phase of GROUP BY looks a batch's group up once when the batch has one
         // group, as batches of one file (one collection, one hour) do
-        let state = SessionStateBuilder::new()
+        let mut builder = SessionStateBuilder::new()
             .with_config(cfg)
             .with_runtime_env(self.runtime.clone())
-            .with_default_features()
+            .with_default_features();
+        if let Some(at) = deadline {
+            // planning stops at the deadline too (rules check it before they run)
+            builder = builder
+                .with_optimizer_rules(deadline::logical_rules(at, self.limits.timeout))
+                .with_physical_optimizer_rules(deadline::physical_rules(at, self.limits.timeout));
+        }
+        let state = builder
             .with_physical_optimizer_rule(Arc::new(constagg::UseConstantKeyAggregate))
             .build();
         let mut ctx = SessionContext::new_with_state(state);
         ctx.register_object_store(lake_store_url()?.as_ref(), self.lake.object_store());
         datafusion_functions_json::register_all(&mut ctx)
             .map_err(|e| QueryError::Internal(e.to_string()))?;
-        // a quarter of the query's memory pool for what one call of repeat(), lpad()… produces
-        bounded::register(&ctx, (self.limits.memory as u64 / 4).max(16 << 20))
+        // a quarter of the query's memory pool for what repeat(), lpad()… produce per batch
+        let deadline = deadline.map(|at| bounded::Deadline {
+            at,
+            timeout: self.limits.timeout,
+        });
+        bounded::register(&ctx, self.limits.function_budget(), deadline)
             .map_err(QueryError::from_datafusion)?;
         datepart::register(&mut ctx).map_err(QueryError::from_datafusion)?;
         distinct::register(&ctx);
@@ -361,12 +455,23 @@ impl QueryEngine {
 
     /// Plans a read-only query.
     pub async fn sql(&self, sql: &str) -> Result<DataFrame, QueryError> {
+        self.sql_until(sql, None).await
+    }
+
+    /// Plans a read-only query whose functions stop at `deadline`.
+    pub async fn sql_until(
+        &self,
+        sql: &str,
+        deadline: Option<Instant>,
+    ) -> Result<DataFrame, QueryError> {
         guard::check(sql, guard::MAX_OPERATORS).map_err(|e| QueryError::Sql(e.to_string()))?;
-        let ctx = self.context().await?;
+        let ctx = self.context_until(deadline).await?;
         let opts = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
+        // constant folding runs the bounded functions: their count starts here
+        bounded::reset_ledger();
         let plan = ctx
             .state()
             .create_logical_plan(sql)
@@ -377,9 +482,13 @@ impl QueryEngine {
                 "this endpoint is read-only: {e}"
             )));
         }
-        ctx.execute_logical_plan(plan)
+        let plan = hide_runtime_settings(plan).map_err(QueryError::from_datafusion)?;
+        let df = ctx
+            .execute_logical_plan(plan)
             .await
-            .map_err(QueryError::from_datafusion)
+            .map_err(QueryError::from_datafusion);
+        bounded::reset_ledger();
+        df
     }
 
     /// Starts executing a planned query; its operators stop at the query timeout (counted
@@ -388,12 +497,23 @@ impl QueryEngine {
         &self,
         df: DataFrame,
     ) -> Result<datafusion::execution::SendableRecordBatchStream, QueryError> {
-        let deadline = std::time::Instant::now() + self.limits.timeout;
+        self.execute_until(df, Instant::now() + self.limits.timeout)
+            .await
+    }
+
+    /// Starts executing a planned query whose operators stop at `deadline`.
+    pub async fn execute_until(
+        &self,
+        df: DataFrame,
+        deadline: Instant,
+    ) -> Result<datafusion::execution::SendableRecordBatchStream, QueryError> {
         let task = Arc::new(df.task_ctx());
+        bounded::reset_ledger();
         let plan = df
             .create_physical_plan()
             .await
             .map_err(QueryError::from_datafusion)?;
+        bounded::reset_ledger();
         let plan = deadline::wrap(plan, deadline, self.limits.timeout)
             .map_err(QueryError::from_datafusion)?;
         datafusion::physical_plan::execute_stream(plan, task).map_err(QueryError::from_datafusion)
@@ -406,9 +526,10 @@ impl QueryEngine {
     ) -> Result<Vec<arrow::record_batch::RecordBatch>, QueryError> {
         use futures::StreamExt;
         let timeout = self.limits.timeout;
+        let deadline = Instant::now() + timeout;
         let work = async {
-            let df = self.sql(sql).await?;
-            let mut stream = self.execute(df).await?;
+            let df = self.sql_until(sql, Some(deadline)).await?;
+            let mut stream = self.execute_until(df, deadline).await?;
             let mut out = Vec::new();
             let mut rows = 0u64;
             while let Some(b) = stream.next().await {
@@ -453,4 +574,25 @@ impl QueryEngine {
         }
         Ok(out)
     }
+}
+
+/// The settings under `datafusion.runtime.` (the spill directory among them) say where this
+/// process keeps its files: `SHOW ALL` and `information_schema.df_settings` leave them out.
+fn hide_runtime_settings(
+    plan: datafusion::logical_expr::LogicalPlan,
+) -> datafusion::error::Result<datafusion::logical_expr::LogicalPlan> {
+    use datafusion::common::Column;
+    use datafusion::common::tree_node::Transformed;
+    use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, lit};
+    plan.transform_up_with_subqueries(|p| match &p {
+        LogicalPlan::TableScan(scan) if scan.table_name.table() == "df_settings" => {
+            let name = Expr::Column(Column::new(Some(scan.table_name.clone()), "name"));
+            let filtered = LogicalPlanBuilder::from(p)
+                .filter(name.not_like(lit("datafusion.runtime.%")))?
+                .build()?;
+            Ok(Transformed::yes(filtered))
+        }
+        _ => Ok(Transformed::no(p)),
+    })
+    .map(|t| t.data)
 }

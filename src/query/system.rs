@@ -147,6 +147,33 @@ impl TableProvider for FilesTable {
     }
 }
 
+/// A source's URL as SQL users see it: network URLs without credentials or query, and of a
+/// local file (a capture) only its name, never a path on this machine.
+fn shown_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return file_name(url);
+    };
+    match scheme {
+        "ws" | "wss" | "http" | "https" => {
+            let rest = rest.split(['?', '#']).next().unwrap_or_default();
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}{path}")
+        }
+        _ => file_name(rest),
+    }
+}
+
+fn file_name(path: &str) -> String {
+    let name = path
+        .rsplit(['/', '\\'])
+        .find(|s| !s.is_empty())
+        .unwrap_or("");
+    format!("file:{name}")
+}
+
 fn checkpoint_table(snap: &Snapshot) -> Result<MemTable> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("source", DataType::Utf8, false),
@@ -165,7 +192,7 @@ fn checkpoint_table(snap: &Snapshot) -> Result<MemTable> {
         if let Some(p) = p {
             src.push(name.to_string());
             cur.push(p.cursor);
-            url.push(p.url.clone());
+            url.push(shown_url(&p.url));
             at.push(p.updated_at.clone());
         }
     }
@@ -284,4 +311,23 @@ pub async fn register(
             .map_err(err)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::shown_url;
+
+    #[test]
+    fn checkpoint_urls_show_no_local_path_and_no_credentials() {
+        assert_eq!(
+            shown_url("/home/me/captures/day1.jsonl.zst"),
+            "file:day1.jsonl.zst"
+        );
+        assert_eq!(shown_url("file:///srv/x/cap.car"), "file:cap.car");
+        assert_eq!(
+            shown_url("wss://user:pw@jetstream.example/subscribe?wantedCollections=a"),
+            "wss://jetstream.example/subscribe"
+        );
+        assert_eq!(shown_url("wss://relay"), "wss://relay");
+    }
 }

@@ -18,6 +18,12 @@ const MEMORY_LIMIT_MIB: u64 = 128;
 /// bounded to a quarter of the pool per batch (`query::bounded`), for 4 concurrent clients.
 /// Measured peaks: 644 and 629 MiB (debug build).
 const RSS_CAP_MIB: u64 = 1024;
+/// What the process may hold beyond the memory pool: the baseline (runtime, catalog, HTTP),
+/// plans, and the bounded functions' per-batch budget (a quarter of the pool) on each query
+/// thread, plus held-back results (1 MiB per query).
+const RSS_HEADROOM_MIB: u64 = 512;
+/// How far above its start RSS may stay after a burst of abuse.
+const RSS_AFTER_MIB: u64 = 160;
 
 /// splitmix64: a deterministic generator, so a failure replays.
 struct Rng(u64);
@@ -447,4 +453,532 @@ async fn a_thousand_hostile_queries_leave_the_server_up_and_bounded() {
         .args(["-TERM", &pid.to_string()])
         .status();
     let _ = child.wait();
+}
+
+/// Deep SQL of every shape that parses in a loop or nests, `n` links long.
+fn deep_shapes(n: usize) -> Vec<(&'static str, String)> {
+    let sub = |k: usize| format!("(SELECT {k} AS x) t{k}");
+    let joined = |sep: &str| (0..n).map(sub).collect::<Vec<_>>().join(sep);
+    vec![
+        (
+            "union",
+            format!("SELECT 1 AS x{}", " UNION ALL SELECT 1".repeat(n)),
+        ),
+        (
+            "intersect",
+            format!("SELECT 1 AS x{}", " INTERSECT SELECT 1".repeat(n)),
+        ),
+        (
+            "except",
+            format!("SELECT 1 AS x{}", " EXCEPT SELECT 1".repeat(n)),
+        ),
+        (
+            "comma join",
+            format!("SELECT count(*) FROM {}", joined(", ")),
+        ),
+        (
+            "comma join of tables",
+            format!(
+                "SELECT count(*) FROM {}",
+                (0..n)
+                    .map(|k| format!("events e{k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        (
+            "cross join",
+            format!("SELECT count(*) FROM {}", joined(" CROSS JOIN ")),
+        ),
+        (
+            "join on true",
+            format!(
+                "SELECT count(*) FROM {}{}",
+                sub(0),
+                (1..n)
+                    .map(|k| format!(" JOIN {} ON true", sub(k)))
+                    .collect::<String>()
+            ),
+        ),
+        (
+            "cte chain",
+            format!(
+                "WITH c0 AS (SELECT 1 AS x){} SELECT * FROM c{}",
+                (1..n)
+                    .map(|k| format!(", c{k} AS (SELECT x FROM c{})", k - 1))
+                    .collect::<String>(),
+                n.saturating_sub(1)
+            ),
+        ),
+        ("in chain", format!("SELECT true{}", " IN (true)".repeat(n))),
+        ("plus chain", format!("SELECT 1{}", " + 1".repeat(n))),
+        ("and chain", format!("SELECT true{}", " AND true".repeat(n))),
+        ("cast chain", format!("SELECT 1{}", "::int".repeat(n))),
+        ("not chain", format!("SELECT {}true", "NOT ".repeat(n))),
+        ("minus chain", format!("SELECT {}1", "- ".repeat(n))),
+        (
+            "nested subqueries",
+            format!("SELECT {}1{}", "(SELECT ".repeat(n), ")".repeat(n)),
+        ),
+        (
+            "nested from",
+            format!(
+                "{}SELECT 1 AS x{}",
+                "SELECT * FROM (".repeat(n),
+                ") t".repeat(n)
+            ),
+        ),
+        (
+            "nested parentheses",
+            format!("SELECT {}1{}", "(".repeat(n), ")".repeat(n)),
+        ),
+        (
+            "nested calls",
+            format!("SELECT {}1{}", "abs(".repeat(n), ")".repeat(n)),
+        ),
+        (
+            "nested case",
+            format!(
+                "SELECT {}1{}",
+                "CASE WHEN true THEN ".repeat(n),
+                " ELSE 0 END".repeat(n)
+            ),
+        ),
+        (
+            "nested arrays",
+            format!("SELECT {}1{}", "[".repeat(n), "]".repeat(n)),
+        ),
+    ]
+}
+
+/// CPU time of process `pid` so far, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // fields after the command name (which may hold spaces): utime is the 12th, stime the 13th
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+/// `atlake serve` on `lake` with a token and the given extra settings; waits until it answers.
+async fn start_serve(
+    dir: &std::path::Path,
+    lake: &str,
+    env: &[(&str, &str)],
+) -> (ChildGuard, String, std::path::PathBuf) {
+    let port = free_port();
+    let log = dir.join(format!("serve-{port}.log"));
+    let mut cmd = Command::new(atlake_bin());
+    cmd.args(["serve", "--lake", lake, "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .current_dir(dir)
+        .env("ATLAKE_SERVER_TOKEN", TOKEN)
+        .env("ATLAKE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = ChildGuard(cmd.spawn().unwrap());
+    let base = format!("http://127.0.0.1:{port}");
+    let c = reqwest::Client::new();
+    let up = Instant::now();
+    while c.get(format!("{base}/health")).send().await.is_err() {
+        assert!(
+            up.elapsed() < Duration::from_secs(30),
+            "serve did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (child, base, log)
+}
+
+/// Status, `error` code and time of one query.
+async fn post_sql(c: &reqwest::Client, base: &str, q: &str) -> (u16, String, Duration) {
+    let t = Instant::now();
+    match c
+        .post(format!("{base}/sql?format=json"))
+        .bearer_auth(TOKEN)
+        .body(q.to_string())
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            let (text, aborted) = match r.text().await {
+                Ok(t) => (t, false),
+                Err(_) => (String::new(), true),
+            };
+            let e = if s == 200 && aborted {
+                // a limit hit after the response started: the transfer is cut off
+                "aborted".to_string()
+            } else if s == 200 {
+                String::new()
+            } else {
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(String::from))
+                    .unwrap_or_else(|| format!("not a JSON error: {text:.200}"))
+            };
+            (s, e, t.elapsed())
+        }
+        Err(e) => (0, format!("request failed: {e}"), t.elapsed()),
+    }
+}
+
+/// `/health` answers 200 within `within`.
+async fn healthy(c: &reqwest::Client, base: &str, within: Duration) -> Result<Duration, String> {
+    let t = Instant::now();
+    let r = tokio::time::timeout(within, c.get(format!("{base}/health")).send())
+        .await
+        .map_err(|_| format!("/health took more than {within:?}"))?
+        .map_err(|e| format!("/health failed: {e}"))?;
+    if r.status() != 200 {
+        return Err(format!("/health answered {}", r.status()));
+    }
+    Ok(t.elapsed())
+}
+
+/// Regression for issue 13: one request of deep SQL aborted the process (stack overflow), and
+/// amplifying functions, planning and long batches went past the memory pool and the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_and_amplifying_sql_is_refused_and_the_server_stays_up_within_its_limits() {
+    let _heavy = crate::common::HEAVY.lock().await;
+    let (dir, lake, _) = fixture_lake(2000, 17).await;
+    let (mut child, base, log) = start_serve(
+        dir.path(),
+        &lake,
+        &[
+            ("ATLAKE_SERVER_QUERY_TIMEOUT", "2s"),
+            ("ATLAKE_SERVER_MEMORY_LIMIT", "128MiB"),
+            ("ATLAKE_SERVER_MAX_RESULT_BYTES", "16MiB"),
+            ("ATLAKE_SERVER_MAX_CONCURRENT_QUERIES", "2"),
+            ("ATLAKE_SERVER_QUERY_QUEUE", "2"),
+        ],
+    )
+    .await;
+    let pid = child.id();
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let base_rss = rss_kb(pid) / 1024;
+    let peak = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kb(pid) / 1024, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let mut failures = Vec::new();
+    let mut counts: std::collections::BTreeMap<(u16, String), u64> = Default::default();
+
+    // 1. deep SQL of every shape: short chains run, long ones get a 4xx; never a crash
+    let started = Instant::now();
+    for n in [20, 150, 1_000, 3_000, 10_000, 30_000] {
+        for (shape, q) in deep_shapes(n) {
+            if q.len() >= 1 << 20 {
+                continue;
+            }
+            let (status, error, took) = post_sql(&c, &base, &q).await;
+            if std::env::var("ATLAKE_TEST_VERBOSE").is_ok() {
+                eprintln!("  {shape} x{n}: {status} {error} {took:?}");
+            }
+            *counts.entry((status, error.clone())).or_default() += 1;
+            let ok =
+                status == 200 || ((400..500).contains(&status) && !error.starts_with("not a JSON"));
+            if !ok || (n >= 1_000 && status == 200) || took > Duration::from_secs(4) {
+                failures.push(format!("{shape} x{n}: {status} {error} after {took:?}"));
+            }
+            if let Err(e) = healthy(&c, &base, Duration::from_secs(2)).await {
+                panic!(
+                    "after {shape} x{n}: {e}; log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        }
+    }
+    let deep_time = started.elapsed();
+
+    // 2. amplifying functions: refused by the per-batch budget (32 MiB: a quarter of the pool)
+    for q in [
+        "SELECT length(concat(repeat('a', 25000000), repeat('a', 25000000), repeat('a', 25000000), repeat('a', 25000000)))",
+        "SELECT length(repeat('a', 25000000) || repeat('a', 25000000) || repeat('a', 25000000))",
+        "SELECT length(regexp_replace(repeat('a', 1000000), '', repeat('b', 1000), 'g'))",
+        "SELECT length(regexp_replace(record, '(.)', repeat('\\1', 1000), 'g')) FROM events",
+        "SELECT cardinality(range(TIMESTAMP '2020-01-01', TIMESTAMP '2020-01-02', INTERVAL '1 nanosecond'))",
+        "SELECT cardinality(generate_series(TIMESTAMP '2020-01-01', TIMESTAMP '2021-01-01', INTERVAL '1 millisecond'))",
+        "SELECT count(*) FROM range(TIMESTAMP '2020-01-01', TIMESTAMP '2020-01-02', INTERVAL '1 nanosecond')",
+        "SELECT length(concat_ws(repeat(',', 10000000), 1, 2, 3, 4, 5))",
+        "SELECT length(translate(repeat('a', 10000000), 'a', 'é'))",
+        "SELECT length(lpad(record, 100000)) FROM events",
+        "SELECT levenshtein(repeat('a', 50000), repeat('b', 50000))",
+    ] {
+        let (status, error, took) = post_sql(&c, &base, q).await;
+        *counts.entry((status, error.clone())).or_default() += 1;
+        if !(status == 400 && error == "resources_exhausted" || status == 408) {
+            failures.push(format!(
+                "amplifying {q:.90}: {status} {error} after {took:?}"
+            ));
+        }
+    }
+    // results over the byte limit stop there: 413, not a result built in full first
+    for q in [
+        "SELECT repeat('a', 10000000) AS a, repeat('b', 10000000) AS b, repeat('c', 10000000) AS c",
+        "SELECT e1.record, e2.record FROM events e1, events e2",
+        "SELECT repeat(record, 100) FROM events",
+    ] {
+        let (status, error, took) = post_sql(&c, &base, q).await;
+        *counts.entry((status, error.clone())).or_default() += 1;
+        // 413 before the response starts, a cut-off transfer after, or the timeout when
+        // encoding is slow (a loaded machine): never a complete result
+        if status == 200 && error.is_empty()
+            || (400..500).contains(&status) && error.starts_with("not a JSON")
+            || status >= 500
+            || status == 0
+        {
+            failures.push(format!(
+                "large result {q:.90}: {status} {error} after {took:?}"
+            ));
+        }
+    }
+    // planning: a 3,000-CTE chain is refused before it is planned
+    let ctes = deep_shapes(3_000)
+        .into_iter()
+        .find(|(s, _)| *s == "cte chain")
+        .unwrap()
+        .1;
+    let (status, _, took) = post_sql(&c, &base, &ctes).await;
+    if status != 400 || took > Duration::from_secs(1) {
+        failures.push(format!("3,000 CTEs: {status} after {took:?}"));
+    }
+
+    // 3. time: a CPU-heavy filter stops at the deadline, and nothing runs after the 408
+    let heavy = "SELECT count(*) FROM events a, events b WHERE regexp_like(a.record || b.record, 'x{3}y[0-9]+z')";
+    let (status, error, took) = post_sql(&c, &base, heavy).await;
+    if status != 408 || took > Duration::from_millis(3_000) {
+        failures.push(format!(
+            "heavy: {status} {error} after {took:?} (timeout 2 s)"
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu0 = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = cpu_ticks(pid) - cpu0;
+    if after > 30 {
+        failures.push(format!(
+            "the server used {after} ticks of CPU in the 2 s after a 408"
+        ));
+    }
+    // heavy queries do not starve /health, and beyond 2 running + 2 queued: 503
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (c, base) = (c.clone(), base.clone());
+        tasks.push(tokio::spawn(
+            async move { post_sql(&c, &base, heavy).await },
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut slowest_health = Duration::ZERO;
+    for _ in 0..5 {
+        match healthy(&c, &base, Duration::from_secs(1)).await {
+            Ok(t) => slowest_health = slowest_health.max(t),
+            Err(e) => failures.push(format!("under load: {e}")),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        let (s, e, took) = t.await.unwrap();
+        *counts.entry((s, e.clone())).or_default() += 1;
+        statuses.push(s);
+        if took > Duration::from_secs(3) {
+            failures.push(format!("concurrent heavy: {s} {e} after {took:?}"));
+        }
+    }
+    if !statuses.contains(&503) || !statuses.contains(&408) {
+        failures.push(format!(
+            "8 heavy queries on 2 slots + 2 queued: {statuses:?}"
+        ));
+    }
+
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server died: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let end_rss = rss_kb(pid) / 1024;
+    for ((status, error), n) in &counts {
+        eprintln!("  {status} {error:<22} {n}");
+    }
+    eprintln!(
+        "DEEP SQL RESULT: deep shapes in {:.1} s; RSS start {base_rss} MiB, peak {peak} MiB, end {end_rss} MiB; /health under load at most {} ms",
+        deep_time.as_secs_f64(),
+        slowest_health.as_millis()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        peak < MEMORY_LIMIT_MIB + RSS_HEADROOM_MIB,
+        "peak RSS {peak} MiB over the pool plus headroom"
+    );
+    // query threads keep the stack pages deep plans touched, and the allocator some arenas
+    assert!(
+        end_rss < base_rss + RSS_AFTER_MIB,
+        "RSS stayed at {end_rss} MiB after the burst (start {base_rss} MiB)"
+    );
+}
+
+/// Connections: a partial header, a partial body or silence are closed at their deadlines;
+/// `/health` and `SHOW ALL` show no paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed_and_nothing_shows_a_path() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (dir, lake, _) = fixture_lake(200, 3).await;
+    let spill = dir.path().join("spill-here");
+    let (_child, base, _log) = start_serve(
+        dir.path(),
+        &lake,
+        &[
+            ("ATLAKE_SERVER_HEADER_TIMEOUT", "1s"),
+            ("ATLAKE_SERVER_BODY_TIMEOUT", "1s"),
+            ("ATLAKE_SERVER_QUERY_TIMEOUT", "2s"),
+            ("ATLAKE_SERVER_IDLE_TIMEOUT", "3s"),
+            ("ATLAKE_SERVER_SPILL_DIR", spill.to_str().unwrap()),
+        ],
+    )
+    .await;
+    let addr = base.trim_start_matches("http://").to_string();
+    // how long until the server closes a connection that sends `sent`
+    async fn closed_after(addr: &str, sent: &[u8], drip: bool) -> Option<Duration> {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let t = Instant::now();
+        if drip {
+            s.write_all(sent).await.ok()?;
+            // one header line a second, never finishing
+            for i in 0..20 {
+                if s.write_all(format!("X-Drip-{i}: 1\r\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return Some(t.elapsed());
+                }
+                let mut b = [0u8; 1024];
+                match tokio::time::timeout(Duration::from_secs(1), s.read(&mut b)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return Some(t.elapsed()),
+                    Ok(Ok(_)) => {}
+                    Err(_) => {}
+                }
+            }
+            return None;
+        }
+        s.write_all(sent).await.ok()?;
+        let mut b = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut b)).await {
+            Ok(_) => Some(t.elapsed()),
+            Err(_) => None,
+        }
+    }
+    let partial_body = format!(
+        "POST /sql HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\nSELECT"
+    );
+    let cases: Vec<(&str, Vec<u8>, bool, Duration)> = vec![
+        ("silence", Vec::new(), false, Duration::from_secs(2)),
+        (
+            "partial header",
+            b"GET /health HTTP/1.1\r\nHost: x\r\n".to_vec(),
+            false,
+            Duration::from_secs(2),
+        ),
+        (
+            "dripping header",
+            b"GET /health HTTP/1.1\r\n".to_vec(),
+            true,
+            Duration::from_secs(3),
+        ),
+        (
+            "partial body",
+            partial_body.into_bytes(),
+            false,
+            Duration::from_secs(2),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, sent, drip, within) in cases {
+        match closed_after(&addr, &sent, drip).await {
+            Some(t) if t <= within => {}
+            other => failures.push(format!(
+                "{name}: closed after {other:?}, expected within {within:?}"
+            )),
+        }
+    }
+    // 50 dripping connections do not keep /health from answering once they are closed
+    let drips: Vec<_> = (0..50)
+        .map(|_| {
+            let addr = addr.clone();
+            tokio::spawn(
+                async move { closed_after(&addr, b"GET /health HTTP/1.1\r\n", true).await },
+            )
+        })
+        .collect();
+    for d in drips {
+        if d.await.unwrap().is_none_or(|t| t > Duration::from_secs(3)) {
+            failures.push("a dripping connection stayed open".into());
+        }
+    }
+    let c = reqwest::Client::new();
+    let h: serde_json::Value = c
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = h.to_string();
+    if text.contains(&lake)
+        || text.contains(dir.path().to_str().unwrap())
+        || h.get("lake").is_some()
+    {
+        failures.push(format!("/health shows a path: {text}"));
+    }
+    for q in [
+        "SHOW ALL",
+        "SELECT * FROM information_schema.df_settings",
+        "SELECT name, value FROM information_schema.df_settings WHERE name LIKE '%temp%' OR name LIKE '%runtime%'",
+        "SHOW datafusion.runtime.temp_directory",
+    ] {
+        let r = c
+            .post(format!("{base}/sql?format=json"))
+            .bearer_auth(TOKEN)
+            .body(q)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        if body.contains("spill-here")
+            || body.contains("datafusion.runtime")
+            || body.contains("/tmp")
+        {
+            failures.push(format!(
+                "{q}: {status} shows a runtime setting or path: {body:.300}"
+            ));
+        }
+        if q == "SHOW ALL" && (status != 200 || !body.contains("datafusion.execution.batch_size")) {
+            failures.push(format!("SHOW ALL no longer works: {status} {body:.200}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -309,6 +309,7 @@ async fn timeout_memory_cap_row_limit_and_token() {
         memory: 4 << 20,
         max_rows: 1000,
         max_bytes: 64 << 20,
+        ..Limits::default()
     };
     let s = server(&lake, limits, Some("s3cret")).await;
     let c = reqwest::Client::new();
