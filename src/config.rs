@@ -461,7 +461,7 @@ impl Default for BackfillConfig {
             min_interval: HumanDuration(Duration::ZERO),
             attempts: 5,
             timeout: HumanDuration(Duration::from_secs(60)),
-            buffer: ByteSize(48 << 20),
+            buffer: ByteSize(24 << 20),
             flush_interval: HumanDuration(Duration::from_secs(30)),
             stage: ByteSize(512 << 20),
             repo_memory: ByteSize(4 << 20),

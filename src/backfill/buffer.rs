@@ -233,10 +233,10 @@ const WRITES_IN_FLIGHT: usize = 6;
 
 /// Rows of one partition per file at most (Arrow bytes), so that a file is encoded within a
 /// bounded memory; a bigger partition is written as several files.
-const STAGED_FILE_BYTES: u64 = 48 << 20;
+const STAGED_FILE_BYTES: u64 = 32 << 20;
 
 /// Arrow bytes of staged rows read back at once by a commit's writes.
-const STAGED_READ_BUDGET_MIB: u32 = 96;
+const STAGED_READ_BUDGET_MIB: u32 = 32;
 
 /// Rows of several flushes on local disk, written as one file per partition when the batch
 /// commits. Each spill is one Arrow IPC file holding a record batch per partition (the
