@@ -455,102 +455,6 @@ async fn a_thousand_hostile_queries_leave_the_server_up_and_bounded() {
     let _ = child.wait();
 }
 
-/// Deep SQL of every shape that parses in a loop or nests, `n` links long.
-fn deep_shapes(n: usize) -> Vec<(&'static str, String)> {
-    let sub = |k: usize| format!("(SELECT {k} AS x) t{k}");
-    let joined = |sep: &str| (0..n).map(sub).collect::<Vec<_>>().join(sep);
-    vec![
-        (
-            "union",
-            format!("SELECT 1 AS x{}", " UNION ALL SELECT 1".repeat(n)),
-        ),
-        (
-            "intersect",
-            format!("SELECT 1 AS x{}", " INTERSECT SELECT 1".repeat(n)),
-        ),
-        (
-            "except",
-            format!("SELECT 1 AS x{}", " EXCEPT SELECT 1".repeat(n)),
-        ),
-        (
-            "comma join",
-            format!("SELECT count(*) FROM {}", joined(", ")),
-        ),
-        (
-            "comma join of tables",
-            format!(
-                "SELECT count(*) FROM {}",
-                (0..n)
-                    .map(|k| format!("events e{k}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ),
-        (
-            "cross join",
-            format!("SELECT count(*) FROM {}", joined(" CROSS JOIN ")),
-        ),
-        (
-            "join on true",
-            format!(
-                "SELECT count(*) FROM {}{}",
-                sub(0),
-                (1..n)
-                    .map(|k| format!(" JOIN {} ON true", sub(k)))
-                    .collect::<String>()
-            ),
-        ),
-        (
-            "cte chain",
-            format!(
-                "WITH c0 AS (SELECT 1 AS x){} SELECT * FROM c{}",
-                (1..n)
-                    .map(|k| format!(", c{k} AS (SELECT x FROM c{})", k - 1))
-                    .collect::<String>(),
-                n.saturating_sub(1)
-            ),
-        ),
-        ("in chain", format!("SELECT true{}", " IN (true)".repeat(n))),
-        ("plus chain", format!("SELECT 1{}", " + 1".repeat(n))),
-        ("and chain", format!("SELECT true{}", " AND true".repeat(n))),
-        ("cast chain", format!("SELECT 1{}", "::int".repeat(n))),
-        ("not chain", format!("SELECT {}true", "NOT ".repeat(n))),
-        ("minus chain", format!("SELECT {}1", "- ".repeat(n))),
-        (
-            "nested subqueries",
-            format!("SELECT {}1{}", "(SELECT ".repeat(n), ")".repeat(n)),
-        ),
-        (
-            "nested from",
-            format!(
-                "{}SELECT 1 AS x{}",
-                "SELECT * FROM (".repeat(n),
-                ") t".repeat(n)
-            ),
-        ),
-        (
-            "nested parentheses",
-            format!("SELECT {}1{}", "(".repeat(n), ")".repeat(n)),
-        ),
-        (
-            "nested calls",
-            format!("SELECT {}1{}", "abs(".repeat(n), ")".repeat(n)),
-        ),
-        (
-            "nested case",
-            format!(
-                "SELECT {}1{}",
-                "CASE WHEN true THEN ".repeat(n),
-                " ELSE 0 END".repeat(n)
-            ),
-        ),
-        (
-            "nested arrays",
-            format!("SELECT {}1{}", "[".repeat(n), "]".repeat(n)),
-        ),
-    ]
-}
-
 /// CPU time of process `pid` so far, in clock ticks (1/100 s).
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -684,7 +588,7 @@ async fn deep_and_amplifying_sql_is_refused_and_the_server_stays_up_within_its_l
     // 1. deep SQL of every shape: short chains run, long ones get a 4xx; never a crash
     let started = Instant::now();
     for n in [20, 150, 1_000, 3_000, 10_000, 30_000] {
-        for (shape, q) in deep_shapes(n) {
+        for (shape, q) in atlake::query::guard::deep_sql(n) {
             if q.len() >= 1 << 20 {
                 continue;
             }
@@ -751,7 +655,7 @@ async fn deep_and_amplifying_sql_is_refused_and_the_server_stays_up_within_its_l
         }
     }
     // planning: a 3,000-CTE chain is refused before it is planned
-    let ctes = deep_shapes(3_000)
+    let ctes = atlake::query::guard::deep_sql(3_000)
         .into_iter()
         .find(|(s, _)| *s == "cte chain")
         .unwrap()
