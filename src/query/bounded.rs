@@ -130,6 +130,40 @@ impl Deadline {
     }
 }
 
+/// Plans `OVERLAY(s PLACING t FROM p [FOR n])` with the session's `overlay` (the bounded one).
+/// DataFusion's own planner of that syntax calls the built-in function directly, around any
+/// function registered under its name; this planner goes first in the session's list. Until
+/// [`OverlayPlanner::bind`] gives it the bounded function, planning the syntax is an error,
+/// never the unbounded built-in.
+#[derive(Debug, Default)]
+pub struct OverlayPlanner {
+    udf: std::sync::OnceLock<Arc<ScalarUDF>>,
+}
+
+impl OverlayPlanner {
+    /// Plans the syntax with `udf` from now on.
+    pub fn bind(&self, udf: Arc<ScalarUDF>) {
+        let _ = self.udf.set(udf);
+    }
+}
+
+impl datafusion::logical_expr::planner::ExprPlanner for OverlayPlanner {
+    fn plan_overlay(
+        &self,
+        args: Vec<datafusion::logical_expr::Expr>,
+    ) -> Result<datafusion::logical_expr::planner::PlannerResult<Vec<datafusion::logical_expr::Expr>>>
+    {
+        let udf = self.udf.get().ok_or_else(|| {
+            DataFusionError::Internal("OVERLAY is not bound to the bounded overlay".into())
+        })?;
+        Ok(datafusion::logical_expr::planner::PlannerResult::Planned(
+            datafusion::logical_expr::Expr::ScalarFunction(
+                datafusion::logical_expr::expr::ScalarFunction::new_udf(udf.clone(), args),
+            ),
+        ))
+    }
+}
+
 /// Replaces the amplifying functions of `ctx` with bounded ones: the calls computing one batch
 /// may produce at most `budget` bytes together, and stop at `deadline`.
 ///

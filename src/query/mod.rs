@@ -402,6 +402,16 @@ impl QueryEngine {
             .with_config(cfg)
             .with_runtime_env(self.runtime.clone())
             .with_default_features();
+        // OVERLAY … PLACING is planned with the bounded overlay (bound below)
+        let overlay = Arc::new(bounded::OverlayPlanner::default());
+        match builder.expr_planners() {
+            Some(p) => p.insert(0, overlay.clone()),
+            None => {
+                return Err(QueryError::Internal(
+                    "the session has no expression planners".into(),
+                ));
+            }
+        }
         if let Some(at) = deadline {
             // planning stops at the deadline too (rules check it before they run)
             builder = builder
@@ -422,6 +432,10 @@ impl QueryEngine {
         });
         bounded::register(&ctx, self.limits.function_budget(), deadline)
             .map_err(QueryError::from_datafusion)?;
+        overlay.bind(
+            datafusion::execution::FunctionRegistry::udf(&ctx, "overlay")
+                .map_err(QueryError::from_datafusion)?,
+        );
         datepart::register(&mut ctx).map_err(QueryError::from_datafusion)?;
         distinct::register(&ctx);
         let prefix = self
