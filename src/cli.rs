@@ -753,7 +753,11 @@ async fn query_cmd(cfg: Config, format: QueryFormat, sql: &str) -> anyhow::Resul
         None,
         crate::query::Limits::from_config(&cfg.server),
     )?;
-    let batches = engine.collect(sql).await?;
+    // on the query runtime, as the endpoint's queries: its threads have the large stacks
+    // planning and execution may need
+    let sql = sql.to_string();
+    let mut task = crate::query::pool::spawn(async move { engine.collect(&sql).await })?;
+    let batches = task.join().await??;
     let mut out = std::io::stdout().lock();
     match format {
         QueryFormat::Table => {

@@ -131,3 +131,25 @@ fn every_command_has_help_with_examples() {
         );
     }
 }
+
+/// `atlake query` with deep SQL of every shape: refused with an error (or answered), never a
+/// crash of the process.
+#[test]
+fn deep_sql_on_the_command_line_is_refused_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    std::fs::create_dir_all(&lake).unwrap();
+    for (shape, q) in atlake::query::guard::deep_sql(3_000) {
+        let out = Command::new(atlake_bin())
+            .args(["query", "--lake", lake.to_str().unwrap(), &q])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.code().is_some_and(|c| c != 0),
+            "{shape}: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.stderr.is_empty(), "{shape}: no error message");
+    }
+}
