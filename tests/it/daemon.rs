@@ -6,6 +6,41 @@ use atlake::simulate::server::SimConfig;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Starts `atlake run` following the simulator's Jetstream at `url` into `dir/lake`, its SQL
+/// on a free port; killed on drop, so a failing assertion does not leave it running. Returns
+/// the child, the SQL base URL and the log file.
+fn run_daemon(
+    dir: &std::path::Path,
+    url: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (ChildGuard, String, std::path::PathBuf) {
+    let port = free_port();
+    let log = dir.join("run.log");
+    let child = ChildGuard(
+        Command::new(atlake_bin())
+            .args([
+                "run",
+                "--source",
+                "jetstream",
+                "--url",
+                url,
+                "--lake",
+                "lake",
+                "--listen",
+            ])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(args)
+            .current_dir(dir)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    (child, format!("http://127.0.0.1:{port}"), log)
+}
+
 async fn sql(c: &reqwest::Client, base: &str, q: &str) -> Option<Vec<serde_json::Value>> {
     let r = c
         .post(format!("{base}/sql"))
@@ -36,31 +71,12 @@ async fn run_serves_fresh_sql_metrics_filters_and_stops_cleanly() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let log = dir.path().join("run.log");
     let started = Instant::now();
-    // killed on drop: a failing assertion does not leave the daemon running
-    let mut child = ChildGuard(
-        Command::new(atlake_bin())
-            .args([
-                "run",
-                "--source",
-                "jetstream",
-                "--url",
-                &sim.url(),
-                "--lake",
-                "lake",
-                "--listen",
-            ])
-            .arg(format!("127.0.0.1:{port}"))
-            .args(["--start-cursor", "0"])
-            .current_dir(dir.path())
-            .env("ATLAKE_FLUSH_MAX_AGE", "2s")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+    let (mut child, base, log) = run_daemon(
+        dir.path(),
+        &sim.url(),
+        &["--start-cursor", "0"],
+        &[("ATLAKE_FLUSH_MAX_AGE", "2s")],
     );
     let c = reqwest::Client::new();
     // events land and SQL answers within seconds
@@ -290,32 +306,16 @@ async fn run_with_backfill_lands_history_beside_the_live_stream() {
         .map(|t| t.records.len() as u64)
         .sum();
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let log = dir.path().join("run.log");
-    // killed on drop: a failing assertion does not leave the daemon running
-    let mut child = ChildGuard(
-        Command::new(atlake_bin())
-            .args([
-                "run",
-                "--source",
-                "jetstream",
-                "--url",
-                &sim.url(),
-                "--lake",
-                "lake",
-                "--listen",
-            ])
-            .arg(format!("127.0.0.1:{port}"))
-            .current_dir(dir.path())
-            .env("ATLAKE_FLUSH_MAX_AGE", "1s")
-            .env("ATLAKE_BACKFILL_ENABLED", "true")
-            .env("ATLAKE_BACKFILL_RELAY", &sync.relay)
-            .env("ATLAKE_BACKFILL_PLC", &sync.plc)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+    let (mut child, base, log) = run_daemon(
+        dir.path(),
+        &sim.url(),
+        &[],
+        &[
+            ("ATLAKE_FLUSH_MAX_AGE", "1s"),
+            ("ATLAKE_BACKFILL_ENABLED", "true"),
+            ("ATLAKE_BACKFILL_RELAY", &sync.relay),
+            ("ATLAKE_BACKFILL_PLC", &sync.plc),
+        ],
     );
     let c = reqwest::Client::new();
     let started = Instant::now();
