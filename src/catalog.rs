@@ -315,7 +315,8 @@ impl Cutover {
     /// Snapshot revs already durable (from the backfill's progress), with the keys each left
     /// to its live create (`collection/rkey`): a replayed live create of such a key is kept.
     pub fn load_snapshot(&self, did: &str, rev: &str, data: Option<&str>, deferred: &[String]) {
-        let _ = self.snapshot_done(did, Some(rev), data, false);
+        // the cut matters only to a fresh fetch's marker; a loaded snapshot writes none
+        self.snapshot_done(did, Some(rev), data, false);
         let mut g = self.lock();
         if let Some(r) = rev_bytes(rev) {
             let h = self.hash(&[did]);
@@ -542,7 +543,9 @@ impl Cutover {
                     anchored: true,
                 },
             };
-            cut = String::from_utf8(head.rev.to_vec()).ok();
+            // heads hold validated TIDs (ASCII): anything else is a broken invariant, and the
+            // caller fails the batch rather than write a marker at a made-up cut
+            cut = std::str::from_utf8(&head.rev).ok().map(str::to_string);
             self.set_head(&mut g, d, head);
         }
         if refetch {

@@ -253,14 +253,18 @@ pub struct Stage {
     rows: u64,
 }
 
-/// The prefix of stage directories: `atlake-stage-<pid>-…`.
+/// The prefix of stage directories: `atlake-stage-<pid>-<process start>-…`.
 const STAGE_PREFIX: &str = "atlake-stage-";
 
 impl Stage {
     /// An empty stage in `spill_dir`.
     pub fn new(spill_dir: &std::path::Path) -> std::io::Result<Stage> {
+        // the pid and its start time (as the lease records them): a stage is stale when that
+        // process is gone, even if its pid was reused since
+        let pid = std::process::id();
+        let start = crate::sink::lease::process_start(pid).unwrap_or(0);
         let dir = tempfile::Builder::new()
-            .prefix(&format!("{STAGE_PREFIX}{}-", std::process::id()))
+            .prefix(&format!("{STAGE_PREFIX}{pid}-{start}-"))
             .tempdir_in(spill_dir)?;
         Ok(Stage {
             dir,
@@ -272,8 +276,10 @@ impl Stage {
         })
     }
 
-    /// Removes stage directories in `spill_dir` left by processes that are gone (Linux: a
-    /// process is alive when `/proc/<pid>` exists). Returns how many were removed.
+    /// Removes stage directories in `spill_dir` left by processes that are gone: no process
+    /// has the pid, or it started at another time (its start is read from `/proc`, as the
+    /// lease does; a stage whose start is unknown goes only when its pid is gone). Returns how
+    /// many were removed.
     pub fn remove_stale(spill_dir: &std::path::Path) -> usize {
         let Ok(entries) = std::fs::read_dir(spill_dir) else {
             return 0;
@@ -284,10 +290,18 @@ impl Stage {
             let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(STAGE_PREFIX)) else {
                 continue;
             };
-            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            let mut parts = rest.split('-');
+            let (Some(pid), Some(start)) = (
+                parts.next().and_then(|p| p.parse::<u32>().ok()),
+                parts.next().and_then(|p| p.parse::<u64>().ok()),
+            ) else {
                 continue;
             };
-            if pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let gone = match crate::sink::lease::process_start(pid) {
+                None => true,
+                Some(now) => start != 0 && now != start,
+            };
+            if !gone {
                 continue;
             }
             match std::fs::remove_dir_all(e.path()) {
@@ -727,14 +741,19 @@ mod tests {
         let names: HashSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(names.len(), 8);
         assert_eq!(files.iter().map(|f| f.rows.unwrap()).sum::<u64>(), 200);
-        // a stage of a process that is gone (no such pid) is removed; a live one is kept
+        // a stage of a process that is gone (no such pid), or of an earlier process with this
+        // pid (another start time), is removed; a live one is kept
         let dead = spill
             .path()
-            .join(format!("{STAGE_PREFIX}{}-x", u32::MAX - 1));
+            .join(format!("{STAGE_PREFIX}{}-5-x", u32::MAX - 1));
         std::fs::create_dir(&dead).unwrap();
+        let reused = spill
+            .path()
+            .join(format!("{STAGE_PREFIX}{}-1-x", std::process::id()));
+        std::fs::create_dir(&reused).unwrap();
         let live = Stage::new(spill.path()).unwrap();
-        assert_eq!(Stage::remove_stale(spill.path()), 1);
-        assert!(!dead.exists());
+        assert_eq!(Stage::remove_stale(spill.path()), 2);
+        assert!(!dead.exists() && !reused.exists());
         assert!(live.dir.path().exists());
     }
 }

@@ -884,7 +884,16 @@ impl BatchLoop {
                             "a fresh fetch of {did} has no rev"
                         )));
                     };
-                    let cut = cut.unwrap_or_else(|| r.to_string());
+                    // with no live stream (no cut-over) nothing was seen past the snapshot
+                    let cut = match (cut, self.catalog.as_ref().and_then(|c| c.cutover())) {
+                        (Some(c), _) => c,
+                        (None, None) => r.to_string(),
+                        (None, Some(_)) => {
+                            return Err(BackfillError::Broken(format!(
+                                "the cut-over has no head for {did} after its snapshot"
+                            )));
+                        }
+                    };
                     self.buffer.push_reset(&did, r, &cut).map_err(|e| {
                         BackfillError::Broken(format!("a bounded time has no partition: {e}"))
                     })?;

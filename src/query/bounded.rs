@@ -143,7 +143,11 @@ pub struct OverlayPlanner {
 impl OverlayPlanner {
     /// Plans the syntax with `udf` from now on.
     pub fn bind(&self, udf: Arc<ScalarUDF>) {
-        let _ = self.udf.set(udf);
+        if self.udf.set(udf).is_err() {
+            // bound once per session, right after the bounded functions are registered
+            tracing::error!("OVERLAY was bound twice; the first binding stays");
+            metrics::counter!("atlake_broken_invariants_total").increment(1);
+        }
     }
 }
 
@@ -478,7 +482,10 @@ impl Bounded {
                     .enumerate()
                     .map(|(i, s)| {
                         let s = *s as i128;
-                        let r = rep.get(i).cloned().flatten().unwrap_or_default();
+                        // a null replacement makes the row null: nothing produced
+                        let Some(Some(r)) = rep.get(i).cloned() else {
+                            return 0;
+                        };
                         let k = backrefs(&r);
                         let lit = r.len() as i128;
                         let g = global.get(i).copied().unwrap_or(true);

@@ -428,8 +428,11 @@ async fn produce(
         Ok(r) => r,
         Err(_) => Err(QueryError::Timeout(limits.timeout)),
     };
-    if let Err(e) = r {
-        let _ = tx.send(Err(e)).await;
+    // the response side may be gone (the client left): nobody is left to tell
+    if let Err(e) = r
+        && tx.send(Err(e)).await.is_err()
+    {
+        tracing::debug!("a query's error had no client to go to");
     }
 }
 

@@ -311,7 +311,7 @@ fn machine_id() -> String {
 }
 
 /// Field 22 of `/proc/<pid>/stat`: start time in clock ticks since boot.
-fn process_start(pid: u32) -> Option<u64> {
+pub(crate) fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // the command name (field 2) is in parentheses and may contain spaces
     let rest = &stat[stat.rfind(')')? + 1..];
