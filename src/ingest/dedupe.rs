@@ -105,4 +105,36 @@ mod tests {
         d.remember(k(7), c(200));
         assert!(!d.is_duplicate(k(5)) && d.is_duplicate(k(7)));
     }
+
+    #[test]
+    fn durable_keys_stay_until_the_stream_is_a_whole_window_past_them() {
+        let c = |v| Cursor::time_us(v).ok();
+        let mut d = Dedupe::new([k(1)].into_iter().collect(), c(100), 10);
+        // exactly a window past the checkpoint: a replay could still reach it
+        d.remember(k(5), c(110));
+        assert!(d.is_duplicate(k(1)));
+        d.remember(k(6), c(111));
+        assert!(!d.is_duplicate(k(1)));
+    }
+
+    #[test]
+    fn the_key_count_is_both_sets() {
+        let c = |v| Cursor::time_us(v).ok();
+        let mut d = Dedupe::new([k(1), k(2)].into_iter().collect(), c(100), 10);
+        assert_eq!(d.len(), 2);
+        assert!(!d.is_empty());
+        d.remember(k(3), c(101));
+        d.remember(k(4), c(102));
+        d.remember(k(5), c(103));
+        assert_eq!(d.len(), 5);
+        // past the window: the durable keys and the older recent ones are gone
+        d.remember(k(6), c(300));
+        assert_eq!(d.len(), 1);
+        assert!(!d.is_empty());
+        assert!(Dedupe::new(HashSet::new(), None, 0).is_empty());
+        let mut none = Dedupe::new(HashSet::new(), None, 0);
+        none.remember(k(1), c(1));
+        assert!(none.is_empty());
+        assert_eq!(none.len(), 0);
+    }
 }

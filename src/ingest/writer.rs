@@ -71,10 +71,10 @@ pub async fn run(
 }
 
 /// Counts the records that do not fit their lexicon's types (they land anyway, typed columns
-/// null).
-async fn count_invalid(job: &FlushJob) {
+/// null), and returns how many there were.
+async fn count_invalid(job: &FlushJob) -> u64 {
     let crate::model::rows::TableKind::Events(Some(lex)) = job.kind else {
-        return;
+        return 0;
     };
     let chunks = job.chunks.clone();
     let counted = tokio::task::spawn_blocking(move || {
@@ -85,14 +85,16 @@ async fn count_invalid(job: &FlushJob) {
     })
     .await;
     match counted {
-        Ok(0) => {}
+        Ok(0) => 0,
         Ok(n) => {
             metrics::counter!("atlake_invalid_records_total", "collection" => lex.nsid())
                 .increment(n);
+            n
         }
         Err(e) => {
             metrics::counter!("atlake_broken_invariants_total").increment(1);
             tracing::error!(error = %e, partition = %job.key, "counting invalid records failed");
+            0
         }
     }
 }
@@ -260,6 +262,41 @@ mod tests {
             }
         }
         b.drain().unwrap().remove(0)
+    }
+
+    #[test]
+    fn a_file_name_keeps_both_halves_of_the_content_hash() {
+        let mut j = job();
+        let mut hash = |h: u64| {
+            j.key_hash = h;
+            file_name(SourceKind::Firehose, &j).unwrap().hash
+        };
+        for (a, b) in [
+            (1u64 << 32, 2u64 << 32),
+            (1, 2),
+            (0x3_0000_0001, 0x1_0000_0002),
+        ] {
+            assert_ne!(hash(a), hash(b), "{a:#x} and {b:#x}");
+        }
+    }
+
+    #[tokio::test]
+    async fn records_that_do_not_fit_their_lexicon_are_counted() {
+        use crate::model::lexicon::Lexicon;
+        use crate::model::rows::TableKind;
+        let records: arrow::array::ArrayRef = Arc::new(arrow::array::StringArray::from(vec![
+            Some(r#"{"text":"hello","createdAt":"2024-01-01T00:00:00Z"}"#),
+            Some(r#"{"text":5}"#),
+            Some("not json"),
+            None,
+        ]));
+        let batch = arrow::record_batch::RecordBatch::try_from_iter([("record", records)]).unwrap();
+        let mut j = job();
+        j.chunks = vec![batch.clone(), batch];
+        j.kind = TableKind::Events(Some(Lexicon::Post));
+        assert_eq!(count_invalid(&j).await, 4);
+        j.kind = TableKind::Events(None);
+        assert_eq!(count_invalid(&j).await, 0);
     }
 
     fn ctx(fence: Fence) -> (WriterContext, watch::Sender<bool>) {

@@ -25,7 +25,10 @@ use arrow::array::{Array, ArrayRef, Int64Array, StringArray};
 use arrow::datatypes::{DataType, IntervalUnit, TimeUnit};
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::FunctionRegistry;
-use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl};
+use datafusion::logical_expr::planner::{PlannerResult, RawBinaryExpr};
+use datafusion::logical_expr::{
+    ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
 use datafusion::prelude::SessionContext;
 use std::cell::Cell;
 use std::sync::Arc;
@@ -54,6 +57,109 @@ pub fn ledger() -> u64 {
 
 fn charge(bytes: u64) {
     PRODUCED.with(|p| p.set(p.get().saturating_add(bytes)));
+}
+
+/// A join's filter, evaluated with a count of its own.
+///
+/// A nested loop join evaluates its filter over many intermediate batches (every left row
+/// against a chunk of the right side) within one poll, and frees each before the next: their
+/// sum is no batch anyone holds. Each evaluation counts on its own, and what was counted
+/// before it is restored afterwards (its output is a boolean mask).
+#[derive(Debug, Eq)]
+pub struct LedgerScope {
+    inner: Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+}
+
+impl PartialEq for LedgerScope {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.eq(&other.inner)
+    }
+}
+
+impl std::hash::Hash for LedgerScope {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.inner.hash(state);
+    }
+}
+
+impl std::fmt::Display for LedgerScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl datafusion::physical_expr::PhysicalExpr for LedgerScope {
+    fn data_type(&self, input_schema: &arrow::datatypes::Schema) -> Result<DataType> {
+        self.inner.data_type(input_schema)
+    }
+
+    fn nullable(&self, input_schema: &arrow::datatypes::Schema) -> Result<bool> {
+        self.inner.nullable(input_schema)
+    }
+
+    fn return_field(
+        &self,
+        input_schema: &arrow::datatypes::Schema,
+    ) -> Result<arrow::datatypes::FieldRef> {
+        self.inner.return_field(input_schema)
+    }
+
+    fn evaluate(&self, batch: &arrow::record_batch::RecordBatch) -> Result<ColumnarValue> {
+        let before = ledger();
+        reset_ledger();
+        let out = self.inner.evaluate(batch);
+        PRODUCED.with(|p| p.set(before));
+        out
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn datafusion::physical_expr::PhysicalExpr>> {
+        vec![&self.inner]
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
+    ) -> Result<Arc<dyn datafusion::physical_expr::PhysicalExpr>> {
+        let inner = children
+            .into_iter()
+            .next()
+            .ok_or_else(|| DataFusionError::Internal("a ledger scope has one child".into()))?;
+        Ok(Arc::new(LedgerScope { inner }))
+    }
+
+    fn fmt_sql(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt_sql(f)
+    }
+}
+
+/// `plan` with its filter counted per evaluation, when it is a nested loop join with a filter
+/// (see [`LedgerScope`]); otherwise `plan` itself.
+pub fn scope_join_filter(
+    plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+    use datafusion::physical_plan::joins::utils::JoinFilter;
+    use datafusion::physical_plan::joins::{NestedLoopJoinExec, NestedLoopJoinExecBuilder};
+    let Some(join) = plan.downcast_ref::<NestedLoopJoinExec>() else {
+        return Ok(plan);
+    };
+    let Some(filter) = join.filter() else {
+        return Ok(plan);
+    };
+    if filter.expression().downcast_ref::<LedgerScope>().is_some() {
+        return Ok(plan);
+    }
+    let scoped = JoinFilter::new(
+        Arc::new(LedgerScope {
+            inner: filter.expression().clone(),
+        }),
+        filter.column_indices().to_vec(),
+        filter.schema().clone(),
+    );
+    Ok(Arc::new(
+        NestedLoopJoinExecBuilder::from(join)
+            .with_filter(Some(scoped))
+            .build()?,
+    ))
 }
 
 /// How a function's output size follows from its arguments.
@@ -85,6 +191,17 @@ enum Growth {
     Translate,
     /// `levenshtein(a, b)`: small output, `len(a) * len(b)` work.
     Levenshtein,
+    /// `array_concat(a, b, …)`, `array_append`, `array_prepend`, `make_array`, and the `||`
+    /// operator: the bytes of all their arguments.
+    Sum,
+    /// `encode(s, format)`: hex doubles `s` (base64 makes it 4/3).
+    Encode,
+    /// `string_to_array(s, delimiter[, null])`: at worst one element per character, each with
+    /// its offset or view.
+    Split,
+    /// `array_to_string(a, separator[, null])`: the elements printed (up to three times
+    /// their width for numbers) and a separator or null string per element.
+    Join,
     /// Regex matching: small output, but slow on long strings; wrapped for the deadline.
     Scan,
 }
@@ -104,6 +221,13 @@ const FUNCTIONS: &[(&str, Growth)] = &[
     ("overlay", Growth::Overlay),
     ("translate", Growth::Translate),
     ("levenshtein", Growth::Levenshtein),
+    ("array_concat", Growth::Sum),
+    ("array_append", Growth::Sum),
+    ("array_prepend", Growth::Sum),
+    ("make_array", Growth::Sum),
+    ("encode", Growth::Encode),
+    ("string_to_array", Growth::Split),
+    ("array_to_string", Growth::Join),
     ("regexp_like", Growth::Scan),
     ("regexp_match", Growth::Scan),
     ("regexp_count", Growth::Scan),
@@ -130,41 +254,217 @@ impl Deadline {
     }
 }
 
-/// Plans `OVERLAY(s PLACING t FROM p [FOR n])` with the session's `overlay` (the bounded one).
-/// DataFusion's own planner of that syntax calls the built-in function directly, around any
-/// function registered under its name; this planner goes first in the session's list. Until
-/// [`OverlayPlanner::bind`] gives it the bounded function, planning the syntax is an error,
-/// never the unbounded built-in.
-#[derive(Debug, Default)]
-pub struct OverlayPlanner {
-    udf: std::sync::OnceLock<Arc<ScalarUDF>>,
+/// The bounded functions that SQL syntax is planned with, in place of DataFusion's built-ins.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    /// `OVERLAY(s PLACING t FROM p [FOR n])`.
+    pub overlay: Arc<ScalarUDF>,
+    /// `a || b` of strings or binaries (from [`register`]).
+    pub concat_op: Arc<ScalarUDF>,
+    /// `list || list`.
+    pub array_concat: Arc<ScalarUDF>,
+    /// `list || element`.
+    pub array_append: Arc<ScalarUDF>,
+    /// `element || list`.
+    pub array_prepend: Arc<ScalarUDF>,
 }
 
-impl OverlayPlanner {
-    /// Plans the syntax with `udf` from now on.
-    pub fn bind(&self, udf: Arc<ScalarUDF>) {
-        if self.udf.set(udf).is_err() {
+/// Plans the syntax that DataFusion's own planners would turn into calls of the unbounded
+/// built-ins: `OVERLAY … PLACING` (the built-in `overlay`), and `||` (a binary operator that
+/// copies both sides for strings, or `array_concat`/`array_append`/`array_prepend` for lists).
+/// It goes first among the session's expression planners. Until [`SyntaxPlanner::bind`]
+/// gives it the bounded functions, planning the syntax is an error, never the unbounded one.
+#[derive(Debug, Default)]
+pub struct SyntaxPlanner {
+    bound: std::sync::OnceLock<Bound>,
+}
+
+impl SyntaxPlanner {
+    /// Plans the syntax with `bound` from now on.
+    pub fn bind(&self, bound: Bound) {
+        if self.bound.set(bound).is_err() {
             // bound once per session, right after the bounded functions are registered
-            tracing::error!("OVERLAY was bound twice; the first binding stays");
+            tracing::error!("the SQL syntax planner was bound twice; the first binding stays");
             metrics::counter!("atlake_broken_invariants_total").increment(1);
+        }
+    }
+
+    fn bound(&self) -> Result<&Bound> {
+        self.bound.get().ok_or_else(|| {
+            DataFusionError::Internal("the SQL syntax is not bound to the bounded functions".into())
+        })
+    }
+}
+
+fn call(udf: &Arc<ScalarUDF>, args: Vec<Expr>) -> Expr {
+    Expr::ScalarFunction(datafusion::logical_expr::expr::ScalarFunction::new_udf(
+        udf.clone(),
+        args,
+    ))
+}
+
+/// How many list levels a type has (`List<List<Int64>>`: 2).
+fn list_depth(t: &DataType) -> usize {
+    match t {
+        DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
+            1 + list_depth(f.data_type())
+        }
+        _ => 0,
+    }
+}
+
+/// The type both sides of a `||` of strings or binaries are cast to, or `None` when neither
+/// side is a string or a binary (DataFusion plans those itself, or refuses them).
+fn concat_type(l: &DataType, r: &DataType) -> Option<DataType> {
+    let value = |t: &DataType| match t {
+        DataType::Dictionary(_, v) => v.as_ref().clone(),
+        t => t.clone(),
+    };
+    let (l, r) = (value(l), value(r));
+    let is_str =
+        |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+    let is_bin = |t: &DataType| {
+        matches!(
+            t,
+            DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+        )
+    };
+    let null = |t: &DataType| t == &DataType::Null;
+    let pick = |large: DataType, view: DataType, plain: DataType| {
+        if l == large || r == large {
+            large
+        } else if l == view || r == view {
+            view
+        } else {
+            plain
+        }
+    };
+    if (is_str(&l) || null(&l)) && (is_str(&r) || null(&r)) {
+        Some(pick(
+            DataType::LargeUtf8,
+            DataType::Utf8View,
+            DataType::Utf8,
+        ))
+    } else if (is_bin(&l) || null(&l)) && (is_bin(&r) || null(&r)) && !(null(&l) && null(&r)) {
+        Some(pick(
+            DataType::LargeBinary,
+            DataType::BinaryView,
+            DataType::Binary,
+        ))
+    } else if (is_str(&l) && !is_bin(&r)) || (is_str(&r) && !is_bin(&l)) {
+        // a string and a value of another type: the value is printed, as DataFusion does
+        Some(if l == DataType::LargeUtf8 || r == DataType::LargeUtf8 {
+            DataType::LargeUtf8
+        } else {
+            DataType::Utf8
+        })
+    } else {
+        None
+    }
+}
+
+fn cast_to(e: Expr, from: &DataType, to: &DataType) -> Expr {
+    if from == to {
+        e
+    } else {
+        Expr::Cast(datafusion::logical_expr::Cast::new(Box::new(e), to.clone()))
+    }
+}
+
+impl datafusion::logical_expr::planner::ExprPlanner for SyntaxPlanner {
+    fn plan_overlay(&self, args: Vec<Expr>) -> Result<PlannerResult<Vec<Expr>>> {
+        Ok(PlannerResult::Planned(call(&self.bound()?.overlay, args)))
+    }
+
+    fn plan_binary_op(
+        &self,
+        expr: RawBinaryExpr,
+        schema: &datafusion::common::DFSchema,
+    ) -> Result<PlannerResult<RawBinaryExpr>> {
+        use datafusion::logical_expr::ExprSchemable;
+        if expr.op != datafusion::sql::sqlparser::ast::BinaryOperator::StringConcat {
+            return Ok(PlannerResult::Original(expr));
+        }
+        let b = self.bound()?;
+        let (lt, rt) = (expr.left.get_type(schema)?, expr.right.get_type(schema)?);
+        let (ld, rd) = (list_depth(&lt), list_depth(&rt));
+        let planned = if ld + rd == 0 {
+            let Some(t) = concat_type(&lt, &rt) else {
+                return Ok(PlannerResult::Original(expr));
+            };
+            call(
+                &b.concat_op,
+                vec![cast_to(expr.left, &lt, &t), cast_to(expr.right, &rt, &t)],
+            )
+        } else if ld == rd {
+            call(&b.array_concat, vec![expr.left, expr.right])
+        } else if ld > rd {
+            call(&b.array_append, vec![expr.left, expr.right])
+        } else {
+            call(&b.array_prepend, vec![expr.left, expr.right])
+        };
+        Ok(PlannerResult::Planned(planned))
+    }
+}
+
+/// `a || b` for two strings or two binaries of one type (the planner casts them): null when
+/// either side is null, as the operator is.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct ConcatOp {
+    signature: Signature,
+}
+
+impl ConcatOp {
+    fn new() -> Self {
+        ConcatOp {
+            signature: Signature::any(2, Volatility::Immutable),
         }
     }
 }
 
-impl datafusion::logical_expr::planner::ExprPlanner for OverlayPlanner {
-    fn plan_overlay(
-        &self,
-        args: Vec<datafusion::logical_expr::Expr>,
-    ) -> Result<datafusion::logical_expr::planner::PlannerResult<Vec<datafusion::logical_expr::Expr>>>
-    {
-        let udf = self.udf.get().ok_or_else(|| {
-            DataFusionError::Internal("OVERLAY is not bound to the bounded overlay".into())
-        })?;
-        Ok(datafusion::logical_expr::planner::PlannerResult::Planned(
-            datafusion::logical_expr::Expr::ScalarFunction(
-                datafusion::logical_expr::expr::ScalarFunction::new_udf(udf.clone(), args),
-            ),
-        ))
+impl ScalarUDFImpl for ConcatOp {
+    fn name(&self) -> &str {
+        "||"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, args: &[DataType]) -> Result<DataType> {
+        match args {
+            [l, r] if l == r => Ok(l.clone()),
+            _ => Err(DataFusionError::Internal(format!(
+                "|| was planned over {args:?}, not two values of one type"
+            ))),
+        }
+    }
+
+    /// The column is named as the operator's would be: `a || b`.
+    fn schema_name(&self, args: &[Expr]) -> Result<String> {
+        match args {
+            [l, r] => Ok(format!("{} || {}", l.schema_name(), r.schema_name())),
+            _ => Err(DataFusionError::Internal("|| takes two arguments".into())),
+        }
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let scalar = args
+            .args
+            .iter()
+            .all(|a| matches!(a, ColumnarValue::Scalar(_)));
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let [l, r] = arrays.as_slice() else {
+            return Err(DataFusionError::Internal("|| takes two arguments".into()));
+        };
+        let out = arrow::compute::kernels::concat_elements::concat_elements_dyn(l, r)?;
+        if scalar {
+            Ok(ColumnarValue::Scalar(
+                datafusion::common::ScalarValue::try_from_array(&out, 0)?,
+            ))
+        } else {
+            Ok(ColumnarValue::Array(out))
+        }
     }
 }
 
@@ -172,11 +472,14 @@ impl datafusion::logical_expr::planner::ExprPlanner for OverlayPlanner {
 /// may produce at most `budget` bytes together, and stop at `deadline`.
 ///
 /// A function that is not in the session is an error: the cap would silently not apply.
+///
+/// Returns the bounded `||` of strings and binaries, which is not a function of the registry:
+/// [`SyntaxPlanner`] plans the operator with it.
 pub fn register(
     ctx: &SessionContext,
     budget: u64,
     deadline: Option<Deadline>,
-) -> datafusion::error::Result<()> {
+) -> datafusion::error::Result<Arc<ScalarUDF>> {
     for (name, growth) in FUNCTIONS {
         let inner = ctx.udf(name)?;
         ctx.register_udf(ScalarUDF::new_from_impl(Bounded {
@@ -186,7 +489,12 @@ pub fn register(
             deadline,
         }));
     }
-    Ok(())
+    Ok(Arc::new(ScalarUDF::new_from_impl(Bounded {
+        inner: Arc::new(ScalarUDF::new_from_impl(ConcatOp::new())),
+        growth: Growth::Sum,
+        budget,
+        deadline,
+    })))
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -361,13 +669,55 @@ fn lens(v: &ColumnarValue, rows: usize) -> Vec<i64> {
 /// Bytes a value holds (a slice counts only its rows).
 fn out_bytes(v: &ColumnarValue) -> u64 {
     match v {
-        ColumnarValue::Array(a) => {
-            a.to_data()
-                .get_slice_memory_size()
-                .unwrap_or_else(|_| a.get_array_memory_size()) as u64
-        }
+        ColumnarValue::Array(a) => logical_bytes(&a.to_data()),
         ColumnarValue::Scalar(s) => s.size() as u64,
     }
+}
+
+/// Bytes an argument stands for in a batch of `rows` rows (a scalar once per row).
+fn arg_bytes(v: &ColumnarValue, rows: usize) -> u128 {
+    match v {
+        ColumnarValue::Array(a) => logical_bytes(&a.to_data()) as u128,
+        ColumnarValue::Scalar(s) => s.size() as u128 * rows.max(1) as u128,
+    }
+}
+
+/// The bytes an array's rows hold as values: its slice of offsets, validity and data, with the
+/// strings a view array points to counted once per view (Arrow's slice size counts only the
+/// 16-byte views, so a 60 MB string in a view array would count as 16 bytes).
+pub fn logical_bytes(d: &arrow::array::ArrayData) -> u64 {
+    let size = |d: &arrow::array::ArrayData| {
+        d.get_slice_memory_size()
+            .unwrap_or_else(|_| d.get_array_memory_size()) as u64
+    };
+    let children = d.child_data();
+    let own = size(d).saturating_sub(children.iter().map(size).sum());
+    let nested: u64 = children.iter().map(logical_bytes).sum();
+    let viewed = match d.data_type() {
+        DataType::Utf8View | DataType::BinaryView if !d.buffers().is_empty() => {
+            let views = arrow::buffer::ScalarBuffer::<u128>::new(
+                d.buffers()[0].clone(),
+                d.offset(),
+                d.len(),
+            );
+            // a view's low 32 bits are its length; up to 12 bytes are inline in the view
+            views
+                .iter()
+                .map(|v| u64::from(*v as u32))
+                .filter(|l| *l > 12)
+                .sum()
+        }
+        _ => 0,
+    };
+    own.saturating_add(nested).saturating_add(viewed)
+}
+
+/// The bytes of every column of a batch (see [`logical_bytes`]).
+pub fn batch_bytes(b: &arrow::record_batch::RecordBatch) -> u64 {
+    b.columns()
+        .iter()
+        .map(|c| logical_bytes(&c.to_data()))
+        .fold(0u64, u64::saturating_add)
 }
 
 /// The number of back-references (`\1`, `$1`, `${name}`) in a replacement.
@@ -521,6 +871,36 @@ impl Bounded {
                     return Some(u128::MAX);
                 }
                 Some(rows as u128 * 8)
+            }
+            Growth::Sum => Some(a.iter().map(|v| arg_bytes(v, rows)).sum()),
+            Growth::Encode => Some(sum(lens(a.first()?, rows)
+                .into_iter()
+                .map(|s| s as i128 * 2 + 4)
+                .collect())),
+            Growth::Split => Some(sum(lens(a.first()?, rows)
+                .into_iter()
+                .map(|s| (s as i128 + 1) * 20)
+                .collect())),
+            Growth::Join => {
+                let arr = a.first()?;
+                // lens() gives a list's elements × 16
+                let elements: Vec<i64> = lens(arr, rows).into_iter().map(|n| n / 16).collect();
+                let per = |v: Option<&ColumnarValue>| match v {
+                    Some(v) => lens(v, rows),
+                    None => vec![0; elements.len()],
+                };
+                let (sep, null) = (per(a.get(1)), per(a.get(2)));
+                let glue = sum(elements
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        // every argument has a value per row; an absent one adds nothing
+                        let extra = sep.get(i).copied().unwrap_or(0).max(0)
+                            + null.get(i).copied().unwrap_or(0).max(0);
+                        *n as i128 * extra as i128
+                    })
+                    .collect());
+                Some(arg_bytes(arr, rows).saturating_mul(3).saturating_add(glue))
             }
             Growth::Scan => Some(0),
         }
@@ -730,6 +1110,115 @@ mod tests {
             reset_ledger();
             assert_eq!(run(&ctx, q).await.unwrap(), 1, "{q}");
         }
+    }
+
+    /// A session planned as the endpoint's: bounded functions, and `||` and `OVERLAY`
+    /// planned with them.
+    fn bounded_session(budget: u64) -> SessionContext {
+        let mut builder = datafusion::execution::SessionStateBuilder::new().with_default_features();
+        let syntax = Arc::new(SyntaxPlanner::default());
+        builder
+            .expr_planners()
+            .as_mut()
+            .unwrap()
+            .insert(0, syntax.clone());
+        let ctx = SessionContext::new_with_state(builder.build());
+        let concat_op = register(&ctx, budget, None).unwrap();
+        syntax.bind(Bound {
+            overlay: ctx.udf("overlay").unwrap(),
+            concat_op,
+            array_concat: ctx.udf("array_concat").unwrap(),
+            array_append: ctx.udf("array_append").unwrap(),
+            array_prepend: ctx.udf("array_prepend").unwrap(),
+        });
+        ctx
+    }
+
+    #[tokio::test]
+    async fn the_concat_operator_and_list_functions_are_bounded() {
+        let ctx = bounded_session(16 << 20);
+        for q in [
+            "WITH t AS (SELECT repeat('a', 6000000) s) SELECT s || s || s FROM t",
+            "WITH t AS (SELECT arrow_cast(repeat('a', 6000000), 'Utf8View') s) SELECT s || s || s FROM t",
+            "WITH t AS (SELECT arrow_cast(repeat('a', 6000000), 'LargeUtf8') s) SELECT s || 'x' || s || s FROM t",
+            "WITH t AS (SELECT [repeat('a', 6000000)] s) SELECT s || s || s FROM t",
+            "WITH t AS (SELECT [repeat('a', 6000000)] s) SELECT s || repeat('b', 6000000) || repeat('c', 6000000) FROM t",
+            "WITH t AS (SELECT repeat('a', 6000000) s) SELECT make_array(s, s, s) FROM t",
+            "WITH t AS (SELECT [repeat('a', 6000000)] s) SELECT array_concat(s, s, s) FROM t",
+            "WITH t AS (SELECT [repeat('a', 6000000)] s) SELECT list_cat(s, s, s) FROM t",
+            "SELECT array_to_string(range(1000000), repeat('x', 100))",
+            "SELECT encode(repeat('a', 9000000), 'hex')",
+            "SELECT string_to_array(repeat('a', 1000000), NULL)",
+            "SELECT overlay(repeat('a', 9000000) placing repeat('b', 9000000) from 2)",
+        ] {
+            reset_ledger();
+            let e = run(&ctx, q).await.unwrap_err();
+            assert!(
+                e.to_string().contains("the functions of one batch may use"),
+                "{q}: {e}"
+            );
+        }
+        // the operator means what it meant: null when either side is null, values printed
+        // next to strings, lists joined, appended and prepended; columns keep their names
+        reset_ledger();
+        let b = ctx
+            .sql(
+                "SELECT 'a' || 'b', 'a' || NULL IS NULL AS l, NULL || 'b' IS NULL AS r, 1 || 'x', \
+                 arrow_typeof(arrow_cast('a', 'Utf8View') || 'b') AS view, \
+                 arrow_typeof(arrow_cast('a', 'LargeUtf8') || 'b') AS large, \
+                 [1, 2] || [3], [1] || 2, 0 || [1], X'00' || X'01', \
+                 s || '!' FROM (VALUES ('x'), (NULL)) AS v(s)",
+            )
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let text = arrow::util::pretty::pretty_format_batches(&b)
+            .unwrap()
+            .to_string();
+        for want in [
+            "Utf8(\"a\") || Utf8(\"b\")",
+            "| ab ",
+            "| 1x ",
+            "Utf8View",
+            "LargeUtf8",
+            "[1, 2, 3]",
+            "[1, 2]",
+            "[0, 1]",
+            "0001",
+            "v.s || Utf8(\"!\")",
+            "| x! ",
+        ] {
+            assert!(text.contains(want), "{want} not in\n{text}");
+        }
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("| ab")).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines.iter().all(|l| l.matches("| true ").count() == 2),
+            "{text}"
+        );
+        // the null row of s: its || is null, not "!"
+        assert!(!text.contains("| ! "), "{text}");
+        let e = run(&ctx, "SELECT 1 || 2").await.unwrap_err();
+        assert!(e.to_string().contains("string concat"), "{e}");
+    }
+
+    #[test]
+    fn a_view_array_counts_the_strings_it_points_to() {
+        let big = "a".repeat(1 << 20);
+        let views = arrow::array::StringViewArray::from(vec![big.as_str(), "short"]);
+        let bytes = logical_bytes(&views.to_data());
+        assert!(((1 << 20) + 32..(1 << 20) + 64).contains(&bytes), "{bytes}");
+        // a slice counts only its own rows
+        let tail = views.slice(1, 1);
+        assert!(logical_bytes(&tail.to_data()) < 64);
+        let plain = StringArray::from(vec![big.as_str(), "short"]);
+        let list = arrow::array::ListArray::from_iter_primitive::<arrow::datatypes::Int64Type, _, _>(
+            vec![Some(vec![Some(1); 1000])],
+        );
+        assert!(logical_bytes(&plain.to_data()) >= (1 << 20) + 5);
+        assert!(logical_bytes(&list.to_data()) >= 8000);
     }
 
     #[tokio::test]

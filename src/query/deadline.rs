@@ -29,18 +29,26 @@ use std::time::{Duration, Instant};
 #[error("query exceeded the {0:?} timeout")]
 pub struct DeadlineExceeded(pub Duration);
 
-/// Wraps every node of `plan` so that its output stops at `deadline`.
-pub fn wrap(
-    plan: Arc<dyn ExecutionPlan>,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<Arc<dyn ExecutionPlan>> {
+/// What every operator of a plan is held to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// When the query's time is up.
+    pub deadline: Instant,
+    /// The timeout (for the error message).
+    pub timeout: Duration,
+    /// Most bytes one batch an operator yields may hold (the bounded functions' budget).
+    pub batch_bytes: u64,
+}
+
+/// Wraps every node of `plan` so that its output stops at the deadline, and at a batch over
+/// the size limit.
+pub fn wrap(plan: Arc<dyn ExecutionPlan>, limits: Limits) -> Result<Arc<dyn ExecutionPlan>> {
     plan.transform_up(|p| {
+        let p = super::bounded::scope_join_filter(p)?;
         Ok(Transformed::yes(Arc::new(DeadlineExec {
             props: p.properties().clone(),
             input: p,
-            deadline,
-            timeout,
+            limits,
         }) as Arc<dyn ExecutionPlan>))
     })
     .map(|t| t.data)
@@ -51,8 +59,7 @@ pub fn wrap(
 pub struct DeadlineExec {
     input: Arc<dyn ExecutionPlan>,
     props: Arc<PlanProperties>,
-    deadline: Instant,
-    timeout: Duration,
+    limits: Limits,
 }
 
 impl DisplayAs for DeadlineExec {
@@ -96,8 +103,7 @@ impl ExecutionPlan for DeadlineExec {
         Ok(Arc::new(DeadlineExec {
             props: input.properties().clone(),
             input,
-            deadline: self.deadline,
-            timeout: self.timeout,
+            limits: self.limits,
         }))
     }
 
@@ -106,7 +112,9 @@ impl ExecutionPlan for DeadlineExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let (deadline, timeout) = (self.deadline, self.timeout);
+        let Limits {
+            deadline, timeout, ..
+        } = self.limits;
         if Instant::now() >= deadline {
             return Err(DataFusionError::External(Box::new(DeadlineExceeded(
                 timeout,
@@ -115,8 +123,8 @@ impl ExecutionPlan for DeadlineExec {
         let input = self.input.execute(partition, context)?;
         Ok(Box::pin(DeadlineStream {
             input,
-            deadline,
-            timeout,
+            operator: self.input.name().to_string(),
+            limits: self.limits,
             done: false,
         }))
     }
@@ -125,8 +133,9 @@ impl ExecutionPlan for DeadlineExec {
 /// An operator's output, up to the deadline.
 struct DeadlineStream {
     input: SendableRecordBatchStream,
-    deadline: Instant,
-    timeout: Duration,
+    /// The operator's name, for the error of a batch over the limit.
+    operator: String,
+    limits: Limits,
     /// The stream ended (with its last batch or an error): nothing more is computed.
     done: bool,
 }
@@ -142,21 +151,39 @@ impl futures::Stream for DeadlineStream {
         if self.done {
             return Poll::Ready(None);
         }
-        if Instant::now() >= self.deadline {
+        if Instant::now() >= self.limits.deadline {
             self.done = true;
             return Poll::Ready(Some(Err(DataFusionError::External(Box::new(
-                DeadlineExceeded(self.timeout),
+                DeadlineExceeded(self.limits.timeout),
             )))));
         }
         super::bounded::reset_ledger();
         let r = self.input.poll_next_unpin(cx);
         super::bounded::reset_ledger();
         match r {
-            Poll::Ready(Some(Ok(_))) if Instant::now() >= self.deadline => {
+            Poll::Ready(Some(Ok(_))) if Instant::now() >= self.limits.deadline => {
                 self.done = true;
                 Poll::Ready(Some(Err(DataFusionError::External(Box::new(
-                    DeadlineExceeded(self.timeout),
+                    DeadlineExceeded(self.limits.timeout),
                 )))))
+            }
+            Poll::Ready(Some(Ok(b))) => {
+                // what one operator computed for one batch: an expression the bounded
+                // functions do not cover (sixteen copies of a column, a chain of CTEs each
+                // doubling the last) stops here, one batch past the limit at most
+                let bytes = super::bounded::batch_bytes(&b);
+                if bytes > self.limits.batch_bytes {
+                    self.done = true;
+                    metrics::counter!("atlake_query_batches_refused_total").increment(1);
+                    return Poll::Ready(Some(Err(DataFusionError::ResourcesExhausted(format!(
+                        "{} produced a batch of {} MiB ({} rows), more than the {} MiB one batch may hold",
+                        self.operator,
+                        bytes >> 20,
+                        b.num_rows(),
+                        self.limits.batch_bytes >> 20
+                    )))));
+                }
+                Poll::Ready(Some(Ok(b)))
             }
             Poll::Ready(Some(Err(e))) => {
                 self.done = true;
@@ -284,4 +311,63 @@ pub fn physical_rules(
                 as Arc<dyn datafusion::physical_optimizer::PhysicalOptimizerRule + Send + Sync>
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{ArrayRef, StringArray};
+    use arrow::record_batch::RecordBatch;
+    use datafusion::datasource::memory::MemorySourceConfig;
+
+    async fn run(batch: RecordBatch, batch_bytes: u64) -> Result<usize> {
+        let plan = MemorySourceConfig::try_new_exec(&[vec![batch.clone()]], batch.schema(), None)?;
+        let plan = wrap(
+            plan,
+            Limits {
+                deadline: Instant::now() + Duration::from_secs(60),
+                timeout: Duration::from_secs(60),
+                batch_bytes,
+            },
+        )?;
+        let task = Arc::new(TaskContext::default());
+        let out = datafusion::physical_plan::collect(plan, task).await?;
+        Ok(out.iter().map(|b| b.num_rows()).sum())
+    }
+
+    #[tokio::test]
+    async fn a_batch_over_the_limit_ends_the_stream_and_one_at_it_passes() {
+        let col: ArrayRef = Arc::new(StringArray::from(vec!["a".repeat(1 << 20)]));
+        let batch = RecordBatch::try_from_iter([("s", col)]).unwrap();
+        let bytes = crate::query::bounded::batch_bytes(&batch);
+        assert!(bytes > 1 << 20, "{bytes}");
+        assert_eq!(run(batch.clone(), bytes).await.unwrap(), 1);
+        let e = run(batch, bytes - 1).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("DataSourceExec produced a batch of 1 MiB (1 rows)"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn operators_stop_at_the_deadline() {
+        let col: ArrayRef = Arc::new(StringArray::from(vec!["a"]));
+        let batch = RecordBatch::try_from_iter([("s", col)]).unwrap();
+        let plan =
+            MemorySourceConfig::try_new_exec(&[vec![batch.clone()]], batch.schema(), None).unwrap();
+        let plan = wrap(
+            plan,
+            Limits {
+                deadline: Instant::now(),
+                timeout: Duration::from_millis(5),
+                batch_bytes: u64::MAX,
+            },
+        )
+        .unwrap();
+        let e = datafusion::physical_plan::collect(plan, Arc::new(TaskContext::default()))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("timeout"), "{e}");
+    }
 }

@@ -62,6 +62,12 @@ macro_rules! delegate_to_inner_udf {
         fn documentation(&self) -> Option<&datafusion::logical_expr::Documentation> {
             self.inner.documentation()
         }
+        fn schema_name(
+            &self,
+            args: &[datafusion::logical_expr::Expr],
+        ) -> datafusion::common::Result<String> {
+            self.inner.inner().schema_name(args)
+        }
     };
 }
 
@@ -402,10 +408,10 @@ impl QueryEngine {
             .with_config(cfg)
             .with_runtime_env(self.runtime.clone())
             .with_default_features();
-        // OVERLAY … PLACING is planned with the bounded overlay (bound below)
-        let overlay = Arc::new(bounded::OverlayPlanner::default());
+        // OVERLAY … PLACING and || are planned with bounded functions (bound below)
+        let syntax = Arc::new(bounded::SyntaxPlanner::default());
         match builder.expr_planners() {
-            Some(p) => p.insert(0, overlay.clone()),
+            Some(p) => p.insert(0, syntax.clone()),
             None => {
                 return Err(QueryError::Internal(
                     "the session has no expression planners".into(),
@@ -430,12 +436,19 @@ impl QueryEngine {
             at,
             timeout: self.limits.timeout,
         });
-        bounded::register(&ctx, self.limits.function_budget(), deadline)
+        let concat_op = bounded::register(&ctx, self.limits.function_budget(), deadline)
             .map_err(QueryError::from_datafusion)?;
-        overlay.bind(
-            datafusion::execution::FunctionRegistry::udf(&ctx, "overlay")
-                .map_err(QueryError::from_datafusion)?,
-        );
+        let udf = |name: &str| {
+            datafusion::execution::FunctionRegistry::udf(&ctx, name)
+                .map_err(QueryError::from_datafusion)
+        };
+        syntax.bind(bounded::Bound {
+            overlay: udf("overlay")?,
+            concat_op,
+            array_concat: udf("array_concat")?,
+            array_append: udf("array_append")?,
+            array_prepend: udf("array_prepend")?,
+        });
         datepart::register(&mut ctx).map_err(QueryError::from_datafusion)?;
         distinct::register(&ctx);
         let prefix = self
@@ -528,8 +541,15 @@ impl QueryEngine {
             .await
             .map_err(QueryError::from_datafusion)?;
         bounded::reset_ledger();
-        let plan = deadline::wrap(plan, deadline, self.limits.timeout)
-            .map_err(QueryError::from_datafusion)?;
+        let plan = deadline::wrap(
+            plan,
+            deadline::Limits {
+                deadline,
+                timeout: self.limits.timeout,
+                batch_bytes: self.limits.function_budget(),
+            },
+        )
+        .map_err(QueryError::from_datafusion)?;
         datafusion::physical_plan::execute_stream(plan, task).map_err(QueryError::from_datafusion)
     }
 

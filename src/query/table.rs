@@ -114,6 +114,9 @@ fn view_field(f: &arrow::datatypes::Field) -> arrow::datatypes::Field {
     }
 }
 
+/// Rows per batch read from the daemon's buffers (DataFusion's default batch size).
+const MEMORY_BATCH_ROWS: usize = 8192;
+
 /// Reshapes a batch to `schema`: columns by name (cast where the type differs), nulls for
 /// missing ones.
 pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
@@ -159,11 +162,19 @@ impl LakeTable {
             .filter(|f| def.includes(&f.key.name))
             .cloned()
             .collect();
-        let batches = batches
-            .iter()
-            .filter(|(k, b)| def.includes(&k.name) && b.num_rows() > 0)
-            .map(|(_, b)| conform(b, &stored))
-            .collect::<Result<Vec<_>>>()?;
+        // a partition's buffer is one batch; it is read in slices of a scan's batch size, so
+        // that no batch of it is larger than one the query may compute (`deadline::Limits`)
+        let mut sliced = Vec::new();
+        for (k, b) in batches {
+            if !def.includes(&k.name) || b.num_rows() == 0 {
+                continue;
+            }
+            let b = conform(b, &stored)?;
+            for at in (0..b.num_rows()).step_by(MEMORY_BATCH_ROWS) {
+                sliced.push(b.slice(at, MEMORY_BATCH_ROWS.min(b.num_rows() - at)));
+            }
+        }
+        let batches = sliced;
         Ok(LakeTable {
             def,
             schema,

@@ -623,6 +623,21 @@ async fn deep_and_amplifying_sql_is_refused_and_the_server_stays_up_within_its_l
         "SELECT length(lpad(record, 100000)) FROM events",
         "SELECT levenshtein(repeat('a', 50000), repeat('b', 50000))",
         "SELECT length(overlay(repeat('a', 20000000) placing repeat('b', 20000000) from 2))",
+        // || of strings and of lists, and the list functions that copy their arguments
+        "WITH t AS (SELECT repeat('a', 12000000) s) SELECT length(s || s || s) FROM t",
+        "WITH t AS (SELECT [repeat('a', 12000000)] s) SELECT cardinality(s || s || s) FROM t",
+        "WITH t AS (SELECT repeat('a', 12000000) s) SELECT cardinality(make_array(s, s, s)) FROM t",
+        "WITH t AS (SELECT [repeat('a', 12000000)] s) SELECT cardinality(array_concat(s, s, s)) FROM t",
+        "SELECT length(array_to_string(range(1000000), repeat('x', 100)))",
+        "SELECT length(encode(repeat('a', 20000000), 'hex'))",
+        "SELECT cardinality(string_to_array(repeat('a', 5000000), NULL))",
+        // a chain of CTEs, each doubling the last
+        "WITH a AS (SELECT repeat('a', 1000000) s), b AS (SELECT s || s s FROM a), c AS (SELECT s || s s FROM b), d AS (SELECT s || s s FROM c), e AS (SELECT s || s s FROM d), f AS (SELECT s || s s FROM e), g AS (SELECT s || s s FROM f) SELECT length(s) FROM g",
+        // copies no function budget covers: the operator's batch is over the limit
+        "WITH t AS (SELECT repeat('a', 12000000) s) SELECT upper(s) a, lower(s) b, upper(s) c, lower(s) d FROM t",
+        // aggregates: what they hold is in the memory pool
+        "SELECT length(string_agg(repeat('a', 1000), '')) FROM range(2000000)",
+        "SELECT cardinality(array_agg(repeat('a', 1000))) FROM range(2000000)",
     ] {
         let (status, error, took) = post_sql(&c, &base, q).await;
         *counts.entry((status, error.clone())).or_default() += 1;
@@ -661,6 +676,17 @@ async fn deep_and_amplifying_sql_is_refused_and_the_server_stays_up_within_its_l
     let (status, _, took) = post_sql(&c, &base, &ctes).await;
     if status != 400 || took > Duration::from_secs(1) {
         failures.push(format!("3,000 CTEs: {status} after {took:?}"));
+    }
+    // and an IN list of more values than a statement may hold (the largest that fits the body
+    // limit took 85 MiB and more than 5 s to plan)
+    let values = (0..60_000).map(|i| i.to_string()).collect::<Vec<_>>();
+    let list = format!(
+        "SELECT count(*) FROM events WHERE seq IN ({})",
+        values.join(",")
+    );
+    let (status, error, took) = post_sql(&c, &base, &list).await;
+    if status != 400 || error != "bad_sql" || took > Duration::from_secs(1) {
+        failures.push(format!("60,000 values: {status} {error} after {took:?}"));
     }
 
     // 3. time: a CPU-heavy filter stops at the deadline, and nothing runs after the 408
