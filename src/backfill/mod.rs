@@ -504,89 +504,103 @@ async fn list(
         }
         Some(job(did))
     };
-    match target {
-        Target::Dids(dids) => {
-            for d in dids {
-                if *stop.borrow() {
-                    break;
+    let listing = async {
+        match target {
+            Target::Dids(dids) => {
+                for d in dids {
+                    if *stop.borrow() {
+                        break;
+                    }
+                    if let Some(j) = offer(d, &mut seen) {
+                        stats.queued.fetch_add(1, Ordering::Relaxed);
+                        if tx.send(j).await.is_err() {
+                            break;
+                        }
+                    }
                 }
-                if let Some(j) = offer(d, &mut seen) {
-                    stats.queued.fetch_add(1, Ordering::Relaxed);
-                    if tx.send(j).await.is_err() {
+            }
+            Target::Listed => {
+                let by_collection: Vec<Option<String>> = if collections.is_empty() {
+                    vec![None]
+                } else {
+                    collections.iter().cloned().map(Some).collect()
+                };
+                let mut plain = false;
+                'outer: for coll in by_collection {
+                    let mut cursor: Option<String> = None;
+                    loop {
+                        if *stop.borrow() {
+                            break 'outer;
+                        }
+                        let asked = if plain { None } else { coll.as_deref() };
+                        let page = client
+                            .list_repos(&host, asked, cursor.as_deref(), 1000)
+                            .await;
+                        let (repos, next) = match page {
+                            Ok(p) => p,
+                            // a host without listReposByCollection: every repo, filtered by record
+                            Err(SyncError::Xrpc { status, name, .. })
+                                if asked.is_some()
+                                    && (status == 404
+                                        || status == 501
+                                        || name == "MethodNotImplemented") =>
+                            {
+                                tracing::warn!(%host, status, %name, "the host does not serve listReposByCollection; listing every repo (records are still filtered by collection)");
+                                plain = true;
+                                cursor = None;
+                                continue;
+                            }
+                            Err(e) => return Err(BackfillError::List(e)),
+                        };
+                        for r in repos {
+                            if !r.active {
+                                let status = r.status.unwrap_or_else(|| "inactive".into());
+                                metrics::counter!("atlake_backfill_inactive_total", "status" => status.clone()).increment(1);
+                                *stats.detail().inactive.entry(status).or_insert(0) += 1;
+                                stats.listed.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            if let Some(j) = offer(r.did, &mut seen) {
+                                stats.queued.fetch_add(1, Ordering::Relaxed);
+                                if tx.send(j).await.is_err() {
+                                    break 'outer;
+                                }
+                            }
+                        }
+                        stats.detail().cursor = next.clone();
+                        match next {
+                            Some(c) => cursor = Some(c),
+                            None => break,
+                        }
+                    }
+                    if plain {
                         break;
                     }
                 }
             }
         }
-        Target::Listed => {
-            let by_collection: Vec<Option<String>> = if collections.is_empty() {
-                vec![None]
-            } else {
-                collections.iter().cloned().map(Some).collect()
-            };
-            let mut plain = false;
-            'outer: for coll in by_collection {
-                let mut cursor: Option<String> = None;
-                loop {
-                    if *stop.borrow() {
-                        break 'outer;
-                    }
-                    let asked = if plain { None } else { coll.as_deref() };
-                    let page = client
-                        .list_repos(&host, asked, cursor.as_deref(), 1000)
-                        .await;
-                    let (repos, next) = match page {
-                        Ok(p) => p,
-                        // a host without listReposByCollection: every repo, filtered by record
-                        Err(SyncError::Xrpc { status, name, .. })
-                            if asked.is_some()
-                                && (status == 404
-                                    || status == 501
-                                    || name == "MethodNotImplemented") =>
-                        {
-                            tracing::warn!(%host, status, %name, "the host does not serve listReposByCollection; listing every repo (records are still filtered by collection)");
-                            plain = true;
-                            cursor = None;
-                            continue;
-                        }
-                        Err(e) => return Err(BackfillError::List(e)),
-                    };
-                    for r in repos {
-                        if !r.active {
-                            let status = r.status.unwrap_or_else(|| "inactive".into());
-                            metrics::counter!("atlake_backfill_inactive_total", "status" => status.clone()).increment(1);
-                            *stats.detail().inactive.entry(status).or_insert(0) += 1;
-                            stats.listed.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        if let Some(j) = offer(r.did, &mut seen) {
-                            stats.queued.fetch_add(1, Ordering::Relaxed);
-                            if tx.send(j).await.is_err() {
-                                break 'outer;
-                            }
-                        }
-                    }
-                    stats.detail().cursor = next.clone();
-                    match next {
-                        Some(c) => cursor = Some(c),
-                        None => break,
-                    }
-                }
-                if plain {
-                    break;
-                }
-            }
+        stats.listing_done.store(1, Ordering::Relaxed);
+        Ok::<(), BackfillError>(())
+    };
+    let Some(cut) = follow else {
+        return listing.await;
+    };
+    // in the daemon, repos the live stream marks are fetched again from the start, while the
+    // listing goes on (a marked repo is done already: the listing skips it)
+    let gaps = follow_gaps(&cut, &stats, &tx, stop.clone());
+    tokio::pin!(gaps);
+    tokio::select! {
+        listed = listing => {
+            listed?;
+            gaps.await;
         }
-    }
-    stats.listing_done.store(1, Ordering::Relaxed);
-    if let Some(cut) = follow {
-        follow_gaps(&cut, &stats, &tx, stop).await;
+        _ = &mut gaps => {}
     }
     Ok(())
 }
 
-/// After the listing, in the daemon: fetches again every repo the live stream marks (a
-/// `#sync`, or a commit that does not follow the last one seen), until stopped.
+/// In the daemon, beside the listing and after it: fetches again every repo the live stream
+/// marks (a `#sync`, or a commit that does not follow the last one seen), until stopped.
 async fn follow_gaps(
     cut: &crate::catalog::Cutover,
     stats: &Stats,
