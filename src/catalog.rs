@@ -9,6 +9,7 @@
 //! from the buffer but not yet in flight).
 
 use crate::checkpoint::Checkpoint;
+use crate::model::Cursor;
 use crate::sink::partition::{LakeFile, PartitionKey};
 use arrow::record_batch::RecordBatch;
 use std::collections::{BTreeMap, HashMap};
@@ -232,6 +233,9 @@ struct CutoverInner {
     marked: HashMap<u64, Mark>,
     queue: std::collections::VecDeque<String>,
     refetch_overflow: u64,
+    /// Per marked DID, the earliest live position that revealed a gap not yet covered by a
+    /// committed fresh fetch: the live checkpoint stays before it (see [`Cutover::hold`]).
+    holds: HashMap<u64, Cursor>,
 }
 
 /// The last commit seen of a DID.
@@ -242,6 +246,10 @@ struct Head {
     data: u64,
     /// Whether a snapshot anchors the chain (only then is a gap a reason to fetch again).
     anchored: bool,
+    /// Loaded from the progress of an earlier run: the live commits between that snapshot and
+    /// this run's start are not known, so the next commit is checked only for going back
+    /// before the snapshot.
+    loose: bool,
 }
 
 /// Where a repo marked for a fresh fetch stands.
@@ -318,6 +326,10 @@ impl Cutover {
         // the cut matters only to a fresh fetch's marker; a loaded snapshot writes none
         self.snapshot_done(did, Some(rev), data, false);
         let mut g = self.lock();
+        let d = self.hash(&[did]);
+        if let Some(h) = g.heads.get_mut(&d) {
+            h.loose = true;
+        }
         if let Some(r) = rev_bytes(rev) {
             let h = self.hash(&[did]);
             g.snapshots.insert(h, r);
@@ -391,11 +403,23 @@ impl Cutover {
         self.hash(&[data]).max(1)
     }
 
-    /// Marks `did` for a fresh fetch (`g` locked).
-    fn mark(&self, g: &mut CutoverInner, d: u64, did: &str, why: Gap) {
+    /// Marks `did` for a fresh fetch (`g` locked), revealed by the live event at `at`.
+    fn mark(&self, g: &mut CutoverInner, d: u64, did: &str, why: Gap, at: Option<Cursor>) {
+        let hold = |g: &mut CutoverInner| {
+            if let Some(at) = at {
+                let h = g.holds.entry(d).or_insert(at);
+                *h = (*h).min(at);
+            }
+        };
         match g.marked.get_mut(&d) {
-            Some(m) if m.queued || m.again => return,
-            Some(m) => m.again = true,
+            Some(m) if m.queued || m.again => {
+                hold(g);
+                return;
+            }
+            Some(m) => {
+                m.again = true;
+                hold(g);
+            }
             None => {
                 if g.marked.len() >= self.cap {
                     g.refetch_overflow += 1;
@@ -417,6 +441,7 @@ impl Cutover {
                         failures: 0,
                     },
                 );
+                hold(g);
                 g.queue.push_back(did.to_string());
             }
         }
@@ -445,11 +470,15 @@ impl Cutover {
     /// the head). Returns the gap it reveals, if the DID's chain is anchored by a snapshot and
     /// the commit does not follow the last one seen. A commit without chain fields (Jetstream)
     /// advances the head without a check.
+    ///
+    /// `at` is the event's position in the live stream: the live checkpoint stays before it
+    /// until the fresh fetch it calls for is committed.
     pub fn live_commit(
         &self,
         did: &str,
         rev: &str,
         chain: Option<&crate::model::Chain>,
+        at: Option<Cursor>,
     ) -> Option<Gap> {
         let r = rev_bytes(rev)?;
         let d = self.hash(&[did]);
@@ -458,6 +487,13 @@ impl Cutover {
         let head = g.heads.get(&d).copied();
         let gap = match (head, chain) {
             (Some(h), _) if r <= h.rev => return None,
+            // the first commit after a restart: the chain is known only up to the snapshot
+            (Some(h), Some(c)) if h.anchored && h.loose => {
+                match c.since.as_deref().and_then(rev_bytes) {
+                    Some(since) if since >= h.rev => None,
+                    _ => Some(Gap::Since),
+                }
+            }
             (Some(h), Some(c)) if h.anchored => {
                 let since_ok = c.since.as_deref().and_then(rev_bytes) == Some(h.rev);
                 let prev_ok = match (&c.prev_data, h.data) {
@@ -475,9 +511,11 @@ impl Cutover {
             _ => None,
         };
         if let Some(why) = gap {
-            self.mark(&mut g, d, did, why);
+            self.mark(&mut g, d, did, why, at);
         }
         let anchored = head.is_some_and(|h| h.anchored);
+        // a Jetstream commit (no chain) says nothing of the chain: a loose head stays loose
+        let loose = chain.is_none() && head.is_some_and(|h| h.loose);
         self.set_head(
             &mut g,
             d,
@@ -485,6 +523,7 @@ impl Cutover {
                 rev: r,
                 data,
                 anchored,
+                loose,
             },
         );
         gap
@@ -492,7 +531,7 @@ impl Cutover {
 
     /// A live `#sync` of `did` at `rev`: a repo anchored by a snapshot at an earlier rev is
     /// marked for a fresh fetch.
-    pub fn live_sync(&self, did: &str, rev: &str) -> Option<Gap> {
+    pub fn live_sync(&self, did: &str, rev: &str, at: Option<Cursor>) -> Option<Gap> {
         let r = rev_bytes(rev)?;
         let d = self.hash(&[did]);
         let mut g = self.lock();
@@ -502,8 +541,9 @@ impl Cutover {
         }
         let anchored = head.is_some_and(|h| h.anchored);
         if anchored {
-            self.mark(&mut g, d, did, Gap::Sync);
+            self.mark(&mut g, d, did, Gap::Sync, at);
         }
+        // the chain goes on from the synced state, whose root is not known yet
         self.set_head(
             &mut g,
             d,
@@ -511,6 +551,7 @@ impl Cutover {
                 rev: r,
                 data: 0,
                 anchored,
+                loose: false,
             },
         );
         anchored.then_some(Gap::Sync)
@@ -541,6 +582,7 @@ impl Cutover {
                     rev: r,
                     data: data.map_or(0, |x| self.data_hash(x)),
                     anchored: true,
+                    loose: false,
                 },
             };
             // heads hold validated TIDs (ASCII): anything else is a broken invariant, and the
@@ -600,6 +642,26 @@ impl Cutover {
             out.push(did);
         }
         out
+    }
+
+    /// The earliest live position whose gap is not yet covered by a committed fresh fetch:
+    /// the live checkpoint stays before it, so that a crash replays the event and marks the
+    /// repo again (marks live in memory).
+    pub fn hold(&self) -> Option<Cursor> {
+        let g = self.lock();
+        metrics::gauge!("atlake_backfill_checkpoint_holds").set(g.holds.len() as f64);
+        g.holds.values().min().copied()
+    }
+
+    /// A batch holding a fresh fetch of `did` (its rows, or its final failure) is committed:
+    /// its hold on the live checkpoint ends, unless the repo is marked again meanwhile (then
+    /// the next fetch's commit ends it).
+    pub fn refetch_committed(&self, did: &str) {
+        let d = self.hash(&[did]);
+        let mut g = self.lock();
+        if !g.marked.contains_key(&d) {
+            g.holds.remove(&d);
+        }
     }
 
     /// Repos marked for a fresh fetch and not finished (queued or in flight).
@@ -690,7 +752,8 @@ mod tests {
             c.live_commit(
                 DID,
                 "3kaaaaaaaaaa2",
-                Some(&chain(Some("3k2222222222"), Some("x"), "d0"))
+                Some(&chain(Some("3k2222222222"), Some("x"), "d0")),
+                None,
             ),
             None
         );
@@ -700,7 +763,8 @@ mod tests {
             c.live_commit(
                 DID,
                 "3kbaaaaaaaaa2",
-                Some(&chain(Some("zz"), Some("zz"), "zz"))
+                Some(&chain(Some("zz"), Some("zz"), "zz")),
+                None,
             ),
             None
         );
@@ -709,7 +773,8 @@ mod tests {
             c.live_commit(
                 DID,
                 "3kcaaaaaaaaa2",
-                Some(&chain(Some("3kbaaaaaaaaa2"), Some("d1"), "d2"))
+                Some(&chain(Some("3kbaaaaaaaaa2"), Some("d1"), "d2")),
+                None,
             ),
             None
         );
@@ -718,7 +783,8 @@ mod tests {
             c.live_commit(
                 DID,
                 "3kcaaaaaaaaa2",
-                Some(&chain(Some("3kbaaaaaaaaa2"), Some("d1"), "d2"))
+                Some(&chain(Some("3kbaaaaaaaaa2"), Some("d1"), "d2")),
+                None,
             ),
             None
         );
@@ -727,7 +793,8 @@ mod tests {
             c.live_commit(
                 DID,
                 "3kdaaaaaaaaa2",
-                Some(&chain(Some("3kcaaaaaaaaa2"), Some("d9"), "d3"))
+                Some(&chain(Some("3kcaaaaaaaaa2"), Some("d9"), "d3")),
+                None,
             ),
             Some(Gap::PrevData)
         );
@@ -736,7 +803,8 @@ mod tests {
             c.live_commit(
                 DID,
                 "3keaaaaaaaaa2",
-                Some(&chain(Some("3kcaaaaaaaaa2"), Some("d3"), "d4"))
+                Some(&chain(Some("3kcaaaaaaaaa2"), Some("d3"), "d4")),
+                None,
             ),
             Some(Gap::Since)
         );
@@ -744,7 +812,7 @@ mod tests {
         assert_eq!(c.take_refetch(10), vec![DID.to_string()]);
         assert!(c.take_refetch(10).is_empty());
         // a #sync while it is fetched: fetched again after
-        assert_eq!(c.live_sync(DID, "3kfaaaaaaaaa2"), Some(Gap::Sync));
+        assert_eq!(c.live_sync(DID, "3kfaaaaaaaaa2", None), Some(Gap::Sync));
         assert!(c.take_refetch(10).is_empty());
         c.snapshot_done(DID, Some("3kfaaaaaaaaa2"), Some("d5"), true);
         assert_eq!(c.take_refetch(10), vec![DID.to_string()]);
@@ -755,24 +823,26 @@ mod tests {
             c.live_commit(
                 DID,
                 "3khaaaaaaaaa2",
-                Some(&chain(Some("3kgaaaaaaaaa2"), Some("d6"), "d7"))
+                Some(&chain(Some("3kgaaaaaaaaa2"), Some("d6"), "d7")),
+                None,
             ),
             None
         );
         // a #sync at or before the head is old news; Jetstream commits (no chain) just advance
-        assert_eq!(c.live_sync(DID, "3khaaaaaaaaa2"), None);
-        assert_eq!(c.live_commit(DID, "3kiaaaaaaaaa2", None), None);
+        assert_eq!(c.live_sync(DID, "3khaaaaaaaaa2", None), None);
+        assert_eq!(c.live_commit(DID, "3kiaaaaaaaaa2", None, None), None);
         assert_eq!(
             c.live_commit(
                 DID,
                 "3kjaaaaaaaaa2",
-                Some(&chain(Some("3kiaaaaaaaaa2"), None, "d8"))
+                Some(&chain(Some("3kiaaaaaaaaa2"), None, "d8")),
+                None,
             ),
             None
         );
         // a #sync of a repo no snapshot anchors is not a reason to fetch
         assert_eq!(
-            c.live_sync("did:plc:bbbbbbbbbbbbbbbbbbbbbbbb", "3kzaaaaaaaaa2"),
+            c.live_sync("did:plc:bbbbbbbbbbbbbbbbbbbbbbbb", "3kzaaaaaaaaa2", None),
             None
         );
         assert_eq!(c.refetch_pending(), 0);
@@ -787,17 +857,19 @@ mod tests {
             DID,
             "3kcaaaaaaaaa2",
             Some(&chain(Some("3kbaaaaaaaaa2"), Some("d1"), "d2")),
+            None,
         );
         c.snapshot_done(DID, Some("3kbaaaaaaaaa2"), Some("d1"), false);
         assert_eq!(
             c.live_commit(
                 DID,
                 "3kdaaaaaaaaa2",
-                Some(&chain(Some("3kcaaaaaaaaa2"), Some("d2"), "d3"))
+                Some(&chain(Some("3kcaaaaaaaaa2"), Some("d2"), "d3")),
+                None,
             ),
             None
         );
-        assert_eq!(c.live_sync(DID, "3keaaaaaaaaa2"), Some(Gap::Sync));
+        assert_eq!(c.live_sync(DID, "3keaaaaaaaaa2", None), Some(Gap::Sync));
         for _ in 0..REFETCH_ATTEMPTS - 1 {
             assert_eq!(c.take_refetch(10).len(), 1);
             assert!(c.refetch_failed(DID));
@@ -806,6 +878,105 @@ mod tests {
         assert!(!c.refetch_failed(DID));
         assert_eq!(c.refetch_pending(), 0);
         assert!(c.take_refetch(10).is_empty());
+    }
+
+    /// The live checkpoint stays before the earliest event whose gap no committed fresh fetch
+    /// covers yet; a repo marked again while it is fetched keeps its hold until the next fetch
+    /// is committed.
+    #[test]
+    fn gaps_hold_the_live_checkpoint_until_their_fetch_is_committed() {
+        let c = Cutover::new(100);
+        let seq = |v| Cursor::seq(v).ok();
+        let other = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb";
+        c.snapshot_done(DID, Some("3kbaaaaaaaaa2"), Some("d1"), false);
+        c.snapshot_done(other, Some("3kbaaaaaaaaa2"), Some("d1"), false);
+        assert_eq!(c.hold(), None);
+        assert_eq!(c.live_sync(DID, "3kcaaaaaaaaa2", seq(20)), Some(Gap::Sync));
+        assert_eq!(c.hold(), seq(20));
+        // a later gap of the same repo keeps the earlier hold; another repo's earlier one wins
+        assert_eq!(c.live_sync(DID, "3kdaaaaaaaaa2", seq(30)), Some(Gap::Sync));
+        assert_eq!(c.hold(), seq(20));
+        assert_eq!(
+            c.live_sync(other, "3kcaaaaaaaaa2", seq(10)),
+            Some(Gap::Sync)
+        );
+        assert_eq!(c.hold(), seq(10));
+        // the other repo's fetch: taken, done (in the buffer), then committed
+        let taken = c.take_refetch(10);
+        assert_eq!(taken.len(), 2);
+        c.snapshot_done(other, Some("3kcaaaaaaaaa2"), Some("d2"), true);
+        assert_eq!(c.hold(), seq(10), "not committed yet");
+        c.refetch_committed(other);
+        assert_eq!(c.hold(), seq(20));
+        // DID is marked again while its fetch is in flight: that commit does not end the hold
+        assert_eq!(c.live_sync(DID, "3keaaaaaaaaa2", seq(40)), Some(Gap::Sync));
+        c.snapshot_done(DID, Some("3kdaaaaaaaaa2"), Some("d3"), true);
+        c.refetch_committed(DID);
+        assert_eq!(c.hold(), seq(20));
+        assert_eq!(c.take_refetch(10), vec![DID.to_string()]);
+        c.snapshot_done(DID, Some("3keaaaaaaaaa2"), Some("d4"), true);
+        c.refetch_committed(DID);
+        assert_eq!(c.hold(), None);
+        // a fetch that fails for good ends its hold when the failure is committed
+        assert_eq!(c.live_sync(DID, "3kfaaaaaaaaa2", seq(50)), Some(Gap::Sync));
+        for _ in 0..REFETCH_ATTEMPTS - 1 {
+            assert_eq!(c.take_refetch(10).len(), 1);
+            assert!(c.refetch_failed(DID));
+            c.refetch_committed(DID);
+            assert_eq!(c.hold(), seq(50));
+        }
+        assert_eq!(c.take_refetch(10).len(), 1);
+        assert!(!c.refetch_failed(DID));
+        c.refetch_committed(DID);
+        assert_eq!(c.hold(), None);
+    }
+
+    /// After a restart the chain is known only up to each repo's last snapshot: the next live
+    /// commit may follow commits this run did not see, but not go back before the snapshot;
+    /// from then on the chain is strict again.
+    #[test]
+    fn a_restart_checks_the_next_commit_only_against_the_snapshot() {
+        let c = Cutover::new(100);
+        c.load_snapshot(DID, "3kbaaaaaaaaa2", Some("d1"), &[]);
+        // commits at 3kc… and 3kd… happened before the restart; this one follows 3kd…
+        assert_eq!(
+            c.live_commit(
+                DID,
+                "3keaaaaaaaaa2",
+                Some(&chain(Some("3kdaaaaaaaaa2"), Some("d4"), "d5")),
+                None
+            ),
+            None
+        );
+        assert_eq!(c.refetch_pending(), 0);
+        // strict again: since must be the last rev seen
+        assert_eq!(
+            c.live_commit(
+                DID,
+                "3kgaaaaaaaaa2",
+                Some(&chain(Some("3kfaaaaaaaaa2"), Some("d5"), "d7")),
+                None
+            ),
+            Some(Gap::Since)
+        );
+        // a commit that goes back before the snapshot is a gap even right after a restart
+        let other = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb";
+        c.load_snapshot(other, "3kbaaaaaaaaa2", Some("d1"), &[]);
+        assert_eq!(
+            c.live_commit(
+                other,
+                "3kcaaaaaaaaa2",
+                Some(&chain(Some("3kaaaaaaaaaa2"), Some("d0"), "d2")),
+                None
+            ),
+            Some(Gap::Since)
+        );
+        let third = "did:plc:cccccccccccccccccccccccc";
+        c.load_snapshot(third, "3kbaaaaaaaaa2", Some("d1"), &[]);
+        assert_eq!(
+            c.live_commit(third, "3kcaaaaaaaaa2", Some(&chain(None, None, "d2")), None),
+            Some(Gap::Since)
+        );
     }
 
     /// Past the cap, creates are counted as overflow (and kept), never dropped silently.

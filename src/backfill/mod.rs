@@ -1032,6 +1032,15 @@ impl BatchLoop {
             p.commit(&lake, &record).await?;
             if let Some(c) = &catalog {
                 c.add_files(&files);
+                // the fresh fetches in this batch are durable: the live checkpoint may pass
+                // the events that called for them
+                if let Some(cut) = c.cutover() {
+                    let done = record.done.iter().filter(|r| r.reset).map(|r| &r.did);
+                    let failed = record.failed.iter().filter(|r| r.reset).map(|r| &r.did);
+                    for did in done.chain(failed) {
+                        cut.refetch_committed(did);
+                    }
+                }
             }
             let bytes: u64 = files.iter().map(|f| f.size).sum();
             stats.files.fetch_add(files.len() as u64, Ordering::Relaxed);

@@ -328,10 +328,10 @@ impl LoopState {
         if let Some(cut) = self.catalog.cutover() {
             match &env.event.data {
                 EventData::Commit(op) => {
-                    cut.live_commit(&env.event.did, &op.rev, env.chain.as_deref());
+                    cut.live_commit(&env.event.did, &op.rev, env.chain.as_deref(), c);
                 }
                 EventData::Sync(s) => {
-                    cut.live_sync(&env.event.did, &s.rev);
+                    cut.live_sync(&env.event.did, &s.rev, c);
                 }
                 _ => {}
             }
@@ -455,12 +455,15 @@ impl LoopState {
 
     /// The cursor at or below which everything accepted is durable: just before the lowest
     /// cursor still buffered or in flight, or the newest cursor seen when nothing is pending.
+    /// With a backfill beside the stream, also just before the earliest event whose gap is not
+    /// yet covered by a committed fresh fetch (a crash replays it, and it marks again).
     fn durable_cursor(&self) -> Option<Cursor> {
         let pending = self
             .batcher
             .min_buffered_cursor()
             .into_iter()
             .chain(self.inflight.values().filter_map(|(c, _)| *c))
+            .chain(self.catalog.cutover().and_then(|cut| cut.hold()))
             .min();
         match pending {
             Some(p) => p.prev(),
