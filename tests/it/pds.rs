@@ -376,6 +376,32 @@ async fn scenario(replay: bool) {
                 .await
                 .unwrap();
         assert!(markers[0]["n"].as_i64().unwrap() >= 1, "{markers:?}");
+        // the #sync held the live checkpoint until its fresh fetch was committed; then the
+        // checkpoint passes it (a hold that never ends would freeze it)
+        let passed = "SELECT count(*) AS n FROM system.checkpoint c, \
+             (SELECT max(seq) AS s FROM events WHERE kind = 'sync' AND origin = 'firehose') e \
+             WHERE c.source = 'firehose' AND c.cursor >= e.s";
+        let started = Instant::now();
+        loop {
+            let rows: Vec<Value> =
+                x.c.post(&sql)
+                    .body(passed)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+            if rows.first().and_then(|r| r["n"].as_i64()) == Some(1) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the live checkpoint never passed the #sync: {rows:?}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         want = after;
     }
     // both paths carried records, and no record is in the lake twice (the cut-over)
