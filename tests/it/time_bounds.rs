@@ -42,7 +42,7 @@ async fn assert_every_file_parses(dir: &std::path::Path) {
 /// times: year 10000 and `i64::MAX` three times each, as in the issue, plus 0, negative, 2020
 /// and 2050. Returns the truth of the good lines, the absurd lines' count, and the newest good
 /// `time_us`.
-fn hostile_jetstream_capture(path: &std::path::Path) -> (Truth, u64, i64) {
+fn hostile_jetstream_capture(path: &std::path::Path) -> (Truth, u64, i64, u64) {
     let mut t = Traffic::new(TrafficConfig {
         seed: 41,
         ..Default::default()
@@ -57,11 +57,13 @@ fn hostile_jetstream_capture(path: &std::path::Path) -> (Truth, u64, i64) {
         .chain([i64::MAX; 3])
         .chain(BAD_TIMES_US[2..].iter().copied())
         .collect();
+    let mut lines = 0u64;
     for i in 0..2000u64 {
         let m = t.next_message();
         for (time_us, line) in m.jetstream_lines() {
             w.write(&line).unwrap();
             last = time_us;
+            lines += 1;
         }
         truth.add_message(&m);
         if i >= 1000 && ((i - 1000) as usize) < absurd.len() {
@@ -73,19 +75,22 @@ fn hostile_jetstream_capture(path: &std::path::Path) -> (Truth, u64, i64) {
             }
             let mut line = Vec::new();
             assert!(atlake::decode::jetstream::write_line(&env, &mut line));
+            // a field atlake does not write: the quarantine must keep the line as it came
+            line.splice(1..1, br#""x_hostile":1,"#.iter().copied());
             w.write(&line).unwrap();
             bad += 1;
+            lines += 1;
         }
     }
     w.finish().unwrap();
-    (truth, bad, last)
+    (truth, bad, last, lines)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absurd_jetstream_times_through_ingest_input_are_quarantined_and_never_a_cursor() {
     let dir = tempfile::tempdir().unwrap();
     let cap = dir.path().join("hostile.jsonl");
-    let (truth, bad, last_good) = hostile_jetstream_capture(&cap);
+    let (truth, bad, last_good, lines) = hostile_jetstream_capture(&cap);
     let lake = dir.path().join("lake");
     let out = std::process::Command::new(crate::common::atlake_bin())
         .args([
@@ -103,6 +108,13 @@ async fn absurd_jetstream_times_through_ingest_input_are_quarantined_and_never_a
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // the summary counts every line, the events written and the lines quarantined
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let summary = format!(
+        "ingest: {lines} messages, {} events written, {bad} quarantined, 0 duplicates skipped, 0 filtered,",
+        truth.events()
+    );
+    assert!(stderr.contains(&summary), "{summary}\n{stderr}");
     let got = read_lake(&Lake::open(lake.to_str().unwrap()).unwrap()).await;
     assert_exactly_once(&got, &truth);
     assert_eq!(
@@ -110,6 +122,15 @@ async fn absurd_jetstream_times_through_ingest_input_are_quarantined_and_never_a
         Some(bad),
         "{:?}",
         got.errors
+    );
+    // each quarantined line is the line as it came, not the event written again
+    assert_eq!(
+        sql_count(
+            lake.to_str().unwrap(),
+            "SELECT count(*) FROM errors WHERE reason = 'time_range' AND strpos(CAST(raw AS VARCHAR), '{\"x_hostile\":1,') = 1"
+        )
+        .await,
+        bad as i64
     );
     // the checkpoint is the newest good time, not the end of time
     assert_eq!(local_checkpoint(&lake, "jetstream"), Some(last_good));
