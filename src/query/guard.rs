@@ -40,7 +40,7 @@ pub const MAX_RELATIONS: usize = 200;
 
 /// Most literal values (numbers, strings) one statement may hold. Planning takes time and
 /// memory in proportion to them (an `IN` list of 50,000 numbers: 4.2 s and 10 MiB in a debug
-/// build; 150,000, the most a 1 MiB body holds: past a 5 s timeout and 85 MiB); a longer
+/// build; 150,000, the most a 1 MiB body holds: past a 5 s timeout and 79 MiB); a longer
 /// list belongs in a table.
 pub const MAX_VALUES: usize = 50_000;
 

@@ -678,7 +678,7 @@ async fn deep_and_amplifying_sql_is_refused_and_the_server_stays_up_within_its_l
         failures.push(format!("3,000 CTEs: {status} after {took:?}"));
     }
     // and an IN list of more values than a statement may hold (the largest that fits the body
-    // limit took 85 MiB and more than 5 s to plan)
+    // limit took 79 MiB and more than 5 s to plan)
     let values = (0..60_000).map(|i| i.to_string()).collect::<Vec<_>>();
     let list = format!(
         "SELECT count(*) FROM events WHERE seq IN ({})",
