@@ -139,28 +139,9 @@ fn is_operator(t: &Token) -> bool {
                 | Keyword::WHEN
                 | Keyword::IN
         ),
+        t if is_value(t) => false,
         Token::EOF
-        | Token::Number(..)
         | Token::Char(_)
-        | Token::SingleQuotedString(_)
-        | Token::DoubleQuotedString(_)
-        | Token::TripleSingleQuotedString(_)
-        | Token::TripleDoubleQuotedString(_)
-        | Token::DollarQuotedString(_)
-        | Token::SingleQuotedByteStringLiteral(_)
-        | Token::DoubleQuotedByteStringLiteral(_)
-        | Token::TripleSingleQuotedByteStringLiteral(_)
-        | Token::TripleDoubleQuotedByteStringLiteral(_)
-        | Token::SingleQuotedRawStringLiteral(_)
-        | Token::DoubleQuotedRawStringLiteral(_)
-        | Token::TripleSingleQuotedRawStringLiteral(_)
-        | Token::TripleDoubleQuotedRawStringLiteral(_)
-        | Token::NationalStringLiteral(_)
-        | Token::QuoteDelimitedStringLiteral(_)
-        | Token::NationalQuoteDelimitedStringLiteral(_)
-        | Token::EscapedStringLiteral(_)
-        | Token::UnicodeStringLiteral(_)
-        | Token::HexStringLiteral(_)
         | Token::Placeholder(_)
         | Token::Comma
         | Token::Whitespace(_)

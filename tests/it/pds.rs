@@ -165,6 +165,18 @@ async fn converge(
     );
 }
 
+/// The rows of a query to the daemon's SQL endpoint.
+async fn rows(c: &reqwest::Client, sql: &str, q: &str) -> Vec<Value> {
+    c.post(sql)
+        .body(q.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn now() -> String {
     atlake::syntax::format_datetime_ms(atlake::model::cursor::now_us())
 }
@@ -366,15 +378,12 @@ async fn scenario(replay: bool) {
         }
         assert!(after.len() < want.len(), "the import changed nothing");
         converge(&x, &sql, &after, &log).await;
-        let markers: Vec<Value> =
-            x.c.post(&sql)
-                .body("SELECT count(*) AS n FROM events WHERE kind = 'sync' AND origin = 'repo'")
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+        let markers = rows(
+            &x.c,
+            &sql,
+            "SELECT count(*) AS n FROM events WHERE kind = 'sync' AND origin = 'repo'",
+        )
+        .await;
         assert!(markers[0]["n"].as_i64().unwrap() >= 1, "{markers:?}");
         // the #sync held the live checkpoint until its fresh fetch was committed; then the
         // checkpoint passes it (a hold that never ends would freeze it)
@@ -383,21 +392,13 @@ async fn scenario(replay: bool) {
              WHERE c.source = 'firehose' AND c.cursor >= e.s";
         let started = Instant::now();
         loop {
-            let rows: Vec<Value> =
-                x.c.post(&sql)
-                    .body(passed)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-            if rows.first().and_then(|r| r["n"].as_i64()) == Some(1) {
+            let got = rows(&x.c, &sql, passed).await;
+            if got.first().and_then(|r| r["n"].as_i64()) == Some(1) {
                 break;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(30),
-                "the live checkpoint never passed the #sync: {rows:?}\n{}",
+                "the live checkpoint never passed the #sync: {got:?}\n{}",
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -407,18 +408,7 @@ async fn scenario(replay: bool) {
     // both paths carried records, and no record is in the lake twice (the cut-over)
     let one = |q: &'static str| {
         let (c, sql) = (x.c.clone(), sql.clone());
-        async move {
-            let rows: Vec<Value> = c
-                .post(&sql)
-                .body(q)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            rows[0]["n"].as_i64().unwrap()
-        }
+        async move { rows(&c, &sql, q).await[0]["n"].as_i64().unwrap() }
     };
     let repo = one("SELECT count(*) AS n FROM events WHERE origin = 'repo'").await;
     let live =
