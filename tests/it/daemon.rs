@@ -121,6 +121,13 @@ async fn run_serves_fresh_sql_metrics_filters_and_stops_cleanly() {
     ] {
         assert!(metrics.contains(m), "/metrics has {m}:\n{metrics}");
     }
+    // the lag is in seconds: the simulator's stream time is months behind, not 10^19 s
+    let lag: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("atlake_lag_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN);
+    assert!((0.0..1e10).contains(&lag), "atlake_lag_seconds {lag}");
     // every flush is counted under the reason that triggered it
     let reasons = [
         "rows",
