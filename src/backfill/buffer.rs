@@ -256,13 +256,18 @@ pub struct Stage {
 /// The prefix of stage directories: `atlake-stage-<pid>-<process start>-…`.
 const STAGE_PREFIX: &str = "atlake-stage-";
 
+/// The start time written in a stage's name when the process's start cannot be read.
+const UNKNOWN_START: u64 = 0;
+
 impl Stage {
     /// An empty stage in `spill_dir`.
     pub fn new(spill_dir: &std::path::Path) -> std::io::Result<Stage> {
         // the pid and its start time (as the lease records them): a stage is stale when that
         // process is gone, even if its pid was reused since
         let pid = std::process::id();
-        let start = crate::sink::lease::process_start(pid).unwrap_or(0);
+        // no `/proc` (not Linux): the name says "start unknown", and `remove_stale` then
+        // removes the stage only once its pid is gone
+        let start = crate::sink::lease::process_start(pid).unwrap_or(UNKNOWN_START);
         let dir = tempfile::Builder::new()
             .prefix(&format!("{STAGE_PREFIX}{pid}-{start}-"))
             .tempdir_in(spill_dir)?;
@@ -299,7 +304,7 @@ impl Stage {
             };
             let gone = match crate::sink::lease::process_start(pid) {
                 None => true,
-                Some(now) => start != 0 && now != start,
+                Some(now) => start != UNKNOWN_START && now != start,
             };
             if !gone {
                 continue;

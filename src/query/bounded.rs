@@ -890,16 +890,17 @@ impl Bounded {
                     None => vec![0; elements.len()],
                 };
                 let (sep, null) = (per(a.get(1)), per(a.get(2)));
-                let glue = sum(elements
+                // every argument has a value per row; one that does not cannot be bounded
+                // (the call is refused, see `invoke_with_args`)
+                let glue = elements
                     .iter()
                     .enumerate()
                     .map(|(i, n)| {
-                        // every argument has a value per row; an absent one adds nothing
-                        let extra = sep.get(i).copied().unwrap_or(0).max(0)
-                            + null.get(i).copied().unwrap_or(0).max(0);
-                        *n as i128 * extra as i128
+                        let extra = sep.get(i)?.max(&0) + null.get(i)?.max(&0);
+                        Some(*n as i128 * extra as i128)
                     })
-                    .collect());
+                    .collect::<Option<Vec<i128>>>()?;
+                let glue = sum(glue);
                 Some(arg_bytes(arr, rows).saturating_mul(3).saturating_add(glue))
             }
             Growth::Scan => Some(0),
@@ -996,11 +997,16 @@ impl ScalarUDFImpl for Bounded {
                 }));
             }
             Some(_) => {}
-            // a series whose size cannot be told is not run: it is the one shape that can
-            // produce billions of elements from three small arguments
-            None if self.growth == Growth::Series => {
+            // a series or a join whose size cannot be told is not run: a series can produce
+            // billions of elements from three small arguments, a join a separator per element
+            None if matches!(self.growth, Growth::Series | Growth::Join) => {
+                let hint = if self.growth == Growth::Series {
+                    "; cast them to integers, dates or timestamps"
+                } else {
+                    ""
+                };
                 return Err(self.refuse(format!(
-                    "{}() over these argument types cannot be bounded; cast them to integers, dates or timestamps",
+                    "{}() over these arguments cannot be bounded{hint}",
                     self.name()
                 )));
             }
