@@ -255,6 +255,13 @@ pub struct LakeConfig {
     /// Wait for the lake's writer lease when another writer holds it, instead of failing
     /// (the `--wait` flag).
     pub lease_wait: bool,
+    /// Drop whole partitions whose hour ended longer ago than this (`"400d"`; off when unset),
+    /// in a commit of the Delta log, checked by the writer at start and every hour.
+    pub retention: Option<HumanDuration>,
+    /// Delete the files a commit removed from a table (retention, compaction) once they have
+    /// been out of it this long: a reader's snapshot from before the removal stays readable
+    /// until then.
+    pub vacuum_retention: HumanDuration,
 }
 
 impl Default for LakeConfig {
@@ -263,6 +270,8 @@ impl Default for LakeConfig {
             url: "./lake".into(),
             lease_ttl: HumanDuration(Duration::from_secs(30)),
             lease_wait: false,
+            retention: None,
+            vacuum_retention: HumanDuration(Duration::from_secs(3600)),
         }
     }
 }
@@ -638,6 +647,17 @@ impl Config {
         }
         if b.timeout.0 < Duration::from_millis(100) {
             return bad("backfill.timeout", "must be at least 100ms");
+        }
+        if self
+            .lake
+            .retention
+            .as_ref()
+            .is_some_and(|r| r.0 < Duration::from_secs(3600))
+        {
+            return bad(
+                "lake.retention",
+                "must be at least 1h (whole hours are dropped)",
+            );
         }
         if self.lake.lease_ttl.0 < Duration::from_secs(1) {
             return bad("lake.lease_ttl", "must be at least 1s");

@@ -42,7 +42,8 @@
 //! - [`sink`]: partition keys and lake paths, the batcher and its flush policy, Parquet
 //!   encoding, storage through `object_store` (local fsync + rename, S3, memory), and the
 //!   writer lease (one writer per lake).
-//! - [`checkpoint`]: the checkpoint (never ahead of durable data) and start-up recovery.
+//! - [`checkpoint`]: the lake's Delta log (files and the cursor committed together, never
+//!   ahead of durable data) and start-up recovery.
 //! - [`catalog`]: what the lake holds as a running daemon sees it (files, buffered and
 //!   in-flight rows, the checkpoint, storage health): ingest writes it, query reads it.
 //! - [`ingest`]: the pipeline that ties source, decode, batcher, writer and checkpoint together

@@ -1,16 +1,23 @@
 //! The checkpoint and start-up recovery.
 //!
 //! **Invariant**: the checkpoint cursor `C` of a source means every event that source delivered
-//! with a cursor `≤ C` is in a committed file. It is written (atomically, to
-//! `<lake>/_atlake/checkpoint.json`) only after the files that justify it are durable, so it is
-//! never ahead of the data; it lives in the lake, so the lake describes itself.
+//! with a cursor `≤ C` is in a committed file. Since the lake has a Delta log ([`delta`]), `C`
+//! is the `txn` action of the `events` table's log (app id per source), committed in the same
+//! commit as the files that justify it; so the log alone says what is durable. Lakes from
+//! before the log kept `C` in `_atlake/checkpoint.json`: the first writer converts them
+//! ([`recover`]), and readers read them as they are.
 //!
-//! **Recovery**: files may hold events beyond `C` (partitions flush independently). On start we
-//! list the lake, remove temporary leftovers of interrupted writes, and read the dedupe keys of
-//! every row beyond `C` (minus the Jetstream rewind) from the files themselves. The stream is
-//! resumed from `C`; a replayed event whose key is already durable is skipped. Nothing depends on
-//! which partition an event landed in, so the `_other` routing (which depends on what was open)
-//! cannot cause duplicates.
+//! **Recovery**: committed files may hold events beyond `C` (partitions flush independently).
+//! On start we read both tables' logs, remove temporary leftovers and data files no commit
+//! names (written by a process that died before committing them: their events are beyond `C`
+//! and come again), and read the dedupe keys of every committed row beyond `C` (minus the
+//! Jetstream rewind) from the files themselves. The stream is resumed from `C`; a replayed
+//! event whose key is already durable is skipped. Nothing depends on which partition an event
+//! landed in, so the `_other` routing (which depends on what was open) cannot cause
+//! duplicates.
+
+pub mod delta;
+pub mod retention;
 
 use crate::model::key::{EventKey, KeyParts, error_key_of, key_of};
 use crate::model::rows::TableKind;
@@ -25,7 +32,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
-/// Lake-relative path of the checkpoint.
+/// Lake-relative path of the checkpoint of lakes from before the Delta log.
 pub fn checkpoint_path() -> String {
     format!("{STATE_DIR}/checkpoint.json")
 }
@@ -122,9 +129,54 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Reads the checkpoint of a lake (`None` for a new lake). A cursor out of range is an
-    /// error, not a position.
+    /// Reads the checkpoint of a lake (`None` for a new lake): the `txn` actions of the
+    /// `events` table's log, or, for a lake from before the log, `_atlake/checkpoint.json`. A
+    /// cursor out of range is an error, not a position.
     pub async fn load(lake: &Lake) -> Result<Option<Checkpoint>, CheckpointError> {
+        let log = delta::load(lake, delta::Table::Events).await?;
+        if log.version.is_some() {
+            return Checkpoint::from_log(&log).map(Some);
+        }
+        Checkpoint::load_legacy(lake).await
+    }
+
+    /// The checkpoint a log's `txn` actions make. The endpoint of each source is taken from
+    /// the newest commit's information (it is informational; the cursor is the `txn`).
+    pub fn from_log(log: &delta::LogState) -> Result<Checkpoint, CheckpointError> {
+        let mut c = Checkpoint {
+            version: 1,
+            ..Default::default()
+        };
+        for kind in [SourceKind::Firehose, SourceKind::Jetstream] {
+            let Some((cursor, when)) = log.txn(kind) else {
+                continue;
+            };
+            let at = delta::Table::Events.log_path("");
+            Cursor::try_new(kind, cursor).map_err(|e| CheckpointError::Corrupt {
+                path: at.clone(),
+                message: format!("txn {}: {e}", delta::app_id(kind)),
+            })?;
+            let url = log
+                .info
+                .as_ref()
+                .and_then(|i| i.get(kind.as_str()))
+                .and_then(|p| p.get("url"))
+                .and_then(|u| u.as_str())
+                .unwrap_or_default();
+            c.set(
+                kind,
+                SourcePosition {
+                    cursor,
+                    url: url.to_string(),
+                    updated_at: crate::syntax::format_datetime_ms(when.saturating_mul(1000)),
+                },
+            )?;
+        }
+        Ok(c)
+    }
+
+    /// Reads `_atlake/checkpoint.json`, the checkpoint of lakes from before the Delta log.
+    pub async fn load_legacy(lake: &Lake) -> Result<Option<Checkpoint>, CheckpointError> {
         let path = checkpoint_path();
         let Some(b) = lake.get(&path).await? else {
             return Ok(None);
@@ -144,8 +196,10 @@ impl Checkpoint {
         Ok(Some(c))
     }
 
-    /// Writes the checkpoint atomically.
-    pub async fn store(&self, lake: &Lake) -> Result<(), CheckpointError> {
+    /// Writes the checkpoint atomically as `_atlake/checkpoint.json`, the format of lakes from
+    /// before the Delta log (kept to make such lakes in tests and tools; atlake itself commits
+    /// the cursor to the log).
+    pub async fn store_legacy(&self, lake: &Lake) -> Result<(), CheckpointError> {
         let mut c = self.clone();
         c.version = 1;
         let body = serde_json::to_vec_pretty(&c).map_err(|e| CheckpointError::Corrupt {
@@ -164,7 +218,7 @@ pub struct Recovery {
     pub checkpoint: Checkpoint,
     /// The cursor to resume from (`None`: live tip).
     pub resume_cursor: Option<Cursor>,
-    /// Every data file in the lake.
+    /// Every committed data file in the lake (and the backfilled history).
     pub files: Vec<LakeFile>,
     /// Keys of durable events beyond the resume point.
     pub durable_keys: HashSet<EventKey>,
@@ -172,11 +226,45 @@ pub struct Recovery {
     pub durable_high: Option<Cursor>,
     /// Temporary files removed.
     pub temp_removed: usize,
+    /// Data files that no commit names, removed.
+    pub uncommitted_removed: usize,
+    /// Tables converted from the lake format before the Delta log.
+    pub converted: usize,
     /// Files read for keys.
     pub files_scanned: usize,
+    /// The `events` and `_errors` logs as read (the writer commits after them).
+    pub logs: Logs,
 }
 
-/// Lists every data file of the lake.
+/// Both tables' logs.
+#[derive(Debug, Default, Clone)]
+pub struct Logs {
+    /// The `events` table.
+    pub events: delta::LogState,
+    /// The quarantine.
+    pub errors: delta::LogState,
+}
+
+impl Logs {
+    /// The log of `t`.
+    pub fn get_mut(&mut self, t: delta::Table) -> &mut delta::LogState {
+        match t {
+            delta::Table::Events => &mut self.events,
+            delta::Table::Errors => &mut self.errors,
+        }
+    }
+
+    /// Reads both logs.
+    pub async fn load(lake: &Lake) -> Result<Logs, CheckpointError> {
+        Ok(Logs {
+            events: delta::load(lake, delta::Table::Events).await?,
+            errors: delta::load(lake, delta::Table::Errors).await?,
+        })
+    }
+}
+
+/// Lists every data file under the lake's data directories (a directory listing, not the
+/// log: what is *there*, committed or not).
 pub async fn list_files(lake: &Lake) -> Result<Vec<LakeFile>, CheckpointError> {
     let mut files = Vec::new();
     for dir in [
@@ -184,28 +272,178 @@ pub async fn list_files(lake: &Lake) -> Result<Vec<LakeFile>, CheckpointError> {
         crate::sink::partition::HISTORY_DIR,
         crate::sink::partition::ERRORS_DIR,
     ] {
-        for (path, size) in lake.list(dir).await? {
-            if let Some(f) = parse_path(&path, size) {
-                files.push(f);
-            }
-        }
+        files.extend(list_dir(lake, dir).await?);
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(files)
 }
 
+async fn list_dir(lake: &Lake, dir: &str) -> Result<Vec<LakeFile>, CheckpointError> {
+    Ok(lake
+        .list(dir)
+        .await?
+        .into_iter()
+        .filter_map(|(path, size)| parse_path(&path, size))
+        .collect())
+}
+
+/// What a reader sees: the committed files of both tables (from their logs; a lake from
+/// before the log is listed), the backfilled history (listed), and the checkpoint.
+pub async fn lake_state(lake: &Lake) -> Result<(Vec<LakeFile>, Checkpoint), CheckpointError> {
+    let logs = Logs::load(lake).await?;
+    let mut files = Vec::new();
+    for (t, log) in [
+        (delta::Table::Events, &logs.events),
+        (delta::Table::Errors, &logs.errors),
+    ] {
+        if log.version.is_some() {
+            files.extend(log.files.values().cloned());
+        } else {
+            files.extend(list_dir(lake, t.root()).await?);
+        }
+    }
+    files.extend(list_dir(lake, crate::sink::partition::HISTORY_DIR).await?);
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let checkpoint = if logs.events.version.is_some() {
+        Checkpoint::from_log(&logs.events)?
+    } else {
+        Checkpoint::load_legacy(lake).await?.unwrap_or_default()
+    };
+    Ok((files, checkpoint))
+}
+
+/// Gives a table without a log its first commit: every data file under its root (a lake from
+/// before the log, where a file was committed by being there) and, for `events`, the cursors
+/// of `_atlake/checkpoint.json`. One conditional put, so a crash leaves either no log (and the
+/// next start converts again) or the whole version 0.
+async fn convert(
+    lake: &Lake,
+    table: delta::Table,
+    listed: &[LakeFile],
+    legacy: Option<&Checkpoint>,
+) -> Result<delta::LogState, CheckpointError> {
+    let now = crate::model::cursor::now_us() / 1000;
+    let mut actions = delta::create_actions(table, now)?;
+    let mine: Vec<&LakeFile> = listed
+        .iter()
+        .filter(|f| delta::Table::of(f) == Some(table))
+        .collect();
+    for f in &mine {
+        actions.push(delta::add_action(table, f, true, now));
+    }
+    if table == delta::Table::Events
+        && let Some(c) = legacy
+    {
+        for kind in [SourceKind::Firehose, SourceKind::Jetstream] {
+            if let Some(p) = c.position(kind) {
+                actions.push(delta::txn_action(kind, p.cursor, now));
+            }
+        }
+    }
+    let op = if mine.is_empty() && legacy.is_none() {
+        "CREATE TABLE"
+    } else {
+        "CONVERT"
+    };
+    let info = serde_json::to_value(legacy.cloned().unwrap_or_default()).map_err(|e| {
+        CheckpointError::Corrupt {
+            path: checkpoint_path(),
+            message: e.to_string(),
+        }
+    })?;
+    let mut st = delta::LogState::default();
+    match delta::commit(lake, table, &mut st, op, info, actions).await? {
+        delta::CommitOutcome::Committed(_) => {
+            if op == "CONVERT" {
+                tracing::info!(
+                    table = table.root(),
+                    files = mine.len(),
+                    "converted the table to a Delta log"
+                );
+            }
+            Ok(st)
+        }
+        // another start converted it first: read what it wrote
+        delta::CommitOutcome::Conflict(_) => delta::load(lake, table).await,
+    }
+}
+
 /// Recovers the state for `source`: checkpoint, files, and the keys of durable events that a
 /// resumed stream may deliver again. `rewind` is how far before the checkpoint the stream will
 /// resume, in cursor units (µs for Jetstream). The caller holds the lake's writer lease: only
-/// then are leftover temporary files safe to remove.
+/// then are leftover temporary files and uncommitted data files safe to remove, and a lake
+/// from before the Delta log safe to convert.
 pub async fn recover(
     lake: &Lake,
     source: SourceKind,
     rewind: u64,
 ) -> Result<Recovery, CheckpointError> {
     let temp_removed = lake.remove_temp_files().await?;
-    let checkpoint = Checkpoint::load(lake).await?.unwrap_or_default();
-    let files = list_files(lake).await?;
+    let mut logs = Logs::load(lake).await?;
+    let listed = list_files(lake).await?;
+    let mut converted = 0;
+    if logs.events.version.is_none() || logs.errors.version.is_none() {
+        let legacy = Checkpoint::load_legacy(lake).await?;
+        for t in delta::Table::ALL {
+            if logs.get_mut(t).version.is_none() {
+                *logs.get_mut(t) = convert(lake, t, &listed, legacy.as_ref()).await?;
+                converted += 1;
+            }
+        }
+    }
+    // both logs exist: the file of the old format says nothing more
+    if lake.get(&checkpoint_path()).await?.is_some() {
+        lake.delete(&checkpoint_path()).await?;
+    }
+    let mut files = Vec::new();
+    let mut uncommitted_removed = 0;
+    for f in listed {
+        let log = match delta::Table::of(&f) {
+            Some(delta::Table::Events) => &logs.events,
+            Some(delta::Table::Errors) => &logs.errors,
+            None => {
+                files.push(f);
+                continue;
+            }
+        };
+        if log.files.contains_key(&f.path) {
+            files.push(f);
+        } else if !log.removed.contains_key(&f.path) {
+            tracing::info!(path = %f.path, "removing a data file no commit names (its events come again)");
+            lake.delete(&f.path).await?;
+            uncommitted_removed += 1;
+        }
+    }
+    // committed files whose size the log knows better than a listing (rows, too)
+    for f in files.iter_mut() {
+        let log = match delta::Table::of(f) {
+            Some(delta::Table::Events) => &logs.events,
+            Some(delta::Table::Errors) => &logs.errors,
+            None => continue,
+        };
+        if let Some(c) = log.files.get(&f.path) {
+            f.rows = c.rows;
+        }
+    }
+    let missing: Vec<&String> = [&logs.events, &logs.errors]
+        .iter()
+        .flat_map(|l| l.files.keys())
+        .filter(|p| {
+            files
+                .binary_search_by(|f| f.path.as_str().cmp(p.as_str()))
+                .is_err()
+        })
+        .collect();
+    if let Some(p) = missing.first() {
+        return Err(CheckpointError::File {
+            path: (*p).clone(),
+            message: format!(
+                "committed in the log but not in the lake ({} such files)",
+                missing.len()
+            ),
+        });
+    }
+    let checkpoint = Checkpoint::from_log(&logs.events)?;
     let mine: Vec<&LakeFile> = files.iter().filter(|f| f.name.source() == source).collect();
     let durable_high = mine.iter().map(|f| f.name.last()).max();
     let resume_cursor = checkpoint.cursor(source);
@@ -229,7 +467,10 @@ pub async fn recover(
         durable_keys,
         durable_high,
         temp_removed,
+        uncommitted_removed,
+        converted,
         files_scanned,
+        logs,
     })
 }
 
@@ -567,7 +808,7 @@ mod tests {
             SourcePosition::new(Cursor::seq(c).unwrap(), "wss://relay"),
         )
         .unwrap();
-        cp.store(&lake).await.unwrap();
+        cp.store_legacy(&lake).await.unwrap();
         for rewind in [0u64, 20] {
             let r = recover(&lake, SourceKind::Firehose, rewind).await.unwrap();
             assert_eq!(r.resume_cursor, Cursor::seq(c).ok());
@@ -629,7 +870,7 @@ mod tests {
         write(&lake, SourceKind::Firehose, b.drain().unwrap()).await;
         let part = dir
             .path()
-            .join("events/collection=app.bsky.feed.like/date=2026-07-04/hour=14");
+            .join("events/collection_partition=app.bsky.feed.like/date=2026-07-04/hour=14");
         std::fs::create_dir_all(&part).unwrap();
         std::fs::write(part.join(".fh-1-2-00000000.parquet.123.tmp"), b"partial").unwrap();
         std::fs::write(part.join("notes.txt"), b"not a data file").unwrap();
@@ -640,6 +881,120 @@ mod tests {
         assert_eq!(
             r.durable_keys,
             evs.iter().map(event_key).collect::<HashSet<_>>()
+        );
+    }
+
+    /// A lake from before the Delta log is converted by its first writer: every file it had is
+    /// committed in version 0 with the old checkpoint's cursor, the old file goes, and a
+    /// second start reads the same state from the log alone.
+    #[tokio::test]
+    async fn a_lake_from_before_the_log_is_converted_once_with_its_cursor() {
+        let evs = events(200);
+        let (lake, _) = lake_of(&evs, 40).await;
+        let listed = list_files(&lake).await.unwrap();
+        let c = evs[100].seq.unwrap();
+        let mut cp = Checkpoint::default();
+        cp.set(
+            SourceKind::Firehose,
+            SourcePosition::new(Cursor::seq(c).unwrap(), "wss://relay"),
+        )
+        .unwrap();
+        cp.store_legacy(&lake).await.unwrap();
+        // a reader does not convert: it reads the old format as it is
+        let (files, read) = lake_state(&lake).await.unwrap();
+        assert_eq!(files.len(), listed.len());
+        assert_eq!(read.cursor(SourceKind::Firehose), Cursor::seq(c).ok());
+        assert!(lake.get(&checkpoint_path()).await.unwrap().is_some());
+
+        let r = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
+        assert_eq!(r.converted, 2);
+        assert_eq!(r.uncommitted_removed, 0);
+        assert_eq!(r.files.len(), listed.len());
+        assert_eq!(r.resume_cursor, Cursor::seq(c).ok());
+        assert!(lake.get(&checkpoint_path()).await.unwrap().is_none());
+        let log = delta::load(&lake, delta::Table::Events).await.unwrap();
+        assert_eq!(log.version, Some(0));
+        assert_eq!(log.txn(SourceKind::Firehose).map(|t| t.0), Some(c));
+        let errors = delta::load(&lake, delta::Table::Errors).await.unwrap();
+        assert_eq!(errors.files.len(), 1, "the quarantine file");
+        assert_eq!(log.files.len() + errors.files.len(), listed.len());
+
+        let again = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
+        assert_eq!(again.converted, 0);
+        assert_eq!(again.resume_cursor, Cursor::seq(c).ok());
+        assert_eq!(again.durable_keys, r.durable_keys);
+        let (files, read) = lake_state(&lake).await.unwrap();
+        assert_eq!(files.len(), listed.len());
+        assert_eq!(
+            read.position(SourceKind::Firehose).unwrap().url,
+            "wss://relay"
+        );
+    }
+
+    /// A data file no commit names was written by a process that died before committing it:
+    /// recovery removes it (its events come again) and reads no keys from it. A file the log
+    /// names that is not in the lake is an error, not a smaller table.
+    #[tokio::test]
+    async fn uncommitted_files_are_removed_and_missing_committed_ones_refused() {
+        let evs = events(120);
+        let lake = Lake::open("memory://").unwrap();
+        recover(&lake, SourceKind::Firehose, 0).await.unwrap();
+        let mut b = Batcher::new(
+            FlushPolicy::from_config(&Default::default()),
+            SourceKind::Firehose,
+        );
+        for e in &evs {
+            b.push_event(e, e.cursor(), event_key(e), Instant::now())
+                .unwrap();
+        }
+        write(&lake, SourceKind::Firehose, b.drain().unwrap()).await;
+        let written = list_files(&lake).await.unwrap();
+        assert!(!written.is_empty());
+        let r = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
+        assert_eq!(r.uncommitted_removed, written.len());
+        assert!(r.files.is_empty());
+        assert!(r.durable_keys.is_empty());
+        assert!(list_files(&lake).await.unwrap().is_empty());
+
+        // committed, then lost from storage
+        write(&lake, SourceKind::Firehose, {
+            let mut b = Batcher::new(
+                FlushPolicy::from_config(&Default::default()),
+                SourceKind::Firehose,
+            );
+            for e in &evs {
+                b.push_event(e, e.cursor(), event_key(e), Instant::now())
+                    .unwrap();
+            }
+            b.drain().unwrap()
+        })
+        .await;
+        let files = list_files(&lake).await.unwrap();
+        let mut log = delta::load(&lake, delta::Table::Events).await.unwrap();
+        let adds = files
+            .iter()
+            .map(|f| delta::add_action(delta::Table::Events, f, true, 1))
+            .collect();
+        delta::commit(
+            &lake,
+            delta::Table::Events,
+            &mut log,
+            "WRITE",
+            serde_json::Value::Null,
+            adds,
+        )
+        .await
+        .unwrap();
+        let r = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
+        assert_eq!(r.files.len(), files.len());
+        assert_eq!(r.uncommitted_removed, 0);
+        assert_eq!(r.durable_keys.len(), evs.len());
+        lake.delete(&files[0].path).await.unwrap();
+        let e = recover(&lake, SourceKind::Firehose, 0).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("committed in the log but not in the lake"),
+            "{e}"
         );
     }
 }

@@ -1,80 +1,223 @@
-//! The checkpoint writer: stores the newest durable position off the decode loop.
+//! The committer: commits written files and the newest durable position to the lake's Delta
+//! log, off the decode loop.
 //!
-//! The decode loop only ever *asks* for a position (a watch channel: the newest request wins,
-//! older ones are skipped). This task stores it; a failed store (object store unreachable, disk
-//! full) is retried with backoff until it succeeds, a newer request replaces it, or shutdown
-//! gives up. So a slow or failing checkpoint store never stalls reading, and the last position
-//! is never forgotten because no further flush happened to come along.
+//! The decode loop sends every file the writer made durable (an unbounded channel, in
+//! order) and then *asks* for a position (a watch channel: the newest request wins, older ones
+//! are skipped). Because a file is always sent before the position it justifies, the files
+//! drained after a position is seen include every file that position needs. This task
+//! commits them together: quarantine files to the `_errors` log, then the `events` files and
+//! the cursor (a `txn` action) in one `events` commit. A failed commit (object store
+//! unreachable, disk full) is retried with backoff until it succeeds, a newer request joins
+//! it, or shutdown gives up; before a retry the logs are read again, so a commit that landed
+//! although its reply was lost is not made twice. So a slow or failing store never stalls
+//! reading, and the last position is never forgotten because no further flush happened to come
+//! along.
 
 use crate::backoff::Backoff;
 use crate::catalog::Catalog;
-use crate::checkpoint::{Checkpoint, CheckpointError};
-use crate::model::Cursor;
+use crate::checkpoint::delta::{self, CommitOutcome, Table};
+use crate::checkpoint::{Checkpoint, CheckpointError, Logs};
+use crate::model::{Cursor, SourceKind};
 use crate::sink::lease::FenceError;
+use crate::sink::partition::LakeFile;
 use crate::sink::store::Lake;
 use crate::sink::store::StoreError;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-/// A position to store: the whole checkpoint file and the cursor it carries for this source.
+/// A position to store: the whole checkpoint and the cursor it carries for this source.
 pub type Request = Option<(Checkpoint, Cursor)>;
 
-/// Runs until `requests` closes and its last request is stored (or `abandon` is set while it
-/// cannot be). Returns the last cursor stored.
+/// What the committer works on.
+pub struct Committer {
+    /// The lake (fenced by the writer lease).
+    pub lake: Lake,
+    /// Where the committed checkpoint is published.
+    pub catalog: Arc<Catalog>,
+    /// The source whose cursor is committed.
+    pub source: SourceKind,
+    /// Both logs as recovery read them.
+    pub logs: Logs,
+    /// Drop partitions whose hour ended longer ago than this (`lake.retention`).
+    pub retention: Option<Duration>,
+    /// Delete removed files once out of the table this long (`lake.vacuum_retention`).
+    pub vacuum_after: Duration,
+}
+
+/// How often retention and vacuum run (also once at start).
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(3600);
+
+/// One retention and vacuum pass; a failure is logged and counted, and the next pass tries
+/// again.
+async fn maintain(c: &mut Committer) {
+    let now = crate::model::cursor::now_us();
+    // durations beyond i64 (about 292,000 years) saturate: they mean "never"
+    let retention = c
+        .retention
+        .map(|r| r.as_micros().min(i64::MAX as u128) as i64);
+    let vacuum_ms = c.vacuum_after.as_millis().min(i64::MAX as u128) as i64;
+    match crate::checkpoint::retention::pass(&c.lake, &mut c.logs, retention, vacuum_ms, now).await
+    {
+        Ok(p) if p.expired + p.vacuumed > 0 => {
+            tracing::info!(
+                expired = p.expired,
+                vacuumed = p.vacuumed,
+                "retention and vacuum"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            metrics::counter!("atlake_storage_errors_total", "kind" => "retention").increment(1);
+            tracing::warn!(error = %e, "retention or vacuum failed; the next pass tries again");
+        }
+    }
+}
+
+/// Runs until `requests` and `files` close and what they carried is committed (or `abandon`
+/// is set while it cannot be). Returns the last cursor committed.
 pub async fn run(
-    lake: Lake,
-    catalog: Arc<Catalog>,
+    mut c: Committer,
     mut requests: watch::Receiver<Request>,
+    mut files: mpsc::UnboundedReceiver<LakeFile>,
     mut abandon: watch::Receiver<bool>,
     mut written: Option<Cursor>,
 ) -> Option<Cursor> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut closed = false;
+    let mut files_closed = false;
+    let mut pending: Vec<LakeFile> = Vec::new();
+    let mut maintenance = tokio::time::interval(MAINTENANCE_EVERY);
+    maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        closed |= requests.changed().await.is_err();
-        // store the newest request, retrying until it lands or is superseded
+        if !(closed && files_closed) {
+            tokio::select! {
+                _ = maintenance.tick() => maintain(&mut c).await,
+                r = requests.changed(), if !closed => closed = r.is_err(),
+                f = files.recv(), if !files_closed => match f {
+                    Some(f) => pending.push(f),
+                    None => files_closed = true,
+                },
+            }
+        }
+        // commit the files and the newest request, retrying until they land
         loop {
-            let Some((cp, cursor)) = requests.borrow_and_update().clone() else {
-                break;
-            };
-            if Some(cursor) == written {
+            let request = requests.borrow_and_update().clone();
+            while let Ok(f) = files.try_recv() {
+                pending.push(f);
+            }
+            let cursor = request
+                .as_ref()
+                .map(|(_, c)| *c)
+                .filter(|c| Some(*c) != written);
+            if pending.is_empty() && cursor.is_none() {
                 break;
             }
-            match cp.store(&lake).await {
+            match commit(&mut c, &pending, request.as_ref(), cursor).await {
                 Ok(()) => {
-                    written = Some(cursor);
+                    pending.clear();
                     backoff.reset();
-                    catalog.set_checkpoint(cp);
-                    metrics::gauge!("atlake_checkpoint_cursor").set(cursor.value() as f64);
+                    if let (Some((cp, _)), Some(cur)) = (request, cursor) {
+                        written = Some(cur);
+                        c.catalog.set_checkpoint(cp);
+                        metrics::gauge!("atlake_checkpoint_cursor").set(cur.value() as f64);
+                    }
                     break;
                 }
                 Err(e) => {
                     metrics::counter!("atlake_storage_errors_total", "kind" => "checkpoint")
                         .increment(1);
                     if let CheckpointError::Store(StoreError::Fenced(FenceError::Lost(why))) = &e {
-                        tracing::error!(%why, "the writer lease was lost; no further checkpoint is written");
+                        tracing::error!(%why, "the writer lease was lost; nothing further is committed");
                         return written;
                     }
                     if *abandon.borrow() {
-                        tracing::error!(error = %e, "giving up on the checkpoint at shutdown; the lake's files stay authoritative");
+                        tracing::error!(error = %e, "giving up on the commit at shutdown; what is not committed comes again on the next start");
                         return written;
                     }
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, ?delay, "writing the checkpoint failed; retrying");
+                    tracing::warn!(error = %e, ?delay, "committing to the lake's log failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = abandon.wait_for(|a| *a) => {}
-                        // a newer position arrived: store that one instead
+                        // a newer position arrived: commit that one instead
                         r = requests.changed(), if !closed => closed = r.is_err(),
+                    }
+                    // the failed commit may have landed: read the logs again before retrying
+                    match Logs::load(&c.lake).await {
+                        Ok(l) => {
+                            pending.retain(|f| match Table::of(f) {
+                                Some(Table::Events) => !l.events.files.contains_key(&f.path),
+                                Some(Table::Errors) => !l.errors.files.contains_key(&f.path),
+                                None => true,
+                            });
+                            if let Some((v, _)) = l.events.txn(c.source)
+                                && let Ok(cur) = Cursor::try_new(c.source, v)
+                            {
+                                written = written.max(Some(cur));
+                            }
+                            c.logs = l;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reading the lake's log again failed"),
                     }
                 }
             }
         }
-        if closed {
+        if closed && files_closed {
             return written;
         }
     }
+}
+
+/// One round: the quarantine's files, then the `events` files with the cursor.
+async fn commit(
+    c: &mut Committer,
+    pending: &[LakeFile],
+    request: Option<&(Checkpoint, Cursor)>,
+    cursor: Option<Cursor>,
+) -> Result<(), CheckpointError> {
+    let now = crate::model::cursor::now_us() / 1000;
+    let info = match request {
+        Some((cp, _)) => serde_json::to_value(cp).map_err(|e| CheckpointError::Corrupt {
+            path: Table::Events.log_path(""),
+            message: e.to_string(),
+        })?,
+        None => serde_json::Value::Null,
+    };
+    for table in Table::ALL {
+        let mut actions: Vec<serde_json::Value> = pending
+            .iter()
+            .filter(|f| Table::of(f) == Some(table))
+            .map(|f| delta::add_action(table, f, true, now))
+            .collect();
+        if table == Table::Events
+            && let Some(cur) = cursor
+        {
+            actions.push(delta::txn_action(c.source, cur.value(), now));
+        }
+        if actions.is_empty() {
+            continue;
+        }
+        let log = c.logs.get_mut(table);
+        let info = if table == Table::Events {
+            info.clone()
+        } else {
+            serde_json::Value::Null
+        };
+        match delta::commit(&c.lake, table, log, "STREAMING UPDATE", info, actions).await? {
+            CommitOutcome::Committed(_) => {}
+            CommitOutcome::Conflict(v) => {
+                // the lease makes this process the only writer: another commit at our version
+                // is a broken invariant, not a race to retry
+                metrics::counter!("atlake_broken_invariants_total").increment(1);
+                return Err(CheckpointError::Corrupt {
+                    path: table.log_path(&delta::commit_name(v)),
+                    message: "another writer committed this version".into(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -93,45 +236,120 @@ mod tests {
         Some((cp, c))
     }
 
+    /// A committer writing through `lake`, after recovery through its unfenced `base`.
+    async fn committer(base: &Lake, lake: &Lake, catalog: Arc<Catalog>) -> Committer {
+        let rec = crate::checkpoint::recover(base, SourceKind::Firehose, 0)
+            .await
+            .unwrap();
+        Committer {
+            lake: lake.clone(),
+            catalog,
+            source: SourceKind::Firehose,
+            logs: rec.logs,
+            retention: None,
+            vacuum_after: Duration::from_secs(3600),
+        }
+    }
+
+    fn data_file(first: i64) -> LakeFile {
+        use crate::sink::partition::{FileName, PartitionKey, PartitionName, parse_path};
+        let key = PartitionKey::at_hour(
+            PartitionName::Collection("app.bsky.feed.post".into()),
+            493_000,
+        )
+        .unwrap();
+        let name = FileName::try_new(
+            Cursor::seq(first).unwrap(),
+            Cursor::seq(first + 1).unwrap(),
+            1,
+        )
+        .unwrap();
+        parse_path(&format!("{}/{}", key.dir(), name.render()), 10).unwrap()
+    }
+
     /// A failing store is retried with backoff until it works; a newer position replaces the
-    /// one being retried; the last position asked for is the one stored.
+    /// one being retried; the last position asked for is the one committed, with the files
+    /// sent before it.
     #[tokio::test(start_paused = true)]
-    async fn retries_until_stored_and_the_newest_request_wins() {
+    async fn retries_until_committed_and_the_newest_request_wins() {
         let fence = Fence::new(Some(Instant::now()));
-        let lake = Lake::open("memory://").unwrap().fenced(fence.clone());
+        let base = Lake::open("memory://").unwrap();
+        let lake = base.fenced(fence.clone());
         let catalog = Arc::new(Catalog::default());
+        let c = committer(&base, &lake, catalog.clone()).await;
         let (tx, rx) = watch::channel(None);
+        let (ftx, frx) = mpsc::unbounded_channel();
         let (_abandon_tx, abandon) = watch::channel(false);
-        let task = tokio::spawn(run(lake.clone(), catalog.clone(), rx, abandon, None));
+        let task = tokio::spawn(run(c, rx, frx, abandon, None));
+        ftx.send(data_file(1)).unwrap();
         tx.send(request(10)).unwrap();
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert_eq!(
-            Checkpoint::load(&lake).await.unwrap(),
+            Checkpoint::load(&lake)
+                .await
+                .unwrap()
+                .unwrap()
+                .cursor(SourceKind::Firehose),
             None,
-            "not stored yet"
+            "not committed yet"
         );
+        ftx.send(data_file(11)).unwrap();
         tx.send(request(20)).unwrap();
         fence.extend(Instant::now() + Duration::from_secs(3600));
         tokio::time::sleep(Duration::from_secs(11)).await;
         let stored = Checkpoint::load(&lake).await.unwrap().unwrap();
         assert_eq!(stored.cursor(SourceKind::Firehose), Cursor::seq(20).ok());
         assert_eq!(
+            stored.position(SourceKind::Firehose).unwrap().url,
+            "wss://relay"
+        );
+        let log = delta::load(&lake, Table::Events).await.unwrap();
+        assert_eq!(log.files.len(), 2, "both files, once");
+        assert_eq!(
             catalog.snapshot().checkpoint.cursor(SourceKind::Firehose),
             stored.cursor(SourceKind::Firehose)
         );
         drop(tx);
+        drop(ftx);
         let written = task.await.unwrap();
         assert_eq!(written, Cursor::seq(20).ok());
     }
 
-    /// A lost lease ends the checkpoint writer without storing.
-    #[tokio::test(start_paused = true)]
-    async fn a_lost_lease_stops_the_checkpoint_writer() {
-        let fence = Fence::new(Some(Instant::now()));
-        let lake = Lake::open("memory://").unwrap().fenced(fence.clone());
-        let (tx, rx) = watch::channel(None);
+    /// A file alone (the cursor pinned by an older partition) is committed without waiting for
+    /// the cursor to move.
+    #[tokio::test]
+    async fn files_are_committed_without_a_new_position() {
+        let lake = Lake::open("memory://").unwrap();
+        let c = committer(&lake, &lake, Arc::default()).await;
+        let (_tx, rx) = watch::channel(None);
+        let (ftx, frx) = mpsc::unbounded_channel();
         let (_abandon_tx, abandon) = watch::channel(false);
-        let task = tokio::spawn(run(lake.clone(), Arc::default(), rx, abandon, None));
+        let task = tokio::spawn(run(c, rx, frx, abandon, None));
+        ftx.send(data_file(5)).unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while delta::load(&lake, Table::Events)
+            .await
+            .unwrap()
+            .files
+            .is_empty()
+        {
+            assert!(std::time::Instant::now() < until, "never committed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
+    }
+
+    /// A lost lease ends the committer without committing.
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_lease_stops_the_committer() {
+        let fence = Fence::new(Some(Instant::now()));
+        let base = Lake::open("memory://").unwrap();
+        let lake = base.fenced(fence.clone());
+        let c = committer(&base, &lake, Arc::default()).await;
+        let (tx, rx) = watch::channel(None);
+        let (_ftx, frx) = mpsc::unbounded_channel();
+        let (_abandon_tx, abandon) = watch::channel(false);
+        let task = tokio::spawn(run(c, rx, frx, abandon, None));
         tx.send(request(10)).unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
         fence.lose("taken over".into());
@@ -140,6 +358,61 @@ mod tests {
             .expect("ended")
             .unwrap();
         assert_eq!(written, None);
-        assert_eq!(Checkpoint::load(&lake).await.unwrap(), None);
+        assert_eq!(
+            Checkpoint::load(&lake)
+                .await
+                .unwrap()
+                .unwrap()
+                .cursor(SourceKind::Firehose),
+            None
+        );
+    }
+
+    /// With `lake.retention` set, the committer drops partitions older than it as soon as it
+    /// starts (and every hour after): the old file leaves the log, the recent one stays.
+    #[tokio::test]
+    async fn the_committer_applies_retention_at_start() {
+        let lake = Lake::open("memory://").unwrap();
+        let mut c = committer(&lake, &lake, Arc::default()).await;
+        let old = data_file(1); // hour 493_000: the year 2026
+        let recent = {
+            use crate::sink::partition::{FileName, PartitionKey, PartitionName, parse_path};
+            let hour = crate::model::cursor::now_us() / crate::sink::partition::HOUR_US;
+            let key = PartitionKey::at_hour(PartitionName::Account, hour).unwrap();
+            let name =
+                FileName::try_new(Cursor::seq(9).unwrap(), Cursor::seq(9).unwrap(), 1).unwrap();
+            parse_path(&format!("{}/{}", key.dir(), name.render()), 10).unwrap()
+        };
+        let adds = [&old, &recent]
+            .iter()
+            .map(|f| delta::add_action(Table::Events, f, true, 1))
+            .collect();
+        delta::commit(
+            &lake,
+            Table::Events,
+            &mut c.logs.events,
+            "WRITE",
+            serde_json::Value::Null,
+            adds,
+        )
+        .await
+        .unwrap();
+        c.retention = Some(Duration::from_secs(2 * 3600));
+        let (_tx, rx) = watch::channel(None);
+        let (_ftx, frx) = mpsc::unbounded_channel();
+        let (_abandon_tx, abandon) = watch::channel(false);
+        let task = tokio::spawn(run(c, rx, frx, abandon, None));
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = delta::load(&lake, Table::Events).await.unwrap();
+            if !log.files.contains_key(&old.path) {
+                assert!(log.files.contains_key(&recent.path));
+                assert!(log.removed.contains_key(&old.path));
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "retention never ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
     }
 }

@@ -234,6 +234,8 @@ async fn lease_and_recover(
         durable_keys = rec.durable_keys.len(),
         scanned = rec.files_scanned,
         temp_removed = rec.temp_removed,
+        uncommitted_removed = rec.uncommitted_removed,
+        converted = rec.converted,
         took = ?started.elapsed(),
         "recovered lake state"
     );
@@ -348,10 +350,18 @@ pub async fn start_with_lake(
         done_tx,
     ));
     let (cp_tx, cp_rx) = watch::channel(None);
+    let (files_tx, files_rx) = mpsc::unbounded_channel();
     let checkpoint_task = tokio::spawn(checkpointer::run(
-        lake.clone(),
-        catalog.clone(),
+        checkpointer::Committer {
+            lake: lake.clone(),
+            catalog: catalog.clone(),
+            source: kind,
+            logs: std::mem::take(&mut rec.logs),
+            retention: cfg.lake.retention.as_ref().map(|r| r.0),
+            vacuum_after: cfg.lake.vacuum_retention.0,
+        },
         cp_rx,
+        files_rx,
         w.abandon.1.clone(),
         rec.resume_cursor,
     ));
@@ -374,6 +384,7 @@ pub async fn start_with_lake(
         checkpoint: rec.checkpoint,
         requested_cursor: rec.resume_cursor,
         checkpoints: cp_tx,
+        committed: files_tx,
         high_water: rec.resume_cursor,
         inflight: Default::default(),
         awaiting: Default::default(),

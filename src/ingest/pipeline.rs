@@ -53,6 +53,8 @@ pub(super) struct LoopState {
     pub checkpoint: Checkpoint,
     pub requested_cursor: Option<Cursor>,
     pub checkpoints: watch::Sender<checkpointer::Request>,
+    /// Files made durable, to the committer (each before the position it justifies).
+    pub committed: mpsc::UnboundedSender<crate::sink::partition::LakeFile>,
     pub high_water: Option<Cursor>,
     /// job id → (lowest cursor, bytes); abandoned jobs stay here so the checkpoint never
     /// passes their rows
@@ -448,6 +450,10 @@ impl LoopState {
             self.inflight.remove(&c.job_id);
             self.summary.files += 1;
             self.summary.bytes_written += f.size;
+            if self.committed.send(f.clone()).is_err() {
+                metrics::counter!("atlake_broken_invariants_total").increment(1);
+                tracing::error!(path = %f.path, "the committer is gone; the file is not committed and comes again on the next start");
+            }
         }
         metrics::gauge!("atlake_inflight_flushes").set(self.inflight.len() as f64);
         self.request_checkpoint();

@@ -12,7 +12,7 @@ use super::lexicon::{Lexicon, Typed, extract};
 use super::{Envelope, ErrorEvent, EventData, SourceKind};
 use arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Int64Builder, ListBuilder, StringBuilder,
-    TimestampMicrosecondBuilder,
+    TimestampMicrosecondBuilder, new_null_array,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
@@ -21,8 +21,10 @@ use std::sync::{Arc, OnceLock};
 
 /// Version of the file schema, written into every Parquet file's metadata.
 /// Version 2 added `claimed_time_us` after every event kind's columns; version 3 added
-/// `origin` after it.
-pub const SCHEMA_VERSION: u32 = 3;
+/// `origin` after it; version 4 gave every event file one schema ([`lifecycle_fields`] after
+/// `origin`, null where a row's kind has no such value), so that the files of the `events`
+/// table agree with each other and with its Delta schema.
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Largest raw payload kept in the quarantine (the original length is kept too).
 pub const MAX_QUARANTINE_RAW: usize = 1 << 20;
@@ -76,6 +78,19 @@ fn claimed_time_field() -> Field {
 /// takes the origin of their rows from the file name, which names the source.
 fn origin_field() -> Field {
     Field::new("origin", DataType::Utf8, true)
+}
+
+/// The columns of `#identity` and `#account` events, stored in every event file since schema
+/// version 4 (null in the rows of other kinds), so that every file of the `events` table has
+/// one schema.
+pub fn lifecycle_fields() -> Vec<Field> {
+    vec![
+        Field::new("handle", DataType::Utf8, true),
+        Field::new("active", DataType::Boolean, true),
+        Field::new("status", DataType::Utf8, true),
+        Field::new("event_seq", DataType::Int64, true),
+        Field::new("event_time", ts_type(), true),
+    ]
 }
 
 /// The columns a kind adds to the common ones.
@@ -148,31 +163,34 @@ pub fn stored_common_fields() -> Vec<Field> {
 }
 
 fn build_schema(kind: TableKind, physical: bool) -> SchemaRef {
-    let mut f = if physical {
-        stored_common_fields()
-    } else {
-        common_fields()
-    };
-    let fields = match kind {
-        TableKind::Errors => errors_fields(),
+    if kind == TableKind::Errors {
+        return Arc::new(Schema::new(errors_fields()));
+    }
+    if physical {
+        // one schema for every event file: the stored common columns, the two added in
+        // versions 2 and 3, then the lifecycle columns (version 4)
+        let mut f = stored_common_fields();
+        f.push(claimed_time_field());
+        f.push(origin_field());
+        f.extend(lifecycle_fields());
+        return Arc::new(Schema::new(f));
+    }
+    let mut f = common_fields();
+    match kind {
         // the stored columns, then (in SQL) the typed ones derived from `record`
-        TableKind::Events(_) => {
+        TableKind::Events(_) | TableKind::Errors => {
             f.push(claimed_time_field());
             f.push(origin_field());
-            if !physical {
-                f.extend(typed_fields(kind));
-            }
-            f
+            f.extend(typed_fields(kind));
         }
-        // the stored typed columns came first: the new column goes after them
+        // the SQL tables of identity and account events keep their column order
         TableKind::Identity | TableKind::Account => {
             f.extend(typed_fields(kind));
             f.push(claimed_time_field());
             f.push(origin_field());
-            f
         }
-    };
-    Arc::new(Schema::new(fields))
+    }
+    Arc::new(Schema::new(f))
 }
 
 /// Every table kind: the event table, identity, account, the quarantine, and each core lexicon.
@@ -851,6 +869,36 @@ impl RowBuilder {
         self.bytes += ROW_OVERHEAD + err.detail.len() + raw.len();
     }
 
+    /// The lifecycle columns of the pending rows (every event file has them): the identity or
+    /// account columns of those kinds, nulls for the others.
+    fn lifecycle_columns(&mut self) -> Result<Vec<ArrayRef>, ArrowError> {
+        let rows = self.rows;
+        let f = lifecycle_fields();
+        let null = |i: usize| new_null_array(f[i].data_type(), rows);
+        let typed = self.typed.finish();
+        let broken = |n: usize| {
+            ArrowError::InvalidArgumentError(format!(
+                "{:?} rows built {} typed columns, not {n}",
+                self.kind,
+                typed.len()
+            ))
+        };
+        Ok(match self.kind {
+            // handle, event_seq, event_time
+            TableKind::Identity => match <[ArrayRef; 3]>::try_from(typed.clone()) {
+                Ok([handle, seq, time]) => vec![handle, null(1), null(2), seq, time],
+                Err(_) => return Err(broken(3)),
+            },
+            // active, status, event_seq, event_time
+            TableKind::Account => match <[ArrayRef; 4]>::try_from(typed.clone()) {
+                Ok([active, status, seq, time]) => vec![null(0), active, status, seq, time],
+                Err(_) => return Err(broken(4)),
+            },
+            _ if typed.is_empty() => (0..f.len()).map(null).collect(),
+            _ => return Err(broken(0)),
+        })
+    }
+
     /// Finishes the pending rows into a batch and resets the builder.
     pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
         let mut claimed = Vec::new();
@@ -877,15 +925,9 @@ impl RowBuilder {
             ],
             (None, None) => vec![],
         };
-        match self.kind {
-            TableKind::Identity | TableKind::Account => {
-                cols.extend(self.typed.finish());
-                cols.extend(claimed);
-            }
-            _ => {
-                cols.extend(claimed);
-                cols.extend(self.typed.finish());
-            }
+        if self.common.is_some() {
+            cols.extend(claimed);
+            cols.extend(self.lifecycle_columns()?);
         }
         self.rows = 0;
         self.bytes = 0;

@@ -87,7 +87,10 @@ pub mod table;
 pub mod typed;
 
 use crate::catalog::{Catalog, Snapshot};
-use crate::checkpoint::{Checkpoint, list_files};
+use crate::checkpoint::{Checkpoint, lake_state};
+
+/// What a reader of the lake sees: its committed files and its checkpoint.
+type LakeView = (Vec<LakeFile>, Checkpoint);
 use crate::model::lexicon::Lexicon;
 use crate::sink::partition::LakeFile;
 use crate::sink::store::Lake;
@@ -257,7 +260,7 @@ pub struct QueryEngine {
     /// Limits applied by the HTTP endpoint.
     pub limits: Limits,
     runtime: Arc<RuntimeEnv>,
-    listing: Mutex<Option<(Instant, Arc<Vec<LakeFile>>)>>,
+    listing: Mutex<Option<(Instant, Arc<LakeView>)>>,
     listing_ttl: Duration,
     /// Row counts of files read from their footers (files never change).
     pub(crate) row_cache: Arc<Mutex<HashMap<String, u64>>>,
@@ -353,11 +356,11 @@ impl QueryEngine {
             .as_ref()
             .filter(|(t, _)| t.elapsed() < self.listing_ttl)
             .map(|(_, f)| f.clone());
-        let files = match cached {
+        let state = match cached {
             Some(f) => f,
             None => {
                 let f = Arc::new(
-                    list_files(&self.lake)
+                    lake_state(&self.lake)
                         .await
                         .map_err(|e| QueryError::Internal(e.to_string()))?,
                 );
@@ -366,12 +369,9 @@ impl QueryEngine {
                 f
             }
         };
-        let checkpoint = Checkpoint::load(&self.lake)
-            .await
-            .map_err(|e| QueryError::Internal(e.to_string()))?
-            .unwrap_or_default();
+        let (files, checkpoint) = (&state.0, state.1.clone());
         Ok(Snapshot {
-            files: files.as_ref().clone(),
+            files: files.clone(),
             batches: Vec::new(),
             checkpoint,
             generation: 0,

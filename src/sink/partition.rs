@@ -4,14 +4,16 @@
 //! Layout (Hive style, read by DuckDB's `hive_partitioning` and Spark):
 //!
 //! ```text
-//! <root>/events/collection=<nsid>/date=YYYY-MM-DD/hour=HH/<file>.parquet
-//! <root>/events/collection=_other/…      NSIDs beyond the open-partition cap
-//! <root>/events/collection=_identity/…   #identity events
-//! <root>/events/collection=_account/…    #account events
-//! <root>/events/collection=_sync/…       #sync events (firehose only)
+//! <root>/events/collection_partition=<nsid>/date=YYYY-MM-DD/hour=HH/<file>.parquet
+//! <root>/events/collection_partition=_other/…      NSIDs beyond the open-partition cap
+//! <root>/events/collection_partition=_identity/…   #identity events
+//! <root>/events/collection_partition=_account/…    #account events
+//! <root>/events/collection_partition=_sync/…       #sync events (firehose only)
+//! <root>/events/_delta_log/                        the `events` table's Delta log
 //! <root>/history/collection=<nsid>/month=YYYY-MM/<file>.parquet   backfilled records
 //! <root>/_errors/date=YYYY-MM-DD/hour=HH/<file>.parquet   quarantine
-//! <root>/_atlake/checkpoint.json
+//! <root>/_errors/_delta_log/                       the quarantine's Delta log
+//! <root>/_atlake/                                  the writer lease
 //! ```
 //!
 //! File names carry the source and cursor range: `fh-<first>-<last>-<hash>.parquet` (firehose
@@ -25,6 +27,11 @@ use crate::model::{Cursor, SourceKind};
 use crate::syntax::{civil_from_days, is_nsid};
 use std::fmt;
 
+/// The key of an event partition's first directory level (`collection_partition=<value>`):
+/// the Delta table's partition column of the same name. Files keep each row's real
+/// collection in their `collection` column, which a Hive reader would otherwise shadow
+/// (`_other` rows). Lakes written before the Delta log used `collection=`, still read.
+pub const COLLECTION_KEY: &str = "collection_partition";
 /// Directory of event partitions under the lake root.
 pub const EVENTS_DIR: &str = "events";
 /// Directory of backfilled history (month partitions) under the lake root.
@@ -220,7 +227,7 @@ impl PartitionKey {
         match &self.name {
             PartitionName::Errors => format!("{ERRORS_DIR}/date={date}/hour={hour}"),
             n => format!(
-                "{EVENTS_DIR}/collection={}/date={date}/hour={hour}",
+                "{EVENTS_DIR}/{COLLECTION_KEY}={}/date={date}/hour={hour}",
                 n.value()
             ),
         }
@@ -361,7 +368,12 @@ pub fn parse_path(rel: &str, size: u64) -> Option<LakeFile> {
     let parts: Vec<&str> = rel.split('/').collect();
     let (name, date, hour, file) = match parts.as_slice() {
         [EVENTS_DIR, coll, date, hour, file] => {
-            let n = PartitionName::parse(coll.strip_prefix("collection=")?)?;
+            // lakes written before the Delta log named the directory `collection=`
+            let v = coll
+                .strip_prefix(COLLECTION_KEY)
+                .and_then(|v| v.strip_prefix('='))
+                .or_else(|| coll.strip_prefix("collection="))?;
+            let n = PartitionName::parse(v)?;
             if n == PartitionName::Errors {
                 return None;
             }
@@ -533,10 +545,20 @@ mod tests {
         let path = format!("{}/{}", key.dir(), name.render());
         assert_eq!(
             path,
-            "events/collection=app.bsky.feed.post/date=2026-07-04/hour=14/fh-31527015471-31527016000-deadbeef.parquet"
+            "events/collection_partition=app.bsky.feed.post/date=2026-07-04/hour=14/fh-31527015471-31527016000-deadbeef.parquet"
         );
         let f = parse_path(&path, 10).unwrap();
-        assert_eq!((f.key, f.name), (key, name));
+        assert_eq!((f.key.clone(), f.name), (key.clone(), name));
+        // the directory of lakes from before the Delta log
+        let old = path.replace("collection_partition=", "collection=");
+        assert_eq!(parse_path(&old, 10).unwrap().key, key);
+        assert!(
+            parse_path(
+                &path.replace("collection_partition=", "collection_partitionx="),
+                10
+            )
+            .is_none()
+        );
         let e = PartitionKey::try_new(PartitionName::Errors, 0).unwrap();
         assert_eq!(e.dir(), "_errors/date=1970-01-01/hour=00");
         assert!(parse_path(&format!("{}/js-1-2-00000000.parquet", e.dir()), 1).is_some());

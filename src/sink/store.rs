@@ -344,6 +344,64 @@ impl Lake {
         }
     }
 
+    /// Writes `data` at `rel` only if nothing is there yet, atomically and durably: `true` if
+    /// this call created it, `false` if the path was already taken (by an earlier attempt of
+    /// the same write, or another writer). Local lakes link the fsynced temporary file into
+    /// place (a link never replaces a file); object stores use a conditional put
+    /// (`If-None-Match: *`). Commits of the Delta log are made this way.
+    pub async fn put_new(&self, rel: &str, data: Bytes) -> Result<bool, StoreError> {
+        self.guarded(async {
+            match &self.local_root {
+                Some(root) => {
+                    let root = root.clone();
+                    let rel = rel.to_string();
+                    tokio::task::spawn_blocking(move || write_local_new(&root, &rel, &data))
+                        .await
+                        .map_err(|e| StoreError::Io {
+                            path: "(write task)".into(),
+                            source: std::io::Error::other(e.to_string()),
+                        })?
+                }
+                None => {
+                    let opts = object_store::PutOptions {
+                        mode: object_store::PutMode::Create,
+                        ..Default::default()
+                    };
+                    match self
+                        .store
+                        .put_opts(&self.object_path(rel), PutPayload::from_bytes(data), opts)
+                        .await
+                    {
+                        Ok(_) => Ok(true),
+                        Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Lists the objects directly or indirectly under `rel_prefix` whose paths sort after
+    /// `rel_offset` (both lake-relative): lake-relative paths and sizes, in no set order.
+    pub async fn list_after(
+        &self,
+        rel_prefix: &str,
+        rel_offset: &str,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let p = self.object_path(rel_prefix);
+        let o = self.object_path(rel_offset);
+        let items: Vec<object_store::ObjectMeta> = self
+            .store
+            .list_with_offset(Some(&p), &o)
+            .try_collect()
+            .await?;
+        Ok(items
+            .into_iter()
+            .map(|m| (self.relative(&m.location), m.size))
+            .collect())
+    }
+
     /// Reads a whole object; `None` if it does not exist.
     pub async fn get(&self, rel: &str) -> Result<Option<Bytes>, StoreError> {
         match self.store.get(&self.object_path(rel)).await {
@@ -451,6 +509,44 @@ fn write_local_streaming(
         let d = std::fs::File::open(dir).map_err(|e| io_err(dir, e))?;
         d.sync_all().map_err(|e| io_err(dir, e))?;
         Ok(size)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Creates `rel` with `data` unless it exists: the fsynced temporary file is hard-linked to
+/// the final name (which fails if that name is taken), then removed; the directory is fsynced.
+fn write_local_new(root: &Path, rel: &str, data: &[u8]) -> Result<bool, StoreError> {
+    use std::io::Write;
+    let target = root.join(rel);
+    let dir = target
+        .parent()
+        .ok_or_else(|| io_err(&target, std::io::Error::other("no parent directory")))?;
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let file_name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io_err(&target, std::io::Error::other("bad file name")))?;
+    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        f.write_all(data).map_err(|e| io_err(&tmp, e))?;
+        f.sync_all().map_err(|e| io_err(&tmp, e))?;
+        drop(f);
+        if let Some(d) = slow_write_delay() {
+            std::thread::sleep(d);
+        }
+        let created = match std::fs::hard_link(&tmp, &target) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(io_err(&target, e)),
+        };
+        std::fs::remove_file(&tmp).map_err(|e| io_err(&tmp, e))?;
+        let d = std::fs::File::open(dir).map_err(|e| io_err(dir, e))?;
+        d.sync_all().map_err(|e| io_err(dir, e))?;
+        Ok(created)
     })();
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -177,11 +177,33 @@ pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, mut f: F) -> bool
     f()
 }
 
-/// The checkpoint cursor of a source in a local lake, read from disk.
+/// The checkpoint cursor of a source in a local lake, read from disk: the newest `txn` of the
+/// `events` table's Delta log (every commit is a JSON file, none is ever removed).
 pub fn local_checkpoint(dir: &std::path::Path, source: &str) -> Option<i64> {
-    let text = std::fs::read_to_string(dir.join("_atlake/checkpoint.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v[source]["cursor"].as_i64()
+    let log = dir.join("events/_delta_log");
+    let mut commits: Vec<PathBuf> = std::fs::read_dir(&log)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.len() == 25 && n.ends_with(".json"))
+        })
+        .collect();
+    commits.sort();
+    let app = format!("atlake.{source}");
+    let mut cursor = None;
+    for c in commits {
+        let text = std::fs::read_to_string(&c).ok()?;
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            if v["txn"]["appId"].as_str() == Some(&app) {
+                cursor = v["txn"]["version"].as_i64();
+            }
+        }
+    }
+    cursor
 }
 
 /// A TCP port that was free a moment ago, for a child process to listen on.

@@ -28,7 +28,7 @@ fn temp_files_of(dir: &Path, pid: u32) -> (usize, usize) {
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with('.') && n.ends_with(&suffix))
         {
-            if p.components().any(|c| c.as_os_str() == "_atlake") {
+            if p.components().any(|c| c.as_os_str() == "_delta_log") {
                 checkpoints += 1;
             } else {
                 data += 1;
@@ -120,14 +120,23 @@ async fn crash_test(source: &str, backend: Backend) {
         };
         tokio::time::sleep(Duration::from_millis(wait_ms)).await;
         let pid = child.id();
-        // on a local lake, every third kill waits for a checkpoint write to be under way (its
-        // temporary file exists; the slow-write fault holds it there for 40 ms) and lands in it
+        // on a local lake, every third kill waits for a commit to the Delta log to be under way
+        // (its temporary file exists; the slow-write fault holds it there for 40 ms) and lands
+        // in it
         if backend == Backend::Local && kills % 3 == 2 {
-            let tmp = dir
-                .path()
-                .join(format!("lake/_atlake/.checkpoint.json.{pid}.tmp"));
+            let logs = [
+                dir.path().join("lake/events/_delta_log"),
+                dir.path().join("lake/_errors/_delta_log"),
+            ];
+            let suffix = format!(".{pid}.tmp");
             let until = Instant::now() + Duration::from_secs(3);
-            while !tmp.exists() && Instant::now() < until {
+            while Instant::now() < until
+                && !crate::common::files_under(&logs).iter().any(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with('.') && n.ends_with(&suffix))
+                })
+            {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }

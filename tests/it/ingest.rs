@@ -192,14 +192,117 @@ src = f"read_parquet('{lake}/events/**/*.parquet', hive_partitioning=true, union
 out = {
   "kinds": {k: n for k, n in con.execute(f"select kind, count(*) from {src} group by 1").fetchall()},
   "core": {c: n for c, n in con.execute(f"select collection, count(*) from {src} where collection like 'app.bsky.%' group by 1").fetchall()},
-  "pruned_like": con.execute(f"select count(*) from {src} where collection = 'app.bsky.feed.like' and date = '2026-07-04'").fetchone()[0],
-  "partitions": sorted({c for (c,) in con.execute(f"select distinct collection from {src}").fetchall()}),
+  "pruned_like": con.execute(f"select count(*) from {src} where collection_partition = 'app.bsky.feed.like' and date = '2026-07-04'").fetchone()[0],
+  "partitions": sorted({c for (c,) in con.execute(f"select distinct collection_partition from {src}").fetchall()}),
+  # the real collection of every row, the long tail's included (not the directory's `_other`)
+  "other_real": con.execute(f"select count(*) from {src} where collection_partition = '_other' and collection is not null and left(collection, 1) <> '_'").fetchone()[0],
+  "other_rows": con.execute(f"select count(*) from {src} where collection_partition = '_other'").fetchone()[0],
 }
 import pyarrow.dataset as ds
 d = ds.dataset(f"{lake}/events", format="parquet", partitioning="hive")
 out["pyarrow_rows"] = d.count_rows()
 print(json.dumps(out))
 "#;
+
+const DELTA_COUNTS: &str = r#"
+import json, sys
+from collections import Counter
+import deltalake, polars as pl, duckdb
+lake, source = sys.argv[1], sys.argv[2]
+dt = deltalake.DeltaTable(f"{lake}/events")
+t = dt.to_pyarrow_table(columns=["collection", "operation", "kind", "collection_partition"])
+def key(c, o, k):
+    return f"{c or '-'}|{o or '-'}|{k}"
+delta = Counter(key(c, o, k) for c, o, k in zip(t["collection"].to_pylist(), t["operation"].to_pylist(), t["kind"].to_pylist()))
+lf = pl.scan_delta(f"{lake}/events").group_by(["collection", "operation", "kind"]).len().collect()
+polars_delta = {key(r["collection"], r["operation"], r["kind"]): r["len"] for r in lf.iter_rows(named=True)}
+# the plain files, without the log: one schema in every file
+lp = pl.scan_parquet(f"{lake}/events/**/*.parquet", hive_partitioning=False).group_by(["collection", "operation", "kind"]).len().collect()
+polars_plain = {key(r["collection"], r["operation"], r["kind"]): r["len"] for r in lp.iter_rows(named=True)}
+con = duckdb.connect()
+dd = con.execute(f"select collection, operation, kind, count(*) from read_parquet('{lake}/events/**/*.parquet', hive_partitioning=false) group by all").fetchall()
+duck = {key(c, o, k): n for c, o, k, n in dd}
+print(json.dumps({
+  "delta": delta, "polars_delta": polars_delta, "polars_plain": polars_plain, "duckdb": duck,
+  "other_partition_rows": sum(1 for p in t["collection_partition"].to_pylist() if p == "_other"),
+  "files": len(dt.file_uris()),
+  "errors_rows": deltalake.DeltaTable(f"{lake}/_errors").to_pyarrow_table().num_rows,
+  "txn": dt.transaction_version(f"atlake.{source}"),
+}))
+"#;
+
+/// The `events` table is a Delta table other engines read: the Python `deltalake` package and
+/// Polars' `scan_delta` find the same rows per (collection, operation, kind) as atlake's SQL,
+/// the long-tail `_other` rows with their real collection; the log's `txn` is atlake's
+/// checkpoint; the quarantine is a Delta table too. Polars and DuckDB read the plain files
+/// with one schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_readers_and_plain_parquet_readers_find_what_atlake_finds() {
+    let Some(py) = crate::tools::python_with(&["deltalake", "polars", "duckdb"]) else {
+        return crate::tools::missing("python3 with deltalake, polars and duckdb");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("cap.zst");
+    write_capture(&cap, CaptureFormat::Frames, 3000);
+    let lake_dir = dir.path().join("lake");
+    let mut cfg = test_config(lake_dir.to_str().unwrap());
+    cfg.flush.max_open_partitions = 24; // force some collections into _other
+    cfg.flush.max_rows = 500; // several commits
+    let h = ingest::start(cfg, Input::File(cap)).await.unwrap();
+    h.wait().await.unwrap();
+    let l = lake_dir.to_str().unwrap();
+    let engine = atlake::query::QueryEngine::try_new(
+        Lake::open(l).unwrap(),
+        None,
+        atlake::query::Limits::default(),
+    )
+    .unwrap();
+    let batches = engine
+        .collect("SELECT coalesce(collection, '-') || '|' || coalesce(operation, '-') || '|' || kind AS k, count(*) AS n FROM events GROUP BY 1")
+        .await
+        .unwrap();
+    let mut want = std::collections::BTreeMap::new();
+    for b in &batches {
+        use arrow::array::AsArray;
+        let k = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+        let k = k.as_string::<i32>();
+        let n = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+        for i in 0..b.num_rows() {
+            want.insert(k.value(i).to_string(), n.value(i) as u64);
+        }
+    }
+    assert!(want.len() > 10);
+    let out = crate::tools::run_python(&py, DELTA_COUNTS, &[l, "firehose"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for reader in ["delta", "polars_delta", "polars_plain", "duckdb"] {
+        let got: std::collections::BTreeMap<String, u64> = v[reader]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, n)| (k.clone(), n.as_u64().unwrap()))
+            .collect();
+        assert_eq!(got, want, "{reader}");
+    }
+    assert!(v["other_partition_rows"].as_u64().unwrap() > 0);
+    let log = atlake::checkpoint::delta::load(
+        &Lake::open(l).unwrap(),
+        atlake::checkpoint::delta::Table::Events,
+    )
+    .await
+    .unwrap();
+    assert_eq!(v["files"].as_u64(), Some(log.files.len() as u64));
+    assert!(log.version.unwrap() > 1, "one commit per flush round");
+    assert_eq!(v["txn"].as_i64(), local_checkpoint(&lake_dir, "firehose"));
+    assert!(v["txn"].as_i64().is_some());
+    let errors = engine.collect("SELECT count(*) FROM errors").await.unwrap();
+    let n = errors[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .unwrap()
+        .value(0);
+    assert_eq!(v["errors_rows"].as_i64(), Some(n));
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duckdb_and_pyarrow_read_the_lake_with_hive_partitioning() {
@@ -245,6 +348,8 @@ async fn duckdb_and_pyarrow_read_the_lake_with_hive_partitioning() {
         parts.contains(&"_other") && parts.contains(&"_identity") && parts.contains(&"_account"),
         "{parts:?}"
     );
+    assert!(v["other_rows"].as_u64().unwrap() > 0);
+    assert_eq!(v["other_real"], v["other_rows"]);
 }
 
 /// A file whose key column is missing (here: `rev`) cannot give correct dedupe keys. Recovery
@@ -268,9 +373,9 @@ async fn recovery_refuses_a_file_without_a_key_column() {
         .into_iter()
         .find(|f| f.path.contains("app.bsky.feed.like"))
         .unwrap();
+    // the rewrite makes it a lake from before the Delta log, without a checkpoint: every file
+    // of the source is read for keys
     crate::sql::rewrite_as_older_schema(&lake_dir.join(&victim.path), &["rev"]);
-    // without a checkpoint every file of the source is read for keys
-    std::fs::remove_file(lake_dir.join("_atlake/checkpoint.json")).unwrap();
     let e = ingest::start(cfg, Input::File(cap))
         .await
         .expect_err("recovery must refuse the file");

@@ -135,6 +135,18 @@ pub fn python() -> Option<String> {
     ok.then_some(bin)
 }
 
+/// A Python interpreter that can import every one of `modules`, if there is one.
+pub fn python_with(modules: &[&str]) -> Option<String> {
+    let bin = std::env::var("ATLAKE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&bin)
+        .args(["-c", &format!("import {}", modules.join(", "))])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(bin)
+}
+
 /// Runs a Python script with arguments; returns stdout.
 pub fn run_python(py: &str, script: &str, args: &[&str]) -> String {
     let out = Command::new(py)

@@ -1,0 +1,877 @@
+//! The lake's commit record: a Delta Lake transaction log for each of its two tables,
+//! `events` (root `<lake>/events`) and the quarantine (root `<lake>/_errors`).
+//!
+//! A data file is committed when its `add` action is in its table's log. Each commit of the
+//! `events` table carries the source's cursor as a `txn` action (app id `atlake.firehose` or
+//! `atlake.jetstream`, version = cursor) beside the files that justify it, so the log alone says
+//! what is durable. Quarantine files go into the `_errors` log first, in a commit of their own,
+//! then the `events` commit moves the cursor: a crash between the two leaves quarantined rows
+//! committed beyond the cursor, which recovery reads back as dedupe keys like any other.
+//!
+//! Commits are `_delta_log/<version:020>.json`, created only if absent (a hard link locally,
+//! `If-None-Match: *` on S3), fsynced. Every [`CHECKPOINT_INTERVAL`] versions the state is
+//! written as a Parquet checkpoint (`<version:020>.checkpoint.parquet` and
+//! `_last_checkpoint`), so reading the log costs a checkpoint and at most that many JSON files.
+//!
+//! Protocol: reader version 1, writer version 2, no table features. Partition columns are
+//! `collection_partition` (the `collection=` directory: a collection, `_other`, `_identity`,
+//! `_account`, `_sync`), `date` (a date) and `hour` (an integer); the quarantine has `date` and
+//! `hour`. The file's own `collection` column keeps each row's real collection.
+
+use super::CheckpointError;
+use crate::model::SourceKind;
+use crate::model::rows::{TableKind, schema};
+use crate::sink::partition::{ERRORS_DIR, EVENTS_DIR, LakeFile, date_hour, parse_path};
+use crate::sink::store::Lake;
+use arrow::datatypes::{DataType, Field, Fields, Schema, TimeUnit};
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The log directory under a table's root.
+pub const LOG_DIR: &str = "_delta_log";
+/// A checkpoint is written every this many versions.
+pub const CHECKPOINT_INTERVAL: u64 = 100;
+/// The partition column holding the `collection=` directory's value.
+pub const COLLECTION_PARTITION: &str = "collection_partition";
+
+/// One of the lake's Delta tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    /// `<lake>/events`: every event partition.
+    Events,
+    /// `<lake>/_errors`: the quarantine.
+    Errors,
+}
+
+impl Table {
+    /// Both tables, in commit order (the quarantine first).
+    pub const ALL: [Table; 2] = [Table::Errors, Table::Events];
+
+    /// The table's root, relative to the lake.
+    pub fn root(self) -> &'static str {
+        match self {
+            Table::Events => EVENTS_DIR,
+            Table::Errors => ERRORS_DIR,
+        }
+    }
+
+    /// The table a data file belongs to (`None` for backfilled history, which has no log).
+    pub fn of(f: &LakeFile) -> Option<Table> {
+        let top = f.path.split('/').next()?;
+        match top {
+            EVENTS_DIR => Some(Table::Events),
+            ERRORS_DIR => Some(Table::Errors),
+            _ => None,
+        }
+    }
+
+    /// A path of the log, relative to the lake.
+    pub fn log_path(self, name: &str) -> String {
+        format!("{}/{LOG_DIR}/{name}", self.root())
+    }
+
+    fn partition_columns(self) -> &'static [&'static str] {
+        match self {
+            Table::Events => &[COLLECTION_PARTITION, "date", "hour"],
+            Table::Errors => &["date", "hour"],
+        }
+    }
+
+    /// The table's schema as Delta declares it: the stored columns, then the partition columns.
+    pub fn schema_string(self) -> Result<String, CheckpointError> {
+        let stored = schema(match self {
+            Table::Events => TableKind::Events(None),
+            Table::Errors => TableKind::Errors,
+        });
+        let mut fields = Vec::new();
+        for f in stored.fields() {
+            fields.push(json!({
+                "name": f.name(),
+                "type": delta_type(f.data_type()).ok_or_else(|| corrupt(
+                    &self.log_path(""),
+                    format!("column {} has no Delta type", f.name()),
+                ))?,
+                "nullable": f.is_nullable(),
+                "metadata": {},
+            }));
+        }
+        for p in self.partition_columns() {
+            let t = match *p {
+                "date" => "date",
+                "hour" => "integer",
+                _ => "string",
+            };
+            fields.push(json!({"name": p, "type": t, "nullable": false, "metadata": {}}));
+        }
+        Ok(json!({"type": "struct", "fields": fields}).to_string())
+    }
+
+    /// The partition values of a data file, as the log records them.
+    fn partition_values(self, f: &LakeFile) -> Map<String, Value> {
+        let (date, hour) = date_hour(f.key.hour());
+        let hour = hour.trim_start_matches('0');
+        let mut m = Map::new();
+        if self == Table::Events {
+            m.insert(COLLECTION_PARTITION.into(), f.key.name.value().into());
+        }
+        m.insert("date".into(), date.into());
+        m.insert(
+            "hour".into(),
+            if hour.is_empty() { "0" } else { hour }.into(),
+        );
+        m
+    }
+}
+
+/// The Delta type of a stored Arrow type (only the types atlake stores).
+fn delta_type(t: &DataType) -> Option<&'static str> {
+    Some(match t {
+        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => "string",
+        DataType::Int64 => "long",
+        DataType::Int32 => "integer",
+        DataType::Boolean => "boolean",
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView => "binary",
+        DataType::Timestamp(TimeUnit::Microsecond, Some(_)) => "timestamp",
+        DataType::Date32 => "date",
+        _ => return None,
+    })
+}
+
+fn corrupt(path: &str, message: impl Into<String>) -> CheckpointError {
+    CheckpointError::Corrupt {
+        path: path.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The app id of a source's `txn` action.
+pub fn app_id(source: SourceKind) -> String {
+    format!("atlake.{}", source.as_str())
+}
+
+/// The file name of a version's commit.
+pub fn commit_name(version: u64) -> String {
+    format!("{version:020}.json")
+}
+
+fn checkpoint_name(version: u64) -> String {
+    format!("{version:020}.checkpoint.parquet")
+}
+
+/// What a table's log says at one version.
+#[derive(Debug, Clone, Default)]
+pub struct LogState {
+    /// The newest version (`None`: the table has no log yet).
+    pub version: Option<u64>,
+    /// Committed data files, by lake-relative path.
+    pub files: BTreeMap<String, LakeFile>,
+    /// Files removed from the table and not yet vacuumed: lake-relative path → when (ms).
+    pub removed: BTreeMap<String, i64>,
+    /// `txn` versions by app id, with when each was set (ms).
+    pub txns: BTreeMap<String, (i64, i64)>,
+    /// The newest commit's `atlake` commit information (the checkpoint as its writer saw it).
+    pub info: Option<Value>,
+    /// The table's `protocol` and `metaData` actions as read.
+    protocol: Option<Value>,
+    metadata: Option<Value>,
+}
+
+impl LogState {
+    /// The cursor committed for `source`, if any.
+    pub fn txn(&self, source: SourceKind) -> Option<(i64, i64)> {
+        self.txns.get(&app_id(source)).copied()
+    }
+
+    /// Applies one action (a line of a commit, or a row of a checkpoint).
+    fn apply(&mut self, table: Table, action: &Value, at: &str) -> Result<(), CheckpointError> {
+        let Some(obj) = action.as_object() else {
+            return Err(corrupt(at, "an action is not a JSON object"));
+        };
+        for (kind, body) in obj {
+            if body.is_null() {
+                continue;
+            }
+            match kind.as_str() {
+                "add" => {
+                    let f = file_of(table, body, at)?;
+                    self.removed.remove(&f.path);
+                    self.files.insert(f.path.clone(), f);
+                }
+                "remove" => {
+                    let path = lake_path(table, body, at)?;
+                    // a tombstone names a file a vacuum will delete: only the lake's own
+                    if parse_path(&path, 0).is_none_or(|f| Table::of(&f) != Some(table)) {
+                        return Err(corrupt(
+                            at,
+                            format!("remove {path}: not a data file of this table"),
+                        ));
+                    }
+                    self.files.remove(&path);
+                    let when = body
+                        .get("deletionTimestamp")
+                        .and_then(Value::as_i64)
+                        .ok_or_else(|| corrupt(at, "a remove without deletionTimestamp"))?;
+                    self.removed.insert(path, when);
+                }
+                "txn" => {
+                    let (Some(app), Some(v)) = (
+                        body.get("appId").and_then(Value::as_str),
+                        body.get("version").and_then(Value::as_i64),
+                    ) else {
+                        return Err(corrupt(at, "a txn without appId and version"));
+                    };
+                    let when = body.get("lastUpdated").and_then(Value::as_i64);
+                    let when = when.ok_or_else(|| corrupt(at, "a txn without lastUpdated"))?;
+                    self.txns.insert(app.to_string(), (v, when));
+                }
+                "protocol" => {
+                    let r = body.get("minReaderVersion").and_then(Value::as_i64);
+                    let w = body.get("minWriterVersion").and_then(Value::as_i64);
+                    if r.is_none_or(|r| r > 1) || w.is_none_or(|w| w > 2) {
+                        return Err(corrupt(
+                            at,
+                            format!("protocol {body} needs features atlake does not have"),
+                        ));
+                    }
+                    self.protocol = Some(body.clone());
+                }
+                "metaData" => self.metadata = Some(body.clone()),
+                "commitInfo" => {
+                    if let Some(i) = body.get("atlake") {
+                        self.info = Some(i.clone());
+                    }
+                }
+                // other actions (cdc, domainMetadata, sidecars) are not written by atlake
+                // and change nothing it reads
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The lake-relative path of an `add` or `remove` action (the caller checks that it names a
+/// data file of the table, so that no path atlake did not make is ever read or deleted).
+fn lake_path(table: Table, body: &Value, at: &str) -> Result<String, CheckpointError> {
+    let rel = body
+        .get("path")
+        .and_then(Value::as_str)
+        .ok_or_else(|| corrupt(at, "a file action without a path"))?;
+    Ok(format!("{}/{rel}", table.root()))
+}
+
+fn file_of(table: Table, body: &Value, at: &str) -> Result<LakeFile, CheckpointError> {
+    let path = lake_path(table, body, at)?;
+    let size = body
+        .get("size")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| corrupt(at, format!("add {path}: no size")))?;
+    let mut f = parse_path(&path, size)
+        .ok_or_else(|| corrupt(at, format!("add {path}: not a data file of the lake")))?;
+    if Table::of(&f) != Some(table) {
+        return Err(corrupt(at, format!("add {path}: not a file of this table")));
+    }
+    f.rows = body
+        .get("stats")
+        .and_then(Value::as_str)
+        .and_then(|s| serde_json::from_str::<Value>(s).ok())
+        .and_then(|s| s.get("numRecords").and_then(Value::as_u64));
+    Ok(f)
+}
+
+/// The `add` action of a data file.
+pub fn add_action(table: Table, f: &LakeFile, data_change: bool, now_ms: i64) -> Value {
+    let rel = f
+        .path
+        .strip_prefix(table.root())
+        .map(|p| p.trim_start_matches('/'))
+        .unwrap_or(&f.path);
+    let mut add = json!({
+        "path": rel,
+        "partitionValues": table.partition_values(f),
+        "size": f.size,
+        "modificationTime": now_ms,
+        "dataChange": data_change,
+    });
+    if let Some(n) = f.rows {
+        add["stats"] = json!({"numRecords": n}).to_string().into();
+    }
+    json!({ "add": add })
+}
+
+/// The `remove` action of a data file.
+pub fn remove_action(table: Table, f: &LakeFile, data_change: bool, now_ms: i64) -> Value {
+    let rel = f
+        .path
+        .strip_prefix(table.root())
+        .map(|p| p.trim_start_matches('/'))
+        .unwrap_or(&f.path);
+    json!({"remove": {
+        "path": rel,
+        "deletionTimestamp": now_ms,
+        "dataChange": data_change,
+        "extendedFileMetadata": true,
+        "partitionValues": table.partition_values(f),
+        "size": f.size,
+    }})
+}
+
+/// The `txn` action that records a source's cursor.
+pub fn txn_action(source: SourceKind, cursor: i64, now_ms: i64) -> Value {
+    json!({"txn": {"appId": app_id(source), "version": cursor, "lastUpdated": now_ms}})
+}
+
+/// The actions that create a table: protocol and metadata.
+pub fn create_actions(table: Table, now_ms: i64) -> Result<Vec<Value>, CheckpointError> {
+    Ok(vec![
+        json!({"protocol": {"minReaderVersion": 1, "minWriterVersion": 2}}),
+        json!({"metaData": {
+            "id": table_id(table, now_ms),
+            "name": match table { Table::Events => "events", Table::Errors => "errors" },
+            "format": {"provider": "parquet", "options": {}},
+            "schemaString": table.schema_string()?,
+            "partitionColumns": table.partition_columns(),
+            "configuration": {"delta.checkpointInterval": CHECKPOINT_INTERVAL.to_string()},
+            "createdTime": now_ms,
+        }}),
+    ])
+}
+
+/// A table id: a version-4-shaped UUID made from the time and the process (unique enough for
+/// an id that only tells tables apart).
+fn table_id(table: Table, now_ms: i64) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(
+        format!(
+            "{table:?}/{now_ms}/{}/{:?}",
+            std::process::id(),
+            std::time::Instant::now()
+        )
+        .as_bytes(),
+    );
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h[..16]);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let x: String = b.iter().map(|v| format!("{v:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[0..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..32]
+    )
+}
+
+/// Reads a table's log: the last checkpoint, then every commit after it. A gap in the
+/// versions, an unreadable commit or an action atlake cannot honour is an error.
+pub async fn load(lake: &Lake, table: Table) -> Result<LogState, CheckpointError> {
+    let mut st = LogState::default();
+    let last = table.log_path("_last_checkpoint");
+    let mut next = 0u64;
+    if let Some(b) = lake.get(&last).await? {
+        let v: Value = serde_json::from_slice(&b).map_err(|e| corrupt(&last, e.to_string()))?;
+        let version = v
+            .get("version")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| corrupt(&last, "no version"))?;
+        let path = table.log_path(&checkpoint_name(version));
+        let bytes = lake
+            .get(&path)
+            .await?
+            .ok_or_else(|| corrupt(&path, "named by _last_checkpoint but missing"))?;
+        for action in read_checkpoint(bytes, &path)? {
+            st.apply(table, &action, &path)?;
+        }
+        st.version = Some(version);
+        next = version + 1;
+        // the checkpoint has no commit information: take it from its version's commit
+        let info_path = table.log_path(&commit_name(version));
+        if let Some(b) = lake.get(&info_path).await? {
+            for line in b.split(|c| *c == b'\n').filter(|l| !l.is_empty()) {
+                let a: Value =
+                    serde_json::from_slice(line).map_err(|e| corrupt(&info_path, e.to_string()))?;
+                if let Some(i) = a.get("commitInfo").and_then(|c| c.get("atlake")) {
+                    st.info = Some(i.clone());
+                }
+            }
+        }
+    }
+    let offset = table.log_path(&format!("{:020}", next.saturating_sub(1)));
+    let offset = if next == 0 {
+        table.log_path("")
+    } else {
+        offset
+    };
+    let mut versions: Vec<u64> = lake
+        .list_after(&table.log_path(""), &offset)
+        .await?
+        .into_iter()
+        .filter_map(|(p, _)| {
+            let name = p.rsplit('/').next()?;
+            let v = name.strip_suffix(".json")?;
+            (v.len() == 20 && v.bytes().all(|c| c.is_ascii_digit()))
+                .then(|| v.parse::<u64>().ok())
+                .flatten()
+        })
+        .filter(|v| *v >= next)
+        .collect();
+    versions.sort_unstable();
+    for v in versions {
+        let path = table.log_path(&commit_name(v));
+        if v != next {
+            return Err(corrupt(
+                &path,
+                format!("version {next} is missing before it"),
+            ));
+        }
+        let b = lake
+            .get(&path)
+            .await?
+            .ok_or_else(|| corrupt(&path, "listed but missing"))?;
+        for line in b.split(|c| *c == b'\n').filter(|l| !l.is_empty()) {
+            let a: Value =
+                serde_json::from_slice(line).map_err(|e| corrupt(&path, e.to_string()))?;
+            st.apply(table, &a, &path)?;
+        }
+        st.version = Some(v);
+        next = v + 1;
+    }
+    if st.version.is_some() && (st.protocol.is_none() || st.metadata.is_none()) {
+        return Err(corrupt(
+            &table.log_path(""),
+            "the log has no protocol or metaData action",
+        ));
+    }
+    Ok(st)
+}
+
+/// Why a commit did not land.
+#[derive(Debug)]
+pub enum CommitOutcome {
+    /// It is in the log at this version.
+    Committed(u64),
+    /// Another commit took that version first (the caller reloads the log).
+    Conflict(u64),
+}
+
+/// Writes `actions` as the version after `state`'s, with commit information (`operation`, and
+/// atlake's own `info`), and applies them to `state` if it landed. Writes a checkpoint when
+/// the version is a multiple of [`CHECKPOINT_INTERVAL`].
+pub async fn commit(
+    lake: &Lake,
+    table: Table,
+    state: &mut LogState,
+    operation: &str,
+    info: Value,
+    actions: Vec<Value>,
+) -> Result<CommitOutcome, CheckpointError> {
+    let version = state.version.map_or(0, |v| v + 1);
+    let now = crate::model::cursor::now_us() / 1000;
+    let mut body = Vec::new();
+    let ci = json!({"commitInfo": {
+        "timestamp": now,
+        "operation": operation,
+        "operationParameters": {},
+        "engineInfo": concat!("atlake/", env!("CARGO_PKG_VERSION")),
+        "isBlindAppend": operation != "OPTIMIZE",
+        "atlake": info,
+    }});
+    for a in std::iter::once(&ci).chain(actions.iter()) {
+        serde_json::to_writer(&mut body, a)
+            .map_err(|e| corrupt(&table.log_path(""), e.to_string()))?;
+        body.push(b'\n');
+    }
+    let path = table.log_path(&commit_name(version));
+    if !lake.put_new(&path, body.into()).await? {
+        return Ok(CommitOutcome::Conflict(version));
+    }
+    for a in std::iter::once(&ci).chain(actions.iter()) {
+        state.apply(table, a, &path)?;
+    }
+    state.version = Some(version);
+    if version > 0 && version.is_multiple_of(CHECKPOINT_INTERVAL) {
+        // a checkpoint only speeds up reading: the commit stands without it
+        if let Err(e) = write_checkpoint(lake, table, state, version).await {
+            metrics::counter!("atlake_storage_errors_total", "kind" => "delta_checkpoint")
+                .increment(1);
+            tracing::warn!(error = %e, table = table.root(), version, "writing a Delta checkpoint failed; the next interval tries again");
+        }
+    }
+    Ok(CommitOutcome::Committed(version))
+}
+
+/// The Arrow schema of a Delta checkpoint (the actions atlake writes).
+fn checkpoint_schema() -> Arc<Schema> {
+    let s = |n: &str| Field::new(n, DataType::Utf8, true);
+    let l = |n: &str| Field::new(n, DataType::Int64, true);
+    let map = |n: &str| {
+        Field::new_map(
+            n,
+            "key_value",
+            Field::new("key", DataType::Utf8, false),
+            Field::new("value", DataType::Utf8, true),
+            false,
+            true,
+        )
+    };
+    let st = |n: &str, f: Vec<Field>| Field::new(n, DataType::Struct(Fields::from(f)), true);
+    Arc::new(Schema::new(vec![
+        st("txn", vec![s("appId"), l("version"), l("lastUpdated")]),
+        st(
+            "add",
+            vec![
+                s("path"),
+                map("partitionValues"),
+                l("size"),
+                l("modificationTime"),
+                Field::new("dataChange", DataType::Boolean, true),
+                s("stats"),
+            ],
+        ),
+        st(
+            "remove",
+            vec![
+                s("path"),
+                l("deletionTimestamp"),
+                Field::new("dataChange", DataType::Boolean, true),
+                Field::new("extendedFileMetadata", DataType::Boolean, true),
+                map("partitionValues"),
+                l("size"),
+            ],
+        ),
+        st(
+            "metaData",
+            vec![
+                s("id"),
+                s("name"),
+                s("description"),
+                st("format", vec![s("provider"), map("options")]),
+                s("schemaString"),
+                Field::new(
+                    "partitionColumns",
+                    DataType::List(Arc::new(Field::new("element", DataType::Utf8, true))),
+                    true,
+                ),
+                map("configuration"),
+                l("createdTime"),
+            ],
+        ),
+        st(
+            "protocol",
+            vec![
+                Field::new("minReaderVersion", DataType::Int32, true),
+                Field::new("minWriterVersion", DataType::Int32, true),
+            ],
+        ),
+    ]))
+}
+
+/// Writes the state at `version` as a checkpoint, then points `_last_checkpoint` at it.
+async fn write_checkpoint(
+    lake: &Lake,
+    table: Table,
+    state: &LogState,
+    version: u64,
+) -> Result<(), CheckpointError> {
+    let path = table.log_path(&checkpoint_name(version));
+    let err = |e: &dyn std::fmt::Display| corrupt(&path, e.to_string());
+    let now = crate::model::cursor::now_us() / 1000;
+    let mut lines: Vec<Value> = Vec::new();
+    let (Some(p), Some(m)) = (&state.protocol, &state.metadata) else {
+        return Err(corrupt(&path, "no protocol or metaData to checkpoint"));
+    };
+    lines.push(json!({ "protocol": p }));
+    lines.push(json!({ "metaData": m }));
+    for (app, (v, when)) in &state.txns {
+        lines.push(json!({"txn": {"appId": app, "version": v, "lastUpdated": when}}));
+    }
+    for f in state.files.values() {
+        lines.push(add_action(table, f, false, now));
+    }
+    for (p, when) in &state.removed {
+        let rel = p
+            .strip_prefix(table.root())
+            .map(|r| r.trim_start_matches('/'))
+            .unwrap_or(p);
+        lines.push(json!({"remove": {"path": rel, "deletionTimestamp": when, "dataChange": true}}));
+    }
+    let schema = checkpoint_schema();
+    let mut ndjson = Vec::new();
+    for l in &lines {
+        serde_json::to_writer(&mut ndjson, l).map_err(|e| err(&e))?;
+        ndjson.push(b'\n');
+    }
+    let mut decoder = arrow::json::ReaderBuilder::new(schema.clone())
+        .with_batch_size(lines.len().max(1))
+        .build_decoder()
+        .map_err(|e| err(&e))?;
+    decoder.decode(&ndjson).map_err(|e| err(&e))?;
+    let batch = decoder
+        .flush()
+        .map_err(|e| err(&e))?
+        .ok_or_else(|| corrupt(&path, "no rows decoded"))?;
+    let mut out = Vec::new();
+    {
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::ZSTD(
+                parquet::basic::ZstdLevel::default(),
+            ))
+            .build();
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, schema, Some(props))
+            .map_err(|e| err(&e))?;
+        w.write(&batch).map_err(|e| err(&e))?;
+        w.close().map_err(|e| err(&e))?;
+    }
+    lake.put_atomic(&path, out.into()).await?;
+    let last = json!({"version": version, "size": lines.len()}).to_string();
+    lake.put_atomic(&table.log_path("_last_checkpoint"), last.into())
+        .await?;
+    Ok(())
+}
+
+/// The actions of a checkpoint, as JSON values.
+fn read_checkpoint(bytes: bytes::Bytes, path: &str) -> Result<Vec<Value>, CheckpointError> {
+    let err = |e: &dyn std::fmt::Display| corrupt(path, e.to_string());
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .map_err(|e| err(&e))?
+        .with_batch_size(8192)
+        .build()
+        .map_err(|e| err(&e))?;
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.map_err(|e| err(&e))?;
+        let mut buf = Vec::new();
+        {
+            let mut w = arrow::json::LineDelimitedWriter::new(&mut buf);
+            w.write(&b).map_err(|e| err(&e))?;
+            w.finish().map_err(|e| err(&e))?;
+        }
+        for line in buf.split(|c| *c == b'\n').filter(|l| !l.is_empty()) {
+            out.push(serde_json::from_slice(line).map_err(|e| err(&e))?);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Cursor;
+    use crate::sink::partition::{FileName, PartitionKey, PartitionName};
+
+    fn file(coll: &str, hour: i64, first: i64, rows: u64) -> LakeFile {
+        let key = PartitionKey::at_hour(PartitionName::Collection(coll.into()), hour).unwrap();
+        let name = FileName::try_new(
+            Cursor::seq(first).unwrap(),
+            Cursor::seq(first + 9).unwrap(),
+            7,
+        )
+        .unwrap();
+        let path = format!("{}/{}", key.dir(), name.render());
+        let mut f = parse_path(&path, 1234).unwrap();
+        f.rows = Some(rows);
+        f
+    }
+
+    async fn new_table(lake: &Lake, table: Table) -> LogState {
+        let mut st = LogState::default();
+        let acts = create_actions(table, 1).unwrap();
+        assert!(matches!(
+            commit(lake, table, &mut st, "CREATE TABLE", json!({}), acts)
+                .await
+                .unwrap(),
+            CommitOutcome::Committed(0)
+        ));
+        st
+    }
+
+    /// Files and the cursor committed together are what a fresh read of the log finds; a
+    /// second writer of the same version is refused, not merged.
+    #[tokio::test]
+    async fn a_commit_is_read_back_with_its_files_and_cursor() {
+        let lake = Lake::open("memory://").unwrap();
+        let mut st = new_table(&lake, Table::Events).await;
+        let a = file("app.bsky.feed.post", 493_000, 10, 5);
+        let b = file("app.bsky.feed.like", 493_001, 20, 6);
+        let acts = vec![
+            add_action(Table::Events, &a, true, 5),
+            add_action(Table::Events, &b, true, 5),
+            txn_action(SourceKind::Firehose, 29, 5),
+        ];
+        let out = commit(
+            &lake,
+            Table::Events,
+            &mut st,
+            "STREAMING UPDATE",
+            json!({"x": 1}),
+            acts,
+        )
+        .await
+        .unwrap();
+        assert!(matches!(out, CommitOutcome::Committed(1)));
+        let read = load(&lake, Table::Events).await.unwrap();
+        assert_eq!(read.version, Some(1));
+        assert_eq!(read.files.len(), 2);
+        assert_eq!(read.files[&a.path].rows, Some(5));
+        assert_eq!(read.files[&b.path].key, b.key);
+        assert_eq!(read.txn(SourceKind::Firehose), Some((29, 5)));
+        assert_eq!(read.txn(SourceKind::Jetstream), None);
+        assert_eq!(read.info, Some(json!({"x": 1})));
+        // a stale writer that still thinks version 0 is the newest
+        let mut stale = new_table(&Lake::open("memory://").unwrap(), Table::Events).await;
+        stale.version = Some(0);
+        let again = commit(
+            &lake,
+            Table::Events,
+            &mut stale,
+            "STREAMING UPDATE",
+            json!({}),
+            vec![],
+        )
+        .await
+        .unwrap();
+        assert!(matches!(again, CommitOutcome::Conflict(1)));
+        assert_eq!(load(&lake, Table::Events).await.unwrap().files.len(), 2);
+    }
+
+    /// Past a checkpoint the log reads the same: the checkpoint's files and txns, then the
+    /// commits after it; a removed file stays a tombstone.
+    #[tokio::test]
+    async fn checkpoints_read_back_like_the_commits_they_replace() {
+        let lake = Lake::open("memory://").unwrap();
+        let mut st = new_table(&lake, Table::Events).await;
+        let mut all = Vec::new();
+        for v in 1..=(CHECKPOINT_INTERVAL + 3) {
+            let f = file("app.bsky.feed.post", 493_000 + v as i64, v as i64 * 10, v);
+            let acts = vec![
+                add_action(Table::Events, &f, true, 5),
+                txn_action(SourceKind::Jetstream, 1_700_000_000_000_000 + v as i64, 6),
+            ];
+            all.push(f);
+            commit(
+                &lake,
+                Table::Events,
+                &mut st,
+                "WRITE",
+                json!({"v": v}),
+                acts,
+            )
+            .await
+            .unwrap();
+        }
+        let gone = all.remove(0);
+        commit(
+            &lake,
+            Table::Events,
+            &mut st,
+            "DELETE",
+            json!({}),
+            vec![remove_action(Table::Events, &gone, true, 9)],
+        )
+        .await
+        .unwrap();
+        assert!(
+            lake.get(&Table::Events.log_path("_last_checkpoint"))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let read = load(&lake, Table::Events).await.unwrap();
+        assert_eq!(read.version, Some(CHECKPOINT_INTERVAL + 4));
+        assert_eq!(read.files.len(), all.len());
+        for f in &all {
+            assert_eq!(read.files[&f.path].rows, f.rows, "{}", f.path);
+        }
+        assert!(read.removed.contains_key(&gone.path));
+        assert_eq!(
+            read.txn(SourceKind::Jetstream).map(|t| t.0),
+            Some(1_700_000_000_000_000 + CHECKPOINT_INTERVAL as i64 + 3)
+        );
+        assert_eq!(read.info, Some(json!({})));
+        // the checkpoint alone (as if the commits after it were not there)
+        let cp = lake
+            .get(&Table::Events.log_path(&checkpoint_name(CHECKPOINT_INTERVAL)))
+            .await
+            .unwrap()
+            .unwrap();
+        let acts = read_checkpoint(cp, "cp").unwrap();
+        let adds = acts.iter().filter(|a| a.get("add").is_some()).count();
+        assert_eq!(adds as u64, CHECKPOINT_INTERVAL);
+        assert!(acts.iter().any(|a| a.get("protocol").is_some()));
+        assert!(
+            acts.iter()
+                .any(|a| a["metaData"]["schemaString"].is_string())
+        );
+    }
+
+    /// A hole in the versions, an add outside the table, a foreign protocol: errors, not a
+    /// partial table.
+    #[tokio::test]
+    async fn a_broken_log_is_an_error() {
+        let lake = Lake::open("memory://").unwrap();
+        let mut st = new_table(&lake, Table::Events).await;
+        commit(&lake, Table::Events, &mut st, "WRITE", json!({}), vec![])
+            .await
+            .unwrap();
+        lake.put_atomic(&Table::Events.log_path(&commit_name(3)), "{}".into())
+            .await
+            .unwrap();
+        assert!(
+            load(&lake, Table::Events).await.is_err(),
+            "version 2 is missing"
+        );
+
+        let lake = Lake::open("memory://").unwrap();
+        let mut st = new_table(&lake, Table::Events).await;
+        let bad = json!({"add": {"path": "../../etc/passwd", "size": 1, "partitionValues": {}}});
+        commit(&lake, Table::Events, &mut st, "WRITE", json!({}), vec![])
+            .await
+            .unwrap();
+        lake.put_atomic(
+            &Table::Events.log_path(&commit_name(2)),
+            bad.to_string().into(),
+        )
+        .await
+        .unwrap();
+        assert!(load(&lake, Table::Events).await.is_err(), "not a data file");
+
+        let lake = Lake::open("memory://").unwrap();
+        let p = json!({"protocol": {"minReaderVersion": 3, "minWriterVersion": 7}});
+        lake.put_atomic(
+            &Table::Errors.log_path(&commit_name(0)),
+            p.to_string().into(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            load(&lake, Table::Errors).await.is_err(),
+            "reader version 3"
+        );
+    }
+
+    #[test]
+    fn the_schema_names_every_stored_column_then_the_partitions() {
+        let s: Value = serde_json::from_str(&Table::Events.schema_string().unwrap()).unwrap();
+        let names: Vec<&str> = s["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names[0], "did");
+        assert!(names.contains(&"collection"));
+        assert!(names.contains(&"handle"));
+        assert_eq!(
+            &names[names.len() - 3..],
+            ["collection_partition", "date", "hour"]
+        );
+        let f = file("app.bsky.feed.post", 24 * 20_000 + 5, 1, 1);
+        let pv = Table::Events.partition_values(&f);
+        assert_eq!(pv["hour"], "5");
+        assert_eq!(pv["date"], "2024-10-04");
+        assert_eq!(pv[COLLECTION_PARTITION], "app.bsky.feed.post");
+    }
+}
