@@ -202,6 +202,14 @@ async fn crash_test(source: &str, backend: Backend) {
     let truth = sim.truth();
     let got = read_lake(&lake).await;
     assert_exactly_once(&got, &truth);
+    // what a Delta reader sees is what a plain reader sees: every file left in storage is
+    // committed in the log, and the log names no other
+    let (committed, _) = atlake::checkpoint::lake_state(&lake).await.unwrap();
+    let listed = atlake::checkpoint::list_files(&lake).await.unwrap();
+    assert_eq!(
+        committed.iter().map(|f| &f.path).collect::<Vec<_>>(),
+        listed.iter().map(|f| &f.path).collect::<Vec<_>>()
+    );
     eprintln!(
         "CRASH RESULT source={source} backend={backend:?} kills={kills} mid_write={mid_write} mid_checkpoint={mid_checkpoint} before_recovery={before_recovery} events={} lost=0 duplicated=0 files={} took={:?}",
         truth.events(),
