@@ -280,13 +280,22 @@ fn file_of(table: Table, body: &Value, at: &str) -> Result<LakeFile, CheckpointE
     Ok(f)
 }
 
+/// A lake-relative path as its table's log names it (relative to the table's root); a path
+/// outside the table is an error.
+fn table_path(table: Table, path: &str) -> Result<&str, CheckpointError> {
+    path.strip_prefix(table.root())
+        .and_then(|p| p.strip_prefix('/'))
+        .ok_or_else(|| corrupt(&table.log_path(""), format!("{path} is not in this table")))
+}
+
 /// The `add` action of a data file.
-pub fn add_action(table: Table, f: &LakeFile, data_change: bool, now_ms: i64) -> Value {
-    let rel = f
-        .path
-        .strip_prefix(table.root())
-        .map(|p| p.trim_start_matches('/'))
-        .unwrap_or(&f.path);
+pub fn add_action(
+    table: Table,
+    f: &LakeFile,
+    data_change: bool,
+    now_ms: i64,
+) -> Result<Value, CheckpointError> {
+    let rel = table_path(table, &f.path)?;
     let mut add = json!({
         "path": rel,
         "partitionValues": table.partition_values(f),
@@ -297,24 +306,25 @@ pub fn add_action(table: Table, f: &LakeFile, data_change: bool, now_ms: i64) ->
     if let Some(n) = f.rows {
         add["stats"] = json!({"numRecords": n}).to_string().into();
     }
-    json!({ "add": add })
+    Ok(json!({ "add": add }))
 }
 
 /// The `remove` action of a data file.
-pub fn remove_action(table: Table, f: &LakeFile, data_change: bool, now_ms: i64) -> Value {
-    let rel = f
-        .path
-        .strip_prefix(table.root())
-        .map(|p| p.trim_start_matches('/'))
-        .unwrap_or(&f.path);
-    json!({"remove": {
+pub fn remove_action(
+    table: Table,
+    f: &LakeFile,
+    data_change: bool,
+    now_ms: i64,
+) -> Result<Value, CheckpointError> {
+    let rel = table_path(table, &f.path)?;
+    Ok(json!({"remove": {
         "path": rel,
         "deletionTimestamp": now_ms,
         "dataChange": data_change,
         "extendedFileMetadata": true,
         "partitionValues": table.partition_values(f),
         "size": f.size,
-    }})
+    }}))
 }
 
 /// The `txn` action that records a source's cursor.
@@ -589,13 +599,10 @@ async fn write_checkpoint(
         lines.push(json!({"txn": {"appId": app, "version": v, "lastUpdated": when}}));
     }
     for f in state.files.values() {
-        lines.push(add_action(table, f, false, now));
+        lines.push(add_action(table, f, false, now)?);
     }
     for (p, when) in &state.removed {
-        let rel = p
-            .strip_prefix(table.root())
-            .map(|r| r.trim_start_matches('/'))
-            .unwrap_or(p);
+        let rel = table_path(table, p)?;
         lines.push(json!({"remove": {"path": rel, "deletionTimestamp": when, "dataChange": true}}));
     }
     let schema = checkpoint_schema();
@@ -697,8 +704,8 @@ mod tests {
         let a = file("app.bsky.feed.post", 493_000, 10, 5);
         let b = file("app.bsky.feed.like", 493_001, 20, 6);
         let acts = vec![
-            add_action(Table::Events, &a, true, 5),
-            add_action(Table::Events, &b, true, 5),
+            add_action(Table::Events, &a, true, 5).unwrap(),
+            add_action(Table::Events, &b, true, 5).unwrap(),
             txn_action(SourceKind::Firehose, 29, 5),
         ];
         let out = commit(
@@ -747,7 +754,7 @@ mod tests {
         for v in 1..=(CHECKPOINT_INTERVAL + 3) {
             let f = file("app.bsky.feed.post", 493_000 + v as i64, v as i64 * 10, v);
             let acts = vec![
-                add_action(Table::Events, &f, true, 5),
+                add_action(Table::Events, &f, true, 5).unwrap(),
                 txn_action(SourceKind::Jetstream, 1_700_000_000_000_000 + v as i64, 6),
             ];
             all.push(f);
@@ -769,7 +776,7 @@ mod tests {
             &mut st,
             "DELETE",
             json!({}),
-            vec![remove_action(Table::Events, &gone, true, 9)],
+            vec![remove_action(Table::Events, &gone, true, 9).unwrap()],
         )
         .await
         .unwrap();

@@ -329,7 +329,7 @@ async fn convert(
         .filter(|f| delta::Table::of(f) == Some(table))
         .collect();
     for f in &mine {
-        actions.push(delta::add_action(table, f, true, now));
+        actions.push(delta::add_action(table, f, true, now)?);
     }
     if table == delta::Table::Events
         && let Some(c) = legacy
@@ -752,6 +752,19 @@ mod tests {
         }
     }
 
+    /// The flush jobs of `evs` under the default policy, drained at once.
+    fn jobs_of(evs: &[Envelope]) -> Vec<FlushJob> {
+        let mut b = Batcher::new(
+            FlushPolicy::from_config(&Default::default()),
+            SourceKind::Firehose,
+        );
+        for e in evs {
+            b.push_event(e, e.cursor(), event_key(e), Instant::now())
+                .unwrap();
+        }
+        b.drain().unwrap()
+    }
+
     /// A lake of `evs` in files of at most `rows` rows, plus one quarantined input at cursor 5.
     async fn lake_of(evs: &[Envelope], rows: usize) -> (Lake, ErrorEvent) {
         let lake = Lake::open("memory://").unwrap();
@@ -859,15 +872,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
         let evs = events(40);
-        let mut b = Batcher::new(
-            FlushPolicy::from_config(&Default::default()),
-            SourceKind::Firehose,
-        );
-        for e in &evs {
-            b.push_event(e, e.cursor(), event_key(e), Instant::now())
-                .unwrap();
-        }
-        write(&lake, SourceKind::Firehose, b.drain().unwrap()).await;
+        write(&lake, SourceKind::Firehose, jobs_of(&evs)).await;
         let part = dir
             .path()
             .join("events/collection_partition=app.bsky.feed.like/date=2026-07-04/hour=14");
@@ -939,15 +944,7 @@ mod tests {
         let evs = events(120);
         let lake = Lake::open("memory://").unwrap();
         recover(&lake, SourceKind::Firehose, 0).await.unwrap();
-        let mut b = Batcher::new(
-            FlushPolicy::from_config(&Default::default()),
-            SourceKind::Firehose,
-        );
-        for e in &evs {
-            b.push_event(e, e.cursor(), event_key(e), Instant::now())
-                .unwrap();
-        }
-        write(&lake, SourceKind::Firehose, b.drain().unwrap()).await;
+        write(&lake, SourceKind::Firehose, jobs_of(&evs)).await;
         let written = list_files(&lake).await.unwrap();
         assert!(!written.is_empty());
         let r = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
@@ -957,23 +954,12 @@ mod tests {
         assert!(list_files(&lake).await.unwrap().is_empty());
 
         // committed, then lost from storage
-        write(&lake, SourceKind::Firehose, {
-            let mut b = Batcher::new(
-                FlushPolicy::from_config(&Default::default()),
-                SourceKind::Firehose,
-            );
-            for e in &evs {
-                b.push_event(e, e.cursor(), event_key(e), Instant::now())
-                    .unwrap();
-            }
-            b.drain().unwrap()
-        })
-        .await;
+        write(&lake, SourceKind::Firehose, jobs_of(&evs)).await;
         let files = list_files(&lake).await.unwrap();
         let mut log = delta::load(&lake, delta::Table::Events).await.unwrap();
         let adds = files
             .iter()
-            .map(|f| delta::add_action(delta::Table::Events, f, true, 1))
+            .map(|f| delta::add_action(delta::Table::Events, f, true, 1).unwrap())
             .collect();
         delta::commit(
             &lake,

@@ -38,7 +38,7 @@ pub async fn expire(
     let actions = old
         .iter()
         .map(|f| delta::remove_action(table, f, true, now_ms))
-        .collect();
+        .collect::<Result<Vec<_>, _>>()?;
     let info = json!({"retention_cutoff_us": cutoff_us});
     match delta::commit(lake, table, state, "DELETE", info, actions).await? {
         CommitOutcome::Committed(_) => {
@@ -145,7 +145,7 @@ mod tests {
         }
         let adds = files
             .iter()
-            .map(|f| delta::add_action(Table::Events, f, true, 1))
+            .map(|f| delta::add_action(Table::Events, f, true, 1).unwrap())
             .collect();
         delta::commit(
             &lake,

@@ -189,7 +189,7 @@ async fn commit(
             .iter()
             .filter(|f| Table::of(f) == Some(table))
             .map(|f| delta::add_action(table, f, true, now))
-            .collect();
+            .collect::<Result<_, _>>()?;
         if table == Table::Events
             && let Some(cur) = cursor
         {
@@ -236,6 +236,26 @@ mod tests {
         Some((cp, c))
     }
 
+    type Running = (
+        tokio::task::JoinHandle<Option<Cursor>>,
+        watch::Sender<Request>,
+        mpsc::UnboundedSender<LakeFile>,
+        watch::Sender<bool>,
+    );
+
+    /// Runs `c` with fresh channels: its task, and the request, file and abandon senders.
+    fn start(c: Committer) -> Running {
+        let (tx, rx) = watch::channel(None);
+        let (ftx, frx) = mpsc::unbounded_channel();
+        let (abandon_tx, abandon) = watch::channel(false);
+        (
+            tokio::spawn(run(c, rx, frx, abandon, None)),
+            tx,
+            ftx,
+            abandon_tx,
+        )
+    }
+
     /// A committer writing through `lake`, after recovery through its unfenced `base`.
     async fn committer(base: &Lake, lake: &Lake, catalog: Arc<Catalog>) -> Committer {
         let rec = crate::checkpoint::recover(base, SourceKind::Firehose, 0)
@@ -277,10 +297,7 @@ mod tests {
         let lake = base.fenced(fence.clone());
         let catalog = Arc::new(Catalog::default());
         let c = committer(&base, &lake, catalog.clone()).await;
-        let (tx, rx) = watch::channel(None);
-        let (ftx, frx) = mpsc::unbounded_channel();
-        let (_abandon_tx, abandon) = watch::channel(false);
-        let task = tokio::spawn(run(c, rx, frx, abandon, None));
+        let (task, tx, ftx, _abandon) = start(c);
         ftx.send(data_file(1)).unwrap();
         tx.send(request(10)).unwrap();
         tokio::time::sleep(Duration::from_secs(30)).await;
@@ -321,10 +338,7 @@ mod tests {
     async fn files_are_committed_without_a_new_position() {
         let lake = Lake::open("memory://").unwrap();
         let c = committer(&lake, &lake, Arc::default()).await;
-        let (_tx, rx) = watch::channel(None);
-        let (ftx, frx) = mpsc::unbounded_channel();
-        let (_abandon_tx, abandon) = watch::channel(false);
-        let task = tokio::spawn(run(c, rx, frx, abandon, None));
+        let (task, _tx, ftx, _abandon) = start(c);
         ftx.send(data_file(5)).unwrap();
         let until = std::time::Instant::now() + Duration::from_secs(10);
         while delta::load(&lake, Table::Events)
@@ -346,10 +360,7 @@ mod tests {
         let base = Lake::open("memory://").unwrap();
         let lake = base.fenced(fence.clone());
         let c = committer(&base, &lake, Arc::default()).await;
-        let (tx, rx) = watch::channel(None);
-        let (_ftx, frx) = mpsc::unbounded_channel();
-        let (_abandon_tx, abandon) = watch::channel(false);
-        let task = tokio::spawn(run(c, rx, frx, abandon, None));
+        let (task, tx, _ftx, _abandon) = start(c);
         tx.send(request(10)).unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
         fence.lose("taken over".into());
@@ -385,7 +396,7 @@ mod tests {
         };
         let adds = [&old, &recent]
             .iter()
-            .map(|f| delta::add_action(Table::Events, f, true, 1))
+            .map(|f| delta::add_action(Table::Events, f, true, 1).unwrap())
             .collect();
         delta::commit(
             &lake,
@@ -398,10 +409,7 @@ mod tests {
         .await
         .unwrap();
         c.retention = Some(Duration::from_secs(2 * 3600));
-        let (_tx, rx) = watch::channel(None);
-        let (_ftx, frx) = mpsc::unbounded_channel();
-        let (_abandon_tx, abandon) = watch::channel(false);
-        let task = tokio::spawn(run(c, rx, frx, abandon, None));
+        let (task, _tx, _ftx, _abandon) = start(c);
         let until = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let log = delta::load(&lake, Table::Events).await.unwrap();

@@ -279,14 +279,8 @@ impl Lake {
     async fn put_atomic_unfenced(&self, rel: &str, data: Bytes) -> Result<(), StoreError> {
         match &self.local_root {
             Some(root) => {
-                let root = root.clone();
-                let rel = rel.to_string();
-                tokio::task::spawn_blocking(move || write_local_atomic(&root, &rel, &data))
-                    .await
-                    .map_err(|e| StoreError::Io {
-                        path: "(write task)".into(),
-                        source: std::io::Error::other(e.to_string()),
-                    })?
+                let (root, rel) = (root.clone(), rel.to_string());
+                blocking(move || write_local_atomic(&root, &rel, &data)).await
             }
             None => {
                 self.store
@@ -353,14 +347,8 @@ impl Lake {
         self.guarded(async {
             match &self.local_root {
                 Some(root) => {
-                    let root = root.clone();
-                    let rel = rel.to_string();
-                    tokio::task::spawn_blocking(move || write_local_new(&root, &rel, &data))
-                        .await
-                        .map_err(|e| StoreError::Io {
-                            path: "(write task)".into(),
-                            source: std::io::Error::other(e.to_string()),
-                        })?
+                    let (root, rel) = (root.clone(), rel.to_string());
+                    blocking(move || write_local_new(&root, &rel, &data)).await
                 }
                 None => {
                     let opts = object_store::PutOptions {
@@ -451,6 +439,18 @@ impl Lake {
     }
 }
 
+/// Runs a local write on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Io {
+            path: "(write task)".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
+
 fn io_err(path: &Path, source: std::io::Error) -> StoreError {
     StoreError::Io {
         path: path.display().to_string(),
@@ -477,22 +477,31 @@ fn write_local_atomic(root: &Path, rel: &str, data: &[u8]) -> Result<(), StoreEr
     .map(|_| ())
 }
 
+/// The target of a local write, its directory (created), and the temporary file it is
+/// written to first (`.<name>.<pid>.tmp`, which recovery removes if it is left behind).
+fn temp_path(root: &Path, rel: &str) -> Result<(PathBuf, PathBuf, PathBuf), StoreError> {
+    let target = root.join(rel);
+    let dir = target
+        .parent()
+        .ok_or_else(|| io_err(&target, std::io::Error::other("no parent directory")))?
+        .to_path_buf();
+    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    let file_name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io_err(&target, std::io::Error::other("bad file name")))?;
+    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    Ok((target, dir, tmp))
+}
+
 fn write_local_streaming(
     root: &Path,
     rel: &str,
     produce: impl FnOnce(&mut (dyn std::io::Write + Send)) -> std::io::Result<()>,
 ) -> Result<u64, StoreError> {
     use std::io::Write;
-    let target = root.join(rel);
-    let dir = target
-        .parent()
-        .ok_or_else(|| io_err(&target, std::io::Error::other("no parent directory")))?;
-    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    let file_name = target
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| io_err(&target, std::io::Error::other("bad file name")))?;
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let (target, dir, tmp) = temp_path(root, rel)?;
+    let dir = dir.as_path();
     let res = (|| {
         let f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
@@ -520,16 +529,8 @@ fn write_local_streaming(
 /// the final name (which fails if that name is taken), then removed; the directory is fsynced.
 fn write_local_new(root: &Path, rel: &str, data: &[u8]) -> Result<bool, StoreError> {
     use std::io::Write;
-    let target = root.join(rel);
-    let dir = target
-        .parent()
-        .ok_or_else(|| io_err(&target, std::io::Error::other("no parent directory")))?;
-    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    let file_name = target
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| io_err(&target, std::io::Error::other("bad file name")))?;
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let (target, dir, tmp) = temp_path(root, rel)?;
+    let dir = dir.as_path();
     let res = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
         f.write_all(data).map_err(|e| io_err(&tmp, e))?;
