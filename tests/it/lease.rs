@@ -422,3 +422,24 @@ async fn a_second_pipeline_in_one_process_is_refused() {
     first.stop(Duration::from_secs(10)).await.unwrap();
     sim.stop();
 }
+
+/// A commit to the Delta log on S3 is a conditional put: the version a second writer tries to
+/// take is refused by the server (moto enforces `If-None-Match: *`), and the log keeps the
+/// first commit; a local lake refuses it the same way (a hard link never replaces a file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_version_is_committed_once_on_s3_and_on_disk() {
+    let Some(moto) = Moto::start("delta").await else {
+        return missing("moto_server (S3-compatible server)");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let lakes = [
+        Lake::open_with_env("s3://delta/lake", &moto.env()).unwrap(),
+        Lake::open(dir.path().to_str().unwrap()).unwrap(),
+    ];
+    for lake in lakes {
+        let path = "events/_delta_log/00000000000000000000.json";
+        assert!(lake.put_new(path, "first".into()).await.unwrap(), "{}", lake.url());
+        assert!(!lake.put_new(path, "second".into()).await.unwrap(), "{}", lake.url());
+        assert_eq!(lake.get(path).await.unwrap().unwrap(), "first");
+    }
+}
