@@ -438,8 +438,16 @@ async fn a_log_version_is_committed_once_on_s3_and_on_disk() {
     ];
     for lake in lakes {
         let path = "events/_delta_log/00000000000000000000.json";
-        assert!(lake.put_new(path, "first".into()).await.unwrap(), "{}", lake.url());
-        assert!(!lake.put_new(path, "second".into()).await.unwrap(), "{}", lake.url());
+        assert!(
+            lake.put_new(path, "first".into()).await.unwrap(),
+            "{}",
+            lake.url()
+        );
+        assert!(
+            !lake.put_new(path, "second".into()).await.unwrap(),
+            "{}",
+            lake.url()
+        );
         assert_eq!(lake.get(path).await.unwrap().unwrap(), "first");
     }
 }
