@@ -272,11 +272,15 @@ fn file_of(table: Table, body: &Value, at: &str) -> Result<LakeFile, CheckpointE
     if Table::of(&f) != Some(table) {
         return Err(corrupt(at, format!("add {path}: not a file of this table")));
     }
-    f.rows = body
-        .get("stats")
-        .and_then(Value::as_str)
-        .and_then(|s| serde_json::from_str::<Value>(s).ok())
-        .and_then(|s| s.get("numRecords").and_then(Value::as_u64));
+    // stats are optional in Delta; when present they must parse (a count that is silently
+    // lost would make a query read every footer, and one that is wrong would be worse)
+    f.rows = match body.get("stats").and_then(Value::as_str) {
+        None => None,
+        Some(s) => serde_json::from_str::<Value>(s)
+            .map_err(|e| corrupt(at, format!("add {path}: stats: {e}")))?
+            .get("numRecords")
+            .and_then(Value::as_u64),
+    };
     Ok(f)
 }
 
@@ -422,6 +426,7 @@ pub async fn load(lake: &Lake, table: Table) -> Result<LogState, CheckpointError
         .filter_map(|(p, _)| {
             let name = p.rsplit('/').next()?;
             let v = name.strip_suffix(".json")?;
+            // 20 digits beyond u64 name no version this log can reach: not a commit
             (v.len() == 20 && v.bytes().all(|c| c.is_ascii_digit()))
                 .then(|| v.parse::<u64>().ok())
                 .flatten()
