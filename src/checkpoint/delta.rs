@@ -170,8 +170,10 @@ pub struct LogState {
     pub removed: BTreeMap<String, i64>,
     /// `txn` versions by app id, with when each was set (ms).
     pub txns: BTreeMap<String, (i64, i64)>,
-    /// The newest commit's `atlake` commit information (the checkpoint as its writer saw it).
-    pub info: Option<Value>,
+    /// The checkpoint as the newest commit that recorded one saw it (`commitInfo.atlake.checkpoint`,
+    /// written with every cursor; commits of files alone, retention and vacuum carry none).
+    /// Informational: each source's endpoint; the cursors are the `txn` actions.
+    pub positions: Option<Value>,
     /// The table's `protocol` and `metaData` actions as read.
     protocol: Option<Value>,
     metadata: Option<Value>,
@@ -238,8 +240,8 @@ impl LogState {
                 }
                 "metaData" => self.metadata = Some(body.clone()),
                 "commitInfo" => {
-                    if let Some(i) = body.get("atlake") {
-                        self.info = Some(i.clone());
+                    if let Some(p) = positions_of(body) {
+                        self.positions = Some(p.clone());
                     }
                 }
                 // other actions (cdc, domainMetadata, sidecars) are not written by atlake
@@ -249,6 +251,19 @@ impl LogState {
         }
         Ok(())
     }
+}
+
+/// The checkpoint a commit's `commitInfo` recorded, if it recorded one.
+fn positions_of(commit_info: &Value) -> Option<&Value> {
+    commit_info
+        .get("atlake")
+        .and_then(|a| a.get("checkpoint"))
+        .filter(|p| p.is_object())
+}
+
+/// The `commitInfo.atlake` of a commit that records `checkpoint` (serialised).
+pub fn positions_info(checkpoint: Value) -> Value {
+    json!({ "checkpoint": checkpoint })
 }
 
 /// The lake-relative path of an `add` or `remove` action (the caller checks that it names a
@@ -401,15 +416,23 @@ pub async fn load(lake: &Lake, table: Table) -> Result<LogState, CheckpointError
         }
         st.version = Some(version);
         next = version + 1;
-        // the checkpoint has no commit information: take it from its version's commit
-        let info_path = table.log_path(&commit_name(version));
-        if let Some(b) = lake.get(&info_path).await? {
+        // a checkpoint has no commit information: take the positions from the newest commit
+        // at or before it that recorded them (at most one interval back: every commit that
+        // moves a cursor records them)
+        for v in (version.saturating_sub(CHECKPOINT_INTERVAL)..=version).rev() {
+            let info_path = table.log_path(&commit_name(v));
+            let Some(b) = lake.get(&info_path).await? else {
+                break;
+            };
             for line in b.split(|c| *c == b'\n').filter(|l| !l.is_empty()) {
                 let a: Value =
                     serde_json::from_slice(line).map_err(|e| corrupt(&info_path, e.to_string()))?;
-                if let Some(i) = a.get("commitInfo").and_then(|c| c.get("atlake")) {
-                    st.info = Some(i.clone());
+                if let Some(p) = a.get("commitInfo").and_then(positions_of) {
+                    st.positions = Some(p.clone());
                 }
+            }
+            if st.positions.is_some() {
+                break;
             }
         }
     }
@@ -718,7 +741,7 @@ mod tests {
             Table::Events,
             &mut st,
             "STREAMING UPDATE",
-            json!({"x": 1}),
+            positions_info(json!({"x": 1})),
             acts,
         )
         .await
@@ -731,7 +754,7 @@ mod tests {
         assert_eq!(read.files[&b.path].key, b.key);
         assert_eq!(read.txn(SourceKind::Firehose), Some((29, 5)));
         assert_eq!(read.txn(SourceKind::Jetstream), None);
-        assert_eq!(read.info, Some(json!({"x": 1})));
+        assert_eq!(read.positions, Some(json!({"x": 1})));
         // a stale writer that still thinks version 0 is the newest
         let mut stale = new_table(&Lake::open("memory://").unwrap(), Table::Events).await;
         stale.version = Some(0);
@@ -768,7 +791,13 @@ mod tests {
                 Table::Events,
                 &mut st,
                 "WRITE",
-                json!({"v": v}),
+                // the last commits up to and past the checkpoint record no positions: they
+                // are found further back
+                if v + 2 <= CHECKPOINT_INTERVAL {
+                    positions_info(json!({"v": v}))
+                } else {
+                    json!({})
+                },
                 acts,
             )
             .await
@@ -802,7 +831,8 @@ mod tests {
             read.txn(SourceKind::Jetstream).map(|t| t.0),
             Some(1_700_000_000_000_000 + CHECKPOINT_INTERVAL as i64 + 3)
         );
-        assert_eq!(read.info, Some(json!({})));
+        // the newest commit that recorded positions, two before the checkpoint
+        assert_eq!(read.positions, Some(json!({"v": CHECKPOINT_INTERVAL - 2})));
         // the checkpoint alone (as if the commits after it were not there)
         let cp = lake
             .get(&Table::Events.log_path(&checkpoint_name(CHECKPOINT_INTERVAL)))

@@ -61,6 +61,9 @@ pub enum CheckpointError {
     },
 }
 
+/// The endpoint of a position the log does not record.
+pub const UNKNOWN_URL: &str = "";
+
 /// One source's position.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourcePosition {
@@ -156,13 +159,18 @@ impl Checkpoint {
                 path: at.clone(),
                 message: format!("txn {}: {e}", delta::app_id(kind)),
             })?;
-            let url = log
-                .info
+            // the endpoint is informational and only commit information records it: a log
+            // written by another tool, or whose recording commit is gone, does not say
+            let url = match log
+                .positions
                 .as_ref()
                 .and_then(|i| i.get(kind.as_str()))
                 .and_then(|p| p.get("url"))
                 .and_then(|u| u.as_str())
-                .unwrap_or_default();
+            {
+                Some(u) => u,
+                None => UNKNOWN_URL,
+            };
             c.set(
                 kind,
                 SourcePosition {
@@ -307,6 +315,8 @@ pub async fn lake_state(lake: &Lake) -> Result<(Vec<LakeFile>, Checkpoint), Chec
     let checkpoint = if logs.events.version.is_some() {
         Checkpoint::from_log(&logs.events)?
     } else {
+        // a lake from before the log: its checkpoint file, if it wrote one yet (a lake that
+        // crashed before its first checkpoint, or an empty one, has none: no position)
         Checkpoint::load_legacy(lake).await?.unwrap_or_default()
     };
     Ok((files, checkpoint))
@@ -345,12 +355,16 @@ async fn convert(
     } else {
         "CONVERT"
     };
-    let info = serde_json::to_value(legacy.cloned().unwrap_or_default()).map_err(|e| {
-        CheckpointError::Corrupt {
-            path: checkpoint_path(),
-            message: e.to_string(),
-        }
-    })?;
+    // the old checkpoint's positions, recorded like every commit that sets a cursor
+    let info = match legacy {
+        Some(c) => delta::positions_info(serde_json::to_value(c).map_err(|e| {
+            CheckpointError::Corrupt {
+                path: checkpoint_path(),
+                message: e.to_string(),
+            }
+        })?),
+        None => serde_json::json!({}),
+    };
     let mut st = delta::LogState::default();
     match delta::commit(lake, table, &mut st, op, info, actions).await? {
         delta::CommitOutcome::Committed(_) => {

@@ -177,12 +177,16 @@ async fn commit(
     cursor: Option<Cursor>,
 ) -> Result<(), CheckpointError> {
     let now = crate::model::cursor::now_us() / 1000;
+    // every `events` commit records the newest requested checkpoint (the endpoints); before
+    // the first request there is none to record
     let info = match request {
-        Some((cp, _)) => serde_json::to_value(cp).map_err(|e| CheckpointError::Corrupt {
-            path: Table::Events.log_path(""),
-            message: e.to_string(),
-        })?,
-        None => serde_json::Value::Null,
+        Some((cp, _)) => delta::positions_info(serde_json::to_value(cp).map_err(|e| {
+            CheckpointError::Corrupt {
+                path: Table::Events.log_path(""),
+                message: e.to_string(),
+            }
+        })?),
+        None => serde_json::json!({}),
     };
     for table in Table::ALL {
         let mut actions: Vec<serde_json::Value> = pending
@@ -202,7 +206,7 @@ async fn commit(
         let info = if table == Table::Events {
             info.clone()
         } else {
-            serde_json::Value::Null
+            serde_json::json!({})
         };
         match delta::commit(&c.lake, table, log, "STREAMING UPDATE", info, actions).await? {
             CommitOutcome::Committed(_) => {}
@@ -394,16 +398,18 @@ mod tests {
                 FileName::try_new(Cursor::seq(9).unwrap(), Cursor::seq(9).unwrap(), 1).unwrap();
             parse_path(&format!("{}/{}", key.dir(), name.render()), 10).unwrap()
         };
-        let adds = [&old, &recent]
+        let mut adds: Vec<_> = [&old, &recent]
             .iter()
             .map(|f| delta::add_action(Table::Events, f, true, 1).unwrap())
             .collect();
+        adds.push(delta::txn_action(SourceKind::Firehose, 9, 1));
+        let (cp, _) = request(9).unwrap();
         delta::commit(
             &lake,
             Table::Events,
             &mut c.logs.events,
             "WRITE",
-            serde_json::Value::Null,
+            delta::positions_info(serde_json::to_value(&cp).unwrap()),
             adds,
         )
         .await
@@ -416,6 +422,13 @@ mod tests {
             if !log.files.contains_key(&old.path) {
                 assert!(log.files.contains_key(&recent.path));
                 assert!(log.removed.contains_key(&old.path));
+                // the retention commit records no positions: the endpoint stays known
+                let read = Checkpoint::load(&lake).await.unwrap().unwrap();
+                assert_eq!(read.cursor(SourceKind::Firehose), Cursor::seq(9).ok());
+                assert_eq!(
+                    read.position(SourceKind::Firehose).unwrap().url,
+                    "wss://relay"
+                );
                 break;
             }
             assert!(std::time::Instant::now() < until, "retention never ran");
