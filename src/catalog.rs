@@ -151,6 +151,16 @@ impl Catalog {
         g.generation += 1;
     }
 
+    /// Files replaced in one commit (compaction, purge): the view changes at once, so no
+    /// query sees a row twice or not at all.
+    pub fn replace_files(&self, gone: &[String], added: Option<&LakeFile>) {
+        let gone: std::collections::HashSet<&str> = gone.iter().map(String::as_str).collect();
+        let mut g = self.lock();
+        g.files.retain(|f| !gone.contains(f.path.as_str()));
+        g.files.extend(added.cloned());
+        g.generation += 1;
+    }
+
     /// Files removed from the lake (a backfill's uncommitted batches, at its start).
     pub fn remove_paths(&self, paths: &[String]) {
         if paths.is_empty() {

@@ -127,6 +127,17 @@ pub enum QueryFormat {
     Json,
 }
 
+/// `atlake export --format`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ExportFormat {
+    /// Parquet (zstd).
+    Parquet,
+    /// JSON lines.
+    Ndjson,
+    /// CSV with a header.
+    Csv,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -244,6 +255,65 @@ pub enum Command {
         /// Repos fetched at once (default 32).
         #[arg(long, value_name = "N")]
         concurrency: Option<usize>,
+    },
+    /// Compact the lake's closed partitions, purge deleted data, apply retention and vacuum,
+    /// then exit.
+    ///
+    /// Takes the writer lease (a running daemon compacts on its own: see [compaction]). Each
+    /// closed hour of a collection becomes one sorted file; a long-tail collection's closed day
+    /// becomes one file; deleted records lose their content and deleted accounts their rows.
+    /// Each rewrite is one commit of the Delta log: a kill at any moment loses and doubles
+    /// nothing. Replaced files are deleted by vacuum once out of the table for
+    /// lake.vacuum_retention.
+    #[command(
+        after_help = "Examples:\n  atlake compact --lake ./lake\n  atlake compact --lake s3://my-bucket/atlake --purge\n  atlake compact --lake ./lake --open   # also the current hour and day (no writer running)"
+    )]
+    Compact {
+        /// Config and lake.
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Writing.
+        #[command(flatten)]
+        writer: WriterArgs,
+        /// Also compact partitions that are not closed yet (the current hour and day).
+        #[arg(long)]
+        open: bool,
+        /// Run the purge scan now, whenever the last one ran.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Export a slice of the lake as files another tool can take away, then exit.
+    ///
+    /// Reads the committed snapshot (no lease: a running daemon goes on), file by file, and
+    /// writes DEST in the lake's layout (one output file per input file), as Parquet, NDJSON or
+    /// CSV. Deleted records and the rows of deleted accounts are left out whatever the lake's
+    /// purge has done so far. With --current, only records that still exist
+    /// (current.records).
+    #[command(
+        after_help = "Examples:\n  atlake export --lake ./lake --to ./posts-2026 --collections app.bsky.feed.post --since 2026-01-01\n  atlake export --lake s3://my-bucket/atlake --to s3://other-bucket/export --format ndjson --since 2026-11-01T00:00:00Z --until 2026-12-01\n  atlake export --lake ./lake --to ./current --current --format csv"
+    )]
+    Export {
+        /// Config and lake.
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Destination: a local directory or s3://bucket/prefix.
+        #[arg(long, value_name = "DEST")]
+        to: String,
+        /// Only these collections (NSIDs), comma-separated.
+        #[arg(long, value_delimiter = ',', value_name = "NSID")]
+        collections: Vec<String>,
+        /// Only rows at or after this time (2026-01-01 or 2026-01-01T12:00:00Z).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only rows before this time.
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// Only records that still exist (current.records), instead of every event.
+        #[arg(long)]
+        current: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "parquet")]
+        format: ExportFormat,
     },
     /// Serve synthetic traffic as a firehose and a Jetstream endpoint, or write it as a capture.
     ///
@@ -452,6 +522,57 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (None, None) => bail!("give the SQL as an argument or with --file"),
             };
             query_cmd(cfg, format, &sql).await
+        }
+        Command::Export {
+            common,
+            to,
+            collections,
+            since,
+            until,
+            current,
+            format,
+        } => {
+            let cfg = load_config(&common, &no_source())?;
+            let time = |s: &Option<String>, flag: &str| -> anyhow::Result<Option<i64>> {
+                s.as_deref()
+                    .map(|t| {
+                        let full = if t.len() == 10 {
+                            format!("{t}T00:00:00Z")
+                        } else {
+                            t.to_string()
+                        };
+                        crate::syntax::parse_datetime_us(&full)
+                            .map_err(|e| anyhow::anyhow!("{flag} {t:?}: {e}"))
+                    })
+                    .transpose()
+            };
+            for c in &collections {
+                if !crate::syntax::is_nsid(c) {
+                    bail!("--collections: {c:?} is not an NSID");
+                }
+            }
+            let slice = crate::export::Slice {
+                collections,
+                since_us: time(&since, "--since")?,
+                until_us: time(&until, "--until")?,
+                current,
+                format: match format {
+                    ExportFormat::Parquet => crate::export::Format::Parquet,
+                    ExportFormat::Ndjson => crate::export::Format::Ndjson,
+                    ExportFormat::Csv => crate::export::Format::Csv,
+                },
+            };
+            export_cmd(cfg, &to, slice).await
+        }
+        Command::Compact {
+            common,
+            writer,
+            open,
+            purge,
+        } => {
+            let mut cfg = load_config(&common, &no_source())?;
+            cfg.lake.lease_wait |= writer.wait;
+            compact_cmd(cfg, open, purge).await
         }
         Command::Ingest {
             common,
@@ -743,6 +864,81 @@ async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
         tracing::warn!(%addr, "the SQL endpoint is reachable beyond this machine without a token; set ATLAKE_SERVER_TOKEN");
     }
     crate::query::http::serve(listener, state, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn export_cmd(
+    cfg: Config,
+    to: &str,
+    slice: crate::export::Slice,
+) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    use std::sync::atomic::Ordering::Relaxed;
+    let lake = crate::daemon::open_lake(&cfg.lake.url).await?;
+    let dest = crate::sink::store::Lake::open(to)?;
+    let progress = Arc::new(crate::export::Progress::default());
+    let started = std::time::Instant::now();
+    let line = move |p: &crate::export::Progress| {
+        format!(
+            "exported {}/{} files: {} rows, {:.1} MB in {} files, {:.1?}",
+            p.files_done.load(Relaxed),
+            p.files_total.load(Relaxed),
+            p.rows.load(Relaxed),
+            p.bytes.load(Relaxed) as f64 / 1e6,
+            p.outputs.load(Relaxed),
+            started.elapsed()
+        )
+    };
+    let tty = std::io::stderr().is_terminal();
+    let watch = progress.clone();
+    let reporter = tokio::spawn(async move {
+        let every = if tty {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(10)
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            if tty {
+                eprint!("\r\x1b[2K{}", line(&watch));
+            } else {
+                tracing::info!("{}", line(&watch));
+            }
+        }
+    });
+    let r = crate::export::run(&lake, &dest, &slice, progress.clone()).await;
+    reporter.abort();
+    if tty {
+        eprint!("\r\x1b[2K");
+    }
+    r?;
+    eprintln!("atlake: {} to {to}", line(&progress));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn compact_cmd(cfg: Config, open: bool, purge: bool) -> anyhow::Result<ExitCode> {
+    let lake = crate::sink::store::Lake::open(&cfg.lake.url)?;
+    let started = std::time::Instant::now();
+    eprintln!("atlake: compacting {}", cfg.lake.url);
+    let s = crate::checkpoint::compact::run_command(&lake, &cfg, open, purge).await?;
+    let p = s.pass;
+    eprintln!(
+        "atlake: {} files -> {} ({} rewritten into {}); purged: {} records' content, {} rows of deleted accounts{}; retention removed {}, vacuum deleted {}; took {:.1?}",
+        s.files_before,
+        s.files_after,
+        p.inputs,
+        p.outputs,
+        p.blanked,
+        p.dropped,
+        if p.purge_scan {
+            " (purge scan ran)"
+        } else {
+            ""
+        },
+        s.maintenance.expired,
+        s.maintenance.vacuumed,
+        started.elapsed()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

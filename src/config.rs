@@ -500,6 +500,59 @@ pub fn validate_http_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `[compaction]`: closed partitions rewritten into fewer, larger, sorted files by the
+/// writer (the daemon, in the background) and by `atlake compact`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompactionConfig {
+    /// The daemon compacts (`atlake compact` always does).
+    pub enabled: bool,
+    /// How often the daemon's pass runs (also the purge's check).
+    pub interval: HumanDuration,
+    /// An hour (or day) is closed, and compacted, this long after it ends.
+    pub grace: HumanDuration,
+    /// A collection whose closed day holds at most this much is merged into one file for the
+    /// day (`hour` null), not one per hour.
+    pub small_day: ByteSize,
+    /// One rewrite reads at most this much; a bigger hour becomes files of about this size.
+    /// On S3 the inputs of a rewrite are held in memory, so this bounds its memory too.
+    pub max_input: ByteSize,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        CompactionConfig {
+            enabled: true,
+            interval: HumanDuration(Duration::from_secs(3600)),
+            grace: HumanDuration(Duration::from_secs(3600)),
+            small_day: ByteSize(64 << 20),
+            max_input: ByteSize(1 << 30),
+        }
+    }
+}
+
+/// `[privacy]`: what the lake keeps of data users deleted.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Remove the content (`cid`, `record`) of records that were later deleted, and every row
+    /// of accounts that were deleted or taken down (their `#account` events and every delete
+    /// event stay). Deleted data leaves the table within `purge_every` + `compaction.interval`
+    /// and storage `lake.vacuum_retention` after that.
+    pub purge_deleted: bool,
+    /// How often the purge scan reads the key columns of every file.
+    pub purge_every: HumanDuration,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig {
+            purge_deleted: true,
+            purge_every: HumanDuration(Duration::from_secs(6 * 3600)),
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -518,6 +571,10 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// History from the repositories.
     pub backfill: BackfillConfig,
+    /// Compaction of closed partitions.
+    pub compaction: CompactionConfig,
+    /// Purge of deleted data.
+    pub privacy: PrivacyConfig,
 }
 
 /// The default config file, used when it exists and no `--config` is given.
@@ -657,6 +714,28 @@ impl Config {
             return bad(
                 "lake.retention",
                 "must be at least 1h (whole hours are dropped)",
+            );
+        }
+        let c = &self.compaction;
+        if c.interval.0 < Duration::from_secs(1) {
+            return bad("compaction.interval", "must be at least 1s");
+        }
+        if c.max_input.0 < 1 << 20 {
+            return bad("compaction.max_input", "must be at least 1MiB");
+        }
+        if self.privacy.purge_deleted
+            && self.privacy.purge_every.0 + c.interval.0 + self.lake.vacuum_retention.0
+                > Duration::from_secs(24 * 3600)
+        {
+            return bad(
+                "privacy.purge_every",
+                "with compaction.interval and lake.vacuum_retention must add up to at most 24h (deleted data is gone within that)",
+            );
+        }
+        if self.lake.vacuum_retention.0 <= self.server.query_timeout.0 {
+            return bad(
+                "lake.vacuum_retention",
+                "must be longer than server.query_timeout (a query's snapshot must stay readable)",
             );
         }
         if self.lake.lease_ttl.0 < Duration::from_secs(1) {
@@ -816,6 +895,23 @@ mod tests {
         );
         c.server.idle_timeout = c.server.query_timeout;
         assert!(c.validate().is_err());
+    }
+
+    /// A vacuum that could delete files under a running query, and a purge that could take
+    /// longer than a day, are refused.
+    #[test]
+    fn vacuum_outlasts_queries_and_the_purge_bound_is_a_day() {
+        let mut c = super::Config::default();
+        assert!(c.validate().is_ok());
+        c.lake.vacuum_retention = c.server.query_timeout;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("lake.vacuum_retention"), "{e}");
+        let mut c = super::Config::default();
+        c.privacy.purge_every.0 = std::time::Duration::from_secs(23 * 3600);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("privacy.purge_every"), "{e}");
+        c.privacy.purge_deleted = false;
+        assert!(c.validate().is_ok(), "no bound without a purge");
     }
 
     use super::*;

@@ -81,6 +81,8 @@ pub mod config;
 #[cfg(feature = "lake")]
 pub mod daemon;
 #[cfg(feature = "lake")]
+pub mod export;
+#[cfg(feature = "lake")]
 pub mod ingest;
 #[cfg(feature = "lake")]
 pub mod query;

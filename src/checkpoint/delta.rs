@@ -15,13 +15,14 @@
 //!
 //! Protocol: reader version 1, writer version 2, no table features. Partition columns are
 //! `collection_partition` (the `collection=` directory: a collection, `_other`, `_identity`,
-//! `_account`, `_sync`), `date` (a date) and `hour` (an integer); the quarantine has `date` and
-//! `hour`. The file's own `collection` column keeps each row's real collection.
+//! `_account`, `_sync`), `date` (a date) and `hour` (an integer, null for a compacted
+//! long-tail day); the quarantine has `date` and `hour`. The file's own `collection` column
+//! keeps each row's real collection.
 
 use super::CheckpointError;
 use crate::model::SourceKind;
 use crate::model::rows::{TableKind, schema};
-use crate::sink::partition::{ERRORS_DIR, EVENTS_DIR, LakeFile, date_hour, parse_path};
+use crate::sink::partition::{ERRORS_DIR, EVENTS_DIR, LakeFile, Span, date_hour, parse_path};
 use crate::sink::store::Lake;
 use arrow::datatypes::{DataType, Field, Fields, Schema, TimeUnit};
 use serde_json::{Map, Value, json};
@@ -102,7 +103,9 @@ impl Table {
                 "hour" => "integer",
                 _ => "string",
             };
-            fields.push(json!({"name": p, "type": t, "nullable": false, "metadata": {}}));
+            // `hour` is null in a day partition (a compacted long-tail day)
+            let nullable = *p == "hour";
+            fields.push(json!({"name": p, "type": t, "nullable": nullable, "metadata": {}}));
         }
         Ok(json!({"type": "struct", "fields": fields}).to_string())
     }
@@ -116,10 +119,12 @@ impl Table {
             m.insert(COLLECTION_PARTITION.into(), f.key.name.value().into());
         }
         m.insert("date".into(), date.into());
-        m.insert(
-            "hour".into(),
-            if hour.is_empty() { "0" } else { hour }.into(),
-        );
+        let hour = match f.key.span() {
+            Span::Day => Value::Null,
+            _ if hour.is_empty() => "0".into(),
+            _ => hour.into(),
+        };
+        m.insert("hour".into(), hour);
         m
     }
 }
@@ -166,6 +171,8 @@ pub struct LogState {
     pub version: Option<u64>,
     /// Committed data files, by lake-relative path.
     pub files: BTreeMap<String, LakeFile>,
+    /// When each committed file was added (its `modificationTime`, ms).
+    pub added: BTreeMap<String, i64>,
     /// Files removed from the table and not yet vacuumed: lake-relative path → when (ms).
     pub removed: BTreeMap<String, i64>,
     /// `txn` versions by app id, with when each was set (ms).
@@ -185,6 +192,22 @@ impl LogState {
         self.txns.get(&app_id(source)).copied()
     }
 
+    /// A `metaData` action that declares the schema this version of atlake writes, when the
+    /// log declares another (a table created before `hour` became nullable); `None` when they
+    /// agree. Commits that add files of the new shape carry it.
+    pub fn schema_update(&self, table: Table) -> Result<Option<Value>, CheckpointError> {
+        let Some(m) = &self.metadata else {
+            return Ok(None);
+        };
+        let want = table.schema_string()?;
+        if m.get("schemaString").and_then(Value::as_str) == Some(want.as_str()) {
+            return Ok(None);
+        }
+        let mut m = m.clone();
+        m["schemaString"] = want.into();
+        Ok(Some(json!({ "metaData": m })))
+    }
+
     /// Applies one action (a line of a commit, or a row of a checkpoint).
     fn apply(&mut self, table: Table, action: &Value, at: &str) -> Result<(), CheckpointError> {
         let Some(obj) = action.as_object() else {
@@ -197,7 +220,12 @@ impl LogState {
             match kind.as_str() {
                 "add" => {
                     let f = file_of(table, body, at)?;
+                    let when = body
+                        .get("modificationTime")
+                        .and_then(Value::as_i64)
+                        .ok_or_else(|| corrupt(at, "an add without modificationTime"))?;
                     self.removed.remove(&f.path);
+                    self.added.insert(f.path.clone(), when);
                     self.files.insert(f.path.clone(), f);
                 }
                 "remove" => {
@@ -210,6 +238,7 @@ impl LogState {
                         ));
                     }
                     self.files.remove(&path);
+                    self.added.remove(&path);
                     let when = body
                         .get("deletionTimestamp")
                         .and_then(Value::as_i64)
@@ -616,7 +645,6 @@ async fn write_checkpoint(
 ) -> Result<(), CheckpointError> {
     let path = table.log_path(&checkpoint_name(version));
     let err = |e: &dyn std::fmt::Display| corrupt(&path, e.to_string());
-    let now = crate::model::cursor::now_us() / 1000;
     let mut lines: Vec<Value> = Vec::new();
     let (Some(p), Some(m)) = (&state.protocol, &state.metadata) else {
         return Err(corrupt(&path, "no protocol or metaData to checkpoint"));
@@ -627,7 +655,13 @@ async fn write_checkpoint(
         lines.push(json!({"txn": {"appId": app, "version": v, "lastUpdated": when}}));
     }
     for f in state.files.values() {
-        lines.push(add_action(table, f, false, now)?);
+        // the time a file was added survives the checkpoint (the purge reads it)
+        let added = state
+            .added
+            .get(&f.path)
+            .copied()
+            .ok_or_else(|| corrupt(&path, format!("{}: no time it was added", f.path)))?;
+        lines.push(add_action(table, f, false, added)?);
     }
     for (p, when) in &state.removed {
         let rel = table_path(table, p)?;
@@ -915,5 +949,53 @@ mod tests {
         assert_eq!(pv["hour"], "5");
         assert_eq!(pv["date"], "2024-10-04");
         assert_eq!(pv[COLLECTION_PARTITION], "app.bsky.feed.post");
+        // a compacted long-tail day: a null hour, which the schema allows
+        let day =
+            crate::sink::partition::PartitionKey::day_of(f.key.name.clone(), f.key.hour()).unwrap();
+        let d = LakeFile {
+            key: day.clone(),
+            path: format!("{}/{}", day.dir(), f.name.render()),
+            ..f
+        };
+        let pv = Table::Events.partition_values(&d);
+        assert!(pv["hour"].is_null());
+        assert_eq!(pv["date"], "2024-10-04");
+        let hour = s["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "hour")
+            .unwrap();
+        assert_eq!(hour["nullable"], true);
+    }
+
+    /// A table created when `hour` could not be null gets a `metaData` action with the
+    /// current schema (its id and other fields kept); a current table gets none.
+    #[test]
+    fn an_older_schema_is_brought_up_to_date_once() {
+        let mut st = LogState::default();
+        for a in create_actions(Table::Events, 1).unwrap() {
+            st.apply(Table::Events, &a, "v0").unwrap();
+        }
+        assert!(st.schema_update(Table::Events).unwrap().is_none());
+        let mut old = st.metadata.clone().unwrap();
+        old["schemaString"] = old["schemaString"]
+            .as_str()
+            .unwrap()
+            .replace(
+                r#""name":"hour","nullable":true"#,
+                r#""name":"hour","nullable":false"#,
+            )
+            .into();
+        assert_ne!(
+            old["schemaString"],
+            st.metadata.as_ref().unwrap()["schemaString"]
+        );
+        let id = old["id"].clone();
+        st.metadata = Some(old);
+        let up = st.schema_update(Table::Events).unwrap().unwrap();
+        assert_eq!(up["metaData"]["id"], id);
+        st.apply(Table::Events, &up, "v1").unwrap();
+        assert!(st.schema_update(Table::Events).unwrap().is_none());
     }
 }

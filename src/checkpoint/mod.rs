@@ -16,6 +16,7 @@
 //! landed in, so the `_other` routing (which depends on what was open) cannot cause
 //! duplicates.
 
+pub mod compact;
 pub mod delta;
 pub mod retention;
 
@@ -51,6 +52,12 @@ pub enum CheckpointError {
         /// why
         message: String,
     },
+    /// The work was stopped (shutdown), or the task that commits it has ended.
+    #[error("stopped before it was committed")]
+    Stopped,
+    /// The writer lease could not be taken (another writer holds it).
+    #[error(transparent)]
+    Lease(#[from] crate::sink::lease::LeaseError),
     /// A data file could not be read back.
     #[error("reading {path}: {message}")]
     File {
@@ -382,16 +389,25 @@ async fn convert(
     }
 }
 
-/// Recovers the state for `source`: checkpoint, files, and the keys of durable events that a
-/// resumed stream may deliver again. `rewind` is how far before the checkpoint the stream will
-/// resume, in cursor units (µs for Jetstream). The caller holds the lake's writer lease: only
-/// then are leftover temporary files and uncommitted data files safe to remove, and a lake
-/// from before the Delta log safe to convert.
-pub async fn recover(
-    lake: &Lake,
-    source: SourceKind,
-    rewind: u64,
-) -> Result<Recovery, CheckpointError> {
+/// The lake as a writer finds it, made consistent: both logs (an older lake converted), and
+/// the committed files; leftovers of interrupted writes and data files no commit names are
+/// removed. The caller holds the lake's writer lease.
+pub struct Settled {
+    /// Both logs.
+    pub logs: Logs,
+    /// Committed files (and backfilled history), with the log's row counts.
+    pub files: Vec<LakeFile>,
+    /// Temporary files removed.
+    pub temp_removed: usize,
+    /// Data files no commit named, removed.
+    pub uncommitted_removed: usize,
+    /// Tables converted from a lake without a log.
+    pub converted: usize,
+}
+
+/// Reads and settles the lake (see [`Settled`]); a committed file missing from storage is an
+/// error.
+pub async fn settle(lake: &Lake) -> Result<Settled, CheckpointError> {
     let temp_removed = lake.remove_temp_files().await?;
     let mut logs = Logs::load(lake).await?;
     let listed = list_files(lake).await?;
@@ -457,6 +473,32 @@ pub async fn recover(
             ),
         });
     }
+    Ok(Settled {
+        logs,
+        files,
+        temp_removed,
+        uncommitted_removed,
+        converted,
+    })
+}
+
+/// Recovers the state for `source`: checkpoint, files, and the keys of durable events that a
+/// resumed stream may deliver again. `rewind` is how far before the checkpoint the stream will
+/// resume, in cursor units (µs for Jetstream). The caller holds the lake's writer lease: only
+/// then are leftover temporary files and uncommitted data files safe to remove, and a lake
+/// from before the Delta log safe to convert.
+pub async fn recover(
+    lake: &Lake,
+    source: SourceKind,
+    rewind: u64,
+) -> Result<Recovery, CheckpointError> {
+    let Settled {
+        logs,
+        files,
+        temp_removed,
+        uncommitted_removed,
+        converted,
+    } = settle(lake).await?;
     let checkpoint = Checkpoint::from_log(&logs.events)?;
     let mine: Vec<&LakeFile> = files.iter().filter(|f| f.name.source() == source).collect();
     let durable_high = mine.iter().map(|f| f.name.last()).max();

@@ -15,6 +15,7 @@
 
 use crate::backoff::Backoff;
 use crate::catalog::Catalog;
+use crate::checkpoint::compact::{Replace, Submit, commit_replace};
 use crate::checkpoint::delta::{self, CommitOutcome, Table};
 use crate::checkpoint::{Checkpoint, CheckpointError, Logs};
 use crate::model::{Cursor, SourceKind};
@@ -22,9 +23,10 @@ use crate::sink::lease::FenceError;
 use crate::sink::partition::LakeFile;
 use crate::sink::store::Lake;
 use crate::sink::store::StoreError;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// A position to store: the whole checkpoint and the cursor it carries for this source.
 pub type Request = Option<(Checkpoint, Cursor)>;
@@ -43,14 +45,78 @@ pub struct Committer {
     pub retention: Option<Duration>,
     /// Delete removed files once out of the table this long (`lake.vacuum_retention`).
     pub vacuum_after: Duration,
+    /// Commits of the compactor (compaction and purge rewrites), each answered.
+    pub rewrites: Option<mpsc::Receiver<RewriteRequest>>,
+}
+
+/// A compactor's commit and where its answer goes.
+pub type RewriteRequest = (Replace, oneshot::Sender<Result<bool, CheckpointError>>);
+
+/// Hands the compactor's commits to the committer, which owns the log while ingest runs.
+pub struct ToCommitter(pub mpsc::Sender<RewriteRequest>);
+
+impl Submit for ToCommitter {
+    fn submit(&mut self, r: Replace) -> impl Future<Output = Result<bool, CheckpointError>> + Send {
+        let tx = self.0.clone();
+        async move {
+            let (reply, answer) = oneshot::channel();
+            tx.send((r, reply))
+                .await
+                .map_err(|_| CheckpointError::Stopped)?;
+            answer.await.map_err(|_| CheckpointError::Stopped)?
+        }
+    }
+}
+
+/// Commits a compactor's rewrite and shows it to the daemon's queries. After an error the
+/// logs are read again: a commit that landed although its reply was lost counts as landed.
+async fn commit_rewrite(c: &mut Committer, r: &Replace) -> Result<bool, CheckpointError> {
+    let res = commit_replace(&c.lake, &mut c.logs.events, r).await;
+    let res = match res {
+        Err(e) => match Logs::load(&c.lake).await {
+            Ok(l) => {
+                let landed = r
+                    .add
+                    .as_ref()
+                    .is_some_and(|a| l.events.files.contains_key(&a.path))
+                    || (r.add.is_none()
+                        && !r.removes.is_empty()
+                        && r.removes
+                            .iter()
+                            .all(|f| !l.events.files.contains_key(&f.path)));
+                c.logs = l;
+                if landed { Ok(true) } else { Err(e) }
+            }
+            Err(_) => Err(e),
+        },
+        ok => ok,
+    };
+    if let Ok(true) = res {
+        let gone: Vec<String> = r.removes.iter().map(|f| f.path.clone()).collect();
+        c.catalog.replace_files(&gone, r.add.as_ref());
+    }
+    res
 }
 
 /// How often retention and vacuum run (also once at start).
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(3600);
 
 /// One retention and vacuum pass; a failure is logged and counted, and the next pass tries
-/// again.
+/// again. Files retention removed leave the daemon's view at once.
 async fn maintain(c: &mut Committer) {
+    expire_and_vacuum(c).await;
+    let gone: Vec<String> = c
+        .logs
+        .events
+        .removed
+        .keys()
+        .chain(c.logs.errors.removed.keys())
+        .cloned()
+        .collect();
+    c.catalog.remove_paths(&gone);
+}
+
+async fn expire_and_vacuum(c: &mut Committer) {
     let now = crate::model::cursor::now_us();
     // durations beyond i64 (about 292,000 years) saturate: they mean "never"
     let retention = c
@@ -87,12 +153,28 @@ pub async fn run(
     let mut closed = false;
     let mut files_closed = false;
     let mut pending: Vec<LakeFile> = Vec::new();
+    let mut rewrites = c.rewrites.take();
     let mut maintenance = tokio::time::interval(MAINTENANCE_EVERY);
     maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if !(closed && files_closed) {
             tokio::select! {
                 _ = maintenance.tick() => maintain(&mut c).await,
+                r = async { match rewrites.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                } }, if rewrites.is_some() => match r {
+                    Some((r, reply)) => {
+                        let res = commit_rewrite(&mut c, &r).await;
+                        if let Err(e) = &res {
+                            metrics::counter!("atlake_storage_errors_total", "kind" => "compaction").increment(1);
+                            tracing::warn!(error = %e, "committing a compaction failed");
+                        }
+                        // the compactor may have stopped waiting (shutdown): nothing to tell
+                        let _ = reply.send(res);
+                    }
+                    None => rewrites = None,
+                },
                 r = requests.changed(), if !closed => closed = r.is_err(),
                 f = files.recv(), if !files_closed => match f {
                     Some(f) => pending.push(f),
@@ -272,6 +354,7 @@ mod tests {
             logs: rec.logs,
             retention: None,
             vacuum_after: Duration::from_secs(3600),
+            rewrites: None,
         }
     }
 

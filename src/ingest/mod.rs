@@ -20,6 +20,7 @@
 //! minus one (or the last cursor seen when nothing is pending), and written only then.
 
 pub mod checkpointer;
+pub mod compactor;
 pub mod dedupe;
 mod pipeline;
 pub mod writer;
@@ -351,6 +352,18 @@ pub async fn start_with_lake(
     ));
     let (cp_tx, cp_rx) = watch::channel(None);
     let (files_tx, files_rx) = mpsc::unbounded_channel();
+    let rewrites = if cfg.compaction.enabled || cfg.privacy.purge_deleted {
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(compactor::run(
+            lake.clone(),
+            compactor::Settings::from_config(&cfg),
+            checkpointer::ToCommitter(tx),
+            w.shutdown.1.clone(),
+        ));
+        Some(rx)
+    } else {
+        None
+    };
     let checkpoint_task = tokio::spawn(checkpointer::run(
         checkpointer::Committer {
             lake: lake.clone(),
@@ -359,6 +372,7 @@ pub async fn start_with_lake(
             logs: std::mem::take(&mut rec.logs),
             retention: cfg.lake.retention.as_ref().map(|r| r.0),
             vacuum_after: cfg.lake.vacuum_retention.0,
+            rewrites,
         },
         cp_rx,
         files_rx,

@@ -122,7 +122,14 @@ pub enum Span {
     /// One calendar month (`history/…/month=YYYY-MM`): backfilled records, which spread over
     /// years; hourly partitions would make a file per record.
     Month,
+    /// One UTC day (`events/…/date=…/hour=__HIVE_DEFAULT_PARTITION__`): a long-tail
+    /// collection's day, merged by compaction so that it stops making a file per hour. The
+    /// `hour` partition value is null (the Hive and Delta spelling of "no single hour").
+    Day,
 }
+
+/// The `hour=` value of a day partition: Hive's (and Spark's, DuckDB's, Polars') null.
+pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
 
 /// A partition: what, and which hour (or month) of partition time.
 ///
@@ -204,7 +211,21 @@ impl PartitionKey {
         })
     }
 
-    /// Hours since the epoch (of the first hour, for a month partition).
+    /// The day partition (a compacted long-tail day) of hour number `hour`. The quarantine has
+    /// no day partitions: it is refused.
+    pub fn day_of(name: PartitionName, hour: i64) -> Result<Self, PartitionRangeError> {
+        let first = hour.div_euclid(24) * 24;
+        if name == PartitionName::Errors || !(MIN_HOUR..=MAX_HOUR).contains(&hour) {
+            return Err(PartitionRangeError { hour });
+        }
+        Ok(PartitionKey {
+            name,
+            hour: first,
+            span: Span::Day,
+        })
+    }
+
+    /// Hours since the epoch (of the first hour, for a month or day partition).
     pub fn hour(&self) -> i64 {
         self.hour
     }
@@ -224,6 +245,11 @@ impl PartitionKey {
                 &date[..7]
             );
         }
+        let hour = if self.span == Span::Day {
+            NULL_PARTITION
+        } else {
+            &hour
+        };
         match &self.name {
             PartitionName::Errors => format!("{ERRORS_DIR}/date={date}/hour={hour}"),
             n => format!(
@@ -242,6 +268,7 @@ impl PartitionKey {
     pub fn end_us(&self) -> i64 {
         match self.span {
             Span::Hour => (self.hour + 1) * HOUR_US,
+            Span::Day => (self.hour + 24) * HOUR_US,
             Span::Month => {
                 let (y, m, _) = civil_from_days(self.hour.div_euclid(24));
                 let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
@@ -398,9 +425,16 @@ pub fn parse_path(rel: &str, size: u64) -> Option<LakeFile> {
         }
         _ => return None,
     };
-    let h = parse_date_hour(date.strip_prefix("date=")?, hour.strip_prefix("hour=")?)?;
+    let hour = hour.strip_prefix("hour=")?;
+    let key = if hour == NULL_PARTITION {
+        let h = parse_date_hour(date.strip_prefix("date=")?, "00")?;
+        PartitionKey::day_of(name, h).ok()?
+    } else {
+        let h = parse_date_hour(date.strip_prefix("date=")?, hour)?;
+        PartitionKey::at_hour(name, h).ok()?
+    };
     Some(LakeFile {
-        key: PartitionKey::at_hour(name, h).ok()?,
+        key,
         name: FileName::parse(file)?,
         path: rel.to_string(),
         size,
@@ -469,6 +503,39 @@ mod tests {
         assert!(
             parse_path(
                 "history/collection=app.bsky.feed.post/month=2024-13/rp-1-1-00000001.parquet",
+                1
+            )
+            .is_none()
+        );
+    }
+
+    /// A day partition (a compacted long-tail day) covers its whole UTC day, renders with the
+    /// null hour and parses back; the quarantine has none.
+    #[test]
+    fn day_partitions_round_trip() {
+        let name = PartitionName::Collection("xyz.example.thing".into());
+        let us = crate::syntax::parse_datetime_us("2024-02-29T17:59:59Z").unwrap();
+        let k = PartitionKey::day_of(name.clone(), us.div_euclid(HOUR_US)).unwrap();
+        assert_eq!(k.span(), Span::Day);
+        assert_eq!(
+            k.dir(),
+            "events/collection_partition=xyz.example.thing/date=2024-02-29/hour=__HIVE_DEFAULT_PARTITION__"
+        );
+        let midnight = crate::syntax::parse_datetime_us("2024-02-29T00:00:00Z").unwrap();
+        assert_eq!(k.start_us(), midnight);
+        assert_eq!(k.end_us(), midnight + 24 * HOUR_US);
+        let f = FileName::try_new(Cursor::seq(3).unwrap(), Cursor::seq(9).unwrap(), 7).unwrap();
+        let back = parse_path(&format!("{}/{}", k.dir(), f.render()), 1).unwrap();
+        assert_eq!(back.key, k);
+        assert_ne!(
+            back.key,
+            PartitionKey::at_hour(name, midnight / HOUR_US).unwrap(),
+            "a day is not its first hour"
+        );
+        assert!(PartitionKey::day_of(PartitionName::Errors, 0).is_err());
+        assert!(
+            parse_path(
+                "_errors/date=2024-01-01/hour=__HIVE_DEFAULT_PARTITION__/fh-1-1-00000001.parquet",
                 1
             )
             .is_none()

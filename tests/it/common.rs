@@ -79,6 +79,27 @@ pub async fn read_lake(lake: &atlake::sink::store::Lake) -> LakeContents {
     let files = atlake::checkpoint::list_files(lake)
         .await
         .expect("list lake");
+    read_files(lake, files).await
+}
+
+/// Reads the files the lake's logs commit (what a Delta reader reads).
+pub async fn read_committed(lake: &atlake::sink::store::Lake) -> LakeContents {
+    let logs = atlake::checkpoint::Logs::load(lake).await.expect("logs");
+    let files = logs
+        .events
+        .files
+        .values()
+        .chain(logs.errors.files.values())
+        .cloned()
+        .collect();
+    read_files(lake, files).await
+}
+
+/// Reads `files`.
+pub async fn read_files(
+    lake: &atlake::sink::store::Lake,
+    files: Vec<atlake::sink::partition::LakeFile>,
+) -> LakeContents {
     let mut out = LakeContents::default();
     for f in files {
         out.files += 1;

@@ -399,3 +399,94 @@ async fn run_with_backfill_lands_history_beside_the_live_stream() {
     );
     sim.stop();
 }
+
+/// The daemon compacts on its own, beside ingest: compaction commits land while events keep
+/// arriving, every SQL answer meanwhile counts each event at most once and never fewer than
+/// the one before, and at the end each partition is one file and the committed files hold the
+/// simulator's events exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_compacts_in_the_background_and_sql_never_sees_a_row_twice() {
+    let messages = 6000;
+    let sim = start_sim(SimConfig {
+        messages: Some(messages),
+        rate: Some(1500.0),
+        retention: 100_000,
+        ..seeded(33)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, base, log) = run_daemon(
+        dir.path(),
+        &sim.url(),
+        &["--start-cursor", "0"],
+        &[
+            ("ATLAKE_FLUSH_MAX_AGE", "200ms"),
+            ("ATLAKE_FLUSH_MAX_ROWS", "200"),
+            ("ATLAKE_COMPACTION_INTERVAL", "1s"),
+            ("ATLAKE_PRIVACY_PURGE_DELETED", "false"),
+            ("ATLAKE_LAKE_VACUUM_RETENTION", "2s"),
+            ("ATLAKE_SERVER_QUERY_TIMEOUT", "1s"),
+        ],
+    );
+    sim.wait_for_messages(messages).await;
+    let truth = sim.truth();
+    let total = truth.events();
+    let lake = atlake::sink::store::Lake::open(dir.path().join("lake").to_str().unwrap()).unwrap();
+    let c = reqwest::Client::new();
+    let started = Instant::now();
+    let (mut last, mut compactions_seen, mut answers) = (0u64, 0usize, 0usize);
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "not compacted: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        if let Some(rows) = sql(&c, &base, "SELECT count(*) AS n FROM events").await {
+            let n = rows[0]["n"].as_u64().unwrap();
+            assert!(n <= total, "SQL counted {n} of {total} events: some twice");
+            assert!(n >= last, "SQL counted {n} after {last}: rows went missing");
+            last = n;
+            answers += 1;
+        }
+        let log_state =
+            atlake::checkpoint::delta::load(&lake, atlake::checkpoint::delta::Table::Events)
+                .await
+                .unwrap();
+        compactions_seen = log_state.removed.len().max(compactions_seen);
+        let mut per_key = std::collections::BTreeMap::new();
+        for f in log_state.files.values() {
+            *per_key.entry(f.key.clone()).or_insert(0) += 1;
+        }
+        if last == total && compactions_seen > 0 && per_key.values().all(|n| *n == 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = c
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("atlake_compaction_passes_total"),
+        "{metrics}"
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.0.wait().unwrap().success());
+    eprintln!(
+        "DAEMON COMPACTION: {answers} SQL answers during compaction, {} files replaced, took {:?}",
+        compactions_seen,
+        started.elapsed()
+    );
+    crate::common::assert_exactly_once(&crate::common::read_committed(&lake).await, &truth);
+    sim.stop();
+}

@@ -22,7 +22,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &["syntax", "model", "config", "decode", "backoff"],
     ),
     ("sink", &["syntax", "model", "config", "backoff"]),
-    ("checkpoint", &["syntax", "model", "sink"]),
+    ("checkpoint", &["syntax", "model", "config", "sink"]),
     ("catalog", &["syntax", "model", "sink", "checkpoint"]),
     // the two sides of the catalog: neither reads the other
     (
@@ -82,8 +82,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "export",
+        &["syntax", "model", "config", "sink", "checkpoint", "query"],
+    ),
+    (
         "cli",
         &[
+            "export",
             "syntax",
             "model",
             "config",

@@ -4,6 +4,7 @@ mod abuse;
 mod backfill;
 mod cli;
 mod common;
+mod compaction;
 mod convert;
 mod crash;
 mod daemon;

@@ -1,0 +1,1396 @@
+//! Compaction and the purge of deleted data.
+//!
+//! **Compaction** rewrites the files of a closed partition into one sorted file, in one commit
+//! of the `events` log (`remove` of every input and `add` of the output, `dataChange = false`):
+//! - an hour is closed [`Policy::grace_us`] after it ends; each closed hour of a collection
+//!   with more than one file becomes one file;
+//! - a long-tail collection (at most [`Policy::small_day_bytes`] in a closed day) has its whole
+//!   day merged into one file of a day partition (`hour=__HIVE_DEFAULT_PARTITION__`, a null
+//!   `hour` in the log), so it stops making a file per hour;
+//! - one rewrite reads at most [`Policy::max_input_bytes`]; a bigger hour becomes several
+//!   files of about that size.
+//!
+//! The inputs are each sorted (by time; `_other` by collection, then time), so the output is
+//! their k-way merge, streamed: memory is one small batch per input and one output slice,
+//! whatever the partition's size. Compaction also brings older files to the current schema.
+//!
+//! **Purge** (`privacy.purge_deleted`): the lake keeps the delete events, and removes what they
+//! delete. Facts are read from the lake itself: every `delete` of a record (did, collection,
+//! rkey, time) and every `#account` event whose status is `deleted` or `takendown` (did,
+//! time). A create or update of a deleted record, older than its delete, keeps its row (its
+//! time, did, collection, rkey, operation) but loses its content: `cid` and `record` become
+//! null. Every row of a deleted or taken-down account older than that event goes, except the
+//! `#account` events themselves. Compaction applies the facts to what it rewrites; a purge scan
+//! (every [`Policy::purge_every_ms`]) reads the key columns of every committed file and
+//! rewrites, one file at a time, those that still hold purged content (`dataChange = true`).
+//! The scan's progress is a `txn` action of app id [`PURGE_APP_ID`] whose version is the
+//! newest add time whose facts were applied; the next scan reads facts from files added since
+//! an hour before it, so that a delete committed before the create it deletes is still applied.
+//! Vacuum then deletes the replaced files from storage.
+
+use super::CheckpointError;
+use super::delta::{self, CommitOutcome, LogState, Table};
+use crate::config::WriterConfig;
+use crate::model::SourceKind;
+use crate::model::rows::{TableKind, schema};
+use crate::sink::parquet::{FileMeta, properties};
+use crate::sink::partition::{FileName, HOUR_US, LakeFile, PartitionKey, PartitionName, Span};
+use crate::sink::store::Lake;
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, new_null_array,
+};
+use arrow::datatypes::{Int64Type, SchemaRef};
+use bytes::Bytes;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::file::reader::{ChunkReader, Length};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The app id of the purge's progress (`txn` version: the newest add time, ms, whose facts
+/// were applied to every file).
+pub const PURGE_APP_ID: &str = "atlake.purge";
+/// Facts are read from files added since this long before the last scan's mark.
+const FACT_OVERLAP_MS: i64 = 3_600_000;
+/// Rows gathered per output slice.
+const SLICE_ROWS: usize = 16 * 1024;
+/// Rows held per input at once, over all inputs.
+const MERGE_ROWS: usize = 64 * 1024;
+
+/// What compaction and the purge do.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// A partition is closed this long after it ends (µs).
+    pub grace_us: i64,
+    /// A collection whose closed day holds at most this many bytes is merged into one day file.
+    pub small_day_bytes: u64,
+    /// One rewrite reads at most this many bytes of input.
+    pub max_input_bytes: u64,
+    /// Compact partitions that are not closed yet, too (`atlake compact --open`; safe while
+    /// the writer lease is held, since no other writer adds to them).
+    pub include_open: bool,
+    /// Purge the content of deleted records and the rows of deleted accounts.
+    pub purge: bool,
+    /// A purge scan runs when the last one is at least this old (ms).
+    pub purge_every_ms: i64,
+    /// How output files are written.
+    pub writer: WriterConfig,
+    /// Rewrite closed partitions (off: only the purge runs).
+    pub compact: bool,
+    /// Set to stop a rewrite under way (at shutdown): it fails, and its output is an
+    /// uncommitted file the next start removes.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl Policy {
+    fn cancelled(&self) -> Result<(), CheckpointError> {
+        match &self.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(CheckpointError::Stopped),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Policy {
+    /// The policy the configuration sets; `include_open` as `atlake compact --open`.
+    pub fn from_config(cfg: &crate::config::Config, include_open: bool) -> Policy {
+        let us = |d: std::time::Duration| d.as_micros().min(i64::MAX as u128) as i64;
+        Policy {
+            grace_us: us(cfg.compaction.grace.0),
+            small_day_bytes: cfg.compaction.small_day.0,
+            max_input_bytes: cfg.compaction.max_input.0,
+            include_open,
+            purge: cfg.privacy.purge_deleted,
+            purge_every_ms: cfg.privacy.purge_every.0.as_millis().min(i64::MAX as u128) as i64,
+            writer: cfg.writer.clone(),
+            compact: true,
+            cancel: None,
+        }
+    }
+}
+
+/// What `atlake compact` did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CommandSummary {
+    /// Files in the `events` table before.
+    pub files_before: usize,
+    /// Files in the `events` table after.
+    pub files_after: usize,
+    /// The compaction and purge pass.
+    pub pass: Stats,
+    /// Retention and vacuum.
+    pub maintenance: super::retention::Pass,
+}
+
+/// `atlake compact`: takes the writer lease, settles the lake, runs one compaction and purge
+/// pass (the purge scan whenever `force_purge` or when due), then retention and vacuum.
+pub async fn run_command(
+    lake: &Lake,
+    cfg: &crate::config::Config,
+    include_open: bool,
+    force_purge: bool,
+) -> Result<CommandSummary, CheckpointError> {
+    use crate::sink::lease::{Lease, LeaseSettings};
+    let lease = Lease::acquire(
+        lake,
+        &LeaseSettings {
+            command: "compact".into(),
+            ttl: cfg.lake.lease_ttl.0,
+            wait: cfg.lake.lease_wait,
+        },
+    )
+    .await?;
+    let fenced = lake.fenced(lease.fence());
+    let r = async {
+        let mut settled = super::settle(&fenced).await?;
+        let mut policy = Policy::from_config(cfg, include_open);
+        if force_purge {
+            policy.purge_every_ms = 0;
+        }
+        let now = crate::model::cursor::now_us();
+        let mut out = CommandSummary {
+            files_before: settled.logs.events.files.len(),
+            ..Default::default()
+        };
+        let snapshot = settled.logs.events.clone();
+        out.pass = pass(
+            &fenced,
+            &snapshot,
+            &policy,
+            now,
+            &mut Direct {
+                lake: &fenced,
+                state: &mut settled.logs.events,
+            },
+        )
+        .await?;
+        let retention = cfg
+            .lake
+            .retention
+            .as_ref()
+            .map(|r| r.0.as_micros().min(i64::MAX as u128) as i64);
+        let vacuum_ms = cfg
+            .lake
+            .vacuum_retention
+            .0
+            .as_millis()
+            .min(i64::MAX as u128) as i64;
+        out.maintenance = super::retention::pass(
+            &fenced,
+            &mut settled.logs,
+            retention,
+            vacuum_ms,
+            crate::model::cursor::now_us(),
+        )
+        .await?;
+        out.files_after = settled.logs.events.files.len();
+        Ok(out)
+    }
+    .await;
+    lease.release().await;
+    r
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Files replaced.
+    pub inputs: usize,
+    /// Files written.
+    pub outputs: usize,
+    /// Rows whose content (`cid`, `record`) was purged.
+    pub blanked: u64,
+    /// Rows of deleted accounts removed.
+    pub dropped: u64,
+    /// Rewrites whose inputs had left the table before their commit (their output deleted).
+    pub stale: usize,
+    /// Whether a purge scan ran.
+    pub purge_scan: bool,
+}
+
+/// Deletions known to the lake.
+#[derive(Debug, Default)]
+pub struct Facts {
+    /// did → collection → rkey → time of the newest delete (µs).
+    records: HashMap<String, HashMap<String, HashMap<String, i64>>>,
+    /// did → time of the newest `deleted`/`takendown` account event (µs).
+    accounts: HashMap<String, i64>,
+    /// Facts held.
+    pub count: usize,
+}
+
+/// What happens to one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Keep,
+    /// Keep the row, without its content.
+    Blank,
+    /// Remove the row.
+    Drop,
+}
+
+impl Facts {
+    /// Whether there is nothing to purge.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn add_record(&mut self, did: &str, coll: &str, rkey: &str, t: i64) {
+        let slot = self
+            .records
+            .entry(did.to_string())
+            .or_default()
+            .entry(coll.to_string())
+            .or_default()
+            .entry(rkey.to_string())
+            .or_insert_with(|| {
+                self.count += 1;
+                i64::MIN
+            });
+        *slot = (*slot).max(t);
+    }
+
+    fn add_account(&mut self, did: &str, t: i64) {
+        let slot = self.accounts.entry(did.to_string()).or_insert_with(|| {
+            self.count += 1;
+            i64::MIN
+        });
+        *slot = (*slot).max(t);
+    }
+
+    fn verdict(&self, name: &PartitionName, row: &KeyRow<'_>) -> Verdict {
+        if *name == PartitionName::Account {
+            return Verdict::Keep;
+        }
+        if self.accounts.get(row.did).is_some_and(|t| row.time < *t) {
+            return Verdict::Drop;
+        }
+        if !row.has_content || !matches!(row.op, Some("create" | "update")) {
+            return Verdict::Keep;
+        }
+        let (Some(c), Some(r)) = (row.coll, row.rkey) else {
+            return Verdict::Keep;
+        };
+        match self
+            .records
+            .get(row.did)
+            .and_then(|m| m.get(c))
+            .and_then(|m| m.get(r))
+        {
+            Some(t) if row.time < *t => Verdict::Blank,
+            _ => Verdict::Keep,
+        }
+    }
+}
+
+/// The columns of a row the purge decides on.
+struct KeyRow<'a> {
+    did: &'a str,
+    coll: Option<&'a str>,
+    rkey: Option<&'a str>,
+    op: Option<&'a str>,
+    time: i64,
+    has_content: bool,
+}
+
+fn opt(a: &StringArray, i: usize) -> Option<&str> {
+    a.is_valid(i).then(|| a.value(i))
+}
+
+/// The columns [`KeyRow`] reads.
+const KEY_COLUMNS: &[&str] = &["did", "collection", "rkey", "operation", "time_us", "cid"];
+
+/// The verdict of every row of `b` (which has at least [`KEY_COLUMNS`] and, for content,
+/// `record` when present).
+fn verdicts(
+    facts: &Facts,
+    name: &PartitionName,
+    b: &RecordBatch,
+    path: &str,
+) -> Result<Vec<Verdict>, CheckpointError> {
+    let err = |m: String| CheckpointError::File {
+        path: path.to_string(),
+        message: m,
+    };
+    let s = |n: &str| -> Result<&StringArray, CheckpointError> {
+        b.column_by_name(n)
+            .and_then(|a| a.as_string_opt::<i32>())
+            .ok_or_else(|| err(format!("column `{n}` is missing or not Utf8")))
+    };
+    let (did, coll, rkey, op, cid) = (
+        s("did")?,
+        s("collection")?,
+        s("rkey")?,
+        s("operation")?,
+        s("cid")?,
+    );
+    let record = b.column_by_name("record");
+    let time = b
+        .column_by_name("time_us")
+        .and_then(|a| a.as_primitive_opt::<Int64Type>())
+        .ok_or_else(|| err("column `time_us` is missing or not Int64".into()))?;
+    let mut out = Vec::with_capacity(b.num_rows());
+    for i in 0..b.num_rows() {
+        if !did.is_valid(i) || !time.is_valid(i) {
+            return Err(err(format!("row {i}: `did` or `time_us` is null")));
+        }
+        out.push(facts.verdict(
+            name,
+            &KeyRow {
+                did: did.value(i),
+                coll: opt(coll, i),
+                rkey: opt(rkey, i),
+                op: opt(op, i),
+                time: time.value(i),
+                has_content: cid.is_valid(i) || record.is_some_and(|r| r.is_valid(i)),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// A data file's bytes, read lazily from local disk or fetched whole from an object store.
+enum Source {
+    File(std::fs::File),
+    Bytes(Bytes),
+}
+
+impl Length for Source {
+    fn len(&self) -> u64 {
+        match self {
+            Source::File(f) => Length::len(f),
+            Source::Bytes(b) => Length::len(b),
+        }
+    }
+}
+
+impl ChunkReader for Source {
+    type T = Box<dyn Read + Send>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        Ok(match self {
+            Source::File(f) => Box::new(f.get_read(start)?),
+            Source::Bytes(b) => Box::new(b.get_read(start)?),
+        })
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        match self {
+            Source::File(f) => f.get_bytes(start, length),
+            Source::Bytes(b) => b.get_bytes(start, length),
+        }
+    }
+}
+
+/// Where a file's bytes come from: a local path, or bytes fetched beforehand.
+#[derive(Clone)]
+enum Origin {
+    Path(PathBuf),
+    Fetched(Bytes),
+}
+
+impl Origin {
+    async fn of(lake: &Lake, f: &LakeFile) -> Result<Origin, CheckpointError> {
+        Ok(match lake.local_root() {
+            Some(root) => Origin::Path(root.join(&f.path)),
+            None => {
+                Origin::Fetched(
+                    lake.get(&f.path)
+                        .await?
+                        .ok_or_else(|| CheckpointError::File {
+                            path: f.path.clone(),
+                            message: "committed in the log but not in the lake".into(),
+                        })?,
+                )
+            }
+        })
+    }
+
+    fn open(
+        &self,
+        path: &str,
+        columns: Option<&[&str]>,
+        batch_rows: usize,
+    ) -> Result<ParquetRecordBatchReader, CheckpointError> {
+        let err = |e: &dyn std::fmt::Display| CheckpointError::File {
+            path: path.to_string(),
+            message: e.to_string(),
+        };
+        let src = match self {
+            Origin::Path(p) => Source::File(std::fs::File::open(p).map_err(|e| err(&e))?),
+            Origin::Fetched(b) => Source::Bytes(b.clone()),
+        };
+        let mut b = ParquetRecordBatchReaderBuilder::try_new(src).map_err(|e| err(&e))?;
+        if let Some(cols) = columns {
+            let schema = b.parquet_schema();
+            let idx: Vec<usize> = (0..schema.num_columns())
+                .filter(|&i| cols.contains(&schema.column(i).path().parts()[0].as_str()))
+                .collect();
+            let mask = ProjectionMask::leaves(schema, idx);
+            b = b.with_projection(mask);
+        }
+        b.with_batch_size(batch_rows.max(1))
+            .build()
+            .map_err(|e| err(&e))
+    }
+}
+
+/// Reads the facts (record deletes, account deletions and takedowns) of `files`.
+pub async fn load_facts(lake: &Lake, files: &[LakeFile]) -> Result<Facts, CheckpointError> {
+    let mut facts = Facts::default();
+    for f in files {
+        let account = f.key.name == PartitionName::Account;
+        if !account
+            && !matches!(
+                f.key.name,
+                PartitionName::Collection(_) | PartitionName::Other
+            )
+        {
+            continue;
+        }
+        let origin = Origin::of(lake, f).await?;
+        let path = f.path.clone();
+        let part = tokio::task::spawn_blocking(move || facts_of(&origin, &path, account))
+            .await
+            .map_err(|e| CheckpointError::File {
+                path: f.path.clone(),
+                message: e.to_string(),
+            })??;
+        for (did, coll, rkey, t) in part.0 {
+            facts.add_record(&did, &coll, &rkey, t);
+        }
+        for (did, t) in part.1 {
+            facts.add_account(&did, t);
+        }
+    }
+    Ok(facts)
+}
+
+type RecordFact = (String, String, String, i64);
+/// A file's record deletes, and account deletions (did, time).
+type FileFacts = (Vec<RecordFact>, Vec<(String, i64)>);
+
+/// The facts of one file: record deletes, and (for `_account`) account deletions.
+fn facts_of(origin: &Origin, path: &str, account: bool) -> Result<FileFacts, CheckpointError> {
+    let err = |m: String| CheckpointError::File {
+        path: path.to_string(),
+        message: m,
+    };
+    let cols: &[&str] = if account {
+        &["did", "time_us", "status"]
+    } else {
+        &["did", "collection", "rkey", "operation", "time_us"]
+    };
+    let (mut recs, mut accts) = (Vec::new(), Vec::new());
+    for b in origin.open(path, Some(cols), 8192)? {
+        let b = b.map_err(|e| err(e.to_string()))?;
+        let s = |n: &str| {
+            b.column_by_name(n)
+                .and_then(|a| a.as_string_opt::<i32>())
+                .ok_or_else(|| err(format!("column `{n}` is missing or not Utf8")))
+        };
+        let did = s("did")?;
+        let time = b
+            .column_by_name("time_us")
+            .and_then(|a| a.as_primitive_opt::<Int64Type>())
+            .ok_or_else(|| err("column `time_us` is missing or not Int64".into()))?;
+        if account {
+            let status = s("status")?;
+            for i in 0..b.num_rows() {
+                if status.is_valid(i) && matches!(status.value(i), "deleted" | "takendown") {
+                    accts.push((did.value(i).to_string(), time.value(i)));
+                }
+            }
+        } else {
+            let (coll, rkey, op) = (s("collection")?, s("rkey")?, s("operation")?);
+            for i in 0..b.num_rows() {
+                if op.is_valid(i) && op.value(i) == "delete" && coll.is_valid(i) && rkey.is_valid(i)
+                {
+                    recs.push((
+                        did.value(i).to_string(),
+                        coll.value(i).to_string(),
+                        rkey.value(i).to_string(),
+                        time.value(i),
+                    ));
+                }
+            }
+        }
+    }
+    Ok((recs, accts))
+}
+
+/// One rewrite: `inputs` (one source, one partition or the hours of one day) into `key`.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The output's partition.
+    pub key: PartitionKey,
+    /// The source of every input.
+    pub source: SourceKind,
+    /// The files replaced, in cursor order.
+    pub inputs: Vec<LakeFile>,
+}
+
+/// The compaction jobs `state` calls for at `now_us`.
+pub fn plan(state: &LogState, policy: &Policy, now_us: i64) -> Result<Vec<Job>, CheckpointError> {
+    if !policy.compact {
+        return Ok(Vec::new());
+    }
+    let closed =
+        |end_us: i64| policy.include_open || end_us.saturating_add(policy.grace_us) <= now_us;
+    // (partition name, day, source) → files
+    let mut days: BTreeMap<(PartitionName, i64, SourceKind), Vec<&LakeFile>> = BTreeMap::new();
+    for f in state.files.values() {
+        if Table::of(f) != Some(Table::Events) || f.key.span() == Span::Month {
+            continue;
+        }
+        let day = f.key.hour().div_euclid(24);
+        days.entry((f.key.name.clone(), day, f.name.source()))
+            .or_default()
+            .push(f);
+    }
+    let mut jobs = Vec::new();
+    for ((name, day, source), mut files) in days {
+        files.sort_by_key(|f| (f.name.first(), f.name.last(), f.path.clone()));
+        let bytes: u64 = files.iter().map(|f| f.size).sum();
+        let day_end = (day + 1) * 24 * HOUR_US;
+        if bytes <= policy.small_day_bytes && closed(day_end) {
+            if files.len() > 1 {
+                // every file's hour is in range and `events` has no quarantine partition
+                let key = PartitionKey::day_of(name.clone(), day * 24).map_err(|e| {
+                    CheckpointError::Corrupt {
+                        path: files[0].path.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
+                jobs.extend(split(key, source, &files, policy.max_input_bytes));
+            }
+            continue;
+        }
+        let mut hours: BTreeMap<PartitionKey, Vec<&LakeFile>> = BTreeMap::new();
+        for f in files.iter().filter(|f| f.key.span() == Span::Hour) {
+            hours.entry(f.key.clone()).or_default().push(f);
+        }
+        for (key, hf) in hours {
+            if hf.len() > 1 && closed(key.end_us()) {
+                jobs.extend(split(key, source, &hf, policy.max_input_bytes));
+            }
+        }
+    }
+    Ok(jobs)
+}
+
+/// Consecutive groups of `files` of at most `max_bytes` each (a single bigger file is its own
+/// group); groups of one file are left alone.
+fn split(key: PartitionKey, source: SourceKind, files: &[&LakeFile], max_bytes: u64) -> Vec<Job> {
+    let mut groups: Vec<Vec<LakeFile>> = vec![Vec::new()];
+    let mut acc = 0u64;
+    for f in files {
+        let cur = groups.last_mut();
+        match cur {
+            Some(g) if g.is_empty() || acc + f.size <= max_bytes => {
+                acc += f.size;
+                g.push((*f).clone());
+            }
+            _ => {
+                acc = f.size;
+                groups.push(vec![(*f).clone()]);
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .filter(|g| g.len() > 1 || g.iter().any(|f| f.key != key))
+        .map(|inputs| Job {
+            key: key.clone(),
+            source,
+            inputs,
+        })
+        .collect()
+}
+
+/// What a rewrite made.
+#[derive(Debug, Clone)]
+pub struct Rewritten {
+    /// The job.
+    pub job: Job,
+    /// The file written (`None`: every row was purged).
+    pub output: Option<LakeFile>,
+    /// Rows whose content was purged.
+    pub blanked: u64,
+    /// Rows removed.
+    pub dropped: u64,
+}
+
+impl Rewritten {
+    /// The commit that replaces the inputs with the output.
+    pub fn replace(&self) -> Replace {
+        Replace {
+            removes: self.job.inputs.clone(),
+            add: self.output.clone(),
+            data_change: self.blanked + self.dropped > 0,
+            purge_mark: None,
+        }
+    }
+}
+
+/// One commit of compaction or purge.
+#[derive(Debug, Clone, Default)]
+pub struct Replace {
+    /// Files leaving the table.
+    pub removes: Vec<LakeFile>,
+    /// The file replacing them.
+    pub add: Option<LakeFile>,
+    /// Whether rows changed (a purge) rather than only moved (a compaction).
+    pub data_change: bool,
+    /// The purge's new progress (the newest add time whose facts were applied), if this
+    /// commit records one.
+    pub purge_mark: Option<i64>,
+}
+
+/// Commits `r` to the `events` log: `Ok(false)` (nothing committed) when one of its inputs is
+/// no longer in the table (retention removed it meanwhile); the caller deletes the output.
+pub async fn commit_replace(
+    lake: &Lake,
+    state: &mut LogState,
+    r: &Replace,
+) -> Result<bool, CheckpointError> {
+    if r.removes.iter().any(|f| !state.files.contains_key(&f.path)) {
+        return Ok(false);
+    }
+    let now = crate::model::cursor::now_us() / 1000;
+    let mut actions = Vec::new();
+    if let Some(m) = state.schema_update(Table::Events)? {
+        actions.push(m);
+    }
+    for f in &r.removes {
+        actions.push(delta::remove_action(Table::Events, f, r.data_change, now)?);
+    }
+    if let Some(f) = &r.add {
+        actions.push(delta::add_action(Table::Events, f, r.data_change, now)?);
+    }
+    if let Some(m) = r.purge_mark {
+        actions.push(
+            serde_json::json!({"txn": {"appId": PURGE_APP_ID, "version": m, "lastUpdated": now}}),
+        );
+    }
+    if actions.is_empty() {
+        return Ok(true);
+    }
+    let op = if r.data_change { "DELETE" } else { "OPTIMIZE" };
+    let info = serde_json::json!({"compaction": {
+        "inputs": r.removes.len(),
+        "purge": r.data_change,
+    }});
+    match delta::commit(lake, Table::Events, state, op, info, actions).await? {
+        CommitOutcome::Committed(_) => Ok(true),
+        CommitOutcome::Conflict(v) => {
+            metrics::counter!("atlake_broken_invariants_total").increment(1);
+            Err(CheckpointError::Corrupt {
+                path: Table::Events.log_path(&delta::commit_name(v)),
+                message: "another writer committed this version".into(),
+            })
+        }
+    }
+}
+
+/// Where a pass's commits go: straight to the log (`atlake compact`), or to the daemon's
+/// committer, which owns the log while ingest runs.
+pub trait Submit {
+    /// Commits `r`; `Ok(false)` if its inputs had left the table.
+    fn submit(&mut self, r: Replace) -> impl Future<Output = Result<bool, CheckpointError>> + Send;
+}
+
+/// Commits straight to the log (the caller holds the writer lease and no one else commits).
+pub struct Direct<'a> {
+    /// The lake.
+    pub lake: &'a Lake,
+    /// The `events` log.
+    pub state: &'a mut LogState,
+}
+
+impl Submit for Direct<'_> {
+    fn submit(&mut self, r: Replace) -> impl Future<Output = Result<bool, CheckpointError>> + Send {
+        let (lake, state) = (self.lake, &mut *self.state);
+        async move { commit_replace(lake, state, &r).await }
+    }
+}
+
+/// A hash of the inputs' paths: the output's name differs from every input's.
+fn name_hash(inputs: &[LakeFile]) -> u32 {
+    let mut h =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
+    for f in inputs {
+        h.write(f.path.as_bytes());
+        h.write_u8(0);
+    }
+    h.write(b"compacted");
+    (h.finish() >> 32) as u32
+}
+
+/// Rewrites `job`'s inputs into one file of `job.key`, purging with `facts`; the output is
+/// durable but not committed.
+pub async fn rewrite(
+    lake: &Lake,
+    policy: &Policy,
+    job: Job,
+    facts: Arc<Facts>,
+) -> Result<Rewritten, CheckpointError> {
+    let mut origins = Vec::with_capacity(job.inputs.len());
+    for f in &job.inputs {
+        origins.push((Origin::of(lake, f).await?, f.path.clone()));
+    }
+    let first = job.inputs.iter().map(|f| f.name.first()).min();
+    let last = job.inputs.iter().map(|f| f.name.last()).max();
+    let (Some(first), Some(last)) = (first, last) else {
+        return Err(CheckpointError::Corrupt {
+            path: job.key.dir(),
+            message: "a compaction job without inputs".into(),
+        });
+    };
+    let name = FileName::try_new(first, last, name_hash(&job.inputs)).map_err(|e| {
+        CheckpointError::Corrupt {
+            path: job.key.dir(),
+            message: e.to_string(),
+        }
+    })?;
+    let rel = format!("{}/{}", job.key.dir(), name.render());
+    // first pass: rows kept and distinct DIDs (the bloom filter is sized by them)
+    let (o2, name2, f2, p2) = (
+        origins.clone(),
+        job.key.name.clone(),
+        facts.clone(),
+        policy.clone(),
+    );
+    let (rows, blanked, dropped, ndv) =
+        tokio::task::spawn_blocking(move || count_pass(&o2, &name2, &f2, &p2))
+            .await
+            .map_err(|e| CheckpointError::File {
+                path: rel.clone(),
+                message: e.to_string(),
+            })??;
+    if rows == 0 {
+        return Ok(Rewritten {
+            job,
+            output: None,
+            blanked,
+            dropped,
+        });
+    }
+    let kind = TableKind::Events(None);
+    let meta = FileMeta {
+        source: job.source,
+        first: first.value(),
+        last: last.value(),
+        partition: job.key.dir(),
+    };
+    let props = properties(&policy.writer, kind, &meta, rows as usize, ndv, &[]).map_err(|e| {
+        CheckpointError::File {
+            path: rel.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    let by_collection = job.key.name == PartitionName::Other;
+    let target = schema(kind);
+    let m = Merge {
+        origins,
+        name: job.key.name.clone(),
+        facts,
+        target,
+        by_collection,
+        policy: policy.clone(),
+    };
+    let size = lake
+        .put_with(&rel, move |out| {
+            merge(&m, props, out).map_err(std::io::Error::other)
+        })
+        .await?;
+    let mut output =
+        crate::sink::partition::parse_path(&rel, size).ok_or_else(|| CheckpointError::Corrupt {
+            path: rel.clone(),
+            message: "a compaction output is not a data file path".into(),
+        })?;
+    output.rows = Some(rows);
+    Ok(Rewritten {
+        job,
+        output: Some(output),
+        blanked,
+        dropped,
+    })
+}
+
+/// Rows kept, blanked and dropped, and distinct DIDs kept, over `origins`.
+fn count_pass(
+    origins: &[(Origin, String)],
+    name: &PartitionName,
+    facts: &Facts,
+    policy: &Policy,
+) -> Result<(u64, u64, u64, usize), CheckpointError> {
+    let (mut rows, mut blanked, mut dropped) = (0u64, 0u64, 0u64);
+    let mut dids = HashSet::new();
+    let hasher =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    for (o, path) in origins {
+        for b in o.open(path, Some(KEY_COLUMNS), 8192)? {
+            let b = b.map_err(|e| CheckpointError::File {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            policy.cancelled()?;
+            let v = verdicts(facts, name, &b, path)?;
+            let did = b
+                .column_by_name("did")
+                .and_then(|a| a.as_string_opt::<i32>())
+                .ok_or_else(|| CheckpointError::File {
+                    path: path.clone(),
+                    message: "column `did` is missing or not Utf8".into(),
+                })?;
+            for (i, v) in v.iter().enumerate() {
+                match v {
+                    Verdict::Drop => dropped += 1,
+                    v => {
+                        rows += 1;
+                        blanked += u64::from(*v == Verdict::Blank);
+                        dids.insert(hasher.hash_one(did.value(i)));
+                    }
+                }
+            }
+        }
+    }
+    Ok((rows, blanked, dropped, dids.len()))
+}
+
+/// A batch with exactly `target`'s columns: missing nullable columns (files of an older
+/// schema) become null; anything else that does not match is an error.
+pub fn adapt(
+    b: RecordBatch,
+    target: &SchemaRef,
+    path: &str,
+) -> Result<RecordBatch, CheckpointError> {
+    let err = |m: String| CheckpointError::File {
+        path: path.to_string(),
+        message: m,
+    };
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
+    for f in target.fields() {
+        match b.column_by_name(f.name()) {
+            Some(a) if a.data_type() == f.data_type() => cols.push(a.clone()),
+            Some(a) => {
+                return Err(err(format!(
+                    "column `{}` is {} where {} is expected",
+                    f.name(),
+                    a.data_type(),
+                    f.data_type()
+                )));
+            }
+            None if f.is_nullable() => cols.push(new_null_array(f.data_type(), b.num_rows())),
+            None => return Err(err(format!("column `{}` is missing", f.name()))),
+        }
+    }
+    RecordBatch::try_new(target.clone(), cols).map_err(|e| err(e.to_string()))
+}
+
+/// `b` with the purge applied: dropped rows removed, blanked rows without `cid` and `record`.
+pub fn purge_batch(
+    b: RecordBatch,
+    facts: &Facts,
+    name: &PartitionName,
+    path: &str,
+) -> Result<RecordBatch, CheckpointError> {
+    if facts.is_empty() {
+        return Ok(b);
+    }
+    let err = |e: arrow::error::ArrowError| CheckpointError::File {
+        path: path.to_string(),
+        message: e.to_string(),
+    };
+    let v = verdicts(facts, name, &b, path)?;
+    let mut b = b;
+    if v.contains(&Verdict::Blank) {
+        let blank = BooleanArray::from(v.iter().map(|v| *v == Verdict::Blank).collect::<Vec<_>>());
+        let schema = b.schema();
+        let mut cols = b.columns().to_vec();
+        for c in ["cid", "record"] {
+            if let Ok(i) = schema.index_of(c) {
+                cols[i] = arrow::compute::nullif(&cols[i], &blank).map_err(err)?;
+            }
+        }
+        b = RecordBatch::try_new(schema, cols).map_err(err)?;
+    }
+    if v.contains(&Verdict::Drop) {
+        let keep = BooleanArray::from(v.iter().map(|v| *v != Verdict::Drop).collect::<Vec<_>>());
+        b = arrow::compute::filter_record_batch(&b, &keep).map_err(err)?;
+    }
+    Ok(b)
+}
+
+/// One input of the merge: its reader and current batch.
+struct Input<'a> {
+    reader: ParquetRecordBatchReader,
+    path: &'a str,
+    /// Index of the current batch in the live batches.
+    slot: usize,
+    row: usize,
+    rows: usize,
+    times: Option<arrow::array::Int64Array>,
+    colls: Option<StringArray>,
+}
+
+/// The merge key of row `row` of input `i`.
+type MergeKey = Reverse<(String, i64, usize, usize)>;
+
+/// What one merge reads and how.
+struct Merge {
+    /// The inputs, each sorted by time (`_other`: by collection, then time).
+    origins: Vec<(Origin, String)>,
+    /// Their partition.
+    name: PartitionName,
+    /// What the purge removes.
+    facts: Arc<Facts>,
+    /// The output's schema.
+    target: SchemaRef,
+    /// `_other`: sorted by collection first.
+    by_collection: bool,
+    /// Cancellation.
+    policy: Policy,
+}
+
+/// Writes the k-way merge of the inputs, purged and adapted to the target schema, as one
+/// Parquet file into `out`.
+fn merge(
+    m: &Merge,
+    props: parquet::file::properties::WriterProperties,
+    out: &mut (dyn std::io::Write + Send),
+) -> Result<(), CheckpointError> {
+    let (origins, name, facts, target, by_collection, policy) = (
+        &m.origins,
+        &m.name,
+        &*m.facts,
+        &m.target,
+        m.by_collection,
+        &m.policy,
+    );
+    let batch_rows = (MERGE_ROWS / origins.len().max(1)).clamp(256, 8192);
+    let perr = |e: parquet::errors::ParquetError| CheckpointError::File {
+        path: "(compaction output)".into(),
+        message: e.to_string(),
+    };
+    let mut w = ArrowWriter::try_new(out, target.clone(), Some(props)).map_err(perr)?;
+    let mut live: Vec<RecordBatch> = Vec::new();
+    let mut inputs: Vec<Input<'_>> = Vec::with_capacity(origins.len());
+    for (o, path) in origins {
+        inputs.push(Input {
+            reader: o.open(path, None, batch_rows)?,
+            path,
+            slot: 0,
+            row: 0,
+            rows: 0,
+            times: None,
+            colls: None,
+        });
+    }
+    let mut heap: BinaryHeap<MergeKey> = BinaryHeap::new();
+    let mut pending: Vec<(usize, usize)> = Vec::new();
+    // loads input i's next non-empty batch; false when it is exhausted
+    let advance =
+        |inp: &mut Input<'_>, live: &mut Vec<RecordBatch>| -> Result<bool, CheckpointError> {
+            loop {
+                let Some(b) = inp.reader.next() else {
+                    inp.times = None;
+                    return Ok(false);
+                };
+                let b = b.map_err(|e| CheckpointError::File {
+                    path: inp.path.to_string(),
+                    message: e.to_string(),
+                })?;
+                let b = purge_batch(adapt(b, target, inp.path)?, facts, name, inp.path)?;
+                if b.num_rows() == 0 {
+                    continue;
+                }
+                inp.times = Some(
+                    b.column_by_name("time_us")
+                        .and_then(|a| a.as_primitive_opt::<Int64Type>())
+                        .cloned()
+                        .ok_or_else(|| CheckpointError::File {
+                            path: inp.path.to_string(),
+                            message: "column `time_us` is not Int64".into(),
+                        })?,
+                );
+                inp.colls = if by_collection {
+                    b.column_by_name("collection")
+                        .and_then(|a| a.as_string_opt::<i32>())
+                        .cloned()
+                } else {
+                    None
+                };
+                inp.rows = b.num_rows();
+                inp.row = 0;
+                inp.slot = live.len();
+                live.push(b);
+                return Ok(true);
+            }
+        };
+    let key = |inp: &Input<'_>, i: usize| -> MergeKey {
+        let coll = inp
+            .colls
+            .as_ref()
+            .filter(|c| c.is_valid(inp.row))
+            .map(|c| c.value(inp.row).to_string())
+            .unwrap_or_default();
+        let t = inp.times.as_ref().map_or(i64::MIN, |t| t.value(inp.row));
+        Reverse((coll, t, i, inp.row))
+    };
+    for (i, inp) in inputs.iter_mut().enumerate() {
+        if advance(inp, &mut live)? {
+            heap.push(key(inp, i));
+        }
+    }
+    let flush = |pending: &mut Vec<(usize, usize)>,
+                 live: &mut Vec<RecordBatch>,
+                 inputs: &mut [Input<'_>],
+                 w: &mut ArrowWriter<&mut (dyn std::io::Write + Send)>|
+     -> Result<(), CheckpointError> {
+        policy.cancelled()?;
+        if !pending.is_empty() {
+            let mut cols = Vec::with_capacity(target.fields().len());
+            for c in 0..target.fields().len() {
+                let arrays: Vec<&dyn Array> = live.iter().map(|b| b.column(c).as_ref()).collect();
+                cols.push(arrow::compute::interleave(&arrays, pending).map_err(|e| {
+                    CheckpointError::File {
+                        path: "(compaction output)".into(),
+                        message: e.to_string(),
+                    }
+                })?);
+            }
+            let batch =
+                RecordBatch::try_new(target.clone(), cols).map_err(|e| CheckpointError::File {
+                    path: "(compaction output)".into(),
+                    message: e.to_string(),
+                })?;
+            w.write(&batch).map_err(perr)?;
+            pending.clear();
+        }
+        // keep only the batches inputs still read from
+        let mut kept = Vec::new();
+        for inp in inputs.iter_mut().filter(|i| i.times.is_some()) {
+            kept.push(live[inp.slot].clone());
+            inp.slot = kept.len() - 1;
+        }
+        *live = kept;
+        Ok(())
+    };
+    while let Some(Reverse((_, _, i, row))) = heap.pop() {
+        pending.push((inputs[i].slot, row));
+        let inp = &mut inputs[i];
+        inp.row += 1;
+        if inp.row < inp.rows {
+            heap.push(key(inp, i));
+        } else {
+            // the batch is done: write what refers to it before it may be dropped
+            if live.len() > 2 * inputs.len() || pending.len() >= SLICE_ROWS {
+                flush(&mut pending, &mut live, &mut inputs, &mut w)?;
+            }
+            let inp = &mut inputs[i];
+            if advance(inp, &mut live)? {
+                heap.push(key(inp, i));
+            }
+        }
+        if pending.len() >= SLICE_ROWS {
+            flush(&mut pending, &mut live, &mut inputs, &mut w)?;
+        }
+    }
+    flush(&mut pending, &mut live, &mut inputs, &mut w)?;
+    w.close().map_err(perr)?;
+    Ok(())
+}
+
+/// Whether `f` holds rows the purge would change.
+async fn needs_purge(
+    lake: &Lake,
+    f: &LakeFile,
+    facts: Arc<Facts>,
+) -> Result<bool, CheckpointError> {
+    if f.key.name == PartitionName::Account {
+        return Ok(false);
+    }
+    let origin = Origin::of(lake, f).await?;
+    let (path, name) = (f.path.clone(), f.key.name.clone());
+    tokio::task::spawn_blocking(move || {
+        for b in origin.open(&path, Some(KEY_COLUMNS), 8192)? {
+            let b = b.map_err(|e| CheckpointError::File {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            if verdicts(&facts, &name, &b, &path)?
+                .iter()
+                .any(|v| *v != Verdict::Keep)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .await
+    .map_err(|e| CheckpointError::File {
+        path: f.path.clone(),
+        message: e.to_string(),
+    })?
+}
+
+/// One pass over the `events` table as `state` shows it: compaction of closed partitions,
+/// then (when due) the purge scan, each rewrite committed through `submit` on its own. A
+/// rewrite whose inputs left the table meanwhile has its output deleted.
+pub async fn pass<S: Submit>(
+    lake: &Lake,
+    state: &LogState,
+    policy: &Policy,
+    now_us: i64,
+    submit: &mut S,
+) -> Result<Stats, CheckpointError> {
+    let mut stats = Stats::default();
+    if state.version.is_none() {
+        return Ok(stats);
+    }
+    let now_ms = now_us / 1000;
+    let mark = state.txns.get(PURGE_APP_ID).copied();
+    let newest_add = state.added.values().copied().max();
+    let facts = if policy.purge {
+        let from = mark.map_or(i64::MIN, |(m, _)| m.saturating_sub(FACT_OVERLAP_MS));
+        let files: Vec<LakeFile> = state
+            .files
+            .values()
+            .filter(|f| state.added.get(&f.path).is_none_or(|t| *t > from))
+            .cloned()
+            .collect();
+        load_facts(lake, &files).await?
+    } else {
+        Facts::default()
+    };
+    let facts = Arc::new(facts);
+    let jobs = plan(state, policy, now_us)?;
+    let mut in_jobs: HashSet<String> = HashSet::new();
+    for j in &jobs {
+        in_jobs.extend(j.inputs.iter().map(|f| f.path.clone()));
+    }
+    let purge_due = policy.purge
+        && mark.is_none_or(|(_, at)| now_ms.saturating_sub(at) >= policy.purge_every_ms);
+    let mut all = jobs;
+    if purge_due && !facts.is_empty() {
+        stats.purge_scan = true;
+        for f in state.files.values() {
+            if Table::of(f) == Some(Table::Events)
+                && f.key.span() != Span::Month
+                && !in_jobs.contains(&f.path)
+                && needs_purge(lake, f, facts.clone()).await?
+            {
+                all.push(Job {
+                    key: f.key.clone(),
+                    source: f.name.source(),
+                    inputs: vec![f.clone()],
+                });
+            }
+        }
+    } else if purge_due {
+        stats.purge_scan = true;
+    }
+    for job in all {
+        policy.cancelled()?;
+        let r = rewrite(lake, policy, job, facts.clone()).await?;
+        // on an error the output stays: the commit may have landed, and if it did not, the
+        // next start removes the file as uncommitted
+        if submit.submit(r.replace()).await? {
+            stats.inputs += r.job.inputs.len();
+            stats.outputs += usize::from(r.output.is_some());
+            stats.blanked += r.blanked;
+            stats.dropped += r.dropped;
+        } else {
+            stats.stale += 1;
+            if let Some(o) = &r.output {
+                lake.delete(&o.path).await?;
+            }
+        }
+    }
+    if purge_due && let Some(m) = newest_add {
+        submit
+            .submit(Replace {
+                purge_mark: Some(m),
+                ..Default::default()
+            })
+            .await?;
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Cursor;
+
+    fn file(name: &str, hour: i64, first: i64, size: u64) -> LakeFile {
+        let key = PartitionKey::at_hour(PartitionName::parse(name).unwrap(), hour).unwrap();
+        let n = FileName::try_new(
+            Cursor::seq(first).unwrap(),
+            Cursor::seq(first + 1).unwrap(),
+            1,
+        )
+        .unwrap();
+        crate::sink::partition::parse_path(&format!("{}/{}", key.dir(), n.render()), size).unwrap()
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            grace_us: HOUR_US,
+            small_day_bytes: 1000,
+            max_input_bytes: 10_000,
+            include_open: false,
+            purge: true,
+            purge_every_ms: 3_600_000,
+            writer: WriterConfig::default(),
+            compact: true,
+            cancel: None,
+        }
+    }
+
+    fn state(files: &[LakeFile]) -> LogState {
+        let mut s = LogState::default();
+        s.version = Some(1);
+        for f in files {
+            s.files.insert(f.path.clone(), f.clone());
+            s.added.insert(f.path.clone(), 0);
+        }
+        s
+    }
+
+    /// Closed hours of a big collection become one file each; a long-tail collection's closed
+    /// day becomes one day file; open hours, single files and the quarantine are left alone;
+    /// an hour over the input cap is split.
+    #[test]
+    fn plans_closed_hours_days_and_splits() {
+        let day0 = 493_000 * 24;
+        let big = "app.bsky.feed.like";
+        let files = vec![
+            file(big, day0 + 1, 1, 600),
+            file(big, day0 + 1, 3, 600),
+            file(big, day0 + 2, 5, 600),
+            file(big, day0 + 3, 7, 6000),
+            file(big, day0 + 3, 9, 6000),
+            file("xyz.tail.thing", day0 + 1, 11, 10),
+            file("xyz.tail.thing", day0 + 5, 13, 10),
+            file(big, day0 + 30, 15, 10),
+            file(big, day0 + 30, 17, 10),
+        ];
+        let st = state(&files);
+        let now = (day0 + 31) * HOUR_US + HOUR_US / 2;
+        let jobs = plan(&st, &policy(), now).unwrap();
+        let summary: Vec<(String, Span, usize)> = jobs
+            .iter()
+            .map(|j| (j.key.dir(), j.key.span(), j.inputs.len()))
+            .collect();
+        // hour 1 of the big collection: one job of two; hour 2 has one file; hour 3 is over the
+        // cap (two files of 6000 > 10000): each file alone, so no job; the tail's day: one
+        // day job; day 1's hour 30 is still open (grace)
+        assert_eq!(summary.len(), 2, "{summary:?}");
+        assert_eq!(summary[0].1, Span::Hour);
+        assert_eq!(summary[0].2, 2);
+        assert_eq!(summary[1].1, Span::Day);
+        assert!(summary[1].0.contains("xyz.tail.thing"));
+        assert_eq!(summary[1].2, 2);
+        // with --open, the open hour goes too
+        let mut p = policy();
+        p.include_open = true;
+        assert_eq!(plan(&st, &p, now).unwrap().len(), 3);
+        // a cap that fits both files of hour 3 joins them
+        p.max_input_bytes = 20_000;
+        p.include_open = false;
+        assert_eq!(plan(&st, &p, now).unwrap().len(), 3);
+    }
+
+    /// The purge's verdicts: older content of a deleted record is blanked, newer is kept, a
+    /// delete row stays, a deleted account's older rows go except its `#account` events.
+    #[test]
+    fn verdicts_follow_the_facts() {
+        let mut f = Facts::default();
+        f.add_record("did:plc:a", "app.bsky.feed.post", "3k1", 100);
+        f.add_account("did:plc:gone", 500);
+        let post = PartitionName::Collection("app.bsky.feed.post".into());
+        let row = |did, rkey, op, time, content| KeyRow {
+            did,
+            coll: Some("app.bsky.feed.post"),
+            rkey: Some(rkey),
+            op: Some(op),
+            time,
+            has_content: content,
+        };
+        assert_eq!(
+            f.verdict(&post, &row("did:plc:a", "3k1", "create", 50, true)),
+            Verdict::Blank
+        );
+        assert_eq!(
+            f.verdict(&post, &row("did:plc:a", "3k1", "update", 99, true)),
+            Verdict::Blank
+        );
+        assert_eq!(
+            f.verdict(&post, &row("did:plc:a", "3k1", "create", 50, false)),
+            Verdict::Keep,
+            "already purged"
+        );
+        assert_eq!(
+            f.verdict(&post, &row("did:plc:a", "3k1", "create", 150, true)),
+            Verdict::Keep,
+            "re-created later"
+        );
+        assert_eq!(
+            f.verdict(&post, &row("did:plc:a", "3k1", "delete", 100, false)),
+            Verdict::Keep
+        );
+        assert_eq!(
+            f.verdict(&post, &row("did:plc:a", "3k2", "create", 50, true)),
+            Verdict::Keep
+        );
+        assert_eq!(
+            f.verdict(&post, &row("did:plc:b", "3k1", "create", 50, true)),
+            Verdict::Keep
+        );
+        assert_eq!(
+            f.verdict(&post, &row("did:plc:gone", "x", "create", 499, true)),
+            Verdict::Drop
+        );
+        assert_eq!(
+            f.verdict(&post, &row("did:plc:gone", "x", "delete", 499, false)),
+            Verdict::Drop
+        );
+        assert_eq!(
+            f.verdict(&post, &row("did:plc:gone", "x", "create", 501, true)),
+            Verdict::Keep,
+            "after the deletion"
+        );
+        assert_eq!(
+            f.verdict(
+                &PartitionName::Identity,
+                &row("did:plc:gone", "x", "create", 1, false)
+            ),
+            Verdict::Drop
+        );
+        assert_eq!(
+            f.verdict(
+                &PartitionName::Account,
+                &row("did:plc:gone", "x", "create", 1, false)
+            ),
+            Verdict::Keep
+        );
+        f.add_record("did:plc:a", "app.bsky.feed.post", "3k1", 40);
+        assert_eq!(
+            f.verdict(&post, &row("did:plc:a", "3k1", "create", 50, true)),
+            Verdict::Blank,
+            "the newest delete counts"
+        );
+        assert_eq!(f.count, 2);
+    }
+}
