@@ -12,12 +12,13 @@
 //! every file of `src/` and fails on an import against this table.
 //!
 //! ```text
-//!  edges        cli ─────────▶ daemon (ingest + SQL in one process)
+//!  edges        cli ─────────▶ daemon (ingest + SQL in one process), export
 //!                │                │
 //!  the two      ingest ──────▶ catalog ◀────── query        ingest and backfill write
 //!  sides        (pipeline,     (files,         (SQL, HTTP)   the lake, query reads
 //!                writer,        buffered rows,               snapshots of it; none reads
-//!                checkpointer)  checkpoint)                  another
+//!                committer,     checkpoint)                  another
+//!                compactor)
 //!               backfill (repos → month partitions, per-repo progress)
 //!                │   │              │
 //!  the lake      │   └──────▶ checkpoint ──▶ sink (partitions, batcher, Parquet, store, lease)
@@ -43,7 +44,8 @@
 //!   encoding, storage through `object_store` (local fsync + rename, S3, memory), and the
 //!   writer lease (one writer per lake).
 //! - [`checkpoint`]: the lake's Delta log (files and the cursor committed together, never
-//!   ahead of durable data) and start-up recovery.
+//!   ahead of durable data), start-up recovery, and what keeps the tables in shape:
+//!   retention, vacuum, compaction and the purge of deleted data.
 //! - [`catalog`]: what the lake holds as a running daemon sees it (files, buffered and
 //!   in-flight rows, the checkpoint, storage health): ingest writes it, query reads it.
 //! - [`ingest`]: the pipeline that ties source, decode, batcher, writer and checkpoint together
@@ -54,6 +56,8 @@
 //!   endpoint.
 //! - [`daemon`]: `atlake run`, ingest and SQL in one process, started the same way by the
 //!   command line and the tests.
+//! - [`export`]: `atlake export`, a slice of the lake as Parquet, NDJSON or CSV files,
+//!   without deleted data.
 //! - [`simulate`]: deterministic synthetic traffic, served as a firehose and a Jetstream
 //!   endpoint with faults, or written as captures, with its ground truth.
 //! - [`convert`]: capture file → Jetstream JSON lines.

@@ -684,10 +684,15 @@ pub async fn commit_replace(
         return Ok(true);
     }
     let op = if r.data_change { "DELETE" } else { "OPTIMIZE" };
-    let info = serde_json::json!({"compaction": {
+    let mut info = serde_json::json!({"compaction": {
         "inputs": r.removes.len(),
         "purge": r.data_change,
     }});
+    // the endpoints travel on, so a checkpoint after a long run of rewrites still finds them
+    if let Some(p) = &state.positions {
+        info = delta::positions_info(p.clone());
+        info["compaction"] = serde_json::json!({"inputs": r.removes.len(), "purge": r.data_change});
+    }
     match delta::commit(lake, Table::Events, state, op, info, actions).await? {
         CommitOutcome::Committed(_) => Ok(true),
         CommitOutcome::Conflict(v) => {
@@ -1310,6 +1315,38 @@ mod tests {
         p.max_input_bytes = 20_000;
         p.include_open = false;
         assert_eq!(plan(&st, &p, now).unwrap().len(), 3);
+    }
+
+    /// Rewrites carry the endpoints on: after more commits of compaction than a checkpoint
+    /// interval, the log still knows them.
+    #[tokio::test]
+    async fn a_long_run_of_rewrites_keeps_the_endpoints() {
+        let lake = Lake::open("memory://").unwrap();
+        let mut st = LogState::default();
+        let mut actions = delta::create_actions(Table::Events, 1).unwrap();
+        actions.push(delta::txn_action(SourceKind::Jetstream, 42, 1));
+        let positions = serde_json::json!({"jetstream": {"cursor": 42, "url": "wss://js"}});
+        delta::commit(
+            &lake,
+            Table::Events,
+            &mut st,
+            "CREATE TABLE",
+            delta::positions_info(positions.clone()),
+            actions,
+        )
+        .await
+        .unwrap();
+        for i in 0..(2 * delta::CHECKPOINT_INTERVAL + 20) as i64 {
+            let r = Replace {
+                purge_mark: Some(i),
+                ..Default::default()
+            };
+            assert!(commit_replace(&lake, &mut st, &r).await.unwrap());
+        }
+        let back = delta::load(&lake, Table::Events).await.unwrap();
+        assert_eq!(back.positions, Some(positions));
+        assert_eq!(back.txns.get(PURGE_APP_ID).map(|t| t.0), Some(219));
+        assert_eq!(back.txn(SourceKind::Jetstream).map(|t| t.0), Some(42));
     }
 
     /// The purge's verdicts: older content of a deleted record is blanked, newer is kept, a

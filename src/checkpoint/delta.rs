@@ -178,7 +178,8 @@ pub struct LogState {
     /// `txn` versions by app id, with when each was set (ms).
     pub txns: BTreeMap<String, (i64, i64)>,
     /// The checkpoint as the newest commit that recorded one saw it (`commitInfo.atlake.checkpoint`,
-    /// written with every cursor; commits of files alone, retention and vacuum carry none).
+    /// written with every cursor, and carried on by retention and compaction commits; commits
+    /// of files alone carry none).
     /// Informational: each source's endpoint; the cursors are the `txn` actions.
     pub positions: Option<Value>,
     /// The table's `protocol` and `metaData` actions as read.

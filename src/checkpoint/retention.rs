@@ -39,7 +39,12 @@ pub async fn expire(
         .iter()
         .map(|f| delta::remove_action(table, f, true, now_ms))
         .collect::<Result<Vec<_>, _>>()?;
-    let info = json!({"retention_cutoff_us": cutoff_us});
+    let mut info = json!({"retention_cutoff_us": cutoff_us});
+    // the endpoints travel on (see `delta::LogState::positions`)
+    if let Some(p) = &state.positions {
+        info = delta::positions_info(p.clone());
+        info["retention_cutoff_us"] = cutoff_us.into();
+    }
     match delta::commit(lake, table, state, "DELETE", info, actions).await? {
         CommitOutcome::Committed(_) => {
             tracing::info!(

@@ -33,7 +33,9 @@ fn files_schema() -> SchemaRef {
         Field::new("path", DataType::Utf8, false),
         Field::new("partition", DataType::Utf8, false),
         Field::new("date", DataType::Utf8, false),
-        Field::new("hour", DataType::Int64, false),
+        // null for a file that spans more than an hour (a compacted long-tail day, a month of
+        // history)
+        Field::new("hour", DataType::Int64, true),
         Field::new("source", DataType::Utf8, false),
         Field::new("cursor_first", DataType::Int64, false),
         Field::new("cursor_last", DataType::Int64, false),
@@ -121,9 +123,10 @@ impl TableProvider for FilesTable {
             Arc::new(StringArray::from_iter_values(
                 dh.iter().map(|(d, _)| d.clone()),
             )),
-            Arc::new(Int64Array::from_iter_values(
-                self.files.iter().map(|f| f.key.hour().rem_euclid(24)),
-            )),
+            Arc::new(Int64Array::from_iter(self.files.iter().map(|f| {
+                (f.key.span() == crate::sink::partition::Span::Hour)
+                    .then(|| f.key.hour().rem_euclid(24))
+            }))),
             Arc::new(StringArray::from_iter_values(
                 self.files.iter().map(|f| f.name.source().as_str()),
             )),
