@@ -517,6 +517,11 @@ pub struct CompactionConfig {
     /// One rewrite reads at most this much; a bigger hour becomes files of about this size.
     /// On S3 the inputs of a rewrite are held in memory, so this bounds its memory too.
     pub max_input: ByteSize,
+    /// zstd level of the big text columns (`record`, `raw`) in compacted files: compaction runs
+    /// off the ingest path, so it can spend more time for fewer bytes than a flush.
+    pub zstd_level: i32,
+    /// Rows per row group in compacted files.
+    pub row_group_rows: usize,
 }
 
 impl Default for CompactionConfig {
@@ -527,6 +532,8 @@ impl Default for CompactionConfig {
             grace: HumanDuration(Duration::from_secs(3600)),
             small_day: ByteSize(64 << 20),
             max_input: ByteSize(1 << 30),
+            zstd_level: 9,
+            row_group_rows: 1 << 20,
         }
     }
 }
@@ -722,6 +729,12 @@ impl Config {
         }
         if c.max_input.0 < 1 << 20 {
             return bad("compaction.max_input", "must be at least 1MiB");
+        }
+        if !(1..=22).contains(&c.zstd_level) {
+            return bad("compaction.zstd_level", "must be 1..=22");
+        }
+        if c.row_group_rows == 0 {
+            return bad("compaction.row_group_rows", "must be positive");
         }
         if self.privacy.purge_deleted
             && self.privacy.purge_every.0 + c.interval.0 + self.lake.vacuum_retention.0

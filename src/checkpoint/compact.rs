@@ -109,7 +109,11 @@ impl Policy {
             include_open,
             purge: cfg.privacy.purge_deleted,
             purge_every_ms: cfg.privacy.purge_every.0.as_millis().min(i64::MAX as u128) as i64,
-            writer: cfg.writer.clone(),
+            writer: crate::config::WriterConfig {
+                zstd_level: cfg.compaction.zstd_level,
+                row_group_rows: cfg.compaction.row_group_rows,
+                ..cfg.writer.clone()
+            },
             compact: true,
             cancel: None,
         }
@@ -410,6 +414,57 @@ impl Origin {
                         })?,
                 )
             }
+        })
+    }
+
+    /// The smallest merge key of the file, from its footer's statistics: (smallest
+    /// `collection` when `by_collection`, else "", smallest `time_us`). Without statistics it is
+    /// the smallest possible key, so the file is opened first.
+    fn min_key(&self, path: &str, by_collection: bool) -> Result<(String, i64), CheckpointError> {
+        use parquet::file::statistics::Statistics;
+        let err = |e: &dyn std::fmt::Display| CheckpointError::File {
+            path: path.to_string(),
+            message: e.to_string(),
+        };
+        let src = match self {
+            Origin::Path(p) => Source::File(std::fs::File::open(p).map_err(|e| err(&e))?),
+            Origin::Fetched(b) => Source::Bytes(b.clone()),
+        };
+        let b = ParquetRecordBatchReaderBuilder::try_new(src).map_err(|e| err(&e))?;
+        let md = b.metadata();
+        let schema = md.file_metadata().schema_descr();
+        let col = |n: &str| (0..schema.num_columns()).find(|&i| schema.column(i).name() == n);
+        let (mut coll, mut time): (Option<String>, Option<i64>) = (None, None);
+        let (tc, cc) = (col("time_us"), col("collection"));
+        for rg in md.row_groups() {
+            let t = tc.and_then(|i| match rg.column(i).statistics() {
+                Some(Statistics::Int64(s)) => s.min_opt().copied(),
+                _ => None,
+            });
+            let Some(t) = t else {
+                return Ok((String::new(), i64::MIN));
+            };
+            time = Some(time.map_or(t, |x| x.min(t)));
+            if by_collection {
+                let c = cc.and_then(|i| match rg.column(i).statistics() {
+                    Some(Statistics::ByteArray(s)) => s
+                        .min_opt()
+                        .and_then(|v| std::str::from_utf8(v.data()).ok())
+                        .map(str::to_string),
+                    _ => None,
+                });
+                let Some(c) = c else {
+                    return Ok((String::new(), i64::MIN));
+                };
+                coll = Some(coll.map_or(c.clone(), |x| x.min(c)));
+            }
+        }
+        // with a collection first, a file's smallest time goes with its smallest collection
+        // only as a bound: the time part is dropped to stay below every row
+        Ok(match (by_collection, coll, time) {
+            (true, Some(c), _) => (c, i64::MIN),
+            (false, _, Some(t)) => (String::new(), t),
+            _ => (String::new(), i64::MIN),
         })
     }
 
@@ -938,7 +993,10 @@ pub fn purge_batch(
 
 /// One input of the merge: its reader and current batch.
 struct Input<'a> {
-    reader: ParquetRecordBatchReader,
+    /// Open from when the merge reaches its smallest key until it is exhausted.
+    reader: Option<ParquetRecordBatchReader>,
+    /// Its smallest merge key, from the footer's statistics: (collection or "", time).
+    min: (String, i64),
     path: &'a str,
     /// Index of the current batch in the live batches.
     slot: usize,
@@ -992,7 +1050,8 @@ fn merge(
     let mut inputs: Vec<Input<'_>> = Vec::with_capacity(origins.len());
     for (o, path) in origins {
         inputs.push(Input {
-            reader: o.open(path, None, batch_rows)?,
+            reader: None,
+            min: o.min_key(path, by_collection)?,
             path,
             slot: 0,
             row: 0,
@@ -1007,8 +1066,10 @@ fn merge(
     let advance =
         |inp: &mut Input<'_>, live: &mut Vec<RecordBatch>| -> Result<bool, CheckpointError> {
             loop {
-                let Some(b) = inp.reader.next() else {
+                let Some(b) = inp.reader.as_mut().and_then(|r| r.next()) else {
+                    // exhausted: its reader (and its decoded pages) go now
                     inp.times = None;
+                    inp.reader = None;
                     return Ok(false);
                 };
                 let b = b.map_err(|e| CheckpointError::File {
@@ -1052,11 +1113,12 @@ fn merge(
         let t = inp.times.as_ref().map_or(i64::MIN, |t| t.value(inp.row));
         Reverse((coll, t, i, inp.row))
     };
-    for (i, inp) in inputs.iter_mut().enumerate() {
-        if advance(inp, &mut live)? {
-            heap.push(key(inp, i));
-        }
-    }
+    // inputs are opened in the order of their smallest key, only when the merge reaches it:
+    // the files of a partition cover mostly consecutive stretches of time, so few are open at
+    // once, and memory is their decoded pages, not every input's
+    let mut order: Vec<usize> = (0..inputs.len()).collect();
+    order.sort_by(|a, b| inputs[*a].min.cmp(&inputs[*b].min));
+    let mut next_open = 0;
     let flush = |pending: &mut Vec<(usize, usize)>,
                  live: &mut Vec<RecordBatch>,
                  inputs: &mut [Input<'_>],
@@ -1091,7 +1153,23 @@ fn merge(
         *live = kept;
         Ok(())
     };
-    while let Some(Reverse((_, _, i, row))) = heap.pop() {
+    loop {
+        while let Some(&i) = order.get(next_open) {
+            if let Some(Reverse((c, t, _, _))) = heap.peek()
+                && inputs[i].min > (c.clone(), *t)
+            {
+                break;
+            }
+            let inp = &mut inputs[i];
+            inp.reader = Some(origins[i].0.open(inp.path, None, batch_rows)?);
+            if advance(inp, &mut live)? {
+                heap.push(key(inp, i));
+            }
+            next_open += 1;
+        }
+        let Some(Reverse((_, _, i, row))) = heap.pop() else {
+            break;
+        };
         pending.push((inputs[i].slot, row));
         let inp = &mut inputs[i];
         inp.row += 1;
