@@ -696,7 +696,10 @@ async fn compaction_and_purge_on_s3() {
     let s = atlake::checkpoint::compact::run_command(&lake, &cfg, false, true)
         .await
         .unwrap();
-    assert!(s.pass.purge_scan && s.pass.dropped > 0 && s.pass.blanked > 0, "{s:?}");
+    assert!(
+        s.pass.purge_scan && s.pass.dropped > 0 && s.pass.blanked > 0,
+        "{s:?}"
+    );
     let got = read_committed(&lake).await;
     assert!(got.duplicates().is_empty());
     assert_eq!(got.keys.len() as u64, truth.events() - s.pass.dropped);
@@ -704,5 +707,8 @@ async fn compaction_and_purge_on_s3() {
     let again = atlake::checkpoint::compact::run_command(&lake, &cfg, false, true)
         .await
         .unwrap();
-    assert_eq!((again.pass.dropped, again.pass.blanked, again.pass.inputs), (0, 0, 0));
+    assert_eq!(
+        (again.pass.dropped, again.pass.blanked, again.pass.inputs),
+        (0, 0, 0)
+    );
 }
