@@ -704,22 +704,7 @@ async fn backfill_cmd(cfg: Config, target: crate::backfill::Target) -> anyhow::R
     let tty = std::io::stderr().is_terminal();
     let watch = stats.clone();
     let started = std::time::Instant::now();
-    let reporter = tokio::spawn(async move {
-        let every = if tty {
-            Duration::from_millis(500)
-        } else {
-            Duration::from_secs(10)
-        };
-        loop {
-            tokio::time::sleep(every).await;
-            let line = progress_line(&watch, started.elapsed());
-            if tty {
-                eprint!("\r\x1b[2K{line}");
-            } else {
-                tracing::info!("{line}");
-            }
-        }
-    });
+    let reporter = spawn_progress(tty, move || progress_line(&watch, started.elapsed()));
     let plan = crate::backfill::Plan {
         target,
         cfg,
@@ -867,6 +852,30 @@ async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints `line()` on stderr every half second on a terminal (in place), else logs it every
+/// 10 s, until aborted.
+fn spawn_progress(
+    tty: bool,
+    line: impl Fn() -> String + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let every = if tty {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(10)
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            let l = line();
+            if tty {
+                eprint!("\r\x1b[2K{l}");
+            } else {
+                tracing::info!("{l}");
+            }
+        }
+    })
+}
+
 async fn export_cmd(
     cfg: Config,
     to: &str,
@@ -891,21 +900,7 @@ async fn export_cmd(
     };
     let tty = std::io::stderr().is_terminal();
     let watch = progress.clone();
-    let reporter = tokio::spawn(async move {
-        let every = if tty {
-            Duration::from_millis(500)
-        } else {
-            Duration::from_secs(10)
-        };
-        loop {
-            tokio::time::sleep(every).await;
-            if tty {
-                eprint!("\r\x1b[2K{}", line(&watch));
-            } else {
-                tracing::info!("{}", line(&watch));
-            }
-        }
-    });
+    let reporter = spawn_progress(tty, move || line(&watch));
     let r = crate::export::run(&lake, &dest, &slice, progress.clone()).await;
     reporter.abort();
     if tty {

@@ -395,3 +395,28 @@ impl AtlakeChild {
 /// and by the heaviest ones (kill -9 loops of the backfill), so that they never overlap on a
 /// 2-core machine.
 pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Counts per (collection, operation, kind) as atlake's SQL sees them.
+pub async fn sql_counts(lake: &str) -> BTreeMap<String, u64> {
+    use arrow::array::AsArray;
+    let engine = atlake::query::QueryEngine::try_new(
+        atlake::sink::store::Lake::open(lake).unwrap(),
+        None,
+        atlake::query::Limits::default(),
+    )
+    .unwrap();
+    let batches = engine
+        .collect("SELECT coalesce(collection, '-') || '|' || coalesce(operation, '-') || '|' || kind AS k, count(*) AS n FROM events GROUP BY 1")
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for b in &batches {
+        let k = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+        let k = k.as_string::<i32>();
+        let n = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+        for i in 0..b.num_rows() {
+            out.insert(k.value(i).to_string(), n.value(i) as u64);
+        }
+    }
+    out
+}

@@ -61,29 +61,20 @@ fn compact(lake: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Strin
     text
 }
 
-/// Counts per (collection, operation, kind) as atlake's SQL sees them.
-async fn atlake_counts(lake: &str) -> BTreeMap<String, u64> {
-    use arrow::array::AsArray;
-    let engine = atlake::query::QueryEngine::try_new(
-        Lake::open(lake).unwrap(),
-        None,
-        atlake::query::Limits::default(),
-    )
-    .unwrap();
-    let batches = engine
-        .collect("SELECT coalesce(collection, '-') || '|' || coalesce(operation, '-') || '|' || kind AS k, count(*) AS n FROM events GROUP BY 1")
-        .await
-        .unwrap();
-    let mut out = BTreeMap::new();
-    for b in &batches {
-        let k = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
-        let k = k.as_string::<i32>();
-        let n = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
-        for i in 0..b.num_rows() {
-            out.insert(k.value(i).to_string(), n.value(i) as u64);
-        }
+/// Asserts that the `events` log has at most one file per partition (hour or day) and source.
+fn assert_one_file_per_partition(log: &delta::LogState) {
+    let mut per_key: BTreeMap<(String, Span, i64, &str), usize> = BTreeMap::new();
+    for f in log.files.values() {
+        *per_key
+            .entry((
+                f.key.name.value().to_string(),
+                f.key.span(),
+                f.key.hour(),
+                f.name.source().as_str(),
+            ))
+            .or_default() += 1;
     }
-    out
+    assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
 }
 
 /// Every committed file's rows are in order: by time (`_other`: collection, then time).
@@ -135,7 +126,7 @@ async fn compaction_keeps_every_row_and_every_reader_agrees() {
     let l = lake_dir.to_str().unwrap();
     let lake = Lake::open(l).unwrap();
     let before = delta::load(&lake, Table::Events).await.unwrap();
-    let want = atlake_counts(l).await;
+    let want = crate::common::sql_counts(l).await;
     assert_eq!(want.values().sum::<u64>(), truth.events());
     let env = [
         ("ATLAKE_PRIVACY_PURGE_DELETED", "false"),
@@ -177,7 +168,11 @@ async fn compaction_keeps_every_row_and_every_reader_agrees() {
             );
         }
     }
-    assert_eq!(atlake_counts(l).await, want, "atlake after compaction");
+    assert_eq!(
+        crate::common::sql_counts(l).await,
+        want,
+        "atlake after compaction"
+    );
     // the replaced files are still in storage until vacuum: Delta readers already see the
     // new snapshot; then vacuum, and plain readers agree too
     tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -233,7 +228,7 @@ async fn kill_9_during_compaction_loses_and_doubles_nothing() {
     ingest_small_files(&cap, &lake_dir).await;
     let l = lake_dir.to_str().unwrap().to_string();
     let lake = Lake::open(&l).unwrap();
-    let want = atlake_counts(&l).await;
+    let want = crate::common::sql_counts(&l).await;
     let env: Vec<(String, String)> = [
         ("ATLAKE_PRIVACY_PURGE_DELETED", "false"),
         ("ATLAKE_COMPACTION_SMALL_DAY", "40KiB"),
@@ -311,16 +306,10 @@ async fn kill_9_during_compaction_loses_and_doubles_nothing() {
     assert!(mid_rewrite > 0, "no kill landed during a rewrite");
     assert!(mid_commit > 0, "no kill landed during a commit");
     assert_exactly_once(&read_committed(&lake).await, &truth);
-    assert_eq!(atlake_counts(&l).await, want);
+    assert_eq!(crate::common::sql_counts(&l).await, want);
     // a further run finds nothing left to compact
     let log = delta::load(&lake, Table::Events).await.unwrap();
-    let mut per_key: BTreeMap<(String, Span, i64), usize> = BTreeMap::new();
-    for f in log.files.values() {
-        *per_key
-            .entry((f.key.name.value().to_string(), f.key.span(), f.key.hour()))
-            .or_default() += 1;
-    }
-    assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
+    assert_one_file_per_partition(&log);
     if let Some(py) = py {
         let v: serde_json::Value = serde_json::from_str(&crate::tools::run_python(
             &py,
@@ -437,22 +426,6 @@ fn ingest_story(lines: &[String], dir: &std::path::Path, lake_dir: &std::path::P
     log
 }
 
-/// Every row of every Parquet file under the lake (both tables, any schema), as text.
-const ALL_ROWS: &str = r#"
-import json, sys, glob
-import duckdb
-lake = sys.argv[1]
-files = sorted(glob.glob(f"{lake}/**/*.parquet", recursive=True))
-files = [f for f in files if "/_delta_log/" not in f]
-rows = []
-for f in files:
-    rel = duckdb.sql(f"select * from read_parquet('{f}')")
-    cols = rel.columns
-    for r in rel.fetchall():
-        rows.append({c: (None if v is None else str(v)) for c, v in zip(cols, r)})
-print(json.dumps({"files": len(files), "rows": rows}))
-"#;
-
 /// With `privacy.purge_deleted` (the default), compaction and vacuum leave no text or cid of a
 /// deleted record and no row of a deleted account in any file of the lake, read by DuckDB
 /// file by file; the delete events, the account's deletion and everything else stay.
@@ -467,8 +440,12 @@ async fn purge_leaves_no_trace_of_deleted_records_and_accounts() {
     let log = ingest_story(&lines, dir.path(), &lake_dir);
     let l = lake_dir.to_str().unwrap();
     let read = || -> (usize, Vec<serde_json::Value>) {
-        let v: serde_json::Value =
-            serde_json::from_str(&crate::tools::run_python(&py, ALL_ROWS, &[l])).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&crate::tools::run_python(
+            &py,
+            EXPORTED_ROWS,
+            &[l, "parquet"],
+        ))
+        .unwrap();
         (
             v["files"].as_u64().unwrap() as usize,
             v["rows"].as_array().unwrap().clone(),
@@ -549,12 +526,14 @@ async fn purge_leaves_no_trace_of_deleted_records_and_accounts() {
     assert_eq!(n, 5, "alice's five kept posts");
 }
 
-/// Every row of every file under a directory, in any export format, as text.
+/// Every row of every file under a directory (a lake's data files of both tables, whatever
+/// their schema, or an export in any format), as text.
 const EXPORTED_ROWS: &str = r#"
 import json, sys, glob, os
 import duckdb
 root, ext = sys.argv[1], sys.argv[2]
 files = sorted(glob.glob(f"{root}/**/*.{ext}", recursive=True))
+files = [f for f in files if "/_delta_log/" not in f]
 rows = []
 for f in files:
     if ext == "parquet":
@@ -684,13 +663,7 @@ async fn compaction_and_purge_on_s3() {
         "{s:?}"
     );
     let log = delta::load(&lake, Table::Events).await.unwrap();
-    let mut per_key: BTreeMap<(String, Span, i64), usize> = BTreeMap::new();
-    for f in log.files.values() {
-        *per_key
-            .entry((f.key.name.value().to_string(), f.key.span(), f.key.hour()))
-            .or_default() += 1;
-    }
-    assert!(per_key.values().all(|n| *n == 1), "{per_key:?}");
+    assert_one_file_per_partition(&log);
     assert_exactly_once(&read_committed(&lake).await, &truth);
     cfg.privacy.purge_deleted = true;
     let s = atlake::checkpoint::compact::run_command(&lake, &cfg, false, true)

@@ -270,26 +270,7 @@ async fn delta_readers_and_plain_parquet_readers_find_what_atlake_finds() {
     let h = ingest::start(cfg, Input::File(cap)).await.unwrap();
     h.wait().await.unwrap();
     let l = lake_dir.to_str().unwrap();
-    let engine = atlake::query::QueryEngine::try_new(
-        Lake::open(l).unwrap(),
-        None,
-        atlake::query::Limits::default(),
-    )
-    .unwrap();
-    let batches = engine
-        .collect("SELECT coalesce(collection, '-') || '|' || coalesce(operation, '-') || '|' || kind AS k, count(*) AS n FROM events GROUP BY 1")
-        .await
-        .unwrap();
-    let mut want = std::collections::BTreeMap::new();
-    for b in &batches {
-        use arrow::array::AsArray;
-        let k = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
-        let k = k.as_string::<i32>();
-        let n = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
-        for i in 0..b.num_rows() {
-            want.insert(k.value(i).to_string(), n.value(i) as u64);
-        }
-    }
+    let want = crate::common::sql_counts(l).await;
     assert!(want.len() > 10);
     let out = crate::tools::run_python(&py, DELTA_COUNTS, &[l, "firehose"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -318,6 +299,12 @@ async fn delta_readers_and_plain_parquet_readers_find_what_atlake_finds() {
     assert!(log.version.unwrap() > 1, "one commit per flush round");
     assert_eq!(v["txn"].as_i64(), local_checkpoint(&lake_dir, "firehose"));
     assert!(v["txn"].as_i64().is_some());
+    let engine = atlake::query::QueryEngine::try_new(
+        Lake::open(l).unwrap(),
+        None,
+        atlake::query::Limits::default(),
+    )
+    .unwrap();
     let errors = engine.collect("SELECT count(*) FROM errors").await.unwrap();
     let n = errors[0]
         .column(0)
