@@ -1090,9 +1090,17 @@ fn merge(
                         })?,
                 );
                 inp.colls = if by_collection {
-                    b.column_by_name("collection")
+                    // `_other` files are sorted by collection first: every row has one
+                    let c = b
+                        .column_by_name("collection")
                         .and_then(|a| a.as_string_opt::<i32>())
+                        .filter(|c| c.null_count() == 0)
                         .cloned()
+                        .ok_or_else(|| CheckpointError::File {
+                            path: inp.path.to_string(),
+                            message: "an `_other` row without a collection".into(),
+                        })?;
+                    Some(c)
                 } else {
                     None
                 };
@@ -1104,12 +1112,11 @@ fn merge(
             }
         };
     let key = |inp: &Input<'_>, i: usize| -> MergeKey {
-        let coll = inp
-            .colls
-            .as_ref()
-            .filter(|c| c.is_valid(inp.row))
-            .map(|c| c.value(inp.row).to_string())
-            .unwrap_or_default();
+        // no collection part outside `_other`; a key is only made for a loaded batch
+        let coll = match &inp.colls {
+            Some(c) => c.value(inp.row).to_string(),
+            None => String::new(),
+        };
         let t = inp.times.as_ref().map_or(i64::MIN, |t| t.value(inp.row));
         Reverse((coll, t, i, inp.row))
     };
@@ -1443,63 +1450,88 @@ mod tests {
             time,
             has_content: content,
         };
-        assert_eq!(
-            f.verdict(&post, &row("did:plc:a", "3k1", "create", 50, true)),
-            Verdict::Blank
-        );
-        assert_eq!(
-            f.verdict(&post, &row("did:plc:a", "3k1", "update", 99, true)),
-            Verdict::Blank
-        );
-        assert_eq!(
-            f.verdict(&post, &row("did:plc:a", "3k1", "create", 50, false)),
-            Verdict::Keep,
-            "already purged"
-        );
-        assert_eq!(
-            f.verdict(&post, &row("did:plc:a", "3k1", "create", 150, true)),
-            Verdict::Keep,
-            "re-created later"
-        );
-        assert_eq!(
-            f.verdict(&post, &row("did:plc:a", "3k1", "delete", 100, false)),
-            Verdict::Keep
-        );
-        assert_eq!(
-            f.verdict(&post, &row("did:plc:a", "3k2", "create", 50, true)),
-            Verdict::Keep
-        );
-        assert_eq!(
-            f.verdict(&post, &row("did:plc:b", "3k1", "create", 50, true)),
-            Verdict::Keep
-        );
-        assert_eq!(
-            f.verdict(&post, &row("did:plc:gone", "x", "create", 499, true)),
-            Verdict::Drop
-        );
-        assert_eq!(
-            f.verdict(&post, &row("did:plc:gone", "x", "delete", 499, false)),
-            Verdict::Drop
-        );
-        assert_eq!(
-            f.verdict(&post, &row("did:plc:gone", "x", "create", 501, true)),
-            Verdict::Keep,
-            "after the deletion"
-        );
-        assert_eq!(
-            f.verdict(
-                &PartitionName::Identity,
-                &row("did:plc:gone", "x", "create", 1, false)
+        let (ident, acct) = (PartitionName::Identity, PartitionName::Account);
+        let cases = [
+            (
+                &post,
+                ("did:plc:a", "3k1", "create", 50, true),
+                Verdict::Blank,
+                "older content",
             ),
-            Verdict::Drop
-        );
-        assert_eq!(
-            f.verdict(
-                &PartitionName::Account,
-                &row("did:plc:gone", "x", "create", 1, false)
+            (
+                &post,
+                ("did:plc:a", "3k1", "update", 99, true),
+                Verdict::Blank,
+                "older update",
             ),
-            Verdict::Keep
-        );
+            (
+                &post,
+                ("did:plc:a", "3k1", "create", 50, false),
+                Verdict::Keep,
+                "already purged",
+            ),
+            (
+                &post,
+                ("did:plc:a", "3k1", "create", 150, true),
+                Verdict::Keep,
+                "re-created later",
+            ),
+            (
+                &post,
+                ("did:plc:a", "3k1", "delete", 100, false),
+                Verdict::Keep,
+                "the delete",
+            ),
+            (
+                &post,
+                ("did:plc:a", "3k2", "create", 50, true),
+                Verdict::Keep,
+                "another rkey",
+            ),
+            (
+                &post,
+                ("did:plc:b", "3k1", "create", 50, true),
+                Verdict::Keep,
+                "another did",
+            ),
+            (
+                &post,
+                ("did:plc:gone", "x", "create", 499, true),
+                Verdict::Drop,
+                "gone account",
+            ),
+            (
+                &post,
+                ("did:plc:gone", "x", "delete", 499, false),
+                Verdict::Drop,
+                "its deletes",
+            ),
+            (
+                &post,
+                ("did:plc:gone", "x", "create", 501, true),
+                Verdict::Keep,
+                "after the deletion",
+            ),
+            (
+                &ident,
+                ("did:plc:gone", "x", "create", 1, false),
+                Verdict::Drop,
+                "its identity",
+            ),
+            (
+                &acct,
+                ("did:plc:gone", "x", "create", 1, false),
+                Verdict::Keep,
+                "its account events",
+            ),
+        ];
+        for (name, (did, rkey, op, t, content), want, why) in cases {
+            assert_eq!(
+                f.verdict(name, &row(did, rkey, op, t, content)),
+                want,
+                "{why}"
+            );
+        }
         f.add_record("did:plc:a", "app.bsky.feed.post", "3k1", 40);
         assert_eq!(
             f.verdict(&post, &row("did:plc:a", "3k1", "create", 50, true)),

@@ -54,6 +54,16 @@ async fn sql(c: &reqwest::Client, base: &str, q: &str) -> Option<Vec<serde_json:
     r.json().await.ok()
 }
 
+async fn metrics_text(c: &reqwest::Client, base: &str) -> String {
+    c.get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn count(c: &reqwest::Client, base: &str, q: &str) -> u64 {
     sql(c, base, q)
         .await
@@ -97,14 +107,7 @@ async fn run_serves_fresh_sql_metrics_filters_and_stops_cleanly() {
     eprintln!("first SQL answer with rows after {:?}", started.elapsed());
     // let a few flushes happen
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let metrics = c
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &base).await;
     for m in [
         "atlake_events_total{kind=\"commit\",collection=\"app.bsky.feed.like\",operation=\"create\"}",
         "atlake_bytes_in_total{source=\"jetstream\"}",
@@ -462,14 +465,7 @@ async fn run_compacts_in_the_background_and_sql_never_sees_a_row_twice() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let metrics = c
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&c, &base).await;
     assert!(
         metrics.contains("atlake_compaction_passes_total"),
         "{metrics}"
