@@ -163,10 +163,14 @@ pub enum Command {
         /// Address for the SQL endpoint (default 127.0.0.1:8080).
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
+        /// Also serve the Postgres wire protocol here (psql, DBeaver, Grafana), e.g.
+        /// 127.0.0.1:5432 (config: server.pg_listen).
+        #[arg(long, value_name = "ADDR")]
+        pg_listen: Option<String>,
     },
     /// Serve SQL over a lake written by another process, on disk or S3.
     #[command(
-        after_help = "Examples:\n  atlake serve --lake ./lake\n  atlake serve --lake s3://my-bucket/atlake --listen 0.0.0.0:8080   # set ATLAKE_SERVER_TOKEN first"
+        after_help = "Examples:\n  atlake serve --lake ./lake\n  atlake serve --lake s3://my-bucket/atlake --listen 0.0.0.0:8080   # set ATLAKE_SERVER_TOKEN first\n  atlake serve --lake ./lake --pg-listen 127.0.0.1:5432 && psql -h 127.0.0.1 -p 5432 -c '\\dt'"
     )]
     Serve {
         /// Config and lake.
@@ -175,6 +179,10 @@ pub enum Command {
         /// Address for the SQL endpoint (default 127.0.0.1:8080).
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
+        /// Also serve the Postgres wire protocol here (psql, DBeaver, Grafana), e.g.
+        /// 127.0.0.1:5432 (config: server.pg_listen).
+        #[arg(long, value_name = "ADDR")]
+        pg_listen: Option<String>,
     },
     /// Run one SQL query over a lake and print the result.
     #[command(
@@ -493,18 +501,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             source,
             writer,
             listen,
+            pg_listen,
         } => {
             let mut cfg = load_config(&common, &source)?;
             if let Some(l) = listen {
                 cfg.server.listen = l;
             }
+            if let Some(l) = pg_listen {
+                cfg.server.pg_listen = l;
+                cfg.validate()?;
+            }
             cfg.lake.lease_wait |= writer.wait;
             run_cmd(cfg).await
         }
-        Command::Serve { common, listen } => {
+        Command::Serve {
+            common,
+            listen,
+            pg_listen,
+        } => {
             let mut cfg = load_config(&common, &no_source())?;
             if let Some(l) = listen {
                 cfg.server.listen = l;
+            }
+            if let Some(l) = pg_listen {
+                cfg.server.pg_listen = l;
+                cfg.validate()?;
             }
             serve_cmd(cfg).await
         }
@@ -795,6 +816,13 @@ async fn run_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("starting ingest into {}", cfg.lake.url))?;
     let addr = daemon.addr;
+    if let Some(pg) = daemon.pg_addr {
+        eprintln!(
+            "atlake: Postgres protocol on {pg} (psql -h {} -p {})",
+            pg.ip(),
+            pg.port()
+        );
+    }
     eprintln!(
         "atlake: ingesting {} {} into {}\natlake: SQL on http://{addr}/sql  (try: curl -s http://{addr}/sql --data 'SELECT collection, count(*) FROM events GROUP BY 1 ORDER BY 2 DESC LIMIT 10')",
         cfg.source.kind, cfg.source.url, cfg.lake.url
@@ -827,6 +855,8 @@ fn show_cursor(c: Option<crate::model::Cursor>) -> String {
 }
 
 async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
+    // counted from the first query, not from the first scrape of /metrics
+    crate::telemetry::metrics();
     let lake = crate::daemon::open_lake(&cfg.lake.url).await?;
     let listener = crate::daemon::bind(&cfg.server.listen).await?;
     let addr = listener.local_addr()?;
@@ -835,6 +865,8 @@ async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
         None,
         crate::query::Limits::from_config(&cfg.server),
     )?);
+    let (stop_pg, stop_pg_rx) = tokio::sync::watch::channel(false);
+    let pg = crate::daemon::start_pg(&cfg.server, engine.clone(), stop_pg_rx).await?;
     let state = Arc::new(crate::query::http::AppState {
         engine,
         token: cfg.server.token.clone(),
@@ -845,10 +877,21 @@ async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
         "atlake: serving SQL over {} on http://{addr}/sql",
         cfg.lake.url
     );
+    if let Some((pg_addr, _)) = &pg {
+        eprintln!(
+            "atlake: serving the Postgres protocol on {pg_addr} (psql -h {} -p {})",
+            pg_addr.ip(),
+            pg_addr.port()
+        );
+    }
     if cfg.server.token.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "the SQL endpoint is reachable beyond this machine without a token; set ATLAKE_SERVER_TOKEN");
     }
     crate::query::http::serve(listener, state, shutdown_signal()).await?;
+    let _ = stop_pg.send(true);
+    if let Some((_, task)) = pg {
+        task.await??;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

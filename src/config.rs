@@ -377,6 +377,14 @@ pub struct ServerConfig {
     pub idle_timeout: HumanDuration,
     /// Most connections open at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Address of the Postgres wire protocol front end (psql, DBeaver, Grafana, psycopg), for
+    /// example `127.0.0.1:5432`; empty: off. Same tables, limits and token (as the password).
+    pub pg_listen: String,
+    /// PEM certificate chain offered to Postgres clients that ask for TLS (with `pg_tls_key`);
+    /// empty: no TLS.
+    pub pg_tls_cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `pg_tls_cert`.
+    pub pg_tls_key: String,
 }
 
 impl Default for ServerConfig {
@@ -396,6 +404,9 @@ impl Default for ServerConfig {
             body_timeout: HumanDuration(Duration::from_secs(30)),
             idle_timeout: HumanDuration(Duration::from_secs(60)),
             max_connections: 256,
+            pg_listen: String::new(),
+            pg_tls_cert: String::new(),
+            pg_tls_key: String::new(),
         }
     }
 }
@@ -794,6 +805,12 @@ impl Config {
                 "must be longer than server.query_timeout (a query's connection is quiet while it runs)",
             );
         }
+        if sv.pg_tls_cert.is_empty() != sv.pg_tls_key.is_empty() {
+            return bad(
+                "server.pg_tls_cert",
+                "server.pg_tls_cert and server.pg_tls_key go together (both set, or neither)",
+            );
+        }
         Ok(())
     }
 
@@ -835,6 +852,7 @@ fn apply_env(
         // optional settings are absent from the defaults
         let extra: Vec<String> = match section.as_str() {
             "server" => vec!["token".to_string()],
+            "lake" => vec!["retention".to_string()],
             "source" => vec!["start_cursor".to_string()],
             _ => vec![],
         };
@@ -912,6 +930,16 @@ mod tests {
 
     /// A vacuum that could delete files under a running query, and a purge that could take
     /// longer than a day, are refused.
+    #[test]
+    fn the_postgres_certificate_and_key_go_together() {
+        let mut c = super::Config::default();
+        c.server.pg_tls_cert = "cert.pem".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("server.pg_tls_cert"), "{e}");
+        c.server.pg_tls_key = "key.pem".into();
+        assert!(c.validate().is_ok());
+    }
+
     #[test]
     fn vacuum_outlasts_queries_and_the_purge_bound_is_a_day() {
         let mut c = super::Config::default();

@@ -46,6 +46,9 @@ pub enum DaemonError {
         /// Why.
         source: std::io::Error,
     },
+    /// The Postgres front end's TLS certificate or key could not be loaded.
+    #[error("cannot set up TLS for the Postgres front end: {0}")]
+    Tls(std::io::Error),
     /// Ingest failed to start or failed while running.
     #[error(transparent)]
     Ingest(#[from] IngestError),
@@ -80,13 +83,57 @@ pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener, DaemonError> {
         })
 }
 
+/// The Postgres front end, when `server.pg_listen` is set: bound, serving `engine` until
+/// `stop` turns true. Returns where it listens and its task.
+pub async fn start_pg(
+    cfg: &crate::config::ServerConfig,
+    engine: Arc<QueryEngine>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Option<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)>, DaemonError> {
+    if cfg.pg_listen.is_empty() {
+        return Ok(None);
+    }
+    let tls = if cfg.pg_tls_cert.is_empty() {
+        None
+    } else {
+        Some(
+            crate::query::pg::tls_acceptor(&cfg.pg_tls_cert, &cfg.pg_tls_key)
+                .map_err(DaemonError::Tls)?,
+        )
+    };
+    let listener = bind(&cfg.pg_listen).await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| DaemonError::Listen {
+            addr: cfg.pg_listen.clone(),
+            source,
+        })?;
+    if cfg.token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the Postgres endpoint is reachable beyond this machine without a password; set ATLAKE_SERVER_TOKEN");
+    }
+    let front = Arc::new(crate::query::pg::PgFrontEnd::new(engine, cfg.token.clone()));
+    let task = tokio::spawn(crate::query::pg::serve(
+        listener,
+        front,
+        tls,
+        cfg.max_connections,
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        },
+    ));
+    Ok(Some((addr, task)))
+}
+
 /// A running daemon.
 #[derive(Debug)]
 pub struct Daemon {
     /// Where the SQL endpoint listens.
     pub addr: SocketAddr,
+    /// Where the Postgres front end listens, when it is on.
+    pub pg_addr: Option<SocketAddr>,
     ingest: IngestHandle,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    pg_server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     stop_server: watch::Sender<bool>,
     deadline: Duration,
     backfill: Option<Backfill>,
@@ -118,13 +165,14 @@ impl Daemon {
             Some(ingest.catalog.clone()),
             Limits::from_config(&cfg.server),
         )?);
+        let (stop_server, mut stop_rx) = watch::channel(false);
+        let pg = start_pg(&cfg.server, engine.clone(), stop_server.subscribe()).await?;
         let state = Arc::new(AppState {
             engine,
             token: cfg.server.token.clone(),
             storage: Some(ingest.health.clone()),
             filters: Some(ingest.filters_sender()),
         });
-        let (stop_server, mut stop_rx) = watch::channel(false);
         let server = tokio::spawn(crate::query::http::serve(listener, state, async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         }));
@@ -161,10 +209,13 @@ impl Daemon {
             });
             Backfill { stop, task }
         });
+        let (pg_addr, pg_server) = pg.unzip();
         Ok(Daemon {
             addr,
+            pg_addr,
             ingest,
             server,
+            pg_server,
             stop_server,
             deadline: cfg.shutdown.deadline.0,
             backfill,
@@ -199,6 +250,14 @@ impl Daemon {
                 self.ingest.stop(self.deadline).await
             }
         };
+        if let Some(pg) = self.pg_server.take() {
+            match tokio::time::timeout(SHUTDOWN_GRACE * 2, pg).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "the Postgres endpoint failed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "the Postgres endpoint's task failed"),
+                Err(_) => tracing::warn!("the Postgres endpoint did not stop in time"),
+            }
+        }
         match tokio::time::timeout(SHUTDOWN_GRACE, self.server).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "the SQL endpoint failed"),

@@ -52,8 +52,8 @@
 //!   with bounded channels, under the lake's writer lease.
 //! - [`backfill`]: history from the repositories (list, resolve, fetch, verify, walk) into
 //!   month partitions, with durable per-repo progress, under the lake's writer lease.
-//! - [`query`]: DataFusion over the lake (tables, system tables, derived columns) and the HTTP
-//!   endpoint.
+//! - [`query`]: DataFusion over the lake (tables, system tables, derived columns), one query
+//!   core, and its front ends: the HTTP endpoint and the Postgres wire protocol.
 //! - [`daemon`]: `atlake run`, ingest and SQL in one process, started the same way by the
 //!   command line and the tests.
 //! - [`export`]: `atlake export`, a slice of the lake as Parquet, NDJSON or CSV files,

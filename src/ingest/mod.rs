@@ -191,6 +191,9 @@ fn open_input(
     })
 }
 
+/// The stream time a Jetstream reconnect replays at least (the instant it resumes at), µs.
+const JETSTREAM_REPLAY_US: u64 = 1_000_000;
+
 /// How far before the lake's cursor a network Jetstream source starts (µs): `time_us` is each
 /// instance's own clock. Capture files and the firehose resume exactly.
 fn rewind_us(cfg: &Config, kind: SourceKind, input: &Input) -> u64 {
@@ -379,10 +382,12 @@ pub async fn start_with_lake(
         w.abandon.1.clone(),
         rec.resume_cursor,
     ));
-    // a reconnect replays the instant it resumes at: keep a second of keys even without rewind
-    let window = match (kind, &input) {
-        (SourceKind::Jetstream, Input::Network) => rewind.max(1_000_000),
-        _ => rewind,
+    // a reconnect replays the instant it resumes at: keep a second of keys even without rewind.
+    // A Jetstream capture may hold such a replay too (made by a client that reconnected), so a
+    // file gets the same second; the firehose resumes after its cursor and replays nothing.
+    let window = match kind {
+        SourceKind::Jetstream => rewind.max(JETSTREAM_REPLAY_US),
+        SourceKind::Firehose | SourceKind::Repo => rewind,
     };
     let state = LoopState {
         batcher: Batcher::new(FlushPolicy::from_config(&cfg.flush), kind),

@@ -100,11 +100,16 @@ impl SchemaProvider for CurrentSchema {
         let Some((_, sql)) = views().into_iter().find(|(n, _)| *n == name) else {
             return Ok(None);
         };
-        let state = (self.state)().ok_or_else(|| {
+        let mut state = (self.state)().ok_or_else(|| {
             datafusion::error::DataFusionError::Internal(
                 "the session of a current.* view is gone".into(),
             )
         })?;
+        // the views are written in DataFusion's SQL (`* EXCLUDE`), whatever the session speaks
+        state
+            .config_mut()
+            .options_mut()
+            .set("datafusion.sql_parser.dialect", "generic")?;
         let plan = state.create_logical_plan(&sql).await?;
         Ok(Some(Arc::new(ViewTable::new(plan, Some(sql)))))
     }

@@ -32,7 +32,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
-use datafusion::physical_plan::SendableRecordBatchStream;
 use futures::StreamExt;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -236,28 +235,15 @@ async fn sql_post(
     run(&s, sql.to_string(), format).await
 }
 
-/// Plans and starts a query within the deadline.
-async fn start_query(
-    engine: &QueryEngine,
-    sql: &str,
-    deadline: Instant,
-) -> Result<(arrow::datatypes::SchemaRef, SendableRecordBatchStream), QueryError> {
-    let df = engine.sql_until(sql, Some(deadline.into_std())).await?;
-    let schema: arrow::datatypes::SchemaRef = Arc::new(df.schema().as_arrow().clone());
-    let stream = engine.execute_until(df, deadline.into_std()).await?;
-    Ok((schema, stream))
-}
-
 /// Rows encoded at once when a batch is large: the byte limit is checked between slices.
 const ENCODE_SLICE_BYTES: usize = 1 << 20;
 
 /// A result on its way out: batches encoded in the response format, counted against the row
 /// and byte limits, within the deadline.
 struct Encoding {
-    stream: SendableRecordBatchStream,
+    rows: super::frontend::Rows,
     enc: Encoder,
     schema: arrow::datatypes::SchemaRef,
-    rows: u64,
     /// Bytes produced so far.
     bytes: u64,
     limits: super::Limits,
@@ -266,68 +252,23 @@ struct Encoding {
     format: Format,
 }
 
-/// Bytes of the string and binary values of a batch's rows.
-fn text_bytes(b: &arrow::record_batch::RecordBatch) -> usize {
-    use arrow::datatypes::DataType;
-    b.columns()
-        .iter()
-        .filter(|c| {
-            matches!(
-                c.data_type(),
-                DataType::Utf8
-                    | DataType::LargeUtf8
-                    | DataType::Utf8View
-                    | DataType::Binary
-                    | DataType::LargeBinary
-                    | DataType::BinaryView
-            )
-        })
-        .map(|c| {
-            c.to_data()
-                .get_slice_memory_size()
-                .unwrap_or_else(|_| c.get_array_memory_size())
-        })
-        .sum()
-}
-
-/// Bytes a batch's rows hold (a slice counts only its rows).
-fn batch_bytes(b: &arrow::record_batch::RecordBatch) -> usize {
-    b.columns()
-        .iter()
-        .map(|c| {
-            c.to_data()
-                .get_slice_memory_size()
-                .unwrap_or_else(|_| c.get_array_memory_size())
-        })
-        .sum()
-}
-
 impl Encoding {
-    fn too_large(&self, what: &str) -> QueryError {
-        QueryError::TooLarge(match what {
-            "rows" => format!(
-                "result has more than {} rows; add a LIMIT",
-                self.limits.max_rows
-            ),
-            _ => format!(
-                "result is larger than {} bytes; add a LIMIT or select fewer columns",
-                self.limits.max_bytes
-            ),
-        })
+    fn too_large(&self) -> QueryError {
+        super::frontend::too_many_bytes(self.limits.max_bytes)
     }
 
     /// Encodes a batch a slice at a time, stopping as soon as the byte limit is passed.
     fn encode(&mut self, b: &arrow::record_batch::RecordBatch) -> Result<Vec<u8>, QueryError> {
-        let size = batch_bytes(b);
+        let size = super::frontend::batch_bytes(b);
         let rows = b.num_rows();
         // a batch whose values alone pass the limit is refused before any is encoded: strings
         // and binaries encode to at least their own size in every format but Parquet; other
         // columns may shrink (a 0 takes one byte in JSON), so they get four times the room
-        let text = text_bytes(b) as u64;
+        let text = super::frontend::text_bytes(b) as u64;
         if self.bytes + size as u64 > self.limits.max_bytes.saturating_mul(4)
             || (self.format != Format::Parquet && self.bytes + text > self.limits.max_bytes)
         {
-            return Err(self.too_large("bytes"));
+            return Err(self.too_large());
         }
         let per_slice = if size <= ENCODE_SLICE_BYTES || rows <= 1 {
             rows.max(1)
@@ -347,7 +288,7 @@ impl Encoding {
                 .map_err(|e| QueryError::Internal(e.to_string()))?;
             out.extend_from_slice(&part);
             if self.bytes + (out.len() + self.enc.buffered()) as u64 > self.limits.max_bytes {
-                return Err(self.too_large("bytes"));
+                return Err(self.too_large());
             }
             offset += len;
         }
@@ -359,28 +300,18 @@ impl Encoding {
         if self.done {
             return Ok(None);
         }
-        let next = tokio::time::timeout_at(self.deadline, self.stream.next())
-            .await
-            .map_err(|_| QueryError::Timeout(self.limits.timeout))?;
-        let out = match next {
+        let out = match self.rows.next().await? {
             None => {
                 self.done = true;
                 self.enc
                     .finish(&self.schema)
                     .map_err(|e| QueryError::Internal(e.to_string()))?
             }
-            Some(Err(e)) => return Err(QueryError::from_datafusion(e)),
-            Some(Ok(b)) => {
-                self.rows += b.num_rows() as u64;
-                if self.rows > self.limits.max_rows {
-                    return Err(self.too_large("rows"));
-                }
-                self.encode(&b)?
-            }
+            Some(b) => self.encode(&b)?,
         };
         self.bytes += out.len() as u64;
         if self.bytes + self.enc.buffered() as u64 > self.limits.max_bytes {
-            return Err(self.too_large("bytes"));
+            return Err(self.too_large());
         }
         Ok(Some(out))
     }
@@ -399,14 +330,15 @@ async fn produce(
     let limits = engine.limits.clone();
     let work = async {
         let _slot = ticket.slot().await?;
-        let (schema, stream) = start_query(&engine, &sql, deadline).await?;
+        let (schema, stream) = engine
+            .open(&sql, None, deadline.into_std(), super::Dialect::DataFusion)
+            .await?;
         let (enc, head) =
             Encoder::try_new(format, &schema).map_err(|e| QueryError::Internal(e.to_string()))?;
         let mut out = Encoding {
-            stream,
+            rows: super::frontend::Rows::new(stream, &limits, deadline),
             enc,
             schema,
-            rows: 0,
             bytes: head.len() as u64,
             limits: limits.clone(),
             deadline,
@@ -440,6 +372,8 @@ async fn produce(
 /// for the task's own timeout error to arrive first).
 struct Chunks {
     rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, QueryError>>,
+    /// The query's entry in `/metrics`, closed when the response is dropped.
+    tally: super::frontend::Tally,
     /// Aborted when the response is dropped.
     _task: super::pool::QueryTask<()>,
     deadline: Instant,
@@ -458,7 +392,9 @@ impl Chunks {
                 self.done = true;
                 metrics::counter!("atlake_query_overruns_total").increment(1);
                 tracing::warn!(timeout = ?self.timeout, "a query did not stop at its deadline; its task is aborted");
-                Err(QueryError::Timeout(self.timeout))
+                let e = QueryError::Timeout(self.timeout);
+                self.tally.failed(&e);
+                Err(e)
             }
             Ok(None) => {
                 self.done = true;
@@ -466,6 +402,7 @@ impl Chunks {
             }
             Ok(Some(Err(e))) => {
                 self.done = true;
+                self.tally.failed(&e);
                 Err(e)
             }
             Ok(Some(Ok(b))) => Ok(Some(b)),
@@ -477,9 +414,9 @@ async fn run(s: &AppState, sql: String, format: Format) -> Response {
     let engine = s.engine.clone();
     let limits = engine.limits.clone();
     let deadline = Instant::now() + limits.timeout;
-    metrics::counter!("atlake_queries_total").increment(1);
-    let fail = |e: QueryError| {
-        metrics::counter!("atlake_query_errors_total", "error" => e.code()).increment(1);
+    let mut tally = super::frontend::Tally::start(super::frontend::Protocol::Http);
+    let mut fail = |e: QueryError| {
+        tally.failed(&e);
         query_error(&e)
     };
     let ticket = match engine.admit() {
@@ -492,6 +429,7 @@ async fn run(s: &AppState, sql: String, format: Format) -> Response {
         Err(e) => return fail(e),
     };
     let mut out = Chunks {
+        tally,
         rx,
         _task: task,
         deadline,
@@ -507,7 +445,7 @@ async fn run(s: &AppState, sql: String, format: Format) -> Response {
             Ok(None) => {
                 return ([(header::CONTENT_TYPE, format.content_type())], held).into_response();
             }
-            Err(e) => return fail(e),
+            Err(e) => return query_error(&e),
         }
     }
     // then stream the rest; a failure now can only abort the transfer (the client sees an
@@ -659,24 +597,14 @@ pub async fn serve(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
-    loop {
-        let slot = tokio::select! {
-            _ = &mut shutdown => break,
-            s = slots.clone().acquire_owned() => s.map_err(std::io::Error::other)?,
-        };
-        let sock = tokio::select! {
-            _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok((sock, _)) => sock,
-                Err(e) => {
-                    // out of file descriptors and the like: wait for connections to close
-                    metrics::counter!("atlake_http_accept_errors_total").increment(1);
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((sock, slot)) = super::frontend::next_connection(
+        &listener,
+        &slots,
+        shutdown.as_mut(),
+        super::frontend::Protocol::Http,
+    )
+    .await?
+    {
         while conns.try_join_next().is_some() {}
         conns.spawn(connection(
             sock,

@@ -1,5 +1,6 @@
-//! SQL over the lake: an embedded DataFusion session with the lake's tables, the HTTP endpoint,
-//! and result encoding.
+//! SQL over the lake: an embedded DataFusion session with the lake's tables, one query core
+//! (`frontend`), and its front ends: the HTTP endpoint (`http`) and the Postgres wire protocol
+//! (`pg`).
 //!
 //! Every query gets a fresh `SessionContext` bound to **one snapshot** of the lake (committed
 //! files plus, inside the daemon, the rows still buffered or being flushed), so all tables of a
@@ -78,8 +79,10 @@ pub mod datepart;
 pub mod deadline;
 pub mod distinct;
 pub mod format;
+pub mod frontend;
 pub mod guard;
 pub mod http;
+pub mod pg;
 pub mod pool;
 pub mod prune;
 pub mod system;
@@ -91,6 +94,18 @@ use crate::checkpoint::{Checkpoint, lake_state};
 
 /// What a reader of the lake sees: its committed files and its checkpoint.
 type LakeView = (Vec<LakeFile>, Checkpoint);
+
+/// The SQL a front end speaks. Postgres clients (psql, DBeaver, Grafana, psycopg) send their
+/// own catalog queries: their sessions also have `pg_catalog`, the Postgres catalog functions
+/// and a Postgres `version()`, and their text goes through the Postgres rewrites first
+/// (`pg`). The tables, limits and refusals are the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// DataFusion's SQL (HTTP, Flight SQL, the command line).
+    DataFusion,
+    /// DataFusion's SQL plus what Postgres clients expect of a server.
+    Postgres,
+}
 use crate::model::lexicon::Lexicon;
 use crate::sink::partition::LakeFile;
 use crate::sink::store::Lake;
@@ -265,6 +280,8 @@ pub struct QueryEngine {
     /// Row counts of files read from their footers (files never change).
     pub(crate) row_cache: Arc<Mutex<HashMap<String, u64>>>,
     admission: pool::Admission,
+    /// `pg_catalog` of the Postgres sessions, made on first use.
+    pg_catalog: tokio::sync::OnceCell<Arc<pg::SharedCatalog>>,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -331,6 +348,7 @@ impl QueryEngine {
             listing: Mutex::new(None),
             listing_ttl: Duration::from_secs(1),
             row_cache: Arc::new(Mutex::new(HashMap::new())),
+            pg_catalog: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -386,15 +404,26 @@ impl QueryEngine {
 
     /// A session over one snapshot, with every table registered.
     pub async fn context(&self) -> Result<SessionContext, QueryError> {
-        self.context_until(None).await
+        self.context_until(None, Dialect::DataFusion).await
     }
 
     /// A session whose bounded functions stop at `deadline`.
     pub async fn context_until(
         &self,
         deadline: Option<Instant>,
+        dialect: Dialect,
     ) -> Result<SessionContext, QueryError> {
         let snap = self.snapshot().await?;
+        self.context_over(&snap, deadline, dialect).await
+    }
+
+    /// A session over `snap`.
+    async fn context_over(
+        &self,
+        snap: &Snapshot,
+        deadline: Option<Instant>,
+        dialect: Dialect,
+    ) -> Result<SessionContext, QueryError> {
         let cfg = SessionConfig::new()
             .with_information_schema(true)
             .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
@@ -471,12 +500,30 @@ impl QueryEngine {
                 .map_err(|e| QueryError::Internal(e.to_string()))?;
         }
         let sys = Arc::new(MemorySchemaProvider::new());
-        system::register(self, &snap, sys.as_ref()).await?;
+        system::register(self, snap, sys.as_ref()).await?;
         if let Some(cat) = ctx.catalog("datafusion") {
             cat.register_schema("system", sys)
                 .map_err(|e| QueryError::Internal(e.to_string()))?;
         }
         current::register(&ctx).map_err(|e| QueryError::Internal(e.to_string()))?;
+        if dialect == Dialect::Postgres {
+            let shared = self
+                .pg_catalog
+                .get_or_try_init(|| async {
+                    let empty = Snapshot {
+                        files: Vec::new(),
+                        batches: Vec::new(),
+                        checkpoint: Checkpoint::default(),
+                        generation: 0,
+                        backfill: None,
+                    };
+                    let ctx =
+                        Box::pin(self.context_over(&empty, None, Dialect::DataFusion)).await?;
+                    pg::SharedCatalog::try_new(ctx).map(Arc::new)
+                })
+                .await?;
+            pg::register_catalog(&ctx, shared)?;
+        }
         Ok(ctx)
     }
 
@@ -491,8 +538,55 @@ impl QueryEngine {
         sql: &str,
         deadline: Option<Instant>,
     ) -> Result<DataFrame, QueryError> {
+        self.plan(sql, None, deadline, Dialect::DataFusion).await
+    }
+
+    /// Plans a read-only query in `dialect`, with `params` in place of its placeholders
+    /// (`$1`, …); its functions stop at `deadline`. Every front end plans here.
+    pub async fn plan(
+        &self,
+        sql: &str,
+        params: Option<datafusion::common::ParamValues>,
+        deadline: Option<Instant>,
+        dialect: Dialect,
+    ) -> Result<DataFrame, QueryError> {
+        Ok(self.plan_in(sql, params, deadline, dialect).await?.1)
+    }
+
+    /// [`QueryEngine::plan`], with the session: catalog tables (`information_schema`,
+    /// `pg_catalog`) list the session's tables while they run, so it must outlive the plan.
+    async fn plan_in(
+        &self,
+        sql: &str,
+        params: Option<datafusion::common::ParamValues>,
+        deadline: Option<Instant>,
+        dialect: Dialect,
+    ) -> Result<(SessionContext, DataFrame), QueryError> {
+        let (ctx, plan) = self.logical_plan(sql, deadline, dialect).await?;
+        let plan = match params {
+            Some(p) => plan
+                .with_param_values(p)
+                .map_err(QueryError::from_datafusion)?,
+            None => plan,
+        };
+        let df = ctx
+            .execute_logical_plan(plan)
+            .await
+            .map_err(QueryError::from_datafusion);
+        bounded::reset_ledger();
+        Ok((ctx, df?))
+    }
+
+    /// The checked, read-only logical plan of `sql` (its placeholders still in place: the
+    /// result's columns and the parameters' types can be read from it) and its session.
+    pub async fn logical_plan(
+        &self,
+        sql: &str,
+        deadline: Option<Instant>,
+        dialect: Dialect,
+    ) -> Result<(SessionContext, datafusion::logical_expr::LogicalPlan), QueryError> {
         guard::check(sql, guard::MAX_OPERATORS).map_err(|e| QueryError::Sql(e.to_string()))?;
-        let ctx = self.context_until(deadline).await?;
+        let ctx = self.context_until(deadline, dialect).await?;
         let opts = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
@@ -510,12 +604,28 @@ impl QueryEngine {
             )));
         }
         let plan = hide_runtime_settings(plan).map_err(QueryError::from_datafusion)?;
-        let df = ctx
-            .execute_logical_plan(plan)
-            .await
-            .map_err(QueryError::from_datafusion);
-        bounded::reset_ledger();
-        df
+        Ok((ctx, plan))
+    }
+
+    /// Plans `sql` and starts executing it; planning and every operator stop at `deadline`.
+    /// What every front end runs on the query runtime once it has a slot.
+    pub async fn open(
+        &self,
+        sql: &str,
+        params: Option<datafusion::common::ParamValues>,
+        deadline: Instant,
+        dialect: Dialect,
+    ) -> Result<
+        (
+            arrow::datatypes::SchemaRef,
+            datafusion::execution::SendableRecordBatchStream,
+        ),
+        QueryError,
+    > {
+        let (ctx, df) = self.plan_in(sql, params, Some(deadline), dialect).await?;
+        let schema: arrow::datatypes::SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let stream = self.execute_until(df, deadline).await?;
+        Ok((schema, Box::pin(WithSession { stream, _ctx: ctx })))
     }
 
     /// Starts executing a planned query; its operators stop at the query timeout (counted
@@ -562,7 +672,9 @@ impl QueryEngine {
         let timeout = self.limits.timeout;
         let deadline = Instant::now() + timeout;
         let work = async {
-            let df = self.sql_until(sql, Some(deadline)).await?;
+            let (_ctx, df) = self
+                .plan_in(sql, None, Some(deadline), Dialect::DataFusion)
+                .await?;
             let mut stream = self.execute_until(df, deadline).await?;
             let mut out = Vec::new();
             let mut rows = 0u64;
@@ -607,6 +719,29 @@ impl QueryEngine {
             }
         }
         Ok(out)
+    }
+}
+
+/// A result's stream with its session, kept until the stream is dropped.
+struct WithSession {
+    stream: datafusion::execution::SendableRecordBatchStream,
+    _ctx: SessionContext,
+}
+
+impl futures::Stream for WithSession {
+    type Item = datafusion::error::Result<arrow::record_batch::RecordBatch>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.stream.as_mut().poll_next(cx)
+    }
+}
+
+impl datafusion::physical_plan::RecordBatchStream for WithSession {
+    fn schema(&self) -> arrow::datatypes::SchemaRef {
+        self.stream.schema()
     }
 }
 

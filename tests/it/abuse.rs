@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-const TOKEN: &str = "abuse-token";
+pub(crate) const TOKEN: &str = "abuse-token";
 const QUERY_TIMEOUT_S: u64 = 2;
 const MEMORY_LIMIT_MIB: u64 = 128;
 /// What the process may hold beyond the memory pool: the baseline (runtime, catalog, HTTP),
@@ -21,6 +21,54 @@ const RSS_HEADROOM_MIB: u64 = 512;
 const RSS_CAP_MIB: u64 = MEMORY_LIMIT_MIB + RSS_HEADROOM_MIB;
 /// How far above its start RSS may stay after a burst of abuse.
 const RSS_AFTER_MIB: u64 = 160;
+
+/// The limits the hostile queries run under (with the token).
+pub const HOSTILE_LIMITS: &[(&str, &str)] = &[
+    ("ATLAKE_SERVER_QUERY_TIMEOUT", "2s"),
+    ("ATLAKE_SERVER_MEMORY_LIMIT", "128MiB"),
+    ("ATLAKE_SERVER_MAX_RESULT_BYTES", "16MiB"),
+    ("ATLAKE_SERVER_MAX_CONCURRENT_QUERIES", "2"),
+    ("ATLAKE_SERVER_QUERY_QUEUE", "2"),
+];
+
+/// Queries whose functions amplify their input past the per-batch budget (with a 128 MiB
+/// pool): refused as resources exhausted, or stopped by the timeout.
+pub const AMPLIFYING: &[&str] = &[
+    "SELECT length(concat(repeat('a', 25000000), repeat('a', 25000000), repeat('a', 25000000), repeat('a', 25000000)))",
+    "SELECT length(repeat('a', 25000000) || repeat('a', 25000000) || repeat('a', 25000000))",
+    "SELECT length(regexp_replace(repeat('a', 1000000), '', repeat('b', 1000), 'g'))",
+    "SELECT length(regexp_replace(record, '(.)', repeat('\\1', 1000), 'g')) FROM events",
+    "SELECT cardinality(range(TIMESTAMP '2020-01-01', TIMESTAMP '2020-01-02', INTERVAL '1 nanosecond'))",
+    "SELECT cardinality(generate_series(TIMESTAMP '2020-01-01', TIMESTAMP '2021-01-01', INTERVAL '1 millisecond'))",
+    "SELECT count(*) FROM range(TIMESTAMP '2020-01-01', TIMESTAMP '2020-01-02', INTERVAL '1 nanosecond')",
+    "SELECT length(concat_ws(repeat(',', 10000000), 1, 2, 3, 4, 5))",
+    "SELECT length(translate(repeat('a', 10000000), 'a', 'é'))",
+    "SELECT length(lpad(record, 100000)) FROM events",
+    "SELECT levenshtein(repeat('a', 50000), repeat('b', 50000))",
+    "SELECT length(overlay(repeat('a', 20000000) placing repeat('b', 20000000) from 2))",
+    // || of strings and of lists, and the list functions that copy their arguments
+    "WITH t AS (SELECT repeat('a', 12000000) s) SELECT length(s || s || s) FROM t",
+    "WITH t AS (SELECT [repeat('a', 12000000)] s) SELECT cardinality(s || s || s) FROM t",
+    "WITH t AS (SELECT repeat('a', 12000000) s) SELECT cardinality(make_array(s, s, s)) FROM t",
+    "WITH t AS (SELECT [repeat('a', 12000000)] s) SELECT cardinality(array_concat(s, s, s)) FROM t",
+    "SELECT length(array_to_string(range(1000000), repeat('x', 100)))",
+    "SELECT length(encode(repeat('a', 20000000), 'hex'))",
+    "SELECT cardinality(string_to_array(repeat('a', 5000000), NULL))",
+    // a chain of CTEs, each doubling the last
+    "WITH a AS (SELECT repeat('a', 1000000) s), b AS (SELECT s || s s FROM a), c AS (SELECT s || s s FROM b), d AS (SELECT s || s s FROM c), e AS (SELECT s || s s FROM d), f AS (SELECT s || s s FROM e), g AS (SELECT s || s s FROM f) SELECT length(s) FROM g",
+    // copies no function budget covers: the operator's batch is over the limit
+    "WITH t AS (SELECT repeat('a', 12000000) s) SELECT upper(s) a, lower(s) b, upper(s) c, lower(s) d FROM t",
+    // aggregates: what they hold is in the memory pool
+    "SELECT length(string_agg(repeat('a', 1000), '')) FROM range(2000000)",
+    "SELECT cardinality(array_agg(repeat('a', 1000))) FROM range(2000000)",
+];
+
+/// Queries whose results pass a 16 MiB byte limit.
+pub const LARGE_RESULTS: &[&str] = &[
+    "SELECT repeat('a', 10000000) AS a, repeat('b', 10000000) AS b, repeat('c', 10000000) AS c",
+    "SELECT e1.record, e2.record FROM events e1, events e2",
+    "SELECT repeat(record, 100) FROM events",
+];
 
 /// splitmix64: a deterministic generator, so a failure replays.
 struct Rng(u64);
@@ -465,7 +513,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 /// `atlake serve` on `lake` with a token and the given extra settings; waits until it answers.
-async fn start_serve(
+pub(crate) async fn start_serve(
     dir: &std::path::Path,
     lake: &str,
     env: &[(&str, &str)],
@@ -499,7 +547,7 @@ async fn start_serve(
 }
 
 /// Status, `error` code and time of one query.
-async fn post_sql(c: &reqwest::Client, base: &str, q: &str) -> (u16, String, Duration) {
+pub(crate) async fn post_sql(c: &reqwest::Client, base: &str, q: &str) -> (u16, String, Duration) {
     let t = Instant::now();
     match c
         .post(format!("{base}/sql?format=json"))
@@ -532,7 +580,11 @@ async fn post_sql(c: &reqwest::Client, base: &str, q: &str) -> (u16, String, Dur
 }
 
 /// `/health` answers 200 within `within`.
-async fn healthy(c: &reqwest::Client, base: &str, within: Duration) -> Result<Duration, String> {
+pub(crate) async fn healthy(
+    c: &reqwest::Client,
+    base: &str,
+    within: Duration,
+) -> Result<Duration, String> {
     let t = Instant::now();
     let r = tokio::time::timeout(within, c.get(format!("{base}/health")).send())
         .await
@@ -550,18 +602,7 @@ async fn healthy(c: &reqwest::Client, base: &str, within: Duration) -> Result<Du
 async fn deep_and_amplifying_sql_is_refused_and_the_server_stays_up_within_its_limits() {
     let _heavy = crate::common::HEAVY.lock().await;
     let (dir, lake, _) = fixture_lake(2000, 17).await;
-    let (mut child, base, log) = start_serve(
-        dir.path(),
-        &lake,
-        &[
-            ("ATLAKE_SERVER_QUERY_TIMEOUT", "2s"),
-            ("ATLAKE_SERVER_MEMORY_LIMIT", "128MiB"),
-            ("ATLAKE_SERVER_MAX_RESULT_BYTES", "16MiB"),
-            ("ATLAKE_SERVER_MAX_CONCURRENT_QUERIES", "2"),
-            ("ATLAKE_SERVER_QUERY_QUEUE", "2"),
-        ],
-    )
-    .await;
+    let (mut child, base, log) = start_serve(dir.path(), &lake, HOSTILE_LIMITS).await;
     let pid = child.id();
     let c = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -610,35 +651,7 @@ async fn deep_and_amplifying_sql_is_refused_and_the_server_stays_up_within_its_l
     let deep_time = started.elapsed();
 
     // 2. amplifying functions: refused by the per-batch budget (32 MiB: a quarter of the pool)
-    for q in [
-        "SELECT length(concat(repeat('a', 25000000), repeat('a', 25000000), repeat('a', 25000000), repeat('a', 25000000)))",
-        "SELECT length(repeat('a', 25000000) || repeat('a', 25000000) || repeat('a', 25000000))",
-        "SELECT length(regexp_replace(repeat('a', 1000000), '', repeat('b', 1000), 'g'))",
-        "SELECT length(regexp_replace(record, '(.)', repeat('\\1', 1000), 'g')) FROM events",
-        "SELECT cardinality(range(TIMESTAMP '2020-01-01', TIMESTAMP '2020-01-02', INTERVAL '1 nanosecond'))",
-        "SELECT cardinality(generate_series(TIMESTAMP '2020-01-01', TIMESTAMP '2021-01-01', INTERVAL '1 millisecond'))",
-        "SELECT count(*) FROM range(TIMESTAMP '2020-01-01', TIMESTAMP '2020-01-02', INTERVAL '1 nanosecond')",
-        "SELECT length(concat_ws(repeat(',', 10000000), 1, 2, 3, 4, 5))",
-        "SELECT length(translate(repeat('a', 10000000), 'a', 'é'))",
-        "SELECT length(lpad(record, 100000)) FROM events",
-        "SELECT levenshtein(repeat('a', 50000), repeat('b', 50000))",
-        "SELECT length(overlay(repeat('a', 20000000) placing repeat('b', 20000000) from 2))",
-        // || of strings and of lists, and the list functions that copy their arguments
-        "WITH t AS (SELECT repeat('a', 12000000) s) SELECT length(s || s || s) FROM t",
-        "WITH t AS (SELECT [repeat('a', 12000000)] s) SELECT cardinality(s || s || s) FROM t",
-        "WITH t AS (SELECT repeat('a', 12000000) s) SELECT cardinality(make_array(s, s, s)) FROM t",
-        "WITH t AS (SELECT [repeat('a', 12000000)] s) SELECT cardinality(array_concat(s, s, s)) FROM t",
-        "SELECT length(array_to_string(range(1000000), repeat('x', 100)))",
-        "SELECT length(encode(repeat('a', 20000000), 'hex'))",
-        "SELECT cardinality(string_to_array(repeat('a', 5000000), NULL))",
-        // a chain of CTEs, each doubling the last
-        "WITH a AS (SELECT repeat('a', 1000000) s), b AS (SELECT s || s s FROM a), c AS (SELECT s || s s FROM b), d AS (SELECT s || s s FROM c), e AS (SELECT s || s s FROM d), f AS (SELECT s || s s FROM e), g AS (SELECT s || s s FROM f) SELECT length(s) FROM g",
-        // copies no function budget covers: the operator's batch is over the limit
-        "WITH t AS (SELECT repeat('a', 12000000) s) SELECT upper(s) a, lower(s) b, upper(s) c, lower(s) d FROM t",
-        // aggregates: what they hold is in the memory pool
-        "SELECT length(string_agg(repeat('a', 1000), '')) FROM range(2000000)",
-        "SELECT cardinality(array_agg(repeat('a', 1000))) FROM range(2000000)",
-    ] {
+    for q in AMPLIFYING {
         let (status, error, took) = post_sql(&c, &base, q).await;
         *counts.entry((status, error.clone())).or_default() += 1;
         if !(status == 400 && error == "resources_exhausted" || status == 408) {
@@ -648,11 +661,7 @@ async fn deep_and_amplifying_sql_is_refused_and_the_server_stays_up_within_its_l
         }
     }
     // results over the byte limit stop there: 413, not a result built in full first
-    for q in [
-        "SELECT repeat('a', 10000000) AS a, repeat('b', 10000000) AS b, repeat('c', 10000000) AS c",
-        "SELECT e1.record, e2.record FROM events e1, events e2",
-        "SELECT repeat(record, 100) FROM events",
-    ] {
+    for q in LARGE_RESULTS {
         let (status, error, took) = post_sql(&c, &base, q).await;
         *counts.entry((status, error.clone())).or_default() += 1;
         // 413 before the response starts, a cut-off transfer after, or the timeout when

@@ -233,8 +233,10 @@ async fn the_library_daemon_serves_and_stops_like_the_binary() {
     cfg.source.url = sim.url();
     cfg.source.start_cursor = Some(0);
     cfg.server.listen = "127.0.0.1:0".into();
+    cfg.server.pg_listen = "127.0.0.1:0".into();
     let daemon = atlake::daemon::Daemon::start(cfg).await.unwrap();
     let base = format!("http://{}", daemon.addr);
+    let pg = daemon.pg_addr.expect("the Postgres front end listens");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(daemon.run_until(async {
         let _ = stop_rx.await;
@@ -246,6 +248,16 @@ async fn the_library_daemon_serves_and_stops_like_the_binary() {
     while count(&c, &base, "SELECT count(*) AS n FROM events").await < truth {
         assert!(Instant::now() < deadline, "SQL never saw every event");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // the Postgres front end reads the same daemon: every event, and its system.ingest
+    if crate::pg::have_psql() {
+        let (ok, n, err) = crate::pg::psql(pg.port(), "", "SELECT count(*) FROM events");
+        assert!(ok, "{err}");
+        assert_eq!(n.trim().parse::<u64>().unwrap(), truth);
+        let (ok, rows, err) = crate::pg::psql(pg.port(), "", "SELECT count(*) FROM system.ingest");
+        assert!(ok && rows.trim() != "0", "{rows} {err}");
+    } else {
+        crate::tools::missing("psql (postgresql-client)");
     }
     stop_tx.send(()).unwrap();
     let summary = running.await.unwrap().unwrap();

@@ -488,3 +488,54 @@ async fn jetstream_without_rewind_still_deduplicates_each_resume_instant() {
     assert_exactly_once(&got, &sim.truth());
     sim.stop();
 }
+
+/// The summary counts what it skipped: every commit outside the collection filter as
+/// filtered (a repeated one too: the filter comes first), and every repeated line that passes
+/// the filter as a duplicate, each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_and_duplicate_events_are_counted_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("cap.jsonl");
+    let mut t = Traffic::new(TrafficConfig {
+        seed: 23,
+        ..Default::default()
+    });
+    let mut w =
+        CaptureWriter::create(&cap, CaptureFormat::JetstreamJson, Compression::None).unwrap();
+    let (mut lines, mut filtered, mut duplicates, mut kept) = (0u64, 0u64, 0u64, 0u64);
+    for i in 0..1500u64 {
+        let m = t.next_message();
+        for (_, line) in m.jetstream_lines() {
+            let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            let outside =
+                v["kind"] == "commit" && v["commit"]["collection"] != "app.bsky.feed.post";
+            // every third message's lines come twice in a row
+            let copies = if i % 3 == 0 { 2 } else { 1 };
+            for c in 0..copies {
+                w.write(&line).unwrap();
+                lines += 1;
+                match (outside, c) {
+                    (true, _) => filtered += 1,
+                    (false, 0) => kept += 1,
+                    (false, _) => duplicates += 1,
+                }
+            }
+        }
+    }
+    w.finish().unwrap();
+    assert!(filtered > 0 && duplicates > 0 && kept > 0);
+    let lake_dir = dir.path().join("lake");
+    let mut cfg = test_config(lake_dir.to_str().unwrap());
+    cfg.source.collections = vec!["app.bsky.feed.post".into()];
+    let summary = ingest::start(cfg, Input::File(cap))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(summary.messages, lines);
+    assert_eq!(summary.filtered, filtered);
+    assert_eq!(summary.duplicates, duplicates);
+    assert_eq!(summary.events, kept);
+    assert_eq!(summary.quarantined, 0);
+}

@@ -16,6 +16,7 @@ mod ingest;
 mod layout;
 mod lease;
 mod pds;
+mod pg;
 mod queries;
 mod reconnect;
 mod schemas;
