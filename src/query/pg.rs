@@ -373,12 +373,13 @@ fn classify(stmt: &str) -> Result<Kind, QueryError> {
             {
                 value_at += 1;
             }
-            let value = words
+            let Some(value) = words
                 .get(value_at..)
-                .map(|w| w.join(" "))
-                .unwrap_or_default()
-                .trim_matches('\'')
-                .to_string();
+                .filter(|w| !w.is_empty())
+                .map(|w| w.join(" ").trim_matches('\'').to_string())
+            else {
+                return Err(QueryError::Sql(format!("SET {name} needs a value")));
+            };
             if !SESSION_SETTINGS.contains(&name.as_str()) {
                 return Err(QueryError::Forbidden(format!(
                     "this endpoint is read-only: SET {name} is not supported"
@@ -1149,6 +1150,8 @@ mod tests {
             Err("read_only".into())
         );
         assert_eq!(set("SET work_mem = '1GB'"), Err("read_only".into()));
+        assert_eq!(set("SET application_name"), Err("bad_sql".into()));
+        assert_eq!(set("SET"), Err("bad_sql".into()));
         assert!(matches!(classify("SHOW search_path"), Ok(Kind::Show(n)) if n == "search_path"));
         assert!(matches!(classify("SHOW ALL"), Ok(Kind::Query(_))));
         assert!(matches!(classify("BEGIN READ ONLY"), Ok(Kind::Begin)));
