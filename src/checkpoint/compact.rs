@@ -394,6 +394,14 @@ impl ChunkReader for Source {
 }
 
 /// Where a file's bytes come from: a local path, or bytes fetched beforehand.
+/// A file that could not be read, with why.
+fn file_error(path: &str, e: &dyn std::fmt::Display) -> CheckpointError {
+    CheckpointError::File {
+        path: path.to_string(),
+        message: e.to_string(),
+    }
+}
+
 #[derive(Clone)]
 enum Origin {
     Path(PathBuf),
@@ -417,19 +425,23 @@ impl Origin {
         })
     }
 
+    /// The file's bytes to read: the local file, or the fetched object.
+    fn source(&self, path: &str) -> Result<Source, CheckpointError> {
+        Ok(match self {
+            Origin::Path(p) => {
+                Source::File(std::fs::File::open(p).map_err(|e| file_error(path, &e))?)
+            }
+            Origin::Fetched(b) => Source::Bytes(b.clone()),
+        })
+    }
+
     /// The smallest merge key of the file, from its footer's statistics: (smallest
     /// `collection` when `by_collection`, else "", smallest `time_us`). Without statistics it is
     /// the smallest possible key, so the file is opened first.
     fn min_key(&self, path: &str, by_collection: bool) -> Result<(String, i64), CheckpointError> {
         use parquet::file::statistics::Statistics;
-        let err = |e: &dyn std::fmt::Display| CheckpointError::File {
-            path: path.to_string(),
-            message: e.to_string(),
-        };
-        let src = match self {
-            Origin::Path(p) => Source::File(std::fs::File::open(p).map_err(|e| err(&e))?),
-            Origin::Fetched(b) => Source::Bytes(b.clone()),
-        };
+        let err = |e: &dyn std::fmt::Display| file_error(path, e);
+        let src = self.source(path)?;
         let b = ParquetRecordBatchReaderBuilder::try_new(src).map_err(|e| err(&e))?;
         let md = b.metadata();
         let schema = md.file_metadata().schema_descr();
@@ -474,14 +486,8 @@ impl Origin {
         columns: Option<&[&str]>,
         batch_rows: usize,
     ) -> Result<ParquetRecordBatchReader, CheckpointError> {
-        let err = |e: &dyn std::fmt::Display| CheckpointError::File {
-            path: path.to_string(),
-            message: e.to_string(),
-        };
-        let src = match self {
-            Origin::Path(p) => Source::File(std::fs::File::open(p).map_err(|e| err(&e))?),
-            Origin::Fetched(b) => Source::Bytes(b.clone()),
-        };
+        let err = |e: &dyn std::fmt::Display| file_error(path, e);
+        let src = self.source(path)?;
         let mut b = ParquetRecordBatchReaderBuilder::try_new(src).map_err(|e| err(&e))?;
         if let Some(cols) = columns {
             let schema = b.parquet_schema();

@@ -79,10 +79,6 @@ fn query_error(e: &QueryError) -> Response {
     error_response(status, e.code(), &e.to_string())
 }
 
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn auth(
     State(state): State<Arc<AppState>>,
     req: axum::extract::Request,
@@ -99,7 +95,7 @@ async fn auth(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| ct_eq(t.trim().as_bytes(), token.as_bytes()));
+        .is_some_and(|t| super::frontend::ct_eq(t.trim().as_bytes(), token.as_bytes()));
     if ok {
         next.run(req).await
     } else {

@@ -21,7 +21,7 @@
 //! name), compared in constant time; without it, no password is asked. TLS is offered when
 //! `server.pg_tls_cert` and `server.pg_tls_key` are set.
 
-use super::frontend::{Protocol, Tally, too_many_bytes};
+use super::frontend::{Protocol, Tally, ct_eq, too_many_bytes};
 use super::{Dialect, QueryEngine, QueryError};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow_pg::datatypes::{arrow_schema_to_pg_fields, df::deserialize_parameters, into_pg_type};
@@ -196,11 +196,6 @@ fn pg_error(e: &QueryError) -> PgWireError {
     )))
 }
 
-/// Whether two byte strings are equal, in time that depends only on their lengths.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// The server's parameters (`server_version`, `TimeZone`, …) sent after authentication.
 fn server_parameters() -> DefaultServerParameterProvider {
     let mut p = DefaultServerParameterProvider::default();
@@ -250,7 +245,12 @@ impl StartupHandler for Startup {
                     .is_some_and(|t| ct_eq(t.as_bytes(), given.password.as_bytes()));
                 if !ok {
                     metrics::counter!("atlake_pg_auth_failures_total").increment(1);
-                    let user = client.metadata().get("user").cloned().unwrap_or_default();
+                    // the start-up message always names a user (pgwire refuses one without)
+                    let user = client
+                        .metadata()
+                        .get("user")
+                        .cloned()
+                        .unwrap_or_else(|| "(no user given)".into());
                     return Err(PgWireError::InvalidPassword(user));
                 }
                 finish_authentication(client, &server_parameters()).await?;
@@ -336,9 +336,8 @@ fn classify(stmt: &str) -> Result<Kind, QueryError> {
     let rest = |from: usize| {
         words
             .get(from..)
-            .map(|w| w.join(" "))
-            .unwrap_or_default()
-            .to_ascii_lowercase()
+            .filter(|w| !w.is_empty())
+            .map(|w| w.join(" ").to_ascii_lowercase())
     };
     Ok(match first.as_deref() {
         Some("SET") => {
@@ -388,7 +387,9 @@ fn classify(stmt: &str) -> Result<Kind, QueryError> {
             Kind::Set(name, value)
         }
         Some("SHOW") => {
-            let name = rest(1);
+            let Some(name) = rest(1) else {
+                return Err(QueryError::Sql("SHOW needs a name".into()));
+            };
             if name == "all" || name.starts_with("datafusion.") {
                 Kind::Query(stmt.to_string())
             } else {
@@ -895,11 +896,15 @@ async fn start(
         let (fields, mut rows, wire, text) = match tokio::time::timeout_at(deadline, open).await {
             Ok(Ok(x)) => x,
             Ok(Err(err)) => {
-                let _ = fields_tx.send(Err(err));
+                if fields_tx.send(Err(err)).is_err() {
+                    tracing::debug!("a Postgres query's error had no client to go to");
+                }
                 return;
             }
             Err(_) => {
-                let _ = fields_tx.send(Err(QueryError::Timeout(timeout)));
+                if fields_tx.send(Err(QueryError::Timeout(timeout))).is_err() {
+                    tracing::debug!("a Postgres query's timeout had no client to go to");
+                }
                 return;
             }
         };
@@ -1154,6 +1159,7 @@ mod tests {
         assert_eq!(set("SET"), Err("bad_sql".into()));
         assert!(matches!(classify("SHOW search_path"), Ok(Kind::Show(n)) if n == "search_path"));
         assert!(matches!(classify("SHOW ALL"), Ok(Kind::Query(_))));
+        assert!(matches!(classify("SHOW"), Err(QueryError::Sql(_))));
         assert!(matches!(classify("BEGIN READ ONLY"), Ok(Kind::Begin)));
         assert!(matches!(classify("COMMIT"), Ok(Kind::Commit)));
         assert!(matches!(classify("ROLLBACK"), Ok(Kind::Rollback)));
