@@ -167,10 +167,14 @@ pub enum Command {
         /// 127.0.0.1:5432 (config: server.pg_listen).
         #[arg(long, value_name = "ADDR")]
         pg_listen: Option<String>,
+        /// Also serve Arrow Flight SQL here (ADBC, JDBC Flight SQL drivers), e.g.
+        /// 127.0.0.1:50051 (config: server.flight_listen).
+        #[arg(long, value_name = "ADDR")]
+        flight_listen: Option<String>,
     },
     /// Serve SQL over a lake written by another process, on disk or S3.
     #[command(
-        after_help = "Examples:\n  atlake serve --lake ./lake\n  atlake serve --lake s3://my-bucket/atlake --listen 0.0.0.0:8080   # set ATLAKE_SERVER_TOKEN first\n  atlake serve --lake ./lake --pg-listen 127.0.0.1:5432 && psql -h 127.0.0.1 -p 5432 -c '\\dt'"
+        after_help = "Examples:\n  atlake serve --lake ./lake\n  atlake serve --lake s3://my-bucket/atlake --listen 0.0.0.0:8080   # set ATLAKE_SERVER_TOKEN first\n  atlake serve --lake ./lake --pg-listen 127.0.0.1:5432 && psql -h 127.0.0.1 -p 5432 -c '\\dt'\n  atlake serve --lake ./lake --flight-listen 127.0.0.1:50051   # ADBC: grpc://127.0.0.1:50051"
     )]
     Serve {
         /// Config and lake.
@@ -183,6 +187,10 @@ pub enum Command {
         /// 127.0.0.1:5432 (config: server.pg_listen).
         #[arg(long, value_name = "ADDR")]
         pg_listen: Option<String>,
+        /// Also serve Arrow Flight SQL here (ADBC, JDBC Flight SQL drivers), e.g.
+        /// 127.0.0.1:50051 (config: server.flight_listen).
+        #[arg(long, value_name = "ADDR")]
+        flight_listen: Option<String>,
     },
     /// Run one SQL query over a lake and print the result.
     #[command(
@@ -502,6 +510,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             writer,
             listen,
             pg_listen,
+            flight_listen,
         } => {
             let mut cfg = load_config(&common, &source)?;
             if let Some(l) = listen {
@@ -511,6 +520,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cfg.server.pg_listen = l;
                 cfg.validate()?;
             }
+            if let Some(l) = flight_listen {
+                cfg.server.flight_listen = l;
+            }
             cfg.lake.lease_wait |= writer.wait;
             run_cmd(cfg).await
         }
@@ -518,6 +530,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             common,
             listen,
             pg_listen,
+            flight_listen,
         } => {
             let mut cfg = load_config(&common, &no_source())?;
             if let Some(l) = listen {
@@ -526,6 +539,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(l) = pg_listen {
                 cfg.server.pg_listen = l;
                 cfg.validate()?;
+            }
+            if let Some(l) = flight_listen {
+                cfg.server.flight_listen = l;
             }
             serve_cmd(cfg).await
         }
@@ -823,6 +839,9 @@ async fn run_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
             pg.port()
         );
     }
+    if let Some(f) = daemon.flight_addr {
+        eprintln!("atlake: Flight SQL on grpc://{f}");
+    }
     eprintln!(
         "atlake: ingesting {} {} into {}\natlake: SQL on http://{addr}/sql  (try: curl -s http://{addr}/sql --data 'SELECT collection, count(*) FROM events GROUP BY 1 ORDER BY 2 DESC LIMIT 10')",
         cfg.source.kind, cfg.source.url, cfg.lake.url
@@ -865,8 +884,9 @@ async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
         None,
         crate::query::Limits::from_config(&cfg.server),
     )?);
-    let (stop_pg, stop_pg_rx) = tokio::sync::watch::channel(false);
-    let pg = crate::daemon::start_pg(&cfg.server, engine.clone(), stop_pg_rx).await?;
+    let (stop_fronts, stop_fronts_rx) = tokio::sync::watch::channel(false);
+    let pg = crate::daemon::start_pg(&cfg.server, engine.clone(), stop_fronts_rx.clone()).await?;
+    let flight = crate::daemon::start_flight(&cfg.server, engine.clone(), stop_fronts_rx).await?;
     let state = Arc::new(crate::query::http::AppState {
         engine,
         token: cfg.server.token.clone(),
@@ -884,12 +904,15 @@ async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
             pg_addr.port()
         );
     }
+    if let Some((flight_addr, _)) = &flight {
+        eprintln!("atlake: serving Flight SQL on grpc://{flight_addr}");
+    }
     if cfg.server.token.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "the SQL endpoint is reachable beyond this machine without a token; set ATLAKE_SERVER_TOKEN");
     }
     crate::query::http::serve(listener, state, shutdown_signal()).await?;
-    let _ = stop_pg.send(true);
-    if let Some((_, task)) = pg {
+    let _ = stop_fronts.send(true);
+    for (_, task) in pg.into_iter().chain(flight) {
         task.await??;
     }
     Ok(ExitCode::SUCCESS)

@@ -385,6 +385,9 @@ pub struct ServerConfig {
     pub pg_tls_cert: String,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `pg_tls_cert`.
     pub pg_tls_key: String,
+    /// Address of the Arrow Flight SQL front end (ADBC, JDBC Flight SQL drivers), for example
+    /// `127.0.0.1:50051`; empty: off. Same tables, limits and token (as a bearer header).
+    pub flight_listen: String,
 }
 
 impl Default for ServerConfig {
@@ -407,6 +410,7 @@ impl Default for ServerConfig {
             pg_listen: String::new(),
             pg_tls_cert: String::new(),
             pg_tls_key: String::new(),
+            flight_listen: String::new(),
         }
     }
 }

@@ -124,6 +124,52 @@ pub async fn start_pg(
     Ok(Some((addr, task)))
 }
 
+/// The Flight SQL front end, when `server.flight_listen` is set: bound, serving `engine`
+/// until `stop` turns true. Returns where it listens and its task.
+pub async fn start_flight(
+    cfg: &crate::config::ServerConfig,
+    engine: Arc<QueryEngine>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Option<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)>, DaemonError> {
+    if cfg.flight_listen.is_empty() {
+        return Ok(None);
+    }
+    let listener = bind(&cfg.flight_listen).await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| DaemonError::Listen {
+            addr: cfg.flight_listen.clone(),
+            source,
+        })?;
+    if cfg.token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the Flight SQL endpoint is reachable beyond this machine without a token; set ATLAKE_SERVER_TOKEN");
+    }
+    let front = Arc::new(crate::query::flight::FlightFrontEnd::try_new(
+        engine,
+        cfg.token.clone(),
+    )?);
+    let max = cfg.max_connections;
+    let task = tokio::spawn(async move {
+        crate::query::flight::serve(listener, front, max, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+        .map_err(std::io::Error::other)
+    });
+    Ok(Some((addr, task)))
+}
+
+/// Waits for a front end's task to end after the stop signal.
+async fn join_front_end(name: &str, task: Option<tokio::task::JoinHandle<std::io::Result<()>>>) {
+    let Some(task) = task else { return };
+    match tokio::time::timeout(SHUTDOWN_GRACE * 2, task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "the {name} endpoint failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "the {name} endpoint's task failed"),
+        Err(_) => tracing::warn!("the {name} endpoint did not stop in time"),
+    }
+}
+
 /// A running daemon.
 #[derive(Debug)]
 pub struct Daemon {
@@ -131,9 +177,12 @@ pub struct Daemon {
     pub addr: SocketAddr,
     /// Where the Postgres front end listens, when it is on.
     pub pg_addr: Option<SocketAddr>,
+    /// Where the Flight SQL front end listens, when it is on.
+    pub flight_addr: Option<SocketAddr>,
     ingest: IngestHandle,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     pg_server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    flight_server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     stop_server: watch::Sender<bool>,
     deadline: Duration,
     backfill: Option<Backfill>,
@@ -167,6 +216,7 @@ impl Daemon {
         )?);
         let (stop_server, mut stop_rx) = watch::channel(false);
         let pg = start_pg(&cfg.server, engine.clone(), stop_server.subscribe()).await?;
+        let flight = start_flight(&cfg.server, engine.clone(), stop_server.subscribe()).await?;
         let state = Arc::new(AppState {
             engine,
             token: cfg.server.token.clone(),
@@ -210,12 +260,15 @@ impl Daemon {
             Backfill { stop, task }
         });
         let (pg_addr, pg_server) = pg.unzip();
+        let (flight_addr, flight_server) = flight.unzip();
         Ok(Daemon {
             addr,
             pg_addr,
+            flight_addr,
             ingest,
             server,
             pg_server,
+            flight_server,
             stop_server,
             deadline: cfg.shutdown.deadline.0,
             backfill,
@@ -250,14 +303,8 @@ impl Daemon {
                 self.ingest.stop(self.deadline).await
             }
         };
-        if let Some(pg) = self.pg_server.take() {
-            match tokio::time::timeout(SHUTDOWN_GRACE * 2, pg).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => tracing::error!(error = %e, "the Postgres endpoint failed"),
-                Ok(Err(e)) => tracing::error!(error = %e, "the Postgres endpoint's task failed"),
-                Err(_) => tracing::warn!("the Postgres endpoint did not stop in time"),
-            }
-        }
+        join_front_end("Postgres", self.pg_server.take()).await;
+        join_front_end("Flight SQL", self.flight_server.take()).await;
         match tokio::time::timeout(SHUTDOWN_GRACE, self.server).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "the SQL endpoint failed"),

@@ -1,4 +1,4 @@
-//! What every front end (HTTP, the Postgres wire protocol) shares around the query core:
+//! What every front end (HTTP, the Postgres wire protocol, Flight SQL) shares around the query core:
 //! which protocol a query came through, and its count, latency and errors in `/metrics`
 //! under that protocol's name.
 //!
@@ -22,6 +22,8 @@ pub enum Protocol {
     Http,
     /// The Postgres wire protocol (`server.pg_listen`).
     Postgres,
+    /// Arrow Flight SQL (`server.flight_listen`).
+    FlightSql,
 }
 
 impl Protocol {
@@ -30,6 +32,7 @@ impl Protocol {
         match self {
             Protocol::Http => "http",
             Protocol::Postgres => "postgres",
+            Protocol::FlightSql => "flight_sql",
         }
     }
 }
@@ -187,6 +190,7 @@ pub async fn next_connection<F: std::future::Future<Output = ()>>(
                     match protocol {
                         Protocol::Http => metrics::counter!("atlake_http_accept_errors_total").increment(1),
                         Protocol::Postgres => metrics::counter!("atlake_pg_accept_errors_total").increment(1),
+                        Protocol::FlightSql => metrics::counter!("atlake_flight_accept_errors_total").increment(1),
                     }
                     tracing::warn!(error = %e, protocol = protocol.as_str(), "accepting a connection failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -200,4 +204,117 @@ pub async fn next_connection<F: std::future::Future<Output = ()>>(
 /// checks of every front end).
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Time a query's own timeout error gets to arrive before the waiting side gives up on it.
+const GRACE: Duration = Duration::from_millis(250);
+
+/// Starts a query on the query runtime through the core and waits for its columns: the
+/// admission ticket, a slot, [`super::QueryEngine::open`] (the guard, the read-only check, the
+/// snapshot, the parameters) and [`Rows`], all under one deadline. `head` turns the result's
+/// schema into what the front end sends first (and the state its encoder keeps); `encode`
+/// turns each batch into what it sends next, counting bytes against the limit it keeps.
+///
+/// Planning errors come back before anything is sent. The returned stream ends after the
+/// last batch, or with the first error; dropping it aborts the query's task and drops the
+/// plan (the client left). A task that does not stop at its deadline is counted in
+/// `atlake_query_overruns_total` and reported as a timeout.
+pub async fn start<H, S, T, F, E>(
+    engine: &Arc<super::QueryEngine>,
+    sql: String,
+    params: Option<datafusion::common::ParamValues>,
+    dialect: super::Dialect,
+    head: F,
+    mut encode: E,
+) -> Result<
+    (
+        H,
+        impl futures::Stream<Item = Result<T, QueryError>> + Send + 'static,
+    ),
+    QueryError,
+>
+where
+    H: Send + 'static,
+    S: Send + 'static,
+    T: Send + 'static,
+    F: FnOnce(&arrow::datatypes::SchemaRef) -> Result<(H, S), QueryError> + Send + 'static,
+    E: FnMut(&mut S, RecordBatch) -> Result<T, QueryError> + Send + 'static,
+{
+    let limits = engine.limits.clone();
+    let timeout = limits.timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let ticket = engine.admit()?;
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel::<Result<H, QueryError>>();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Option<T>, QueryError>>(2);
+    let e = engine.clone();
+    let task = super::pool::spawn(async move {
+        let open = async {
+            let _slot = ticket.slot().await?;
+            let (schema, stream) = e.open(&sql, params, deadline.into_std(), dialect).await?;
+            let (h, state) = head(&schema)?;
+            Ok::<_, QueryError>((h, state, Rows::new(stream, &limits, deadline)))
+        };
+        let (h, mut state, mut rows) = match tokio::time::timeout_at(deadline, open).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(err)) => {
+                if head_tx.send(Err(err)).is_err() {
+                    tracing::debug!("a query's error had no client to go to");
+                }
+                return;
+            }
+            Err(_) => {
+                if head_tx.send(Err(QueryError::Timeout(timeout))).is_err() {
+                    tracing::debug!("a query's timeout had no client to go to");
+                }
+                return;
+            }
+        };
+        if head_tx.send(Ok(h)).is_err() {
+            return;
+        }
+        loop {
+            let chunk = match rows.next().await {
+                Ok(None) => Ok(None),
+                Ok(Some(b)) => encode(&mut state, b).map(Some),
+                Err(err) => Err(err),
+            };
+            let last = !matches!(chunk, Ok(Some(_)));
+            // the client is gone, or that was the last word: the plan is dropped
+            if tx.send(chunk).await.is_err() || last {
+                return;
+            }
+        }
+    })?;
+    let h = match tokio::time::timeout_at(deadline + GRACE, head_rx).await {
+        Ok(Ok(r)) => r?,
+        Ok(Err(_)) => {
+            return Err(QueryError::Internal(
+                "the query ended without an answer (see the log)".into(),
+            ));
+        }
+        Err(_) => {
+            metrics::counter!("atlake_query_overruns_total").increment(1);
+            return Err(QueryError::Timeout(timeout));
+        }
+    };
+    // the task is aborted when the stream is dropped (the client left, or the rows are sent)
+    let rows = futures::stream::unfold((rx, Some(task)), move |(mut rx, task)| async move {
+        task.as_ref()?;
+        let item = match tokio::time::timeout_at(deadline + GRACE, rx.recv()).await {
+            Err(_) => {
+                metrics::counter!("atlake_query_overruns_total").increment(1);
+                Err(QueryError::Timeout(timeout))
+            }
+            // a task that ends without its last word failed (it panicked, or was stopped)
+            Ok(None) => Err(QueryError::Internal(
+                "the query ended before its last row (see the log)".into(),
+            )),
+            Ok(Some(Ok(None))) => return None,
+            Ok(Some(Ok(Some(rows)))) => Ok(rows),
+            Ok(Some(Err(err))) => Err(err),
+        };
+        let task = if item.is_err() { None } else { task };
+        Some((item, (rx, task)))
+    });
+    Ok((h, rows))
 }

@@ -2,9 +2,15 @@
 //!
 //! - `POST /sql` (the body is the SQL) and `GET /sql?q=…`, with `format=json|ndjson|csv|arrow|
 //!   parquet` or the `Accept` header; results stream.
-//! - `GET /tables`, `GET /health`, `GET /metrics`.
+//!   With `schema=1`, the response carries the result's Arrow schema in an `X-Atlake-Schema`
+//!   header (JSON, [`console::SCHEMA_HEADER`]); the body is the same.
+//! - `GET /tables`, `GET /health`, `GET /metrics`, `GET`/`PUT /filters` (daemon).
+//! - `GET /`: the web console ([`console`]): a SQL editor with the example questions, paged
+//!   typed results, CSV/Parquet downloads, the tables, and a live page for the daemon; its
+//!   files (`/`, `/console/…`) are embedded in the binary and hold no data.
 //! - Errors are JSON `{error, message}` with a 4xx status for bad or forbidden SQL.
-//! - With a token configured, every route but `/health` needs `Authorization: Bearer <token>`.
+//! - With a token configured, every route but `/health` and the console's files needs
+//!   `Authorization: Bearer <token>`.
 //!
 //! Limits: a per-query timeout, the engine's memory pool, and result rows/bytes. The first
 //! megabyte of a result is held back, so an error or limit hit early still gets a proper status;
@@ -21,6 +27,7 @@
 //! an idle keep-alive connection), the body within `body_timeout`; a connection with nothing
 //! read or written for `idle_timeout` is closed; at most `max_connections` are open, more wait
 //! in the listen backlog.
+use super::console;
 use super::format::{Encoder, Format};
 use super::{QueryEngine, QueryError};
 use crate::catalog::StorageHealth;
@@ -87,7 +94,8 @@ async fn auth(
     let Some(token) = &state.token else {
         return next.run(req).await;
     };
-    if req.uri().path() == "/health" {
+    // the console's files hold no data: the page asks for the token for what it fetches
+    if req.uri().path() == "/health" || console::is_public(req.uri().path()) {
         return next.run(req).await;
     }
     let ok = req
@@ -118,6 +126,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/filters", get(filters_get).put(filters_put))
+        .merge(console::routes())
         .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
@@ -164,11 +173,19 @@ async fn read_body(
         .await
 }
 
-/// `?q=` and `?format=`.
+/// `?q=`, `?format=` and `?schema=`.
 #[derive(Debug, Deserialize)]
 pub struct SqlParams {
     q: Option<String>,
     format: Option<String>,
+    /// `1` or `true`: the result's Arrow schema in the `X-Atlake-Schema` header.
+    schema: Option<String>,
+}
+
+impl SqlParams {
+    fn wants_schema(&self) -> bool {
+        matches!(self.schema.as_deref(), Some("1" | "true"))
+    }
 }
 
 #[allow(clippy::result_large_err)] // the error is the response to send
@@ -199,7 +216,7 @@ async fn sql_get(
         Err(r) => return r,
     };
     match p.q.as_deref() {
-        Some(q) if !q.trim().is_empty() => run(&s, q.to_string(), format).await,
+        Some(q) if !q.trim().is_empty() => run(&s, q.to_string(), format, p.wants_schema()).await,
         _ => error_response(
             StatusCode::BAD_REQUEST,
             "bad_sql",
@@ -228,7 +245,7 @@ async fn sql_post(
     if sql.trim().is_empty() {
         return error_response(StatusCode::BAD_REQUEST, "bad_sql", "empty query");
     }
-    run(&s, sql.to_string(), format).await
+    run(&s, sql.to_string(), format, p.wants_schema()).await
 }
 
 /// Rows encoded at once when a batch is large: the byte limit is checked between slices.
@@ -322,6 +339,7 @@ async fn produce(
     deadline: Instant,
     ticket: super::pool::Ticket,
     tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, QueryError>>,
+    schema_tx: Option<tokio::sync::oneshot::Sender<arrow::datatypes::SchemaRef>>,
 ) {
     let limits = engine.limits.clone();
     let work = async {
@@ -329,6 +347,10 @@ async fn produce(
         let (schema, stream) = engine
             .open(&sql, None, deadline.into_std(), super::Dialect::DataFusion)
             .await?;
+        // before the first chunk: the response has it once it has any bytes
+        if let Some(s) = schema_tx {
+            let _ = s.send(schema.clone());
+        }
         let (enc, head) =
             Encoder::try_new(format, &schema).map_err(|e| QueryError::Internal(e.to_string()))?;
         let mut out = Encoding {
@@ -406,7 +428,7 @@ impl Chunks {
     }
 }
 
-async fn run(s: &AppState, sql: String, format: Format) -> Response {
+async fn run(s: &AppState, sql: String, format: Format, with_schema: bool) -> Response {
     let engine = s.engine.clone();
     let limits = engine.limits.clone();
     let deadline = Instant::now() + limits.timeout;
@@ -420,7 +442,11 @@ async fn run(s: &AppState, sql: String, format: Format) -> Response {
         Err(e) => return fail(e),
     };
     let (tx, rx) = tokio::sync::mpsc::channel(2);
-    let task = match super::pool::spawn(produce(engine, sql, format, deadline, ticket, tx)) {
+    let (schema_tx, mut schema_rx) = tokio::sync::oneshot::channel();
+    let schema_tx = with_schema.then_some(schema_tx);
+    let task = match super::pool::spawn(produce(
+        engine, sql, format, deadline, ticket, tx, schema_tx,
+    )) {
         Ok(t) => t,
         Err(e) => return fail(e),
     };
@@ -435,14 +461,28 @@ async fn run(s: &AppState, sql: String, format: Format) -> Response {
     // hold back the first part, so early errors and limits get a real status (Parquet is
     // only complete at its end: all of it is held)
     let mut held = Vec::new();
+    let mut complete = false;
     while held.len() < HOLD_BACK || format == Format::Parquet {
         match out.next().await {
             Ok(Some(b)) => held.extend_from_slice(&b),
             Ok(None) => {
-                return ([(header::CONTENT_TYPE, format.content_type())], held).into_response();
+                complete = true;
+                break;
             }
             Err(e) => return query_error(&e),
         }
+    }
+    // sent before the first chunk, so here by now
+    let schema = schema_rx
+        .try_recv()
+        .ok()
+        .and_then(|s| console::schema_header(&s));
+    if complete {
+        let mut r = ([(header::CONTENT_TYPE, format.content_type())], held).into_response();
+        if let Some(v) = schema {
+            r.headers_mut().insert(console::SCHEMA_HEADER, v);
+        }
+        return r;
     }
     // then stream the rest; a failure now can only abort the transfer (the client sees an
     // incomplete response, never a silently truncated one)
@@ -461,16 +501,17 @@ async fn run(s: &AppState, sql: String, format: Format) -> Response {
     });
     let body = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(Bytes::from(held)) })
         .chain(rest);
-    Response::builder()
-        .header(header::CONTENT_TYPE, format.content_type())
-        .body(Body::from_stream(body))
-        .unwrap_or_else(|e| {
-            error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                &e.to_string(),
-            )
-        })
+    let mut builder = Response::builder().header(header::CONTENT_TYPE, format.content_type());
+    if let Some(v) = schema {
+        builder = builder.header(console::SCHEMA_HEADER, v);
+    }
+    builder.body(Body::from_stream(body)).unwrap_or_else(|e| {
+        error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &e.to_string(),
+        )
+    })
 }
 
 async fn tables(State(s): State<Arc<AppState>>) -> Response {

@@ -73,11 +73,13 @@ macro_rules! delegate_to_inner_udf {
 }
 
 pub mod bounded;
+pub mod console;
 pub mod constagg;
 pub mod current;
 pub mod datepart;
 pub mod deadline;
 pub mod distinct;
+pub mod flight;
 pub mod format;
 pub mod frontend;
 pub mod guard;

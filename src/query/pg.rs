@@ -791,12 +791,6 @@ pub struct Queries {
     parser: Arc<Parser>,
 }
 
-/// A chunk of encoded rows from a query's task (`None`: the end), or its error.
-type Chunk = Result<Option<Vec<DataRow>>, QueryError>;
-
-/// Time after the deadline to wait for the task's own timeout error.
-const GRACE: Duration = Duration::from_millis(250);
-
 /// Runs a query through the core on the query runtime; the rows are encoded there, a batch
 /// at a time, and counted against the byte limit. Planning errors come back before any row.
 async fn run(
@@ -858,7 +852,8 @@ fn encode_batch(
     Ok(out)
 }
 
-/// Admits the query, starts it on the query runtime and waits for its columns.
+/// Starts the query through the core ([`super::frontend::start`]): its columns as Postgres
+/// fields, then its rows, encoded a batch at a time on the query runtime.
 async fn start(
     engine: &Arc<QueryEngine>,
     sql: String,
@@ -871,93 +866,26 @@ async fn start(
     ),
     QueryError,
 > {
-    let limits = engine.limits.clone();
-    let timeout = limits.timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let ticket = engine.admit()?;
-    let (fields_tx, fields_rx) =
-        tokio::sync::oneshot::channel::<Result<Arc<Vec<FieldInfo>>, QueryError>>();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(2);
-    let e = engine.clone();
-    let task = super::pool::spawn(async move {
-        let open = async {
-            let _slot = ticket.slot().await?;
-            let (schema, stream) = e
-                .open(&sql, params, deadline.into_std(), Dialect::Postgres)
-                .await?;
-            let (wire, text) = wire_schema(&schema);
-            let fields = Arc::new(
-                arrow_schema_to_pg_fields(&wire, &format, None)
-                    .map_err(|x| QueryError::Sql(x.to_string()))?,
-            );
-            let rows = super::frontend::Rows::new(stream, &limits, deadline);
-            Ok::<_, QueryError>((fields, rows, wire, text))
-        };
-        let (fields, mut rows, wire, text) = match tokio::time::timeout_at(deadline, open).await {
-            Ok(Ok(x)) => x,
-            Ok(Err(err)) => {
-                if fields_tx.send(Err(err)).is_err() {
-                    tracing::debug!("a Postgres query's error had no client to go to");
-                }
-                return;
-            }
-            Err(_) => {
-                if fields_tx.send(Err(QueryError::Timeout(timeout))).is_err() {
-                    tracing::debug!("a Postgres query's timeout had no client to go to");
-                }
-                return;
-            }
-        };
-        if fields_tx.send(Ok(fields.clone())).is_err() {
-            return;
-        }
-        let mut total = 0u64;
-        loop {
-            let chunk = match rows.next().await {
-                Ok(None) => Ok(None),
-                Ok(Some(b)) => to_wire(b, &wire, &text)
-                    .and_then(|b| encode_batch(&fields, b, &mut total, limits.max_bytes))
-                    .map(Some),
-                Err(err) => Err(err),
-            };
-            let last = !matches!(chunk, Ok(Some(_)));
-            // the client is gone, or that was the last word: the plan is dropped
-            if tx.send(chunk).await.is_err() || last {
-                return;
-            }
-        }
-    })?;
-    let fields = match tokio::time::timeout_at(deadline + GRACE, fields_rx).await {
-        Ok(Ok(r)) => r?,
-        Ok(Err(_)) => {
-            return Err(QueryError::Internal(
-                "the query ended without an answer (see the log)".into(),
-            ));
-        }
-        Err(_) => {
-            metrics::counter!("atlake_query_overruns_total").increment(1);
-            return Err(QueryError::Timeout(timeout));
-        }
+    let max_bytes = engine.limits.max_bytes;
+    let head = move |schema: &SchemaRef| {
+        let (wire, text) = wire_schema(schema);
+        let fields = Arc::new(
+            arrow_schema_to_pg_fields(&wire, &format, None)
+                .map_err(|x| QueryError::Sql(x.to_string()))?,
+        );
+        Ok((fields.clone(), (fields, wire, text, 0u64)))
     };
-    // the task is aborted when the stream is dropped (the client left, or the rows are sent)
-    let rows = futures::stream::unfold((rx, Some(task)), move |(mut rx, task)| async move {
-        task.as_ref()?;
-        let item = match tokio::time::timeout_at(deadline + GRACE, rx.recv()).await {
-            Err(_) => {
-                metrics::counter!("atlake_query_overruns_total").increment(1);
-                Err(QueryError::Timeout(timeout))
-            }
-            // a task that ends without its last word failed (it panicked, or was stopped)
-            Ok(None) => Err(QueryError::Internal(
-                "the query ended before its last row (see the log)".into(),
-            )),
-            Ok(Some(Ok(None))) => return None,
-            Ok(Some(Ok(Some(rows)))) => Ok(rows),
-            Ok(Some(Err(err))) => Err(err),
-        };
-        let task = if item.is_err() { None } else { task };
-        Some((item, (rx, task)))
-    });
+    let encode = move |(fields, wire, text, total): &mut (
+        Arc<Vec<FieldInfo>>,
+        SchemaRef,
+        Vec<bool>,
+        u64,
+    ),
+                       b| {
+        to_wire(b, wire, text).and_then(|b| encode_batch(fields, b, total, max_bytes))
+    };
+    let (fields, rows) =
+        super::frontend::start(engine, sql, params, Dialect::Postgres, head, encode).await?;
     let rows = futures::StreamExt::flat_map(rows, |chunk| {
         futures::stream::iter(match chunk {
             Ok(rows) => rows.into_iter().map(Ok).collect::<Vec<_>>(),

@@ -513,6 +513,30 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 /// `atlake serve` on `lake` with a token and the given extra settings; waits until it answers.
+/// The hostile queries every other front end replays to compare its verdicts with HTTP's:
+/// deep SQL of every shape, the amplifying functions, results over the byte limit, a plain
+/// query, a write, a path, and bad SQL.
+pub(crate) fn replayed_queries() -> Vec<String> {
+    let mut queries: Vec<String> = Vec::new();
+    for n in [20, 1_000, 10_000] {
+        for (_, q) in atlake::query::guard::deep_sql(n) {
+            queries.push(q);
+        }
+    }
+    queries.extend(AMPLIFYING.iter().map(|q| q.to_string()));
+    queries.extend(LARGE_RESULTS.iter().map(|q| q.to_string()));
+    queries.extend(
+        [
+            "SELECT count(*) FROM events",
+            "DROP TABLE events",
+            "SELECT * FROM 'lake/events'",
+            "SELECT nonsense(",
+        ]
+        .map(String::from),
+    );
+    queries
+}
+
 pub(crate) async fn start_serve(
     dir: &std::path::Path,
     lake: &str,

@@ -234,9 +234,13 @@ async fn the_library_daemon_serves_and_stops_like_the_binary() {
     cfg.source.start_cursor = Some(0);
     cfg.server.listen = "127.0.0.1:0".into();
     cfg.server.pg_listen = "127.0.0.1:0".into();
+    cfg.server.flight_listen = "127.0.0.1:0".into();
     let daemon = atlake::daemon::Daemon::start(cfg).await.unwrap();
     let base = format!("http://{}", daemon.addr);
     let pg = daemon.pg_addr.expect("the Postgres front end listens");
+    let flight = daemon
+        .flight_addr
+        .expect("the Flight SQL front end listens");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(daemon.run_until(async {
         let _ = stop_rx.await;
@@ -258,6 +262,22 @@ async fn the_library_daemon_serves_and_stops_like_the_binary() {
         assert!(ok && rows.trim() != "0", "{rows} {err}");
     } else {
         crate::tools::missing("psql (postgresql-client)");
+    }
+    // and so does Flight SQL
+    if let Some(py) = crate::tools::python_with(&["adbc_driver_flightsql"]) {
+        let out = crate::tools::run_python(
+            &py,
+            "import sys, adbc_driver_flightsql.dbapi as f\n\
+             with f.connect(sys.argv[1]) as c, c.cursor() as cur:\n\
+             \x20   cur.execute('SELECT count(*) FROM events'); print(cur.fetchone()[0])\n\
+             \x20   cur.execute('SELECT count(*) FROM system.ingest'); print(cur.fetchone()[0])\n",
+            &[&format!("grpc://{flight}")],
+        );
+        let counts: Vec<u64> = out.lines().map(|l| l.trim().parse().unwrap()).collect();
+        assert_eq!(counts[0], truth, "{out}");
+        assert!(counts[1] > 0, "{out}");
+    } else {
+        crate::tools::missing("python with adbc-driver-flightsql");
     }
     stop_tx.send(()).unwrap();
     let summary = running.await.unwrap().unwrap();

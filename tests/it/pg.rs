@@ -3,9 +3,7 @@
 //! read the same answers as HTTP, see the tables in `\dt`, authenticate with the token, are
 //! refused writes, and the abuse test's hostile queries get the same verdicts as over HTTP.
 
-use crate::abuse::{
-    AMPLIFYING, HOSTILE_LIMITS, LARGE_RESULTS, TOKEN, healthy, post_sql, start_serve,
-};
+use crate::abuse::{HOSTILE_LIMITS, TOKEN, healthy, post_sql, replayed_queries, start_serve};
 use crate::common::{free_port, rss_kb};
 use crate::sql::fixture_lake;
 use crate::tools::{missing, python_with, run_python};
@@ -337,23 +335,7 @@ async fn hostile_queries_get_the_same_verdicts_over_postgres_as_over_http() {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    let mut queries: Vec<String> = Vec::new();
-    for n in [20, 1_000, 10_000] {
-        for (_, q) in atlake::query::guard::deep_sql(n) {
-            queries.push(q);
-        }
-    }
-    queries.extend(AMPLIFYING.iter().map(|q| q.to_string()));
-    queries.extend(LARGE_RESULTS.iter().map(|q| q.to_string()));
-    queries.extend(
-        [
-            "SELECT count(*) FROM events",
-            "DROP TABLE events",
-            "SELECT * FROM 'lake/events'",
-            "SELECT nonsense(",
-        ]
-        .map(String::from),
-    );
+    let queries = replayed_queries();
     let mut http = Vec::new();
     for q in &queries {
         let (status, error, _) = post_sql(&c, &base, q).await;
