@@ -204,10 +204,19 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: QueryFormat,
         /// Read the SQL from this file (e.g. one of queries/*.sql).
-        #[arg(long, short, value_name = "FILE", conflicts_with = "sql")]
+        #[arg(long, short, value_name = "FILE", conflicts_with_all = ["sql", "sql_option"])]
         file: Option<PathBuf>,
+        /// The SQL, as an option (the same as the positional SQL).
+        #[arg(
+            long = "sql",
+            id = "sql_option",
+            value_name = "SQL",
+            allow_hyphen_values = true,
+            conflicts_with = "sql"
+        )]
+        sql_option: Option<String>,
         /// The SQL.
-        #[arg(allow_hyphen_values = true, required_unless_present = "file")]
+        #[arg(allow_hyphen_values = true, required_unless_present_any = ["file", "sql_option"])]
         sql: Option<String>,
     },
     /// Ingest a live stream or a capture file into the lake.
@@ -549,10 +558,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             common,
             format,
             file,
+            sql_option,
             sql,
         } => {
             let cfg = load_config(&common, &no_source())?;
-            let sql = match (file, sql) {
+            let sql = match (file, sql.or(sql_option)) {
                 (Some(f), _) => std::fs::read_to_string(&f)
                     .with_context(|| format!("reading {}", f.display()))?,
                 (None, Some(s)) => s,
@@ -876,7 +886,7 @@ fn show_cursor(c: Option<crate::model::Cursor>) -> String {
 async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
     // counted from the first query, not from the first scrape of /metrics
     crate::telemetry::metrics();
-    let lake = crate::daemon::open_lake(&cfg.lake.url).await?;
+    let lake = crate::daemon::open_existing_lake(&cfg.lake.url).await?;
     let listener = crate::daemon::bind(&cfg.server.listen).await?;
     let addr = listener.local_addr()?;
     let engine = Arc::new(crate::query::QueryEngine::try_new(
@@ -949,7 +959,7 @@ async fn export_cmd(
 ) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
     use std::sync::atomic::Ordering::Relaxed;
-    let lake = crate::daemon::open_lake(&cfg.lake.url).await?;
+    let lake = crate::daemon::open_existing_lake(&cfg.lake.url).await?;
     let dest = crate::sink::store::Lake::open(to)?;
     let progress = Arc::new(crate::export::Progress::default());
     let started = std::time::Instant::now();
@@ -1004,7 +1014,7 @@ async fn compact_cmd(cfg: Config, open: bool, purge: bool) -> anyhow::Result<Exi
 }
 
 async fn query_cmd(cfg: Config, format: QueryFormat, sql: &str) -> anyhow::Result<ExitCode> {
-    let lake = crate::daemon::open_lake(&cfg.lake.url).await?;
+    let lake = crate::daemon::open_existing_lake(&cfg.lake.url).await?;
     let engine = crate::query::QueryEngine::try_new(
         lake,
         None,

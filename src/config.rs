@@ -901,6 +901,20 @@ fn apply_env(
                 ),
                 _ => toml::Value::String(raw.clone()),
             };
+            // a value that does not parse is the variable's fault, not the config file's
+            let mut probe = defaults.clone();
+            if let Some(t) = probe
+                .get_mut(section.as_str())
+                .and_then(toml::Value::as_table_mut)
+            {
+                t.insert(key.clone(), v.clone());
+            }
+            if let Err(e) = probe.try_into::<Config>() {
+                return Err(ConfigError::Env {
+                    var,
+                    message: format!("{raw:?}: {}", e.message()),
+                });
+            }
             let table = value
                 .as_table_mut()
                 .ok_or_else(|| ConfigError::Env {
@@ -1005,5 +1019,21 @@ mod tests {
         std::fs::write(&p, "[lake]\nurl = \"x\"\nbogus = 1\n").unwrap();
         let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
         assert!(err.contains("bogus"), "{err}");
+        // a bad value from the environment is the variable's error, not the file's
+        for (var, raw) in [
+            ("ATLAKE_FLUSH_MAX_AGE", "thirty"),
+            ("ATLAKE_FLUSH_MAX_BYTES", "lots"),
+            ("ATLAKE_SERVER_QUERY_TIMEOUT", "-1s"),
+        ] {
+            let err = Config::load(None, vec![(var.to_string(), raw.to_string())])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "invalid value in environment variable {var}: \"{raw}\""
+                )),
+                "{err}"
+            );
+        }
     }
 }

@@ -35,6 +35,16 @@ pub enum DaemonError {
         /// Why.
         source: StoreError,
     },
+    /// A command that reads was pointed at a place that holds no lake.
+    #[error(
+        "no atlake lake at {url:?}: {why} (check the path; `atlake run`, `atlake ingest` or `atlake backfill` make one)"
+    )]
+    NotALake {
+        /// The lake URL.
+        url: String,
+        /// What is missing.
+        why: String,
+    },
     /// The lake did not answer in time.
     #[error("cannot reach the lake at {0} within 30s (is the S3 endpoint up?)")]
     Timeout(String),
@@ -70,6 +80,35 @@ pub async fn open_lake(url: &str) -> Result<Lake, DaemonError> {
             source,
         }),
         Err(_) => Err(DaemonError::Timeout(url.to_string())),
+    }
+}
+
+/// Opens a lake that must already exist, for the commands that only read (`query`, `serve`):
+/// a local directory is never created, and a place without atlake's state (`_atlake/`) or a
+/// Delta log (`events/_delta_log/`) is not a lake.
+pub async fn open_existing_lake(url: &str) -> Result<Lake, DaemonError> {
+    let not_a_lake = |why: &str| DaemonError::NotALake {
+        url: url.to_string(),
+        why: why.to_string(),
+    };
+    if let Ok(crate::sink::store::LakeLocation::Local(p)) =
+        crate::sink::store::LakeLocation::parse(url)
+        && !p.is_dir()
+    {
+        return Err(not_a_lake("no such directory"));
+    }
+    let lake = open_lake(url).await?;
+    let state = lake.list("_atlake").await;
+    let log = lake.list("events/_delta_log").await;
+    match (state, log) {
+        (Ok(a), Ok(b)) if a.is_empty() && b.is_empty() => Err(not_a_lake(
+            "neither _atlake/ nor events/_delta_log/ is there",
+        )),
+        (Err(source), _) | (_, Err(source)) => Err(DaemonError::Unreachable {
+            url: url.to_string(),
+            source,
+        }),
+        _ => Ok(lake),
     }
 }
 

@@ -147,8 +147,10 @@ async fn finish(r: Result<Summary, IngestError>, t: Tasks) -> Result<Summary, In
     }
 }
 
+/// A collection's `/metrics` label: its NSID for the known lexicons, else `_other`, the name
+/// the lake's long-tail partition has.
 fn collection_label(c: &str) -> &'static str {
-    Lexicon::of(c).map_or("other", |l| l.nsid())
+    Lexicon::of(c).map_or("_other", |l| l.nsid())
 }
 
 impl LoopState {

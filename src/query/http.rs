@@ -127,10 +127,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/filters", get(filters_get).put(filters_put))
         .merge(console::routes())
+        .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+/// Any other route: a JSON error like every other, naming the routes there are.
+async fn not_found(uri: axum::http::Uri) -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!(
+            "no route {}: try POST /sql, GET /sql?q=, GET /tables, GET /health, GET /metrics, or / for the console",
+            uri.path()
+        ),
+    )
 }
 
 /// Largest request body.

@@ -181,6 +181,8 @@ impl QueryError {
                     && (msg.contains("DDL") || msg.contains("DML") || msg.contains("Statement"))
                 {
                     QueryError::Forbidden(msg)
+                } else if let Some(better) = unknown_table(&msg) {
+                    QueryError::Sql(better)
                 } else {
                     QueryError::Sql(msg)
                 }
@@ -193,6 +195,52 @@ impl QueryError {
             _ => QueryError::Sql(msg),
         }
     }
+}
+
+/// DataFusion's "table 'datafusion.public.post' not found", said with the name the user wrote
+/// and the nearest table there is.
+fn unknown_table(msg: &str) -> Option<String> {
+    let start = msg.find("table '")? + "table '".len();
+    let rest = msg.get(start..)?;
+    let end = rest.find("' not found")?;
+    let full = rest.get(..end)?;
+    let name = full
+        .strip_prefix("datafusion.public.")
+        .or_else(|| full.strip_prefix("datafusion."))
+        .unwrap_or(full);
+    let mut known: Vec<String> = table_names().into_iter().map(String::from).collect();
+    known.extend(system::NAMES.iter().map(|n| format!("system.{n}")));
+    known.extend(
+        current::views()
+            .into_iter()
+            .map(|(n, _)| format!("current.{n}")),
+    );
+    let nearest = known
+        .iter()
+        .map(|k| (edit_distance(&name.to_lowercase(), k), k))
+        .min_by_key(|(d, _)| *d)
+        .filter(|(d, _)| *d <= 3 && *d * 3 <= name.len().max(1))
+        .map(|(_, k)| k.clone());
+    Some(match nearest {
+        Some(k) => format!("no table named {name:?}; did you mean {k:?}? (GET /tables lists them)"),
+        None => format!("no table named {name:?} (GET /tables lists them)"),
+    })
+}
+
+/// Levenshtein distance of two short names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// Query limits.
@@ -766,4 +814,37 @@ fn hide_runtime_settings(
         _ => Ok(Transformed::no(p)),
     })
     .map(|t| t.data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_table_is_named_as_written_with_the_nearest_one() {
+        let e = QueryError::from_datafusion(DataFusionError::Plan(
+            "table 'datafusion.public.post' not found".into(),
+        ));
+        assert_eq!(e.code(), "bad_sql");
+        assert_eq!(
+            e.to_string(),
+            "no table named \"post\"; did you mean \"posts\"? (GET /tables lists them)"
+        );
+        let e = unknown_table("table 'datafusion.system.chekpoint' not found");
+        assert_eq!(
+            e.as_deref(),
+            Some(
+                "no table named \"system.chekpoint\"; did you mean \"system.checkpoint\"? (GET /tables lists them)"
+            )
+        );
+        // nothing near: no guess
+        assert_eq!(
+            unknown_table("table 'datafusion.public.zzzzzzzz' not found").as_deref(),
+            Some("no table named \"zzzzzzzz\" (GET /tables lists them)")
+        );
+        assert_eq!(unknown_table("column 'x' not found"), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("likes", "likes"), 0);
+    }
 }

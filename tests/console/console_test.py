@@ -15,6 +15,7 @@ to any other host and the token in no URL. The first failed check ends the run w
 """
 
 import argparse
+import os
 import csv
 import io
 import sys
@@ -101,6 +102,7 @@ def main():
     ap.add_argument("--queries", required=True)
     ap.add_argument("--chromium", required=True)
     ap.add_argument("--downloads", required=True)
+    ap.add_argument("--screenshots", required=True)
     a = ap.parse_args()
     base, token = a.base.rstrip("/"), a.token
     origins = (a.base.rstrip("/") + "/", a.serve_base.rstrip("/") + "/")
@@ -300,6 +302,8 @@ def session(page, ctx, new_context, a, base, token):
     check(True, "the next query runs after a cancel")
 
     # ---- the live page -----------------------------------------------------------------------
+    os.makedirs(a.screenshots, exist_ok=True)
+    page.screenshot(path=os.path.join(a.screenshots, "query.png"), full_page=True)
     page.click("#tab-live")
     expect(page.locator("#live")).to_be_visible(timeout=10_000)
     check(page.locator("#no-daemon").is_hidden(), "the daemon's live page has charts, not the notice")
@@ -327,6 +331,7 @@ def session(page, ctx, new_context, a, base, token):
         n = int(page.locator(f"#chart-{c}").get_attribute("data-points"))
         check(n > 0, f"chart {c} has {n} points")
     expect(page.locator("#tile-checkpoint-at")).to_contain_text("jetstream", timeout=5_000)
+    page.screenshot(path=os.path.join(a.screenshots, "live.png"), full_page=True)
     files_before = int(page.locator("#tile-files").text_content().replace(",", ""))
     page.wait_for_function(
         f"() => Number(document.querySelector('#tile-files').textContent.replace(/,/g, '')) > {files_before}",

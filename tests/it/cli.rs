@@ -136,20 +136,79 @@ fn every_command_has_help_with_examples() {
 /// crash of the process.
 #[test]
 fn deep_sql_on_the_command_line_is_refused_not_a_crash() {
-    let dir = tempfile::tempdir().unwrap();
-    let lake = dir.path().join("lake");
-    std::fs::create_dir_all(&lake).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_dir, lake, _) = rt.block_on(crate::sql::fixture_lake(20, 1));
     for (shape, q) in atlake::query::guard::deep_sql(3_000) {
         let out = Command::new(atlake_bin())
-            .args(["query", "--lake", lake.to_str().unwrap(), &q])
+            .args(["query", "--lake", &lake, &q])
             .output()
             .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             out.status.code().is_some_and(|c| c != 0),
-            "{shape}: {:?} {}",
+            "{shape}: {:?} {err}",
             out.status,
+        );
+        assert!(!err.is_empty(), "{shape}: no error message");
+        assert!(!err.contains("no atlake lake"), "{shape}: {err}");
+    }
+}
+
+/// What got in a new user's way: a mistyped lake path, SQL given with `--sql`, a mistyped
+/// table, a bad value in an environment variable.
+#[test]
+fn the_first_hour_gets_clear_answers() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (dir, lake, _) = rt.block_on(crate::sql::fixture_lake(50, 2));
+    // a path that is not a lake: an error, and nothing created
+    let typo = dir.path().join("lkae-demo");
+    let e = one_line_error(&[
+        "query",
+        "--lake",
+        typo.to_str().unwrap(),
+        "SELECT count(*) FROM events",
+    ]);
+    assert!(
+        e.contains("no atlake lake") && e.contains("no such directory"),
+        "{e}"
+    );
+    assert!(!typo.exists(), "query created {}", typo.display());
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = one_line_error(&["query", "--lake", empty.to_str().unwrap(), "SELECT 1"]);
+    assert!(e.contains("no atlake lake") && e.contains("_atlake"), "{e}");
+    // --sql, and the positional SQL, give the same answer
+    let run = |args: &[&str]| {
+        let out = Command::new(atlake_bin()).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(!out.stderr.is_empty(), "{shape}: no error message");
-    }
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let q = "SELECT count(*) AS n FROM events";
+    let a = run(&["query", "--lake", &lake, "--format", "csv", "--sql", q]);
+    let b = run(&["query", "--lake", &lake, "--format", "csv", q]);
+    assert_eq!(a, b);
+    assert!(a.starts_with("n\n") && a.trim_end() != "n\n0", "{a}");
+    // a mistyped table: the name as written and the nearest one
+    let e = one_line_error(&["query", "--lake", &lake, "SELECT count(*) FROM post"]);
+    assert!(
+        e.contains("no table named \"post\"; did you mean \"posts\"?")
+            && !e.contains("datafusion.public"),
+        "{e}"
+    );
+    // a bad environment value is the variable's error
+    let out = Command::new(atlake_bin())
+        .args(["check-config"])
+        .env("ATLAKE_FLUSH_MAX_AGE", "thirty")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("environment variable ATLAKE_FLUSH_MAX_AGE"),
+        "{err}"
+    );
 }

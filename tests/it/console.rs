@@ -69,8 +69,8 @@ fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_files_need_no_token_and_the_schema_header_leaves_bodies_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_serve, base) = start(dir.path(), "serve", &["serve", "--lake", "lake"], &[]).await;
+    let (dir, lake, _) = crate::sql::fixture_lake(50, 3).await;
+    let (_serve, base) = start(dir.path(), "serve", &["serve", "--lake", &lake], &[]).await;
     let c = reqwest::Client::new();
     for (path, ct) in [
         ("/", "text/html; charset=utf-8"),
@@ -122,6 +122,20 @@ async fn console_files_need_no_token_and_the_schema_header_leaves_bodies_alone()
         let r = c.get(format!("{base}{path}")).send().await.unwrap();
         assert_eq!(r.status(), 401, "{path} without a token");
     }
+    // a route that does not exist is a JSON error like the others
+    let r = c
+        .get(format!("{base}/nothing/here"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(e["error"], "not_found", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("/nothing/here"),
+        "{e}"
+    );
     // schema=1: the same body, plus the schema
     let sql = "SELECT n, CASE WHEN n % 2 = 0 THEN NULL ELSE 'é' END AS \"prénom\" \
                FROM (SELECT unnest(range(0, 5)) AS n)";
@@ -231,6 +245,8 @@ async fn the_console_works_in_a_real_browser() {
     }
     let downloads = dir.path().join("downloads");
     std::fs::create_dir_all(&downloads).unwrap();
+    // kept after the test, to be looked at: target/tmp/console/{query,live}.png
+    let screenshots = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console");
     let script = root().join("tests/console/console_test.py");
     let out_path = dir.path().join("browser.log");
     let out = std::fs::File::options()
@@ -254,6 +270,8 @@ async fn the_console_works_in_a_real_browser() {
         .arg(&chromium)
         .arg("--downloads")
         .arg(&downloads)
+        .arg("--screenshots")
+        .arg(&screenshots)
         .stdout(Stdio::from(out.try_clone().unwrap()))
         .stderr(Stdio::from(out))
         .spawn()
@@ -271,7 +289,10 @@ async fn the_console_works_in_a_real_browser() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let output = std::fs::read_to_string(&out_path).unwrap_or_default();
-    eprintln!("--- console_test.py ---\n{output}");
+    eprintln!(
+        "--- console_test.py (screenshots in {}) ---\n{output}",
+        screenshots.display()
+    );
     let alive = matches!(daemon.child.try_wait(), Ok(None));
     let serve_alive = matches!(serve.child.try_wait(), Ok(None));
     sim.stop();
