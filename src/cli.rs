@@ -921,6 +921,7 @@ async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
         tracing::warn!(%addr, "the SQL endpoint is reachable beyond this machine without a token; set ATLAKE_SERVER_TOKEN");
     }
     crate::query::http::serve(listener, state, shutdown_signal()).await?;
+    // no receiver left means every front end has already ended
     let _ = stop_fronts.send(true);
     for (_, task) in pg.into_iter().chain(flight) {
         task.await??;

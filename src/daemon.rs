@@ -157,6 +157,7 @@ pub async fn start_pg(
         tls,
         cfg.max_connections,
         async move {
+            // an error means the daemon dropped the sender: stop as well
             let _ = stop.wait_for(|s| *s).await;
         },
     ));
@@ -190,6 +191,7 @@ pub async fn start_flight(
     let max = cfg.max_connections;
     let task = tokio::spawn(async move {
         crate::query::flight::serve(listener, front, max, async move {
+            // an error means the daemon dropped the sender: stop as well
             let _ = stop.wait_for(|s| *s).await;
         })
         .await

@@ -786,7 +786,9 @@ pub async fn serve(
                 .await
                 {
                     Ok(Some((sock, slot))) => {
-                        let _ = sock.set_nodelay(true);
+                        if let Err(e) = sock.set_nodelay(true) {
+                            tracing::debug!(error = %e, "TCP_NODELAY on a Flight SQL connection");
+                        }
                         let conn = Conn::new(sock, slot, &limits);
                         Some((Ok::<_, std::io::Error>(conn), (listener, slots, stop)))
                     }

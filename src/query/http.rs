@@ -361,8 +361,10 @@ async fn produce(
             .open(&sql, None, deadline.into_std(), super::Dialect::DataFusion)
             .await?;
         // before the first chunk: the response has it once it has any bytes
-        if let Some(s) = schema_tx {
-            let _ = s.send(schema.clone());
+        if let Some(s) = schema_tx
+            && s.send(schema.clone()).is_err()
+        {
+            tracing::debug!("a query's schema had no response to go to");
         }
         let (enc, head) =
             Encoder::try_new(format, &schema).map_err(|e| QueryError::Internal(e.to_string()))?;
@@ -486,10 +488,22 @@ async fn run(s: &AppState, sql: String, format: Format, with_schema: bool) -> Re
         }
     }
     // sent before the first chunk, so here by now
-    let schema = schema_rx
-        .try_recv()
-        .ok()
-        .and_then(|s| console::schema_header(&s));
+    let schema = if with_schema {
+        // the task sends it before its first chunk: missing here is a broken invariant
+        let header = schema_rx
+            .try_recv()
+            .ok()
+            .and_then(|s| console::schema_header(&s));
+        if header.is_none() {
+            metrics::counter!("atlake_http_schema_header_missing_total").increment(1);
+            tracing::error!(
+                "schema=1 was asked for but the result's schema did not arrive before its rows; the response goes without X-Atlake-Schema"
+            );
+        }
+        header
+    } else {
+        None
+    };
     if complete {
         let mut r = ([(header::CONTENT_TYPE, format.content_type())], held).into_response();
         if let Some(v) = schema {
