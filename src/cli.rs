@@ -54,6 +54,39 @@ pub struct WriterArgs {
     pub wait: bool,
 }
 
+/// Where `run`, `serve` and `demo` serve SQL.
+#[derive(Debug, Clone, Args)]
+pub struct FrontEndArgs {
+    /// Address for the SQL endpoint and the web console (default 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Also serve the Postgres wire protocol here (psql, DBeaver, Grafana), e.g.
+    /// 127.0.0.1:5432 (config: server.pg_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub pg_listen: Option<String>,
+    /// Also serve Arrow Flight SQL here (ADBC, JDBC Flight SQL drivers), e.g.
+    /// 127.0.0.1:50051 (config: server.flight_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub flight_listen: Option<String>,
+}
+
+impl FrontEndArgs {
+    /// The flags over the configuration, checked again.
+    fn apply(self, cfg: &mut Config) -> anyhow::Result<()> {
+        if let Some(l) = self.listen {
+            cfg.server.listen = l;
+        }
+        if let Some(l) = self.pg_listen {
+            cfg.server.pg_listen = l;
+        }
+        if let Some(l) = self.flight_listen {
+            cfg.server.flight_listen = l;
+        }
+        cfg.validate()?;
+        Ok(())
+    }
+}
+
 /// Source flags.
 #[derive(Debug, Clone, Args)]
 pub struct SourceArgs {
@@ -160,17 +193,38 @@ pub enum Command {
         /// Writing.
         #[command(flatten)]
         writer: WriterArgs,
-        /// Address for the SQL endpoint (default 127.0.0.1:8080).
-        #[arg(long, value_name = "ADDR")]
-        listen: Option<String>,
-        /// Also serve the Postgres wire protocol here (psql, DBeaver, Grafana), e.g.
-        /// 127.0.0.1:5432 (config: server.pg_listen).
-        #[arg(long, value_name = "ADDR")]
-        pg_listen: Option<String>,
-        /// Also serve Arrow Flight SQL here (ADBC, JDBC Flight SQL drivers), e.g.
-        /// 127.0.0.1:50051 (config: server.flight_listen).
-        #[arg(long, value_name = "ADDR")]
-        flight_listen: Option<String>,
+        /// Where SQL is served.
+        #[command(flatten)]
+        fronts: FrontEndArgs,
+    },
+    /// See atlake work without a network: simulated traffic, ingest, SQL and the web console
+    /// in one process.
+    ///
+    /// Starts the simulator in this process on a loopback port (Jetstream traffic at --rate
+    /// messages/s whose stream time starts now), ingests it into --lake (default ./lake-demo,
+    /// flushed every 30 s) and serves SQL and the web console (default
+    /// http://127.0.0.1:8080/). Needs no internet. Ctrl-C flushes and stops; a second run adds
+    /// to the same lake.
+    #[command(
+        after_help = "Examples:\n  atlake demo\n  atlake demo --listen 127.0.0.1:9000 --lake /tmp/lake-demo\n  atlake demo --source firehose --pg-listen 127.0.0.1:5432   # then: psql -h 127.0.0.1 -p 5432 -c 'SELECT count(*) FROM events'"
+    )]
+    Demo {
+        /// Where the lake lives.
+        #[arg(long, value_name = "PATH_OR_URL", default_value = "./lake-demo")]
+        lake: String,
+        /// Which simulated stream to read.
+        #[arg(long, value_enum, default_value = "jetstream")]
+        source: SourceKind,
+        /// Messages per second the simulator sends.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Where SQL is served.
+        #[command(flatten)]
+        fronts: FrontEndArgs,
+        /// Faults for the simulator to inject, as for `simulate` (e.g. bad-hash=300,drop=5000),
+        /// to watch the quarantine and reconnects at work.
+        #[arg(long, default_value = "", value_name = "FAULTS")]
+        faults: String,
     },
     /// Serve SQL over a lake written by another process, on disk or S3.
     #[command(
@@ -180,17 +234,9 @@ pub enum Command {
         /// Config and lake.
         #[command(flatten)]
         common: CommonArgs,
-        /// Address for the SQL endpoint (default 127.0.0.1:8080).
-        #[arg(long, value_name = "ADDR")]
-        listen: Option<String>,
-        /// Also serve the Postgres wire protocol here (psql, DBeaver, Grafana), e.g.
-        /// 127.0.0.1:5432 (config: server.pg_listen).
-        #[arg(long, value_name = "ADDR")]
-        pg_listen: Option<String>,
-        /// Also serve Arrow Flight SQL here (ADBC, JDBC Flight SQL drivers), e.g.
-        /// 127.0.0.1:50051 (config: server.flight_listen).
-        #[arg(long, value_name = "ADDR")]
-        flight_listen: Option<String>,
+        /// Where SQL is served.
+        #[command(flatten)]
+        fronts: FrontEndArgs,
     },
     /// Run one SQL query over a lake and print the result.
     #[command(
@@ -363,10 +409,16 @@ pub enum Command {
         /// Accounts.
         #[arg(long, default_value_t = 5000)]
         accounts: u64,
-        /// Mean stream-time step between messages, µs (2,500: 400 messages/s of stream time;
-        /// at most 1,000 messages/s, as frame times have millisecond precision).
-        #[arg(long, default_value_t = 2500, value_name = "US")]
-        step_us: i64,
+        /// Mean stream-time step between messages, µs (steps under 1,000 become 1,000, as frame
+        /// times have millisecond precision). Default: when serving at a rate, 1,000,000 / rate, so stream
+        /// time keeps pace with the clock; otherwise 2,500.
+        #[arg(long, value_name = "US")]
+        step_us: Option<i64>,
+        /// Stream time of the first message: `now`, or a time like 2026-07-04T14:00:00Z.
+        /// Default: `now` when serving (a healthy demo shows a lag near zero); captures start at
+        /// 2026-07-04T14:00:00Z so that the same seed always gives the same bytes.
+        #[arg(long, value_name = "TIME")]
+        start: Option<String>,
         /// Faults: drop=N, garbage=N, oversized=N, bad-hash=N, truncated-car=N, big-record=N,
         /// backwards=N, too-slow=N, silent=N (comma-separated).
         #[arg(long, default_value = "")]
@@ -517,41 +569,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             common,
             source,
             writer,
-            listen,
-            pg_listen,
-            flight_listen,
+            fronts,
         } => {
             let mut cfg = load_config(&common, &source)?;
-            if let Some(l) = listen {
-                cfg.server.listen = l;
-            }
-            if let Some(l) = pg_listen {
-                cfg.server.pg_listen = l;
-                cfg.validate()?;
-            }
-            if let Some(l) = flight_listen {
-                cfg.server.flight_listen = l;
-            }
+            fronts.apply(&mut cfg)?;
             cfg.lake.lease_wait |= writer.wait;
             run_cmd(cfg).await
         }
-        Command::Serve {
-            common,
-            listen,
-            pg_listen,
-            flight_listen,
+        Command::Demo {
+            lake,
+            source,
+            rate,
+            fronts,
+            faults,
         } => {
+            let faults = Faults::parse(&faults).map_err(anyhow::Error::msg)?;
+            if !(rate > 0.0 && rate.is_finite()) {
+                bail!("--rate must be a positive number of messages per second");
+            }
+            let mut cfg = Config::load(None, std::env::vars())?;
+            cfg.lake.url = lake;
+            if std::env::var_os("ATLAKE_FLUSH_MAX_AGE").is_none() {
+                cfg.flush.max_age = crate::config::HumanDuration(Duration::from_secs(30));
+            }
+            fronts.apply(&mut cfg)?;
+            demo_cmd(cfg, source, rate, faults).await
+        }
+        Command::Serve { common, fronts } => {
             let mut cfg = load_config(&common, &no_source())?;
-            if let Some(l) = listen {
-                cfg.server.listen = l;
-            }
-            if let Some(l) = pg_listen {
-                cfg.server.pg_listen = l;
-                cfg.validate()?;
-            }
-            if let Some(l) = flight_listen {
-                cfg.server.flight_listen = l;
-            }
+            fronts.apply(&mut cfg)?;
             serve_cmd(cfg).await
         }
         Command::Query {
@@ -681,6 +727,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             seed,
             accounts,
             step_us,
+            start,
             faults,
             capture,
             format,
@@ -702,13 +749,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 })
                 .await;
             }
-            if step_us <= 0 {
-                bail!("--step-us must be positive");
-            }
+            let serving = capture.is_none();
+            let rate = (serving && rate > 0.0).then_some(rate);
             let traffic = TrafficConfig {
                 seed,
                 accounts,
-                step_us,
+                step_us: sim_step_us(step_us, rate)?,
+                start_time_us: sim_start_us(start.as_deref(), serving)?,
                 ..Default::default()
             };
             let faults = Faults::parse(&faults).map_err(anyhow::Error::msg)?;
@@ -720,7 +767,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let cfg = SimConfig {
                         traffic,
                         messages: (messages > 0).then_some(messages),
-                        rate: (rate > 0.0).then_some(rate),
+                        rate,
                         retention: 200_000,
                         faults,
                     };
@@ -728,6 +775,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+    }
+}
+
+/// The simulator's mean step: as given, or one that makes stream time keep pace with the clock
+/// at `rate` messages per second.
+fn sim_step_us(given: Option<i64>, rate: Option<f64>) -> anyhow::Result<i64> {
+    match (given, rate) {
+        (Some(s), _) if s <= 0 => bail!("--step-us must be positive"),
+        (Some(s), _) => Ok(s),
+        (None, Some(r)) => Ok(((1e6 / r).round() as i64).max(1_000)),
+        (None, None) => Ok(TrafficConfig::default().step_us),
+    }
+}
+
+/// The simulator's first stream time: `now` (the default when serving), a time, or the fixed
+/// start of captures.
+fn sim_start_us(given: Option<&str>, serving: bool) -> anyhow::Result<i64> {
+    let now = crate::model::cursor::now_us;
+    match given {
+        Some("now") => Ok(now()),
+        Some(t) => {
+            let full = if t.len() == 10 {
+                format!("{t}T00:00:00Z")
+            } else {
+                t.to_string()
+            };
+            let us = crate::syntax::parse_datetime_us(&full)
+                .map_err(|e| anyhow::anyhow!("--start {t:?}: {e}"))?;
+            if us < crate::model::cursor::NETWORK_EPOCH_US {
+                bail!("--start {t:?} is before the network began");
+            }
+            Ok(us)
+        }
+        None if serving => Ok(now()),
+        None => Ok(TrafficConfig::default().start_time_us),
     }
 }
 
@@ -836,7 +918,57 @@ fn no_source() -> SourceArgs {
     }
 }
 
+/// `atlake demo`: the simulator on a loopback port, and the daemon reading it.
+async fn demo_cmd(
+    mut cfg: Config,
+    source: SourceKind,
+    rate: f64,
+    faults: Faults,
+) -> anyhow::Result<ExitCode> {
+    let traffic = TrafficConfig {
+        step_us: sim_step_us(None, Some(rate))?,
+        start_time_us: sim_start_us(None, true)?,
+        ..Default::default()
+    };
+    let sim = SimConfig {
+        traffic,
+        messages: None,
+        rate: Some(rate),
+        retention: 200_000,
+        faults,
+    };
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let h = crate::simulate::server::start(sim, loopback)
+        .await
+        .context("starting the simulator on 127.0.0.1")?;
+    cfg.source.kind = source;
+    cfg.source.url = format!("ws://{}", h.addr);
+    cfg.source.start_cursor = Some(0);
+    cfg.validate()?;
+    eprintln!(
+        "atlake demo: simulated {source} traffic, {rate} messages/s, on ws://{}",
+        h.addr
+    );
+    let result = run_daemon(cfg, |addr| {
+        eprintln!(
+            "atlake demo: open http://{addr}/ for the web console (SQL, tables, live charts)"
+        );
+    })
+    .await;
+    h.stop();
+    result
+}
+
 async fn run_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
+    run_daemon(cfg, |_| {}).await
+}
+
+/// Starts the daemon, says where it serves (then `after_start` with the HTTP address), and runs
+/// it until SIGINT/SIGTERM.
+async fn run_daemon(
+    cfg: Config,
+    after_start: impl FnOnce(std::net::SocketAddr),
+) -> anyhow::Result<ExitCode> {
     let stop = shutdown_listener();
     let daemon = Daemon::start(cfg.clone())
         .await
@@ -856,6 +988,7 @@ async fn run_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
         "atlake: ingesting {} {} into {}\natlake: SQL on http://{addr}/sql  (try: curl -s http://{addr}/sql --data 'SELECT collection, count(*) FROM events GROUP BY 1 ORDER BY 2 DESC LIMIT 10')",
         cfg.source.kind, cfg.source.url, cfg.lake.url
     );
+    after_start(addr);
     let summary = daemon
         .run_until(async {
             stop.await;
@@ -897,6 +1030,7 @@ async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
     let (stop_fronts, stop_fronts_rx) = tokio::sync::watch::channel(false);
     let pg = crate::daemon::start_pg(&cfg.server, engine.clone(), stop_fronts_rx.clone()).await?;
     let flight = crate::daemon::start_flight(&cfg.server, engine.clone(), stop_fronts_rx).await?;
+    crate::telemetry::register_zero_series(false, pg.is_some(), flight.is_some());
     let state = Arc::new(crate::query::http::AppState {
         engine,
         token: cfg.server.token.clone(),

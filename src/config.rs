@@ -323,7 +323,7 @@ pub struct WriterConfig {
     pub row_group_rows: usize,
     /// Target size of a data page before compression. Each page is compressed on its own, so
     /// bigger pages compress better: 4 MiB made the benchmark's Jetstream lake 2.7 % smaller
-    /// than 1 MiB (README, "Performance"); pages also end at 20,000 rows.
+    /// than 1 MiB (docs/performance.md); pages also end at 20,000 rows.
     pub page_bytes: usize,
     /// Write a bloom filter on `did`.
     pub bloom_filter_did: bool,

@@ -302,6 +302,7 @@ impl Daemon {
         });
         let (pg_addr, pg_server) = pg.unzip();
         let (flight_addr, flight_server) = flight.unzip();
+        crate::telemetry::register_zero_series(true, pg_addr.is_some(), flight_addr.is_some());
         Ok(Daemon {
             addr,
             pg_addr,

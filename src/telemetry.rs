@@ -26,6 +26,31 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
+/// Registers at 0 the series a dashboard plots from the first scrape: counters that move only
+/// when something goes wrong (a broken invariant, a refused or overrun query, a duplicate),
+/// compaction's counters, and the connection gauges of the front ends that are on. A counter
+/// that appears only on its first increment has no `rate()` until its second.
+pub fn register_zero_series(daemon: bool, pg: bool, flight: bool) {
+    metrics::counter!("atlake_broken_invariants_total").increment(0);
+    metrics::counter!("atlake_queries_refused_busy_total").increment(0);
+    metrics::counter!("atlake_query_overruns_total").increment(0);
+    metrics::counter!("atlake_query_panics_total").increment(0);
+    metrics::gauge!("atlake_http_connections").increment(0.0);
+    if pg {
+        metrics::gauge!("atlake_pg_connections").increment(0.0);
+    }
+    if flight {
+        metrics::gauge!("atlake_flight_connections").increment(0.0);
+    }
+    if daemon {
+        metrics::counter!("atlake_duplicates_total", "reason" => "key").increment(0);
+        metrics::counter!("atlake_duplicates_total", "reason" => "seq").increment(0);
+        metrics::counter!("atlake_compaction_passes_total").increment(0);
+        metrics::counter!("atlake_compaction_files_replaced_total").increment(0);
+        metrics::counter!("atlake_compaction_files_written_total").increment(0);
+    }
+}
+
 /// One sample of the metrics snapshot.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {

@@ -226,8 +226,7 @@ async fn write_job(ctx: WriterContext, job: FlushJob) -> Completion {
         rows: Some(job.rows as u64),
     };
     ctx.catalog.commit(job.id, file.clone());
-    let table = job.kind;
-    metrics::counter!("atlake_files_written_total", "table" => format!("{table:?}")).increment(1);
+    metrics::counter!("atlake_files_written_total", "table" => job.kind.label()).increment(1);
     metrics::counter!("atlake_bytes_written_total").increment(size);
     metrics::counter!("atlake_flushes_total", "reason" => job.reason.as_str()).increment(1);
     metrics::histogram!("atlake_flush_seconds").record(started.elapsed().as_secs_f64());

@@ -42,6 +42,20 @@ pub enum TableKind {
     Errors,
 }
 
+impl TableKind {
+    /// The SQL table its rows are read from (`events` for collections without a typed table,
+    /// `errors` for the quarantine): the `table` label of the write metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            TableKind::Events(Some(lex)) => lex.table(),
+            TableKind::Events(None) => "events",
+            TableKind::Identity => "identity",
+            TableKind::Account => "account",
+            TableKind::Errors => "errors",
+        }
+    }
+}
+
 fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }

@@ -478,7 +478,7 @@ impl QueryEngine {
             .with_information_schema(true)
             .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
             // row filters inside the Parquet reader: lookups (one DID, a few posts) decode 1.3-5x
-            // less, and JSONBench Q2 runs 6 % faster with them (README, "Performance")
+            // less, and JSONBench Q2 runs 6 % faster with them (docs/performance.md)
             .set_bool("datafusion.execution.parquet.pushdown_filters", true)
             .set_bool("datafusion.execution.parquet.reorder_filters", true);
         // the partial phase of GROUP BY looks a batch's group up once when the batch has one

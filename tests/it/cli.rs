@@ -112,6 +112,7 @@ fn errors_are_one_clear_line() {
 fn every_command_has_help_with_examples() {
     for cmd in [
         "run",
+        "demo",
         "ingest",
         "serve",
         "query",

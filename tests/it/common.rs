@@ -304,6 +304,31 @@ pub fn seeded(seed: u64) -> atlake::simulate::server::SimConfig {
     }
 }
 
+/// The body of `GET url`, as text.
+pub async fn get_text(c: &reqwest::Client, url: &str) -> String {
+    let r = c.get(url).send().await.expect("GET");
+    r.text().await.expect("a body")
+}
+
+/// `POST {base}/sql` of `sql` (with the bearer token when given); the JSON answer.
+pub async fn post_json(
+    c: &reqwest::Client,
+    base: &str,
+    sql: &str,
+    token: Option<&str>,
+) -> serde_json::Value {
+    let mut req = c.post(format!("{base}/sql")).body(sql.to_string());
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send()
+        .await
+        .expect("POST /sql")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
+
 /// Starts the simulator on a free loopback port.
 pub async fn start_sim(
     cfg: atlake::simulate::server::SimConfig,
