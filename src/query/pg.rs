@@ -549,6 +549,106 @@ fn nesting_depth(text: &str) -> usize {
     max
 }
 
+/// Grafana's Postgres data source finds "the schemas on the search path" with a subquery that
+/// calls `string_to_array` in `FROM` (a table function DataFusion does not have), in its table
+/// list and its column list: `IN (SELECT CASE WHEN trim(s[i]) = '"$user"' THEN user ELSE
+/// trim(s[i]) END FROM generate_series(…) as i, string_to_array(current_setting('search_path'),
+/// ',') s)`. Every table lives in `public` and `SET search_path` changes nothing, so that
+/// subquery is `('public')`.
+const GRAFANA_SEARCH_PATH: &str = "( SELECT CASE WHEN trim(s[i]) = '\"$user\"' THEN user ELSE trim(s[i]) END FROM generate_series( array_lower(string_to_array(current_setting('search_path'),','),1), array_upper(string_to_array(current_setting('search_path'),','),1) ) as i, string_to_array(current_setting('search_path'),',') s )";
+
+/// SQL text as tokens with their byte ranges: words, quoted strings and names (whole), and
+/// single punctuation characters; whitespace and `--` comments separate them. Enough to match a
+/// client's known text whatever its layout.
+fn tokens(text: &str) -> Vec<(usize, usize)> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let start = i;
+        match b[i] {
+            c if c.is_ascii_whitespace() => {
+                i += 1;
+                continue;
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            q @ (b'\'' | b'"') => {
+                i += 1;
+                while i < b.len() {
+                    if b[i] == q {
+                        if b.get(i + 1) == Some(&q) {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                i = (i + 1).min(b.len());
+            }
+            c if c.is_ascii_alphanumeric() || c == b'_' || c == b'$' => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$')
+                {
+                    i += 1;
+                }
+            }
+            _ => {
+                // one character, whole (a multi-byte one too)
+                i += text[i..].chars().next().map_or(1, char::len_utf8);
+            }
+        }
+        out.push((start, i));
+    }
+    out
+}
+
+/// `text` with Grafana's search-path subquery ([`GRAFANA_SEARCH_PATH`]) replaced by
+/// `('public')`, wherever it occurs and however it is laid out; the text itself when it has none.
+fn rewrite_grafana_search_path(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("current_setting('search_path')") {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let want: Vec<&str> = tokens(GRAFANA_SEARCH_PATH)
+        .into_iter()
+        .map(|(a, z)| &GRAFANA_SEARCH_PATH[a..z])
+        .collect();
+    let have = tokens(text);
+    let same = |t: (usize, usize), w: &str| {
+        let t = &text[t.0..t.1];
+        if w.starts_with('\'') {
+            t == w
+        } else {
+            t.eq_ignore_ascii_case(w)
+        }
+    };
+    let mut out = String::with_capacity(text.len());
+    let (mut copied, mut i) = (0, 0);
+    while i + want.len() <= have.len() {
+        if have[i..i + want.len()]
+            .iter()
+            .zip(&want)
+            .all(|(t, w)| same(*t, w))
+        {
+            out.push_str(&text[copied..have[i].0]);
+            out.push_str("('public')");
+            copied = have[i + want.len() - 1].1;
+            i += want.len();
+        } else {
+            i += 1;
+        }
+    }
+    if copied == 0 {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    std::borrow::Cow::Owned(out)
+}
+
 impl Parser {
     /// The statements of `text`, classified. Text that nests little goes through the Postgres
     /// rewrites whole (the Postgres dialect, the replacements of known client queries, the
@@ -557,6 +657,7 @@ impl Parser {
     fn statements(&self, text: &str) -> Result<Vec<Kind>, QueryError> {
         super::guard::check(text, super::guard::MAX_OPERATORS)
             .map_err(|e| QueryError::Sql(e.to_string()))?;
+        let text = &*rewrite_grafana_search_path(text);
         let dialect = datafusion::sql::sqlparser::dialect::GenericDialect {};
         let generic = datafusion::sql::sqlparser::parser::Parser::new(&dialect)
             .with_recursion_limit(PARSER_RECURSION_LIMIT)
@@ -1044,6 +1145,36 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn grafanas_search_path_subquery_becomes_public_however_it_is_laid_out() {
+        let grafana = "SELECT CASE WHEN \n  quote_ident(table_schema) IN (\n  SELECT\n    CASE WHEN trim(s[i]) = '\"$user\"' THEN user ELSE trim(s[i]) END\n  FROM\n    generate_series(\n      array_lower(string_to_array(current_setting('search_path'),','),1),\n      array_upper(string_to_array(current_setting('search_path'),','),1)\n    ) as i,\n    string_to_array(current_setting('search_path'),',') s\n  ) THEN 0 ELSE 1 END";
+        assert_eq!(
+            super::rewrite_grafana_search_path(grafana),
+            "SELECT CASE WHEN \n  quote_ident(table_schema) IN ('public') THEN 0 ELSE 1 END"
+        );
+        let twice = format!("{grafana} UNION ALL {grafana}");
+        assert_eq!(
+            super::rewrite_grafana_search_path(&twice)
+                .matches("('public')")
+                .count(),
+            2
+        );
+        // the same words in another string, or another function, are left alone
+        for other in [
+            "SELECT current_setting('search_path')",
+            "SELECT 'x' FROM t WHERE a IN ( SELECT CASE WHEN trim(s[i]) = '\"$admin\"' THEN user ELSE trim(s[i]) END FROM generate_series( array_lower(string_to_array(current_setting('search_path'),','),1), array_upper(string_to_array(current_setting('search_path'),','),1) ) as i, string_to_array(current_setting('search_path'),',') s )",
+        ] {
+            assert_eq!(super::rewrite_grafana_search_path(other), other);
+        }
+        // tokens: quoted text whole, comments skipped, multi-byte characters whole
+        let t = "a.'it''s' -- no\n\"q\"é";
+        let toks: Vec<&str> = super::tokens(t)
+            .into_iter()
+            .map(|(a, z)| &t[a..z])
+            .collect();
+        assert_eq!(toks, ["a", ".", "'it''s'", "\"q\"", "é"]);
+    }
+
     use super::*;
 
     #[test]

@@ -192,6 +192,26 @@ async fn demo_serves_the_simulator_live_and_feeds_every_grafana_panel() {
         assert!(ok, "{title}: {q}\n{err}");
         assert!(!out.trim().is_empty(), "{title}: no rows for {q}");
     }
+    // the query builder's table and column lists, as Grafana sends them
+    let grafana = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grafana");
+    let sql = |f: &str| std::fs::read_to_string(grafana.join(f)).expect("a Grafana query");
+    let (ok, tables, err) = psql(pg_port, "", &sql("tables.sql"));
+    assert!(ok, "{err}");
+    let tables: Vec<&str> = tables.lines().collect();
+    for t in ["events", "posts", "likes", "system.files"] {
+        assert!(
+            tables.contains(&t),
+            "{t} not in Grafana's table list {tables:?}"
+        );
+    }
+    let (ok, columns, err) = psql(pg_port, "", &sql("columns.sql"));
+    assert!(ok, "{err}");
+    for c in ["time|", "did|", "langs|", "text|"] {
+        assert!(
+            columns.lines().any(|l| l.starts_with(c)),
+            "{c} not in Grafana's column list of posts:\n{columns}"
+        );
+    }
     // Ctrl-C: flush and exit 0, the files are in ./lake-demo
     let status = demo.terminate();
     assert!(status.success(), "{status:?}\n{}", demo.log());

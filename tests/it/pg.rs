@@ -10,6 +10,30 @@ use crate::tools::{missing, python_with, run_python};
 use std::process::Command;
 use std::time::Duration;
 
+/// `atlake serve` (with the token) of a fixture lake of `messages` simulated messages, with
+/// the Postgres front end on a free port: the lake's directory, the child, the HTTP base URL,
+/// the log and the Postgres port.
+async fn serve_with_pg(
+    messages: u64,
+    seed: u64,
+) -> (
+    tempfile::TempDir,
+    crate::common::ChildGuard,
+    String,
+    std::path::PathBuf,
+    u16,
+) {
+    let (dir, lake, _) = fixture_lake(messages, seed).await;
+    let port = free_port();
+    let (child, base, log) = start_serve(
+        dir.path(),
+        &lake,
+        &[("ATLAKE_SERVER_PG_LISTEN", &format!("127.0.0.1:{port}"))],
+    )
+    .await;
+    (dir, child, base, log, port)
+}
+
 /// `psql` runs `sql` (a query or a backslash command) unaligned, `|`-separated, without
 /// headers; returns (success, stdout, stderr).
 pub(crate) fn psql(port: u16, password: &str, sql: &str) -> (bool, String, String) {
@@ -128,14 +152,7 @@ async fn psql_and_psycopg_read_what_http_reads() {
     let Some(py) = python_with(&["psycopg"]) else {
         return missing("python with psycopg");
     };
-    let (dir, lake, _) = fixture_lake(1500, 31).await;
-    let port = free_port();
-    let (_child, base, log) = start_serve(
-        dir.path(),
-        &lake,
-        &[("ATLAKE_SERVER_PG_LISTEN", &format!("127.0.0.1:{port}"))],
-    )
-    .await;
+    let (_dir, _child, base, log, port) = serve_with_pg(1500, 31).await;
     let c = reqwest::Client::new();
 
     // the same answer as HTTP, row for row
@@ -454,4 +471,131 @@ async fn tls_is_offered_with_the_configured_certificate() {
         !out.status.success() && stderr.contains("TLS") && stderr.contains("bad.pem"),
         "{stderr}"
     );
+}
+
+/// PostgreSQL's JDBC driver (pgjdbc: what DBeaver, IntelliJ and most Java tools connect with),
+/// from Debian's `libpostgresql-jdbc-java`, or the jar `ATLAKE_PGJDBC` names.
+fn pgjdbc() -> Option<String> {
+    let jar = std::env::var("ATLAKE_PGJDBC")
+        .unwrap_or_else(|_| "/usr/share/java/postgresql.jar".to_string());
+    let java = Command::new("java")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    (java && std::path::Path::new(&jar).is_file()).then_some(jar)
+}
+
+/// A Java program over pgjdbc reads the database's metadata (schemas, tables, a table's columns
+/// with Postgres type names), a plain query and a prepared one with typed values (timestamps,
+/// arrays, NULLs), and gets what HTTP gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jdbc_reads_the_catalog_and_typed_rows() {
+    let Some(jar) = pgjdbc() else {
+        return missing("java and PostgreSQL's JDBC driver (libpostgresql-jdbc-java)");
+    };
+    let (_dir, _child, base, log, port) = serve_with_pg(1500, 37).await;
+    let probe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/jdbc/JdbcProbe.java");
+    let out = Command::new("java")
+        .arg("-cp")
+        .arg(&jar)
+        .arg(&probe)
+        .arg(format!("jdbc:postgresql://127.0.0.1:{port}/atlake"))
+        .arg(TOKEN)
+        .output()
+        .expect("run java");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let lines = |tag: &str| -> Vec<Vec<String>> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{tag}\t")))
+            .map(|l| l.split('\t').map(str::to_string).collect())
+            .collect()
+    };
+    assert!(
+        lines("product")[0][0].starts_with("PostgreSQL 16"),
+        "{text}"
+    );
+    let schemas: Vec<String> = lines("schema").into_iter().map(|l| l[0].clone()).collect();
+    assert!(schemas.contains(&"public".to_string()), "{schemas:?}");
+    let tables: Vec<String> = lines("table").into_iter().map(|l| l[0].clone()).collect();
+    for t in [
+        "public.events",
+        "public.posts",
+        "public.likes",
+        "public.errors",
+    ] {
+        assert!(tables.contains(&t.to_string()), "{t} not in {tables:?}");
+    }
+    let columns: Vec<String> = lines("column").into_iter().map(|l| l.join(" ")).collect();
+    for c in [
+        "posts.time timestamptz",
+        "posts.langs _text",
+        "posts.did text",
+        "posts.seq int8",
+    ] {
+        assert!(columns.contains(&c.to_string()), "{c} not in {columns:?}");
+    }
+    // DBeaver's navigator queries answer (the schema by name: public)
+    let navigator = lines("navigator");
+    assert_eq!(navigator.len(), 4, "{text}");
+    for n in &navigator {
+        assert_eq!(n[1], "ok", "navigator query {}: {n:?}", n[0]);
+    }
+    assert_eq!(
+        navigator[0][3], "public",
+        "current_schema(): {:?}",
+        navigator[0]
+    );
+    assert_eq!(navigator[2][2..], ["1", "public"], "{:?}", navigator[2]);
+    // a plain query: HTTP's answer
+    let c = reqwest::Client::new();
+    let want = http_rows(
+        &c,
+        &base,
+        "SELECT collection, count(*) AS n FROM events GROUP BY 1 ORDER BY n DESC, collection LIMIT 3",
+    )
+    .await;
+    let got = lines("count");
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g[0], w["collection"].as_str().unwrap());
+        assert_eq!(g[1], w["n"].to_string());
+    }
+    // the prepared statement: the same rows as HTTP, with typed values
+    let posts = lines("post");
+    assert_eq!(posts.len(), 3, "{text}");
+    let did = &posts[0][0];
+    let want = http_rows(
+        &c,
+        &base,
+        &format!(
+            "SELECT did, time_us, langs, reply_root_uri FROM posts WHERE did = '{did}' ORDER BY time_us, rkey LIMIT 3"
+        ),
+    )
+    .await;
+    for (g, w) in posts.iter().zip(&want) {
+        assert_eq!(&g[0], did);
+        let us = atlake::syntax::parse_datetime_us(&g[1]).expect("an ISO instant");
+        assert_eq!(us, w["time_us"].as_i64().unwrap(), "{g:?}");
+        let langs: Vec<&str> = w["langs"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        let langs = if w.get("langs").is_none() {
+            "NULL".to_string()
+        } else {
+            langs.join(",")
+        };
+        assert_eq!(g[2], langs, "{g:?} {w}");
+        assert_eq!(
+            g[3],
+            w["reply_root_uri"].as_str().unwrap_or("NULL"),
+            "{g:?}"
+        );
+    }
 }
