@@ -4,18 +4,18 @@
 //! start-up (dropped once the stream is past them), and, for Jetstream, the keys of the events
 //! of the last `rewind` of stream time (a reconnect replays that much on purpose).
 
-use crate::model::Cursor;
 use crate::model::key::EventKey;
+use crate::model::{Cursor, KeyedSet};
 use std::collections::{HashSet, VecDeque};
 
 /// The dedupe state.
 #[derive(Debug, Default)]
 pub struct Dedupe {
-    durable: HashSet<EventKey>,
+    durable: KeyedSet<EventKey>,
     durable_until: Option<Cursor>,
     window: u64,
     recent: VecDeque<(Cursor, EventKey)>,
-    recent_set: HashSet<EventKey>,
+    recent_set: KeyedSet<EventKey>,
 }
 
 impl Dedupe {
@@ -23,7 +23,7 @@ impl Dedupe {
     /// (0 disables it).
     pub fn new(durable: HashSet<EventKey>, until: Option<Cursor>, window: u64) -> Self {
         Dedupe {
-            durable,
+            durable: durable.into_iter().collect(),
             durable_until: until,
             window,
             ..Default::default()
@@ -42,7 +42,7 @@ impl Dedupe {
             && c.back_by(self.window) > until
             && !self.durable.is_empty()
         {
-            self.durable = HashSet::new();
+            self.durable = KeyedSet::default();
             self.durable_until = None;
         }
         if self.window == 0 {

@@ -19,7 +19,7 @@ use crate::sink::batcher::{Batcher, FlushJob, Refused};
 use crate::sink::lease::{Fence, Lease};
 use crate::source::file::FileProgress;
 use crate::source::{Payload, RawMessage};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -63,7 +63,7 @@ pub(super) struct LoopState {
     pub awaiting: HashSet<u64>,
     pub summary: Summary,
     /// (kind, collection label, operation) → events since the last metrics flush
-    pub counts: HashMap<(&'static str, &'static str, &'static str), u64>,
+    pub counts: crate::model::KeyedMap<(&'static str, &'static str, &'static str), u64>,
     pub last_event_time_us: Option<i64>,
     pub started: Instant,
     pub progress: Option<Arc<FileProgress>>,

@@ -13,12 +13,12 @@
 
 use super::partition::{PartitionKey, PartitionName, PartitionRangeError, is_path_safe_collection};
 use crate::config::FlushConfig;
+use crate::model::KeyedMap;
 use crate::model::key::{EventKey, error_key};
 use crate::model::lexicon::Lexicon;
 use crate::model::rows::{RowBuilder, TableKind};
 use crate::model::{Cursor, Envelope, ErrorEvent, EventData, SourceKind};
 use arrow::record_batch::RecordBatch;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Why a partition was flushed (a metric label).
@@ -227,7 +227,7 @@ pub struct Batcher {
     /// The policy in force.
     pub policy: FlushPolicy,
     source: SourceKind,
-    buffers: HashMap<PartitionKey, PartitionBuffer>,
+    buffers: KeyedMap<PartitionKey, PartitionBuffer>,
     total_bytes: usize,
     events_seen: u64,
     stream_time_us: Option<i64>,
@@ -241,7 +241,7 @@ impl Batcher {
         Batcher {
             policy,
             source,
-            buffers: HashMap::new(),
+            buffers: KeyedMap::default(),
             total_bytes: 0,
             events_seen: 0,
             stream_time_us: None,

@@ -231,7 +231,7 @@ fn trivial_columns(chunks: &[RecordBatch]) -> Vec<&str> {
 
 fn distinct_dids(chunks: &[RecordBatch]) -> usize {
     use arrow::array::AsArray;
-    let mut set = std::collections::HashSet::new();
+    let mut set = crate::model::KeyedSet::default();
     for c in chunks {
         if let Some(a) = c
             .column_by_name("did")
