@@ -1055,8 +1055,9 @@ async fn serve_cmd(cfg: Config) -> anyhow::Result<ExitCode> {
         tracing::warn!(%addr, "the SQL endpoint is reachable beyond this machine without a token; set ATLAKE_SERVER_TOKEN");
     }
     crate::query::http::serve(listener, state, shutdown_signal()).await?;
-    // no receiver left means every front end has already ended
-    let _ = stop_fronts.send(true);
+    if stop_fronts.send(true).is_err() {
+        tracing::debug!("no front end was listening for the stop: each had already ended");
+    }
     for (_, task) in pg.into_iter().chain(flight) {
         task.await??;
     }

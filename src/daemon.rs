@@ -157,8 +157,9 @@ pub async fn start_pg(
         tls,
         cfg.max_connections,
         async move {
-            // an error means the daemon dropped the sender: stop as well
-            let _ = stop.wait_for(|s| *s).await;
+            if stop.wait_for(|s| *s).await.is_err() {
+                tracing::debug!("the daemon dropped its stop signal: this front end stops too");
+            }
         },
     ));
     Ok(Some((addr, task)))
@@ -191,8 +192,9 @@ pub async fn start_flight(
     let max = cfg.max_connections;
     let task = tokio::spawn(async move {
         crate::query::flight::serve(listener, front, max, async move {
-            // an error means the daemon dropped the sender: stop as well
-            let _ = stop.wait_for(|s| *s).await;
+            if stop.wait_for(|s| *s).await.is_err() {
+                tracing::debug!("the daemon dropped its stop signal: this front end stops too");
+            }
         })
         .await
         .map_err(std::io::Error::other)
@@ -265,7 +267,9 @@ impl Daemon {
             filters: Some(ingest.filters_sender()),
         });
         let server = tokio::spawn(crate::query::http::serve(listener, state, async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
+            if stop_rx.wait_for(|s| *s).await.is_err() {
+                tracing::debug!("the daemon dropped its stop signal: the HTTP front end stops too");
+            }
         }));
         if cfg.server.token.is_none() && !addr.ip().is_loopback() {
             tracing::warn!(%addr, "the SQL endpoint is reachable beyond this machine without a token; set ATLAKE_SERVER_TOKEN");
