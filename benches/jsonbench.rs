@@ -28,7 +28,7 @@ qs = json.loads(sys.argv[4])
 con = duckdb.connect()
 con.execute(f"SET threads={threads}")
 # the files store time_us; `time` is derived, as in atlake
-con.execute(f"CREATE VIEW events AS SELECT *, make_timestamp(time_us) AS time FROM read_parquet('{lake}/events/**/*.parquet', union_by_name=true, hive_partitioning=false)")
+con.execute(f"CREATE VIEW events AS SELECT *, make_timestamp(time_us) AS time FROM read_parquet('{lake}/events/*=*/**/*.parquet', union_by_name=true, hive_partitioning=false)")
 out = {}
 for name, sql in qs.items():
     con.execute(sql).fetchall()

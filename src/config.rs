@@ -262,6 +262,10 @@ pub struct LakeConfig {
     /// been out of it this long: a reader's snapshot from before the removal stays readable
     /// until then.
     pub vacuum_retention: HumanDuration,
+    /// Delete the Delta log's commits and checkpoints older than this once a newer checkpoint
+    /// covers them (Delta's `delta.logRetentionDuration`, 30 days by default): the tables can
+    /// be read at any version from then on, not before.
+    pub log_retention: HumanDuration,
 }
 
 impl Default for LakeConfig {
@@ -272,6 +276,7 @@ impl Default for LakeConfig {
             lease_wait: false,
             retention: None,
             vacuum_retention: HumanDuration(Duration::from_secs(3600)),
+            log_retention: HumanDuration(Duration::from_secs(30 * 24 * 3600)),
         }
     }
 }

@@ -35,7 +35,7 @@ use crate::source::sync::{SyncClient, SyncError, SyncSettings};
 use buffer::HistoryBuffer;
 use fetch::{FetchContext, RepoJob};
 use progress::{BatchRecord, Progress, RepoDone, RepoFailed, RepoPartial};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -343,25 +343,25 @@ async fn run_inner(
     }
     let orphans = removed.len();
     if let Some(cut) = catalog.as_ref().and_then(|c| c.cutover()) {
-        for (did, state) in &progress.repos {
+        for (did, state) in progress.states() {
             match state {
                 progress::RepoState::Done {
                     rev: Some(rev),
                     live,
                     data,
-                } => cut.load_snapshot(did, rev, data.as_deref(), live),
+                } => cut.load_snapshot(did, &rev, data.as_deref(), &live),
                 progress::RepoState::Partial {
                     rev: Some(rev),
                     live,
                     ..
-                } => cut.load_snapshot(did, rev, None, live),
+                } => cut.load_snapshot(did, &rev, None, &live),
                 _ => {}
             }
         }
     }
     tracing::info!(
         lake = lake.url(),
-        repos_known = progress.repos.len(),
+        repos_known = progress.len(),
         next_batch,
         orphans_removed = orphans,
         took = ?started.elapsed(),
@@ -387,17 +387,9 @@ async fn run_inner(
         collections: Arc::new(b.collections.clone()),
         stats: stats.clone(),
     };
-    let resume: HashMap<String, (Option<String>, bool)> = progress
-        .repos
-        .iter()
-        .map(|(d, s)| (d.clone(), (s.after().map(str::to_string), s.reset())))
-        .collect();
-    let done: HashSet<String> = progress
-        .repos
-        .iter()
-        .filter(|(_, s)| matches!(s, progress::RepoState::Done { .. }))
-        .map(|(d, _)| d.clone())
-        .collect();
+    // one map of every repo's state for the whole run: the batch loop updates it, the
+    // listing looks each listed repo up in it
+    let progress = Arc::new(tokio::sync::Mutex::new(progress));
     let (job_tx, job_rx) = mpsc::channel::<RepoJob>(b.concurrency * 2);
     let (msg_tx, msg_rx) = mpsc::channel::<Msg>(64);
     let follow = catalog
@@ -410,8 +402,7 @@ async fn run_inner(
         plan.target.clone(),
         b.relay.clone(),
         b.collections.clone(),
-        done,
-        resume,
+        progress.clone(),
         stats.clone(),
         job_tx,
         stop.clone(),
@@ -446,7 +437,7 @@ async fn run_inner(
             ..Summary::default()
         },
         opened: Instant::now(),
-        progress: Arc::new(tokio::sync::Mutex::new(progress)),
+        progress,
         pending: None,
         follow: follow_mode,
         last_msg: Instant::now(),
@@ -481,28 +472,34 @@ async fn list(
     target: Target,
     host: String,
     collections: Vec<String>,
-    done: HashSet<String>,
-    resume: HashMap<String, (Option<String>, bool)>,
+    progress: Arc<tokio::sync::Mutex<Progress>>,
     stats: Arc<Stats>,
     tx: mpsc::Sender<RepoJob>,
     stop: watch::Receiver<bool>,
     follow: Option<Arc<crate::catalog::Cutover>>,
 ) -> Result<(), BackfillError> {
-    let mut seen: HashSet<String> = HashSet::new();
-    let job = |did: String| {
-        let (after, reset) = resume.get(&did).cloned().unwrap_or((None, false));
-        RepoJob { did, after, reset }
-    };
-    let offer = |did: String, seen: &mut HashSet<String>| -> Option<RepoJob> {
-        if !seen.insert(did.clone()) {
-            return None;
+    let mut seen = Seen::default();
+    // a repo is offered once per run, resumed where the lake's progress leaves it
+    let offer = |did: String, seen: &mut Seen| {
+        let (progress, stats) = (progress.clone(), stats.clone());
+        let fresh = seen.insert(&did);
+        async move {
+            if !fresh {
+                return None;
+            }
+            stats.listed.fetch_add(1, Ordering::Relaxed);
+            let (after, reset) = {
+                let p = progress.lock().await;
+                if p.is_done(&did) {
+                    stats.already_done.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                p.get(&did).map_or((None, false), |s| {
+                    (s.after().map(str::to_string), s.reset())
+                })
+            };
+            Some(RepoJob { did, after, reset })
         }
-        stats.listed.fetch_add(1, Ordering::Relaxed);
-        if done.contains(&did) {
-            stats.already_done.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(job(did))
     };
     let listing = async {
         match target {
@@ -511,7 +508,7 @@ async fn list(
                     if *stop.borrow() {
                         break;
                     }
-                    if let Some(j) = offer(d, &mut seen) {
+                    if let Some(j) = offer(d, &mut seen).await {
                         stats.queued.fetch_add(1, Ordering::Relaxed);
                         if tx.send(j).await.is_err() {
                             break;
@@ -560,7 +557,7 @@ async fn list(
                                 stats.listed.fetch_add(1, Ordering::Relaxed);
                                 continue;
                             }
-                            if let Some(j) = offer(r.did, &mut seen) {
+                            if let Some(j) = offer(r.did, &mut seen).await {
                                 stats.queued.fetch_add(1, Ordering::Relaxed);
                                 if tx.send(j).await.is_err() {
                                     break 'outer;
@@ -597,6 +594,27 @@ async fn list(
         _ = &mut gaps => {}
     }
     Ok(())
+}
+
+/// The repos a listing offered already: two independently keyed 64-bit hashes of each DID
+/// (16 bytes a repo, not the DID), so a listing that names a repo twice (a hostile or
+/// shifting host) still fetches it once. Two DIDs that collide in both hashes (odds about
+/// n²/2¹²⁹: 10⁻²³ for 40M repos, and the keys are secret and new every run) would lose
+/// the second to the next run.
+#[derive(Default)]
+struct Seen {
+    keys: (std::hash::RandomState, std::hash::RandomState),
+    set: crate::model::KeyedSet<u128>,
+}
+
+impl Seen {
+    /// Whether `did` is new (and now seen).
+    fn insert(&mut self, did: &str) -> bool {
+        use std::hash::BuildHasher;
+        let h =
+            (u128::from(self.keys.0.hash_one(did)) << 64) | u128::from(self.keys.1.hash_one(did));
+        self.set.insert(h)
+    }
 }
 
 /// In the daemon, beside the listing and after it: fetches again every repo the live stream

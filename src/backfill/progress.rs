@@ -187,20 +187,153 @@ impl RepoState {
     }
 }
 
-/// The folded state file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// A repo's state as progress keeps it in memory: 16 bytes for a finished repo whose rev is a
+/// TID and that left nothing to live creates (nearly every repo), the whole [`RepoState`]
+/// boxed otherwise. A finished repo's MST root is not kept: a start loads snapshots "loose"
+/// (the next live commit is checked against the rev alone), so only the batch record that
+/// finished the repo names it.
+#[derive(Debug, Clone)]
+enum Slot {
+    /// Finished at this rev (a TID as its 64-bit value; [`NO_REV`]: a version-2 repo).
+    Done(u64),
+    /// Anything else.
+    Other(Box<RepoState>),
+}
+
+/// The rev of a repo without one. TIDs kept as values have the top bit clear, as the TID
+/// spec has it (the syntax lets the first character reach `j`, which sets it: such a rev is
+/// kept boxed, as text).
+const NO_REV: u64 = u64::MAX;
+
+const TID_ALPHABET: &[u8; 32] = b"234567abcdefghijklmnopqrstuvwxyz";
+
+/// A TID as its 64-bit value; `None` for anything else, and for a TID whose top bit is set.
+fn tid_value(rev: &str) -> Option<u64> {
+    if !crate::syntax::is_tid(rev) || TID_ALPHABET[..8].iter().all(|c| *c != rev.as_bytes()[0]) {
+        return None;
+    }
+    rev.bytes().try_fold(0u64, |v, c| {
+        let d = TID_ALPHABET.iter().position(|x| *x == c)? as u64;
+        Some((v << 5) | d)
+    })
+}
+
+/// The TID of a 64-bit value.
+fn tid_text(mut v: u64) -> String {
+    let mut out = [0u8; 13];
+    for c in out.iter_mut().rev() {
+        *c = TID_ALPHABET[(v & 31) as usize];
+        v >>= 5;
+    }
+    out.iter().map(|c| *c as char).collect()
+}
+
+impl Slot {
+    fn of(s: RepoState) -> Slot {
+        if let RepoState::Done { rev, live, .. } = &s
+            && live.is_empty()
+        {
+            match rev.as_deref().map(tid_value) {
+                None => return Slot::Done(NO_REV),
+                Some(Some(v)) => return Slot::Done(v),
+                Some(None) => {}
+            }
+        }
+        Slot::Other(Box::new(s))
+    }
+
+    fn state(&self) -> RepoState {
+        match self {
+            Slot::Done(v) => RepoState::Done {
+                rev: (*v != NO_REV).then(|| tid_text(*v)),
+                live: Vec::new(),
+                data: None,
+            },
+            Slot::Other(s) => (**s).clone(),
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.kind() == 0
+    }
+
+    /// The state unless it is a plain finished one (which has no resume key, no keys left to
+    /// live creates and no reset).
+    fn other(&self) -> Option<&RepoState> {
+        match self {
+            Slot::Done(_) => None,
+            Slot::Other(s) => Some(s),
+        }
+    }
+
+    /// 0 done, 1 partial, 2 failed.
+    fn kind(&self) -> u8 {
+        match self {
+            Slot::Done(_) => 0,
+            Slot::Other(s) => match **s {
+                RepoState::Done { .. } => 0,
+                RepoState::Partial { .. } => 1,
+                RepoState::Failed { .. } => 2,
+            },
+        }
+    }
+}
+
+/// The folded state file, as read: each repo goes straight into its [`Slot`].
+#[derive(Debug, Default, Deserialize)]
 struct StateFile {
     version: u32,
     batch: i64,
     rows: u64,
-    repos: BTreeMap<String, RepoState>,
+    #[serde(deserialize_with = "slots")]
+    repos: HashMap<Box<str>, Slot>,
+}
+
+/// Reads the `repos` object one entry at a time (no map of whole states in between).
+fn slots<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HashMap<Box<str>, Slot>, D::Error> {
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = HashMap<Box<str>, Slot>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of repo states by DID")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = HashMap::with_capacity(m.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some((did, state)) = m.next_entry::<Box<str>, RepoState>()? {
+                out.insert(did, Slot::of(state));
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Visit)
+}
+
+/// The folded state file, as written: the same JSON, repos in DID order, each state made
+/// from its slot as it is written.
+#[derive(Serialize)]
+struct StateFileOut<'a> {
+    version: u32,
+    batch: i64,
+    rows: u64,
+    repos: SortedRepos<'a>,
+}
+
+struct SortedRepos<'a>(Vec<(&'a str, &'a Slot)>);
+
+impl Serialize for SortedRepos<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (*k, v.state())))
+    }
 }
 
 /// Everything the lake says about a backfill.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
-    /// Each repo's state.
-    pub repos: HashMap<String, RepoState>,
+    /// Each repo's state, by DID (one map for the whole run: the listing looks repos up here).
+    repos: HashMap<Box<str>, Slot>,
     /// The last committed batch.
     pub last_batch: Option<i64>,
     /// Rows committed over every batch.
@@ -209,32 +342,66 @@ pub struct Progress {
     pub unfolded: Vec<i64>,
     /// The state file they follow.
     pub state_batch: Option<i64>,
+    /// Repos per state (`done`, `partial`, `failed`), kept as `repos` changes.
+    tally: (u64, u64, u64),
 }
 
 impl Progress {
     /// Whether a repo is finished.
     pub fn is_done(&self, did: &str) -> bool {
-        matches!(self.repos.get(did), Some(RepoState::Done { .. }))
+        self.repos.get(did).is_some_and(Slot::is_done)
+    }
+
+    /// A repo's state, if the lake has one.
+    pub fn get(&self, did: &str) -> Option<RepoState> {
+        self.repos.get(did).map(Slot::state)
+    }
+
+    /// Repos the lake has a state for.
+    pub fn len(&self) -> usize {
+        self.repos.len()
+    }
+
+    /// Whether no repo has a state yet.
+    pub fn is_empty(&self) -> bool {
+        self.repos.is_empty()
+    }
+
+    /// Every repo with its state (made as it is visited).
+    pub fn states(&self) -> impl Iterator<Item = (&str, RepoState)> + '_ {
+        self.repos.iter().map(|(k, v)| (&**k, v.state()))
     }
 
     /// Repos per state (`done`, `partial`, `failed`).
     pub fn counts(&self) -> (u64, u64, u64) {
-        let mut c = (0, 0, 0);
-        for s in self.repos.values() {
-            match s {
-                RepoState::Done { .. } => c.0 += 1,
-                RepoState::Partial { .. } => c.1 += 1,
-                RepoState::Failed { .. } => c.2 += 1,
-            }
+        self.tally
+    }
+
+    fn count(tally: &mut (u64, u64, u64), s: &Slot, add: bool) {
+        let n = match s.kind() {
+            0 => &mut tally.0,
+            1 => &mut tally.1,
+            _ => &mut tally.2,
+        };
+        *n = if add { *n + 1 } else { n.saturating_sub(1) };
+    }
+
+    /// Sets a repo's state, keeping the counts.
+    fn set(&mut self, did: &str, s: RepoState) {
+        let slot = Slot::of(s);
+        Self::count(&mut self.tally, &slot, true);
+        if let Some(old) = self.repos.insert(did.into(), slot) {
+            Self::count(&mut self.tally, &old, false);
         }
-        c
     }
 
     /// Failed repos per reason.
     pub fn failures(&self) -> BTreeMap<String, u64> {
         let mut m = BTreeMap::new();
         for s in self.repos.values() {
-            if let RepoState::Failed { reason, .. } = s {
+            if let Slot::Other(s) = s
+                && let RepoState::Failed { reason, .. } = &**s
+            {
                 *m.entry(reason.clone()).or_insert(0) += 1;
             }
         }
@@ -243,7 +410,7 @@ impl Progress {
 
     /// Keys a repo left to live creates so far.
     fn live_of(&self, did: &str) -> Vec<String> {
-        match self.repos.get(did) {
+        match self.repos.get(did).and_then(Slot::other) {
             Some(RepoState::Done { live, .. } | RepoState::Partial { live, .. }) => live.clone(),
             _ => Vec::new(),
         }
@@ -253,7 +420,7 @@ impl Progress {
     /// starts a fresh fetch (the snapshot replaces the repo; what earlier ones left is moot).
     fn live_before(&self, did: &str, reset: bool) -> Vec<String> {
         let resumed = matches!(
-            self.repos.get(did),
+            self.repos.get(did).and_then(Slot::other),
             Some(RepoState::Partial { reset: true, .. })
         );
         if reset && !resumed {
@@ -270,8 +437,8 @@ impl Progress {
             // a fresh fetch starts over: what earlier snapshots left to live creates is moot
             let mut live = self.live_before(&p.did, p.reset);
             live.extend(p.live.iter().cloned());
-            self.repos.insert(
-                p.did.clone(),
+            self.set(
+                &p.did,
                 RepoState::Partial {
                     rev: p.rev.clone(),
                     after: p.after.clone(),
@@ -283,11 +450,12 @@ impl Progress {
         for f in &r.failed {
             let after = self
                 .repos
-                .get(&f.did)
+                .get(f.did.as_str())
+                .and_then(Slot::other)
                 .and_then(|s| s.after())
                 .map(str::to_string);
-            self.repos.insert(
-                f.did.clone(),
+            self.set(
+                &f.did,
                 RepoState::Failed {
                     reason: f.reason.clone(),
                     after,
@@ -298,8 +466,8 @@ impl Progress {
         for d in &r.done {
             let mut live = self.live_before(&d.did, d.reset);
             live.extend(d.live.iter().cloned());
-            self.repos.insert(
-                d.did.clone(),
+            self.set(
+                &d.did,
                 RepoState::Done {
                     rev: d.rev.clone(),
                     live,
@@ -334,7 +502,16 @@ impl Progress {
                     why: format!("holds batch {} in a file named for {n}", s.batch),
                 });
             }
-            p.repos = s.repos.into_iter().collect();
+            if s.version != 1 {
+                return Err(ProgressError::Corrupt {
+                    path: path.clone(),
+                    why: format!("state format {} (this version reads 1)", s.version),
+                });
+            }
+            p.repos = s.repos;
+            for st in p.repos.values() {
+                Self::count(&mut p.tally, st, true);
+            }
             p.rows = s.rows;
             p.last_batch = Some(s.batch);
             p.state_batch = Some(s.batch);
@@ -392,15 +569,15 @@ impl Progress {
 
     /// Writes the state as of `batch`, then removes the records and older state it covers.
     async fn fold(&mut self, lake: &Lake, batch: i64) -> Result<(), ProgressError> {
-        let s = StateFile {
+        let s = StateFileOut {
             version: 1,
             batch,
             rows: self.rows,
-            repos: self
-                .repos
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            repos: SortedRepos({
+                let mut v: Vec<(&str, &Slot)> = self.repos.iter().map(|(k, v)| (&**k, v)).collect();
+                v.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                v
+            }),
         };
         let body = serde_json::to_vec(&s).map_err(|e| ProgressError::Corrupt {
             path: state_path(batch),
@@ -502,7 +679,7 @@ mod tests {
         b.rows = 2;
         p.apply(&b);
         assert_eq!(
-            p.repos["did:plc:a"],
+            p.get("did:plc:a").unwrap(),
             RepoState::Failed {
                 reason: "mst".into(),
                 after: Some("app.bsky.feed.post/3k".into()),
@@ -543,8 +720,8 @@ mod tests {
             reset: true,
         });
         p.apply(&b);
-        assert!(p.repos[did].reset());
-        assert_eq!(p.repos[did].after(), Some("app.bsky.feed.like/3k2"));
+        assert!(p.get(did).unwrap().reset());
+        assert_eq!(p.get(did).unwrap().after(), Some("app.bsky.feed.like/3k2"));
         assert_eq!(p.live_of(did), Vec::<String>::new());
         let mut c = rec(3);
         c.failed.push(RepoFailed {
@@ -554,7 +731,7 @@ mod tests {
             reset: true,
         });
         p.apply(&c);
-        assert!(p.repos[did].reset());
+        assert!(p.get(did).unwrap().reset());
         let mut d = rec(4);
         d.done.push(RepoDone {
             did: did.into(),
@@ -566,20 +743,202 @@ mod tests {
         });
         p.apply(&d);
         assert_eq!(
-            p.repos[did],
+            p.get(did).unwrap(),
             RepoState::Done {
                 rev: Some("3kc".into()),
                 live: Vec::new(),
                 data: Some("bafyroot2".into()),
             }
         );
-        assert!(!p.repos[did].reset());
+        assert!(!p.get(did).unwrap().reset());
         // a record round-trips through JSON, and older records (no reset, no data) still read
         let json = serde_json::to_string(&d).unwrap();
         assert_eq!(serde_json::from_str::<BatchRecord>(&json).unwrap(), d);
         let old: RepoDone =
             serde_json::from_str(r#"{"did":"did:plc:a","rev":null,"records":1}"#).unwrap();
         assert!(!old.reset && old.data.is_none());
+    }
+
+    /// A finished repo at a TID rev is kept in 16 bytes and reads back as it was (its MST root
+    /// aside); a rev that is no TID, keys left to live creates, partial and failed repos keep
+    /// their whole state; the state file round-trips every kind.
+    #[tokio::test]
+    async fn finished_repos_are_kept_compactly_and_read_back_the_same() {
+        assert_eq!(std::mem::size_of::<Slot>(), 16);
+        for rev in [
+            "2222222222222",
+            "3kbaaaaaaaaa2",
+            "bzzzzzzzzzzzz",
+            "3lzqv5mgtxk2a",
+        ] {
+            let v = tid_value(rev).unwrap();
+            assert_eq!(tid_text(v), rev);
+            assert_ne!(v, NO_REV);
+        }
+        // the syntax takes a first character up to `j`, which sets the top bit (and
+        // "jzzzzzzzzzzzz" would be the sentinel): kept as text instead
+        assert_eq!(tid_value("czzzzzzzzzzzz"), None);
+        assert_eq!(tid_value("jzzzzzzzzzzzz"), None);
+        assert_eq!(tid_value("kzzzzzzzzzzzz"), None);
+        assert_eq!(tid_value("3kb"), None);
+        let high = RepoState::Done {
+            rev: Some("jzzzzzzzzzzzz".into()),
+            live: vec![],
+            data: None,
+        };
+        assert!(matches!(Slot::of(high.clone()), Slot::Other(_)));
+        assert_eq!(Slot::of(high.clone()).state(), high);
+        let done = |rev: Option<&str>, live: Vec<String>, data: Option<&str>| RepoState::Done {
+            rev: rev.map(str::to_string),
+            live,
+            data: data.map(str::to_string),
+        };
+        let tid = "3lzqv5mgtxk2a";
+        let cases = [
+            (
+                done(Some(tid), vec![], Some("bafyroot")),
+                true,
+                done(Some(tid), vec![], None),
+            ),
+            (done(None, vec![], None), true, done(None, vec![], None)),
+            (
+                done(Some("not-a-tid"), vec![], Some("r")),
+                false,
+                done(Some("not-a-tid"), vec![], Some("r")),
+            ),
+            (
+                done(Some(tid), vec!["app.bsky.feed.post/3k".into()], None),
+                false,
+                done(Some(tid), vec!["app.bsky.feed.post/3k".into()], None),
+            ),
+            (
+                RepoState::Partial {
+                    rev: Some(tid.into()),
+                    after: "a/b".into(),
+                    live: vec![],
+                    reset: true,
+                },
+                false,
+                RepoState::Partial {
+                    rev: Some(tid.into()),
+                    after: "a/b".into(),
+                    live: vec![],
+                    reset: true,
+                },
+            ),
+            (
+                RepoState::Failed {
+                    reason: "mst".into(),
+                    after: None,
+                    reset: false,
+                },
+                false,
+                RepoState::Failed {
+                    reason: "mst".into(),
+                    after: None,
+                    reset: false,
+                },
+            ),
+        ];
+        let mut p = Progress::default();
+        for (i, (state, compact, back)) in cases.iter().enumerate() {
+            let slot = Slot::of(state.clone());
+            assert_eq!(matches!(slot, Slot::Done(_)), *compact, "{state:?}");
+            assert_eq!(&slot.state(), back);
+            p.set(&format!("did:plc:{i}"), state.clone());
+        }
+        assert_eq!(p.counts(), (4, 1, 1));
+        // a state replaced keeps the counts
+        p.set("did:plc:5", done(Some(tid), vec![], None));
+        assert_eq!(p.counts(), (5, 1, 0));
+        assert!(p.is_done("did:plc:5") && !p.is_done("did:plc:4") && !p.is_done("did:plc:9"));
+        // through a state file and back
+        let lake = Lake::open("memory://").unwrap();
+        p.fold(&lake, 7).await.unwrap();
+        let (q, _, _) = Progress::recover(&lake).await.unwrap();
+        assert_eq!(q.counts(), p.counts());
+        let mut a: Vec<_> = p.states().collect();
+        let mut b: Vec<_> = q.states().collect();
+        a.sort_by(|x, y| x.0.cmp(y.0));
+        b.sort_by(|x, y| x.0.cmp(y.0));
+        assert_eq!(a, b);
+        assert_eq!(q.get("did:plc:0"), Some(done(Some(tid), vec![], None)));
+    }
+
+    /// Resident bytes of the process (Linux).
+    fn rss() -> u64 {
+        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+        s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
+    }
+
+    const MEASURED: usize = 1_000_000;
+
+    fn measured_did(i: usize) -> String {
+        format!("did:plc:{:0>24}", format!("{i:x}"))
+    }
+
+    fn measured_state(i: usize) -> RepoState {
+        RepoState::Done {
+            // a TID of a time in 2024 (µs since 1970, then 10 bits of clock id)
+            rev: Some(tid_text((1_700_000_000_000_000 + i as u64) << 10)),
+            live: Vec::new(),
+            data: Some(format!("bafyreib{i:0>51}")),
+        }
+    }
+
+    fn per_repo(a: u64, b: u64) -> f64 {
+        b.saturating_sub(a) as f64 / MEASURED as f64
+    }
+
+    /// A measurement, not a check: the memory a backfill's progress takes per finished repo,
+    /// as this version keeps it (one map with boxed DIDs, and the listing's 16-byte keys).
+    /// Run alone, so that no freed memory is reused:
+    /// `cargo test --release --lib progress_memory_now -- --ignored --nocapture --exact backfill::progress::tests::progress_memory_now`
+    #[test]
+    #[ignore]
+    fn progress_memory_now() {
+        let r0 = rss();
+        let mut p = Progress::default();
+        for i in 0..MEASURED {
+            p.set(&measured_did(i), measured_state(i));
+        }
+        let r1 = rss();
+        let mut seen = crate::backfill::Seen::default();
+        for i in 0..MEASURED {
+            assert!(seen.insert(&measured_did(i)));
+        }
+        let r2 = rss();
+        eprintln!(
+            "now: map {:.0} B/repo, with the listing's set {:.0} B/repo",
+            per_repo(r0, r1),
+            per_repo(r0, r2)
+        );
+        assert_eq!(p.counts(), (MEASURED as u64, 0, 0));
+    }
+
+    /// The same for the way the version before kept it: the map with `String` DIDs, plus the
+    /// listing's copies (a set of finished DIDs, a map of resume points, a set of DIDs seen).
+    #[test]
+    #[ignore]
+    fn progress_memory_before() {
+        let r0 = rss();
+        let map: HashMap<String, RepoState> = (0..MEASURED)
+            .map(|i| (measured_did(i), measured_state(i)))
+            .collect();
+        let r1 = rss();
+        let done: std::collections::HashSet<String> = map.keys().cloned().collect();
+        let resume: HashMap<String, (Option<String>, bool)> = map
+            .iter()
+            .map(|(d, s)| (d.clone(), (s.after().map(str::to_string), s.reset())))
+            .collect();
+        let seen: std::collections::HashSet<String> = map.keys().cloned().collect();
+        let r2 = rss();
+        eprintln!(
+            "before: map {:.0} B/repo, with the listing's copies {:.0} B/repo",
+            per_repo(r0, r1),
+            per_repo(r0, r2)
+        );
+        assert_eq!(done.len() + resume.len() + seen.len(), 3 * MEASURED);
     }
 
     /// Records and state files round-trip through a lake; files of an uncommitted batch go.
@@ -614,7 +973,7 @@ mod tests {
         assert_eq!(next, 100);
         assert!(lake.get(orphan).await.unwrap().is_none());
         assert!(lake.get(kept).await.unwrap().is_some());
-        assert_eq!(q.repos.len(), COMPACT_AFTER + 3);
+        assert_eq!(q.len(), COMPACT_AFTER + 3);
         assert_eq!(q.rows, COMPACT_AFTER as u64 + 3);
         assert_eq!(q.state_batch, Some(COMPACT_AFTER as i64));
         assert_eq!(q.unfolded.len(), 3);

@@ -175,22 +175,10 @@ pub async fn run_command(
             },
         )
         .await?;
-        let retention = cfg
-            .lake
-            .retention
-            .as_ref()
-            .map(|r| r.0.as_micros().min(i64::MAX as u128) as i64);
-        let vacuum_ms = cfg
-            .lake
-            .vacuum_retention
-            .0
-            .as_millis()
-            .min(i64::MAX as u128) as i64;
         out.maintenance = super::retention::pass(
             &fenced,
             &mut settled.logs,
-            retention,
-            vacuum_ms,
+            super::retention::Keep::of(&cfg.lake),
             crate::model::cursor::now_us(),
         )
         .await?;

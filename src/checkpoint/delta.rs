@@ -182,6 +182,9 @@ pub struct LogState {
     /// of files alone carry none).
     /// Informational: each source's endpoint; the cursors are the `txn` actions.
     pub positions: Option<Value>,
+    /// The version of the checkpoint the state was read from or last written (`None`: no
+    /// checkpoint yet).
+    pub checkpoint: Option<u64>,
     /// The table's `protocol` and `metaData` actions as read.
     protocol: Option<Value>,
     metadata: Option<Value>,
@@ -445,23 +448,17 @@ pub async fn load(lake: &Lake, table: Table) -> Result<LogState, CheckpointError
             st.apply(table, &action, &path)?;
         }
         st.version = Some(version);
+        st.checkpoint = Some(version);
         next = version + 1;
         // a checkpoint has no commit information: take the positions from the newest commit
         // at or before it that recorded them (at most one interval back: every commit that
         // moves a cursor records them)
         for v in (version.saturating_sub(CHECKPOINT_INTERVAL)..=version).rev() {
-            let info_path = table.log_path(&commit_name(v));
-            let Some(b) = lake.get(&info_path).await? else {
+            let Some(info) = commit_info(lake, table, v).await? else {
                 break;
             };
-            for line in b.split(|c| *c == b'\n').filter(|l| !l.is_empty()) {
-                let a: Value =
-                    serde_json::from_slice(line).map_err(|e| corrupt(&info_path, e.to_string()))?;
-                if let Some(p) = a.get("commitInfo").and_then(positions_of) {
-                    st.positions = Some(p.clone());
-                }
-            }
-            if st.positions.is_some() {
+            if let Some(p) = positions_of(&info) {
+                st.positions = Some(p.clone());
                 break;
             }
         }
@@ -516,6 +513,128 @@ pub async fn load(lake: &Lake, table: Table) -> Result<LogState, CheckpointError
     Ok(st)
 }
 
+/// Bytes of a commit read to find its `commitInfo` (atlake writes it first, and small).
+const COMMIT_INFO_HEAD: u64 = 64 * 1024;
+
+/// The `commitInfo` of a commit (`Value::Null` when it has none), or `None` when the commit is
+/// not in storage. Only its first bytes are read when `commitInfo` is its first line, as in
+/// every commit atlake writes; a version 0 that converted a large lake holds every file.
+async fn commit_info(lake: &Lake, table: Table, v: u64) -> Result<Option<Value>, CheckpointError> {
+    let path = table.log_path(&commit_name(v));
+    let Some(head) = lake.get_head(&path, COMMIT_INFO_HEAD).await? else {
+        return Ok(None);
+    };
+    if let Some(end) = head.iter().position(|c| *c == b'\n') {
+        let a: Value =
+            serde_json::from_slice(&head[..end]).map_err(|e| corrupt(&path, e.to_string()))?;
+        if let Some(ci) = a.get("commitInfo") {
+            return Ok(Some(ci.clone()));
+        }
+    }
+    // another writer's layout: read it all
+    let b = lake
+        .get(&path)
+        .await?
+        .ok_or_else(|| corrupt(&path, "gone while being read"))?;
+    for line in b.split(|c| *c == b'\n').filter(|l| !l.is_empty()) {
+        let a: Value = serde_json::from_slice(line).map_err(|e| corrupt(&path, e.to_string()))?;
+        if let Some(ci) = a.get("commitInfo") {
+            return Ok(Some(ci.clone()));
+        }
+    }
+    Ok(Some(Value::Null))
+}
+
+/// Deletes the log's entries (commits and checkpoints) that a reader of the newest version no
+/// longer needs and that are older than `cutoff_ms`, as Delta's metadata cleanup does
+/// (`delta.logRetentionDuration`): every entry before a checkpoint `K` that is
+///
+/// - at least one checkpoint interval older than the newest checkpoint, so a reader that
+///   read `_last_checkpoint` before the newest was written still finds its checkpoint, and
+///   the commits [`load`] reads back for the endpoints stay;
+/// - committed at or before `cutoff_ms` (its `commitInfo.timestamp`).
+///
+/// The table stays readable at `K` and every version after it. Returns how many entries were
+/// deleted.
+pub async fn clean_log(
+    lake: &Lake,
+    table: Table,
+    cutoff_ms: i64,
+) -> Result<usize, CheckpointError> {
+    let mut commits = Vec::new();
+    let mut checkpoints = Vec::new();
+    for (p, _) in lake.list(&table.log_path("")).await? {
+        let name = p.rsplit('/').next().unwrap_or("");
+        let version = |suffix: &str| {
+            let v = name.strip_suffix(suffix)?;
+            (v.len() == 20 && v.bytes().all(|c| c.is_ascii_digit()))
+                .then(|| v.parse::<u64>().ok())
+                .flatten()
+        };
+        if let Some(v) = version(".json") {
+            commits.push((v, p));
+        } else if let Some(v) = version(".checkpoint.parquet") {
+            checkpoints.push((v, p));
+        }
+    }
+    checkpoints.sort_unstable();
+    let Some(newest) = checkpoints.last().map(|(v, _)| *v) else {
+        return Ok(0);
+    };
+    let mut keep_from = None;
+    for (k, _) in checkpoints.iter().rev() {
+        if k.saturating_add(CHECKPOINT_INTERVAL) > newest {
+            continue;
+        }
+        let info = commit_info(lake, table, *k).await?;
+        let when = info
+            .as_ref()
+            .and_then(|i| i.get("timestamp"))
+            .and_then(Value::as_i64);
+        // a checkpoint whose commit is gone or undated is not one to keep the log from
+        if when.is_some_and(|t| t <= cutoff_ms) {
+            keep_from = Some(*k);
+            break;
+        }
+    }
+    let Some(k) = keep_from else {
+        return Ok(0);
+    };
+    let mut deleted = 0;
+    for (v, p) in commits.iter().chain(checkpoints.iter()) {
+        if *v < k {
+            lake.delete(p).await?;
+            deleted += 1;
+        }
+    }
+    if deleted > 0 {
+        tracing::info!(
+            table = table.root(),
+            deleted,
+            kept_from = k,
+            "removed log entries older than the log retention"
+        );
+    }
+    Ok(deleted)
+}
+
+/// Writes a checkpoint of `state` at its version (the conversion of a large lake does at
+/// version 0, so that no start reads that commit whole again). A failure is only logged and
+/// counted: a checkpoint only speeds up reading.
+pub async fn checkpoint_now(lake: &Lake, table: Table, state: &mut LogState) {
+    let Some(version) = state.version else {
+        return;
+    };
+    match write_checkpoint(lake, table, state, version).await {
+        Ok(()) => state.checkpoint = Some(version),
+        Err(e) => {
+            metrics::counter!("atlake_storage_errors_total", "kind" => "delta_checkpoint")
+                .increment(1);
+            tracing::warn!(error = %e, table = table.root(), version, "writing a Delta checkpoint failed; the next interval tries again");
+        }
+    }
+}
+
 /// Why a commit did not land.
 #[derive(Debug)]
 pub enum CommitOutcome {
@@ -562,11 +681,7 @@ pub async fn commit(
     state.version = Some(version);
     if version > 0 && version.is_multiple_of(CHECKPOINT_INTERVAL) {
         // a checkpoint only speeds up reading: the commit stands without it
-        if let Err(e) = write_checkpoint(lake, table, state, version).await {
-            metrics::counter!("atlake_storage_errors_total", "kind" => "delta_checkpoint")
-                .increment(1);
-            tracing::warn!(error = %e, table = table.root(), version, "writing a Delta checkpoint failed; the next interval tries again");
-        }
+        checkpoint_now(lake, table, state).await;
     }
     Ok(CommitOutcome::Committed(version))
 }
@@ -805,6 +920,94 @@ mod tests {
         .unwrap();
         assert!(matches!(again, CommitOutcome::Conflict(1)));
         assert_eq!(load(&lake, Table::Events).await.unwrap().files.len(), 2);
+    }
+
+    /// Commits a file and a cursor per version until `last`, each recording its positions.
+    async fn commit_until(lake: &Lake, st: &mut LogState, last: u64) {
+        while st.version.unwrap() < last {
+            let v = st.version.unwrap() + 1;
+            let f = file("app.bsky.feed.like", 493_000 + v as i64, v as i64 * 10, v);
+            let acts = vec![
+                add_action(Table::Events, &f, true, 5).unwrap(),
+                txn_action(SourceKind::Firehose, v as i64, 6),
+            ];
+            let info = positions_info(json!({"v": v}));
+            commit(lake, Table::Events, st, "WRITE", info, acts)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Log entries go only once they are older than the cutoff and a checkpoint at least one
+    /// interval older than the newest covers them; the table reads the same afterwards.
+    #[tokio::test]
+    async fn old_log_entries_go_once_an_older_checkpoint_covers_them() {
+        let lake = Lake::open("memory://").unwrap();
+        let mut st = new_table(&lake, Table::Events).await;
+        commit_until(&lake, &mut st, 2 * CHECKPOINT_INTERVAL + 20).await;
+        let names = |lake: Lake| async move {
+            let mut n: Vec<String> = lake
+                .list(&Table::Events.log_path(""))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(p, _)| p.rsplit('/').next().unwrap().to_string())
+                .collect();
+            n.sort();
+            n
+        };
+        let before = load(&lake, Table::Events).await.unwrap();
+        let now = crate::model::cursor::now_us() / 1000;
+        // nothing is older than a cutoff an hour ago
+        assert_eq!(
+            clean_log(&lake, Table::Events, now - 3_600_000)
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(names(lake.clone()).await.len(), 221 + 2 + 1);
+        // everything is old: the entries before the checkpoint one interval behind the newest
+        // (100, since the newest is 200) go
+        let gone = clean_log(&lake, Table::Events, now + 3_600_000)
+            .await
+            .unwrap();
+        assert_eq!(gone, CHECKPOINT_INTERVAL as usize);
+        let left = names(lake.clone()).await;
+        assert_eq!(
+            left.iter().find(|n| n.ends_with(".json")),
+            Some(&commit_name(CHECKPOINT_INTERVAL))
+        );
+        assert!(left.contains(&checkpoint_name(CHECKPOINT_INTERVAL)));
+        assert!(left.contains(&"_last_checkpoint".to_string()));
+        let after = load(&lake, Table::Events).await.unwrap();
+        assert_eq!(after.version, before.version);
+        assert_eq!(
+            after.files.keys().collect::<Vec<_>>(),
+            before.files.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(after.txns, before.txns);
+        assert_eq!(after.positions, before.positions);
+        // a second pass finds nothing more until a newer checkpoint exists
+        assert_eq!(
+            clean_log(&lake, Table::Events, now + 3_600_000)
+                .await
+                .unwrap(),
+            0
+        );
+        commit_until(&lake, &mut st, 3 * CHECKPOINT_INTERVAL + 1).await;
+        // commits 100..199 and the checkpoint at 100
+        let gone = clean_log(&lake, Table::Events, now + 3_600_000)
+            .await
+            .unwrap();
+        assert_eq!(gone, CHECKPOINT_INTERVAL as usize + 1);
+        let after = load(&lake, Table::Events).await.unwrap();
+        assert_eq!(after.version, st.version);
+        assert_eq!(after.files.len(), st.files.len());
+        assert_eq!(
+            after.positions,
+            Some(json!({"v": 3 * CHECKPOINT_INTERVAL + 1}))
+        );
+        assert_eq!(after.checkpoint, Some(3 * CHECKPOINT_INTERVAL));
     }
 
     /// Past a checkpoint the log reads the same: the checkpoint's files and txns, then the

@@ -381,6 +381,8 @@ async fn convert(
                     files = mine.len(),
                     "converted the table to a Delta log"
                 );
+                // version 0 names every file: later starts read a checkpoint of it instead
+                delta::checkpoint_now(lake, table, &mut st).await;
             }
             Ok(st)
         }
@@ -405,6 +407,9 @@ pub struct Settled {
     pub converted: usize,
 }
 
+/// A log with this many files and no checkpoint gets one at start.
+const CHECKPOINT_FILES: usize = 1000;
+
 /// Reads and settles the lake (see [`Settled`]); a committed file missing from storage is an
 /// error.
 pub async fn settle(lake: &Lake) -> Result<Settled, CheckpointError> {
@@ -419,6 +424,14 @@ pub async fn settle(lake: &Lake) -> Result<Settled, CheckpointError> {
                 *logs.get_mut(t) = convert(lake, t, &listed, legacy.as_ref()).await?;
                 converted += 1;
             }
+        }
+    }
+    // a conversion that crashed before its checkpoint (or a large log without one yet): read
+    // once more now, then from a checkpoint
+    for t in delta::Table::ALL {
+        let log = logs.get_mut(t);
+        if log.checkpoint.is_none() && log.files.len() >= CHECKPOINT_FILES {
+            delta::checkpoint_now(lake, t, log).await;
         }
     }
     // both logs exist: the file of the old format says nothing more
@@ -975,6 +988,8 @@ mod tests {
         assert!(lake.get(&checkpoint_path()).await.unwrap().is_none());
         let log = delta::load(&lake, delta::Table::Events).await.unwrap();
         assert_eq!(log.version, Some(0));
+        // version 0 names every file: it is read from a checkpoint of it from now on
+        assert_eq!(log.checkpoint, Some(0), "the conversion is checkpointed");
         assert_eq!(log.txn(SourceKind::Firehose).map(|t| t.0), Some(c));
         let errors = delta::load(&lake, delta::Table::Errors).await.unwrap();
         assert_eq!(errors.files.len(), 1, "the quarantine file");

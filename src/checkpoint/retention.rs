@@ -15,6 +15,35 @@ pub struct Pass {
     pub expired: usize,
     /// Files deleted from storage by vacuum.
     pub vacuumed: usize,
+    /// Log entries (commits, checkpoints) deleted by the log retention.
+    pub log_entries: usize,
+}
+
+/// How long the tables keep what leaves them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    /// Partitions whose hour ended longer ago than this leave the table (`lake.retention`).
+    pub retention_us: Option<i64>,
+    /// Removed files are deleted from storage this long after (`lake.vacuum_retention`).
+    pub vacuum_after_ms: i64,
+    /// Log entries older than this are deleted once a checkpoint covers them
+    /// (`lake.log_retention`).
+    pub log_after_ms: i64,
+}
+
+impl Keep {
+    /// The lake's settings (durations beyond i64, about 292,000 years, saturate: "never").
+    pub fn of(l: &crate::config::LakeConfig) -> Keep {
+        let ms = |d: std::time::Duration| d.as_millis().min(i64::MAX as u128) as i64;
+        Keep {
+            retention_us: l
+                .retention
+                .as_ref()
+                .map(|r| r.0.as_micros().min(i64::MAX as u128) as i64),
+            vacuum_after_ms: ms(l.vacuum_retention.0),
+            log_after_ms: ms(l.log_retention.0),
+        }
+    }
 }
 
 /// Removes from `table` every file whose partition ended at or before `cutoff_us`, in one
@@ -82,13 +111,12 @@ pub async fn vacuum(
     Ok(due.len())
 }
 
-/// One pass over both tables: retention (if `retention_us` is set), then vacuum of what was
-/// removed more than `vacuum_after_ms` ago.
+/// One pass over both tables: retention (if set), vacuum of what was removed longer ago than
+/// the vacuum retention, and cleanup of log entries older than the log retention.
 pub async fn pass(
     lake: &Lake,
     logs: &mut super::Logs,
-    retention_us: Option<i64>,
-    vacuum_after_ms: i64,
+    keep: Keep,
     now_us: i64,
 ) -> Result<Pass, CheckpointError> {
     let mut out = Pass::default();
@@ -98,10 +126,15 @@ pub async fn pass(
         if state.version.is_none() {
             continue;
         }
-        if let Some(r) = retention_us {
+        if let Some(r) = keep.retention_us {
             out.expired += expire(lake, t, state, now_us.saturating_sub(r), now_ms).await?;
         }
-        out.vacuumed += vacuum(lake, state, now_ms.saturating_sub(vacuum_after_ms)).await?;
+        out.vacuumed += vacuum(lake, state, now_ms.saturating_sub(keep.vacuum_after_ms)).await?;
+        out.log_entries +=
+            delta::clean_log(lake, t, now_ms.saturating_sub(keep.log_after_ms)).await?;
+    }
+    if out.log_entries > 0 {
+        metrics::counter!("atlake_log_entries_deleted_total").increment(out.log_entries as u64);
     }
     if out.expired > 0 {
         metrics::counter!("atlake_retention_files_removed_total").increment(out.expired as u64);
@@ -167,14 +200,19 @@ mod tests {
         let now_us = (490_004 + 1) * HOUR_US;
         let retention = 2 * HOUR_US;
         let hour_ms = HOUR_US / 1000;
-        let p = pass(&lake, &mut logs, Some(retention), hour_ms, now_us)
+        let keep = |retention_us| Keep {
+            retention_us,
+            vacuum_after_ms: hour_ms,
+            log_after_ms: 30 * 24 * hour_ms,
+        };
+        let p = pass(&lake, &mut logs, keep(Some(retention)), now_us)
             .await
             .unwrap();
         assert_eq!(
             p,
             Pass {
                 expired: 3,
-                vacuumed: 0
+                ..Pass::default()
             }
         );
         let read = delta::load(&lake, Table::Events).await.unwrap();
@@ -190,21 +228,20 @@ mod tests {
         let p = pass(
             &lake,
             &mut logs,
-            Some(retention),
-            hour_ms,
+            keep(Some(retention)),
             now_us + HOUR_US - 1000,
         )
         .await
         .unwrap();
         assert_eq!(p, Pass::default());
-        let p = pass(&lake, &mut logs, None, hour_ms, now_us + HOUR_US)
+        let p = pass(&lake, &mut logs, keep(None), now_us + HOUR_US)
             .await
             .unwrap();
         assert_eq!(
             p,
             Pass {
-                expired: 0,
-                vacuumed: 3
+                vacuumed: 3,
+                ..Pass::default()
             }
         );
         for f in &files[..3] {
@@ -212,7 +249,7 @@ mod tests {
         }
         assert!(lake.get(&files[3].path).await.unwrap().is_some());
         // nothing more to vacuum, nothing else leaves
-        let p = pass(&lake, &mut logs, None, hour_ms, now_us + 100 * HOUR_US)
+        let p = pass(&lake, &mut logs, keep(None), now_us + 100 * HOUR_US)
             .await
             .unwrap();
         assert_eq!(p, Pass::default());

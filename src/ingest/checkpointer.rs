@@ -41,10 +41,8 @@ pub struct Committer {
     pub source: SourceKind,
     /// Both logs as recovery read them.
     pub logs: Logs,
-    /// Drop partitions whose hour ended longer ago than this (`lake.retention`).
-    pub retention: Option<Duration>,
-    /// Delete removed files once out of the table this long (`lake.vacuum_retention`).
-    pub vacuum_after: Duration,
+    /// Retention, vacuum and log retention (`lake.*`).
+    pub keep: crate::checkpoint::retention::Keep,
     /// Commits of the compactor (compaction and purge rewrites), each answered.
     pub rewrites: Option<mpsc::Receiver<RewriteRequest>>,
 }
@@ -118,17 +116,12 @@ async fn maintain(c: &mut Committer) {
 
 async fn expire_and_vacuum(c: &mut Committer) {
     let now = crate::model::cursor::now_us();
-    // durations beyond i64 (about 292,000 years) saturate: they mean "never"
-    let retention = c
-        .retention
-        .map(|r| r.as_micros().min(i64::MAX as u128) as i64);
-    let vacuum_ms = c.vacuum_after.as_millis().min(i64::MAX as u128) as i64;
-    match crate::checkpoint::retention::pass(&c.lake, &mut c.logs, retention, vacuum_ms, now).await
-    {
-        Ok(p) if p.expired + p.vacuumed > 0 => {
+    match crate::checkpoint::retention::pass(&c.lake, &mut c.logs, c.keep, now).await {
+        Ok(p) if p.expired + p.vacuumed + p.log_entries > 0 => {
             tracing::info!(
                 expired = p.expired,
                 vacuumed = p.vacuumed,
+                log_entries = p.log_entries,
                 "retention and vacuum"
             );
         }
@@ -352,8 +345,7 @@ mod tests {
             catalog,
             source: SourceKind::Firehose,
             logs: rec.logs,
-            retention: None,
-            vacuum_after: Duration::from_secs(3600),
+            keep: crate::checkpoint::retention::Keep::of(&crate::config::LakeConfig::default()),
             rewrites: None,
         }
     }
@@ -497,7 +489,7 @@ mod tests {
         )
         .await
         .unwrap();
-        c.retention = Some(Duration::from_secs(2 * 3600));
+        c.keep.retention_us = Some(2 * 3600 * 1_000_000);
         let (task, _tx, _ftx, _abandon) = start(c);
         let until = std::time::Instant::now() + Duration::from_secs(10);
         loop {

@@ -132,34 +132,64 @@ impl datafusion::physical_expr::PhysicalExpr for LedgerScope {
     }
 }
 
-/// `plan` with its filter counted per evaluation, when it is a nested loop join with a filter
-/// (see [`LedgerScope`]); otherwise `plan` itself.
+/// `plan` with its filter counted per evaluation, when it is a join with a filter (nested
+/// loop, hash or sort-merge; see [`LedgerScope`]); otherwise `plan` itself.
+///
+/// A hash join evaluates its filter once per chunk of candidate pairs and goes on to the next
+/// chunk within the same poll while the filter passes too few rows to fill an output batch;
+/// a sort-merge join evaluates it per buffered group. Either way the evaluations are freed
+/// one by one, as in a nested loop join.
 pub fn scope_join_filter(
     plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
 ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
     use datafusion::physical_plan::joins::utils::JoinFilter;
-    use datafusion::physical_plan::joins::{NestedLoopJoinExec, NestedLoopJoinExecBuilder};
-    let Some(join) = plan.downcast_ref::<NestedLoopJoinExec>() else {
-        return Ok(plan);
+    use datafusion::physical_plan::joins::{
+        HashJoinExec, HashJoinExecBuilder, NestedLoopJoinExec, NestedLoopJoinExecBuilder,
+        SortMergeJoinExec,
     };
-    let Some(filter) = join.filter() else {
-        return Ok(plan);
+    let scoped = |filter: Option<&JoinFilter>| -> Option<JoinFilter> {
+        let filter = filter?;
+        if filter.expression().downcast_ref::<LedgerScope>().is_some() {
+            return None;
+        }
+        Some(JoinFilter::new(
+            Arc::new(LedgerScope {
+                inner: filter.expression().clone(),
+            }),
+            filter.column_indices().to_vec(),
+            filter.schema().clone(),
+        ))
     };
-    if filter.expression().downcast_ref::<LedgerScope>().is_some() {
-        return Ok(plan);
+    if let Some(join) = plan.downcast_ref::<NestedLoopJoinExec>() {
+        if let Some(f) = scoped(join.filter()) {
+            return Ok(Arc::new(
+                NestedLoopJoinExecBuilder::from(join)
+                    .with_filter(Some(f))
+                    .build()?,
+            ));
+        }
+    } else if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+        if let Some(f) = scoped(join.filter()) {
+            return Ok(Arc::new(
+                HashJoinExecBuilder::from(join)
+                    .with_filter(Some(f))
+                    .build()?,
+            ));
+        }
+    } else if let Some(join) = plan.downcast_ref::<SortMergeJoinExec>()
+        && let Some(f) = scoped(join.filter().as_ref())
+    {
+        return Ok(Arc::new(SortMergeJoinExec::try_new(
+            join.left().clone(),
+            join.right().clone(),
+            join.on().to_vec(),
+            Some(f),
+            join.join_type(),
+            join.sort_options().to_vec(),
+            join.null_equality(),
+        )?));
     }
-    let scoped = JoinFilter::new(
-        Arc::new(LedgerScope {
-            inner: filter.expression().clone(),
-        }),
-        filter.column_indices().to_vec(),
-        filter.schema().clone(),
-    );
-    Ok(Arc::new(
-        NestedLoopJoinExecBuilder::from(join)
-            .with_filter(Some(scoped))
-            .build()?,
-    ))
+    Ok(plan)
 }
 
 /// How a function's output size follows from its arguments.
@@ -1208,6 +1238,77 @@ mod tests {
         assert!(!text.contains("| ! "), "{text}");
         let e = run(&ctx, "SELECT 1 || 2").await.unwrap_err();
         assert!(e.to_string().contains("string concat"), "{e}");
+    }
+
+    /// A join whose filter computes with bounded functions counts each evaluation on its
+    /// own, whatever the join: the hash join goes through every chunk of candidate pairs of a
+    /// probe batch in one poll when its filter passes nothing, and each chunk is far under
+    /// the budget while their sum is far over it.
+    #[tokio::test]
+    async fn every_join_counts_its_filter_per_evaluation() {
+        use arrow::array::Int64Array;
+        use datafusion::datasource::MemTable;
+        let budget = 1 << 20;
+        let ctx = bounded_session(budget);
+        let table = |rows: usize| {
+            let k: ArrayRef = Arc::new(Int64Array::from(vec![1; rows]));
+            let s: ArrayRef = Arc::new(StringArray::from(vec!["x".repeat(40); rows]));
+            let b = arrow::record_batch::RecordBatch::try_from_iter([("k", k), ("s", s)]).unwrap();
+            Arc::new(MemTable::try_new(b.schema(), vec![vec![b]]).unwrap())
+        };
+        ctx.register_table("a", table(64)).unwrap();
+        ctx.register_table("b", table(2048)).unwrap();
+        let q = "SELECT count(*) FROM a JOIN b ON a.k = b.k AND length(a.s || b.s) < 0";
+        for (prefer_hash, join) in [("true", "HashJoinExec"), ("false", "SortMergeJoinExec")] {
+            ctx.sql(&format!(
+                "SET datafusion.optimizer.prefer_hash_join = {prefer_hash}"
+            ))
+            .await
+            .unwrap();
+            let plan = ctx
+                .sql(q)
+                .await
+                .unwrap()
+                .create_physical_plan()
+                .await
+                .unwrap();
+            let shown = datafusion::physical_plan::displayable(plan.as_ref())
+                .indent(false)
+                .to_string();
+            assert!(shown.contains(join), "{shown}");
+            let plan = crate::query::deadline::wrap(
+                plan,
+                crate::query::deadline::Limits {
+                    deadline: Instant::now() + Duration::from_secs(60),
+                    timeout: Duration::from_secs(60),
+                    batch_bytes: budget,
+                },
+            )
+            .unwrap();
+            reset_ledger();
+            let out = datafusion::physical_plan::collect(plan, ctx.task_ctx())
+                .await
+                .unwrap_or_else(|e| panic!("{join}: {e}"));
+            let n = out[0]
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0);
+            assert_eq!(n, 0, "{join}");
+        }
+        // one evaluation over the budget is still refused
+        reset_ledger();
+        let e = run(
+            &ctx,
+            "SELECT count(*) FROM a JOIN b ON a.k = b.k AND length(repeat(a.s, 20000) || b.s) < 0",
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("the functions of one batch may use"),
+            "{e}"
+        );
     }
 
     #[test]

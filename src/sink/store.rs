@@ -399,6 +399,20 @@ impl Lake {
         }
     }
 
+    /// Reads at most the first `max` bytes of an object (all of it when shorter); `None` if it
+    /// does not exist. An empty object is an error (there is no first byte to read).
+    pub async fn get_head(&self, rel: &str, max: u64) -> Result<Option<Bytes>, StoreError> {
+        let opts = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(0..max.max(1))),
+            ..Default::default()
+        };
+        match self.store.get_opts(&self.object_path(rel), opts).await {
+            Ok(r) => Ok(Some(r.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Lists every object under `rel_prefix` (recursively): lake-relative paths and sizes.
     pub async fn list(&self, rel_prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let p = self.object_path(rel_prefix);
