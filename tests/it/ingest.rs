@@ -597,3 +597,70 @@ async fn filtered_and_duplicate_events_are_counted_exactly() {
     assert_eq!(summary.events, kept);
     assert_eq!(summary.quarantined, 0);
 }
+
+/// With a backfill beside the live stream, a gap the live stream reveals (here a `#sync` of
+/// a backfilled repo) holds the live checkpoint just before the event that revealed it until
+/// the fresh fetch it calls for is committed: a crash in between replays the event, which
+/// marks the repo again. Then the checkpoint moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_holds_the_live_checkpoint_until_its_fresh_fetch_is_committed() {
+    let sim = start_sim(SimConfig {
+        messages: None,
+        rate: Some(400.0),
+        retention: 1_000_000,
+        ..seeded(23)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path().to_str().unwrap());
+    cfg.source.kind = SourceKind::Firehose;
+    cfg.source.url = sim.url();
+    cfg.source.start_cursor = Some(0);
+    cfg.backfill.enabled = true;
+    let h = ingest::start(cfg, Input::Network).await.unwrap();
+    let cut = h
+        .catalog
+        .cutover()
+        .expect("a backfill beside the stream")
+        .clone();
+    let first = |min: i64| {
+        let dir = dir.path().to_path_buf();
+        async move {
+            let mut got = None;
+            wait_until(Duration::from_secs(30), || {
+                got = local_checkpoint(&dir, "firehose").filter(|c| *c >= min);
+                got.is_some()
+            })
+            .await;
+            got
+        }
+    };
+    let c0 = first(1).await.expect("a first checkpoint");
+    // a repo the backfill finished at one rev, then a #sync at a later one, at the position
+    // just past the committed checkpoint
+    let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+    cut.load_snapshot(did, "3kbaaaaaaaaa2", None, &[]);
+    let at = atlake::model::Cursor::seq(c0 + 1).unwrap();
+    assert!(cut.live_sync(did, "3kcaaaaaaaaa2", Some(at)).is_some());
+    // the stream goes on, flushes and commits; the checkpoint stays before the #sync
+    let before = sim.last_seq().unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        sim.last_seq().unwrap_or(0) > before + 200,
+        "the stream moved on"
+    );
+    let held = local_checkpoint(dir.path(), "firehose").unwrap();
+    assert!(held <= c0, "the checkpoint passed the gap: {held} > {c0}");
+    // the fresh fetch is taken, finishes and is committed: the hold ends
+    assert_eq!(cut.take_refetch(10), vec![did.to_string()]);
+    cut.snapshot_done(did, Some("3kcaaaaaaaaa2"), None, true);
+    cut.refetch_committed(did);
+    let moved = first(c0 + 2).await;
+    assert!(
+        moved.is_some(),
+        "the checkpoint never passed the gap once it was covered"
+    );
+    let summary = h.stop(Duration::from_secs(10)).await.unwrap();
+    assert!(summary.clean);
+    sim.stop();
+}
