@@ -1130,13 +1130,14 @@ async fn compact_cmd(cfg: Config, open: bool, purge: bool) -> anyhow::Result<Exi
     let s = crate::checkpoint::compact::run_command(&lake, &cfg, open, purge).await?;
     let p = s.pass;
     eprintln!(
-        "atlake: {} files -> {} ({} rewritten into {}); purged: {} records' content, {} rows of deleted accounts{}; retention removed {}, vacuum deleted {}; took {:.1?}",
+        "atlake: {} files -> {} ({} rewritten into {}); purged: {} records' content, {} rows of deleted accounts, {} quarantined rows{}; retention removed {}, vacuum deleted {}; took {:.1?}",
         s.files_before,
         s.files_after,
         p.inputs,
         p.outputs,
         p.blanked,
         p.dropped,
+        p.quarantine_dropped,
         if p.purge_scan {
             " (purge scan ran)"
         } else {

@@ -163,7 +163,7 @@ pub async fn run_command(
             files_before: settled.logs.events.files.len(),
             ..Default::default()
         };
-        let snapshot = settled.logs.events.clone();
+        let snapshot = settled.logs.clone();
         out.pass = pass(
             &fenced,
             &snapshot,
@@ -171,7 +171,7 @@ pub async fn run_command(
             now,
             &mut Direct {
                 lake: &fenced,
-                state: &mut settled.logs.events,
+                logs: &mut settled.logs,
             },
         )
         .await?;
@@ -205,6 +205,10 @@ pub struct Stats {
     pub stale: usize,
     /// Whether a purge scan ran.
     pub purge_scan: bool,
+    /// Quarantine files the purge rewrote (or removed, when no row was left).
+    pub quarantine_files: usize,
+    /// Quarantined rows the purge removed.
+    pub quarantine_dropped: u64,
 }
 
 /// Deletions known to the lake.
@@ -681,6 +685,7 @@ impl Rewritten {
     /// The commit that replaces the inputs with the output.
     pub fn replace(&self) -> Replace {
         Replace {
+            table: Table::Events,
             removes: self.job.inputs.clone(),
             add: self.output.clone(),
             data_change: self.blanked + self.dropped > 0,
@@ -692,6 +697,8 @@ impl Rewritten {
 /// One commit of compaction or purge.
 #[derive(Debug, Clone, Default)]
 pub struct Replace {
+    /// The table (`events`, or the quarantine for a purge of its rows).
+    pub table: Table,
     /// Files leaving the table.
     pub removes: Vec<LakeFile>,
     /// The file replacing them.
@@ -703,8 +710,9 @@ pub struct Replace {
     pub purge_mark: Option<i64>,
 }
 
-/// Commits `r` to the `events` log: `Ok(false)` (nothing committed) when one of its inputs is
-/// no longer in the table (retention removed it meanwhile); the caller deletes the output.
+/// Commits `r` to its table's log (`state`): `Ok(false)` (nothing committed) when one of its
+/// inputs is no longer in the table (retention removed it meanwhile); the caller deletes the
+/// output.
 pub async fn commit_replace(
     lake: &Lake,
     state: &mut LogState,
@@ -715,14 +723,14 @@ pub async fn commit_replace(
     }
     let now = crate::model::cursor::now_us() / 1000;
     let mut actions = Vec::new();
-    if let Some(m) = state.schema_update(Table::Events)? {
+    if let Some(m) = state.schema_update(r.table)? {
         actions.push(m);
     }
     for f in &r.removes {
-        actions.push(delta::remove_action(Table::Events, f, r.data_change, now)?);
+        actions.push(delta::remove_action(r.table, f, r.data_change, now)?);
     }
     if let Some(f) = &r.add {
-        actions.push(delta::add_action(Table::Events, f, r.data_change, now)?);
+        actions.push(delta::add_action(r.table, f, r.data_change, now)?);
     }
     if let Some(m) = r.purge_mark {
         actions.push(
@@ -742,12 +750,12 @@ pub async fn commit_replace(
         info = delta::positions_info(p.clone());
         info["compaction"] = serde_json::json!({"inputs": r.removes.len(), "purge": r.data_change});
     }
-    match delta::commit(lake, Table::Events, state, op, info, actions).await? {
+    match delta::commit(lake, r.table, state, op, info, actions).await? {
         CommitOutcome::Committed(_) => Ok(true),
         CommitOutcome::Conflict(v) => {
             metrics::counter!("atlake_broken_invariants_total").increment(1);
             Err(CheckpointError::Corrupt {
-                path: Table::Events.log_path(&delta::commit_name(v)),
+                path: r.table.log_path(&delta::commit_name(v)),
                 message: "another writer committed this version".into(),
             })
         }
@@ -761,17 +769,17 @@ pub trait Submit {
     fn submit(&mut self, r: Replace) -> impl Future<Output = Result<bool, CheckpointError>> + Send;
 }
 
-/// Commits straight to the log (the caller holds the writer lease and no one else commits).
+/// Commits straight to the logs (the caller holds the writer lease and no one else commits).
 pub struct Direct<'a> {
     /// The lake.
     pub lake: &'a Lake,
-    /// The `events` log.
-    pub state: &'a mut LogState,
+    /// Both logs.
+    pub logs: &'a mut super::Logs,
 }
 
 impl Submit for Direct<'_> {
     fn submit(&mut self, r: Replace) -> impl Future<Output = Result<bool, CheckpointError>> + Send {
-        let (lake, state) = (self.lake, &mut *self.state);
+        let (lake, state) = (self.lake, self.logs.get_mut(r.table));
         async move { commit_replace(lake, state, &r).await }
     }
 }
@@ -1228,16 +1236,161 @@ async fn needs_purge(
     })?
 }
 
-/// One pass over the `events` table as `state` shows it: compaction of closed partitions,
-/// then (when due) the purge scan, each rewrite committed through `submit` on its own. A
-/// rewrite whose inputs left the table meanwhile has its output deleted.
+/// Which rows of a quarantine batch the purge removes: those of an account deleted or taken
+/// down after them, and those whose op path (`collection/rkey`) names a record deleted after
+/// them. Quarantined bytes cannot be blanked like a record's content (they are the row), so
+/// such rows go whole. Rows without a DID stay: nothing ties them to an account.
+fn quarantine_drops(
+    facts: &Facts,
+    b: &RecordBatch,
+    path: &str,
+) -> Result<Vec<bool>, CheckpointError> {
+    let col = |n: &str| {
+        b.column_by_name(n).ok_or_else(|| CheckpointError::File {
+            path: path.to_string(),
+            message: format!("quarantine column `{n}` is missing"),
+        })
+    };
+    let bad = |n: &str| CheckpointError::File {
+        path: path.to_string(),
+        message: format!("quarantine column `{n}` has the wrong type"),
+    };
+    let did = col("did")?
+        .as_string_opt::<i32>()
+        .ok_or_else(|| bad("did"))?;
+    let op = col("path")?
+        .as_string_opt::<i32>()
+        .ok_or_else(|| bad("path"))?;
+    let time = col("time_us")?
+        .as_primitive_opt::<Int64Type>()
+        .ok_or_else(|| bad("time_us"))?;
+    Ok((0..b.num_rows())
+        .map(|i| {
+            let Some(d) = opt(did, i) else {
+                return false;
+            };
+            let t = time.value(i);
+            if facts.accounts.get(d).is_some_and(|at| t < *at) {
+                return true;
+            }
+            let Some((c, r)) = opt(op, i).and_then(|p| p.split_once('/')) else {
+                return false;
+            };
+            facts
+                .records
+                .get(d)
+                .and_then(|m| m.get(c))
+                .and_then(|m| m.get(r))
+                .is_some_and(|at| t < *at)
+        })
+        .collect())
+}
+
+/// Rewrites a quarantine file without the rows the purge removes: `None` when it holds none,
+/// else the durable (not committed) file that replaces it (`None` inside when no row is
+/// left) and how many rows went.
+async fn purge_quarantine(
+    lake: &Lake,
+    policy: &Policy,
+    f: &LakeFile,
+    facts: Arc<Facts>,
+) -> Result<Option<(Option<LakeFile>, u64)>, CheckpointError> {
+    let origin = Origin::of(lake, f).await?;
+    let (path, cfg) = (f.path.clone(), policy.writer.clone());
+    let name = FileName::try_new(
+        f.name.first(),
+        f.name.last(),
+        name_hash(std::slice::from_ref(f)),
+    )
+    .map_err(|e| CheckpointError::Corrupt {
+        path: f.path.clone(),
+        message: e.to_string(),
+    })?;
+    let rel = format!("{}/{}", f.key.dir(), name.render());
+    let meta = FileMeta {
+        source: f.name.source(),
+        first: f.name.first().value(),
+        last: f.name.last().value(),
+        partition: f.key.dir(),
+    };
+    let kept = tokio::task::spawn_blocking(move || {
+        let err = |e: &dyn std::fmt::Display| CheckpointError::File {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let mut kept = Vec::new();
+        let mut dropped = 0u64;
+        for b in origin.open(&path, None, 8192)? {
+            let b = b.map_err(|e| err(&e))?;
+            let drops = quarantine_drops(&facts, &b, &path)?;
+            let n = drops.iter().filter(|d| **d).count();
+            if n == 0 {
+                kept.push(b);
+                continue;
+            }
+            dropped += n as u64;
+            let keep = BooleanArray::from(drops.iter().map(|d| !*d).collect::<Vec<_>>());
+            let b = arrow::compute::filter_record_batch(&b, &keep).map_err(|e| err(&e))?;
+            if b.num_rows() > 0 {
+                kept.push(b);
+            }
+        }
+        Ok::<_, CheckpointError>((kept, dropped))
+    })
+    .await
+    .map_err(|e| CheckpointError::File {
+        path: f.path.clone(),
+        message: e.to_string(),
+    })??;
+    let (kept, dropped) = kept;
+    if dropped == 0 {
+        return Ok(None);
+    }
+    let rows: usize = kept.iter().map(|b| b.num_rows()).sum();
+    if rows == 0 {
+        return Ok(Some((None, dropped)));
+    }
+    let target = schema(TableKind::Errors);
+    let props = properties(&cfg, TableKind::Errors, &meta, rows, 1, &[]).map_err(|e| {
+        CheckpointError::File {
+            path: rel.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    let out_path = rel.clone();
+    let size = lake
+        .put_with(&rel, move |out| {
+            let mut w = ArrowWriter::try_new(out, target.clone(), Some(props))
+                .map_err(std::io::Error::other)?;
+            for b in &kept {
+                let b = adapt(b.clone(), &target, &out_path).map_err(std::io::Error::other)?;
+                w.write(&b).map_err(std::io::Error::other)?;
+            }
+            w.close().map_err(std::io::Error::other)?;
+            Ok(())
+        })
+        .await?;
+    let mut output =
+        crate::sink::partition::parse_path(&rel, size).ok_or_else(|| CheckpointError::Corrupt {
+            path: rel.clone(),
+            message: "a purged quarantine file is not a data file path".into(),
+        })?;
+    output.rows = Some(rows as u64);
+    Ok(Some((Some(output), dropped)))
+}
+
+/// One pass over the tables as `logs` shows them: compaction of closed partitions of
+/// `events`, then (when due) the purge scan of `events` and of the quarantine, each rewrite
+/// committed through `submit` on its own. A rewrite whose inputs left the table meanwhile has
+/// its output deleted.
 pub async fn pass<S: Submit>(
     lake: &Lake,
-    state: &LogState,
+    logs: &super::Logs,
     policy: &Policy,
     now_us: i64,
     submit: &mut S,
 ) -> Result<Stats, CheckpointError> {
+    let state = &logs.events;
     let mut stats = Stats::default();
     if state.version.is_none() {
         return Ok(stats);
@@ -1283,6 +1436,33 @@ pub async fn pass<S: Submit>(
         }
     } else if purge_due {
         stats.purge_scan = true;
+    }
+    if purge_due && !facts.is_empty() {
+        // the quarantine: rows that name a deleted account, or a record deleted after them
+        for f in logs.errors.files.values() {
+            policy.cancelled()?;
+            if Table::of(f) != Some(Table::Errors) {
+                continue;
+            }
+            let Some((output, dropped)) = purge_quarantine(lake, policy, f, facts.clone()).await?
+            else {
+                continue;
+            };
+            let r = Replace {
+                table: Table::Errors,
+                removes: vec![f.clone()],
+                add: output.clone(),
+                data_change: true,
+                purge_mark: None,
+            };
+            if submit.submit(r).await? {
+                stats.quarantine_files += 1;
+                stats.quarantine_dropped += dropped;
+            } else if let Some(o) = &output {
+                stats.stale += 1;
+                lake.delete(&o.path).await?;
+            }
+        }
     }
     for job in all {
         policy.cancelled()?;

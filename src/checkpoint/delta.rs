@@ -37,9 +37,10 @@ pub const CHECKPOINT_INTERVAL: u64 = 100;
 pub const COLLECTION_PARTITION: &str = "collection_partition";
 
 /// One of the lake's Delta tables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Table {
     /// `<lake>/events`: every event partition.
+    #[default]
     Events,
     /// `<lake>/_errors`: the quarantine.
     Errors,

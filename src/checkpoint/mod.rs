@@ -262,6 +262,14 @@ pub struct Logs {
 
 impl Logs {
     /// The log of `t`.
+    pub fn get(&self, t: delta::Table) -> &delta::LogState {
+        match t {
+            delta::Table::Events => &self.events,
+            delta::Table::Errors => &self.errors,
+        }
+    }
+
+    /// The log of `t`, to commit to.
     pub fn get_mut(&mut self, t: delta::Table) -> &mut delta::LogState {
         match t {
             delta::Table::Events => &mut self.events,

@@ -69,19 +69,15 @@ impl Submit for ToCommitter {
 /// Commits a compactor's rewrite and shows it to the daemon's queries. After an error the
 /// logs are read again: a commit that landed although its reply was lost counts as landed.
 async fn commit_rewrite(c: &mut Committer, r: &Replace) -> Result<bool, CheckpointError> {
-    let res = commit_replace(&c.lake, &mut c.logs.events, r).await;
+    let res = commit_replace(&c.lake, c.logs.get_mut(r.table), r).await;
     let res = match res {
         Err(e) => match Logs::load(&c.lake).await {
             Ok(l) => {
-                let landed = r
-                    .add
-                    .as_ref()
-                    .is_some_and(|a| l.events.files.contains_key(&a.path))
+                let files = &l.get(r.table).files;
+                let landed = r.add.as_ref().is_some_and(|a| files.contains_key(&a.path))
                     || (r.add.is_none()
                         && !r.removes.is_empty()
-                        && r.removes
-                            .iter()
-                            .all(|f| !l.events.files.contains_key(&f.path)));
+                        && r.removes.iter().all(|f| !files.contains_key(&f.path)));
                 c.logs = l;
                 if landed { Ok(true) } else { Err(e) }
             }

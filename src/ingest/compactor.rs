@@ -8,7 +8,6 @@
 use super::checkpointer::ToCommitter;
 use crate::checkpoint::CheckpointError;
 use crate::checkpoint::compact::{self, Policy};
-use crate::checkpoint::delta::{self, Table};
 use crate::config::Config;
 use crate::sink::store::Lake;
 use std::sync::Arc;
@@ -61,9 +60,9 @@ pub async fn run(
         wait = settings.interval;
         let started = Instant::now();
         let pass = async {
-            let state = delta::load(&lake, Table::Events).await?;
+            let logs = crate::checkpoint::Logs::load(&lake).await?;
             let now = crate::model::cursor::now_us();
-            compact::pass(&lake, &state, &policy, now, &mut submit).await
+            compact::pass(&lake, &logs, &policy, now, &mut submit).await
         };
         let result = tokio::select! {
             r = pass => r,
@@ -83,6 +82,8 @@ pub async fn run(
                     .increment(s.blanked);
                 metrics::counter!("atlake_purge_rows_total", "action" => "dropped")
                     .increment(s.dropped);
+                metrics::counter!("atlake_purge_rows_total", "action" => "quarantine_dropped")
+                    .increment(s.quarantine_dropped);
                 metrics::gauge!("atlake_compaction_last_pass_seconds")
                     .set(started.elapsed().as_secs_f64());
                 if s.inputs > 0 || s.purge_scan {
@@ -91,6 +92,7 @@ pub async fn run(
                         written = s.outputs,
                         blanked = s.blanked,
                         dropped = s.dropped,
+                        quarantine_dropped = s.quarantine_dropped,
                         stale = s.stale,
                         purge_scan = s.purge_scan,
                         took = ?started.elapsed(),

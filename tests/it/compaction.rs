@@ -405,6 +405,50 @@ fn purge_story() -> (Vec<String>, Vec<String>, Vec<String>) {
     (lines, gone, kept)
 }
 
+/// Quarantined lines of the same story (a rev that is no TID: each is set aside with its DID
+/// and op path, the whole line kept as raw bytes), timed after carol's last post (148 s) and
+/// before alice's first delete (154 s), so they go before the deletes, in the third run:
+/// alice's of a post she deletes, bob's (his account is deleted), and carol's, which stays.
+/// Returns the lines, the text the purge must remove and the text it must keep.
+fn quarantine_story() -> (Vec<String>, Vec<String>, Vec<String>) {
+    let base = 1_783_173_600_000_000i64;
+    let (mut lines, mut gone, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+    for (n, (did, rkey, text)) in [
+        (
+            "did:plc:aliceaaaaaaaaaaaaaaaaaaa",
+            "3mpt7ukd22222",
+            "alice quarantined secret",
+        ),
+        (
+            "did:plc:bobbbbbbbbbbbbbbbbbbbbbb",
+            "3mpt7ukd223de",
+            "bob quarantined secret",
+        ),
+        (
+            "did:plc:carolccccccccccccccccccc",
+            "3mpt7ukd2276i",
+            "carol quarantined keeps",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let record = serde_json::json!({"$type": "app.bsky.feed.post", "text": text, "createdAt": "2026-07-04T14:00:00.000Z"});
+        lines.push(
+            serde_json::json!({"did": did, "time_us": base + 1_000_000 * (148 + n as i64), "kind": "commit", "commit": {
+                "rev": "not-a-tid", "operation": "create", "collection": "app.bsky.feed.post",
+                "rkey": rkey, "record": record, "cid": "bafyreib"}})
+            .to_string(),
+        );
+        if n == 2 {
+            kept.push(text.to_string());
+        } else {
+            gone.push(text.to_string());
+        }
+    }
+    (lines, gone, kept)
+}
+
 /// Ingests the story in four runs (as a daemon restarted four times would), so that it lands
 /// in several files; returns the runs' logs.
 fn ingest_story(lines: &[String], dir: &std::path::Path, lake_dir: &std::path::Path) -> String {
@@ -435,7 +479,12 @@ async fn purge_leaves_no_trace_of_deleted_records_and_accounts() {
         return crate::tools::missing("python3 with duckdb");
     };
     let dir = tempfile::tempdir().unwrap();
-    let (lines, gone, kept) = purge_story();
+    let (mut lines, mut gone, mut kept) = purge_story();
+    // the quarantine holds deleted content too (the third run ingests it, before the deletes)
+    let (q_lines, q_gone, q_kept) = quarantine_story();
+    lines.splice(21..21, q_lines);
+    gone.extend(q_gone);
+    kept.extend(q_kept);
     let lake_dir = dir.path().join("lake");
     let log = ingest_story(&lines, dir.path(), &lake_dir);
     let l = lake_dir.to_str().unwrap();
