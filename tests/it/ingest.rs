@@ -272,17 +272,22 @@ async fn delta_readers_and_plain_parquet_readers_find_what_atlake_finds() {
     let l = lake_dir.to_str().unwrap();
     let want = crate::common::sql_counts(l).await;
     assert!(want.len() > 10);
-    let out = crate::tools::run_python(&py, DELTA_COUNTS, &[l, "firehose"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    for reader in ["delta", "polars_delta", "polars_plain", "duckdb"] {
-        let got: std::collections::BTreeMap<String, u64> = v[reader]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, n)| (k.clone(), n.as_u64().unwrap()))
-            .collect();
-        assert_eq!(got, want, "{reader}");
-    }
+    // every reader's counts per (collection, operation, kind) must be atlake's
+    let readers_agree = |when: &str| {
+        let out = crate::tools::run_python(&py, DELTA_COUNTS, &[l, "firehose"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        for reader in ["delta", "polars_delta", "polars_plain", "duckdb"] {
+            let got: std::collections::BTreeMap<String, u64> = v[reader]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap()))
+                .collect();
+            assert_eq!(got, want, "{reader} {when}");
+        }
+        v
+    };
+    let v = readers_agree("after the ingest");
     assert!(v["other_partition_rows"].as_u64().unwrap() > 0);
     assert_eq!(
         v["null_hour_rows"].as_u64(),
@@ -359,17 +364,7 @@ async fn delta_readers_and_plain_parquet_readers_find_what_atlake_finds() {
             .exists()
     );
     assert_eq!(crate::common::sql_counts(l).await, want);
-    let out = crate::tools::run_python(&py, DELTA_COUNTS, &[l, "firehose"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    for reader in ["delta", "polars_delta", "polars_plain", "duckdb"] {
-        let got: std::collections::BTreeMap<String, u64> = v[reader]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, n)| (k.clone(), n.as_u64().unwrap()))
-            .collect();
-        assert_eq!(got, want, "{reader} after the log cleanup");
-    }
+    let v = readers_agree("after the log cleanup");
     assert_eq!(v["txn"].as_i64(), Some(cursor));
 }
 
