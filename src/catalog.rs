@@ -692,6 +692,31 @@ mod tests {
 
     const DID: &str = "did:plc:abcdefghijklmnopqrstuvwx";
 
+    /// A measurement, not a check: what the cut-over keeps per repo whose snapshot a daemon
+    /// loads from the backfill's progress at start (its rev as a snapshot and as a loose chain
+    /// head). Run alone:
+    /// `cargo test --release --lib cutover_memory -- --ignored --nocapture --exact catalog::tests::cutover_memory_per_loaded_repo`
+    #[test]
+    #[ignore]
+    fn cutover_memory_per_loaded_repo() {
+        const N: usize = 1_000_000;
+        let rss = || {
+            let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+            s.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
+        };
+        let dids: Vec<String> = (0..N).map(|i| format!("did:plc:{i:0>24x}")).collect();
+        let c = Cutover::new(usize::MAX);
+        let r0 = rss();
+        for d in &dids {
+            c.load_snapshot(d, "3lzqv5mgtxk2a", None, &[]);
+        }
+        let r1 = rss();
+        eprintln!(
+            "cut-over: {:.0} B per loaded repo",
+            r1.saturating_sub(r0) as f64 / N as f64
+        );
+    }
+
     /// A record created live and also in the snapshot ends up once, whichever came first; live
     /// events after the snapshot are kept.
     #[test]
