@@ -1015,6 +1015,57 @@ mod tests {
         );
     }
 
+    /// A log that names many files and has no checkpoint (a conversion that crashed before
+    /// its checkpoint) gets one at the next start, so later starts do not read it whole.
+    #[tokio::test]
+    async fn a_large_log_without_a_checkpoint_gets_one_at_start() {
+        use crate::sink::partition::{PartitionKey, PartitionName};
+        let lake = Lake::open("memory://").unwrap();
+        let mut logs = settle(&lake).await.unwrap().logs;
+        assert_eq!(logs.events.checkpoint, None);
+        let mut adds = Vec::new();
+        for i in 0..CHECKPOINT_FILES as i64 {
+            let key = PartitionKey::at_hour(
+                PartitionName::Collection("app.bsky.feed.like".into()),
+                490_000 + i,
+            )
+            .unwrap();
+            let name =
+                FileName::try_new(Cursor::seq(i + 1).unwrap(), Cursor::seq(i + 1).unwrap(), 1)
+                    .unwrap();
+            let f = parse_path(&format!("{}/{}", key.dir(), name.render()), 1).unwrap();
+            adds.push(f);
+        }
+        let (one_short, last) = adds.split_at(adds.len() - 1);
+        for files in [one_short, last] {
+            let mut acts = Vec::new();
+            for f in files {
+                lake.put_atomic(&f.path, bytes::Bytes::from_static(b"x"))
+                    .await
+                    .unwrap();
+                acts.push(delta::add_action(delta::Table::Events, f, true, 1).unwrap());
+            }
+            delta::commit(
+                &lake,
+                delta::Table::Events,
+                &mut logs.events,
+                "WRITE",
+                serde_json::json!({}),
+                acts,
+            )
+            .await
+            .unwrap();
+            let settled = settle(&lake).await.unwrap();
+            let read = delta::load(&lake, delta::Table::Events).await.unwrap();
+            if settled.logs.events.files.len() < CHECKPOINT_FILES {
+                assert_eq!(read.checkpoint, None, "a small log is read as it is");
+            } else {
+                assert_eq!(read.checkpoint, read.version, "checkpointed at start");
+                assert_eq!(read.files.len(), CHECKPOINT_FILES);
+            }
+        }
+    }
+
     /// A data file no commit names was written by a process that died before committing it:
     /// recovery removes it (its events come again) and reads no keys from it. A file the log
     /// names that is not in the lake is an error, not a smaller table.
