@@ -695,7 +695,7 @@ mod tests {
     /// A measurement, not a check: what the cut-over keeps per repo whose snapshot a daemon
     /// loads from the backfill's progress at start (its rev as a snapshot and as a loose chain
     /// head). Run alone:
-    /// `cargo test --release --lib cutover_memory -- --ignored --nocapture --exact catalog::tests::cutover_memory_per_loaded_repo`
+    /// `cargo test --lib cutover_memory -- --ignored --nocapture --exact catalog::tests::cutover_memory_per_loaded_repo`
     #[test]
     #[ignore]
     fn cutover_memory_per_loaded_repo() {

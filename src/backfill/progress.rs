@@ -893,7 +893,7 @@ mod tests {
     /// A measurement, not a check: the memory a backfill's progress takes per finished repo,
     /// as this version keeps it (one map with boxed DIDs, and the listing's 16-byte keys).
     /// Run alone, so that no freed memory is reused:
-    /// `cargo test --release --lib progress_memory_now -- --ignored --nocapture --exact backfill::progress::tests::progress_memory_now`
+    /// `cargo test --lib progress_memory_now -- --ignored --nocapture --exact backfill::progress::tests::progress_memory_now`
     #[test]
     #[ignore]
     fn progress_memory_now() {
