@@ -301,7 +301,7 @@ fn slots<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HashMap<Box<str>, Slo
             self,
             mut m: A,
         ) -> Result<Self::Value, A::Error> {
-            let mut out = HashMap::with_capacity(m.size_hint().unwrap_or(0).min(1 << 20));
+            let mut out = HashMap::new();
             while let Some((did, state)) = m.next_entry::<Box<str>, RepoState>()? {
                 out.insert(did, Slot::of(state));
             }

@@ -565,7 +565,7 @@ pub async fn clean_log(
     let mut commits = Vec::new();
     let mut checkpoints = Vec::new();
     for (p, _) in lake.list(&table.log_path("")).await? {
-        let name = p.rsplit('/').next().unwrap_or("");
+        let name = p.rsplit_once('/').map_or(p.as_str(), |(_, n)| n);
         let version = |suffix: &str| {
             let v = name.strip_suffix(suffix)?;
             (v.len() == 20 && v.bytes().all(|c| c.is_ascii_digit()))
