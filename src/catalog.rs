@@ -227,6 +227,11 @@ pub struct Cutover {
     inner: Mutex<CutoverInner>,
     hasher: std::collections::hash_map::RandomState,
     cap: usize,
+    /// How long a marked repo waits before it is fetched again (see
+    /// [`Cutover::with_refetch_delay`]).
+    delay: std::time::Duration,
+    /// The backfill's progress is loaded (see [`Cutover::set_loaded`]).
+    loaded: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -239,9 +244,10 @@ struct CutoverInner {
     /// The last commit seen of each DID (live or snapshot).
     heads: HashMap<u64, Head>,
     heads_overflow: u64,
-    /// Repos marked for a fresh fetch, by DID hash, and the queue of those not yet taken.
+    /// Repos marked for a fresh fetch, by DID hash, and the queue of those not yet taken,
+    /// each with the time from which it may be taken (queued in that order).
     marked: HashMap<u64, Mark>,
-    queue: std::collections::VecDeque<String>,
+    queue: std::collections::VecDeque<(std::time::Instant, String)>,
     refetch_overflow: u64,
     /// Per marked DID, the earliest live position that revealed a gap not yet covered by a
     /// committed fresh fetch: the live checkpoint stays before it (see [`Cutover::hold`]).
@@ -313,7 +319,38 @@ impl Cutover {
             inner: Mutex::new(CutoverInner::default()),
             hasher: std::collections::hash_map::RandomState::new(),
             cap,
+            delay: std::time::Duration::ZERO,
+            loaded: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The snapshots of earlier runs are loaded ([`Cutover::load_snapshot`]): live events may
+    /// be followed from now on. Until then the live pipeline reads nothing, because the events
+    /// a restart replays must meet the heads and snapshots of the progress: a replayed `#sync`
+    /// must mark its repo again, a replayed create must find the snapshot that holds it.
+    pub fn set_loaded(&self) {
+        self.loaded
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether [`Cutover::set_loaded`] was called.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A marked repo is fetched again only `delay` after it was queued (its first mark, or a
+    /// failed fresh fetch): the events of one change of an account (a migration's
+    /// `#identity`, `#account`, `#sync` and first commits) come close together, and one fetch
+    /// after them covers all of them; a failed fetch waits as long before its next attempt.
+    /// The live checkpoint stays held meanwhile.
+    pub fn with_refetch_delay(mut self, delay: std::time::Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// The queue entry of `did`, ready `self.delay` from now.
+    fn queued(&self, did: &str) -> (std::time::Instant, String) {
+        (std::time::Instant::now() + self.delay, did.to_string())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CutoverInner> {
@@ -452,7 +489,8 @@ impl Cutover {
                     },
                 );
                 hold(g);
-                g.queue.push_back(did.to_string());
+                let entry = self.queued(did);
+                g.queue.push_back(entry);
             }
         }
         tracing::info!(%did, why = why.as_str(), "a gap in the repo's history: it will be fetched again");
@@ -621,7 +659,8 @@ impl Cutover {
         if m.again || (failed && m.failures < REFETCH_ATTEMPTS) {
             m.queued = true;
             m.again = false;
-            g.queue.push_back(did.to_string());
+            let entry = self.queued(did);
+            g.queue.push_back(entry);
             true
         } else {
             g.marked.remove(&d);
@@ -637,12 +676,17 @@ impl Cutover {
         self.finish_refetch(&mut g, d, did, true)
     }
 
-    /// Up to `n` repos to fetch again, now in flight.
+    /// Up to `n` repos to fetch again whose delay has passed, now in flight.
     pub fn take_refetch(&self, n: usize) -> Vec<String> {
         let mut g = self.lock();
         let mut out = Vec::new();
+        let now = std::time::Instant::now();
         while out.len() < n {
-            let Some(did) = g.queue.pop_front() else {
+            // the queue is in the order of its ready times (one delay for all)
+            if g.queue.front().is_none_or(|(ready, _)| *ready > now) {
+                break;
+            }
+            let Some((_, did)) = g.queue.pop_front() else {
                 break;
             };
             let d = self.hash(&[did.as_str()]);
@@ -913,6 +957,35 @@ mod tests {
         assert!(!c.refetch_failed(DID));
         assert_eq!(c.refetch_pending(), 0);
         assert!(c.take_refetch(10).is_empty());
+    }
+
+    /// A marked repo is taken `refetch_delay` after its mark, once however many gaps it shows
+    /// meanwhile; a failed fresh fetch waits as long again; repos come out in mark order.
+    #[test]
+    fn a_marked_repo_waits_its_delay_then_is_fetched_once() {
+        let delay = std::time::Duration::from_millis(300);
+        let c = Cutover::new(100).with_refetch_delay(delay);
+        let other = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb";
+        c.snapshot_done(DID, Some("3kbaaaaaaaaa2"), Some("d1"), false);
+        c.snapshot_done(other, Some("3kbaaaaaaaaa2"), Some("d1"), false);
+        let marked = std::time::Instant::now();
+        assert_eq!(c.live_sync(DID, "3kcaaaaaaaaa2", None), Some(Gap::Sync));
+        assert_eq!(c.live_sync(other, "3kcaaaaaaaaa2", None), Some(Gap::Sync));
+        assert_eq!(c.live_sync(DID, "3kdaaaaaaaaa2", None), Some(Gap::Sync));
+        assert!(c.take_refetch(10).is_empty(), "taken before its delay");
+        std::thread::sleep(
+            delay - marked.elapsed().min(delay) + std::time::Duration::from_millis(20),
+        );
+        assert_eq!(c.take_refetch(10), vec![DID.to_string(), other.to_string()]);
+        assert!(c.take_refetch(10).is_empty());
+        // a failure queues it again, after the delay
+        let failed = std::time::Instant::now();
+        assert!(c.refetch_failed(DID));
+        assert!(c.take_refetch(10).is_empty(), "retried before its delay");
+        std::thread::sleep(
+            delay - failed.elapsed().min(delay) + std::time::Duration::from_millis(20),
+        );
+        assert_eq!(c.take_refetch(10), vec![DID.to_string()]);
     }
 
     /// The live checkpoint stays before the earliest event whose gap no committed fresh fetch

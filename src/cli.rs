@@ -1222,7 +1222,14 @@ pub fn shutdown_listener() -> impl std::future::Future<Output = ()> {
     }
 }
 
-async fn ingest_cmd(cfg: Config, input: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+async fn ingest_cmd(mut cfg: Config, input: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    if cfg.backfill.enabled {
+        // the cut-over beside a live source needs the backfill that `run` starts with it
+        tracing::warn!(
+            "[backfill] enabled is for `atlake run`; `atlake ingest` ingests the source alone"
+        );
+        cfg.backfill.enabled = false;
+    }
     let deadline = cfg.shutdown.deadline.0;
     let what = match &input {
         Some(p) => format!("capture {}", p.display()),

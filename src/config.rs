@@ -466,6 +466,12 @@ pub struct BackfillConfig {
     /// Longest time rows stay buffered before a flush makes them (and the repos they finish)
     /// durable.
     pub flush_interval: HumanDuration,
+    /// With a live source (`atlake run`): how long a repo whose live history has a gap (a
+    /// `#sync`, or a commit that does not follow) waits before it is fetched again, so that one
+    /// fetch covers the events of one change (an account migration sends several at once),
+    /// and how long a failed fresh fetch waits before its next attempt. The live checkpoint
+    /// stays before the gap until the fetch is committed.
+    pub refetch_delay: HumanDuration,
     /// Rows of several flushes staged on local disk (Arrow IPC in `spill_dir`) before a commit
     /// writes them as one file per partition: history spreads over hundreds of (collection,
     /// month) partitions, so a flush alone makes small files. 0: every flush commits.
@@ -492,6 +498,7 @@ impl Default for BackfillConfig {
             timeout: HumanDuration(Duration::from_secs(60)),
             buffer: ByteSize(24 << 20),
             flush_interval: HumanDuration(Duration::from_secs(30)),
+            refetch_delay: HumanDuration(Duration::from_secs(1)),
             stage: ByteSize(512 << 20),
             repo_memory: ByteSize(4 << 20),
             max_repo_size: ByteSize(8 << 30),

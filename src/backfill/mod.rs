@@ -317,6 +317,17 @@ pub async fn run_fenced(
         })
     });
     let r = run_inner(plan, lake, stats.clone(), catalog.clone(), stop).await;
+    if let Some(cut) = catalog.as_ref().and_then(|c| c.cutover())
+        && !cut.is_loaded()
+    {
+        // the live pipeline waits for the progress; it goes on without it, and says so
+        tracing::error!(
+            error = ?r.as_ref().err(),
+            "the backfill ended before its progress was loaded: live events are followed without the snapshots of earlier runs (replayed creates may be kept twice, replayed gaps may not mark their repos)"
+        );
+        metrics::counter!("atlake_broken_invariants_total").increment(1);
+        cut.set_loaded();
+    }
     if let Some(p) = publisher {
         p.abort();
     }
@@ -358,6 +369,7 @@ async fn run_inner(
                 _ => {}
             }
         }
+        cut.set_loaded();
     }
     tracing::info!(
         lake = lake.url(),

@@ -328,7 +328,10 @@ pub async fn start_with_lake(
     let catalog = Arc::new(Catalog::new(rec.files.clone(), rec.checkpoint.clone()));
     if cfg.backfill.enabled && matches!(input, Input::Network) {
         // before the source starts: every live create is seen by the cut-over
-        catalog.enable_cutover(crate::catalog::Cutover::new(CUTOVER_KEYS));
+        catalog.enable_cutover(
+            crate::catalog::Cutover::new(CUTOVER_KEYS)
+                .with_refetch_delay(cfg.backfill.refetch_delay.0),
+        );
     }
     let w = Wiring {
         filters: watch::channel(filters),

@@ -154,6 +154,11 @@ fn collection_label(c: &str) -> &'static str {
 }
 
 impl LoopState {
+    /// No cut-over, or one whose progress is loaded.
+    fn cutover_ready(&self) -> bool {
+        self.catalog.cutover().is_none_or(|c| c.is_loaded())
+    }
+
     async fn run(mut self, mut ch: Channels) -> Result<Summary, IngestError> {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -179,7 +184,9 @@ impl LoopState {
                 }
                 // byte-based backpressure: stop reading while buffers and flushes in flight use
                 // the whole memory cap; completions free it
-                n = ch.raw.recv_many(&mut buf, 256), if !self.over_budget() => {
+                // with a backfill beside it, nothing is read before the cut-over holds the
+                // backfill's progress (the tick looks again)
+                n = ch.raw.recv_many(&mut buf, 256), if !self.over_budget() && self.cutover_ready() => {
                     if n == 0 {
                         break;
                     }
@@ -314,6 +321,22 @@ impl LoopState {
         if let Err(e) = self.check_time(&mut env, msg, window) {
             return self.accept_error(*e, cursor, now, window);
         }
+        let c = cursor.or_else(|| env.cursor());
+        // the repo's chain of commits: a gap marks it for a fresh fetch by the backfill. Every
+        // event is followed, filtered or not (a commit of a collection left out still moves
+        // the chain on), and duplicates too: the events a restart replays from a checkpoint
+        // held before a gap are in the lake already, and they are what marks the repo again.
+        if let Some(cut) = self.catalog.cutover() {
+            match &env.event.data {
+                EventData::Commit(op) => {
+                    cut.live_commit(&env.event.did, &op.rev, env.chain.as_deref(), c);
+                }
+                EventData::Sync(s) => {
+                    cut.live_sync(&env.event.did, &s.rev, c);
+                }
+                _ => {}
+            }
+        }
         {
             let filters = self.filters.borrow();
             if !filters.is_empty() && !filters.matches(&env) {
@@ -326,19 +349,6 @@ impl LoopState {
             self.summary.duplicates += 1;
             metrics::counter!("atlake_duplicates_total", "reason" => "key").increment(1);
             return Ok(());
-        }
-        let c = cursor.or_else(|| env.cursor());
-        // the repo's chain of commits: a gap marks it for a fresh fetch by the backfill
-        if let Some(cut) = self.catalog.cutover() {
-            match &env.event.data {
-                EventData::Commit(op) => {
-                    cut.live_commit(&env.event.did, &op.rev, env.chain.as_deref(), c);
-                }
-                EventData::Sync(s) => {
-                    cut.live_sync(&env.event.did, &s.rev, c);
-                }
-                _ => {}
-            }
         }
         // a create the daemon's backfill already holds in a snapshot at a later rev
         if let (Some(cut), EventData::Commit(op)) = (self.catalog.cutover(), &env.event.data)

@@ -235,17 +235,34 @@ async fn write(x: &Xrpc, accts: &[(String, String)], round: usize) {
 /// The live source starts at the tip: history comes only from the backfill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn current_records_equal_what_the_reference_pds_lists() {
-    scenario(false).await;
+    scenario(false, false).await;
+}
+
+/// The real daemon is killed with SIGKILL between a `#sync` that marks a repo and the commit of
+/// its fresh fetch (held off by `refetch_delay`), after live flushes went past the `#sync`;
+/// the restart replays the `#sync` (the live checkpoint stayed before it), fetches the repo
+/// again, and `current.records` equals what the PDS lists, with no record twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_a_sync_and_its_fresh_fetch_loses_nothing() {
+    scenario(false, true).await;
 }
 
 /// The live source replays the PDS's whole firehose (`--start-cursor 0`): every record of the
 /// history arrives both as a live create and in a snapshot, and the cut-over keeps it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cutover_keeps_a_record_once_when_live_and_snapshot_overlap() {
-    scenario(true).await;
+    scenario(true, false).await;
 }
 
-async fn scenario(replay: bool) {
+/// The log lines of `log` after the first that contains `mark` (all of them when `mark` is
+/// absent: `None`).
+fn log_after(log: &std::path::Path, mark: &str) -> Option<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let at = text.find(mark)?;
+    Some(text[at..].to_string())
+}
+
+async fn scenario(replay: bool, crash: bool) {
     let Some(modules) = pds_modules() else {
         return missing("the reference PDS (@atproto/pds in ~/.cache/atlake-pds)");
     };
@@ -314,33 +331,39 @@ async fn scenario(replay: bool) {
     let sql_port = free_port();
     let lake = dir.path().join("lake");
     let log = dir.path().join("run.log");
-    let mut run = ChildGuard(
-        Command::new(atlake_bin())
-            .args([
-                "run",
-                "--source",
-                "firehose",
-                "--url",
-                &format!("ws://127.0.0.1:{port}"),
-                "--lake",
-                lake.to_str().unwrap(),
-                "--listen",
-                &format!("127.0.0.1:{sql_port}"),
-            ])
-            .args(if replay {
-                &["--start-cursor", "0"][..]
-            } else {
-                &[][..]
-            })
-            .env("ATLAKE_BACKFILL_ENABLED", "true")
-            .env("ATLAKE_BACKFILL_RELAY", &base)
-            .env("ATLAKE_BACKFILL_PLC", &plc)
-            .env("ATLAKE_FLUSH_MAX_AGE", "1s")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    // with `crash`, a marked repo waits 6 s before its fresh fetch: the window the kill lands in
+    let refetch_delay = if crash { "6s" } else { "1s" };
+    let spawn = |log: &std::path::Path| {
+        ChildGuard(
+            Command::new(atlake_bin())
+                .args([
+                    "run",
+                    "--source",
+                    "firehose",
+                    "--url",
+                    &format!("ws://127.0.0.1:{port}"),
+                    "--lake",
+                    lake.to_str().unwrap(),
+                    "--listen",
+                    &format!("127.0.0.1:{sql_port}"),
+                ])
+                .args(if replay {
+                    &["--start-cursor", "0"][..]
+                } else {
+                    &[][..]
+                })
+                .env("ATLAKE_BACKFILL_ENABLED", "true")
+                .env("ATLAKE_BACKFILL_RELAY", &base)
+                .env("ATLAKE_BACKFILL_PLC", &plc)
+                .env("ATLAKE_BACKFILL_REFETCH_DELAY", refetch_delay)
+                .env("ATLAKE_FLUSH_MAX_AGE", "1s")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(log).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut run = spawn(&log);
     // and more while it backfills and follows the PDS's firehose
     tokio::time::sleep(Duration::from_millis(300)).await;
     write(&x, &accts, 1).await;
@@ -372,11 +395,58 @@ async fn scenario(replay: bool) {
                 .await
                 .unwrap();
         assert!(r.status().is_success(), "activateAccount: {}", r.status());
+        let mut log = log.clone();
+        if crash {
+            // the #sync marks the repo; the fresh fetch waits its 6 s delay
+            let gap = "a gap in the repo's history";
+            let started = Instant::now();
+            while log_after(&log, gap).is_none() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "the #sync never marked the repo\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // live events past the #sync, flushed and committed (1 s flushes) while the fetch
+            // waits: without the hold the live checkpoint would pass the #sync now
+            write(&x, &accts[1..], 2).await;
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let held = rows(
+                &x.c,
+                &sql,
+                "SELECT count(*) AS n FROM system.checkpoint c, \
+                 (SELECT max(seq) AS s FROM events WHERE kind = 'sync' AND origin = 'firehose') e \
+                 WHERE c.source = 'firehose' AND c.cursor < e.s",
+            )
+            .await;
+            assert_eq!(held[0]["n"].as_i64(), Some(1), "{held:?}");
+            let since = log_after(&log, gap).unwrap_or_default();
+            assert!(
+                !since.contains("backfill batch committed"),
+                "the fresh fetch was committed before the kill:\n{since}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(6),
+                "too slow to land in the window"
+            );
+            run.kill().unwrap();
+            run.wait().unwrap();
+            // the restart replays the #sync and fetches the repo again
+            log = dir.path().join("run2.log");
+            run = spawn(&log);
+        }
         let mut after = BTreeSet::new();
         for a in &accts {
             x.list(&a.0, &mut after).await;
         }
-        assert!(after.len() < want.len(), "the import changed nothing");
+        let of_first = |set: &BTreeSet<(String, String, String, String, String)>| {
+            set.iter().filter(|r| r.0 == accts[0].0).count()
+        };
+        assert!(
+            of_first(&after) < of_first(&want),
+            "the import changed nothing"
+        );
         converge(&x, &sql, &after, &log).await;
         let markers = rows(
             &x.c,
@@ -385,6 +455,12 @@ async fn scenario(replay: bool) {
         )
         .await;
         assert!(markers[0]["n"].as_i64().unwrap() >= 1, "{markers:?}");
+        if crash {
+            assert!(
+                log_after(&log, "a gap in the repo's history").is_some(),
+                "the restart did not mark the repo again"
+            );
+        }
         // the #sync held the live checkpoint until its fresh fetch was committed; then the
         // checkpoint passes it (a hold that never ends would freeze it)
         let passed = "SELECT count(*) AS n FROM system.checkpoint c, \
@@ -445,7 +521,7 @@ async fn scenario(replay: bool) {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     eprintln!(
-        "PDS RESULT replay={replay} records={} repo_rows={repo} live_commit_rows={live} doubled={doubled} cutover_dropped={dropped} restated_after_sync={restated}",
+        "PDS RESULT replay={replay} crash={crash} records={} repo_rows={repo} live_commit_rows={live} doubled={doubled} cutover_dropped={dropped} restated_after_sync={restated}",
         want.len()
     );
     if replay {
