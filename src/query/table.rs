@@ -128,7 +128,14 @@ pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
             None => new_null_array(f.data_type(), batch.num_rows()),
         });
     }
-    Ok(RecordBatch::try_new(schema.clone(), cols)?)
+    // no column at all (`count(*)`) still has its rows
+    let options =
+        arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    Ok(RecordBatch::try_new_with_options(
+        schema.clone(),
+        cols,
+        &options,
+    )?)
 }
 
 /// A table over a snapshot of files and in-memory rows.
@@ -162,19 +169,13 @@ impl LakeTable {
             .filter(|f| def.includes(&f.key.name))
             .cloned()
             .collect();
-        // a partition's buffer is one batch; it is read in slices of a scan's batch size, so
-        // that no batch of it is larger than one the query may compute (`deadline::Limits`)
-        let mut sliced = Vec::new();
-        for (k, b) in batches {
-            if !def.includes(&k.name) || b.num_rows() == 0 {
-                continue;
-            }
-            let b = conform(b, &stored)?;
-            for at in (0..b.num_rows()).step_by(MEMORY_BATCH_ROWS) {
-                sliced.push(b.slice(at, MEMORY_BATCH_ROWS.min(b.num_rows() - at)));
-            }
-        }
-        let batches = sliced;
+        // the buffered rows as the batcher made them (shared, not copied): a scan reshapes only
+        // the columns it reads (`scan_stored`)
+        let batches = batches
+            .iter()
+            .filter(|(k, b)| def.includes(&k.name) && b.num_rows() > 0)
+            .map(|(_, b)| b.clone())
+            .collect();
         Ok(LakeTable {
             def,
             schema,
@@ -902,11 +903,20 @@ impl LakeTable {
             }
         }
         if !self.batches.is_empty() {
-            let memory = MemorySourceConfig::try_new_exec(
-                std::slice::from_ref(&self.batches),
-                self.stored.clone(),
-                Some(proj.to_vec()),
-            )?;
+            // buffered rows: only the columns this scan reads are reshaped to the table's types
+            // (string columns become views, which allocates), none for `count(*)`; each batch
+            // is read in slices of a scan's batch size, so that no batch of it is larger than
+            // one the query may compute (`deadline::Limits`)
+            let schema = Arc::new(self.stored.project(proj)?);
+            let mut sliced = Vec::new();
+            for b in &self.batches {
+                let b = conform(b, &schema)?;
+                for at in (0..b.num_rows()).step_by(MEMORY_BATCH_ROWS) {
+                    sliced.push(b.slice(at, MEMORY_BATCH_ROWS.min(b.num_rows() - at)));
+                }
+            }
+            let memory =
+                MemorySourceConfig::try_new_exec(std::slice::from_ref(&sliced), schema, None)?;
             inputs.push(filtered(state, memory, filter.as_ref(), keep)?);
         }
         if inputs.is_empty() {
@@ -915,5 +925,72 @@ impl LakeTable {
             ))));
         }
         UnionExec::try_new(inputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::partition::{PartitionKey, PartitionName};
+    use arrow::array::{FixedSizeBinaryArray, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::prelude::SessionContext;
+
+    /// Buffered rows are kept as the batcher made them: a scan reshapes (casts) only the
+    /// columns it reads. A column that cannot be cast to the table's type (here a `record` of
+    /// fixed-size binary) fails only the queries that read it; `count(*)` and the other
+    /// columns never touch it.
+    #[tokio::test]
+    async fn a_scan_of_buffered_rows_reshapes_only_the_columns_it_reads() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("did", DataType::Utf8, false),
+            Field::new("record", DataType::FixedSizeBinary(2), true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec![
+                    "did:plc:a",
+                    "did:plc:b",
+                    "did:plc:a",
+                ])),
+                Arc::new(
+                    FixedSizeBinaryArray::try_from_sparse_iter_with_size(
+                        vec![Some(b"{}"), Some(b"[]"), None].into_iter(),
+                        2,
+                    )
+                    .unwrap(),
+                ),
+            ],
+        )
+        .unwrap();
+        let key = PartitionKey::at_hour(PartitionName::Identity, 490_000).unwrap();
+        let table = LakeTable::new(
+            TableDef::Events,
+            &[],
+            &[(key, batch)],
+            ObjectStoreUrl::parse("atlake://lake").unwrap(),
+            String::new(),
+        )
+        .unwrap();
+        let ctx = SessionContext::new();
+        ctx.register_table("events", Arc::new(table)).unwrap();
+        let one = |sql: &'static str| {
+            let ctx = ctx.clone();
+            async move {
+                let batches = ctx.sql(sql).await?.collect().await?;
+                Ok::<_, DataFusionError>(
+                    arrow::util::pretty::pretty_format_batches(&batches)?.to_string(),
+                )
+            }
+        };
+        let n = one("SELECT count(*) AS n FROM events").await.unwrap();
+        assert!(n.contains("| 3 "), "{n}");
+        let dids = one("SELECT count(DISTINCT did) AS n FROM events")
+            .await
+            .unwrap();
+        assert!(dids.contains("| 2 "), "{dids}");
+        let e = one("SELECT record FROM events").await.unwrap_err();
+        assert!(e.to_string().contains("FixedSizeBinary"), "{e}");
     }
 }
