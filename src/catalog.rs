@@ -963,7 +963,7 @@ mod tests {
     /// meanwhile; a failed fresh fetch waits as long again; repos come out in mark order.
     #[test]
     fn a_marked_repo_waits_its_delay_then_is_fetched_once() {
-        let delay = std::time::Duration::from_millis(300);
+        let delay = std::time::Duration::from_secs(1);
         let c = Cutover::new(100).with_refetch_delay(delay);
         let other = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb";
         c.snapshot_done(DID, Some("3kbaaaaaaaaa2"), Some("d1"), false);

@@ -239,7 +239,7 @@ async fn current_records_equal_what_the_reference_pds_lists() {
 }
 
 /// The real daemon is killed with SIGKILL between a `#sync` that marks a repo and the commit of
-/// its fresh fetch (held off by `refetch_delay`), after live flushes went past the `#sync`;
+/// its fresh fetch (held off by a 10 s `refetch_delay`), after live flushes went past the `#sync`;
 /// the restart replays the `#sync` (the live checkpoint stayed before it), fetches the repo
 /// again, and `current.records` equals what the PDS lists, with no record twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,8 +331,8 @@ async fn scenario(replay: bool, crash: bool) {
     let sql_port = free_port();
     let lake = dir.path().join("lake");
     let log = dir.path().join("run.log");
-    // with `crash`, a marked repo waits 6 s before its fresh fetch: the window the kill lands in
-    let refetch_delay = if crash { "6s" } else { "1s" };
+    // with `crash`, a marked repo waits 10 s before its fresh fetch: the window the kill lands in
+    let refetch_delay = if crash { "10s" } else { "1s" };
     let spawn = |log: &std::path::Path| {
         ChildGuard(
             Command::new(atlake_bin())
@@ -397,7 +397,7 @@ async fn scenario(replay: bool, crash: bool) {
         assert!(r.status().is_success(), "activateAccount: {}", r.status());
         let mut log = log.clone();
         if crash {
-            // the #sync marks the repo; the fresh fetch waits its 6 s delay
+            // the #sync marks the repo; the fresh fetch waits its 10 s delay
             let gap = "a gap in the repo's history";
             let started = Instant::now();
             while log_after(&log, gap).is_none() {
@@ -427,7 +427,7 @@ async fn scenario(replay: bool, crash: bool) {
                 "the fresh fetch was committed before the kill:\n{since}"
             );
             assert!(
-                started.elapsed() < Duration::from_secs(6),
+                started.elapsed() < Duration::from_secs(10),
                 "too slow to land in the window"
             );
             run.kill().unwrap();
