@@ -137,20 +137,42 @@ const TID_CHARS: &[u8] = b"234567abcdefghijklmnopqrstuvwxyz";
 
 /// TID: 13 characters of base32-sortable, first character in `234567abcdefghij`.
 pub fn is_tid(s: &str) -> bool {
+    tid_value(s).is_some()
+}
+
+/// The value of each byte as a TID character (its index in [`TID_CHARS`]), or 32 if it is not
+/// one: a table, as every backfilled record's key is checked and decoded.
+const TID_VALUES: [u8; 256] = {
+    let mut t = [32u8; 256];
+    let mut i = 0;
+    while i < TID_CHARS.len() {
+        t[TID_CHARS[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// The 65-bit value a TID spells (as 13 base-32 digits), if `s` is a TID.
+fn tid_value(s: &str) -> Option<u64> {
     let b = s.as_bytes();
-    b.len() == 13 && TID_CHARS[..16].contains(&b[0]) && b[1..].iter().all(|c| TID_CHARS.contains(c))
+    if b.len() != 13 {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let d = TID_VALUES[c as usize];
+        // the first character carries the top (zero) bit: only the first 16 are allowed
+        if d >= 32 || (i == 0 && d >= 16) {
+            return None;
+        }
+        v = (v << 5) | u64::from(d);
+    }
+    Some(v)
 }
 
 /// The µs timestamp inside a TID (top 53 bits after the zero bit).
 pub fn tid_timestamp_us(s: &str) -> Option<i64> {
-    if !is_tid(s) {
-        return None;
-    }
-    let mut v: u64 = 0;
-    for &c in s.as_bytes() {
-        let d = TID_CHARS.iter().position(|&x| x == c)? as u64;
-        v = (v << 5) | d;
-    }
+    let v = tid_value(s)?;
     // 13 * 5 = 65 bits; the first character carries the zero bit at the top
     Some(((v >> 10) & ((1u64 << 53) - 1)) as i64)
 }
@@ -521,6 +543,31 @@ mod tests {
         let t = tid_from_parts(1_700_000_000_000_000, 7);
         assert!(is_tid(&t));
         assert_eq!(tid_timestamp_us(&t), Some(1_700_000_000_000_000));
+    }
+
+    #[test]
+    fn tids_are_checked_character_by_character() {
+        // the largest: the first character carries the zero bit, so it is one of the first 16
+        assert!(is_tid("jzzzzzzzzzzzz"));
+        assert_eq!(tid_timestamp_us("jzzzzzzzzzzzz"), Some((1i64 << 53) - 1));
+        assert_eq!(tid_timestamp_us("2222222222222"), Some(0));
+        for bad in [
+            "kzzzzzzzzzzzz",  // first character past the 16th
+            "3jzr2ixb6a21",   // 12 characters
+            "3jzr2ixb6a2212", // 14
+            "3jzr2ixb6a21A",  // upper case
+            "3jzr2ixb6a211",  // '1' is not in the alphabet
+            "3jzr2ixb6a210",
+            "3jzr2ixb6a21-",
+            "3jzr2ixb6a2é", // 13 bytes, not 13 characters of the alphabet
+        ] {
+            assert!(!is_tid(bad), "{bad}");
+            assert_eq!(tid_timestamp_us(bad), None, "{bad}");
+        }
+        for (i, c) in TID_CHARS.iter().enumerate() {
+            let t = format!("2222222222{}22", *c as char);
+            assert_eq!(tid_value(&t), Some((i as u64) << 10), "{t}");
+        }
     }
 
     #[test]

@@ -13,7 +13,8 @@ use crate::model::rows::{RepoRecord, RowBuilder, TableKind};
 use crate::model::{Cursor, ErrorEvent, SourceKind};
 use crate::sink::parquet::{FileMeta, encode_to};
 use crate::sink::partition::{
-    FileName, LakeFile, PartitionKey, PartitionName, PartitionRangeError, is_path_safe_collection,
+    FileName, HOUR_US, LakeFile, PartitionKey, PartitionName, PartitionRangeError,
+    is_path_safe_collection,
 };
 use crate::sink::store::Lake;
 use arrow::array::{RecordBatch, UInt32Array};
@@ -53,6 +54,9 @@ pub struct HistoryBuffer {
     named: HashSet<String>,
     errors: RowBuilder,
     error_parts: Vec<u32>,
+    /// The partition of the last record: its collection, hours `[from, to)` (its month) and
+    /// number. A repo's records come in key order, so most share the previous one's.
+    last: Option<(String, i64, i64, u32)>,
 }
 
 impl Default for HistoryBuffer {
@@ -65,6 +69,7 @@ impl Default for HistoryBuffer {
             named: HashSet::new(),
             errors: RowBuilder::new(TableKind::Errors, SourceKind::Repo),
             error_parts: Vec::new(),
+            last: None,
         }
     }
 }
@@ -118,8 +123,32 @@ impl HistoryBuffer {
     /// Buffers one record (its time already bounded by
     /// [`crate::decode::repo::record_time_us`]).
     pub fn push_record(&mut self, r: &RepoRecord<'_>) -> Result<(), PartitionRangeError> {
-        let key = self.record_partition(r.collection, r.time_us)?;
-        let p = self.part(key);
+        let hour = r.time_us.div_euclid(HOUR_US);
+        let cached = match &self.last {
+            Some((c, from, to, p)) if c == r.collection && (*from..*to).contains(&hour) => Some(*p),
+            _ => None,
+        };
+        let p = match cached {
+            Some(p) => p,
+            None => {
+                let key = self.record_partition(r.collection, r.time_us)?;
+                let from = key.hour();
+                // the next month starts within 31 days of this one's first hour
+                let to = PartitionKey::month_of(key.name.clone(), (from + 31 * 24) * HOUR_US)
+                    .map(|k| k.hour())
+                    .unwrap_or(from + 1);
+                let p = self.part(key);
+                match &mut self.last {
+                    Some(last) => {
+                        last.0.clear();
+                        last.0.push_str(r.collection);
+                        (last.1, last.2, last.3) = (from, to, p);
+                    }
+                    None => self.last = Some((r.collection.to_string(), from, to, p)),
+                }
+                p
+            }
+        };
         self.rows.push_record(r);
         self.parts.push(p);
         Ok(())
@@ -182,6 +211,7 @@ impl HistoryBuffer {
         let keys = std::mem::take(&mut self.keys);
         self.index.clear();
         self.named.clear();
+        self.last = None;
         for (builder, parts) in [
             (&mut self.rows, std::mem::take(&mut self.parts)),
             (&mut self.errors, std::mem::take(&mut self.error_parts)),
@@ -236,7 +266,7 @@ const WRITES_IN_FLIGHT: usize = 6;
 const STAGED_FILE_BYTES: u64 = 32 << 20;
 
 /// Arrow bytes of staged rows read back at once by a commit's writes.
-const STAGED_READ_BUDGET_MIB: u32 = 32;
+const STAGED_READ_BUDGET_MIB: u32 = 16;
 
 /// Rows of several flushes on local disk, written as one file per partition when the batch
 /// commits. Each spill is one Arrow IPC file holding a record batch per partition (the
@@ -621,16 +651,12 @@ mod tests {
             } else {
                 "app.bsky.feed.like"
             };
-            b.push_record(&RepoRecord {
-                did: "did:plc:a",
-                time_us: T + (i % 3) * 40 * 24 * crate::sink::partition::HOUR_US,
-                collection: coll,
-                rkey: &format!("k{i}"),
-                rev: Some("3l"),
-                cid: "bafy",
-                record: "{}",
-            })
-            .unwrap();
+            push(
+                &mut b,
+                coll,
+                i,
+                T + (i % 3) * 40 * 24 * crate::sink::partition::HOUR_US,
+            );
         }
         for i in 0..(MAX_NAMED_PARTITIONS + 5) {
             b.push_record(&RepoRecord {
@@ -674,6 +700,66 @@ mod tests {
         }
         // posts and likes in three months each: 6 partitions, plus 64 named and `_other`
         assert_eq!(parts.len(), 6 + MAX_NAMED_PARTITIONS + 1);
+    }
+
+    /// Buffers a record `k{i}` of `coll` made at `time_us`.
+    fn push(b: &mut HistoryBuffer, coll: &str, i: i64, time_us: i64) {
+        b.push_record(&RepoRecord {
+            did: "did:plc:a",
+            time_us,
+            collection: coll,
+            rkey: &format!("k{i}"),
+            rev: Some("3l"),
+            cid: "bafy",
+            record: "{}",
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_run_of_one_collection_changes_partition_at_each_month_edge() {
+        let us = |d: &str| crate::syntax::parse_datetime_us(d).unwrap();
+        // one collection, in order across month edges, then back, with another collection
+        // between: each row must land in its own month
+        let times = [
+            us("2024-01-31T23:59:59.999999Z"),
+            us("2024-02-01T00:00:00Z"),
+            us("2024-02-29T23:59:59.999999Z"),
+            us("2024-03-01T00:00:00Z"),
+            us("2024-01-01T00:00:00Z"),
+            us("2024-01-15T12:00:00Z"),
+            us("2023-12-31T23:59:59.999999Z"),
+        ];
+        let mut b = HistoryBuffer::default();
+        for (i, &t) in times.iter().enumerate() {
+            for coll in ["app.bsky.feed.post", "app.bsky.feed.like"] {
+                if coll.ends_with("like") && i % 3 != 0 {
+                    continue;
+                }
+                push(&mut b, coll, i as i64, t);
+            }
+        }
+        let parts = b.take().unwrap();
+        let mut posts = std::collections::BTreeMap::new();
+        for (k, r) in &parts {
+            let t = r
+                .column_by_name("time_us")
+                .unwrap()
+                .as_primitive::<arrow::datatypes::Int64Type>();
+            for i in 0..r.num_rows() {
+                assert!(
+                    (k.start_us()..k.end_us()).contains(&t.value(i)),
+                    "{} is not in {}",
+                    t.value(i),
+                    k.dir()
+                );
+            }
+            if k.name == PartitionName::Collection("app.bsky.feed.post".into()) {
+                posts.insert(k.start_us(), r.num_rows());
+            }
+        }
+        // 2023-12: 1, 2024-01: 3, 2024-02: 2, 2024-03: 1
+        assert_eq!(posts.values().copied().collect::<Vec<_>>(), [1, 3, 2, 1]);
     }
 
     fn fill(b: &mut HistoryBuffer, from: usize, n: usize) {

@@ -1,7 +1,7 @@
 //! One repository: resolve its PDS, stream `getRepo` into a bounded block store, walk the MST,
 //! and send its records to the batch loop in chunks.
 
-use super::{Msg, Row, Stats};
+use super::{Msg, Rows, Stats};
 use crate::decode::cbor::JsonWriter;
 use crate::decode::cid::Cid;
 use crate::decode::repo::{RepoError, created_at, record_time_us, walk_records};
@@ -144,7 +144,7 @@ async fn fetch_inner(ctx: &FetchContext, job: &RepoJob, tx: &mpsc::Sender<Msg>) 
 
 /// A chunk being filled.
 struct Chunk {
-    rows: Vec<Row>,
+    rows: Rows,
     errors: Vec<ErrorEvent>,
     bytes: usize,
     last_key: Option<String>,
@@ -153,7 +153,7 @@ struct Chunk {
 impl Chunk {
     fn new() -> Self {
         Chunk {
-            rows: Vec::new(),
+            rows: Rows::with_capacity(CHUNK_BYTES + (64 << 10)),
             errors: Vec::new(),
             bytes: 0,
             last_key: None,
@@ -177,7 +177,8 @@ fn walk(
 ) -> Msg {
     let did = job.did.as_str();
     let mut json = JsonWriter::new();
-    let mut buf = Vec::new();
+    let mut key = String::new();
+    let mut text = Vec::new();
     let mut chunk = Chunk::new();
     let mut records = 0u64;
     // the rev is only known once the commit is decoded: rows are sent with it after the walk
@@ -223,7 +224,10 @@ fn walk(
     };
     let walked = walk_records(blocks, root, did, &mut |r| {
         let key_len = r.collection.len() + 1 + r.rkey.len();
-        let key = format!("{}/{}", r.collection, r.rkey);
+        key.clear();
+        key.push_str(r.collection);
+        key.push('/');
+        key.push_str(r.rkey);
         let skip = job.after.as_deref().is_some_and(|a| key.as_str() <= a);
         if skip || (!collections.is_empty() && !collections.iter().any(|c| c == r.collection)) {
             return Ok(());
@@ -248,23 +252,24 @@ fn walk(
                 format!("{} bytes", r.block.len()),
             ));
         } else {
-            buf.clear();
-            match json.record_to_json(r.block, &mut buf) {
+            // collection, rkey, CID, then the JSON, built in one buffer for the whole walk and
+            // copied into the chunk's
+            text.clear();
+            text.extend_from_slice(r.collection.as_bytes());
+            text.extend_from_slice(r.rkey.as_bytes());
+            let rkey_end = text.len();
+            r.cid.write_str(&mut text);
+            let ends = [r.collection.len(), rkey_end, text.len()];
+            match json.record_to_json(r.block, &mut text) {
                 Err(e) => chunk.errors.push(bad(ErrorReason::Record, e.to_string())),
                 Ok(()) => {
                     let claimed = created_at(r.block).ok().flatten();
                     let time_us = record_time_us(r.rkey, claimed, rev.as_deref(), fetched_us);
-                    // the JSON writer emits UTF-8 only (DAG-CBOR text is valid UTF-8)
-                    match String::from_utf8(std::mem::take(&mut buf)) {
-                        Ok(record) => {
-                            chunk.bytes += record.len() + key_len + 80;
-                            chunk.rows.push(Row {
-                                collection: r.collection.to_string(),
-                                rkey: r.rkey.to_string(),
-                                cid: r.cid.to_string(),
-                                record,
-                                time_us,
-                            });
+                    let record_len = text.len() - ends[2];
+                    // the JSON writer emits UTF-8 only (DAG-CBOR text is valid UTF-8): checked
+                    match chunk.rows.push(&text, ends, time_us) {
+                        Ok(()) => {
+                            chunk.bytes += record_len + key_len + 80;
                             records += 1;
                         }
                         Err(e) => chunk.errors.push(bad(ErrorReason::Record, e.to_string())),
@@ -272,7 +277,11 @@ fn walk(
                 }
             }
         }
-        chunk.last_key = Some(key);
+        // the chunk's last key, in the chunk's own buffer
+        match &mut chunk.last_key {
+            Some(k) => k.clone_from(&key),
+            None => chunk.last_key = Some(key.clone()),
+        }
         if chunk.full() {
             send(&mut chunk)?;
         }

@@ -74,19 +74,116 @@ pub enum Target {
     Dids(Vec<String>),
 }
 
-/// Records of one repo in a chunk.
-#[derive(Debug, Clone)]
-pub struct Row {
+/// Records of one repo in a chunk, their collection, rkey, CID and JSON in one shared buffer:
+/// a backfill moves millions of records from the walkers to the batch loop, and a record
+/// allocated on one thread and freed on another costs a lock on glibc's arena (a profile showed
+/// the batch loop waiting on it).
+#[derive(Debug, Clone, Default)]
+pub struct Rows {
+    /// every row's collection, rkey, CID and record JSON, one after another
+    text: String,
+    /// per row: where it starts, where its collection, rkey and CID end, and where it ends
+    at: Vec<[u32; 5]>,
+    time_us: Vec<i64>,
+}
+
+/// One row of a [`Rows`].
+#[derive(Debug, Clone, Copy)]
+pub struct RowRef<'a> {
     /// Its collection.
-    pub collection: String,
+    pub collection: &'a str,
     /// Its record key.
-    pub rkey: String,
+    pub rkey: &'a str,
     /// Its CID.
-    pub cid: String,
+    pub cid: &'a str,
     /// The record as JSON.
-    pub record: String,
+    pub record: &'a str,
     /// When it was made (bounded).
     pub time_us: i64,
+}
+
+/// Why a row cannot be added to a [`Rows`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RowError(String);
+
+impl Rows {
+    /// Rows with room for `bytes` of text.
+    pub fn with_capacity(bytes: usize) -> Rows {
+        Rows {
+            text: String::with_capacity(bytes),
+            ..Rows::default()
+        }
+    }
+
+    /// Adds a row from `bytes`: collection, rkey, CID and JSON in that order, the first three
+    /// ending at `ends` (offsets in `bytes`). Checked: valid UTF-8, every end on a character
+    /// boundary and in order, and the chunk under 4 GiB.
+    pub fn push(&mut self, bytes: &[u8], ends: [usize; 3], time_us: i64) -> Result<(), RowError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| RowError(e.to_string()))?;
+        let [a, b, c] = ends;
+        if !(a <= b && b <= c && c <= text.len() && ends.iter().all(|&e| text.is_char_boundary(e)))
+        {
+            return Err(RowError(format!(
+                "row parts end at {ends:?} in {} bytes",
+                text.len()
+            )));
+        }
+        let base = self.text.len();
+        let off = |x: usize| {
+            u32::try_from(base + x).map_err(|_| RowError("a chunk of rows over 4 GiB".into()))
+        };
+        let at = [off(0)?, off(a)?, off(b)?, off(c)?, off(text.len())?];
+        self.text.push_str(text);
+        self.at.push(at);
+        self.time_us.push(time_us);
+        Ok(())
+    }
+
+    /// Rows in the chunk.
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    /// Whether the chunk has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    /// Bytes of text.
+    pub fn text_len(&self) -> usize {
+        self.text.len()
+    }
+
+    fn part(&self, from: u32, to: u32) -> &str {
+        // `push` checked that every offset is a boundary within the text, in order
+        self.text
+            .get(from as usize..to as usize)
+            .unwrap_or_else(|| {
+                metrics::counter!("atlake_broken_invariants_total").increment(1);
+                tracing::error!(
+                    from,
+                    to,
+                    len = self.text.len(),
+                    "a backfill row's part is out of its text"
+                );
+                ""
+            })
+    }
+
+    /// The rows, in order.
+    pub fn iter(&self) -> impl Iterator<Item = RowRef<'_>> + '_ {
+        self.at
+            .iter()
+            .zip(&self.time_us)
+            .map(|(&[s, a, b, c, e], &time_us)| RowRef {
+                collection: self.part(s, a),
+                rkey: self.part(a, b),
+                cid: self.part(b, c),
+                record: self.part(c, e),
+                time_us,
+            })
+    }
 }
 
 /// From fetchers to the batch loop.
@@ -99,7 +196,7 @@ pub enum Msg {
         /// the snapshot's rev
         rev: Option<String>,
         /// records
-        rows: Vec<Row>,
+        rows: Rows,
         /// records set aside
         errors: Vec<ErrorEvent>,
         /// the last key these cover
@@ -860,8 +957,7 @@ impl BatchLoop {
                     Some(c) if !reset => c.snapshot(
                         &did,
                         rev.as_deref(),
-                        rows.iter()
-                            .map(|r| (r.collection.as_str(), r.rkey.as_str())),
+                        rows.iter().map(|r| (r.collection, r.rkey)),
                     ),
                     Some(c) => {
                         c.snapshot(&did, rev.as_deref(), std::iter::empty());
@@ -884,11 +980,11 @@ impl BatchLoop {
                         .push_record(&crate::model::rows::RepoRecord {
                             did: &did,
                             time_us: r.time_us,
-                            collection: &r.collection,
-                            rkey: &r.rkey,
+                            collection: r.collection,
+                            rkey: r.rkey,
                             rev: rev.as_deref(),
-                            cid: &r.cid,
-                            record: &r.record,
+                            cid: r.cid,
+                            record: r.record,
                         })
                         .map_err(range)?;
                 }
@@ -1096,5 +1192,65 @@ impl BatchLoop {
             })
         }));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(collection: &str, rkey: &str, cid: &str, record: &str) -> (Vec<u8>, [usize; 3]) {
+        let text = format!("{collection}{rkey}{cid}{record}");
+        let a = collection.len();
+        (
+            text.into_bytes(),
+            [a, a + rkey.len(), a + rkey.len() + cid.len()],
+        )
+    }
+
+    #[test]
+    fn rows_share_one_buffer_and_read_back_their_parts() {
+        let mut rows = Rows::with_capacity(16);
+        let input = [
+            (
+                "app.bsky.feed.post",
+                "3l2abcdefgh22",
+                "bafyreia",
+                r#"{"text":"é"}"#,
+            ),
+            ("app.bsky.actor.profile", "self", "bafyreib", "{}"),
+            ("com.example.x", "k", "bafyreic", r#"{"a":[1,2]}"#),
+        ];
+        for (i, (c, k, cid, rec)) in input.iter().enumerate() {
+            let (bytes, ends) = row(c, k, cid, rec);
+            rows.push(&bytes, ends, i as i64).unwrap();
+        }
+        assert_eq!(rows.len(), 3);
+        let got: Vec<_> = rows
+            .iter()
+            .map(|r| (r.collection, r.rkey, r.cid, r.record, r.time_us))
+            .collect();
+        let want: Vec<_> = input
+            .iter()
+            .enumerate()
+            .map(|(i, &(c, k, cid, rec))| (c, k, cid, rec, i as i64))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_row_that_is_not_utf8_or_whose_parts_do_not_fit_is_refused() {
+        let mut rows = Rows::default();
+        let (mut bytes, ends) = row("app.bsky.feed.post", "k", "bafy", "{}");
+        // ends out of order, past the end, inside a character
+        assert!(rows.push(&bytes, [5, 3, 8], 0).is_err());
+        assert!(rows.push(&bytes, [5, 6, bytes.len() + 1], 0).is_err());
+        let (e, e_ends) = row("app.bsky.feed.post", "é", "bafy", "{}");
+        let mid = e_ends[0] + 1;
+        assert!(rows.push(&e, [e_ends[0], mid, e_ends[2]], 0).is_err());
+        bytes.push(0xff);
+        assert!(rows.push(&bytes, ends, 0).is_err());
+        assert!(rows.is_empty(), "a refused row leaves nothing behind");
+        assert_eq!(rows.text_len(), 0);
     }
 }

@@ -195,17 +195,25 @@ impl Spill {
             Some(i) => i,
             None => {
                 let size = (len.max(WINDOW) as u64).min(self.len.saturating_sub(at)) as usize;
-                let mut data = vec![0u8; size];
-                self.out.get_ref().read_exact_at(&mut data, at)?;
-                if w.slots.len() < WINDOWS {
-                    w.slots.push((at, data));
+                // the least recently used window's buffer is read into again (a fresh 1 MiB
+                // buffer per read is a fresh mapping and 256 page faults)
+                let (slot, mut data) = if w.slots.len() < WINDOWS {
+                    w.slots.push((at, Vec::new()));
                     w.used.push(tick);
-                    w.slots.len() - 1
+                    (w.slots.len() - 1, Vec::new())
                 } else {
                     let oldest = (0..w.used.len()).min_by_key(|&i| w.used[i]).unwrap_or(0);
-                    w.slots[oldest] = (at, data);
-                    oldest
+                    (oldest, std::mem::take(&mut w.slots[oldest].1))
+                };
+                data.resize(size, 0);
+                let read = self.out.get_ref().read_exact_at(&mut data, at);
+                w.slots[slot] = (at, data);
+                if let Err(e) = read {
+                    // the window holds no valid bytes: it must never serve a read
+                    w.slots[slot].1.clear();
+                    return Err(e);
                 }
+                slot
             }
         };
         w.used[slot] = tick;
