@@ -133,7 +133,9 @@ impl HistoryBuffer {
             None => {
                 let key = self.record_partition(r.collection, r.time_us)?;
                 let from = key.hour();
-                // the next month starts within 31 days of this one's first hour
+                // the next month starts within 31 days of this one's first hour; the last
+                // month of the range has none, and then only its first hour is remembered (the
+                // rest of it is computed again, not guessed)
                 let to = PartitionKey::month_of(key.name.clone(), (from + 31 * 24) * HOUR_US)
                     .map(|k| k.hour())
                     .unwrap_or(from + 1);

@@ -301,6 +301,41 @@ mod tests {
         assert_eq!(left, 0);
     }
 
+    /// A spill of many windows read forwards, backwards and strided: windows are evicted and
+    /// their buffers read into again, at other lengths (a block larger than a window, the short
+    /// window at the end of the file), and every read gives the block's own bytes.
+    #[test]
+    fn reused_windows_give_each_block_its_own_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = RepoBlocks::new(0, u64::MAX, dir.path().to_path_buf());
+        let blocks: Vec<(Cid, Vec<u8>)> = (0..120u32)
+            .map(|i| {
+                // mostly 100 KiB; one of 2.5 MiB; all bytes differ by block
+                let len = if i == 57 { 5 << 19 } else { 100 << 10 };
+                let b: Vec<u8> = (0..len)
+                    .map(|j| (j as u32 ^ i.wrapping_mul(2654435761)) as u8)
+                    .collect();
+                (Cid::for_raw(&b), b)
+            })
+            .collect();
+        for (c, b) in &blocks {
+            s.insert(*c, b).unwrap();
+        }
+        s.seal().unwrap();
+        assert!(s.total() > 8 * WINDOW as u64);
+        let n = blocks.len();
+        let order = (0..n)
+            .chain((0..n).rev())
+            .chain((0..n).map(|i| (i * 37) % n))
+            .chain([n - 1, 0, 57, n - 1, 56, 58]);
+        let mut out = Vec::new();
+        for i in order {
+            let (c, b) = &blocks[i];
+            assert!(s.read_block(c, &mut out).unwrap(), "block {i}");
+            assert!(&out == b, "block {i} came back different");
+        }
+    }
+
     #[test]
     fn a_repo_over_the_limit_is_refused() {
         let dir = tempfile::tempdir().unwrap();
