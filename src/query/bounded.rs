@@ -43,6 +43,47 @@ const LEVENSHTEIN_WORK: u128 = 200_000_000;
 thread_local! {
     /// Bytes produced by wrapped calls for the batch being computed on this thread.
     static PRODUCED: Cell<u64> = const { Cell::new(0) };
+    /// Set while a logical optimizer rule runs on this thread: a call then is constant folding.
+    static FOLDING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The most a wrapped call may produce to be folded into a constant while a query is planned.
+///
+/// A folded constant lives in the plan: the planner copies it and formats it into column
+/// names each time it derives a schema, steps the deadline cannot interrupt.
+/// `array_to_string(range(1000000), repeat('x', 100))` folded `range` into a list of a million
+/// numbers, which the optimizer then printed for seconds, on past the 408. A larger result is
+/// left as a call, and computed when the query runs, where the deadline and the batch's budget
+/// hold.
+pub const FOLD_BYTES: u64 = 64 << 10;
+
+/// Runs `f` (an optimizer rule) with wrapped calls told that they are constant folding.
+pub fn folding<T>(f: impl FnOnce() -> T) -> T {
+    /// Restores the flag even when `f` unwinds.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FOLDING.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FOLDING.with(|c| c.replace(true)));
+    f()
+}
+
+fn is_folding() -> bool {
+    FOLDING.with(|c| c.get())
+}
+
+/// Why a call was not folded into a constant; the planner keeps the call and its error never
+/// reaches the user (DataFusion's constant folding leaves an expression whose evaluation fails
+/// as it was).
+fn not_folded(name: &str, bytes: Option<u128>) -> DataFusionError {
+    DataFusionError::Execution(match bytes {
+        Some(b) => format!(
+            "{name}() would produce {b} bytes, more than a constant may hold ({FOLD_BYTES}); computed when the query runs"
+        ),
+        None => format!("{name}() of unknown size is computed when the query runs"),
+    })
 }
 
 /// Starts a new batch's count on this thread (an operator was polled, or yielded a batch).
@@ -1008,7 +1049,8 @@ impl ScalarUDFImpl for Bounded {
             d.check()?;
         }
         let before = ledger() as u128;
-        match self.estimate(&args) {
+        let estimate = self.estimate(&args);
+        match estimate {
             Some(bytes) if before.saturating_add(bytes) > self.budget as u128 => {
                 return Err(self.refuse(if self.growth == Growth::Levenshtein {
                     format!(
@@ -1041,6 +1083,17 @@ impl ScalarUDFImpl for Bounded {
                 )));
             }
             None => {}
+        }
+        if is_folding() {
+            if estimate.is_none_or(|b| b > FOLD_BYTES as u128) {
+                return Err(not_folded(self.name(), estimate));
+            }
+            let out = self.call_in_slices(args)?;
+            let bytes = out_bytes(&out);
+            if bytes > FOLD_BYTES {
+                return Err(not_folded(self.name(), Some(bytes as u128)));
+            }
+            return Ok(out);
         }
         self.call_in_slices(args)
     }
@@ -1326,6 +1379,67 @@ mod tests {
         );
         assert!(logical_bytes(&plain.to_data()) >= (1 << 20) + 5);
         assert!(logical_bytes(&list.to_data()) >= 8000);
+    }
+
+    /// While a query is planned, a call is folded into a constant only when its result is
+    /// small; a larger one stays a call and is computed when the query runs (the planner
+    /// prints constants into column names: a folded `range(1000000)` took seconds to print,
+    /// on past the timeout).
+    #[tokio::test]
+    async fn only_small_results_are_folded_into_constants() {
+        let state = datafusion::execution::SessionStateBuilder::new()
+            .with_default_features()
+            .with_optimizer_rules(crate::query::deadline::logical_rules(
+                None,
+                Duration::from_secs(60),
+            ))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        register(&ctx, 1 << 30, None).unwrap();
+        let plan = |q: &'static str| {
+            let ctx = ctx.clone();
+            async move {
+                let df = ctx.sql(q).await.unwrap();
+                df.into_optimized_plan()
+                    .unwrap()
+                    .display_indent()
+                    .to_string()
+            }
+        };
+        // FOLD_BYTES is 64 KiB: 2 × 32,000 bytes fold, 2 × 33,000 do not
+        let small = plan("SELECT length(repeat('ab', 16000)) AS n").await;
+        assert!(!small.contains("repeat("), "{small}");
+        assert!(small.contains("32000"), "{small}");
+        let big = plan("SELECT length(repeat('ab', 33000)) AS n").await;
+        assert!(big.contains("repeat("), "{big}");
+        let list = plan("SELECT cardinality(range(100)) AS n").await;
+        assert!(!list.contains("range("), "{list}");
+        let list = plan("SELECT cardinality(range(100000)) AS n").await;
+        assert!(list.contains("range("), "{list}");
+        // the call left in the plan gives the same answer when the query runs
+        let b = ctx
+            .sql("SELECT length(repeat('ab', 33000)) AS n, cardinality(range(100000)) AS c")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let n = |i: usize| {
+            arrow::compute::cast(b[0].column(i), &DataType::Int64)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0)
+        };
+        assert_eq!((n(0), n(1)), (66000, 100000));
+        // outside an optimizer rule a call is not folding, and the flag is restored after one
+        assert!(!is_folding());
+        assert!(folding(is_folding));
+        assert!(!is_folding());
+        let unwound = std::panic::catch_unwind(|| folding(|| panic!("a rule panicked")));
+        assert!(unwound.is_err());
+        assert!(!is_folding());
     }
 
     #[tokio::test]

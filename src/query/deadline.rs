@@ -213,11 +213,13 @@ fn exceeded(deadline: Instant, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-/// A logical optimizer rule that first checks the deadline.
+/// A logical optimizer rule that first checks the deadline (when the query has one), and
+/// runs with the bounded functions told that their calls are constant folding
+/// ([`super::bounded::folding`]).
 #[derive(Debug)]
 struct TimedRule {
     inner: Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>,
-    deadline: Instant,
+    deadline: Option<Instant>,
     timeout: Duration,
 }
 
@@ -235,8 +237,10 @@ impl datafusion::optimizer::OptimizerRule for TimedRule {
         plan: datafusion::logical_expr::LogicalPlan,
         config: &dyn datafusion::optimizer::OptimizerConfig,
     ) -> Result<Transformed<datafusion::logical_expr::LogicalPlan>> {
-        exceeded(self.deadline, self.timeout)?;
-        self.inner.rewrite(plan, config)
+        if let Some(at) = self.deadline {
+            exceeded(at, self.timeout)?;
+        }
+        super::bounded::folding(|| self.inner.rewrite(plan, config))
     }
 }
 
@@ -276,9 +280,10 @@ impl datafusion::physical_optimizer::PhysicalOptimizerRule for TimedPhysicalRule
     }
 }
 
-/// DataFusion's logical optimizer rules, each checking `deadline` first.
+/// DataFusion's logical optimizer rules, each checking `deadline` first (when there is one)
+/// and folding constants only up to [`super::bounded::FOLD_BYTES`].
 pub fn logical_rules(
-    deadline: Instant,
+    deadline: Option<Instant>,
     timeout: Duration,
 ) -> Vec<Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>> {
     datafusion::optimizer::Optimizer::new()

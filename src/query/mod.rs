@@ -497,10 +497,12 @@ impl QueryEngine {
                 ));
             }
         }
+        // planning stops at the deadline too (rules check it before they run), and folds
+        // no large constants, with or without a deadline
+        builder =
+            builder.with_optimizer_rules(deadline::logical_rules(deadline, self.limits.timeout));
         if let Some(at) = deadline {
-            // planning stops at the deadline too (rules check it before they run)
             builder = builder
-                .with_optimizer_rules(deadline::logical_rules(at, self.limits.timeout))
                 .with_physical_optimizer_rules(deadline::physical_rules(at, self.limits.timeout));
         }
         let state = builder

@@ -283,11 +283,21 @@ impl Drop for ChildGuard {
 
 /// The resident set size of process `pid` in KiB (0 once it is gone).
 pub fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:")
+}
+
+/// The anonymous part of a process's resident set (heap, stacks), in KiB: what it holds, not
+/// the pages of its own binary's code that it has run (file-backed, shared, reclaimable).
+pub fn rss_anon_kb(pid: u32) -> u64 {
+    status_kb(pid, "RssAnon:")
+}
+
+fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
