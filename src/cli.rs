@@ -409,8 +409,9 @@ pub enum Command {
         /// Accounts.
         #[arg(long, default_value_t = 5000)]
         accounts: u64,
-        /// Mean stream-time step between messages, µs (steps under 1,000 become 1,000, as frame
-        /// times have millisecond precision). Default: when serving at a rate, 1,000,000 / rate, so stream
+        /// Mean stream-time step between messages, µs (frame times have millisecond precision:
+        /// serving at a rate, the clock keeps its microseconds and several frames may share a
+        /// millisecond; a capture's steps are whole milliseconds, at least one). Default: when serving at a rate, 1,000,000 / rate, so stream
         /// time keeps pace with the clock; otherwise 2,500.
         #[arg(long, value_name = "US")]
         step_us: Option<i64>,
@@ -755,6 +756,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 seed,
                 accounts,
                 step_us: sim_step_us(step_us, rate)?,
+                exact_clock: rate.is_some(),
                 start_time_us: sim_start_us(start.as_deref(), serving)?,
                 ..Default::default()
             };
@@ -784,7 +786,7 @@ fn sim_step_us(given: Option<i64>, rate: Option<f64>) -> anyhow::Result<i64> {
     match (given, rate) {
         (Some(s), _) if s <= 0 => bail!("--step-us must be positive"),
         (Some(s), _) => Ok(s),
-        (None, Some(r)) => Ok(((1e6 / r).round() as i64).max(1_000)),
+        (None, Some(r)) => Ok(((1e6 / r).round() as i64).max(1)),
         (None, None) => Ok(TrafficConfig::default().step_us),
     }
 }
@@ -927,6 +929,7 @@ async fn demo_cmd(
 ) -> anyhow::Result<ExitCode> {
     let traffic = TrafficConfig {
         step_us: sim_step_us(None, Some(rate))?,
+        exact_clock: true,
         start_time_us: sim_start_us(None, true)?,
         ..Default::default()
     };

@@ -96,6 +96,12 @@ impl FlushPolicy {
         }
     }
 
+    /// Whether the stream, at `stream_time_us`, is `hour_close_grace` past the end of `key`'s
+    /// span.
+    pub fn closed(&self, key: &PartitionKey, stream_time_us: Option<i64>) -> bool {
+        stream_time_us.is_some_and(|t| t >= key.end_us().saturating_add(self.hour_close_grace_us))
+    }
+
     /// Whether a partition must flush now, and why.
     pub fn should_complete_file(
         &self,
@@ -116,9 +122,7 @@ impl FlushPolicy {
         if now.saturating_duration_since(p.opened_at) >= self.max_age {
             return Some(FlushReason::Age);
         }
-        if stream_time_us
-            .is_some_and(|t| t >= p.key.end_us().saturating_add(self.hour_close_grace_us))
-        {
+        if !p.late && self.closed(&p.key, stream_time_us) {
             return Some(FlushReason::HourClosed);
         }
         if events_seen.saturating_sub(p.first_event) > self.max_checkpoint_lag {
@@ -150,6 +154,12 @@ pub struct PartitionBuffer {
     pub first_event: u64,
     /// Order-independent hash of the rows' keys.
     pub key_hash: u64,
+    /// Opened after the stream had closed its hour (late rows): it flushes by age, size,
+    /// memory or checkpoint lag, not at the next check. Otherwise rows that keep coming for a
+    /// closed hour (events partitioned by the time they were received because their own time
+    /// was more than 10 minutes ahead, which then carried the stream past the hour) made a
+    /// file per partition at every check: 880 per collection in 8 minutes.
+    pub late: bool,
 }
 
 impl PartitionBuffer {
@@ -301,9 +311,11 @@ impl Batcher {
 
     fn buffer(&mut self, key: PartitionKey, now: Instant) -> &mut PartitionBuffer {
         let events_seen = self.events_seen;
+        let late = self.policy.closed(&key, self.stream_time_us);
         self.buffers
             .entry(key.clone())
             .or_insert_with(|| PartitionBuffer {
+                late,
                 builder: RowBuilder::new(key.name.table_kind(), self.source),
                 key,
                 chunks: Vec::new(),
@@ -701,6 +713,51 @@ mod tests {
         assert_eq!(jobs[0].reason, FlushReason::HourClosed);
         assert_eq!(jobs[0].key.hour(), T0 / HOUR_US);
         assert_eq!(b.min_buffered_cursor(), Cursor::seq(2).ok());
+    }
+
+    /// Rows that keep coming for an hour the stream has closed go to a late buffer, which
+    /// flushes by age (and size), not at every check: a file per check was the storm.
+    #[test]
+    fn late_rows_of_a_closed_hour_flush_by_age_not_at_every_check() {
+        let mut b = Batcher::new(policy(), SourceKind::Firehose);
+        let t = Instant::now();
+        push(&mut b, &ev("app.bsky.feed.like", T0 + 10, 1), 1, t);
+        push(
+            &mut b,
+            &ev("app.bsky.feed.like", T0 + HOUR_US + 6_000_000, 2),
+            2,
+            t,
+        );
+        // the buffer opened before the close flushes once, at the close
+        let jobs = b.due(t).unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].reason, FlushReason::HourClosed);
+        // rows for the closed hour keep coming: they wait for the buffer's age
+        for i in 3..10 {
+            push(
+                &mut b,
+                &ev("app.bsky.feed.like", T0 + 20 + i, i as usize),
+                i,
+                t,
+            );
+            assert!(
+                b.due(t + Duration::from_secs(1)).unwrap().is_empty(),
+                "late row {i} flushed at once"
+            );
+        }
+        assert!(b.due(t + Duration::from_secs(59)).unwrap().is_empty());
+        let jobs = b.due(t + Duration::from_secs(60)).unwrap();
+        assert_eq!(jobs.len(), 2, "{jobs:?}");
+        assert!(
+            jobs.iter().all(|j| j.reason == FlushReason::Age),
+            "{jobs:?}"
+        );
+        let late = jobs.iter().find(|j| j.key.hour() == T0 / HOUR_US).unwrap();
+        assert_eq!(late.rows, 7);
+        // a buffer of a closed hour opened again later is late too
+        let later = t + Duration::from_secs(61);
+        push(&mut b, &ev("app.bsky.feed.like", T0 + 30, 11), 11, later);
+        assert!(b.due(later + Duration::from_secs(1)).unwrap().is_empty());
     }
 
     /// Buffers exactly at their budget are within it: only going over flushes.

@@ -106,6 +106,7 @@ impl Traffic {
         SimMessage {
             seq,
             time_us: self.time_us,
+            jetstream_us: super::jetstream_time_us(self.time_us, 0),
             frame,
             events,
         }
@@ -200,8 +201,10 @@ impl Traffic {
             // a few updates of existing non-profile records
             return self.update_op(account, repo_len, ops);
         } else {
+            // the clock to the microsecond (equal to the frame time in captures): frames that
+            // share a millisecond still make distinct keys
             let tid = tid_from_parts(
-                (self.time_us + i as i64) as u64,
+                (self.exact_us + i as i64) as u64,
                 self.rng.below(1024) as u16,
             );
             (Operation::Create, tid, None)

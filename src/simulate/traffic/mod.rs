@@ -33,8 +33,13 @@ pub struct TrafficConfig {
     pub accounts: u64,
     /// Stream time of the first message, µs since the epoch.
     pub start_time_us: i64,
-    /// Mean stream-time step between messages, µs (at least 1,000: frame times have ms precision).
+    /// Mean stream-time step between messages, µs.
     pub step_us: i64,
+    /// Stream time advances by each step to the microsecond, so it keeps pace with the clock
+    /// when serving at a rate (at more than 1,000 messages/s several frames share a
+    /// millisecond). Otherwise each step's microseconds are dropped, as captures always did (the
+    /// same seed gives the same bytes), which makes a message about 500 µs shorter than its step.
+    pub exact_clock: bool,
     /// First sequence number.
     pub first_seq: i64,
     /// Number of distinct third-party NSIDs in the long tail.
@@ -49,6 +54,7 @@ impl Default for TrafficConfig {
             // 2026-07-04T14:00:00Z
             start_time_us: 1_783_173_600_000_000,
             step_us: 2_500,
+            exact_clock: false,
             first_seq: 31_527_015_471,
             long_tail: 120,
         }
@@ -79,6 +85,8 @@ pub struct SimMessage {
     pub seq: i64,
     /// Stream time, µs.
     pub time_us: i64,
+    /// Jetstream's `time_us` of its first event (the others follow one µs apart).
+    pub jetstream_us: i64,
     /// The `subscribeRepos` frame.
     pub frame: Vec<u8>,
     /// The events it carries, as both sources should decode them (firehose envelopes).
@@ -91,7 +99,7 @@ impl SimMessage {
     pub fn jetstream_lines(&self) -> Vec<(i64, Vec<u8>)> {
         let mut out = Vec::with_capacity(self.events.len());
         for (k, env) in self.events.iter().enumerate() {
-            let time_us = jetstream_time_us(self.time_us, k);
+            let time_us = self.jetstream_us + k as i64;
             let mut e = env.clone();
             e.time_us = time_us;
             e.seq = None;
@@ -175,6 +183,10 @@ pub struct Traffic {
     rng: Rng,
     seq: i64,
     time_us: i64,
+    /// The stream's clock to the microsecond; frames carry it to the millisecond.
+    exact_us: i64,
+    /// The lowest Jetstream `time_us` the next message may use.
+    jetstream_next_us: i64,
     repos: HashMap<u64, Repo>,
     recent_posts: Vec<(String, Cid)>,
     long_tail: Vec<String>,
@@ -200,6 +212,8 @@ impl Traffic {
             rng: Rng::new(cfg.seed),
             seq: cfg.first_seq,
             time_us: cfg.start_time_us,
+            exact_us: cfg.start_time_us,
+            jetstream_next_us: i64::MIN,
             repos: HashMap::new(),
             recent_posts: Vec::new(),
             long_tail,
@@ -297,10 +311,26 @@ impl Traffic {
     pub fn next_message(&mut self) -> SimMessage {
         self.produced += 1;
         let jitter = self.rng.below(self.cfg.step_us as u64) as i64;
-        let step = (self.cfg.step_us / 2 + jitter).max(1000);
-        self.time_us += step;
         // frame times have millisecond precision
-        self.time_us -= self.time_us % 1000;
+        if self.cfg.exact_clock {
+            // serving at a rate: the clock to the microsecond (several frames may share a
+            // millisecond). With each step rounded up to a millisecond and then cut to one,
+            // stream time ran 3.5 times faster than the clock at 3,500 messages/s and 1.3 times
+            // at 500, and after a while passed the 10 minutes ahead of it that a sink accepts.
+            self.exact_us += (self.cfg.step_us / 2 + jitter).max(1);
+        } else {
+            self.exact_us += (self.cfg.step_us / 2 + jitter).max(1000);
+            self.exact_us -= self.exact_us % 1000;
+        }
+        self.time_us = self.exact_us - self.exact_us % 1000;
+        let mut m = self.next_event();
+        // Jetstream's times are strictly increasing, also within a shared millisecond
+        m.jetstream_us = (m.time_us + 250).max(self.jetstream_next_us);
+        self.jetstream_next_us = m.jetstream_us + m.events.len().max(1) as i64;
+        m
+    }
+
+    fn next_event(&mut self) -> SimMessage {
         let seq = self.seq;
         self.seq += 1;
         let account = self.rng.skewed(self.cfg.accounts);
@@ -321,6 +351,7 @@ impl Traffic {
         SimMessage {
             seq,
             time_us: self.time_us,
+            jetstream_us: jetstream_time_us(self.time_us, 0),
             frame,
             events: vec![env],
         }
@@ -406,5 +437,61 @@ impl Traffic {
             chain: None,
         };
         self.one_event(seq, frame, env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// At more than 1,000 messages/s stream time keeps pace with the clock (several frames
+    /// share a millisecond) and Jetstream's times stay strictly increasing; at the default
+    /// step the frames are as they always were.
+    #[test]
+    fn stream_time_keeps_pace_with_the_rate() {
+        let start = TrafficConfig::default().start_time_us;
+        for step_us in [100, 285, 999, 2000] {
+            let mut t = Traffic::new(TrafficConfig {
+                step_us,
+                exact_clock: true,
+                ..Default::default()
+            });
+            let n = 4_000;
+            let (mut last_frame, mut last_jet) = (i64::MIN, i64::MIN);
+            let mut shared = 0;
+            for _ in 0..n {
+                let m = t.next_message();
+                assert_eq!(m.time_us % 1000, 0, "frame times are milliseconds");
+                assert!(m.time_us >= last_frame);
+                shared += usize::from(m.time_us == last_frame);
+                last_frame = m.time_us;
+                for (jt, _) in m.jetstream_lines() {
+                    assert!(jt > last_jet, "jetstream time {jt} after {last_jet}");
+                    assert!(jt >= m.time_us);
+                    last_jet = jt;
+                }
+            }
+            let elapsed = last_frame - start;
+            let expected = step_us * n;
+            assert!(
+                (elapsed - expected).abs() < expected / 20 + 1000,
+                "step {step_us}: {elapsed} µs for {n} messages, expected about {expected}"
+            );
+            assert!(
+                step_us > 1000 || shared > 0,
+                "step {step_us}: no frames shared a millisecond"
+            );
+        }
+        // captures (the default step, 2,500 µs, without the exact clock): every frame a
+        // millisecond or more after the last, and Jetstream's time 250 µs after the frame's, as
+        // before
+        let mut t = Traffic::new(TrafficConfig::default());
+        let mut last = start;
+        for _ in 0..1_000 {
+            let m = t.next_message();
+            assert!(m.time_us - last >= 1000);
+            assert_eq!(m.jetstream_us, m.time_us + 250);
+            last = m.time_us;
+        }
     }
 }
