@@ -67,7 +67,7 @@ pub const AMPLIFYING: &[&str] = &[
 
 /// Amplifying queries over constants: refused by the budget within a second. Before constant
 /// folding was limited to small results, the first answered 408 at the 2 s timeout and the
-/// server then printed a million-element constant for 1-2.5 s more; the second kept a core busy
+/// server then printed a million-element constant for up to 2.5 s more; the second kept a core busy
 /// for 3 s after its 408.
 const LARGE_CONSTANTS: &[&str] = &[
     "SELECT length(array_to_string(range(1000000), repeat('x', 100)))",
