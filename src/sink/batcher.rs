@@ -156,9 +156,9 @@ pub struct PartitionBuffer {
     pub key_hash: u64,
     /// Opened after the stream had closed its hour (late rows): it flushes by age, size,
     /// memory or checkpoint lag, not at the next check. Otherwise rows that keep coming for a
-    /// closed hour (events partitioned by the time they were received because their own time
-    /// was more than 10 minutes ahead, which then carried the stream past the hour) made a
-    /// file per partition at every check: 880 per collection in 8 minutes.
+    /// closed hour (events partitioned by the time they were received, their own being more
+    /// than 10 minutes ahead, while others up to 10 minutes ahead carried the stream past the
+    /// hour) made a file per partition at every check: 880 per collection in 8 minutes.
     pub late: bool,
 }
 
