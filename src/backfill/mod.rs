@@ -155,33 +155,29 @@ impl Rows {
         self.text.len()
     }
 
-    fn part(&self, from: u32, to: u32) -> &str {
-        // `push` checked that every offset is a boundary within the text, in order
-        self.text
-            .get(from as usize..to as usize)
-            .unwrap_or_else(|| {
+    /// The rows, in order. `push` checked every offset, so an error here is a broken
+    /// invariant (counted), never a row with an empty field.
+    pub fn iter(&self) -> impl Iterator<Item = Result<RowRef<'_>, RowError>> + '_ {
+        let part = move |from: u32, to: u32| {
+            self.text.get(from as usize..to as usize).ok_or_else(|| {
                 metrics::counter!("atlake_broken_invariants_total").increment(1);
-                tracing::error!(
-                    from,
-                    to,
-                    len = self.text.len(),
-                    "a backfill row's part is out of its text"
-                );
-                ""
+                RowError(format!(
+                    "a row's part {from}..{to} is out of its {} bytes of text",
+                    self.text.len()
+                ))
             })
-    }
-
-    /// The rows, in order.
-    pub fn iter(&self) -> impl Iterator<Item = RowRef<'_>> + '_ {
+        };
         self.at
             .iter()
             .zip(&self.time_us)
-            .map(|(&[s, a, b, c, e], &time_us)| RowRef {
-                collection: self.part(s, a),
-                rkey: self.part(a, b),
-                cid: self.part(b, c),
-                record: self.part(c, e),
-                time_us,
+            .map(move |(&[s, a, b, c, e], &time_us)| {
+                Ok(RowRef {
+                    collection: part(s, a)?,
+                    rkey: part(a, b)?,
+                    cid: part(b, c)?,
+                    record: part(c, e)?,
+                    time_us,
+                })
             })
     }
 }
@@ -952,6 +948,10 @@ impl BatchLoop {
                 // rows created live at or before this snapshot's rev stay live ones; a fresh
                 // fetch after a gap keeps every row (it replaces the repo: `current.*` reads
                 // only its rows and later ones)
+                let rows = rows
+                    .iter()
+                    .collect::<Result<Vec<RowRef<'_>>, RowError>>()
+                    .map_err(|e| BackfillError::Broken(format!("rows of {did}: {e}")))?;
                 let cut = self.catalog.as_ref().and_then(|c| c.cutover().cloned());
                 let drop = match &cut {
                     Some(c) if !reset => c.snapshot(
@@ -1228,7 +1228,10 @@ mod tests {
         assert_eq!(rows.len(), 3);
         let got: Vec<_> = rows
             .iter()
-            .map(|r| (r.collection, r.rkey, r.cid, r.record, r.time_us))
+            .map(|r| {
+                let r = r.unwrap();
+                (r.collection, r.rkey, r.cid, r.record, r.time_us)
+            })
             .collect();
         let want: Vec<_> = input
             .iter()
@@ -1252,5 +1255,10 @@ mod tests {
         assert!(rows.push(&bytes, ends, 0).is_err());
         assert!(rows.is_empty(), "a refused row leaves nothing behind");
         assert_eq!(rows.text_len(), 0);
+        // an offset that no longer fits its text is an error when read, not an empty field
+        let (bytes, ends) = row("app.bsky.feed.post", "k", "bafy", "{}");
+        rows.push(&bytes, ends, 0).unwrap();
+        rows.at[0][4] += 100;
+        assert!(rows.iter().next().unwrap().is_err());
     }
 }
