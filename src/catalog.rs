@@ -723,6 +723,13 @@ impl Cutover {
         self.lock().marked.len()
     }
 
+    /// Repos whose chain of commits is followed (a head is kept for each), and how many
+    /// did not fit.
+    pub fn followed(&self) -> (usize, u64) {
+        let g = self.lock();
+        (g.heads.len(), g.heads_overflow)
+    }
+
     /// Live creates noted, and how many did not fit.
     pub fn noted(&self) -> (usize, u64) {
         let g = self.lock();

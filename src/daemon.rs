@@ -277,8 +277,15 @@ impl Daemon {
         // the live source runs first; the backfill follows, under the same lease
         let backfill = cfg.backfill.enabled.then(|| {
             let (stop, stop_rx) = watch::channel(false);
+            // a daemon whose live source takes some DIDs backfills those (their chains are
+            // the only ones it follows); otherwise every repo the relay lists
+            let target = if cfg.source.dids.is_empty() {
+                crate::backfill::Target::Listed
+            } else {
+                crate::backfill::Target::Dids(cfg.source.dids.clone())
+            };
             let plan = crate::backfill::Plan {
-                target: crate::backfill::Target::Listed,
+                target,
                 cfg: cfg.clone(),
                 follow: true,
             };

@@ -322,10 +322,16 @@ impl LoopState {
             return self.accept_error(*e, cursor, now, window);
         }
         let c = cursor.or_else(|| env.cursor());
+        // a DID left out by the filter is not followed at all: the daemon keeps no head for it
+        if !self.filters.borrow().wants_did(&env.event.did) {
+            self.summary.filtered += 1;
+            return Ok(());
+        }
         // the repo's chain of commits: a gap marks it for a fresh fetch by the backfill. Every
-        // event is followed, filtered or not (a commit of a collection left out still moves
-        // the chain on), and duplicates too: the events a restart replays from a checkpoint
-        // held before a gap are in the lake already, and they are what marks the repo again.
+        // commit of a wanted DID is followed, whatever its collection (a commit of a collection
+        // left out still moves the chain on), and duplicates too: the events a restart replays
+        // from a checkpoint held before a gap are in the lake already, and they are what marks
+        // the repo again.
         if let Some(cut) = self.catalog.cutover() {
             match &env.event.data {
                 EventData::Commit(op) => {
@@ -337,12 +343,9 @@ impl LoopState {
                 _ => {}
             }
         }
-        {
-            let filters = self.filters.borrow();
-            if !filters.is_empty() && !filters.matches(&env) {
-                self.summary.filtered += 1;
-                return Ok(());
-            }
+        if !self.filters.borrow().wants_collection(&env) {
+            self.summary.filtered += 1;
+            return Ok(());
         }
         let key = event_key(&env);
         if self.dedupe.is_duplicate(key) {

@@ -9,6 +9,8 @@ use crate::syntax::{is_nsid_pattern, nsid_matches};
 pub struct Filters {
     collections: Vec<String>,
     dids: Vec<Did>,
+    /// The same DIDs, looked up per event (up to 10,000 of them).
+    wanted: std::collections::BTreeSet<Did>,
 }
 
 /// Filters that cannot be used.
@@ -41,7 +43,12 @@ impl Filters {
             .into_iter()
             .map(Did::parse)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Filters { collections, dids })
+        let wanted = dids.iter().cloned().collect();
+        Ok(Filters {
+            collections,
+            dids,
+            wanted,
+        })
     }
 
     /// The collection patterns (NSIDs or `prefix.*`); empty keeps all.
@@ -54,12 +61,15 @@ impl Filters {
         &self.dids
     }
 
-    /// Whether an event passes: DIDs filter every kind; collections filter commits only
-    /// (identity and account events always pass, as on Jetstream).
-    pub fn matches(&self, env: &Envelope) -> bool {
-        if !self.dids.is_empty() && !self.dids.contains(&env.event.did) {
-            return false;
-        }
+    /// Whether the DID filter passes `did` (every DID when it is empty). DIDs filter every
+    /// kind of event; collections filter commits only (identity and account events always
+    /// pass, as on Jetstream). An event is kept when both pass.
+    pub fn wants_did(&self, did: &Did) -> bool {
+        self.wanted.is_empty() || self.wanted.contains(did)
+    }
+
+    /// Whether the collection filter passes an event (only commits are filtered).
+    pub fn wants_collection(&self, env: &Envelope) -> bool {
         match &env.event.data {
             EventData::Commit(c) if !self.collections.is_empty() => self
                 .collections

@@ -360,31 +360,7 @@ async fn run_with_backfill_lands_history_beside_the_live_stream() {
         ],
     );
     let c = reqwest::Client::new();
-    let started = Instant::now();
-    let mut state = String::new();
-    while started.elapsed() < Duration::from_secs(60) {
-        if let Some(rows) = sql(
-            &c,
-            &base,
-            "SELECT text FROM system.backfill WHERE metric = 'state'",
-        )
-        .await
-            && let Some(s) = rows.first().and_then(|r| r["text"].as_str())
-        {
-            state = s.to_string();
-            // every listed repo is committed; the daemon now follows gaps in live histories
-            if state == "following" {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(
-        state,
-        "following",
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    wait_following(&c, &base, &log).await;
     let repo_rows = count(
         &c,
         &base,
@@ -432,6 +408,107 @@ async fn run_with_backfill_lands_history_beside_the_live_stream() {
         "{status:?}: {}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+    sim.stop();
+}
+
+/// Waits (up to 60 s) until the daemon's backfill has committed every repo it was given and
+/// follows gaps in live histories.
+async fn wait_following(c: &reqwest::Client, base: &str, log: &std::path::Path) {
+    let started = Instant::now();
+    let mut state = String::new();
+    while started.elapsed() < Duration::from_secs(60) {
+        if let Some(rows) = sql(
+            c,
+            base,
+            "SELECT text FROM system.backfill WHERE metric = 'state'",
+        )
+        .await
+            && let Some(s) = rows.first().and_then(|r| r["text"].as_str())
+        {
+            state = s.to_string();
+            if state == "following" {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        state,
+        "following",
+        "{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// A daemon whose live source takes some DIDs backfills those repos, not every repo the relay
+/// lists: its lake holds the history of the DIDs it follows live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_backfill_and_a_did_filter_backfills_those_dids() {
+    use atlake::simulate::sync::{Broken, SyncSim, SyncSimConfig};
+    let sim = start_sim(SimConfig {
+        messages: None,
+        rate: Some(200.0),
+        retention: 100_000,
+        ..seeded(34)
+    })
+    .await;
+    let sync = SyncSim::start(SyncSimConfig {
+        accounts: 40,
+        records: 30,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let truth = sync.truth();
+    let wanted: Vec<_> = truth
+        .iter()
+        .filter(|t| t.broken == Broken::No)
+        .take(3)
+        .collect();
+    assert_eq!(wanted.len(), 3);
+    let dids = wanted
+        .iter()
+        .map(|t| t.did.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let records: u64 = wanted.iter().map(|t| t.records.len() as u64).sum();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, base, log) = run_daemon(
+        dir.path(),
+        &sim.url(),
+        &[],
+        &[
+            ("ATLAKE_SOURCE_DIDS", &dids),
+            ("ATLAKE_FLUSH_MAX_AGE", "1s"),
+            ("ATLAKE_BACKFILL_ENABLED", "true"),
+            ("ATLAKE_BACKFILL_RELAY", &sync.relay),
+            ("ATLAKE_BACKFILL_PLC", &sync.plc),
+        ],
+    );
+    let c = reqwest::Client::new();
+    wait_following(&c, &base, &log).await;
+    let q = |sql: &'static str| count(&c, &base, sql);
+    assert_eq!(
+        q("SELECT value AS n FROM system.backfill WHERE metric = 'repos' AND label = 'done'").await,
+        3
+    );
+    assert_eq!(
+        q("SELECT count(*) AS n FROM events WHERE origin = 'repo'").await,
+        records
+    );
+    let in_filter = format!(
+        "SELECT count(*) AS n FROM events WHERE origin = 'repo' AND did IN ('{}')",
+        dids.replace(',', "','")
+    );
+    assert_eq!(count(&c, &base, &in_filter).await, records);
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(child.wait().unwrap().success());
     sim.stop();
 }
 

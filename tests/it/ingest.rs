@@ -661,3 +661,70 @@ async fn a_gap_holds_the_live_checkpoint_until_its_fresh_fetch_is_committed() {
     assert!(summary.clean);
     sim.stop();
 }
+
+/// A daemon whose source takes some DIDs follows the chains of those DIDs only (it keeps no
+/// head for any other), and every commit of a followed DID moves its chain on, a commit of a
+/// collection the filter leaves out too: otherwise the next kept commit, whose `since` is that
+/// commit's rev, would look like a gap and mark the repo for a fresh fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_daemon_follows_every_commit_of_its_dids_and_no_other() {
+    use atlake::simulate::traffic::did_of;
+    let mut sc = SimConfig {
+        messages: None,
+        rate: Some(400.0),
+        retention: 1_000_000,
+        ..seeded(29)
+    };
+    sc.traffic.accounts = 6;
+    let sim = start_sim(sc).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path().to_str().unwrap());
+    cfg.source.kind = SourceKind::Firehose;
+    cfg.source.url = sim.url();
+    cfg.source.start_cursor = Some(0);
+    cfg.source.dids = vec![did_of(0), did_of(1)];
+    cfg.source.collections = vec!["app.bsky.feed.post".into()];
+    cfg.backfill.enabled = true;
+    let h = ingest::start(cfg, Input::Network).await.unwrap();
+    let cut = h
+        .catalog
+        .cutover()
+        .expect("a backfill beside the stream")
+        .clone();
+    // no backfill runs here: its progress (none) counts as loaded
+    cut.set_loaded();
+    wait_until(Duration::from_secs(30), || cut.followed().0 == 2).await;
+    // a snapshot older than the live heads anchors both chains at their live heads: from here
+    // each commit must name the previous one (`since`) and its MST root (`prevData`)
+    for d in [did_of(0), did_of(1)] {
+        cut.snapshot_done(&d, Some("2222222222222"), None, false);
+    }
+    let anchored = sim.truth().messages;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let truth = sim.truth();
+    assert!(truth.messages > anchored + 800, "the stream moved on");
+    let of_dids = |post: bool| {
+        truth
+            .keys
+            .iter()
+            .filter(|k| k.kind == "commit" && (k.did == did_of(0) || k.did == did_of(1)))
+            .filter(|k| (k.collection == "app.bsky.feed.post") == post)
+            .count()
+    };
+    assert!(
+        of_dids(false) > 100 && of_dids(true) > 10,
+        "commits of the followed DIDs, left out and kept: {} and {}",
+        of_dids(false),
+        of_dids(true)
+    );
+    assert_eq!(
+        cut.followed(),
+        (2, 0),
+        "only the filter's DIDs are followed"
+    );
+    assert_eq!(cut.refetch_pending(), 0, "a gap where there was none");
+    assert!(cut.take_refetch(10).is_empty());
+    let summary = h.stop(Duration::from_secs(10)).await.unwrap();
+    assert!(summary.clean && summary.filtered > 0);
+    sim.stop();
+}

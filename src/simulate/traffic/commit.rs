@@ -63,7 +63,18 @@ impl Traffic {
         let ops = self.commit_ops(account, &did);
         let (mst_blocks, root) = self.mst_path(account, &ops);
         let data = root.unwrap_or_else(|| self.random_cid());
-        let prev_data = self.random_cid();
+        // the commit's `prevData` is the MST root of the account's previous commit (none for
+        // its first, as `since`), so a daemon that follows each repo's chain sees no false gap.
+        // The random CID this once was is still drawn, so that a seed makes the same traffic
+        // it always made (the benchmark corpora are named by seed and size).
+        self.rng.bytes(16);
+        let prev_data = self
+            .repos
+            .entry(account)
+            .or_default()
+            .data
+            .replace(data)
+            .filter(|_| since.is_some());
         let (commit_cid, commit_block) = self.commit_block(&did, &rev, &data);
         let car = self.shuffled_car(commit_cid, commit_block, mst_blocks, &ops);
         let frame = CommitFrame {
@@ -75,12 +86,12 @@ impl Traffic {
             ops: &ops,
             car: &car,
             commit: &commit_cid,
-            prev_data: &prev_data,
+            prev_data: prev_data.as_ref(),
         }
         .encode();
         let chain = std::sync::Arc::new(crate::model::Chain {
             since: since.clone(),
-            prev_data: Some(prev_data.to_string()),
+            prev_data: prev_data.map(|c| c.to_string()),
             data: data.to_string(),
         });
         let events = ops
@@ -398,14 +409,15 @@ struct CommitFrame<'a> {
     ops: &'a [PendingOp],
     car: &'a [u8],
     commit: &'a Cid,
-    prev_data: &'a Cid,
+    prev_data: Option<&'a Cid>,
 }
 
 impl CommitFrame<'_> {
     /// The whole frame: header, then the 12-field body.
     fn encode(&self) -> Vec<u8> {
         let mut body = Encoder::new();
-        body.map(12);
+        // `prevData` is left out of a repo's first commit
+        body.map(if self.prev_data.is_some() { 12 } else { 11 });
         body.text("ops").array(self.ops.len());
         for o in self.ops {
             let n = if o.prev.is_some() { 4 } else { 3 };
@@ -435,7 +447,9 @@ impl CommitFrame<'_> {
         body.text("commit").link(self.commit);
         body.text("rebase").bool(false);
         body.text("tooBig").bool(false);
-        body.text("prevData").link(self.prev_data);
+        if let Some(p) = self.prev_data {
+            body.text("prevData").link(p);
+        }
         frame_bytes("#commit", &body.buf)
     }
 }

@@ -6,7 +6,8 @@
 //! 7% reposts, then blocks, listitems, profiles and a long tail of third-party NSIDs; about 4%
 //! deletes, a few updates, identity and account events, some multi-op commits). Commits have the
 //! Sync 1.1 shape: a CAR with the signed commit, MST nodes and the record blocks in shuffled order,
-//! `prevData`, per-op `prev` on updates and deletes, no commit-level `prev`, `blobs: []`.
+//! `since` and `prevData` naming the account's previous commit and its MST root (both absent on
+//! its first), per-op `prev` on updates and deletes, no commit-level `prev`, `blobs: []`.
 
 mod commit;
 mod frames;
@@ -171,6 +172,8 @@ pub fn truth_key(env: &Envelope) -> TruthKey {
 #[derive(Debug, Default, Clone)]
 struct Repo {
     rev_time: i64,
+    /// The MST root of its last commit.
+    data: Option<Cid>,
     records: Vec<(String, String, Cid)>,
     has_profile: bool,
     depth: u8,
