@@ -16,6 +16,8 @@ fn traffic_mix_and_frame_shape_are_realistic() {
     let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
     let (mut commit_bytes, mut commits, mut multi) = (0usize, 0usize, 0usize);
     let (mut min_blocks, mut max_blocks) = (usize::MAX, 0);
+    let mut heads: std::collections::HashMap<String, (String, String)> = Default::default();
+    let mut chained = 0;
     let n = 8_000;
     for _ in 0..n {
         let m = t.next_message();
@@ -30,7 +32,20 @@ fn traffic_mix_and_frame_shape_are_realistic() {
                 min_blocks = min_blocks.min(car.blocks.len());
                 max_blocks = max_blocks.max(car.blocks.len());
             }
-            assert!(c.prev_data.value().is_some(), "Sync 1.1: prevData");
+            // Sync 1.1: `since` and `prevData` name the repo's previous commit and the MST
+            // root (`data`) of its signed commit block, both absent on its first commit
+            let signed = atlake::decode::repo::Commit::decode(car.get(&c.commit).unwrap()).unwrap();
+            let prev_data = c.prev_data.value().map(|p| p.to_string());
+            let since = c.since.value().map(|s| s.to_string());
+            let (root, rev) = (signed.data.to_string(), signed.rev.unwrap());
+            match heads.insert(c.repo.to_string(), (rev, root)) {
+                Some((rev, root)) => {
+                    assert_eq!(prev_data, Some(root), "prevData");
+                    assert_eq!(since, Some(rev), "since");
+                }
+                None => assert!(prev_data.is_none() && since.is_none()),
+            }
+            chained += usize::from(since.is_some());
             assert_eq!(c.prev, atlake::decode::frame::Field::Absent);
         }
         for k in m.truth() {
@@ -46,6 +61,11 @@ fn traffic_mix_and_frame_shape_are_realistic() {
             }
         }
     }
+    // most commits continue a chain (5,000 accounts, 8,000 messages)
+    assert!(
+        chained > commits / 3,
+        "{chained} of {commits} commits chained"
+    );
     let total: u64 = by_coll.values().sum();
     let pct = |c: &str| 100.0 * *by_coll.get(c).unwrap_or(&0) as f64 / total as f64;
     let mean = commit_bytes / commits;
