@@ -236,8 +236,8 @@ pub struct Cutover {
 
 #[derive(Debug, Default)]
 struct CutoverInner {
-    creates: HashMap<u64, [u8; 13]>,
-    snapshots: HashMap<u64, [u8; 13]>,
+    creates: HashMap<u64, u64>,
+    snapshots: HashMap<u64, u64>,
     /// Keys a committed snapshot left to their live create (kept when replayed).
     deferred: std::collections::HashSet<u64>,
     overflow: u64,
@@ -257,7 +257,8 @@ struct CutoverInner {
 /// The last commit seen of a DID.
 #[derive(Debug, Clone, Copy)]
 struct Head {
-    rev: [u8; 13],
+    /// (a TID's value: values sort as the TIDs do)
+    rev: u64,
     /// A hash of its MST root (0: unknown).
     data: u64,
     /// Whether a snapshot anchors the chain (only then is a gap a reason to fetch again).
@@ -304,12 +305,9 @@ impl Gap {
 /// Times a fresh fetch that fails is queued again before the repo is left to the next run.
 const REFETCH_ATTEMPTS: u8 = 3;
 
-/// A rev as 13 bytes (a TID); `None` for anything else.
-fn rev_bytes(rev: &str) -> Option<[u8; 13]> {
-    if !crate::syntax::is_tid(rev) {
-        return None;
-    }
-    rev.as_bytes().try_into().ok()
+/// A rev as its TID's value (8 bytes, in the TIDs' order); `None` for anything else.
+fn rev_bytes(rev: &str) -> Option<u64> {
+    crate::syntax::tid_value(rev)
 }
 
 impl Cutover {
@@ -633,9 +631,7 @@ impl Cutover {
                     loose: false,
                 },
             };
-            // heads hold validated TIDs (ASCII): anything else is a broken invariant, and the
-            // caller fails the batch rather than write a marker at a made-up cut
-            cut = std::str::from_utf8(&head.rev).ok().map(str::to_string);
+            cut = Some(crate::syntax::tid_text(head.rev));
             self.set_head(&mut g, d, head);
         }
         if refetch {

@@ -152,8 +152,9 @@ const TID_VALUES: [u8; 256] = {
     t
 };
 
-/// The 65-bit value a TID spells (as 13 base-32 digits), if `s` is a TID.
-fn tid_value(s: &str) -> Option<u64> {
+/// The value a TID spells (13 base-32 digits, 65 bits whose top one is zero), if `s` is a
+/// TID. Values sort as the TIDs' text does.
+pub fn tid_value(s: &str) -> Option<u64> {
     let b = s.as_bytes();
     if b.len() != 13 {
         return None;
@@ -170,11 +171,58 @@ fn tid_value(s: &str) -> Option<u64> {
     Some(v)
 }
 
+/// A `did:plc:` DID as the 120 bits its 24 base32 characters spell, big-endian: 15 bytes
+/// instead of 32, in the order of the text (the digits' values follow their ASCII order).
+/// `None` for any other DID.
+pub fn plc_bits(did: &str) -> Option<[u8; 15]> {
+    let id = did.strip_prefix("did:plc:")?.as_bytes();
+    if id.len() != 24 {
+        return None;
+    }
+    let mut v: u128 = 0;
+    for &c in id {
+        let d = TID_VALUES[c as usize];
+        if d >= 32 {
+            return None;
+        }
+        v = (v << 5) | u128::from(d);
+    }
+    let b = v.to_be_bytes();
+    let mut out = [0u8; 15];
+    out.copy_from_slice(&b[1..]);
+    Some(out)
+}
+
+/// The DID [`plc_bits`] packed.
+pub fn plc_did(bits: &[u8; 15]) -> String {
+    let mut b = [0u8; 16];
+    b[1..].copy_from_slice(bits);
+    let v = u128::from_be_bytes(b);
+    let mut out = String::with_capacity(32);
+    out.push_str("did:plc:");
+    for i in (0..24).rev() {
+        out.push(TID_CHARS[((v >> (5 * i)) & 31) as usize] as char);
+    }
+    out
+}
+
 /// The µs timestamp inside a TID (top 53 bits after the zero bit).
 pub fn tid_timestamp_us(s: &str) -> Option<i64> {
     let v = tid_value(s)?;
     // 13 * 5 = 65 bits; the first character carries the zero bit at the top
     Some(((v >> 10) & ((1u64 << 53) - 1)) as i64)
+}
+
+/// The TID whose value ([`tid_value`]) is `v`.
+pub fn tid_text(mut v: u64) -> String {
+    let mut out = String::with_capacity(13);
+    let mut digits = [0u8; 13];
+    for c in digits.iter_mut().rev() {
+        *c = TID_CHARS[(v & 31) as usize];
+        v >>= 5;
+    }
+    out.extend(digits.iter().map(|c| *c as char));
+    out
 }
 
 /// Encodes a µs timestamp and clock id as a TID.
@@ -543,6 +591,60 @@ mod tests {
         let t = tid_from_parts(1_700_000_000_000_000, 7);
         assert!(is_tid(&t));
         assert_eq!(tid_timestamp_us(&t), Some(1_700_000_000_000_000));
+    }
+
+    /// A `did:plc:` DID packs into 15 bytes and back, in the order of its text; anything
+    /// else is not packed.
+    #[test]
+    fn plc_dids_pack_into_fifteen_bytes_in_text_order() {
+        let dids = [
+            "did:plc:z72i7hdynmk6r22z27h6tvur",
+            "did:plc:222222222222222222222222",
+            "did:plc:zzzzzzzzzzzzzzzzzzzzzzzz",
+            "did:plc:aaaaaaaaaaaaaaaaaaaaaaa7",
+            "did:plc:aaaaaaaaaaaaaaaaaaaaaaba",
+            "did:plc:7aaaaaaaaaaaaaaaaaaaaaaa",
+            "did:plc:2zzzzzzzzzzzzzzzzzzzzzzz",
+        ];
+        let mut packed = Vec::new();
+        for d in dids {
+            let b = plc_bits(d).unwrap();
+            assert_eq!(plc_did(&b), d);
+            packed.push((b, d));
+        }
+        // every character's value: each of the 32 in each of the 24 places
+        for (i, c) in TID_CHARS.iter().enumerate() {
+            for place in 0..24 {
+                let mut id = [b'2'; 24];
+                id[place] = *c;
+                let d = format!("did:plc:{}", std::str::from_utf8(&id).unwrap());
+                let b = plc_bits(&d).unwrap();
+                assert_eq!(plc_did(&b), d);
+                let bit = 5 * (23 - place);
+                let v = u128::from_be_bytes({
+                    let mut x = [0u8; 16];
+                    x[1..].copy_from_slice(&b);
+                    x
+                });
+                assert_eq!(v, (i as u128) << bit, "{d}");
+            }
+        }
+        packed.sort();
+        let mut text = dids.to_vec();
+        text.sort();
+        assert_eq!(packed.iter().map(|p| p.1).collect::<Vec<_>>(), text);
+        for other in [
+            "did:web:example.com",
+            "did:plc:z72i7hdynmk6r22z27h6tvu",
+            "did:plc:z72i7hdynmk6r22z27h6tvurr",
+            "did:plc:Z72i7hdynmk6r22z27h6tvur",
+            "did:plc:z72i7hdynmk6r22z27h6tv0r",
+            "did:plc:z72i7hdynmk6r22z27h6tv8r",
+            "did:plx:z72i7hdynmk6r22z27h6tvur",
+            "did:plc:z72i7hdynmk6r22z27h6tvé",
+        ] {
+            assert_eq!(plc_bits(other), None, "{other}");
+        }
     }
 
     #[test]

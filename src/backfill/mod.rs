@@ -453,12 +453,12 @@ async fn run_inner(
                     rev: Some(rev),
                     live,
                     data,
-                } => cut.load_snapshot(did, &rev, data.as_deref(), &live),
+                } => cut.load_snapshot(&did, &rev, data.as_deref(), &live),
                 progress::RepoState::Partial {
                     rev: Some(rev),
                     live,
                     ..
-                } => cut.load_snapshot(did, &rev, None, &live),
+                } => cut.load_snapshot(&did, &rev, None, &live),
                 _ => {}
             }
         }
