@@ -447,21 +447,7 @@ async fn run_inner(
     }
     let orphans = removed.len();
     if let Some(cut) = catalog.as_ref().and_then(|c| c.cutover()) {
-        for (did, state) in progress.states() {
-            match state {
-                progress::RepoState::Done {
-                    rev: Some(rev),
-                    live,
-                    data,
-                } => cut.load_snapshot(&did, &rev, data.as_deref(), &live),
-                progress::RepoState::Partial {
-                    rev: Some(rev),
-                    live,
-                    ..
-                } => cut.load_snapshot(&did, &rev, None, &live),
-                _ => {}
-            }
-        }
+        load_snapshots(&progress, cut);
         cut.set_loaded();
     }
     tracing::info!(
@@ -719,6 +705,26 @@ impl Seen {
         let h =
             (u128::from(self.keys.0.hash_one(did)) << 64) | u128::from(self.keys.1.hash_one(did));
         self.set.insert(h)
+    }
+}
+
+/// Gives the daemon's cut-over the snapshot of every repo the progress holds (done or partial
+/// at a rev). The live pipeline reads nothing until this is over.
+pub(crate) fn load_snapshots(progress: &Progress, cut: &crate::catalog::Cutover) {
+    for (did, state) in progress.states() {
+        match state {
+            progress::RepoState::Done {
+                rev: Some(rev),
+                live,
+                data,
+            } => cut.load_snapshot(&did, &rev, data.as_deref(), &live),
+            progress::RepoState::Partial {
+                rev: Some(rev),
+                live,
+                ..
+            } => cut.load_snapshot(&did, &rev, None, &live),
+            _ => {}
+        }
     }
 }
 

@@ -1063,6 +1063,39 @@ mod tests {
         assert_eq!(p.counts(), (MEASURED as u64, 0, 0));
     }
 
+    /// A measurement, not a check: how long a start takes to read the folded progress of
+    /// `MEASURED` finished repos and give their snapshots to the daemon's cut-over (the live
+    /// pipeline waits for both), and what the fold that wrote it took. Local disk. Run alone:
+    /// `cargo test --release --lib progress_load_time -- --ignored --nocapture --exact backfill::progress::tests::progress_load_time`
+    #[tokio::test]
+    #[ignore]
+    async fn progress_load_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = Lake::open(tmp.path().to_str().unwrap()).unwrap();
+        let mut p = Progress::default();
+        for i in 0..MEASURED {
+            p.set(&measured_did(i), measured_state(i));
+        }
+        let t = std::time::Instant::now();
+        p.fold(&lake, 1).await.unwrap();
+        let fold = t.elapsed();
+        let bytes = std::fs::metadata(tmp.path().join(state_path(1)))
+            .unwrap()
+            .len();
+        let t = std::time::Instant::now();
+        let (q, _, _) = Progress::recover(&lake).await.unwrap();
+        let read = t.elapsed();
+        let cut = crate::catalog::Cutover::new(usize::MAX);
+        let t = std::time::Instant::now();
+        crate::backfill::load_snapshots(&q, &cut);
+        let load = t.elapsed();
+        eprintln!(
+            "{MEASURED} repos: state file {bytes} B, fold {fold:?}, read {read:?}, cut-over load {load:?}"
+        );
+        assert_eq!(q.counts(), (MEASURED as u64, 0, 0));
+        assert_eq!(cut.followed().0, MEASURED);
+    }
+
     /// The same for the way the version before kept it: the map with `String` DIDs, plus the
     /// listing's copies (a set of finished DIDs, a map of resume points, a set of DIDs seen).
     #[test]
