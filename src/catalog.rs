@@ -306,7 +306,7 @@ impl Gap {
 const REFETCH_ATTEMPTS: u8 = 3;
 
 /// A rev as its TID's value (8 bytes, in the TIDs' order); `None` for anything else.
-fn rev_bytes(rev: &str) -> Option<u64> {
+fn rev_value(rev: &str) -> Option<u64> {
     crate::syntax::tid_value(rev)
 }
 
@@ -375,7 +375,7 @@ impl Cutover {
         if let Some(h) = g.heads.get_mut(&d) {
             h.loose = true;
         }
-        if let Some(r) = rev_bytes(rev) {
+        if let Some(r) = rev_value(rev) {
             let h = self.hash(&[did]);
             g.snapshots.insert(h, r);
         }
@@ -389,7 +389,7 @@ impl Cutover {
 
     /// A live create: `true` to keep it, `false` when the DID's snapshot already reflects it.
     pub fn live_create(&self, did: &str, collection: &str, rkey: &str, rev: &str) -> bool {
-        let Some(r) = rev_bytes(rev) else {
+        let Some(r) = rev_value(rev) else {
             return true;
         };
         let d = self.hash(&[did]);
@@ -423,7 +423,7 @@ impl Cutover {
         rev: Option<&str>,
         keys: impl Iterator<Item = (&'a str, &'a str)>,
     ) -> Vec<bool> {
-        let Some(r) = rev.and_then(rev_bytes) else {
+        let Some(r) = rev.and_then(rev_value) else {
             return keys.map(|_| false).collect();
         };
         let d = self.hash(&[did]);
@@ -526,7 +526,7 @@ impl Cutover {
         chain: Option<&crate::model::Chain>,
         at: Option<Cursor>,
     ) -> Option<Gap> {
-        let r = rev_bytes(rev)?;
+        let r = rev_value(rev)?;
         let d = self.hash(&[did]);
         let data = chain.map_or(0, |c| self.data_hash(&c.data));
         let mut g = self.lock();
@@ -535,13 +535,13 @@ impl Cutover {
             (Some(h), _) if r <= h.rev => return None,
             // the first commit after a restart: the chain is known only up to the snapshot
             (Some(h), Some(c)) if h.anchored && h.loose => {
-                match c.since.as_deref().and_then(rev_bytes) {
+                match c.since.as_deref().and_then(rev_value) {
                     Some(since) if since >= h.rev => None,
                     _ => Some(Gap::Since),
                 }
             }
             (Some(h), Some(c)) if h.anchored => {
-                let since_ok = c.since.as_deref().and_then(rev_bytes) == Some(h.rev);
+                let since_ok = c.since.as_deref().and_then(rev_value) == Some(h.rev);
                 let prev_ok = match (&c.prev_data, h.data) {
                     (Some(p), known) if known != 0 => self.data_hash(p) == known,
                     _ => true,
@@ -578,7 +578,7 @@ impl Cutover {
     /// A live `#sync` of `did` at `rev`: a repo anchored by a snapshot at an earlier rev is
     /// marked for a fresh fetch.
     pub fn live_sync(&self, did: &str, rev: &str, at: Option<Cursor>) -> Option<Gap> {
-        let r = rev_bytes(rev)?;
+        let r = rev_value(rev)?;
         let d = self.hash(&[did]);
         let mut g = self.lock();
         let head = g.heads.get(&d).copied();
@@ -618,7 +618,7 @@ impl Cutover {
         let d = self.hash(&[did]);
         let mut g = self.lock();
         let mut cut = None;
-        if let Some(r) = rev.and_then(rev_bytes) {
+        if let Some(r) = rev.and_then(rev_value) {
             let head = match g.heads.get(&d).copied() {
                 Some(h) if h.rev > r => Head {
                     anchored: true,

@@ -1025,9 +1025,8 @@ mod tests {
         assert!(!cfg.source.compress);
         assert_eq!(cfg.server.token.as_deref(), Some("sekrit"));
         assert_eq!(cfg.flush.max_rows, 10_000);
-        let dir = std::env::temp_dir().join(format!("atlake-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("bad.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.toml");
         std::fs::write(&p, "[lake]\nurl = \"x\"\nbogus = 1\n").unwrap();
         let err = Config::load(Some(&p), Vec::new()).unwrap_err().to_string();
         assert!(err.contains("bogus"), "{err}");

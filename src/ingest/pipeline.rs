@@ -322,8 +322,12 @@ impl LoopState {
             return self.accept_error(*e, cursor, now, window);
         }
         let c = cursor.or_else(|| env.cursor());
+        let (did_wanted, collection_wanted) = {
+            let f = self.filters.borrow();
+            (f.wants_did(&env.event.did), f.wants_collection(&env))
+        };
         // a DID left out by the filter is not followed at all: the daemon keeps no head for it
-        if !self.filters.borrow().wants_did(&env.event.did) {
+        if !did_wanted {
             self.summary.filtered += 1;
             return Ok(());
         }
@@ -343,7 +347,7 @@ impl LoopState {
                 _ => {}
             }
         }
-        if !self.filters.borrow().wants_collection(&env) {
+        if !collection_wanted {
             self.summary.filtered += 1;
             return Ok(());
         }
