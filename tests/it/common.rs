@@ -272,6 +272,18 @@ impl std::ops::DerefMut for ChildGuard {
     }
 }
 
+impl ChildGuard {
+    /// Sends SIGTERM (which must be delivered) and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "SIGTERM was not delivered");
+        self.0.wait().expect("wait")
+    }
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if matches!(self.0.try_wait(), Ok(None)) {

@@ -326,21 +326,8 @@ async fn the_daemon_ends_with_its_sources_fatal_error() {
 /// the run; `current.records` has every backfilled record; SIGTERM stops both cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_with_backfill_lands_history_beside_the_live_stream() {
-    use atlake::simulate::sync::{Broken, SyncSim, SyncSimConfig};
-    let sim = start_sim(SimConfig {
-        messages: None,
-        rate: Some(200.0),
-        retention: 100_000,
-        ..seeded(32)
-    })
-    .await;
-    let sync = SyncSim::start(SyncSimConfig {
-        accounts: 40,
-        records: 30,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    use atlake::simulate::sync::Broken;
+    let (sim, sync) = live_and_sync(32).await;
     let records: u64 = sync
         .truth()
         .iter()
@@ -348,19 +335,8 @@ async fn run_with_backfill_lands_history_beside_the_live_stream() {
         .map(|t| t.records.len() as u64)
         .sum();
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, base, log) = run_daemon(
-        dir.path(),
-        &sim.url(),
-        &[],
-        &[
-            ("ATLAKE_FLUSH_MAX_AGE", "1s"),
-            ("ATLAKE_BACKFILL_ENABLED", "true"),
-            ("ATLAKE_BACKFILL_RELAY", &sync.relay),
-            ("ATLAKE_BACKFILL_PLC", &sync.plc),
-        ],
-    );
+    let (mut child, base, log) = run_backfilling_daemon(dir.path(), &sim, &sync, &[]).await;
     let c = reqwest::Client::new();
-    wait_following(&c, &base, &log).await;
     let repo_rows = count(
         &c,
         &base,
@@ -395,20 +371,57 @@ async fn run_with_backfill_lands_history_beside_the_live_stream() {
     )
     .await;
     assert!(current > 0 && current <= records, "{current}");
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = child.wait().unwrap();
+    let status = child.terminate();
     assert!(
         status.success(),
         "{status:?}: {}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     sim.stop();
+}
+
+/// A live simulator at 200 messages/s and the sync endpoints of 40 repos of 30 records.
+async fn live_and_sync(
+    seed: u64,
+) -> (
+    atlake::simulate::server::SimHandle,
+    atlake::simulate::sync::SyncSim,
+) {
+    let sim = start_sim(SimConfig {
+        messages: None,
+        rate: Some(200.0),
+        retention: 100_000,
+        ..seeded(seed)
+    })
+    .await;
+    let sync = atlake::simulate::sync::SyncSim::start(atlake::simulate::sync::SyncSimConfig {
+        accounts: 40,
+        records: 30,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (sim, sync)
+}
+
+/// `atlake run` on the live simulator with a backfill from `sync` (and `env`), once the
+/// backfill has committed every repo it was given.
+async fn run_backfilling_daemon(
+    dir: &std::path::Path,
+    sim: &atlake::simulate::server::SimHandle,
+    sync: &atlake::simulate::sync::SyncSim,
+    env: &[(&str, &str)],
+) -> (ChildGuard, String, std::path::PathBuf) {
+    let mut all = vec![
+        ("ATLAKE_FLUSH_MAX_AGE", "1s"),
+        ("ATLAKE_BACKFILL_ENABLED", "true"),
+        ("ATLAKE_BACKFILL_RELAY", sync.relay.as_str()),
+        ("ATLAKE_BACKFILL_PLC", sync.plc.as_str()),
+    ];
+    all.extend_from_slice(env);
+    let (child, base, log) = run_daemon(dir, &sim.url(), &[], &all);
+    wait_following(&reqwest::Client::new(), &base, &log).await;
+    (child, base, log)
 }
 
 /// Waits (up to 60 s) until the daemon's backfill has committed every repo it was given and
@@ -444,21 +457,8 @@ async fn wait_following(c: &reqwest::Client, base: &str, log: &std::path::Path) 
 /// lists: its lake holds the history of the DIDs it follows live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_with_backfill_and_a_did_filter_backfills_those_dids() {
-    use atlake::simulate::sync::{Broken, SyncSim, SyncSimConfig};
-    let sim = start_sim(SimConfig {
-        messages: None,
-        rate: Some(200.0),
-        retention: 100_000,
-        ..seeded(34)
-    })
-    .await;
-    let sync = SyncSim::start(SyncSimConfig {
-        accounts: 40,
-        records: 30,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    use atlake::simulate::sync::Broken;
+    let (sim, sync) = live_and_sync(34).await;
     let truth = sync.truth();
     let wanted: Vec<_> = truth
         .iter()
@@ -473,20 +473,9 @@ async fn run_with_backfill_and_a_did_filter_backfills_those_dids() {
         .join(",");
     let records: u64 = wanted.iter().map(|t| t.records.len() as u64).sum();
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, base, log) = run_daemon(
-        dir.path(),
-        &sim.url(),
-        &[],
-        &[
-            ("ATLAKE_SOURCE_DIDS", &dids),
-            ("ATLAKE_FLUSH_MAX_AGE", "1s"),
-            ("ATLAKE_BACKFILL_ENABLED", "true"),
-            ("ATLAKE_BACKFILL_RELAY", &sync.relay),
-            ("ATLAKE_BACKFILL_PLC", &sync.plc),
-        ],
-    );
+    let (mut child, base, _) =
+        run_backfilling_daemon(dir.path(), &sim, &sync, &[("ATLAKE_SOURCE_DIDS", &dids)]).await;
     let c = reqwest::Client::new();
-    wait_following(&c, &base, &log).await;
     let q = |sql: &'static str| count(&c, &base, sql);
     assert_eq!(
         q("SELECT value AS n FROM system.backfill WHERE metric = 'repos' AND label = 'done'").await,
@@ -501,14 +490,7 @@ async fn run_with_backfill_and_a_did_filter_backfills_those_dids() {
         dids.replace(',', "','")
     );
     assert_eq!(count(&c, &base, &in_filter).await, records);
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(child.wait().unwrap().success());
+    assert!(child.terminate().success());
     sim.stop();
 }
 

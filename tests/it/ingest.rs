@@ -593,6 +593,29 @@ async fn filtered_and_duplicate_events_are_counted_exactly() {
     assert_eq!(summary.quarantined, 0);
 }
 
+/// Live ingest of the simulator's firehose from its start, with the cut-over a backfill beside
+/// the stream uses; no backfill runs, so its progress (none) counts as loaded.
+async fn firehose_with_cutover(
+    mut cfg: atlake::config::Config,
+    sim: &atlake::simulate::server::SimHandle,
+) -> (
+    ingest::IngestHandle,
+    std::sync::Arc<atlake::catalog::Cutover>,
+) {
+    cfg.source.kind = SourceKind::Firehose;
+    cfg.source.url = sim.url();
+    cfg.source.start_cursor = Some(0);
+    cfg.backfill.enabled = true;
+    let h = ingest::start(cfg, Input::Network).await.unwrap();
+    let cut = h
+        .catalog
+        .cutover()
+        .expect("a backfill beside the stream")
+        .clone();
+    cut.set_loaded();
+    (h, cut)
+}
+
 /// With a backfill beside the live stream, a gap the live stream reveals (here a `#sync` of
 /// a backfilled repo) holds the live checkpoint just before the event that revealed it until
 /// the fresh fetch it calls for is committed: a crash in between replays the event, which
@@ -607,19 +630,8 @@ async fn a_gap_holds_the_live_checkpoint_until_its_fresh_fetch_is_committed() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path().to_str().unwrap());
-    cfg.source.kind = SourceKind::Firehose;
-    cfg.source.url = sim.url();
-    cfg.source.start_cursor = Some(0);
-    cfg.backfill.enabled = true;
-    let h = ingest::start(cfg, Input::Network).await.unwrap();
-    let cut = h
-        .catalog
-        .cutover()
-        .expect("a backfill beside the stream")
-        .clone();
-    // no backfill runs here: its progress (none) counts as loaded
-    cut.set_loaded();
+    let cfg = test_config(dir.path().to_str().unwrap());
+    let (h, cut) = firehose_with_cutover(cfg, &sim).await;
     let first = |min: i64| {
         let dir = dir.path().to_path_buf();
         async move {
@@ -679,20 +691,9 @@ async fn a_filtered_daemon_follows_every_commit_of_its_dids_and_no_other() {
     let sim = start_sim(sc).await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path().to_str().unwrap());
-    cfg.source.kind = SourceKind::Firehose;
-    cfg.source.url = sim.url();
-    cfg.source.start_cursor = Some(0);
     cfg.source.dids = vec![did_of(0), did_of(1)];
     cfg.source.collections = vec!["app.bsky.feed.post".into()];
-    cfg.backfill.enabled = true;
-    let h = ingest::start(cfg, Input::Network).await.unwrap();
-    let cut = h
-        .catalog
-        .cutover()
-        .expect("a backfill beside the stream")
-        .clone();
-    // no backfill runs here: its progress (none) counts as loaded
-    cut.set_loaded();
+    let (h, cut) = firehose_with_cutover(cfg, &sim).await;
     wait_until(Duration::from_secs(30), || cut.followed().0 == 2).await;
     // a snapshot older than the live heads anchors both chains at their live heads: from here
     // each commit must name the previous one (`since`) and its MST root (`prevData`)
