@@ -10,7 +10,12 @@
 //!
 //! A repo's state is the last record that names it. Records are folded in batch order; past
 //! [`COMPACT_AFTER`] records, the fold is written as `_atlake/backfill/state-<batch>.json` and
-//! the records it covers are removed, so start-up reads one state file and a few records.
+//! the records it covers are removed. A fold writes only the repos its records named, adding
+//! to the state file before it (format 2, with its `base`), until that chain of files would
+//! hold half as many repos as the whole state or grow to [`MAX_CHAIN`] files: then it writes
+//! the whole state (format 1) and removes the chain. So a fold's cost follows what changed,
+//! not the size of the network, and start-up reads one whole state file, a few additions to
+//! it and a few records.
 
 use crate::checkpoint::list_files;
 use crate::model::SourceKind;
@@ -22,6 +27,10 @@ use std::collections::{BTreeMap, HashMap};
 
 /// Records folded into a state file once there are this many.
 pub const COMPACT_AFTER: usize = 64;
+
+/// State files in a chain (a whole one and the ones adding to it) before a fold writes the
+/// whole state again.
+const MAX_CHAIN: usize = 16;
 
 /// Lake-relative directory of the backfill's records.
 pub fn dir() -> String {
@@ -313,6 +322,9 @@ impl Repos {
 struct StateFile {
     version: u32,
     batch: i64,
+    /// The state file this one adds to (format 2); none: it is whole (format 1).
+    #[serde(default)]
+    base: Option<i64>,
     rows: u64,
     #[serde(deserialize_with = "slots")]
     repos: Repos,
@@ -348,6 +360,8 @@ fn slots<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Repos, D::Error> {
 struct StateFileOut<'a> {
     version: u32,
     batch: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base: Option<i64>,
     rows: u64,
     repos: SortedRepos<'a>,
 }
@@ -415,6 +429,13 @@ pub struct Progress {
     pub state_batch: Option<i64>,
     /// Repos per state (`done`, `partial`, `failed`), kept as `repos` changes.
     tally: (u64, u64, u64),
+    /// The state files that make the state, the whole one first, each with the repos it holds.
+    chain: Vec<(i64, usize)>,
+    /// Repos named by records not yet folded (a fold writes only these, unless it writes the
+    /// whole state).
+    changed: Vec<Box<str>>,
+    /// State files no chain needs (left by a crash between a whole fold and its clean-up).
+    stale: Vec<i64>,
 }
 
 impl Progress {
@@ -546,8 +567,42 @@ impl Progress {
                 },
             );
         }
+        self.changed.extend(
+            r.partial
+                .iter()
+                .map(|x| &x.did)
+                .chain(r.failed.iter().map(|x| &x.did))
+                .chain(r.done.iter().map(|x| &x.did))
+                .map(|d| d.as_str().into()),
+        );
         self.rows += r.rows;
         self.last_batch = Some(self.last_batch.map_or(r.batch, |b| b.max(r.batch)));
+    }
+
+    /// Puts every repo of a state file read back (a later file's state replaces an earlier's),
+    /// keeping the counts.
+    fn merge(&mut self, repos: Repos) {
+        if self.repos.len() == 0 {
+            // the whole state file: taken as it is (no second map of every repo)
+            for slot in repos.values() {
+                Self::count(&mut self.tally, slot, true);
+            }
+            self.repos = repos;
+            return;
+        }
+        let Repos { plc, other } = repos;
+        for (k, slot) in plc {
+            Self::count(&mut self.tally, &slot, true);
+            if let Some(old) = self.repos.plc.insert(k, slot) {
+                Self::count(&mut self.tally, &old, false);
+            }
+        }
+        for (k, slot) in other {
+            Self::count(&mut self.tally, &slot, true);
+            if let Some(old) = self.repos.other.insert(k, slot) {
+                Self::count(&mut self.tally, &old, false);
+            }
+        }
     }
 
     /// Reads the lake's backfill records and removes the files of batches that were never
@@ -565,31 +620,70 @@ impl Progress {
             }
         }
         let mut p = Progress::default();
-        if let Some((n, path)) = states.iter().max_by_key(|(n, _)| *n) {
+        // the newest state file, then the ones it adds to, down to a whole one
+        let by_batch: HashMap<i64, &String> = states.iter().map(|(n, path)| (*n, path)).collect();
+        let mut files: Vec<(i64, StateFile)> = Vec::new();
+        let mut next = states.iter().map(|(n, _)| *n).max();
+        while let Some(n) = next {
+            let path = by_batch
+                .get(&n)
+                .copied()
+                .ok_or_else(|| ProgressError::Corrupt {
+                    path: state_path(n),
+                    why: format!(
+                        "missing: state file {} adds to it",
+                        files.last().map_or(n, |f| f.0)
+                    ),
+                })?;
             let s: StateFile = read_json(lake, path).await?;
-            if s.batch != *n {
-                return Err(ProgressError::Corrupt {
-                    path: path.clone(),
-                    why: format!("holds batch {} in a file named for {n}", s.batch),
-                });
+            let corrupt = |why: String| ProgressError::Corrupt {
+                path: path.to_string(),
+                why,
+            };
+            if s.batch != n {
+                return Err(corrupt(format!(
+                    "holds batch {} in a file named for {n}",
+                    s.batch
+                )));
             }
-            if s.version != 1 {
-                return Err(ProgressError::Corrupt {
-                    path: path.clone(),
-                    why: format!("state format {} (this version reads 1)", s.version),
-                });
+            match (s.version, s.base) {
+                (1, None) => {}
+                (2, Some(b)) if b < n => {}
+                (1 | 2, base) => {
+                    return Err(corrupt(format!(
+                        "state format {} adding to {base:?}",
+                        s.version
+                    )));
+                }
+                (v, _) => {
+                    return Err(corrupt(format!(
+                        "state format {v} (this version reads 1 and 2)"
+                    )));
+                }
             }
-            p.repos = s.repos;
-            for st in p.repos.values() {
-                Self::count(&mut p.tally, st, true);
-            }
-            p.rows = s.rows;
-            p.last_batch = Some(s.batch);
-            p.state_batch = Some(s.batch);
+            next = s.base;
+            files.push((n, s));
         }
+        if let Some((n, _)) = files.first() {
+            p.rows = files[0].1.rows;
+            p.last_batch = Some(*n);
+            p.state_batch = Some(*n);
+        }
+        for (n, s) in files.into_iter().rev() {
+            p.chain.push((n, s.repos.len()));
+            p.merge(s.repos);
+        }
+        p.stale = states
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| !p.chain.iter().any(|(c, _)| c == n))
+            .collect();
         batches.sort();
         for (n, path) in &batches {
             if p.state_batch.is_some_and(|s| *n <= s) {
+                // folded already (a crash came between a fold and its clean-up)
+                tracing::info!(%path, "removing a backfill record a state file covers");
+                lake.delete(path).await?;
                 continue;
             }
             let r: BatchRecord = read_json(lake, path).await?;
@@ -638,25 +732,72 @@ impl Progress {
         Ok(())
     }
 
-    /// Writes the state as of `batch`, then removes the records and older state it covers.
+    /// Writes the state as of `batch`, then removes the records it covers. The file holds only
+    /// the repos the records named, adding to the state file before it, unless the chain of such
+    /// files would then hold more than half as many repos as the whole state (or be longer than
+    /// [`MAX_CHAIN`]): then it holds the whole state, and the chain before it is removed.
     async fn fold(&mut self, lake: &Lake, batch: i64) -> Result<(), ProgressError> {
-        let s = StateFileOut {
-            version: 1,
-            batch,
-            rows: self.rows,
-            repos: SortedRepos::of(&self.repos),
+        // kept until the file is written: a fold that fails leaves them for the next one
+        self.changed.sort_unstable();
+        self.changed.dedup();
+        let changed = &self.changed;
+        let in_chain: usize = self.chain.iter().skip(1).map(|(_, n)| n).sum();
+        let base = self.chain.last().map(|(b, _)| *b).filter(|_| {
+            self.chain.len() < MAX_CHAIN && 2 * (in_chain + changed.len()) <= self.repos.len()
+        });
+        let delta;
+        let (version, repos) = match base {
+            Some(_) => {
+                let mut d = Repos::default();
+                for did in changed {
+                    match self.repos.get(did) {
+                        Some(slot) => {
+                            d.insert(did, slot.clone());
+                        }
+                        None => {
+                            // every repo a record names has a state once it is applied
+                            metrics::counter!("atlake_broken_invariants_total").increment(1);
+                            return Err(ProgressError::Corrupt {
+                                path: state_path(batch),
+                                why: format!("{did} was named by a record but has no state"),
+                            });
+                        }
+                    }
+                }
+                delta = d;
+                (2, &delta)
+            }
+            None => (1, &self.repos),
         };
-        let body = serde_json::to_vec(&s).map_err(|e| ProgressError::Corrupt {
+        let held = repos.len();
+        let body = serde_json::to_vec(&StateFileOut {
+            version,
+            batch,
+            base,
+            rows: self.rows,
+            repos: SortedRepos::of(repos),
+        })
+        .map_err(|e| ProgressError::Corrupt {
             path: state_path(batch),
             why: e.to_string(),
         })?;
         put(lake, &state_path(batch), body).await?;
+        self.changed.clear();
         for b in std::mem::take(&mut self.unfolded) {
             lake.delete(&batch_path(b)).await?;
         }
-        if let Some(old) = self.state_batch.replace(batch) {
-            lake.delete(&state_path(old)).await?;
+        if base.is_none() {
+            let old = std::mem::take(&mut self.chain);
+            for b in old
+                .iter()
+                .map(|(b, _)| *b)
+                .chain(std::mem::take(&mut self.stale))
+            {
+                lake.delete(&state_path(b)).await?;
+            }
         }
+        self.chain.push((batch, held));
+        self.state_batch = Some(batch);
         Ok(())
     }
 }
@@ -1160,5 +1301,135 @@ mod tests {
         // only one state file and the unfolded records remain
         let left = lake.list(&dir()).await.unwrap();
         assert_eq!(left.len(), 4, "{left:?}");
+    }
+
+    /// The states of every repo, in DID order.
+    fn sorted_states(p: &Progress) -> Vec<(String, RepoState)> {
+        let mut v: Vec<_> = p.states().map(|(d, s)| (d.into_owned(), s)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The state files in the lake, by batch, with their format, base and repo count.
+    async fn state_files(lake: &Lake) -> Vec<(i64, u64, Option<i64>, usize)> {
+        let mut out = Vec::new();
+        for (path, _) in lake.list(&dir()).await.unwrap() {
+            let name = path.rsplit('/').next().unwrap();
+            if let Some(n) = number(name, "state-") {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&lake.get(&path).await.unwrap().unwrap()).unwrap();
+                out.push((
+                    n,
+                    v["version"].as_u64().unwrap(),
+                    v["base"].as_i64(),
+                    v["repos"].as_object().unwrap().len(),
+                ));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// A fold writes only the repos its records named, adding to the state file before it,
+    /// until that chain would hold half as many repos as the whole state or grow past
+    /// [`MAX_CHAIN`] files; then it writes the whole state and removes the chain. Every start
+    /// reads back the same state, and a state file no chain needs is removed by the next whole
+    /// fold; a chain with a file missing is an error.
+    #[tokio::test]
+    async fn folds_write_what_changed_and_the_whole_state_now_and_then() {
+        let lake = Lake::open("memory://").unwrap();
+        let mut p = Progress::default();
+        let mut batch = 0i64;
+        let mut repo = 0usize;
+        // `per` new repos finished by each of `COMPACT_AFTER` records
+        let mut fold = |per: usize| {
+            let mut recs = Vec::new();
+            for _ in 0..COMPACT_AFTER {
+                batch += 1;
+                let mut r = rec(batch);
+                for _ in 0..per {
+                    r.done.push(RepoDone {
+                        did: measured_did(repo),
+                        rev: Some(tid_text((1_700_000_000_000_000 + repo as u64) << 10)),
+                        records: 1,
+                        live: Vec::new(),
+                        data: None,
+                        reset: false,
+                    });
+                    repo += 1;
+                }
+                r.rows = per as u64;
+                recs.push(r);
+            }
+            recs
+        };
+        // the first fold writes the whole state
+        for r in fold(20) {
+            p.commit(&lake, &r).await.unwrap();
+        }
+        assert_eq!(state_files(&lake).await, vec![(64, 1, None, 1280)]);
+        // then 640 new repos, and a repo of the whole state fails again: 641 repos, at most
+        // half of the 1,920
+        let mut recs = fold(10);
+        recs[10].failed.push(RepoFailed {
+            did: measured_did(3),
+            reason: "mst".into(),
+            detail: String::new(),
+            reset: false,
+        });
+        for r in recs {
+            p.commit(&lake, &r).await.unwrap();
+        }
+        assert_eq!(
+            state_files(&lake).await,
+            vec![(64, 1, None, 1280), (128, 2, Some(64), 641)]
+        );
+        let (q, next, _) = Progress::recover(&lake).await.unwrap();
+        assert_eq!(sorted_states(&q), sorted_states(&p));
+        assert_eq!((q.counts(), q.rows, next), (p.counts(), p.rows, 129));
+        assert_eq!(q.counts(), (1919, 0, 1));
+        assert_eq!(q.rows, 1280 + 640);
+        // 640 more would make the chain hold 1,281 of 2,560 repos: the whole state is written,
+        // and the chain before it removed
+        for r in fold(10) {
+            p.commit(&lake, &r).await.unwrap();
+        }
+        assert_eq!(state_files(&lake).await, vec![(192, 1, None, 2560)]);
+        let (q, _, _) = Progress::recover(&lake).await.unwrap();
+        assert_eq!(sorted_states(&q), sorted_states(&p));
+        assert_eq!(q.counts(), p.counts());
+        // a state file no chain needs (a crash between a whole fold and its clean-up) is read
+        // by no one and removed by the next whole fold
+        let whole = state_files(&lake).await[0].0;
+        let stale = state_path(whole - 1);
+        let body = lake.get(&state_path(whole)).await.unwrap().unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["batch"] = (whole - 1).into();
+        lake.put_atomic(&stale, serde_json::to_vec(&v).unwrap().into())
+            .await
+            .unwrap();
+        let (mut q, _, _) = Progress::recover(&lake).await.unwrap();
+        assert_eq!(sorted_states(&q), sorted_states(&p));
+        assert_eq!(q.stale, vec![whole - 1]);
+        // a chain that reaches MAX_CHAIN files is written whole, the stale file removed with it
+        let mut i = 0;
+        while lake.get(&stale).await.unwrap().is_some() {
+            for r in fold(0) {
+                q.commit(&lake, &r).await.unwrap();
+            }
+            i += 1;
+            assert!(i <= MAX_CHAIN, "never written whole");
+        }
+        assert_eq!(i, MAX_CHAIN);
+        assert_eq!(state_files(&lake).await.len(), 1);
+        // a file of the chain missing is an error, not a smaller state
+        for r in fold(1) {
+            q.commit(&lake, &r).await.unwrap();
+        }
+        let files = state_files(&lake).await;
+        assert_eq!(files.len(), 2);
+        lake.delete(&state_path(files[0].0)).await.unwrap();
+        let err = Progress::recover(&lake).await.unwrap_err().to_string();
+        assert!(err.contains("missing"), "{err}");
     }
 }

@@ -702,16 +702,31 @@ async fn deep_and_amplifying_sql_is_refused_and_the_server_stays_up_within_its_l
                 "large constant {q:.90}: {status} {error} after {took:?}, not refused at once"
             ));
         }
-        // nothing keeps running after a 408
+        // nothing keeps running after a 408. On a loaded machine (CI runs the tests side by
+        // side) the query's last batches may end a little after the answer (once 26 ticks in
+        // the first second); work that goes on (the runaway this guards against used seconds
+        // of CPU after its 408) is still busy in the second second
         if status == 408 {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let t0 = cpu_ticks(pid);
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let busy = cpu_ticks(pid) - t0;
-            if busy > 20 {
+            let mut windows = Vec::new();
+            for _ in 0..2 {
+                let t0 = cpu_ticks(pid);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let busy = cpu_ticks(pid) - t0;
+                windows.push(busy);
+                if busy <= 20 {
+                    break;
+                }
+            }
+            if windows.iter().all(|b| *b > 20) {
                 failures.push(format!(
-                    "amplifying {q:.90}: {busy} ticks of CPU in the second after its 408"
+                    "amplifying {q:.90}: {windows:?} ticks of CPU in each second after its 408"
                 ));
+            }
+            if windows.len() > 1 {
+                eprintln!(
+                    "amplifying {q:.90}: {windows:?} ticks of CPU in the seconds after its 408"
+                );
             }
         }
     }
