@@ -365,25 +365,57 @@ impl Cutover {
         h.finish()
     }
 
+    /// Room for the snapshots of `n` repos about to be loaded ([`Cutover::load_snapshot`]), so
+    /// that the tables do not grow step by step while a start loads millions.
+    pub fn reserve(&self, n: usize) {
+        let mut g = self.lock();
+        g.snapshots.reserve(n);
+        let heads = n.min(self.cap.saturating_sub(g.heads.len()));
+        g.heads.reserve(heads);
+    }
+
     /// Snapshot revs already durable (from the backfill's progress), with the keys each left
     /// to its live create (`collection/rkey`): a replayed live create of such a key is kept.
+    /// The snapshot anchors the DID's chain loosely: the live commits between it and this
+    /// run's start are not known.
     pub fn load_snapshot(&self, did: &str, rev: &str, data: Option<&str>, deferred: &[String]) {
-        // the cut matters only to a fresh fetch's marker; a loaded snapshot writes none
-        self.snapshot_done(did, Some(rev), data, false);
-        let mut g = self.lock();
         let d = self.hash(&[did]);
-        if let Some(h) = g.heads.get_mut(&d) {
-            h.loose = true;
-        }
+        let mut g = self.lock();
         if let Some(r) = rev_value(rev) {
-            let h = self.hash(&[did]);
-            g.snapshots.insert(h, r);
+            // the cut matters only to a fresh fetch's marker; a loaded snapshot writes none
+            let head = self.anchor(&g, d, r, data);
+            self.set_head(
+                &mut g,
+                d,
+                Head {
+                    loose: true,
+                    ..head
+                },
+            );
+            g.snapshots.insert(d, r);
         }
         for key in deferred {
             if let Some((c, k)) = key.split_once('/') {
                 let h = self.hash(&[did, c, k]);
                 g.deferred.insert(h);
             }
+        }
+    }
+
+    /// The head of DID hash `d` once a snapshot at rev `r` with MST root `data` anchors its
+    /// chain (`g` locked): live commits already past the snapshot keep their head, now anchored.
+    fn anchor(&self, g: &CutoverInner, d: u64, r: u64, data: Option<&str>) -> Head {
+        match g.heads.get(&d).copied() {
+            Some(h) if h.rev > r => Head {
+                anchored: true,
+                ..h
+            },
+            _ => Head {
+                rev: r,
+                data: data.map_or(0, |x| self.data_hash(x)),
+                anchored: true,
+                loose: false,
+            },
         }
     }
 
@@ -619,18 +651,7 @@ impl Cutover {
         let mut g = self.lock();
         let mut cut = None;
         if let Some(r) = rev.and_then(rev_value) {
-            let head = match g.heads.get(&d).copied() {
-                Some(h) if h.rev > r => Head {
-                    anchored: true,
-                    ..h
-                },
-                _ => Head {
-                    rev: r,
-                    data: data.map_or(0, |x| self.data_hash(x)),
-                    anchored: true,
-                    loose: false,
-                },
-            };
+            let head = self.anchor(&g, d, r, data);
             cut = Some(crate::syntax::tid_text(head.rev));
             self.set_head(&mut g, d, head);
         }

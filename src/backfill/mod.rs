@@ -711,6 +711,7 @@ impl Seen {
 /// Gives the daemon's cut-over the snapshot of every repo the progress holds (done or partial
 /// at a rev). The live pipeline reads nothing until this is over.
 pub(crate) fn load_snapshots(progress: &Progress, cut: &crate::catalog::Cutover) {
+    cut.reserve(progress.len());
     for (did, state) in progress.states() {
         match state {
             progress::RepoState::Done {
