@@ -197,13 +197,17 @@ pub fn plc_bits(did: &str) -> Option<[u8; 15]> {
 pub fn plc_did(bits: &[u8; 15]) -> String {
     let mut b = [0u8; 16];
     b[1..].copy_from_slice(bits);
-    let v = u128::from_be_bytes(b);
     let mut out = String::with_capacity(32);
     out.push_str("did:plc:");
-    for i in (0..24).rev() {
+    push_base32(&mut out, u128::from_be_bytes(b), 24);
+    out
+}
+
+/// The last `digits` base-32 digits of `v`, in [`TID_CHARS`] (sortable) order.
+fn push_base32(out: &mut String, v: u128, digits: u32) {
+    for i in (0..digits).rev() {
         out.push(TID_CHARS[((v >> (5 * i)) & 31) as usize] as char);
     }
-    out
 }
 
 /// The µs timestamp inside a TID (top 53 bits after the zero bit).
@@ -214,26 +218,15 @@ pub fn tid_timestamp_us(s: &str) -> Option<i64> {
 }
 
 /// The TID whose value ([`tid_value`]) is `v`.
-pub fn tid_text(mut v: u64) -> String {
+pub fn tid_text(v: u64) -> String {
     let mut out = String::with_capacity(13);
-    let mut digits = [0u8; 13];
-    for c in digits.iter_mut().rev() {
-        *c = TID_CHARS[(v & 31) as usize];
-        v >>= 5;
-    }
-    out.extend(digits.iter().map(|c| *c as char));
+    push_base32(&mut out, u128::from(v), 13);
     out
 }
 
 /// Encodes a µs timestamp and clock id as a TID.
 pub fn tid_from_parts(time_us: u64, clock_id: u16) -> String {
-    let v = ((time_us & ((1u64 << 53) - 1)) << 10) | u64::from(clock_id & 0x3ff);
-    let mut out = [0u8; 13];
-    for (i, slot) in out.iter_mut().enumerate() {
-        let shift = 5 * (12 - i);
-        *slot = TID_CHARS[((v >> shift) & 31) as usize];
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    tid_text(((time_us & ((1u64 << 53) - 1)) << 10) | u64::from(clock_id & 0x3ff))
 }
 
 /// A DID or a handle.
