@@ -1446,4 +1446,62 @@ mod tests {
         let err = Progress::recover(&lake).await.unwrap_err().to_string();
         assert!(err.contains("missing"), "{err}");
     }
+
+    /// A fold whose state file cannot be written is an error, and leaves the batch records and
+    /// its list of changed repos in place: the next fold writes them, so the chain still adds
+    /// up to the state in memory.
+    #[tokio::test]
+    async fn a_failed_fold_leaves_its_repos_to_the_next_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = Lake::open(tmp.path().to_str().unwrap()).unwrap();
+        let mut p = Progress::default();
+        let mut repo = 0usize;
+        let mut record = |batch: i64, per: usize| {
+            let mut r = rec(batch);
+            for _ in 0..per {
+                r.done.push(RepoDone {
+                    did: measured_did(repo),
+                    rev: Some(tid_text((1_700_000_000_000_000 + repo as u64) << 10)),
+                    records: 1,
+                    live: Vec::new(),
+                    data: None,
+                    reset: false,
+                });
+                repo += 1;
+            }
+            r.rows = per as u64;
+            r
+        };
+        let n = COMPACT_AFTER as i64;
+        // a whole state of 640 repos first
+        for b in 1..=n {
+            p.commit(&lake, &record(b, 10)).await.unwrap();
+        }
+        assert_eq!(state_files(&lake).await, vec![(n, 1, None, 640)]);
+        // the next fold meets a directory where its state file goes (the tests run as root, so
+        // a read-only directory would not stop the write): it fails
+        let blocker = tmp.path().join(state_path(2 * n));
+        std::fs::create_dir_all(blocker.join("x")).unwrap();
+        for b in n + 1..2 * n {
+            p.commit(&lake, &record(b, 2)).await.unwrap();
+        }
+        let err = p.commit(&lake, &record(2 * n, 2)).await.unwrap_err();
+        assert!(matches!(err, ProgressError::Store(_)), "{err}");
+        // the batch records are still there, and a start reads the same state from them
+        assert!(lake.get(&batch_path(n + 1)).await.unwrap().is_some());
+        let (q, next, _) = Progress::recover(&lake).await.unwrap();
+        assert_eq!(sorted_states(&q), sorted_states(&p));
+        assert_eq!(next, 2 * n + 1);
+        // the next record folds again: its file adds the failed fold's 128 repos and its own 2
+        std::fs::remove_dir_all(&blocker).unwrap();
+        p.commit(&lake, &record(2 * n + 1, 2)).await.unwrap();
+        assert_eq!(
+            state_files(&lake).await,
+            vec![(n, 1, None, 640), (2 * n + 1, 2, Some(n), 130)]
+        );
+        assert!(lake.get(&batch_path(n + 1)).await.unwrap().is_none());
+        let (q, _, _) = Progress::recover(&lake).await.unwrap();
+        assert_eq!(sorted_states(&q), sorted_states(&p));
+        assert_eq!(q.counts(), (770, 0, 0));
+    }
 }
