@@ -153,11 +153,16 @@ impl Catalog {
 
     /// Files replaced in one commit (compaction, purge): the view changes at once, so no
     /// query sees a row twice or not at all.
-    pub fn replace_files(&self, gone: &[String], added: Option<&LakeFile>) {
-        let gone: std::collections::HashSet<&str> = gone.iter().map(String::as_str).collect();
+    pub fn replace_files(&self, gone: &[String], added: &[LakeFile]) {
+        // an added file already shown (a batch the backfill's recovery commits) is shown once
+        let gone: std::collections::HashSet<&str> = gone
+            .iter()
+            .map(String::as_str)
+            .chain(added.iter().map(|a| a.path.as_str()))
+            .collect();
         let mut g = self.lock();
         g.files.retain(|f| !gone.contains(f.path.as_str()));
-        g.files.extend(added.cloned());
+        g.files.extend(added.iter().cloned());
         g.generation += 1;
     }
 

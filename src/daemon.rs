@@ -291,10 +291,18 @@ impl Daemon {
             };
             let lake = ingest.lake.clone();
             let catalog = ingest.catalog.clone();
+            let commits = ingest.commits.clone();
             let task = tokio::spawn(async move {
                 let stats = Arc::new(crate::backfill::Stats::default());
-                let r =
-                    crate::backfill::run_fenced(plan, &lake, stats, Some(catalog), stop_rx).await;
+                let r = crate::backfill::run_fenced(
+                    plan,
+                    &lake,
+                    stats,
+                    Some(catalog),
+                    commits,
+                    stop_rx,
+                )
+                .await;
                 match &r {
                     Ok(s) => tracing::info!(
                         done = s.done,

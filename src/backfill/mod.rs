@@ -25,6 +25,7 @@
 pub mod buffer;
 pub mod fetch;
 pub mod progress;
+pub mod table;
 
 use crate::catalog::{BackfillStatus, Catalog};
 use crate::config::Config;
@@ -60,6 +61,9 @@ pub enum BackfillError {
     /// The sync client could not be made.
     #[error(transparent)]
     Sync(#[from] SyncError),
+    /// Committing to the lake's Delta logs failed.
+    #[error(transparent)]
+    Log(#[from] crate::checkpoint::CheckpointError),
     /// A part of the backfill failed in a way that is a bug, not bad input.
     #[error("{0}")]
     Broken(String),
@@ -333,7 +337,7 @@ pub async fn run(plan: Plan, lake: &Lake, stats: Arc<Stats>) -> Result<Summary, 
     .await?;
     let fenced = lake.fenced(lease.fence());
     let (_stop_tx, stop) = watch::channel(false);
-    let r = run_fenced(plan, &fenced, stats, None, stop).await;
+    let r = run_fenced(plan, &fenced, stats, None, None, stop).await;
     lease.release().await;
     r
 }
@@ -386,13 +390,15 @@ pub fn status(stats: &Stats, state: &str, error: Option<String>) -> BackfillStat
 
 /// Runs a backfill on a lake whose writer lease the caller holds (`lake` is fenced by it).
 /// With a `catalog` (the daemon's), committed files become visible to queries at once and
-/// [`BackfillStatus`] is published there. `stop` ends it early: what is buffered is flushed
-/// and committed first (repos cut short resume after their last key).
+/// [`BackfillStatus`] is published there. With `committer` (the daemon's), commits to the
+/// lake's logs go through it; without, straight to the logs. `stop` ends it early: what is
+/// buffered is flushed and committed first (repos cut short resume after their last key).
 pub async fn run_fenced(
     plan: Plan,
     lake: &Lake,
     stats: Arc<Stats>,
     catalog: Option<Arc<Catalog>>,
+    committer: Option<crate::checkpoint::compact::ToCommitter>,
     stop: watch::Receiver<bool>,
 ) -> Result<Summary, BackfillError> {
     let publisher = catalog.clone().map(|c| {
@@ -409,7 +415,7 @@ pub async fn run_fenced(
             }
         })
     });
-    let r = run_inner(plan, lake, stats.clone(), catalog.clone(), stop).await;
+    let r = run_inner(plan, lake, stats.clone(), catalog.clone(), committer, stop).await;
     if let Some(cut) = catalog.as_ref().and_then(|c| c.cutover())
         && !cut.is_loaded()
     {
@@ -438,13 +444,31 @@ async fn run_inner(
     lake: &Lake,
     stats: Arc<Stats>,
     catalog: Option<Arc<Catalog>>,
+    committer: Option<crate::checkpoint::compact::ToCommitter>,
     stop: watch::Receiver<bool>,
 ) -> Result<Summary, BackfillError> {
     let started = Instant::now();
-    let (progress, next_batch, removed) = Progress::recover(lake).await?;
+    let (progress, next_batch, removed, kept) = Progress::recover_with_files(lake).await?;
     if let Some(c) = &catalog {
         c.remove_paths(&removed);
     }
+    // the files of committed batches that no log names yet (a crash between a batch's record
+    // and its commits, or a history from before its log)
+    let logs = crate::checkpoint::Logs::load(lake).await?;
+    let mut commits = match committer {
+        Some(c) => table::Commits::Committer(c),
+        None => table::Commits::Direct(Box::new(logs.clone())),
+    };
+    let caught = table::catch_up(
+        &mut commits,
+        lake,
+        &logs,
+        &kept,
+        progress.last_batch,
+        catalog.as_ref(),
+    )
+    .await?;
+    drop(logs);
     let orphans = removed.len();
     if let Some(cut) = catalog.as_ref().and_then(|c| c.cutover()) {
         load_snapshots(&progress, cut);
@@ -455,6 +479,8 @@ async fn run_inner(
         repos_known = progress.len(),
         next_batch,
         orphans_removed = orphans,
+        history_files_committed = caught.history,
+        quarantine_files_committed = caught.errors,
         took = ?started.elapsed(),
         "recovered backfill progress"
     );
@@ -529,6 +555,7 @@ async fn run_inner(
         },
         opened: Instant::now(),
         progress,
+        commits: Arc::new(tokio::sync::Mutex::new(commits)),
         pending: None,
         follow: follow_mode,
         last_msg: Instant::now(),
@@ -782,6 +809,8 @@ struct BatchLoop {
     summary: Summary,
     opened: Instant,
     progress: Arc<tokio::sync::Mutex<Progress>>,
+    /// Where the batches' commits to the lake's logs go.
+    commits: Arc<tokio::sync::Mutex<table::Commits>>,
     /// The previous batch's files and record being written while this one fills.
     pending: Option<tokio::task::JoinHandle<Result<Committed, BackfillError>>>,
     /// Following gaps after the listing (daemon): flush as soon as the fetchers are idle.
@@ -1144,10 +1173,11 @@ impl BatchLoop {
             self.cfg.writer.clone(),
             self.cfg.backfill.attempts.max(3),
         );
-        let (catalog, stats, progress) = (
+        let (catalog, stats, progress, commits) = (
             self.catalog.clone(),
             self.stats.clone(),
             self.progress.clone(),
+            self.commits.clone(),
         );
         self.pending = Some(tokio::spawn(async move {
             let started = Instant::now();
@@ -1163,8 +1193,14 @@ impl BatchLoop {
             record.written_at = crate::syntax::format_datetime_ms(crate::model::cursor::now_us());
             let mut p = progress.lock().await;
             p.commit(&lake, &record).await?;
+            // the record says the batch is done; the logs name its files after it (a crash
+            // in between is caught up at the next start)
+            let mut commits = commits.lock().await;
+            table::commit_batch(&mut commits, &lake, record.batch, &files).await?;
             if let Some(c) = &catalog {
-                c.add_files(&files);
+                if !commits.shows_files() {
+                    c.add_files(&files);
+                }
                 // the fresh fetches in this batch are durable: the live checkpoint may pass
                 // the events that called for them
                 if let Some(cut) = c.cutover() {

@@ -19,7 +19,7 @@
 
 use crate::checkpoint::list_files;
 use crate::model::SourceKind;
-use crate::sink::partition::STATE_DIR;
+use crate::sink::partition::{LakeFile, STATE_DIR};
 use crate::sink::store::{Lake, StoreError};
 use crate::syntax::tid_text;
 use serde::{Deserialize, Serialize};
@@ -609,6 +609,15 @@ impl Progress {
     /// committed (a crash between a flush's files and its record). The caller holds the writer
     /// lease. Returns the progress, the next batch number and the files removed.
     pub async fn recover(lake: &Lake) -> Result<(Progress, i64, Vec<String>), ProgressError> {
+        let (p, next, removed, _) = Progress::recover_with_files(lake).await?;
+        Ok((p, next, removed))
+    }
+
+    /// [`Progress::recover`], with the backfill's data files that stay (those of committed
+    /// batches, history and quarantine), for the catch-up of the lake's logs.
+    pub async fn recover_with_files(
+        lake: &Lake,
+    ) -> Result<(Progress, i64, Vec<String>, Vec<LakeFile>), ProgressError> {
         let mut states = Vec::new();
         let mut batches = Vec::new();
         for (path, _) in lake.list(&dir()).await? {
@@ -699,6 +708,7 @@ impl Progress {
         let committed: std::collections::HashSet<i64> = batches.iter().map(|(n, _)| *n).collect();
         let mut highest = p.last_batch.unwrap_or(0);
         let mut removed = Vec::new();
+        let mut kept = Vec::new();
         for f in list_files(lake).await? {
             if f.name.source() != SourceKind::Repo {
                 continue;
@@ -706,6 +716,7 @@ impl Progress {
             let b = f.name.first().value();
             let folded = p.state_batch.is_some_and(|s| b <= s);
             if committed.contains(&b) || folded {
+                kept.push(f);
                 continue;
             }
             tracing::info!(path = %f.path, batch = b, "removing a backfill file whose batch was never committed");
@@ -713,7 +724,7 @@ impl Progress {
             removed.push(f.path);
             highest = highest.max(b);
         }
-        Ok((p, highest + 1, removed))
+        Ok((p, highest + 1, removed, kept))
     }
 
     /// Writes a committed record (after its files are durable), and folds the records into a

@@ -685,19 +685,25 @@ impl Rewritten {
     /// The commit that replaces the inputs with the output.
     pub fn replace(&self) -> Replace {
         Replace {
-            table: Table::Events,
+            // month partitions are the backfilled history's
+            table: if self.job.key.span() == Span::Month {
+                Table::History
+            } else {
+                Table::Events
+            },
             removes: self.job.inputs.clone(),
             add: self.output.clone(),
             data_change: self.blanked + self.dropped > 0,
-            purge_mark: None,
+            ..Default::default()
         }
     }
 }
 
-/// One commit of compaction or purge.
+/// One commit of compaction or purge, or of a backfill's batch (files appended, and the
+/// batch number).
 #[derive(Debug, Clone, Default)]
 pub struct Replace {
-    /// The table (`events`, or the quarantine for a purge of its rows).
+    /// The table (`events`, the quarantine for a purge of its rows, or the history).
     pub table: Table,
     /// Files leaving the table.
     pub removes: Vec<LakeFile>,
@@ -708,6 +714,32 @@ pub struct Replace {
     /// The purge's new progress (the newest add time whose facts were applied), if this
     /// commit records one.
     pub purge_mark: Option<i64>,
+    /// Files a backfill batch appends (new rows: `dataChange = true`).
+    pub appends: Vec<LakeFile>,
+    /// The backfill batch this commit completes (the history table's `txn`).
+    pub batch: Option<i64>,
+}
+
+impl Replace {
+    /// Every file the commit adds.
+    pub fn added(&self) -> impl Iterator<Item = &LakeFile> {
+        self.add.iter().chain(self.appends.iter())
+    }
+
+    /// Whether `files` (a log's committed files) shows the commit landed: every file it adds
+    /// is there, or, when it adds none, every file it removes is gone.
+    pub fn landed(&self, log: &LogState) -> bool {
+        match self.added().next() {
+            Some(_) => self.added().all(|a| log.files.contains_key(&a.path)),
+            None => {
+                !self.removes.is_empty()
+                    && self
+                        .removes
+                        .iter()
+                        .all(|f| !log.files.contains_key(&f.path))
+            }
+        }
+    }
 }
 
 /// Commits `r` to its table's log (`state`): `Ok(false)` (nothing committed) when one of its
@@ -723,7 +755,10 @@ pub async fn commit_replace(
     }
     let now = crate::model::cursor::now_us() / 1000;
     let mut actions = Vec::new();
-    if let Some(m) = state.schema_update(r.table)? {
+    if state.version.is_none() {
+        // the history table's first commit creates it (the live tables are created at start)
+        actions.extend(delta::create_actions(r.table, now)?);
+    } else if let Some(m) = state.schema_update(r.table)? {
         actions.push(m);
     }
     for f in &r.removes {
@@ -732,23 +767,43 @@ pub async fn commit_replace(
     if let Some(f) = &r.add {
         actions.push(delta::add_action(r.table, f, r.data_change, now)?);
     }
+    for f in &r.appends {
+        actions.push(delta::add_action(r.table, f, true, now)?);
+    }
     if let Some(m) = r.purge_mark {
         actions.push(
             serde_json::json!({"txn": {"appId": PURGE_APP_ID, "version": m, "lastUpdated": now}}),
         );
     }
+    if let Some(b) = r.batch {
+        actions.push(serde_json::json!({"txn": {
+            "appId": delta::BACKFILL_APP_ID, "version": b, "lastUpdated": now,
+        }}));
+    }
     if actions.is_empty() {
         return Ok(true);
     }
-    let op = if r.data_change { "DELETE" } else { "OPTIMIZE" };
-    let mut info = serde_json::json!({"compaction": {
-        "inputs": r.removes.len(),
-        "purge": r.data_change,
-    }});
+    let append = r.removes.is_empty() && r.add.is_none();
+    let op = match (append, r.data_change) {
+        (true, _) => "WRITE",
+        (false, true) => "DELETE",
+        (false, false) => "OPTIMIZE",
+    };
+    let mut info = if append {
+        serde_json::json!({"backfill": {"batch": r.batch, "files": r.appends.len()}})
+    } else {
+        serde_json::json!({"compaction": {
+            "inputs": r.removes.len(),
+            "purge": r.data_change,
+        }})
+    };
     // the endpoints travel on, so a checkpoint after a long run of rewrites still finds them
     if let Some(p) = &state.positions {
+        let what = info.clone();
         info = delta::positions_info(p.clone());
-        info["compaction"] = serde_json::json!({"inputs": r.removes.len(), "purge": r.data_change});
+        if let (Some(o), Some(w)) = (info.as_object_mut(), what.as_object()) {
+            o.extend(w.clone());
+        }
     }
     match delta::commit(lake, r.table, state, op, info, actions).await? {
         CommitOutcome::Committed(_) => Ok(true),
@@ -767,6 +822,30 @@ pub async fn commit_replace(
 pub trait Submit {
     /// Commits `r`; `Ok(false)` if its inputs had left the table.
     fn submit(&mut self, r: Replace) -> impl Future<Output = Result<bool, CheckpointError>> + Send;
+}
+
+/// A commit for the daemon's committer and where its answer goes.
+pub type RewriteRequest = (
+    Replace,
+    tokio::sync::oneshot::Sender<Result<bool, CheckpointError>>,
+);
+
+/// Hands commits (the compactor's, the backfill's) to the daemon's committer, which owns the
+/// logs while ingest runs.
+#[derive(Debug, Clone)]
+pub struct ToCommitter(pub tokio::sync::mpsc::Sender<RewriteRequest>);
+
+impl Submit for ToCommitter {
+    fn submit(&mut self, r: Replace) -> impl Future<Output = Result<bool, CheckpointError>> + Send {
+        let tx = self.0.clone();
+        async move {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            tx.send((r, reply))
+                .await
+                .map_err(|_| CheckpointError::Stopped)?;
+            answer.await.map_err(|_| CheckpointError::Stopped)?
+        }
+    }
 }
 
 /// Commits straight to the logs (the caller holds the writer lease and no one else commits).
@@ -1434,6 +1513,18 @@ pub async fn pass<S: Submit>(
                 });
             }
         }
+        // the backfilled history: a record deleted, or an account deleted or taken down, since
+        // its repo was fetched
+        for f in logs.history.files.values() {
+            policy.cancelled()?;
+            if needs_purge(lake, f, facts.clone()).await? {
+                all.push(Job {
+                    key: f.key.clone(),
+                    source: f.name.source(),
+                    inputs: vec![f.clone()],
+                });
+            }
+        }
     } else if purge_due {
         stats.purge_scan = true;
     }
@@ -1453,7 +1544,7 @@ pub async fn pass<S: Submit>(
                 removes: vec![f.clone()],
                 add: output.clone(),
                 data_change: true,
-                purge_mark: None,
+                ..Default::default()
             };
             if submit.submit(r).await? {
                 stats.quarantine_files += 1;

@@ -1,5 +1,6 @@
-//! The lake's commit record: a Delta Lake transaction log for each of its two tables,
-//! `events` (root `<lake>/events`) and the quarantine (root `<lake>/_errors`).
+//! The lake's commit record: a Delta Lake transaction log for each of its tables, `events`
+//! (root `<lake>/events`), the quarantine (root `<lake>/_errors`) and the backfilled history
+//! (root `<lake>/history`).
 //!
 //! A data file is committed when its `add` action is in its table's log. Each commit of the
 //! `events` table carries the source's cursor as a `txn` action (app id `atlake.firehose` or
@@ -17,12 +18,17 @@
 //! `collection_partition` (the `collection=` directory: a collection, `_other`, `_identity`,
 //! `_account`, `_sync`), `date` (a date) and `hour` (an integer, null for a compacted
 //! long-tail day); the quarantine has `date` and `hour`. The file's own `collection` column
-//! keeps each row's real collection.
+//! keeps each row's real collection. The history table has no partition columns: its files
+//! sit in `collection=<nsid>/month=YYYY-MM/` directories for plain readers, and a Delta reader
+//! takes each row's collection and time from the file. Each history commit carries the
+//! backfill's batch number as a `txn` action (app id [`BACKFILL_APP_ID`]).
 
 use super::CheckpointError;
 use crate::model::SourceKind;
 use crate::model::rows::{TableKind, schema};
-use crate::sink::partition::{ERRORS_DIR, EVENTS_DIR, LakeFile, Span, date_hour, parse_path};
+use crate::sink::partition::{
+    ERRORS_DIR, EVENTS_DIR, HISTORY_DIR, LakeFile, Span, date_hour, parse_path,
+};
 use crate::sink::store::Lake;
 use arrow::datatypes::{DataType, Field, Fields, Schema, TimeUnit};
 use serde_json::{Map, Value, json};
@@ -35,6 +41,9 @@ pub const LOG_DIR: &str = "_delta_log";
 pub const CHECKPOINT_INTERVAL: u64 = 100;
 /// The partition column holding the `collection=` directory's value.
 pub const COLLECTION_PARTITION: &str = "collection_partition";
+/// The app id of the history table's `txn` action: its version is the newest backfill batch
+/// whose files are in the table.
+pub const BACKFILL_APP_ID: &str = "atlake.backfill";
 
 /// One of the lake's Delta tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -44,27 +53,43 @@ pub enum Table {
     Events,
     /// `<lake>/_errors`: the quarantine.
     Errors,
+    /// `<lake>/history`: records backfilled from the repositories, in month partitions.
+    History,
 }
 
 impl Table {
-    /// Both tables, in commit order (the quarantine first).
+    /// The two tables the live streams write, in commit order (the quarantine first). A
+    /// start converts them when they have no log; the backfill owns the history table's.
     pub const ALL: [Table; 2] = [Table::Errors, Table::Events];
+    /// Every table of the lake (vacuum and log cleanup go over all of them).
+    pub const EVERY: [Table; 3] = [Table::Errors, Table::Events, Table::History];
 
     /// The table's root, relative to the lake.
     pub fn root(self) -> &'static str {
         match self {
             Table::Events => EVENTS_DIR,
             Table::Errors => ERRORS_DIR,
+            Table::History => HISTORY_DIR,
         }
     }
 
-    /// The table a data file belongs to (`None` for backfilled history, which has no log).
+    /// The table a data file belongs to.
     pub fn of(f: &LakeFile) -> Option<Table> {
         let top = f.path.split('/').next()?;
         match top {
             EVENTS_DIR => Some(Table::Events),
             ERRORS_DIR => Some(Table::Errors),
+            HISTORY_DIR => Some(Table::History),
             _ => None,
+        }
+    }
+
+    /// The table's name in its `metaData`.
+    fn name(self) -> &'static str {
+        match self {
+            Table::Events => "events",
+            Table::Errors => "errors",
+            Table::History => "history",
         }
     }
 
@@ -77,13 +102,14 @@ impl Table {
         match self {
             Table::Events => &[COLLECTION_PARTITION, "date", "hour"],
             Table::Errors => &["date", "hour"],
+            Table::History => &[],
         }
     }
 
     /// The table's schema as Delta declares it: the stored columns, then the partition columns.
     pub fn schema_string(self) -> Result<String, CheckpointError> {
         let stored = schema(match self {
-            Table::Events => TableKind::Events(None),
+            Table::Events | Table::History => TableKind::Events(None),
             Table::Errors => TableKind::Errors,
         });
         let mut fields = Vec::new();
@@ -113,6 +139,9 @@ impl Table {
 
     /// The partition values of a data file, as the log records them.
     fn partition_values(self, f: &LakeFile) -> Map<String, Value> {
+        if self == Table::History {
+            return Map::new();
+        }
         let (date, hour) = date_hour(f.key.hour());
         let hour = hour.trim_start_matches('0');
         let mut m = Map::new();
@@ -195,6 +224,11 @@ impl LogState {
     /// The cursor committed for `source`, if any.
     pub fn txn(&self, source: SourceKind) -> Option<(i64, i64)> {
         self.txns.get(&app_id(source)).copied()
+    }
+
+    /// The newest backfill batch whose files the history table holds, if any.
+    pub fn backfill_batch(&self) -> Option<i64> {
+        self.txns.get(BACKFILL_APP_ID).map(|(v, _)| *v)
     }
 
     /// A `metaData` action that declares the schema this version of atlake writes, when the
@@ -391,7 +425,7 @@ pub fn create_actions(table: Table, now_ms: i64) -> Result<Vec<Value>, Checkpoin
         json!({"protocol": {"minReaderVersion": 1, "minWriterVersion": 2}}),
         json!({"metaData": {
             "id": table_id(table, now_ms),
-            "name": match table { Table::Events => "events", Table::Errors => "errors" },
+            "name": table.name(),
             "format": {"provider": "parquet", "options": {}},
             "schemaString": table.schema_string()?,
             "partitionColumns": table.partition_columns(),
@@ -664,7 +698,7 @@ pub async fn commit(
         "operation": operation,
         "operationParameters": {},
         "engineInfo": concat!("atlake/", env!("CARGO_PKG_VERSION")),
-        "isBlindAppend": operation != "OPTIMIZE",
+        "isBlindAppend": !matches!(operation, "OPTIMIZE" | "DELETE"),
         "atlake": info,
     }});
     for a in std::iter::once(&ci).chain(actions.iter()) {

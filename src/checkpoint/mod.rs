@@ -251,13 +251,15 @@ pub struct Recovery {
     pub logs: Logs,
 }
 
-/// Both tables' logs.
+/// The tables' logs.
 #[derive(Debug, Default, Clone)]
 pub struct Logs {
     /// The `events` table.
     pub events: delta::LogState,
     /// The quarantine.
     pub errors: delta::LogState,
+    /// The backfilled history (no version until a backfill's recovery gives it its log).
+    pub history: delta::LogState,
 }
 
 impl Logs {
@@ -266,6 +268,7 @@ impl Logs {
         match t {
             delta::Table::Events => &self.events,
             delta::Table::Errors => &self.errors,
+            delta::Table::History => &self.history,
         }
     }
 
@@ -274,14 +277,16 @@ impl Logs {
         match t {
             delta::Table::Events => &mut self.events,
             delta::Table::Errors => &mut self.errors,
+            delta::Table::History => &mut self.history,
         }
     }
 
-    /// Reads both logs.
+    /// Reads every table's log.
     pub async fn load(lake: &Lake) -> Result<Logs, CheckpointError> {
         Ok(Logs {
             events: delta::load(lake, delta::Table::Events).await?,
             errors: delta::load(lake, delta::Table::Errors).await?,
+            history: delta::load(lake, delta::Table::History).await?,
         })
     }
 }
@@ -310,22 +315,20 @@ async fn list_dir(lake: &Lake, dir: &str) -> Result<Vec<LakeFile>, CheckpointErr
         .collect())
 }
 
-/// What a reader sees: the committed files of both tables (from their logs; a lake from
-/// before the log is listed), the backfilled history (listed), and the checkpoint.
+/// What a reader sees: the committed files of every table (from their logs; a table without
+/// a log, from a lake before the log or a history no backfill has converted yet, is listed),
+/// and the checkpoint.
 pub async fn lake_state(lake: &Lake) -> Result<(Vec<LakeFile>, Checkpoint), CheckpointError> {
     let logs = Logs::load(lake).await?;
     let mut files = Vec::new();
-    for (t, log) in [
-        (delta::Table::Events, &logs.events),
-        (delta::Table::Errors, &logs.errors),
-    ] {
+    for t in delta::Table::EVERY {
+        let log = logs.get(t);
         if log.version.is_some() {
             files.extend(log.files.values().cloned());
         } else {
             files.extend(list_dir(lake, t.root()).await?);
         }
     }
-    files.extend(list_dir(lake, crate::sink::partition::HISTORY_DIR).await?);
     files.sort_by(|a, b| a.path.cmp(&b.path));
     let checkpoint = if logs.events.version.is_some() {
         Checkpoint::from_log(&logs.events)?
@@ -403,7 +406,7 @@ async fn convert(
 /// the committed files; leftovers of interrupted writes and data files no commit names are
 /// removed. The caller holds the lake's writer lease.
 pub struct Settled {
-    /// Both logs.
+    /// The tables' logs.
     pub logs: Logs,
     /// Committed files (and backfilled history), with the log's row counts.
     pub files: Vec<LakeFile>,
@@ -448,18 +451,25 @@ pub async fn settle(lake: &Lake) -> Result<Settled, CheckpointError> {
     }
     let mut files = Vec::new();
     let mut uncommitted_removed = 0;
+    // the backfill commits its batch record first and its files to the logs after; the files
+    // of a batch the history log does not name yet are its recovery's to commit or remove
+    let history = logs.history.version.is_some();
+    let backfilled = logs.history.backfill_batch();
     for f in listed {
-        let log = match delta::Table::of(&f) {
-            Some(delta::Table::Events) => &logs.events,
-            Some(delta::Table::Errors) => &logs.errors,
-            None => {
-                files.push(f);
-                continue;
-            }
+        let Some(t) = delta::Table::of(&f) else {
+            continue;
         };
+        let log = logs.get(t);
+        let pending = f.name.source() == SourceKind::Repo
+            && (!history || backfilled.is_none_or(|b| f.name.first().value() > b));
         if log.files.contains_key(&f.path) {
             files.push(f);
-        } else if !log.removed.contains_key(&f.path) {
+        } else if t == delta::Table::History && !history {
+            // a history no backfill has given a log yet: its files are what is there
+            files.push(f);
+        } else if pending || log.removed.contains_key(&f.path) {
+            continue;
+        } else {
             tracing::info!(path = %f.path, "removing a data file no commit names (its events come again)");
             lake.delete(&f.path).await?;
             uncommitted_removed += 1;
@@ -467,16 +477,14 @@ pub async fn settle(lake: &Lake) -> Result<Settled, CheckpointError> {
     }
     // committed files whose size the log knows better than a listing (rows, too)
     for f in files.iter_mut() {
-        let log = match delta::Table::of(f) {
-            Some(delta::Table::Events) => &logs.events,
-            Some(delta::Table::Errors) => &logs.errors,
-            None => continue,
+        let Some(t) = delta::Table::of(f) else {
+            continue;
         };
-        if let Some(c) = log.files.get(&f.path) {
+        if let Some(c) = logs.get(t).files.get(&f.path) {
             f.rows = c.rows;
         }
     }
-    let missing: Vec<&String> = [&logs.events, &logs.errors]
+    let missing: Vec<&String> = [&logs.events, &logs.errors, &logs.history]
         .iter()
         .flat_map(|l| l.files.keys())
         .filter(|p| {

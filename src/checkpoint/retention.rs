@@ -121,12 +121,14 @@ pub async fn pass(
 ) -> Result<Pass, CheckpointError> {
     let mut out = Pass::default();
     let now_ms = now_us / 1000;
-    for t in Table::ALL {
+    for t in Table::EVERY {
         let state = logs.get_mut(t);
         if state.version.is_none() {
             continue;
         }
-        if let Some(r) = keep.retention_us {
+        // retention is for what the streams bring; the history is what a backfill fetched
+        // (it would fetch it again), kept whole
+        if let Some(r) = keep.retention_us.filter(|_| t != Table::History) {
             out.expired += expire(lake, t, state, now_us.saturating_sub(r), now_ms).await?;
         }
         out.vacuumed += vacuum(lake, state, now_ms.saturating_sub(keep.vacuum_after_ms)).await?;

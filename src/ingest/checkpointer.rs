@@ -15,7 +15,8 @@
 
 use crate::backoff::Backoff;
 use crate::catalog::Catalog;
-use crate::checkpoint::compact::{Replace, Submit, commit_replace};
+use crate::checkpoint::compact::{Replace, commit_replace};
+pub use crate::checkpoint::compact::{RewriteRequest, ToCommitter};
 use crate::checkpoint::delta::{self, CommitOutcome, Table};
 use crate::checkpoint::{Checkpoint, CheckpointError, Logs};
 use crate::model::{Cursor, SourceKind};
@@ -23,10 +24,9 @@ use crate::sink::lease::FenceError;
 use crate::sink::partition::LakeFile;
 use crate::sink::store::Lake;
 use crate::sink::store::StoreError;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 /// A position to store: the whole checkpoint and the cursor it carries for this source.
 pub type Request = Option<(Checkpoint, Cursor)>;
@@ -47,25 +47,6 @@ pub struct Committer {
     pub rewrites: Option<mpsc::Receiver<RewriteRequest>>,
 }
 
-/// A compactor's commit and where its answer goes.
-pub type RewriteRequest = (Replace, oneshot::Sender<Result<bool, CheckpointError>>);
-
-/// Hands the compactor's commits to the committer, which owns the log while ingest runs.
-pub struct ToCommitter(pub mpsc::Sender<RewriteRequest>);
-
-impl Submit for ToCommitter {
-    fn submit(&mut self, r: Replace) -> impl Future<Output = Result<bool, CheckpointError>> + Send {
-        let tx = self.0.clone();
-        async move {
-            let (reply, answer) = oneshot::channel();
-            tx.send((r, reply))
-                .await
-                .map_err(|_| CheckpointError::Stopped)?;
-            answer.await.map_err(|_| CheckpointError::Stopped)?
-        }
-    }
-}
-
 /// Commits a compactor's rewrite and shows it to the daemon's queries. After an error the
 /// logs are read again: a commit that landed although its reply was lost counts as landed.
 async fn commit_rewrite(c: &mut Committer, r: &Replace) -> Result<bool, CheckpointError> {
@@ -73,11 +54,7 @@ async fn commit_rewrite(c: &mut Committer, r: &Replace) -> Result<bool, Checkpoi
     let res = match res {
         Err(e) => match Logs::load(&c.lake).await {
             Ok(l) => {
-                let files = &l.get(r.table).files;
-                let landed = r.add.as_ref().is_some_and(|a| files.contains_key(&a.path))
-                    || (r.add.is_none()
-                        && !r.removes.is_empty()
-                        && r.removes.iter().all(|f| !files.contains_key(&f.path)));
+                let landed = r.landed(l.get(r.table));
                 c.logs = l;
                 if landed { Ok(true) } else { Err(e) }
             }
@@ -87,7 +64,8 @@ async fn commit_rewrite(c: &mut Committer, r: &Replace) -> Result<bool, Checkpoi
     };
     if let Ok(true) = res {
         let gone: Vec<String> = r.removes.iter().map(|f| f.path.clone()).collect();
-        c.catalog.replace_files(&gone, r.add.as_ref());
+        let added: Vec<LakeFile> = r.added().cloned().collect();
+        c.catalog.replace_files(&gone, &added);
     }
     res
 }
@@ -105,6 +83,7 @@ async fn maintain(c: &mut Committer) {
         .removed
         .keys()
         .chain(c.logs.errors.removed.keys())
+        .chain(c.logs.history.removed.keys())
         .cloned()
         .collect();
     c.catalog.remove_paths(&gone);
@@ -220,7 +199,7 @@ pub async fn run(
                             pending.retain(|f| match Table::of(f) {
                                 Some(Table::Events) => !l.events.files.contains_key(&f.path),
                                 Some(Table::Errors) => !l.errors.files.contains_key(&f.path),
-                                None => true,
+                                Some(Table::History) | None => true,
                             });
                             if let Some((v, _)) = l.events.txn(c.source)
                                 && let Ok(cur) = Cursor::try_new(c.source, v)

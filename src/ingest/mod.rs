@@ -119,6 +119,9 @@ pub struct IngestHandle {
     pub health: Arc<StorageHealth>,
     /// File progress (file input).
     pub progress: Option<Arc<FileProgress>>,
+    /// Commits for the committer, which owns the lake's logs while ingest runs (a daemon's
+    /// backfill commits its batches through it); `None` when nothing but ingest commits.
+    pub commits: Option<checkpointer::ToCommitter>,
     filters: watch::Sender<Filters>,
     shutdown: watch::Sender<bool>,
     abandon: watch::Sender<bool>,
@@ -358,17 +361,21 @@ pub async fn start_with_lake(
     ));
     let (cp_tx, cp_rx) = watch::channel(None);
     let (files_tx, files_rx) = mpsc::unbounded_channel();
-    let rewrites = if cfg.compaction.enabled || cfg.privacy.purge_deleted {
+    let backfills = cfg.backfill.enabled && matches!(input, Input::Network);
+    let (commits, rewrites) = if cfg.compaction.enabled || cfg.privacy.purge_deleted || backfills {
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(compactor::run(
-            lake.clone(),
-            compactor::Settings::from_config(&cfg),
-            checkpointer::ToCommitter(tx),
-            w.shutdown.1.clone(),
-        ));
-        Some(rx)
+        let commits = checkpointer::ToCommitter(tx);
+        if cfg.compaction.enabled || cfg.privacy.purge_deleted {
+            tokio::spawn(compactor::run(
+                lake.clone(),
+                compactor::Settings::from_config(&cfg),
+                commits.clone(),
+                w.shutdown.1.clone(),
+            ));
+        }
+        (Some(commits), Some(rx))
     } else {
-        None
+        (None, None)
     };
     let checkpoint_task = tokio::spawn(checkpointer::run(
         checkpointer::Committer {
@@ -441,6 +448,7 @@ pub async fn start_with_lake(
         source: kind,
         health,
         progress,
+        commits,
         filters: w.filters.0,
         shutdown: w.shutdown.0,
         abandon: w.abandon.0,

@@ -21,11 +21,22 @@ use std::time::{Duration, Instant};
 /// One backfilled row: (did, key) → (cid, rev, record JSON).
 type Rows = BTreeMap<(String, String), Vec<(String, String, serde_json::Value)>>;
 
-/// The repo rows of the lake (every `rp-` file, read directly) and the quarantine by reason.
+/// The repo rows of the lake (every `rp-` file its logs commit, read directly) and the
+/// quarantine by reason. Every backfill file left in the lake is committed.
 async fn read_rows(lake: &Lake) -> (Rows, BTreeMap<String, u64>) {
     let mut rows: Rows = BTreeMap::new();
     let mut errors = BTreeMap::new();
-    for f in atlake::checkpoint::list_files(lake).await.unwrap() {
+    let (committed, _) = atlake::checkpoint::lake_state(lake).await.unwrap();
+    let listed = atlake::checkpoint::list_files(lake).await.unwrap();
+    let paths = |v: &[atlake::sink::partition::LakeFile]| -> Vec<String> {
+        v.iter().map(|f| f.path.clone()).collect()
+    };
+    assert_eq!(
+        paths(&committed),
+        paths(&listed),
+        "every file in the lake is named by its table's log"
+    );
+    for f in committed {
         let bytes = lake.get(&f.path).await.unwrap().unwrap();
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
             .unwrap()
@@ -212,7 +223,79 @@ async fn every_record_of_every_repo_once_with_faults_and_a_second_run() {
     assert!((3..=9).contains(&fetched), "{fetched} getRepo calls");
     let (rows2, _) = read_rows(&lake).await;
     assert_eq!(rows2, rows);
+    // the history and the quarantine are Delta tables: other engines read the same rows
+    let Some(py) = crate::tools::python_with(&["deltalake", "polars"]) else {
+        return missing("python3 with deltalake and polars");
+    };
+    let out = crate::tools::run_python(&py, HISTORY_READERS, &[&url]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut want_by: BTreeMap<String, u64> = BTreeMap::new();
+    for (_, key) in rows.keys() {
+        let coll = key.split('/').next().unwrap().to_string();
+        *want_by.entry(coll).or_insert(0) += 1;
+    }
+    for reader in ["delta", "polars_delta"] {
+        let got: BTreeMap<String, u64> =
+            serde_json::from_value(v[reader].clone()).unwrap_or_else(|e| panic!("{reader}: {e}"));
+        assert_eq!(
+            got, want_by,
+            "{reader}: rows per collection of the history table"
+        );
+    }
+    let mut twice = want.clone();
+    twice.values_mut().for_each(|n| *n *= 2);
+    let got: BTreeMap<String, u64> = serde_json::from_value(v["errors"].clone()).unwrap();
+    assert_eq!(
+        got, twice,
+        "the quarantine table holds both runs' broken repos, by reason"
+    );
+    assert_eq!(v["origin"], serde_json::json!(["repo"]));
+    let (progress, _, _) = atlake::backfill::progress::Progress::recover(&lake)
+        .await
+        .unwrap();
+    assert!(progress.last_batch.is_some());
+    assert_eq!(
+        v["txn"].as_i64(),
+        progress.last_batch,
+        "the history's txn is the last committed batch"
+    );
 }
+
+/// Reads the `history` and `_errors` Delta tables with the `deltalake` package and Polars:
+/// rows per collection, the quarantine's repo rows by reason, the backfill's `txn`.
+const HISTORY_READERS: &str = r#"
+import sys, json, deltalake, polars as pl
+lake = sys.argv[1]
+h = deltalake.DeltaTable(lake + "/history")
+t = h.to_pyarrow_table(columns=["collection", "origin"])
+by = {}
+for c in t.column("collection").to_pylist():
+    by[c] = by.get(c, 0) + 1
+p = pl.scan_delta(lake + "/history").group_by("collection").len().collect()
+e = deltalake.DeltaTable(lake + "/_errors").to_pyarrow_table(columns=["source", "reason"])
+reasons = {}
+for s, r in zip(e.column("source").to_pylist(), e.column("reason").to_pylist()):
+    if s == "repo":
+        reasons[r] = reasons.get(r, 0) + 1
+txn = None
+for entry in h.transaction_versions().values() if hasattr(h, "transaction_versions") else []:
+    if entry.app_id == "atlake.backfill":
+        txn = entry.version
+if txn is None:
+    import glob
+    for path in sorted(glob.glob(lake + "/history/_delta_log/*.json")):
+        for line in open(path):
+            a = json.loads(line)
+            if "txn" in a and a["txn"]["appId"] == "atlake.backfill":
+                txn = a["txn"]["version"]
+print(json.dumps({
+    "delta": by,
+    "polars_delta": {r[0]: r[1] for r in p.iter_rows()},
+    "errors": reasons,
+    "origin": sorted(set(t.column("origin").to_pylist())),
+    "txn": txn,
+}))
+"#;
 
 /// `--dids` takes only those repos.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

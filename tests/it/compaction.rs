@@ -575,6 +575,148 @@ async fn purge_leaves_no_trace_of_deleted_records_and_accounts() {
     assert_eq!(n, 5, "alice's five kept posts");
 }
 
+/// The purge reaches the backfilled history: after `atlake backfill` from the simulator's
+/// sync endpoints, live deletes of two records of one account and the deletion of another
+/// account are ingested; compaction's purge and a vacuum then leave none of their cids in any
+/// Parquet file of the lake (DuckDB, file by file), keep every other record's, and the history
+/// table's log names the rewritten files, not the old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_reaches_the_backfilled_history() {
+    use atlake::simulate::sync::{SyncSim, SyncSimConfig};
+    let Some(py) = crate::tools::python_with(&["duckdb"]) else {
+        return crate::tools::missing("python3 with duckdb");
+    };
+    let sim = SyncSim::start(SyncSimConfig {
+        accounts: 6,
+        records: 12,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lake_dir = dir.path().join("lake");
+    let out = Command::new(atlake_bin())
+        .args([
+            "backfill", "--relay", &sim.relay, "--plc", &sim.plc, "--lake",
+        ])
+        .arg(&lake_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut truth = sim.truth();
+    truth.sort_by_key(|t| std::cmp::Reverse(t.records.len()));
+    let (alice, bob) = (&truth[0], &truth[1]);
+    assert!(alice.records.len() >= 3 && !bob.records.is_empty());
+    let history_before = delta::load(
+        &Lake::open(lake_dir.to_str().unwrap()).unwrap(),
+        Table::History,
+    )
+    .await
+    .unwrap();
+    assert!(
+        !history_before.files.is_empty(),
+        "the backfill committed its files to the history log"
+    );
+    // live: two of alice's records deleted, bob's account deleted
+    let now = atlake::model::cursor::now_us();
+    let mut lines = Vec::new();
+    let mut gone = Vec::new();
+    let mut kept = Vec::new();
+    for (i, (key, (cid, _))) in alice.records.iter().enumerate() {
+        if i < 2 {
+            let (coll, rkey) = key.split_once('/').unwrap();
+            lines.push(
+                serde_json::json!({"did": alice.did, "time_us": now + i as i64, "kind": "commit",
+                    "commit": {"rev": "3mpt7ukd22222", "operation": "delete", "collection": coll,
+                    "rkey": rkey}})
+                .to_string(),
+            );
+            gone.push(cid.clone());
+        } else {
+            kept.push(cid.clone());
+        }
+    }
+    gone.extend(bob.records.values().map(|(cid, _)| cid.clone()));
+    lines.push(
+        serde_json::json!({"did": bob.did, "time_us": now + 10, "kind": "account", "account": {
+            "active": false, "status": "deleted", "did": bob.did, "seq": 9,
+            "time": atlake::syntax::format_datetime_ms(now)}})
+        .to_string(),
+    );
+    for t in &truth[2..] {
+        kept.extend(t.records.values().map(|(cid, _)| cid.clone()));
+    }
+    let input = dir.path().join("live.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let out = Command::new(atlake_bin())
+        .args(["ingest", "--input", input.to_str().unwrap(), "--lake"])
+        .arg(&lake_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = lake_dir.to_str().unwrap();
+    let all = || crate::tools::run_python(&py, EXPORTED_ROWS, &[l, "parquet"]);
+    let before = all();
+    for c in gone.iter().chain(&kept) {
+        assert!(
+            before.contains(c.as_str()),
+            "{c} is in the lake before the purge"
+        );
+    }
+    let env = [
+        ("ATLAKE_LAKE_VACUUM_RETENTION", "2s"),
+        ("ATLAKE_SERVER_QUERY_TIMEOUT", "1s"),
+    ];
+    let out = compact(&lake_dir, &["--purge"], &env);
+    assert!(out.contains("purge scan ran"), "{out}");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    compact(&lake_dir, &[], &env);
+    let after = all();
+    for c in &gone {
+        assert!(
+            !after.contains(c.as_str()),
+            "{c} is still in a file of the lake"
+        );
+    }
+    for c in &kept {
+        assert!(
+            after.contains(c.as_str()),
+            "{c} was not deleted but is gone"
+        );
+    }
+    let history = delta::load(&Lake::open(l).unwrap(), Table::History)
+        .await
+        .unwrap();
+    let replaced = history_before
+        .files
+        .keys()
+        .filter(|p| !history.files.contains_key(*p))
+        .count();
+    assert!(
+        replaced >= 1,
+        "the purge rewrote history files in the history log"
+    );
+    for p in history.files.keys() {
+        assert!(
+            lake_dir.join(p).exists(),
+            "{p} is committed and in the lake"
+        );
+    }
+    assert_eq!(
+        history.backfill_batch(),
+        history_before.backfill_batch(),
+        "the purge leaves the backfill's txn as it was"
+    );
+}
+
 /// Every row of every file under a directory (a lake's data files of both tables, whatever
 /// their schema, or an export in any format), as text.
 const EXPORTED_ROWS: &str = r#"

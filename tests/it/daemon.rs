@@ -378,6 +378,24 @@ async fn run_with_backfill_lands_history_beside_the_live_stream() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     sim.stop();
+    // the daemon's committer committed the backfill's files to the history table's log:
+    // every history file in the lake, with every record, and the backfill's batch as its txn
+    let lake = atlake::sink::store::Lake::open(dir.path().join("lake").to_str().unwrap()).unwrap();
+    let history = atlake::checkpoint::delta::load(&lake, atlake::checkpoint::delta::Table::History)
+        .await
+        .unwrap();
+    let listed: Vec<String> = atlake::checkpoint::list_files(&lake)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|f| f.path.starts_with("history/"))
+        .map(|f| f.path)
+        .collect();
+    assert!(!listed.is_empty());
+    assert_eq!(history.files.keys().cloned().collect::<Vec<_>>(), listed);
+    let rows: u64 = history.files.values().map(|f| f.rows.unwrap()).sum();
+    assert_eq!(rows, records, "the log's row counts");
+    assert!(history.backfill_batch().is_some());
 }
 
 /// A live simulator at 200 messages/s and the sync endpoints of 40 repos of 30 records.
