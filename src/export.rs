@@ -1,9 +1,10 @@
 //! `atlake export`: a slice of the lake as files another tool can take away.
 //!
-//! Events (the default) are read from the committed snapshot, one file at a time and one batch
-//! at a time (memory: a batch, and the deletion facts), filtered by collection and time, and
-//! written to `DEST` in the lake's own layout (`events/collection_partition=…/date=…/hour=…/`),
-//! one output file per input file, as Parquet, NDJSON or CSV. Whatever the format, a record
+//! Events (the default) and the backfilled history are read from the committed snapshot, one
+//! file at a time and one batch at a time (memory: a batch, and the deletion facts), filtered by
+//! collection and time, and written to `DEST` in the lake's own layout
+//! (`events/collection_partition=…/date=…/hour=…/`, `history/collection=…/month=…/`), one
+//! output file per input file, as Parquet, NDJSON or CSV. Whatever the format, a record
 //! deleted before the export is not in it: the same facts as the purge
 //! ([`crate::checkpoint::compact`]) are applied to every row (a deleted record's content is
 //! null, a deleted account's rows are left out), whether or not the lake was purged yet.
@@ -194,12 +195,13 @@ pub async fn run(
     if slice.current {
         return export_current(lake, dest, slice, progress).await;
     }
+    use crate::checkpoint::delta::Table;
     let (files, _) = crate::checkpoint::lake_state(lake).await?;
+    // the live events and the backfilled history: one slice covers both, as one query does
     let files: Vec<LakeFile> = files
         .into_iter()
         .filter(|f| {
-            crate::checkpoint::delta::Table::of(f) == Some(crate::checkpoint::delta::Table::Events)
-                && wanted(f, slice)
+            matches!(Table::of(f), Some(Table::Events | Table::History)) && wanted(f, slice)
         })
         .collect();
     // every deletion the lake knows, applied whatever the lake's purge has done so far

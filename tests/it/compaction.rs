@@ -671,6 +671,28 @@ async fn purge_reaches_the_backfilled_history() {
             "{c} is in the lake before the purge"
         );
     }
+    // an export, before any purge, holds the history without what was deleted
+    let export = dir.path().join("export");
+    let out = Command::new(atlake_bin())
+        .args(["export", "--lake", l, "--format", "ndjson", "--to"])
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut exported = String::new();
+    for e in walkdir(&export.join("history")) {
+        exported.push_str(&std::fs::read_to_string(e).unwrap());
+    }
+    for c in &gone {
+        assert!(!exported.contains(c.as_str()), "{c} is in the export");
+    }
+    for c in &kept {
+        assert!(exported.contains(c.as_str()), "{c} is not in the export");
+    }
     let env = [
         ("ATLAKE_LAKE_VACUUM_RETENTION", "2s"),
         ("ATLAKE_SERVER_QUERY_TIMEOUT", "1s"),
@@ -715,6 +737,20 @@ async fn purge_reaches_the_backfilled_history() {
         history_before.backfill_batch(),
         "the purge leaves the backfill's txn as it was"
     );
+}
+
+/// Every file under `dir`, recursively.
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// Every row of every file under a directory (a lake's data files of both tables, whatever
