@@ -8,10 +8,11 @@
 //! ([`recover`]), and readers read them as they are.
 //!
 //! **Recovery**: committed files may hold events beyond `C` (partitions flush independently).
-//! On start we read both tables' logs, remove temporary leftovers and data files no commit
-//! names (written by a process that died before committing them: their events are beyond `C`
-//! and come again), and read the dedupe keys of every committed row beyond `C` (minus the
-//! Jetstream rewind) from the files themselves. The stream is resumed from `C`; a replayed
+//! On start we read the tables' logs (not a listing of the lake) and read the dedupe keys of
+//! every committed row beyond `C` (minus the Jetstream rewind) from the files themselves. Beside
+//! the writer, a [`sweep`] then lists the lake and removes temporary leftovers and data files no
+//! commit names (written by a process that died before committing them: their events are beyond
+//! `C` and come again), never one this process has written. The stream is resumed from `C`; a replayed
 //! event whose key is already durable is skipped. Nothing depends on which partition an event
 //! landed in, so the `_other` routing (which depends on what was open) cannot cause
 //! duplicates.
@@ -239,10 +240,6 @@ pub struct Recovery {
     pub durable_keys: HashSet<EventKey>,
     /// Highest cursor among this source's files.
     pub durable_high: Option<Cursor>,
-    /// Temporary files removed.
-    pub temp_removed: usize,
-    /// Data files that no commit names, removed.
-    pub uncommitted_removed: usize,
     /// Tables converted from the lake format before the Delta log.
     pub converted: usize,
     /// Files read for keys.
@@ -402,18 +399,13 @@ async fn convert(
     }
 }
 
-/// The lake as a writer finds it, made consistent: both logs (an older lake converted), and
-/// the committed files; leftovers of interrupted writes and data files no commit names are
-/// removed. The caller holds the lake's writer lease.
+/// The lake as a writer finds it, from its logs (an older lake converted): the committed
+/// files. What interrupted writers left is removed by a [`sweep`] after it.
 pub struct Settled {
     /// The tables' logs.
     pub logs: Logs,
     /// Committed files (and backfilled history), with the log's row counts.
     pub files: Vec<LakeFile>,
-    /// Temporary files removed.
-    pub temp_removed: usize,
-    /// Data files no commit named, removed.
-    pub uncommitted_removed: usize,
     /// Tables converted from a lake without a log.
     pub converted: usize,
 }
@@ -421,17 +413,18 @@ pub struct Settled {
 /// A log with this many files and no checkpoint gets one at start.
 const CHECKPOINT_FILES: usize = 1000;
 
-/// Reads and settles the lake (see [`Settled`]); a committed file missing from storage is an
-/// error.
+/// Reads and settles the lake (see [`Settled`]) from its logs, without listing it: only a
+/// table without a log (a lake from before the log) is listed, to be converted. From here until
+/// a [`sweep`] ends, this process's writes are noted, so that the sweep leaves them alone.
 pub async fn settle(lake: &Lake) -> Result<Settled, CheckpointError> {
-    let temp_removed = lake.remove_temp_files().await?;
+    lake.track_writes();
     let mut logs = Logs::load(lake).await?;
-    let listed = list_files(lake).await?;
     let mut converted = 0;
     if logs.events.version.is_none() || logs.errors.version.is_none() {
         let legacy = Checkpoint::load_legacy(lake).await?;
         for t in delta::Table::ALL {
             if logs.get_mut(t).version.is_none() {
+                let listed = list_dir(lake, t.root()).await?;
                 *logs.get_mut(t) = convert(lake, t, &listed, legacy.as_ref()).await?;
                 converted += 1;
             }
@@ -449,65 +442,119 @@ pub async fn settle(lake: &Lake) -> Result<Settled, CheckpointError> {
     if lake.get(&checkpoint_path()).await?.is_some() {
         lake.delete(&checkpoint_path()).await?;
     }
-    let mut files = Vec::new();
-    let mut uncommitted_removed = 0;
-    // the backfill commits its batch record first and its files to the logs after; the files
-    // of a batch the history log does not name yet are its recovery's to commit or remove
-    let history = logs.history.version.is_some();
-    let backfilled = logs.history.backfill_batch();
-    for f in listed {
-        let Some(t) = delta::Table::of(&f) else {
-            continue;
-        };
-        let log = logs.get(t);
-        let pending = f.name.source() == SourceKind::Repo
-            && (!history || backfilled.is_none_or(|b| f.name.first().value() > b));
-        if log.files.contains_key(&f.path) {
-            files.push(f);
-        } else if t == delta::Table::History && !history {
-            // a history no backfill has given a log yet: its files are what is there
-            files.push(f);
-        } else if pending || log.removed.contains_key(&f.path) {
-            continue;
-        } else {
-            tracing::info!(path = %f.path, "removing a data file no commit names (its events come again)");
-            lake.delete(&f.path).await?;
-            uncommitted_removed += 1;
-        }
-    }
-    // committed files whose size the log knows better than a listing (rows, too)
-    for f in files.iter_mut() {
-        let Some(t) = delta::Table::of(f) else {
-            continue;
-        };
-        if let Some(c) = logs.get(t).files.get(&f.path) {
-            f.rows = c.rows;
-        }
-    }
-    let missing: Vec<&String> = [&logs.events, &logs.errors, &logs.history]
+    let mut files: Vec<LakeFile> = delta::Table::ALL
         .iter()
-        .flat_map(|l| l.files.keys())
-        .filter(|p| {
-            files
-                .binary_search_by(|f| f.path.as_str().cmp(p.as_str()))
-                .is_err()
-        })
+        .flat_map(|t| logs.get(*t).files.values().cloned())
         .collect();
-    if let Some(p) = missing.first() {
-        return Err(CheckpointError::File {
-            path: (*p).clone(),
-            message: format!(
-                "committed in the log but not in the lake ({} such files)",
-                missing.len()
-            ),
-        });
+    if logs.history.version.is_some() {
+        files.extend(logs.history.files.values().cloned());
+    } else {
+        // a history no backfill has given a log yet: its files are what is there
+        files.extend(list_dir(lake, crate::sink::partition::HISTORY_DIR).await?);
     }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Settled {
         logs,
         files,
-        temp_removed,
-        uncommitted_removed,
         converted,
+    })
+}
+
+/// What a [`sweep`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Temporary files of interrupted writes removed.
+    pub temp_removed: usize,
+    /// Data files no commit names removed (their events come again from the stream).
+    pub uncommitted_removed: usize,
+    /// Files a log names that are not in storage (a broken invariant: logged and counted).
+    pub missing: usize,
+}
+
+/// Removes what writers that died left in the lake: temporary files, and data files that no
+/// commit names. It runs after [`settle`], under the same lease, beside the writer (a start
+/// does not wait for a listing of the whole lake): what this process writes meanwhile is never
+/// removed ([`Lake::delete_unless_written`]), and files of a backfill batch that the history's
+/// log does not name yet are the backfill's to commit. A file a log names that is not in
+/// storage is logged and counted as a broken invariant. Ends the tracking of writes that
+/// [`settle`] began.
+pub async fn sweep(lake: &Lake) -> Result<Swept, CheckpointError> {
+    let r = sweep_lake(lake).await;
+    lake.stop_tracking().await;
+    r
+}
+
+async fn sweep_lake(lake: &Lake) -> Result<Swept, CheckpointError> {
+    let started = std::time::Instant::now();
+    let mut out = Swept {
+        temp_removed: lake.remove_temp_files().await?,
+        ..Default::default()
+    };
+    // the logs first, then the listing: a listed file that the logs do not name was left by a
+    // dead writer, or written by this process since (noted, and kept); a file the logs name is
+    // in storage before it is committed, and only a vacuum (of files removed an hour or more
+    // ago) deletes one
+    let logs = Logs::load(lake).await?;
+    let listed = list_files(lake).await?;
+    let history = logs.history.version.is_some();
+    let backfilled = logs.history.backfill_batch();
+    for f in &listed {
+        let Some(t) = delta::Table::of(f) else {
+            continue;
+        };
+        let log = logs.get(t);
+        if log.files.contains_key(&f.path) || log.removed.contains_key(&f.path) {
+            continue;
+        }
+        // a history without a log is what is there; the files of a batch the history's log
+        // does not name yet are the backfill's (its record comes first, its commits after)
+        let pending = f.name.source() == SourceKind::Repo
+            && (!history || backfilled.is_none_or(|b| f.name.first().value() > b));
+        if (t == delta::Table::History && !history) || pending {
+            continue;
+        }
+        if lake.delete_unless_written(&f.path).await? {
+            tracing::info!(path = %f.path, "removed a data file no commit names (its events come again)");
+            out.uncommitted_removed += 1;
+        }
+    }
+    let present: HashSet<&str> = listed.iter().map(|f| f.path.as_str()).collect();
+    let missing: Vec<&String> = delta::Table::EVERY
+        .iter()
+        .flat_map(|t| logs.get(*t).files.keys())
+        .filter(|p| !present.contains(p.as_str()))
+        .collect();
+    out.missing = missing.len();
+    if let Some(first) = missing.first() {
+        metrics::counter!("atlake_broken_invariants_total").increment(missing.len() as u64);
+        tracing::error!(
+            count = missing.len(),
+            first = %first,
+            "files committed in the lake's logs are not in storage: queries that read them fail"
+        );
+    }
+    tracing::info!(
+        listed = listed.len(),
+        temp_removed = out.temp_removed,
+        uncommitted_removed = out.uncommitted_removed,
+        took = ?started.elapsed(),
+        "swept the lake of what interrupted writers left"
+    );
+    Ok(out)
+}
+
+/// Runs [`sweep`] in the background; a failure is logged and counted (the next start sweeps
+/// again).
+pub fn spawn_sweep(lake: Lake) -> tokio::task::JoinHandle<Option<Swept>> {
+    tokio::spawn(async move {
+        match sweep(&lake).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                metrics::counter!("atlake_storage_errors_total", "kind" => "sweep").increment(1);
+                tracing::warn!(error = %e, "sweeping the lake failed; the next start sweeps again");
+                None
+            }
+        }
     })
 }
 
@@ -524,8 +571,6 @@ pub async fn recover(
     let Settled {
         logs,
         files,
-        temp_removed,
-        uncommitted_removed,
         converted,
     } = settle(lake).await?;
     let checkpoint = Checkpoint::from_log(&logs.events)?;
@@ -551,8 +596,6 @@ pub async fn recover(
         files,
         durable_keys,
         durable_high,
-        temp_removed,
-        uncommitted_removed,
         converted,
         files_scanned,
         logs,
@@ -655,7 +698,7 @@ async fn read_keys(
         .await?
         .ok_or_else(|| CheckpointError::File {
             path: f.path.clone(),
-            message: "listed but missing".into(),
+            message: "committed in the log but not in the lake".into(),
         })?;
     let ferr = |e: &dyn std::fmt::Display| CheckpointError::File {
         path: f.path.clone(),
@@ -962,11 +1005,19 @@ mod tests {
             .path()
             .join("events/collection_partition=app.bsky.feed.like/date=2026-07-04/hour=14");
         std::fs::create_dir_all(&part).unwrap();
-        std::fs::write(part.join(".fh-1-2-00000000.parquet.123.tmp"), b"partial").unwrap();
+        // a dead writer's temporary file, and one of this process's writes under way
+        let dead = format!(".fh-1-2-00000000.parquet.{}.tmp", std::process::id() + 1);
+        let own = format!(".fh-3-4-00000000.parquet.{}.tmp", std::process::id());
+        std::fs::write(part.join(&dead), b"partial").unwrap();
+        std::fs::write(part.join(&own), b"partial").unwrap();
         std::fs::write(part.join("notes.txt"), b"not a data file").unwrap();
         let r = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
-        assert_eq!(r.temp_removed, 1);
-        assert!(!part.join(".fh-1-2-00000000.parquet.123.tmp").exists());
+        assert!(part.join(&dead).exists(), "recovery does not list the lake");
+        let s = sweep(&lake).await.unwrap();
+        assert_eq!(s.temp_removed, 1);
+        assert!(!part.join(&dead).exists());
+        assert!(part.join(&own).exists());
+        assert!(part.join("notes.txt").exists());
         assert!(r.files.iter().all(|f| f.path.ends_with(".parquet")));
         assert_eq!(
             r.durable_keys,
@@ -998,7 +1049,7 @@ mod tests {
 
         let r = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
         assert_eq!(r.converted, 2);
-        assert_eq!(r.uncommitted_removed, 0);
+        assert_eq!(sweep(&lake).await.unwrap().uncommitted_removed, 0);
         assert_eq!(r.files.len(), listed.len());
         assert_eq!(r.resume_cursor, Cursor::seq(c).ok());
         assert!(lake.get(&checkpoint_path()).await.unwrap().is_none());
@@ -1075,21 +1126,38 @@ mod tests {
     }
 
     /// A data file no commit names was written by a process that died before committing it:
-    /// recovery removes it (its events come again) and reads no keys from it. A file the log
-    /// names that is not in the lake is an error, not a smaller table.
+    /// recovery reads no keys from it, and the sweep beside the writer removes it (its events
+    /// come again), unless this process has written that path since (a file's name is its
+    /// content's: the same events written again have the same name). A file the log names that
+    /// is not in the lake is counted, not taken for a smaller table.
     #[tokio::test]
-    async fn uncommitted_files_are_removed_and_missing_committed_ones_refused() {
+    async fn uncommitted_files_are_swept_unless_written_again_and_missing_ones_counted() {
         let evs = events(120);
         let lake = Lake::open("memory://").unwrap();
         recover(&lake, SourceKind::Firehose, 0).await.unwrap();
+        sweep(&lake).await.unwrap();
         write(&lake, SourceKind::Firehose, jobs_of(&evs)).await;
         let written = list_files(&lake).await.unwrap();
-        assert!(!written.is_empty());
+        assert!(written.len() >= 2);
         let r = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
-        assert_eq!(r.uncommitted_removed, written.len());
         assert!(r.files.is_empty());
         assert!(r.durable_keys.is_empty());
-        assert!(list_files(&lake).await.unwrap().is_empty());
+        assert_eq!(list_files(&lake).await.unwrap().len(), written.len());
+        // this process writes one of the paths again before the sweep reaches it
+        lake.put_atomic(&written[0].path, bytes::Bytes::from_static(b"again"))
+            .await
+            .unwrap();
+        let s = sweep(&lake).await.unwrap();
+        assert_eq!(s.uncommitted_removed, written.len() - 1);
+        let left = list_files(&lake).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].path, written[0].path);
+        lake.delete(&written[0].path).await.unwrap();
+        // after the sweep nothing is tracked: a later sweep removes what is uncommitted
+        lake.put_atomic(&written[0].path, bytes::Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert_eq!(sweep(&lake).await.unwrap().uncommitted_removed, 1);
 
         // committed, then lost from storage
         write(&lake, SourceKind::Firehose, jobs_of(&evs)).await;
@@ -1111,14 +1179,18 @@ mod tests {
         .unwrap();
         let r = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
         assert_eq!(r.files.len(), files.len());
-        assert_eq!(r.uncommitted_removed, 0);
         assert_eq!(r.durable_keys.len(), evs.len());
-        lake.delete(&files[0].path).await.unwrap();
+        assert_eq!(sweep(&lake).await.unwrap(), Swept::default());
+        lake.delete(&files[1].path).await.unwrap();
+        // recovery needs its keys (no cursor: every file is read): an error
         let e = recover(&lake, SourceKind::Firehose, 0).await.unwrap_err();
         assert!(
             e.to_string()
                 .contains("committed in the log but not in the lake"),
             "{e}"
         );
+        let s = sweep(&lake).await.unwrap();
+        assert_eq!(s.missing, 1);
+        assert_eq!(s.uncommitted_removed, 0);
     }
 }

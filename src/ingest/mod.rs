@@ -240,8 +240,6 @@ async fn lease_and_recover(
         files = rec.files.len(),
         durable_keys = rec.durable_keys.len(),
         scanned = rec.files_scanned,
-        temp_removed = rec.temp_removed,
-        uncommitted_removed = rec.uncommitted_removed,
         converted = rec.converted,
         took = ?started.elapsed(),
         "recovered lake state"
@@ -321,6 +319,8 @@ pub async fn start_with_lake(
     let rewind = rewind_us(&cfg, kind, &input);
     let filters = Filters::try_new(cfg.source.collections.clone(), cfg.source.dids.clone())?;
     let (lease, lake, mut rec) = lease_and_recover(&cfg, &lake, kind, rewind).await?;
+    // what dead writers left goes beside the pipeline, not before it
+    let sweep = crate::checkpoint::spawn_sweep(lake.clone());
     if rec.resume_cursor.is_none()
         && let (Input::Network, Some(c)) = (&input, cfg.source.start_cursor)
     {
@@ -430,6 +430,8 @@ pub async fn start_with_lake(
         writer: writer_task,
         checkpoint: checkpoint_task,
         lease,
+        sweep,
+        finish_sweep: matches!(input, Input::File(_)),
     };
     pipeline::spawn_decode_thread(
         state,

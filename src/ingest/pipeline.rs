@@ -77,6 +77,11 @@ pub(super) struct Tasks {
     pub writer: tokio::task::JoinHandle<()>,
     pub checkpoint: tokio::task::JoinHandle<Option<Cursor>>,
     pub lease: Lease,
+    /// The sweep of what dead writers left, beside the pipeline.
+    pub sweep: tokio::task::JoinHandle<Option<crate::checkpoint::Swept>>,
+    /// Whether the end waits for the sweep (a file's ingest, which leaves the lake tidy) or
+    /// stops it (a daemon's shutdown: the next start sweeps again).
+    pub finish_sweep: bool,
 }
 
 /// The loop's channels.
@@ -124,9 +129,11 @@ async fn finish(r: Result<Summary, IngestError>, t: Tasks) -> Result<Summary, In
         t.source.abort();
         t.writer.abort();
         t.checkpoint.abort();
+        t.sweep.abort();
         let _ = t.source.await;
         let _ = t.writer.await;
         let _ = t.checkpoint.await;
+        let _ = t.sweep.await;
         t.lease.release().await;
         return r;
     }
@@ -135,6 +142,11 @@ async fn finish(r: Result<Summary, IngestError>, t: Tasks) -> Result<Summary, In
     let writer = t.writer.await;
     let written = t.checkpoint.await;
     let src = t.source.await;
+    if !t.finish_sweep {
+        t.sweep.abort();
+    }
+    // a sweep that failed was logged and counted; an aborted one is done at the next start
+    let _ = t.sweep.await;
     t.lease.release().await;
     let mut s = r?;
     writer.map_err(|e| IngestError::Broken(format!("the writer task failed: {e}")))?;
@@ -592,6 +604,8 @@ mod tests {
             writer: tokio::spawn(async {}),
             checkpoint,
             lease,
+            sweep: tokio::spawn(async { None }),
+            finish_sweep: true,
         }
     }
 

@@ -117,6 +117,17 @@ pub struct Lake {
     location: LakeLocation,
     /// Writes check this first (set once the writer lease is held).
     fence: Option<Fence>,
+    /// Paths this process writes while a sweep of leftovers runs (shared by every clone).
+    writes: Arc<Writes>,
+}
+
+/// The paths written while a sweep runs: the sweep never deletes one of them, and a write of a
+/// path waits for a deletion of it under way, so a leftover of a dead writer that this process
+/// writes again (a file's name is its content's) is never deleted after it was written.
+#[derive(Debug, Default)]
+struct Writes {
+    on: std::sync::atomic::AtomicBool,
+    paths: tokio::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn s3_store(bucket: &str, env: &[(String, String)]) -> Result<Arc<dyn ObjectStore>, StoreError> {
@@ -181,6 +192,7 @@ impl Lake {
                     url: url.to_string(),
                     location,
                     fence: None,
+                    writes: Arc::default(),
                 })
             }
             LakeLocation::S3 { bucket, prefix } => Ok(Lake {
@@ -190,6 +202,7 @@ impl Lake {
                 url: url.to_string(),
                 location,
                 fence: None,
+                writes: Arc::default(),
             }),
             LakeLocation::Memory => Ok(Lake {
                 store: Arc::new(object_store::memory::InMemory::new()),
@@ -198,6 +211,7 @@ impl Lake {
                 url: url.to_string(),
                 location,
                 fence: None,
+                writes: Arc::default(),
             }),
         }
     }
@@ -273,7 +287,45 @@ impl Lake {
 
     /// Writes `data` at `rel` atomically and durably.
     pub async fn put_atomic(&self, rel: &str, data: Bytes) -> Result<(), StoreError> {
+        self.record(rel).await;
         self.guarded(self.put_atomic_unfenced(rel, data)).await
+    }
+
+    /// Notes a path about to be written while a sweep runs (waiting for a deletion of it under
+    /// way).
+    async fn record(&self, rel: &str) {
+        use std::sync::atomic::Ordering;
+        if self.writes.on.load(Ordering::Acquire) {
+            self.writes.paths.lock().await.insert(rel.to_string());
+        }
+    }
+
+    /// From now until [`Lake::stop_tracking`], every path written through this lake (or a
+    /// clone) is noted, for [`Lake::delete_unless_written`]. Set before anything is written.
+    pub fn track_writes(&self) {
+        self.writes
+            .on
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Ends [`Lake::track_writes`] and forgets the paths noted.
+    pub async fn stop_tracking(&self) {
+        self.writes
+            .on
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.writes.paths.lock().await.clear();
+    }
+
+    /// Deletes `rel` unless this process wrote it since [`Lake::track_writes`]; a write of it
+    /// that starts meanwhile waits until the deletion is done. `true` if it was deleted.
+    pub async fn delete_unless_written(&self, rel: &str) -> Result<bool, StoreError> {
+        let written = self.writes.paths.lock().await;
+        if written.contains(rel) {
+            return Ok(false);
+        }
+        self.delete(rel).await?;
+        drop(written);
+        Ok(true)
     }
 
     async fn put_atomic_unfenced(&self, rel: &str, data: Bytes) -> Result<(), StoreError> {
@@ -298,6 +350,7 @@ impl Lake {
     where
         F: FnOnce(&mut (dyn std::io::Write + Send)) -> std::io::Result<()> + Send + 'static,
     {
+        self.record(rel).await;
         self.guarded(self.put_with_unfenced(rel, produce)).await
     }
 
@@ -344,6 +397,7 @@ impl Lake {
     /// place (a link never replaces a file); object stores use a conditional put
     /// (`If-None-Match: *`). Commits of the Delta log are made this way.
     pub async fn put_new(&self, rel: &str, data: Bytes) -> Result<bool, StoreError> {
+        self.record(rel).await;
         self.guarded(async {
             match &self.local_root {
                 Some(root) => {
@@ -436,7 +490,7 @@ impl Lake {
 
     /// Removes leftover temporary files of interrupted local writes; returns how many. Only a
     /// writer that holds the lake's lease may call this (the lease guarantees no other live
-    /// process is writing them).
+    /// process is writing them); this process's own (named with its pid) are left alone.
     pub async fn remove_temp_files(&self) -> Result<usize, StoreError> {
         let Some(root) = self.local_root.clone() else {
             return Ok(0);
@@ -570,6 +624,7 @@ fn write_local_new(root: &Path, rel: &str, data: &[u8]) -> Result<bool, StoreErr
 }
 
 fn remove_temps(root: &Path) -> Result<usize, StoreError> {
+    let own = format!(".{}.tmp", std::process::id());
     let mut removed = 0;
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -587,6 +642,7 @@ fn remove_temps(root: &Path) -> Result<usize, StoreError> {
             } else if let Some(name) = path.file_name().and_then(|n| n.to_str())
                 && name.starts_with('.')
                 && name.ends_with(".tmp")
+                && !name.ends_with(&own)
             {
                 std::fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
                 removed += 1;
