@@ -866,6 +866,25 @@ mod tests {
         }
     }
 
+    /// The record of `batch` finishing `per` new repos (DIDs shaped as the network's), the
+    /// next of them numbered `*repo`.
+    fn finishing(batch: i64, per: usize, repo: &mut usize) -> BatchRecord {
+        let mut r = rec(batch);
+        for _ in 0..per {
+            r.done.push(RepoDone {
+                did: measured_did(*repo),
+                rev: Some(tid_text((1_700_000_000_000_000 + *repo as u64) << 10)),
+                records: 1,
+                live: Vec::new(),
+                data: None,
+                reset: false,
+            });
+            *repo += 1;
+        }
+        r.rows = per as u64;
+        r
+    }
+
     /// The last record naming a repo decides its state; a failure keeps what a partial wrote.
     #[test]
     fn the_last_record_decides() {
@@ -1357,20 +1376,7 @@ mod tests {
             let mut recs = Vec::new();
             for _ in 0..COMPACT_AFTER {
                 batch += 1;
-                let mut r = rec(batch);
-                for _ in 0..per {
-                    r.done.push(RepoDone {
-                        did: measured_did(repo),
-                        rev: Some(tid_text((1_700_000_000_000_000 + repo as u64) << 10)),
-                        records: 1,
-                        live: Vec::new(),
-                        data: None,
-                        reset: false,
-                    });
-                    repo += 1;
-                }
-                r.rows = per as u64;
-                recs.push(r);
+                recs.push(finishing(batch, per, &mut repo));
             }
             recs
         };
@@ -1467,22 +1473,7 @@ mod tests {
         let lake = Lake::open(tmp.path().to_str().unwrap()).unwrap();
         let mut p = Progress::default();
         let mut repo = 0usize;
-        let mut record = |batch: i64, per: usize| {
-            let mut r = rec(batch);
-            for _ in 0..per {
-                r.done.push(RepoDone {
-                    did: measured_did(repo),
-                    rev: Some(tid_text((1_700_000_000_000_000 + repo as u64) << 10)),
-                    records: 1,
-                    live: Vec::new(),
-                    data: None,
-                    reset: false,
-                });
-                repo += 1;
-            }
-            r.rows = per as u64;
-            r
-        };
+        let mut record = |batch: i64, per: usize| finishing(batch, per, &mut repo);
         let n = COMPACT_AFTER as i64;
         // a whole state of 640 repos first
         for b in 1..=n {

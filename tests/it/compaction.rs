@@ -48,6 +48,33 @@ async fn ingest_small_files(cap: &std::path::Path, lake: &std::path::Path) {
     h.wait().await.unwrap();
 }
 
+/// `atlake compact --purge` with a vacuum retention of 2 s, then, 2.1 s later, `atlake compact`
+/// again: its vacuum deletes what the purge removed from the tables.
+async fn purge_and_vacuum(lake: &std::path::Path) {
+    let env = [
+        ("ATLAKE_LAKE_VACUUM_RETENTION", "2s"),
+        ("ATLAKE_SERVER_QUERY_TIMEOUT", "1s"),
+    ];
+    let out = compact(lake, &["--purge"], &env);
+    assert!(out.contains("purge scan ran"), "{out}");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    compact(lake, &[], &env);
+}
+
+/// Runs `atlake` with `args` and then `path`; panics with its stderr unless it succeeds.
+fn atlake_ok(args: &[&str], path: &std::path::Path) {
+    let out = Command::new(atlake_bin())
+        .args(args)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "atlake {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `atlake compact` with `env` and `args`; panics with its output unless it succeeds.
 fn compact(lake: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> String {
     let out = Command::new(atlake_bin())
@@ -515,14 +542,7 @@ async fn purge_leaves_no_trace_of_deleted_records_and_accounts() {
             "{s} is in the lake before the purge"
         );
     }
-    let env = [
-        ("ATLAKE_LAKE_VACUUM_RETENTION", "2s"),
-        ("ATLAKE_SERVER_QUERY_TIMEOUT", "1s"),
-    ];
-    let out = compact(&lake_dir, &["--purge"], &env);
-    assert!(out.contains("purge scan ran"), "{out}");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    compact(&lake_dir, &[], &env);
+    purge_and_vacuum(&lake_dir).await;
     let (_, rows) = read();
     let all = text_of(&rows);
     for s in &gone {
@@ -595,17 +615,11 @@ async fn purge_reaches_the_backfilled_history() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let lake_dir = dir.path().join("lake");
-    let out = Command::new(atlake_bin())
-        .args([
+    atlake_ok(
+        &[
             "backfill", "--relay", &sim.relay, "--plc", &sim.plc, "--lake",
-        ])
-        .arg(&lake_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &lake_dir,
     );
     let mut truth = sim.truth();
     truth.sort_by_key(|t| std::cmp::Reverse(t.records.len()));
@@ -652,15 +666,9 @@ async fn purge_reaches_the_backfilled_history() {
     }
     let input = dir.path().join("live.jsonl");
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
-    let out = Command::new(atlake_bin())
-        .args(["ingest", "--input", input.to_str().unwrap(), "--lake"])
-        .arg(&lake_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    atlake_ok(
+        &["ingest", "--input", input.to_str().unwrap(), "--lake"],
+        &lake_dir,
     );
     let l = lake_dir.to_str().unwrap();
     let all = || crate::tools::run_python(&py, EXPORTED_ROWS, &[l, "parquet"]);
@@ -673,15 +681,9 @@ async fn purge_reaches_the_backfilled_history() {
     }
     // an export, before any purge, holds the history without what was deleted
     let export = dir.path().join("export");
-    let out = Command::new(atlake_bin())
-        .args(["export", "--lake", l, "--format", "ndjson", "--to"])
-        .arg(&export)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    atlake_ok(
+        &["export", "--lake", l, "--format", "ndjson", "--to"],
+        &export,
     );
     let mut exported = String::new();
     for e in walkdir(&export.join("history")) {
@@ -693,14 +695,7 @@ async fn purge_reaches_the_backfilled_history() {
     for c in &kept {
         assert!(exported.contains(c.as_str()), "{c} is not in the export");
     }
-    let env = [
-        ("ATLAKE_LAKE_VACUUM_RETENTION", "2s"),
-        ("ATLAKE_SERVER_QUERY_TIMEOUT", "1s"),
-    ];
-    let out = compact(&lake_dir, &["--purge"], &env);
-    assert!(out.contains("purge scan ran"), "{out}");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    compact(&lake_dir, &[], &env);
+    purge_and_vacuum(&lake_dir).await;
     let after = all();
     for c in &gone {
         assert!(
