@@ -155,7 +155,7 @@ pub async fn run_command(
     let r = async {
         let mut settled = super::settle(&fenced).await?;
         // leftovers of interrupted writers (compactions too) go before this pass writes
-        super::sweep(&fenced).await?;
+        super::sweep(&fenced, Some(settled.logs.clone())).await?;
         let mut policy = Policy::from_config(cfg, include_open);
         if force_purge {
             policy.purge_every_ms = 0;

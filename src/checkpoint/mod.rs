@@ -478,13 +478,15 @@ pub struct Swept {
 /// log does not name yet are the backfill's to commit. A file a log names that is not in
 /// storage is logged and counted as a broken invariant. Ends the tracking of writes that
 /// [`settle`] began.
-pub async fn sweep(lake: &Lake) -> Result<Swept, CheckpointError> {
-    let r = sweep_lake(lake).await;
+/// `logs` are the logs as [`settle`] read them (`None`: read them now); either way they are
+/// read before the lake is listed.
+pub async fn sweep(lake: &Lake, logs: Option<Logs>) -> Result<Swept, CheckpointError> {
+    let r = sweep_lake(lake, logs).await;
     lake.stop_tracking().await;
     r
 }
 
-async fn sweep_lake(lake: &Lake) -> Result<Swept, CheckpointError> {
+async fn sweep_lake(lake: &Lake, logs: Option<Logs>) -> Result<Swept, CheckpointError> {
     let started = std::time::Instant::now();
     let mut out = Swept {
         temp_removed: lake.remove_temp_files().await?,
@@ -494,7 +496,10 @@ async fn sweep_lake(lake: &Lake) -> Result<Swept, CheckpointError> {
     // dead writer, or written by this process since (noted, and kept); a file the logs name is
     // in storage before it is committed, and only a vacuum (of files removed an hour or more
     // ago) deletes one
-    let logs = Logs::load(lake).await?;
+    let logs = match logs {
+        Some(l) => l,
+        None => Logs::load(lake).await?,
+    };
     let listed = list_files(lake).await?;
     let history = logs.history.version.is_some();
     let backfilled = logs.history.backfill_batch();
@@ -545,9 +550,9 @@ async fn sweep_lake(lake: &Lake) -> Result<Swept, CheckpointError> {
 
 /// Runs [`sweep`] in the background; a failure is logged and counted (the next start sweeps
 /// again).
-pub fn spawn_sweep(lake: Lake) -> tokio::task::JoinHandle<Option<Swept>> {
+pub fn spawn_sweep(lake: Lake, logs: Logs) -> tokio::task::JoinHandle<Option<Swept>> {
     tokio::spawn(async move {
-        match sweep(&lake).await {
+        match sweep(&lake, Some(logs)).await {
             Ok(s) => Some(s),
             Err(e) => {
                 metrics::counter!("atlake_storage_errors_total", "kind" => "sweep").increment(1);
@@ -1013,7 +1018,7 @@ mod tests {
         std::fs::write(part.join("notes.txt"), b"not a data file").unwrap();
         let r = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
         assert!(part.join(&dead).exists(), "recovery does not list the lake");
-        let s = sweep(&lake).await.unwrap();
+        let s = sweep(&lake, None).await.unwrap();
         assert_eq!(s.temp_removed, 1);
         assert!(!part.join(&dead).exists());
         assert!(part.join(&own).exists());
@@ -1049,7 +1054,7 @@ mod tests {
 
         let r = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
         assert_eq!(r.converted, 2);
-        assert_eq!(sweep(&lake).await.unwrap().uncommitted_removed, 0);
+        assert_eq!(sweep(&lake, None).await.unwrap().uncommitted_removed, 0);
         assert_eq!(r.files.len(), listed.len());
         assert_eq!(r.resume_cursor, Cursor::seq(c).ok());
         assert!(lake.get(&checkpoint_path()).await.unwrap().is_none());
@@ -1135,7 +1140,7 @@ mod tests {
         let evs = events(120);
         let lake = Lake::open("memory://").unwrap();
         recover(&lake, SourceKind::Firehose, 0).await.unwrap();
-        sweep(&lake).await.unwrap();
+        sweep(&lake, None).await.unwrap();
         write(&lake, SourceKind::Firehose, jobs_of(&evs)).await;
         let written = list_files(&lake).await.unwrap();
         assert!(written.len() >= 2);
@@ -1147,7 +1152,7 @@ mod tests {
         lake.put_atomic(&written[0].path, bytes::Bytes::from_static(b"again"))
             .await
             .unwrap();
-        let s = sweep(&lake).await.unwrap();
+        let s = sweep(&lake, None).await.unwrap();
         assert_eq!(s.uncommitted_removed, written.len() - 1);
         let left = list_files(&lake).await.unwrap();
         assert_eq!(left.len(), 1);
@@ -1157,7 +1162,7 @@ mod tests {
         lake.put_atomic(&written[0].path, bytes::Bytes::from_static(b"x"))
             .await
             .unwrap();
-        assert_eq!(sweep(&lake).await.unwrap().uncommitted_removed, 1);
+        assert_eq!(sweep(&lake, None).await.unwrap().uncommitted_removed, 1);
 
         // committed, then lost from storage
         write(&lake, SourceKind::Firehose, jobs_of(&evs)).await;
@@ -1180,7 +1185,7 @@ mod tests {
         let r = recover(&lake, SourceKind::Firehose, 0).await.unwrap();
         assert_eq!(r.files.len(), files.len());
         assert_eq!(r.durable_keys.len(), evs.len());
-        assert_eq!(sweep(&lake).await.unwrap(), Swept::default());
+        assert_eq!(sweep(&lake, None).await.unwrap(), Swept::default());
         lake.delete(&files[1].path).await.unwrap();
         // recovery needs its keys (no cursor: every file is read): an error
         let e = recover(&lake, SourceKind::Firehose, 0).await.unwrap_err();
@@ -1189,7 +1194,7 @@ mod tests {
                 .contains("committed in the log but not in the lake"),
             "{e}"
         );
-        let s = sweep(&lake).await.unwrap();
+        let s = sweep(&lake, None).await.unwrap();
         assert_eq!(s.missing, 1);
         assert_eq!(s.uncommitted_removed, 0);
     }

@@ -320,7 +320,7 @@ pub async fn start_with_lake(
     let filters = Filters::try_new(cfg.source.collections.clone(), cfg.source.dids.clone())?;
     let (lease, lake, mut rec) = lease_and_recover(&cfg, &lake, kind, rewind).await?;
     // what dead writers left goes beside the pipeline, not before it
-    let sweep = crate::checkpoint::spawn_sweep(lake.clone());
+    let sweep = crate::checkpoint::spawn_sweep(lake.clone(), rec.logs.clone());
     if rec.resume_cursor.is_none()
         && let (Input::Network, Some(c)) = (&input, cfg.source.start_cursor)
     {
