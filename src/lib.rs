@@ -51,7 +51,8 @@
 //! - [`ingest`]: the pipeline that ties source, decode, batcher, writer and checkpoint together
 //!   with bounded channels, under the lake's writer lease.
 //! - [`backfill`]: history from the repositories (list, resolve, fetch, verify, walk) into
-//!   month partitions, with durable per-repo progress, under the lake's writer lease.
+//!   month partitions of the `history` table, with durable per-repo progress, under the lake's
+//!   writer lease.
 //! - [`query`]: DataFusion over the lake (tables, system tables, derived columns), one query
 //!   core, and its front ends: the HTTP endpoint and the Postgres wire protocol.
 //! - [`daemon`]: `atlake run`, ingest and SQL in one process, started the same way by the

@@ -120,6 +120,17 @@ pub(super) fn spawn_decode_thread(
         .map_err(|e| IngestError::Broken(format!("cannot start the decode thread: {e}")))
 }
 
+/// Waits for the sweep's task: a sweep that failed was logged and counted by itself, and an
+/// aborted one is done again at the next start; one that panicked is a bug, logged and counted.
+async fn end_sweep(sweep: tokio::task::JoinHandle<Option<crate::checkpoint::Swept>>) {
+    if let Err(e) = sweep.await
+        && !e.is_cancelled()
+    {
+        metrics::counter!("atlake_broken_invariants_total").increment(1);
+        tracing::error!(error = %e, "the sweep of the lake's leftovers panicked");
+    }
+}
+
 /// Joins the other tasks after the loop ended, releases the lease, and says how it all went:
 /// a task that failed or panicked is an error, never a success.
 async fn finish(r: Result<Summary, IngestError>, t: Tasks) -> Result<Summary, IngestError> {
@@ -133,7 +144,7 @@ async fn finish(r: Result<Summary, IngestError>, t: Tasks) -> Result<Summary, In
         let _ = t.source.await;
         let _ = t.writer.await;
         let _ = t.checkpoint.await;
-        let _ = t.sweep.await;
+        end_sweep(t.sweep).await;
         t.lease.release().await;
         return r;
     }
@@ -145,8 +156,7 @@ async fn finish(r: Result<Summary, IngestError>, t: Tasks) -> Result<Summary, In
     if !t.finish_sweep {
         t.sweep.abort();
     }
-    // a sweep that failed was logged and counted; an aborted one is done at the next start
-    let _ = t.sweep.await;
+    end_sweep(t.sweep).await;
     t.lease.release().await;
     let mut s = r?;
     writer.map_err(|e| IngestError::Broken(format!("the writer task failed: {e}")))?;
