@@ -454,7 +454,13 @@ async fn run_inner(
     }
     // the files of committed batches that no log names yet (a crash between a batch's record
     // and its commits, or a history from before its log)
-    let logs = crate::checkpoint::Logs::load(lake).await?;
+    // alone on the lake (`atlake backfill`), the live tables get their logs first, as a start
+    // of `ingest` gives them: a quarantine log created by a batch's commit alone would leave
+    // out the quarantine files of a lake from before the log. In the daemon, its start did it.
+    let logs = match committer {
+        Some(_) => crate::checkpoint::Logs::load(lake).await?,
+        None => crate::checkpoint::ensure_logs(lake).await?.0,
+    };
     let mut commits = match committer {
         Some(c) => table::Commits::Committer(c),
         None => table::Commits::Direct(Box::new(logs.clone())),

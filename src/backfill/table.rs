@@ -130,18 +130,13 @@ pub async fn catch_up(
     last_batch: Option<i64>,
     catalog: Option<&Arc<Catalog>>,
 ) -> Result<CaughtUp, CheckpointError> {
-    let has_log = logs.history.version.is_some();
     let done = logs.history.backfill_batch();
-    let behind = |f: &&LakeFile| {
-        let b = f.name.first().value();
-        !has_log || done.is_none_or(|d| b > d)
-    };
     let mut out = CaughtUp {
-        created: !has_log,
+        created: logs.history.version.is_none(),
         ..Default::default()
     };
     let mut files = Vec::new();
-    for f in kept.iter().filter(behind) {
+    for f in kept.iter().filter(|f| logs.awaits_backfill(f)) {
         let Some(t) = Table::of(f) else { continue };
         let log = logs.get(t);
         if log.files.contains_key(&f.path) || log.removed.contains_key(&f.path) {
@@ -293,7 +288,7 @@ mod tests {
     /// A batch's commit puts its quarantine files in `_errors` and its history files, with the
     /// batch number, in `history`; a file of another table is refused.
     #[tokio::test]
-    async fn a_batch_commits_its_quarantine_then_its_history() {
+    async fn a_batch_commits_its_quarantine_and_its_history() {
         let lake = Lake::open("memory://").unwrap();
         let files: Vec<LakeFile> = [history(7), quarantine(7)]
             .iter()

@@ -728,8 +728,8 @@ impl Replace {
         self.add.iter().chain(self.appends.iter())
     }
 
-    /// Whether `files` (a log's committed files) shows the commit landed: every file it adds
-    /// is there, or, when it adds none, every file it removes is gone.
+    /// Whether `log` shows the commit landed: every file it adds is committed there, or, when it
+    /// adds none, every file it removes is gone.
     pub fn landed(&self, log: &LogState) -> bool {
         match self.added().next() {
             Some(_) => self.added().all(|a| log.files.contains_key(&a.path)),
@@ -773,14 +773,10 @@ pub async fn commit_replace(
         actions.push(delta::add_action(r.table, f, true, now)?);
     }
     if let Some(m) = r.purge_mark {
-        actions.push(
-            serde_json::json!({"txn": {"appId": PURGE_APP_ID, "version": m, "lastUpdated": now}}),
-        );
+        actions.push(delta::txn(PURGE_APP_ID, m, now));
     }
     if let Some(b) = r.batch {
-        actions.push(serde_json::json!({"txn": {
-            "appId": delta::BACKFILL_APP_ID, "version": b, "lastUpdated": now,
-        }}));
+        actions.push(delta::txn(delta::BACKFILL_APP_ID, b, now));
     }
     if actions.is_empty() {
         return Ok(true);

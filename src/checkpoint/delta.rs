@@ -416,7 +416,12 @@ pub fn remove_action(
 
 /// The `txn` action that records a source's cursor.
 pub fn txn_action(source: SourceKind, cursor: i64, now_ms: i64) -> Value {
-    json!({"txn": {"appId": app_id(source), "version": cursor, "lastUpdated": now_ms}})
+    txn(&app_id(source), cursor, now_ms)
+}
+
+/// A `txn` action: `app`'s version.
+pub fn txn(app: &str, version: i64, now_ms: i64) -> Value {
+    json!({"txn": {"appId": app, "version": version, "lastUpdated": now_ms}})
 }
 
 /// The actions that create a table: protocol and metadata.

@@ -278,6 +278,18 @@ impl Logs {
         }
     }
 
+    /// Whether `f` is a backfill file of a batch the history's log does not name yet (beyond its
+    /// `txn`, or every one while the history has no log): the backfill's start commits it if
+    /// its batch was committed, and removes it if not.
+    pub fn awaits_backfill(&self, f: &LakeFile) -> bool {
+        f.name.source() == SourceKind::Repo
+            && (self.history.version.is_none()
+                || self
+                    .history
+                    .backfill_batch()
+                    .is_none_or(|b| f.name.first().value() > b))
+    }
+
     /// Reads every table's log.
     pub async fn load(lake: &Lake) -> Result<Logs, CheckpointError> {
         Ok(Logs {
@@ -413,11 +425,12 @@ pub struct Settled {
 /// A log with this many files and no checkpoint gets one at start.
 const CHECKPOINT_FILES: usize = 1000;
 
-/// Reads and settles the lake (see [`Settled`]) from its logs, without listing it: only a
-/// table without a log (a lake from before the log) is listed, to be converted. From here until
-/// a [`sweep`] ends, this process's writes are noted, so that the sweep leaves them alone.
-pub async fn settle(lake: &Lake) -> Result<Settled, CheckpointError> {
-    lake.track_writes();
+/// Reads the tables' logs, giving the live tables a log first where they have none (a lake from
+/// before the log: each such table is listed and converted, with the old checkpoint's cursors),
+/// then removes the old checkpoint file. Returns the logs and how many tables were converted.
+/// The caller holds the writer lease. Every writer runs it before it commits anything: a table
+/// whose log some other commit created first would leave the older files out of it.
+pub async fn ensure_logs(lake: &Lake) -> Result<(Logs, usize), CheckpointError> {
     let mut logs = Logs::load(lake).await?;
     let mut converted = 0;
     if logs.events.version.is_none() || logs.errors.version.is_none() {
@@ -442,6 +455,15 @@ pub async fn settle(lake: &Lake) -> Result<Settled, CheckpointError> {
     if lake.get(&checkpoint_path()).await?.is_some() {
         lake.delete(&checkpoint_path()).await?;
     }
+    Ok((logs, converted))
+}
+
+/// Reads and settles the lake (see [`Settled`]) from its logs, without listing it: only a
+/// table without a log (a lake from before the log) is listed, to be converted. From here until
+/// a [`sweep`] ends, this process's writes are noted, so that the sweep leaves them alone.
+pub async fn settle(lake: &Lake) -> Result<Settled, CheckpointError> {
+    lake.track_writes();
+    let (logs, converted) = ensure_logs(lake).await?;
     let mut files: Vec<LakeFile> = delta::Table::ALL
         .iter()
         .flat_map(|t| logs.get(*t).files.values().cloned())
@@ -502,7 +524,6 @@ async fn sweep_lake(lake: &Lake, logs: Option<Logs>) -> Result<Swept, Checkpoint
     };
     let listed = list_files(lake).await?;
     let history = logs.history.version.is_some();
-    let backfilled = logs.history.backfill_batch();
     for f in &listed {
         let Some(t) = delta::Table::of(f) else {
             continue;
@@ -513,9 +534,7 @@ async fn sweep_lake(lake: &Lake, logs: Option<Logs>) -> Result<Swept, Checkpoint
         }
         // a history without a log is what is there; the files of a batch the history's log
         // does not name yet are the backfill's (its record comes first, its commits after)
-        let pending = f.name.source() == SourceKind::Repo
-            && (!history || backfilled.is_none_or(|b| f.name.first().value() > b));
-        if (t == delta::Table::History && !history) || pending {
+        if (t == delta::Table::History && !history) || logs.awaits_backfill(f) {
             continue;
         }
         if lake.delete_unless_written(&f.path).await? {

@@ -477,3 +477,85 @@ async fn kill_9_during_a_backfill_local() {
 async fn kill_9_during_a_backfill_s3() {
     crash(Backend::S3).await;
 }
+
+/// A lake from before the log (its quarantine has files and no log) backfilled on its own:
+/// the backfill gives the live tables their logs first, so the old quarantine files stay
+/// committed beside the backfill's own, and the next writer's sweep keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_on_a_lake_from_before_the_log_keeps_its_old_quarantine() {
+    let dir = tempfile::tempdir().unwrap();
+    let lake_dir = dir.path().join("lake");
+    let input = dir.path().join("live.jsonl");
+    let good = serde_json::json!({"did": "did:plc:aliceaaaaaaaaaaaaaaaaaaa", "time_us": 1_783_173_600_000_000i64,
+        "kind": "commit", "commit": {"rev": "3mpt7ukd22222", "operation": "delete",
+        "collection": "app.bsky.feed.post", "rkey": "3mpt7ukd22223"}});
+    std::fs::write(&input, format!("{good}\nnot json at all\n")).unwrap();
+    let ingest = || {
+        let out = std::process::Command::new(crate::common::atlake_bin())
+            .args(["ingest", "--input", input.to_str().unwrap(), "--lake"])
+            .arg(&lake_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ingest();
+    // the format before the log: the same files, no `_delta_log`
+    for t in ["events", "_errors"] {
+        std::fs::remove_dir_all(lake_dir.join(t).join("_delta_log")).unwrap();
+    }
+    let lake = Lake::open(lake_dir.to_str().unwrap()).unwrap();
+    let old: Vec<String> = atlake::checkpoint::list_files(&lake)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|f| f.key.name == PartitionName::Errors)
+        .map(|f| f.path)
+        .collect();
+    assert_eq!(old.len(), 1, "the bad line is quarantined");
+    let sim = SyncSim::start(SyncSimConfig {
+        accounts: 8,
+        records: 10,
+        faults: SyncFaults {
+            truncated: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut cfg = config(lake_dir.to_str().unwrap(), &sim);
+    cfg.backfill.attempts = 3;
+    let s = atlake::backfill::run(
+        Plan {
+            target: Target::Listed,
+            cfg,
+            follow: false,
+        },
+        &lake,
+        Arc::new(Stats::default()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.failures.get("truncated"), Some(&1));
+    let errors = atlake::checkpoint::delta::load(&lake, atlake::checkpoint::delta::Table::Errors)
+        .await
+        .unwrap();
+    assert!(
+        errors.files.contains_key(&old[0]),
+        "the old quarantine file is in the log"
+    );
+    assert_eq!(errors.files.len(), 2, "and the backfill's own");
+    // the next writer's start and sweep keep both
+    ingest();
+    assert!(lake_dir.join(&old[0]).exists());
+    let (committed, _) = atlake::checkpoint::lake_state(&lake).await.unwrap();
+    let quarantined = committed
+        .iter()
+        .filter(|f| f.key.name == PartitionName::Errors)
+        .count();
+    assert!(quarantined >= 2, "{quarantined} quarantine files committed");
+}
