@@ -91,6 +91,21 @@ fn assert_matches_truth(rows: &Rows, truth: &[RepoTruth]) {
     assert_eq!(total, expected, "rows beyond the readable repos' records");
 }
 
+/// `atlake backfill` of every listed repo, to completion, through the library.
+async fn backfill_listed(cfg: Config, lake: &Lake) -> atlake::backfill::Summary {
+    atlake::backfill::run(
+        Plan {
+            target: Target::Listed,
+            cfg,
+            follow: false,
+        },
+        lake,
+        Arc::new(Stats::default()),
+    )
+    .await
+    .unwrap()
+}
+
 fn faults() -> SyncFaults {
     SyncFaults {
         rate_limit_every: Some(7),
@@ -139,18 +154,7 @@ async fn every_record_of_every_repo_once_with_faults_and_a_second_run() {
     let url = dir.path().join("lake").to_str().unwrap().to_string();
     let lake = Lake::open(&url).unwrap();
     let cfg = config(&url, &sim);
-    let stats = Arc::new(Stats::default());
-    let s = atlake::backfill::run(
-        Plan {
-            target: Target::Listed,
-            cfg: cfg.clone(),
-            follow: false,
-        },
-        &lake,
-        stats.clone(),
-    )
-    .await
-    .unwrap();
+    let s = backfill_listed(cfg.clone(), &lake).await;
     let truth = sim.truth();
     // the faults were met and survived
     let injected = sim.injected();
@@ -205,17 +209,7 @@ async fn every_record_of_every_repo_once_with_faults_and_a_second_run() {
     );
     // a second run fetches only the failed repos, and adds nothing
     let before = sim.get_repo_requests();
-    let s2 = atlake::backfill::run(
-        Plan {
-            target: Target::Listed,
-            cfg,
-            follow: false,
-        },
-        &lake,
-        Arc::new(Stats::default()),
-    )
-    .await
-    .unwrap();
+    let s2 = backfill_listed(cfg, &lake).await;
     assert_eq!(s2.already_done, 55);
     assert_eq!(s2.failures, want);
     assert_eq!(s2.records, 0);
@@ -491,16 +485,10 @@ async fn a_backfill_on_a_lake_from_before_the_log_keeps_its_old_quarantine() {
         "collection": "app.bsky.feed.post", "rkey": "3mpt7ukd22223"}});
     std::fs::write(&input, format!("{good}\nnot json at all\n")).unwrap();
     let ingest = || {
-        let out = std::process::Command::new(crate::common::atlake_bin())
-            .args(["ingest", "--input", input.to_str().unwrap(), "--lake"])
-            .arg(&lake_dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::common::atlake_ok(
+            &["ingest", "--input", input.to_str().unwrap(), "--lake"],
+            &lake_dir,
+        )
     };
     ingest();
     // the format before the log: the same files, no `_delta_log`
@@ -529,17 +517,7 @@ async fn a_backfill_on_a_lake_from_before_the_log_keeps_its_old_quarantine() {
     .unwrap();
     let mut cfg = config(lake_dir.to_str().unwrap(), &sim);
     cfg.backfill.attempts = 3;
-    let s = atlake::backfill::run(
-        Plan {
-            target: Target::Listed,
-            cfg,
-            follow: false,
-        },
-        &lake,
-        Arc::new(Stats::default()),
-    )
-    .await
-    .unwrap();
+    let s = backfill_listed(cfg, &lake).await;
     assert_eq!(s.failures.get("truncated"), Some(&1));
     let errors = atlake::checkpoint::delta::load(&lake, atlake::checkpoint::delta::Table::Errors)
         .await

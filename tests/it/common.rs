@@ -23,6 +23,20 @@ pub fn atlake_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_atlake"))
 }
 
+/// Runs `atlake` with `args` and then `path`; panics with its stderr unless it succeeds.
+pub fn atlake_ok(args: &[&str], path: &std::path::Path) {
+    let out = std::process::Command::new(atlake_bin())
+        .args(args)
+        .arg(path)
+        .output()
+        .expect("run atlake");
+    assert!(
+        out.status.success(),
+        "atlake {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::Int64Type;
 use atlake::simulate::server::Truth;

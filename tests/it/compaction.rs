@@ -2,7 +2,7 @@
 //! readers and plain Parquet readers), survives kill -9 at any moment, and the purge leaves no
 //! trace of deleted records and accounts in any file.
 
-use crate::common::{AtlakeChild, assert_exactly_once, atlake_bin, read_committed};
+use crate::common::{AtlakeChild, assert_exactly_once, atlake_bin, atlake_ok, read_committed};
 use atlake::checkpoint::delta::{self, Table};
 use atlake::config::Config;
 use atlake::ingest::{self, Input};
@@ -59,20 +59,6 @@ async fn purge_and_vacuum(lake: &std::path::Path) {
     assert!(out.contains("purge scan ran"), "{out}");
     tokio::time::sleep(Duration::from_millis(2100)).await;
     compact(lake, &[], &env);
-}
-
-/// Runs `atlake` with `args` and then `path`; panics with its stderr unless it succeeds.
-fn atlake_ok(args: &[&str], path: &std::path::Path) {
-    let out = Command::new(atlake_bin())
-        .args(args)
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "atlake {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// `atlake compact` with `env` and `args`; panics with its output unless it succeeds.
