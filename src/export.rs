@@ -211,13 +211,8 @@ pub async fn run(
         .store(files.len() as u64, Ordering::Relaxed);
     let target = schema(TableKind::Events(None));
     for f in &files {
-        let bytes = lake
-            .get(&f.path)
-            .await?
-            .ok_or_else(|| CheckpointError::File {
-                path: f.path.clone(),
-                message: "committed in the log but not in the lake".into(),
-            })?;
+        // read by row groups (a local file in place, an object by ranges), never whole
+        let origin = compact::Origin::of(lake, f);
         let (path, facts2, slice2, target2) =
             (f.path.clone(), facts.clone(), slice.clone(), target.clone());
         let name = f.key.name.clone();
@@ -228,7 +223,7 @@ pub async fn run(
         // streamed into the destination (a local one never holds the file in memory)
         let n = dest
             .put_with(&out_path, move |w| {
-                let r = export_file(bytes, &path, &name, &facts2, &slice2, &target2, w)
+                let r = export_file(&origin, &path, &name, &facts2, &slice2, &target2, w)
                     .map_err(std::io::Error::other)?;
                 rows2.store(r, Ordering::Relaxed);
                 Ok(())
@@ -258,9 +253,9 @@ async fn all_event_files(lake: &Lake) -> Result<Vec<LakeFile>, ExportError> {
         .collect())
 }
 
-/// One input file, filtered and purged, encoded: the bytes and the rows written.
+/// One input file, filtered and purged, encoded into `w`: the rows written.
 fn export_file(
-    bytes: bytes::Bytes,
+    origin: &compact::Origin,
     path: &str,
     name: &PartitionName,
     facts: &Facts,
@@ -272,11 +267,7 @@ fn export_file(
         path: path.to_string(),
         message: m,
     };
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-        .map_err(|e| err(e.to_string()))?
-        .with_batch_size(8192)
-        .build()
-        .map_err(|e| err(e.to_string()))?;
+    let reader = origin.open(path, None, 8192)?;
     let mut out = Out::new(slice.format, target.clone(), w).map_err(err)?;
     let mut rows = 0u64;
     for b in reader {

@@ -43,13 +43,18 @@ use arrow::datatypes::{Int64Type, SchemaRef};
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
-use parquet::file::reader::{ChunkReader, Length};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
+    ParquetRecordBatchReaderBuilder,
+};
+use parquet::arrow::async_reader::{
+    AsyncFileReader, ParquetRecordBatchStream, ParquetRecordBatchStreamBuilder,
+};
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -354,40 +359,6 @@ fn verdicts(
     Ok(out)
 }
 
-/// A data file's bytes, read lazily from local disk or fetched whole from an object store.
-enum Source {
-    File(std::fs::File),
-    Bytes(Bytes),
-}
-
-impl Length for Source {
-    fn len(&self) -> u64 {
-        match self {
-            Source::File(f) => Length::len(f),
-            Source::Bytes(b) => Length::len(b),
-        }
-    }
-}
-
-impl ChunkReader for Source {
-    type T = Box<dyn Read + Send>;
-
-    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
-        Ok(match self {
-            Source::File(f) => Box::new(f.get_read(start)?),
-            Source::Bytes(b) => Box::new(b.get_read(start)?),
-        })
-    }
-
-    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
-        match self {
-            Source::File(f) => f.get_bytes(start, length),
-            Source::Bytes(b) => b.get_bytes(start, length),
-        }
-    }
-}
-
-/// Where a file's bytes come from: a local path, or bytes fetched beforehand.
 /// A file that could not be read, with why.
 fn file_error(path: &str, e: &dyn std::fmt::Display) -> CheckpointError {
     CheckpointError::File {
@@ -396,37 +367,163 @@ fn file_error(path: &str, e: &dyn std::fmt::Display) -> CheckpointError {
     }
 }
 
+/// Where a data file is read from: a local path, or an object store read by ranges (the
+/// footer, then one row group's projected column chunks at a time), so that memory is one
+/// row group per open file whatever the file's size, never the whole object.
+///
+/// Reading a remote file blocks on the runtime that made the `Origin`: call [`Origin::open`]
+/// and [`Origin::metadata`] from a blocking thread (`spawn_blocking`), never from a task.
 #[derive(Clone)]
-enum Origin {
+pub(crate) enum Origin {
     Path(PathBuf),
-    Fetched(Bytes),
+    Remote(Arc<Remote>),
+}
+
+/// A file in an object store.
+pub(crate) struct Remote {
+    store: Arc<dyn object_store::ObjectStore>,
+    location: object_store::path::Path,
+    /// Its size, from the log: no request is spent to learn it.
+    size: u64,
+    rt: tokio::runtime::Handle,
+    /// Its footer, once read.
+    meta: std::sync::OnceLock<ArrowReaderMetadata>,
+}
+
+impl Remote {
+    fn reader(&self) -> RemoteReader {
+        RemoteReader {
+            store: self.store.clone(),
+            location: self.location.clone(),
+            size: self.size,
+        }
+    }
+}
+
+/// Ranged reads of one object, for Parquet's async reader.
+pub(crate) struct RemoteReader {
+    store: Arc<dyn object_store::ObjectStore>,
+    location: object_store::path::Path,
+    size: u64,
+}
+
+fn store_error(e: object_store::Error) -> parquet::errors::ParquetError {
+    parquet::errors::ParquetError::External(Box::new(e))
+}
+
+impl AsyncFileReader for RemoteReader {
+    fn get_bytes(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> futures::future::BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        use futures::FutureExt;
+        async move {
+            use object_store::ObjectStoreExt;
+            self.store
+                .get_range(&self.location, range)
+                .await
+                .map_err(store_error)
+        }
+        .boxed()
+    }
+
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<std::ops::Range<u64>>,
+    ) -> futures::future::BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        use futures::FutureExt;
+        // the store coalesces nearby ranges into fewer requests
+        async move {
+            self.store
+                .get_ranges(&self.location, &ranges)
+                .await
+                .map_err(store_error)
+        }
+        .boxed()
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        options: Option<&'a ArrowReaderOptions>,
+    ) -> futures::future::BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        use futures::FutureExt;
+        async move {
+            let size = self.size;
+            // one request for the footer and the metadata behind it, in the usual case
+            let md = ParquetMetaDataReader::new()
+                .with_arrow_reader_options(options)
+                .with_prefetch_hint(Some(FOOTER_PREFETCH))
+                .load_and_finish(self, size)
+                .await?;
+            Ok(Arc::new(md))
+        }
+        .boxed()
+    }
+}
+
+/// Bytes read from a remote file's end to get its metadata in one request.
+const FOOTER_PREFETCH: usize = 64 * 1024;
+
+/// A file's record batches, from either origin.
+pub(crate) enum Batches {
+    Local(ParquetRecordBatchReader),
+    Remote {
+        stream: ParquetRecordBatchStream<RemoteReader>,
+        rt: tokio::runtime::Handle,
+    },
+}
+
+impl Iterator for Batches {
+    type Item = Result<RecordBatch, parquet::errors::ParquetError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Batches::Local(r) => r.next().map(|b| b.map_err(Into::into)),
+            Batches::Remote { stream, rt } => {
+                use futures::StreamExt;
+                rt.block_on(stream.next())
+            }
+        }
+    }
 }
 
 impl Origin {
-    async fn of(lake: &Lake, f: &LakeFile) -> Result<Origin, CheckpointError> {
-        Ok(match lake.local_root() {
+    /// Where `f` is read from (for an object store, on the current runtime).
+    pub(crate) fn of(lake: &Lake, f: &LakeFile) -> Origin {
+        match lake.local_root() {
             Some(root) => Origin::Path(root.join(&f.path)),
-            None => {
-                Origin::Fetched(
-                    lake.get(&f.path)
-                        .await?
-                        .ok_or_else(|| CheckpointError::File {
-                            path: f.path.clone(),
-                            message: "committed in the log but not in the lake".into(),
-                        })?,
-                )
-            }
-        })
+            None => Origin::Remote(Arc::new(Remote {
+                store: lake.object_store(),
+                location: lake.object_path(&f.path),
+                size: f.size,
+                rt: tokio::runtime::Handle::current(),
+                meta: std::sync::OnceLock::new(),
+            })),
+        }
     }
 
-    /// The file's bytes to read: the local file, or the fetched object.
-    fn source(&self, path: &str) -> Result<Source, CheckpointError> {
-        Ok(match self {
+    /// The file's footer, read once.
+    fn metadata(&self, path: &str) -> Result<ArrowReaderMetadata, CheckpointError> {
+        let err = |e: &dyn std::fmt::Display| file_error(path, e);
+        match self {
             Origin::Path(p) => {
-                Source::File(std::fs::File::open(p).map_err(|e| file_error(path, &e))?)
+                let f = std::fs::File::open(p).map_err(|e| err(&e))?;
+                ArrowReaderMetadata::load(&f, ArrowReaderOptions::new()).map_err(|e| err(&e))
             }
-            Origin::Fetched(b) => Source::Bytes(b.clone()),
-        })
+            Origin::Remote(r) => {
+                if let Some(m) = r.meta.get() {
+                    return Ok(m.clone());
+                }
+                let mut reader = r.reader();
+                let m =
+                    r.rt.block_on(ArrowReaderMetadata::load_async(
+                        &mut reader,
+                        ArrowReaderOptions::new(),
+                    ))
+                    .map_err(|e| err(&e))?;
+                Ok(r.meta.get_or_init(|| m).clone())
+            }
+        }
     }
 
     /// The smallest merge key of the file, from its footer's statistics: (smallest
@@ -434,10 +531,8 @@ impl Origin {
     /// the smallest possible key, so the file is opened first.
     fn min_key(&self, path: &str, by_collection: bool) -> Result<(String, i64), CheckpointError> {
         use parquet::file::statistics::Statistics;
-        let err = |e: &dyn std::fmt::Display| file_error(path, e);
-        let src = self.source(path)?;
-        let b = ParquetRecordBatchReaderBuilder::try_new(src).map_err(|e| err(&e))?;
-        let md = b.metadata();
+        let meta = self.metadata(path)?;
+        let md = meta.metadata();
         let schema = md.file_metadata().schema_descr();
         let col = |n: &str| (0..schema.num_columns()).find(|&i| schema.column(i).name() == n);
         let (mut coll, mut time): (Option<String>, Option<i64>) = (None, None);
@@ -474,26 +569,43 @@ impl Origin {
         })
     }
 
-    fn open(
+    /// Reads the file's `columns` (all when `None`) in batches of `batch_rows`.
+    pub(crate) fn open(
         &self,
         path: &str,
         columns: Option<&[&str]>,
         batch_rows: usize,
-    ) -> Result<ParquetRecordBatchReader, CheckpointError> {
+    ) -> Result<Batches, CheckpointError> {
         let err = |e: &dyn std::fmt::Display| file_error(path, e);
-        let src = self.source(path)?;
-        let mut b = ParquetRecordBatchReaderBuilder::try_new(src).map_err(|e| err(&e))?;
-        if let Some(cols) = columns {
-            let schema = b.parquet_schema();
+        let meta = self.metadata(path)?;
+        let mask = columns.map(|cols| {
+            let schema = meta.parquet_schema();
             let idx: Vec<usize> = (0..schema.num_columns())
                 .filter(|&i| cols.contains(&schema.column(i).path().parts()[0].as_str()))
                 .collect();
-            let mask = ProjectionMask::leaves(schema, idx);
-            b = b.with_projection(mask);
-        }
-        b.with_batch_size(batch_rows.max(1))
-            .build()
-            .map_err(|e| err(&e))
+            ProjectionMask::leaves(schema, idx)
+        });
+        let rows = batch_rows.max(1);
+        Ok(match self {
+            Origin::Path(p) => {
+                let f = std::fs::File::open(p).map_err(|e| err(&e))?;
+                let mut b = ParquetRecordBatchReaderBuilder::new_with_metadata(f, meta);
+                if let Some(m) = mask {
+                    b = b.with_projection(m);
+                }
+                Batches::Local(b.with_batch_size(rows).build().map_err(|e| err(&e))?)
+            }
+            Origin::Remote(r) => {
+                let mut b = ParquetRecordBatchStreamBuilder::new_with_metadata(r.reader(), meta);
+                if let Some(m) = mask {
+                    b = b.with_projection(m);
+                }
+                Batches::Remote {
+                    stream: b.with_batch_size(rows).build().map_err(|e| err(&e))?,
+                    rt: r.rt.clone(),
+                }
+            }
+        })
     }
 }
 
@@ -510,7 +622,7 @@ pub async fn load_facts(lake: &Lake, files: &[LakeFile]) -> Result<Facts, Checkp
         {
             continue;
         }
-        let origin = Origin::of(lake, f).await?;
+        let origin = Origin::of(lake, f);
         let path = f.path.clone();
         let part = tokio::task::spawn_blocking(move || facts_of(&origin, &path, account))
             .await
@@ -884,7 +996,7 @@ pub async fn rewrite(
 ) -> Result<Rewritten, CheckpointError> {
     let mut origins = Vec::with_capacity(job.inputs.len());
     for f in &job.inputs {
-        origins.push((Origin::of(lake, f).await?, f.path.clone()));
+        origins.push((Origin::of(lake, f), f.path.clone()));
     }
     let first = job.inputs.iter().map(|f| f.name.first()).min();
     let last = job.inputs.iter().map(|f| f.name.last()).max();
@@ -1073,7 +1185,7 @@ pub fn purge_batch(
 /// One input of the merge: its reader and current batch.
 struct Input<'a> {
     /// Open from when the merge reaches its smallest key until it is exhausted.
-    reader: Option<ParquetRecordBatchReader>,
+    reader: Option<Batches>,
     /// Its smallest merge key, from the footer's statistics: (collection or "", time).
     min: (String, i64),
     path: &'a str,
@@ -1289,7 +1401,7 @@ async fn needs_purge(
     if f.key.name == PartitionName::Account {
         return Ok(false);
     }
-    let origin = Origin::of(lake, f).await?;
+    let origin = Origin::of(lake, f);
     let (path, name) = (f.path.clone(), f.key.name.clone());
     tokio::task::spawn_blocking(move || {
         for b in origin.open(&path, Some(KEY_COLUMNS), 8192)? {
@@ -1372,7 +1484,7 @@ async fn purge_quarantine(
     f: &LakeFile,
     facts: Arc<Facts>,
 ) -> Result<Option<(Option<LakeFile>, u64)>, CheckpointError> {
-    let origin = Origin::of(lake, f).await?;
+    let origin = Origin::of(lake, f);
     let (path, cfg) = (f.path.clone(), policy.writer.clone());
     let name = FileName::try_new(
         f.name.first(),

@@ -107,6 +107,48 @@ impl LakeLocation {
     }
 }
 
+/// The writer a streamed upload's producer writes into: full parts go to the uploader.
+struct PartWriter {
+    buf: Vec<u8>,
+    part: usize,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    /// Whether a part went already.
+    sent: bool,
+}
+
+impl PartWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.part));
+        self.sent = true;
+        self.tx
+            .blocking_send(Bytes::from(full))
+            .map_err(|_| std::io::Error::other("the upload stopped"))
+    }
+
+    /// Sends the last part (possibly short, or empty when nothing was written).
+    fn close(mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() && self.sent {
+            return Ok(());
+        }
+        self.send()
+    }
+}
+
+impl std::io::Write for PartWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(self.part - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == self.part {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// An opened lake.
 #[derive(Debug, Clone)]
 pub struct Lake {
@@ -119,7 +161,15 @@ pub struct Lake {
     fence: Option<Fence>,
     /// Paths this process writes while a sweep of leftovers runs (shared by every clone).
     writes: Arc<Writes>,
+    /// Part size of a streamed upload to an object store ([`Lake::put_with`]).
+    upload_part: usize,
 }
+
+/// Part size of streamed uploads: an object store write of [`Lake::put_with`] holds at most
+/// about `2 + UPLOAD_CONCURRENCY` parts in memory, whatever the object's size.
+pub const UPLOAD_PART: usize = 8 << 20;
+/// Parts of one upload in flight at once.
+const UPLOAD_CONCURRENCY: usize = 2;
 
 /// The paths written while a sweep runs: the sweep never deletes one of them, and a write of a
 /// path waits for a deletion of it under way, so a leftover of a dead writer that this process
@@ -193,6 +243,7 @@ impl Lake {
                     location,
                     fence: None,
                     writes: Arc::default(),
+                    upload_part: UPLOAD_PART,
                 })
             }
             LakeLocation::S3 { bucket, prefix } => Ok(Lake {
@@ -203,6 +254,7 @@ impl Lake {
                 location,
                 fence: None,
                 writes: Arc::default(),
+                upload_part: UPLOAD_PART,
             }),
             LakeLocation::Memory => Ok(Lake {
                 store: Arc::new(object_store::memory::InMemory::new()),
@@ -212,6 +264,7 @@ impl Lake {
                 location,
                 fence: None,
                 writes: Arc::default(),
+                upload_part: UPLOAD_PART,
             }),
         }
     }
@@ -221,6 +274,25 @@ impl Lake {
     pub fn fenced(&self, fence: Fence) -> Lake {
         Lake {
             fence: Some(fence),
+            ..self.clone()
+        }
+    }
+
+    /// The same lake, with streamed uploads to an object store cut into parts of `bytes`
+    /// (default [`UPLOAD_PART`]; S3 wants at least 5 MiB for every part but the last, and
+    /// `moto` lets a test lower that). At least 1 byte.
+    pub fn with_upload_part(&self, bytes: usize) -> Lake {
+        Lake {
+            upload_part: bytes.max(1),
+            ..self.clone()
+        }
+    }
+
+    /// The same lake over another object store (the same prefix and location): to observe
+    /// or throttle what the lake asks of its store.
+    pub fn with_object_store(&self, store: Arc<dyn ObjectStore>) -> Lake {
+        Lake {
+            store,
             ..self.clone()
         }
     }
@@ -370,25 +442,97 @@ impl Lake {
                     .await
                     .map_err(task_err)?
             }
-            None => {
-                let rel_s = rel.to_string();
-                let data = tokio::task::spawn_blocking(move || {
-                    let mut v = Vec::new();
-                    produce(&mut v).map(|_| v)
-                })
-                .await
-                .map_err(task_err)?
-                .map_err(|source| StoreError::Io {
-                    path: rel_s,
-                    source,
-                })?;
-                let n = data.len() as u64;
-                self.store
-                    .put(&self.object_path(rel), PutPayload::from_bytes(data.into()))
-                    .await?;
-                Ok(n)
+            None => self.upload_streaming(rel, produce).await,
+        }
+    }
+
+    /// [`Lake::put_with`] to an object store: the produced bytes go up in parts of
+    /// `upload_part` as they come (a multipart upload, completed only once every byte was
+    /// produced and every part stored, so the object appears whole or not at all); an object
+    /// of one part is a single PUT. Memory is a few parts, not the object.
+    async fn upload_streaming<F>(&self, rel: &str, produce: F) -> Result<u64, StoreError>
+    where
+        F: FnOnce(&mut (dyn std::io::Write + Send)) -> std::io::Result<()> + Send + 'static,
+    {
+        use object_store::WriteMultipart;
+        let part = self.upload_part;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let producer = tokio::task::spawn_blocking(move || {
+            let mut w = PartWriter {
+                buf: Vec::with_capacity(part),
+                part,
+                tx,
+                sent: false,
+            };
+            produce(&mut w)?;
+            w.close()
+        });
+        let path = self.object_path(rel);
+        let (mut upload, mut held, mut n) = (None::<WriteMultipart>, None::<Bytes>, 0u64);
+        let mut failed: Option<object_store::Error> = None;
+        while let Some(chunk) = rx.recv().await {
+            n += chunk.len() as u64;
+            let step = match (upload.as_mut(), held.take()) {
+                (None, None) => {
+                    // the first part waits: an object of one part is one PUT
+                    held = Some(chunk);
+                    Ok(())
+                }
+                (None, Some(first)) => match self.store.put_multipart(&path).await {
+                    Ok(u) => {
+                        let mut u = WriteMultipart::new_with_chunk_size(u, part);
+                        u.put(first);
+                        let r = u.wait_for_capacity(UPLOAD_CONCURRENCY).await;
+                        u.put(chunk);
+                        upload = Some(u);
+                        r
+                    }
+                    Err(e) => Err(e),
+                },
+                (Some(u), _) => {
+                    let r = u.wait_for_capacity(UPLOAD_CONCURRENCY).await;
+                    u.put(chunk);
+                    r
+                }
+            };
+            if let Err(e) = step {
+                failed = Some(e);
+                break;
             }
         }
+        // a failed upload stops the producer at its next part
+        drop(rx);
+        let produced = producer.await.map_err(|e| StoreError::Io {
+            path: "(write task)".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let outcome = match (failed, produced) {
+            (Some(e), _) => Err(StoreError::from(e)),
+            (None, Err(source)) => Err(StoreError::Io {
+                path: rel.to_string(),
+                source,
+            }),
+            (None, Ok(())) => Ok(()),
+        };
+        match (outcome, upload) {
+            (Ok(()), Some(u)) => {
+                u.finish().await?;
+            }
+            (Ok(()), None) => {
+                self.store
+                    .put(&path, PutPayload::from_bytes(held.unwrap_or_default()))
+                    .await?;
+            }
+            (Err(e), Some(u)) => {
+                if let Err(a) = u.abort().await {
+                    tracing::warn!(path = rel, error = %a, "could not abort a failed upload");
+                    metrics::counter!("atlake_upload_abort_failures_total").increment(1);
+                }
+                return Err(e);
+            }
+            (Err(e), None) => return Err(e),
+        }
+        Ok(n)
     }
 
     /// Writes `data` at `rel` only if nothing is there yet, atomically and durably: `true` if
@@ -656,6 +800,54 @@ fn remove_temps(root: &Path) -> Result<usize, StoreError> {
 mod tests {
     use super::*;
     use crate::sink::lease::FenceError;
+
+    /// A streamed write to an object store: an object of many parts reads back byte for byte
+    /// (parts of every size the producer's writes make, the last one short), one of a single
+    /// part too, an empty one too; a producer that fails after some parts went up leaves no
+    /// object, and neither does one that fails before the first part is full.
+    #[tokio::test]
+    async fn streamed_uploads_are_whole_or_absent() {
+        let lake = Lake::open("memory://").unwrap().with_upload_part(1000);
+        let data: Vec<u8> = (0..10_537u32).map(|i| (i * 7 % 251) as u8).collect();
+        for (name, len) in [
+            ("many", data.len()),
+            ("one", 999),
+            ("exact", 1000),
+            ("empty", 0),
+        ] {
+            let d = data[..len].to_vec();
+            let n = lake
+                .put_with(name, move |w| {
+                    // uneven writes, across part boundaries
+                    for c in d.chunks(333) {
+                        w.write_all(c)?;
+                    }
+                    Ok(())
+                })
+                .await
+                .unwrap();
+            assert_eq!(n, len as u64, "{name}");
+            assert_eq!(
+                lake.get(name).await.unwrap().unwrap(),
+                &data[..len],
+                "{name}"
+            );
+        }
+        for (name, before_failing) in [("failed-late", 5_000usize), ("failed-early", 10)] {
+            let d = data[..before_failing].to_vec();
+            let r = lake
+                .put_with(name, move |w| {
+                    w.write_all(&d)?;
+                    Err(std::io::Error::other("the producer broke"))
+                })
+                .await;
+            assert!(
+                matches!(&r, Err(StoreError::Io { source, .. }) if source.to_string() == "the producer broke"),
+                "{r:?}"
+            );
+            assert_eq!(lake.get(name).await.unwrap(), None, "{name}");
+        }
+    }
 
     /// A directory that is gone by the time it is read (removed by hand, or never made) is
     /// nothing to clean, not an error; other failures are errors.

@@ -48,10 +48,16 @@ fn free_port() -> u16 {
 impl Moto {
     /// Starts moto and creates `bucket`; `None` when `moto_server` is not installed.
     pub async fn start(bucket: &str) -> Option<Moto> {
+        Moto::start_with_env(bucket, &[]).await
+    }
+
+    /// [`Moto::start`] with moto settings in its environment (`S3_UPLOAD_PART_MIN_SIZE`…).
+    pub async fn start_with_env(bucket: &str, env: &[(&str, &str)]) -> Option<Moto> {
         let bin = std::env::var("ATLAKE_MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
         let port = free_port();
         let child = Command::new(&bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
