@@ -381,8 +381,9 @@ fn file_error(path: &str, e: &dyn std::fmt::Display) -> CheckpointError {
 /// footer, then one row group's projected column chunks at a time), so that memory is one
 /// row group per open file whatever the file's size, never the whole object.
 ///
-/// Reading a remote file blocks on the runtime that made the `Origin`: call [`Origin::open`]
-/// and [`Origin::metadata`] from a blocking thread (`spawn_blocking`), never from a task.
+/// A remote file is read by tasks on the runtime that made the `Origin`, and waited for:
+/// call [`Origin::open`] and [`Origin::metadata`] from a blocking thread (`spawn_blocking`),
+/// never from a task. A runtime that stops under a read makes it an error, not a panic.
 #[derive(Clone)]
 pub(crate) enum Origin {
     Path(PathBuf),
@@ -477,10 +478,41 @@ const FOOTER_PREFETCH: usize = 64 * 1024;
 /// A file's record batches, from either origin.
 pub(crate) enum Batches {
     Local(ParquetRecordBatchReader),
+    /// Read by a task on the runtime, a batch ahead; `Ok(None)` marks the end, so a channel
+    /// that closes without it (the runtime stopped under the read) is an error, never a file
+    /// that looks shorter than it is.
     Remote {
-        stream: ParquetRecordBatchStream<RemoteReader>,
-        rt: tokio::runtime::Handle,
+        rx: tokio::sync::mpsc::Receiver<Result<Option<RecordBatch>, parquet::errors::ParquetError>>,
+        done: bool,
     },
+}
+
+/// Why a remote read ended without its end.
+fn read_cut_off() -> parquet::errors::ParquetError {
+    parquet::errors::ParquetError::General("the read was cut off (the runtime is stopping)".into())
+}
+
+impl Batches {
+    /// Reads `stream` on the runtime `rt`, a batch ahead of the caller.
+    fn remote(
+        stream: ParquetRecordBatchStream<RemoteReader>,
+        rt: &tokio::runtime::Handle,
+    ) -> Batches {
+        use futures::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        rt.spawn(async move {
+            let mut stream = stream;
+            while let Some(b) = stream.next().await {
+                let failed = b.is_err();
+                // a reader that stopped reading ends the task
+                if tx.send(b.map(Some)).await.is_err() || failed {
+                    return;
+                }
+            }
+            let _ = tx.send(Ok(None)).await;
+        });
+        Batches::Remote { rx, done: false }
+    }
 }
 
 impl Iterator for Batches {
@@ -489,10 +521,22 @@ impl Iterator for Batches {
     fn next(&mut self) -> Option<Self::Item> {
         match self {
             Batches::Local(r) => r.next().map(|b| b.map_err(Into::into)),
-            Batches::Remote { stream, rt } => {
-                use futures::StreamExt;
-                rt.block_on(stream.next())
-            }
+            Batches::Remote { done: true, .. } => None,
+            Batches::Remote { rx, done } => match rx.blocking_recv() {
+                Some(Ok(Some(b))) => Some(Ok(b)),
+                Some(Ok(None)) => {
+                    *done = true;
+                    None
+                }
+                Some(Err(e)) => {
+                    *done = true;
+                    Some(Err(e))
+                }
+                None => {
+                    *done = true;
+                    Some(Err(read_cut_off()))
+                }
+            },
         }
     }
 }
@@ -525,11 +569,16 @@ impl Origin {
                     return Ok(m.clone());
                 }
                 let mut reader = r.reader();
-                let m =
-                    r.rt.block_on(ArrowReaderMetadata::load_async(
-                        &mut reader,
-                        ArrowReaderOptions::new(),
-                    ))
+                // on the runtime (which drives the store's I/O and timers), waited for here
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                r.rt.spawn(async move {
+                    let m = ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())
+                        .await;
+                    let _ = tx.send(m);
+                });
+                let m = rx
+                    .blocking_recv()
+                    .map_err(|_| err(&read_cut_off()))?
                     .map_err(|e| err(&e))?;
                 Ok(r.meta.get_or_init(|| m).clone())
             }
@@ -610,10 +659,7 @@ impl Origin {
                 if let Some(m) = mask {
                     b = b.with_projection(m);
                 }
-                Batches::Remote {
-                    stream: b.with_batch_size(rows).build().map_err(|e| err(&e))?,
-                    rt: r.rt.clone(),
-                }
+                Batches::remote(b.with_batch_size(rows).build().map_err(|e| err(&e))?, &r.rt)
             }
         })
     }

@@ -227,11 +227,38 @@ impl Fence {
         }
     }
 
+    /// Resolves when writes must stop, with why: the validity ran out (as renewals extended it
+    /// meanwhile, not as it was when the write started), or the lease was lost.
+    pub async fn closed(&self) -> FenceError {
+        loop {
+            let left = match self.deadline() {
+                Err(e) => return e,
+                Ok(left) => left,
+            };
+            let run_out = async {
+                match left {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // then look again: a renewal may have moved the end
+                _ = run_out => {}
+                why = self.lost() => return FenceError::Lost(why),
+            }
+        }
+    }
+
     /// Resolves when the lease is lost, with why.
     pub async fn lost(&self) -> String {
         let mut rx = self.lost_tx.subscribe();
-        match rx.wait_for(|l| l.is_some()).await {
-            Ok(v) => v.clone().unwrap_or_default(),
+        // the borrow of the value ends here, before any other await
+        let got = rx
+            .wait_for(|l| l.is_some())
+            .await
+            .map(|v| v.clone().unwrap_or_default());
+        match got {
+            Ok(why) => why,
             // the sender lives as long as any fence clone: never closed while awaited
             Err(_) => std::future::pending().await,
         }

@@ -303,20 +303,19 @@ impl Lake {
     }
 
     /// Runs a write under the fence (if any): refused when the lease is not valid, cancelled
-    /// when its validity ends.
+    /// when its validity ends or the lease is lost. A write that outlasts one renewal period
+    /// (a compaction output of hundreds of MB) goes on as long as renewals extend the validity.
     async fn guarded<T>(
         &self,
         write: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let deadline = match &self.fence {
-            None => None,
-            Some(f) => f.deadline()?,
+        let Some(f) = &self.fence else {
+            return write.await;
         };
-        match deadline {
-            None => write.await,
-            Some(d) => tokio::time::timeout(d, write)
-                .await
-                .map_err(|_| StoreError::Fenced(super::lease::FenceError::Expired))?,
+        f.deadline()?;
+        tokio::select! {
+            r = write => r,
+            e = f.closed() => Err(StoreError::Fenced(e)),
         }
     }
 
@@ -982,6 +981,55 @@ mod tests {
             lake.get("a").await.unwrap().unwrap(),
             Bytes::from_static(b"1")
         );
+    }
+
+    /// A write that lasts longer than the validity it started with goes on while renewals
+    /// extend it, and is cancelled (nothing written) once they stop or the lease is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_write_lasts_as_long_as_the_renewals() {
+        let slow = |ms: u64| {
+            move |w: &mut (dyn std::io::Write + Send)| {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                w.write_all(b"x")
+            }
+        };
+        let ms = std::time::Duration::from_millis;
+        let fence = Fence::new(Some(tokio::time::Instant::now() + ms(150)));
+        let lake = Lake::open("memory://").unwrap().fenced(fence.clone());
+        let renewing = {
+            let fence = fence.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(ms(50)).await;
+                    fence.extend(tokio::time::Instant::now() + ms(150));
+                }
+            })
+        };
+        assert_eq!(lake.put_with("long", slow(600)).await.unwrap(), 1);
+        assert_eq!(lake.get("long").await.unwrap().unwrap(), &b"x"[..]);
+        renewing.abort();
+        let r = lake.put_with("cut", slow(600)).await;
+        assert!(
+            matches!(r, Err(StoreError::Fenced(FenceError::Expired))),
+            "{r:?}"
+        );
+        fence.extend(tokio::time::Instant::now() + ms(10_000));
+        let lose = {
+            let fence = fence.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(ms(100)).await;
+                fence.lose("taken over".into());
+            })
+        };
+        let r = lake.put_with("lost", slow(600)).await;
+        assert!(
+            matches!(r, Err(StoreError::Fenced(FenceError::Lost(_)))),
+            "{r:?}"
+        );
+        lose.await.unwrap();
+        tokio::time::sleep(ms(700)).await;
+        assert_eq!(lake.get("cut").await.unwrap(), None);
+        assert_eq!(lake.get("lost").await.unwrap(), None);
     }
 
     #[test]
