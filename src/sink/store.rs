@@ -518,9 +518,12 @@ impl Lake {
                 u.finish().await?;
             }
             (Ok(()), None) => {
-                self.store
-                    .put(&path, PutPayload::from_bytes(held.unwrap_or_default()))
-                    .await?;
+                // the producer's close always sends a part, empty when nothing was written
+                let body = held.ok_or_else(|| StoreError::Io {
+                    path: rel.to_string(),
+                    source: std::io::Error::other("the upload got no part at all"),
+                })?;
+                self.store.put(&path, PutPayload::from_bytes(body)).await?;
             }
             (Err(e), Some(u)) => {
                 if let Err(a) = u.abort().await {
