@@ -212,7 +212,7 @@ pub async fn run(
     let target = schema(TableKind::Events(None));
     for f in &files {
         // read by row groups (a local file in place, an object by ranges), never whole
-        let origin = compact::Origin::of(lake, f);
+        let origin = crate::sink::read::Origin::of(lake, f);
         let (path, facts2, slice2, target2) =
             (f.path.clone(), facts.clone(), slice.clone(), target.clone());
         let name = f.key.name.clone();
@@ -255,7 +255,7 @@ async fn all_event_files(lake: &Lake) -> Result<Vec<LakeFile>, ExportError> {
 
 /// One input file, filtered and purged, encoded into `w`: the rows written.
 fn export_file(
-    origin: &compact::Origin,
+    origin: &crate::sink::read::Origin,
     path: &str,
     name: &PartitionName,
     facts: &Facts,
@@ -267,7 +267,9 @@ fn export_file(
         path: path.to_string(),
         message: m,
     };
-    let reader = origin.open(path, None, 8192)?;
+    let reader = origin
+        .open(path, None, 8192)
+        .map_err(CheckpointError::from)?;
     let mut out = Out::new(slice.format, target.clone(), w).map_err(err)?;
     let mut rows = 0u64;
     for b in reader {

@@ -41,8 +41,8 @@
 //! - [`source`]: transport only. Firehose and Jetstream over WebSocket (reconnect, resume,
 //!   filters, zstd) and capture files; each yields raw messages with their cursors.
 //! - [`sink`]: partition keys and lake paths, the batcher and its flush policy, Parquet
-//!   encoding, storage through `object_store` (local fsync + rename, S3, memory), and the
-//!   writer lease (one writer per lake).
+//!   encoding and reading (in batches; S3 by ranges), storage through `object_store` (local
+//!   fsync + rename, S3, memory), and the writer lease (one writer per lake).
 //! - [`checkpoint`]: the lake's Delta log (files and the cursor committed together, never
 //!   ahead of durable data), start-up recovery, and what keeps the tables in shape:
 //!   retention, vacuum, compaction and the purge of deleted data.

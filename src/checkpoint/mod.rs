@@ -69,6 +69,15 @@ pub enum CheckpointError {
     },
 }
 
+impl From<crate::sink::read::ReadError> for CheckpointError {
+    fn from(e: crate::sink::read::ReadError) -> CheckpointError {
+        CheckpointError::File {
+            path: e.path,
+            message: e.message,
+        }
+    }
+}
+
 /// The endpoint of a position the log does not record.
 pub const UNKNOWN_URL: &str = "";
 

@@ -252,15 +252,16 @@ impl Fence {
     /// Resolves when the lease is lost, with why.
     pub async fn lost(&self) -> String {
         let mut rx = self.lost_tx.subscribe();
-        // the borrow of the value ends here, before any other await
-        let got = rx
-            .wait_for(|l| l.is_some())
-            .await
-            .map(|v| v.clone().unwrap_or_default());
-        match got {
-            Ok(why) => why,
-            // the sender lives as long as any fence clone: never closed while awaited
-            Err(_) => std::future::pending().await,
+        loop {
+            // the borrow of the value ends here, before any other await
+            let got = rx.wait_for(|l| l.is_some()).await.map(|v| v.clone());
+            match got {
+                Ok(Some(why)) => return why,
+                // not lost (the wait only ends on a reason): keep waiting, never invent one
+                Ok(None) => continue,
+                // the sender lives as long as any fence clone: never closed while awaited
+                Err(_) => return std::future::pending().await,
+            }
         }
     }
 }

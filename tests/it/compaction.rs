@@ -840,6 +840,23 @@ async fn export_writes_slices_without_deleted_data_in_every_format() {
     }
 }
 
+/// Ingests `dir/cap.zst` with `cfg` into the S3 lake at `url` on `moto`; the lake and the
+/// configuration, pointed at it.
+async fn ingest_to_s3(
+    moto: &crate::tools::Moto,
+    url: &str,
+    dir: &std::path::Path,
+    mut cfg: Config,
+) -> (Lake, Config) {
+    let lake = Lake::open_with_env(url, &moto.env()).unwrap();
+    cfg.lake.url = url.to_string();
+    let h = ingest::start_with_lake(cfg.clone(), Input::File(dir.join("cap.zst")), lake.clone())
+        .await
+        .unwrap();
+    h.wait().await.unwrap();
+    (lake, cfg)
+}
+
 /// On S3 (moto, conditional puts): compaction keeps every event exactly once in the committed
 /// files, one per partition; then the purge removes what deleted accounts and deletes
 /// call for, and the committed rows are exactly those it did not drop.
@@ -849,17 +866,10 @@ async fn compaction_and_purge_on_s3() {
         return crate::tools::missing("moto_server (S3-compatible server)");
     };
     let dir = tempfile::tempdir().unwrap();
-    let cap = dir.path().join("cap.zst");
-    let truth = capture(&cap, 4_000, 800_000, 47);
-    let url = "s3://compact/lake";
-    let lake = Lake::open_with_env(url, &moto.env()).unwrap();
+    let truth = capture(&dir.path().join("cap.zst"), 4_000, 800_000, 47);
     let mut cfg = Config::default();
-    cfg.lake.url = url.to_string();
     cfg.flush.max_rows = 150;
-    let h = ingest::start_with_lake(cfg.clone(), Input::File(cap), lake.clone())
-        .await
-        .unwrap();
-    h.wait().await.unwrap();
+    let (lake, mut cfg) = ingest_to_s3(&moto, "s3://compact/lake", dir.path(), cfg).await;
     assert_exactly_once(&read_committed(&lake).await, &truth);
     cfg.privacy.purge_deleted = false;
     cfg.compaction.small_day = atlake::config::ByteSize(40 << 10);
@@ -1030,19 +1040,12 @@ async fn compaction_on_s3_reads_ranges_and_uploads_in_parts() {
         return crate::tools::missing("moto_server (S3-compatible server)");
     };
     let dir = tempfile::tempdir().unwrap();
-    let cap = dir.path().join("cap.zst");
     // about an hour of traffic: each big collection's hour is a few files of several row groups
-    let truth = capture(&cap, 24_000, 100_000, 53);
-    let url = "s3://ranges/lake";
-    let plain = Lake::open_with_env(url, &moto.env()).unwrap();
+    let truth = capture(&dir.path().join("cap.zst"), 24_000, 100_000, 53);
     let mut cfg = Config::default();
-    cfg.lake.url = url.to_string();
     cfg.flush.max_rows = 4_000;
     cfg.writer.row_group_rows = 300;
-    let h = ingest::start_with_lake(cfg.clone(), Input::File(cap), plain.clone())
-        .await
-        .unwrap();
-    h.wait().await.unwrap();
+    let (plain, mut cfg) = ingest_to_s3(&moto, "s3://ranges/lake", dir.path(), cfg).await;
     let before = delta::load(&plain, Table::Events).await.unwrap();
     let biggest = before.files.values().map(|f| f.size).max().unwrap();
     assert!(
