@@ -382,6 +382,9 @@ pub enum Command {
         /// Only records that still exist (current.records), instead of every event.
         #[arg(long)]
         current: bool,
+        /// With --current: rows per output file.
+        #[arg(long, value_name = "N", default_value_t = crate::export::CURRENT_FILE_ROWS)]
+        rows_per_file: u64,
         /// Output format.
         #[arg(long, value_enum, default_value = "parquet")]
         format: ExportFormat,
@@ -624,9 +627,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             since,
             until,
             current,
+            rows_per_file,
             format,
         } => {
             let cfg = load_config(&common, &no_source())?;
+            if rows_per_file == 0 {
+                bail!("--rows-per-file must be at least 1");
+            }
             let time = |s: &Option<String>, flag: &str| -> anyhow::Result<Option<i64>> {
                 s.as_deref()
                     .map(|t| {
@@ -650,6 +657,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 since_us: time(&since, "--since")?,
                 until_us: time(&until, "--until")?,
                 current,
+                rows_per_file,
                 format: match format {
                     ExportFormat::Parquet => crate::export::Format::Parquet,
                     ExportFormat::Ndjson => crate::export::Format::Ndjson,
@@ -1116,7 +1124,8 @@ async fn export_cmd(
     let tty = std::io::stderr().is_terminal();
     let watch = progress.clone();
     let reporter = spawn_progress(tty, move || line(&watch));
-    let r = crate::export::run(&lake, &dest, &slice, progress.clone()).await;
+    let budget = crate::checkpoint::facts::Budget::from_config(&cfg.privacy);
+    let r = crate::export::run(&lake, &dest, &slice, &budget, progress.clone()).await;
     reporter.abort();
     if tty {
         eprint!("\r\x1b[2K");

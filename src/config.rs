@@ -576,6 +576,11 @@ pub struct PrivacyConfig {
     pub purge_deleted: bool,
     /// How often the purge scan reads the key columns of every file.
     pub purge_every: HumanDuration,
+    /// Memory for the deletion facts the purge and export apply (about 53 bytes a fact in
+    /// memory); beyond it they are sorted to unnamed temporary files in `spill_dir`.
+    pub facts_memory: ByteSize,
+    /// Where the deletion facts spill (empty: the system's temporary directory).
+    pub spill_dir: String,
 }
 
 impl Default for PrivacyConfig {
@@ -583,6 +588,8 @@ impl Default for PrivacyConfig {
         PrivacyConfig {
             purge_deleted: true,
             purge_every: HumanDuration(Duration::from_secs(6 * 3600)),
+            facts_memory: ByteSize(64 << 20),
+            spill_dir: String::new(),
         }
     }
 }
@@ -789,6 +796,9 @@ impl Config {
                 "flush.max_open_partitions",
                 "must be at least 16 (the core collections always have their own)",
             );
+        }
+        if self.privacy.facts_memory.0 < 64 << 10 {
+            return bad("privacy.facts_memory", "must be at least 64KiB");
         }
         if self.flush.memory_cap.0 < 1 << 20 {
             return bad("flush.memory_cap", "must be at least 1MiB");

@@ -1,18 +1,20 @@
 //! `atlake export`: a slice of the lake as files another tool can take away.
 //!
 //! Events (the default) and the backfilled history are read from the committed snapshot, one
-//! file at a time and one batch at a time (memory: a batch, and the deletion facts), filtered by
+//! file at a time and one batch at a time (memory: a batch, and the deletion facts within
+//! `privacy.facts_memory`), filtered by
 //! collection and time, and written to `DEST` in the lake's own layout
 //! (`events/collection_partition=…/date=…/hour=…/`, `history/collection=…/month=…/`), one
 //! output file per input file, as Parquet, NDJSON or CSV. Whatever the format, a record
 //! deleted before the export is not in it: the same facts as the purge
-//! ([`crate::checkpoint::compact`]) are applied to every row (a deleted record's content is
+//! ([`crate::checkpoint::facts`]) are applied to every row (a deleted record's content is
 //! null, a deleted account's rows are left out), whether or not the lake was purged yet.
 //! `--current` exports `current.records` (only records that still exist) through the SQL
 //! engine, in files of at most a million rows.
 
 use crate::checkpoint::CheckpointError;
-use crate::checkpoint::compact::{self, Facts};
+use crate::checkpoint::compact;
+use crate::checkpoint::facts::{self, Budget, Facts};
 use crate::model::rows::{TableKind, schema};
 use crate::sink::partition::{LakeFile, PartitionName};
 use crate::sink::store::Lake;
@@ -54,6 +56,8 @@ pub struct Slice {
     pub until_us: Option<i64>,
     /// Only records that still exist (`current.records`).
     pub current: bool,
+    /// With `current`: rows per output file.
+    pub rows_per_file: u64,
     /// Output format.
     pub format: Format,
 }
@@ -70,6 +74,9 @@ pub enum ExportError {
     /// The SQL engine (`--current`).
     #[error(transparent)]
     Query(#[from] crate::query::QueryError),
+    /// A slice that cannot be exported.
+    #[error("{0}")]
+    Slice(&'static str),
     /// Encoding the output.
     #[error("encoding {path}: {message}")]
     Encode {
@@ -182,14 +189,15 @@ impl<W: std::io::Write + Send> Out<W> {
     }
 }
 
-/// Rows per output file of `--current`.
-const CURRENT_FILE_ROWS: u64 = 1_000_000;
+/// Rows per output file of `--current`, by default.
+pub const CURRENT_FILE_ROWS: u64 = 1_000_000;
 
 /// Exports `slice` of `lake` to `dest`; returns the progress counters at the end.
 pub async fn run(
     lake: &Lake,
     dest: &Lake,
     slice: &Slice,
+    budget: &Budget,
     progress: Arc<Progress>,
 ) -> Result<(), ExportError> {
     if slice.current {
@@ -205,7 +213,7 @@ pub async fn run(
         })
         .collect();
     // every deletion the lake knows, applied whatever the lake's purge has done so far
-    let facts = Arc::new(compact::load_facts(lake, &all_event_files(lake).await?).await?);
+    let facts = Arc::new(facts::load_facts(lake, &all_event_files(lake).await?, budget).await?);
     progress
         .files_total
         .store(files.len() as u64, Ordering::Relaxed);
@@ -275,7 +283,7 @@ fn export_file(
     for b in reader {
         let b = b.map_err(|e| err(e.to_string()))?;
         let b = compact::adapt(b, target, path)?;
-        let b = compact::purge_batch(b, facts, name, path)?;
+        let b = facts::purge_batch(b, facts, name, path)?;
         let b = filter_rows(b, slice, path)?;
         if b.num_rows() == 0 {
             continue;
@@ -288,13 +296,16 @@ fn export_file(
 }
 
 /// `--current`: `current.records` through the SQL engine, streamed into files of at most
-/// [`CURRENT_FILE_ROWS`] rows (each encoded in memory, then written).
+/// [`Slice::rows_per_file`] rows, each encoded as its batches come.
 async fn export_current(
     lake: &Lake,
     dest: &Lake,
     slice: &Slice,
     progress: Arc<Progress>,
 ) -> Result<(), ExportError> {
+    if slice.rows_per_file == 0 {
+        return Err(ExportError::Slice("rows per file must be at least 1"));
+    }
     let engine = crate::query::QueryEngine::try_new(
         lake.clone(),
         None,
@@ -326,54 +337,81 @@ async fn export_current(
     );
     let df = engine.sql(&sql).await?;
     let mut stream = engine.execute(df).await?;
-    let enc = |m: String| ExportError::Encode {
-        path: "current/records".into(),
-        message: m,
-    };
-    let mut part = 0u64;
-    let mut cur: Option<(Out<Vec<u8>>, u64)> = None;
-    loop {
-        let next = stream.next().await;
-        let done = next.is_none();
-        if let Some(b) = next {
+    // the next batch with rows, if any
+    async fn next_rows(
+        stream: &mut datafusion::physical_plan::SendableRecordBatchStream,
+    ) -> Result<Option<RecordBatch>, ExportError> {
+        while let Some(b) = stream.next().await {
             let b = b.map_err(crate::query::QueryError::from_datafusion)?;
             if b.num_rows() > 0 {
-                let (mut out, n) = match cur.take() {
-                    Some(x) => x,
-                    None => (
-                        Out::new(slice.format, b.schema(), Vec::new()).map_err(enc)?,
-                        0,
-                    ),
-                };
-                out.write(&b).map_err(enc)?;
+                return Ok(Some(b));
+            }
+        }
+        Ok(None)
+    }
+    let mut part = 0u64;
+    let mut first = next_rows(&mut stream).await?;
+    // one output file at a time, streamed: batches go to the encoder as the query makes them
+    // (a local file written in place, an object uploaded in parts), never a whole file in
+    // memory
+    while let Some(b) = first.take() {
+        let path = format!("current/records/part-{part:05}.{}", slice.format.ext());
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<RecordBatch, String>>(2);
+        let (format, schema) = (slice.format, b.schema());
+        let at = path.clone();
+        let write = dest.put_with(&path, move |w| {
+            let io = |m: String| std::io::Error::other(format!("{at}: {m}"));
+            let mut out = Out::new(format, schema, w).map_err(io)?;
+            while let Some(b) = rx.blocking_recv() {
+                // an error of the query fails the file: nothing is left at its path
+                out.write(&b.map_err(io)?).map_err(io)?;
+            }
+            out.finish().map_err(io)
+        });
+        let (stream, progress) = (&mut stream, &progress);
+        // owns the sender: the encoder sees the end of its file when the feed returns
+        let feed = async move {
+            let (limit, mut b, mut rows) = (slice.rows_per_file, b, 0u64);
+            loop {
+                // the file takes what fits; the rest of the batch starts the next one
+                let room = usize::try_from(limit - rows).unwrap_or(usize::MAX);
+                let rest = (b.num_rows() > room).then(|| b.slice(room, b.num_rows() - room));
+                if rest.is_some() {
+                    b = b.slice(0, room);
+                }
+                rows += b.num_rows() as u64;
                 progress
                     .rows
                     .fetch_add(b.num_rows() as u64, Ordering::Relaxed);
-                cur = Some((out, n + b.num_rows() as u64));
-            }
-        }
-        let full = cur.as_ref().is_some_and(|(_, n)| *n >= CURRENT_FILE_ROWS);
-        if (full || done)
-            && let Some((out, _)) = cur.take()
-        {
-            let data = match out {
-                Out::Parquet(w) => w.into_inner().map_err(|e| enc(e.to_string()))?,
-                Out::Ndjson(mut w) => {
-                    w.finish().map_err(|e| enc(e.to_string()))?;
-                    w.into_inner()
+                if tx.send(Ok(b)).await.is_err() {
+                    // the encoder stopped: its error is the write's
+                    return Ok(None);
                 }
-                Out::Csv(w) => w.into_inner(),
-            };
-            let path = format!("current/records/part-{part:05}.{}", slice.format.ext());
-            progress
-                .bytes
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-            dest.put_atomic(&path, data.into()).await?;
-            progress.outputs.fetch_add(1, Ordering::Relaxed);
-            part += 1;
-        }
-        if done {
-            return Ok(());
-        }
+                if rest.is_some() {
+                    return Ok(rest);
+                }
+                let next = match next_rows(stream).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // a closed channel means the encoder already failed; the error is the
+                        // query's either way
+                        let _closed = tx.send(Err(e.to_string())).await;
+                        return Err(e);
+                    }
+                };
+                match next {
+                    Some(n) if rows < limit => b = n,
+                    // the file is full (the batch starts the next one) or the query ended
+                    next => return Ok(next),
+                }
+            }
+        };
+        let (written, fed) = tokio::join!(write, feed);
+        let (bytes, next) = (written?, fed?);
+        progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+        progress.outputs.fetch_add(1, Ordering::Relaxed);
+        part += 1;
+        first = next;
     }
+    Ok(())
 }

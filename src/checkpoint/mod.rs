@@ -19,6 +19,7 @@
 
 pub mod compact;
 pub mod delta;
+pub mod facts;
 pub mod retention;
 
 use crate::model::key::{EventKey, KeyParts, error_key_of, key_of};
@@ -59,6 +60,9 @@ pub enum CheckpointError {
     /// The writer lease could not be taken (another writer holds it).
     #[error(transparent)]
     Lease(#[from] crate::sink::lease::LeaseError),
+    /// The deletion facts could not be held or read.
+    #[error(transparent)]
+    Facts(#[from] facts::FactsError),
     /// A data file could not be read back.
     #[error("reading {path}: {message}")]
     File {

@@ -107,6 +107,42 @@ impl LakeLocation {
     }
 }
 
+/// A multipart upload under way: aborted if it is dropped before it was finished or aborted
+/// (the future that drives it was cancelled), so that the store does not keep its parts.
+struct Unfinished {
+    upload: Option<object_store::WriteMultipart>,
+    rel: String,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(u) = self.upload.take() else {
+            return;
+        };
+        let rel = std::mem::take(&mut self.rel);
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(async move {
+                    match u.abort().await {
+                        Ok(()) => tracing::info!(path = rel, "aborted an upload cut off"),
+                        Err(e) => {
+                            tracing::warn!(path = rel, error = %e, "could not abort an upload cut off");
+                            metrics::counter!("atlake_upload_abort_failures_total").increment(1);
+                        }
+                    }
+                });
+            }
+            Err(_) => {
+                tracing::warn!(
+                    path = rel,
+                    "an upload cut off outside a runtime was not aborted"
+                );
+                metrics::counter!("atlake_upload_abort_failures_total").increment(1);
+            }
+        }
+    }
+}
+
 /// The writer a streamed upload's producer writes into: full parts go to the uploader.
 struct PartWriter {
     buf: Vec<u8>,
@@ -415,8 +451,9 @@ impl Lake {
     }
 
     /// Writes the bytes produced by `produce` at `rel`, atomically and durably. A local lake
-    /// streams them straight into the temporary file (no copy in memory); object stores get one
-    /// PUT of the produced bytes. Returns the size written.
+    /// streams them straight into the temporary file (no copy in memory); an object store gets
+    /// them as a multipart upload, part by part (one PUT when they fit one part). A producer
+    /// that fails leaves nothing at `rel`. Returns the size written.
     pub async fn put_with<F>(&self, rel: &str, produce: F) -> Result<u64, StoreError>
     where
         F: FnOnce(&mut (dyn std::io::Write + Send)) -> std::io::Result<()> + Send + 'static,
@@ -467,11 +504,17 @@ impl Lake {
             w.close()
         });
         let path = self.object_path(rel);
-        let (mut upload, mut held, mut n) = (None::<WriteMultipart>, None::<Bytes>, 0u64);
+        // aborted if dropped unfinished: a write cut off by the fence (`guarded`) drops this
+        // future mid-upload, and S3 would keep the parts sent so far
+        let mut upload = Unfinished {
+            upload: None,
+            rel: rel.to_string(),
+        };
+        let (mut held, mut n) = (None::<Bytes>, 0u64);
         let mut failed: Option<object_store::Error> = None;
         while let Some(chunk) = rx.recv().await {
             n += chunk.len() as u64;
-            let step = match (upload.as_mut(), held.take()) {
+            let step = match (upload.upload.as_mut(), held.take()) {
                 (None, None) => {
                     // the first part waits: an object of one part is one PUT
                     held = Some(chunk);
@@ -483,7 +526,7 @@ impl Lake {
                         u.put(first);
                         let r = u.wait_for_capacity(UPLOAD_CONCURRENCY).await;
                         u.put(chunk);
-                        upload = Some(u);
+                        upload.upload = Some(u);
                         r
                     }
                     Err(e) => Err(e),
@@ -513,7 +556,7 @@ impl Lake {
             }),
             (None, Ok(())) => Ok(()),
         };
-        match (outcome, upload) {
+        match (outcome, upload.upload.take()) {
             (Ok(()), Some(u)) => {
                 u.finish().await?;
             }
@@ -1047,5 +1090,145 @@ mod tests {
             source: std::io::Error::from_raw_os_error(13),
         };
         assert!(!other.is_no_space());
+    }
+
+    /// An object store that counts the multipart uploads aborted.
+    #[derive(Debug)]
+    struct CountsAborts {
+        inner: object_store::memory::InMemory,
+        aborts: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl std::fmt::Display for CountsAborts {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "CountsAborts")
+        }
+    }
+
+    #[derive(Debug)]
+    struct CountedUpload(
+        Box<dyn object_store::MultipartUpload>,
+        Arc<std::sync::atomic::AtomicU64>,
+    );
+
+    #[async_trait::async_trait]
+    impl object_store::MultipartUpload for CountedUpload {
+        fn put_part(&mut self, data: PutPayload) -> object_store::UploadPart {
+            self.0.put_part(data)
+        }
+        async fn complete(&mut self) -> object_store::Result<object_store::PutResult> {
+            self.0.complete().await
+        }
+        async fn abort(&mut self) -> object_store::Result<()> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.abort().await
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for CountsAborts {
+        async fn put_opts(
+            &self,
+            location: &ObjPath,
+            payload: PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &ObjPath,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            let u = self.inner.put_multipart_opts(location, opts).await?;
+            Ok(Box::new(CountedUpload(u, self.aborts.clone())))
+        }
+        async fn get_opts(
+            &self,
+            location: &ObjPath,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<ObjPath>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<ObjPath>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&ObjPath>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&ObjPath>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &ObjPath,
+            to: &ObjPath,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// A streamed upload cut off by the fence (the lease ran out mid-write) is aborted, so the
+    /// store keeps none of its parts; a producer that fails aborts its upload too.
+    #[tokio::test]
+    async fn an_upload_cut_off_by_the_fence_is_aborted() {
+        let aborts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let store = Arc::new(CountsAborts {
+            inner: object_store::memory::InMemory::new(),
+            aborts: aborts.clone(),
+        });
+        let ms = std::time::Duration::from_millis;
+        let fence = Fence::new(Some(tokio::time::Instant::now() + ms(200)));
+        let lake = Lake::open("memory://")
+            .unwrap()
+            .with_upload_part(1000)
+            .with_object_store(store.clone())
+            .fenced(fence);
+        // parts go up every 40 ms for 1.6 s: the fence closes after 200 ms, mid-upload
+        let r = lake
+            .put_with("cut", |w| {
+                for _ in 0..40 {
+                    w.write_all(&[7u8; 1000])?;
+                    std::thread::sleep(std::time::Duration::from_millis(40));
+                }
+                Ok(())
+            })
+            .await;
+        assert!(
+            matches!(r, Err(StoreError::Fenced(FenceError::Expired))),
+            "{r:?}"
+        );
+        // the abort runs as a task once the upload is dropped
+        let deadline = tokio::time::Instant::now() + ms(5000);
+        while aborts.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(ms(10)).await;
+        }
+        assert_eq!(aborts.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(lake.get("cut").await.unwrap(), None);
+        let plain = Lake::open("memory://")
+            .unwrap()
+            .with_upload_part(1000)
+            .with_object_store(store);
+        let r = plain
+            .put_with("failed", |w| {
+                w.write_all(&[7u8; 5000])?;
+                Err(std::io::Error::other("the producer broke"))
+            })
+            .await;
+        assert!(r.is_err());
+        assert_eq!(aborts.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }

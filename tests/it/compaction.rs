@@ -831,10 +831,20 @@ async fn export_writes_slices_without_deleted_data_in_every_format() {
     // deletes
     assert_eq!(rows.len(), 5 + 5, "{rows:?}");
     // the records that still exist: alice's five kept posts and carol's five
-    export("current", &["--current", "--format", "ndjson"]);
+    export(
+        "current",
+        &["--current", "--format", "ndjson", "--rows-per-file", "3"],
+    );
     let rows = read("current", "ndjson");
     let all: String = rows.iter().map(|r| r.to_string()).collect();
     assert_eq!(rows.len(), 10, "{all}");
+    // files of exactly 3 rows, the last one short
+    let mut sizes: Vec<usize> = walkdir(&dir.path().join("current"))
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap().lines().count())
+        .collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![1, 3, 3, 3]);
     for s in &gone {
         assert!(!all.contains(s.as_str()), "--current: {s} was exported");
     }
@@ -1095,6 +1105,7 @@ async fn compaction_on_s3_reads_ranges_and_uploads_in_parts() {
         since_us: None,
         until_us: None,
         current: false,
+        rows_per_file: atlake::export::CURRENT_FILE_ROWS,
         format: atlake::export::Format::Parquet,
     };
     let progress = std::sync::Arc::new(atlake::export::Progress::default());
@@ -1102,6 +1113,7 @@ async fn compaction_on_s3_reads_ranges_and_uploads_in_parts() {
         &lake,
         &Lake::open(out.to_str().unwrap()).unwrap(),
         &slice,
+        &atlake::checkpoint::facts::Budget::default(),
         progress.clone(),
     )
     .await
@@ -1112,4 +1124,118 @@ async fn compaction_on_s3_reads_ranges_and_uploads_in_parts() {
         "export read a data file whole"
     );
     assert_eq!(progress.rows.load(Relaxed), got.keys.len() as u64);
+}
+
+/// What the purge left, row by row: every event's key, time and whether it kept its content,
+/// sorted.
+async fn purged_rows(lake: &str) -> Vec<String> {
+    let engine = atlake::query::QueryEngine::try_new(
+        Lake::open(lake).unwrap(),
+        None,
+        atlake::query::Limits::default(),
+    )
+    .unwrap();
+    let batches = engine
+        .collect(
+            "SELECT kind || '|' || did || '|' || coalesce(collection, '-') || '|' || \
+             coalesce(rkey, '-') || '|' || coalesce(operation, '-') || '|' || \
+             CAST(time_us AS VARCHAR) || '|' || CAST(cid IS NULL AS VARCHAR) || '|' || \
+             CAST(record IS NULL AS VARCHAR) AS r FROM events ORDER BY r",
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for b in &batches {
+        let c = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+        let c = arrow::array::AsArray::as_string::<i32>(&c);
+        out.extend((0..b.num_rows()).map(|i| c.value(i).to_string()));
+    }
+    out
+}
+
+/// With a facts budget of 64 KiB, the purge's deletion facts go to disk (sorted runs merged
+/// into one file), and `atlake compact --purge` leaves exactly the rows, blanked exactly as, a
+/// purge with its facts in memory leaves on a copy of the same lake; an export with the
+/// facts on disk has the rows of one with them in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_with_its_facts_on_disk_matches_one_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = dir.path().join("cap.zst");
+    let truth = capture(&cap, 30_000, 100_000, 43);
+    let (mem, disk) = (dir.path().join("mem"), dir.path().join("disk"));
+    ingest_small_files(&cap, &mem).await;
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(&mem)
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let spill = dir.path().join("spill");
+    std::fs::create_dir(&spill).unwrap();
+    let spill_s = spill.to_str().unwrap();
+    let tiny = [
+        ("ATLAKE_PRIVACY_FACTS_MEMORY", "64KiB"),
+        ("ATLAKE_PRIVACY_SPILL_DIR", spill_s),
+    ];
+    let before = purged_rows(mem.to_str().unwrap()).await;
+    assert_eq!(before.len() as u64, truth.events());
+    let out_mem = compact(&mem, &["--purge", "--open"], &[]);
+    let out_disk = compact(&disk, &["--purge", "--open"], &tiny);
+    assert!(out_mem.contains("purge scan ran"), "{out_mem}");
+    assert!(
+        out_mem.contains("deletion facts loaded") && out_mem.contains("spilled=false"),
+        "{out_mem}"
+    );
+    assert!(out_disk.contains("spilled=true"), "{out_disk}");
+    let (a, b) = (
+        purged_rows(mem.to_str().unwrap()).await,
+        purged_rows(disk.to_str().unwrap()).await,
+    );
+    let blanked = a.iter().filter(|r| r.ends_with("|true|true")).count()
+        - before.iter().filter(|r| r.ends_with("|true|true")).count();
+    assert!(
+        blanked > 100 && a.len() < before.len(),
+        "the purge blanked {blanked} and dropped {} rows",
+        before.len() - a.len()
+    );
+    assert!(a == b, "the two purges differ");
+    // the spill files had no names: nothing is left
+    assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0);
+    // export: same rows either way
+    let export = |to: &str, env: &[(&str, &str)]| {
+        let out = Command::new(atlake_bin())
+            .args([
+                "export",
+                "--lake",
+                disk.to_str().unwrap(),
+                "--format",
+                "ndjson",
+                "--to",
+            ])
+            .arg(dir.path().join(to))
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut lines: Vec<String> = walkdir(&dir.path().join(to))
+            .iter()
+            .flat_map(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap()
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        lines.sort();
+        lines
+    };
+    let (x, y) = (export("x-mem", &[]), export("x-disk", &tiny));
+    assert_eq!(x.len(), b.len());
+    assert!(x == y, "the two exports differ");
 }
