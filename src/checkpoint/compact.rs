@@ -1393,20 +1393,28 @@ mod tests {
         // the live delete of alice's post r1, added at 1 s; the purge's mark at 10 h
         let del = file("app.bsky.feed.post", hour, 1, 0).path;
         let del = write_posts(&lake, &del, &[(alice, "r1", "delete", t + 10, None)]).await;
-        let mut events = LogState::default();
-        let mut actions = delta::create_actions(Table::Events, 1000).unwrap();
-        actions.push(delta::add_action(Table::Events, &del, true, 1000).unwrap());
-        actions.push(delta::txn(PURGE_APP_ID, 10 * hms, 10 * hms));
-        delta::commit(
-            &lake,
-            Table::Events,
-            &mut events,
-            "WRITE",
-            serde_json::json!({}),
-            actions,
-        )
-        .await
-        .unwrap();
+        // a table created with one file added at `at` (ms), and `more` actions
+        let create = |table: Table, f: LakeFile, at: i64, more: Vec<serde_json::Value>| {
+            let lake = lake.clone();
+            async move {
+                let mut actions = delta::create_actions(table, at).unwrap();
+                actions.push(delta::add_action(table, &f, true, at).unwrap());
+                actions.extend(more);
+                let mut st = LogState::default();
+                delta::commit(
+                    &lake,
+                    table,
+                    &mut st,
+                    "WRITE",
+                    serde_json::json!({}),
+                    actions,
+                )
+                .await
+                .unwrap();
+            }
+        };
+        let mark = delta::txn(PURGE_APP_ID, 10 * hms, 10 * hms);
+        create(Table::Events, del, 1000, vec![mark]).await;
         // the repo's snapshot, fetched before the delete, committed at 11 h
         let hist = "history/collection=app.bsky.feed.post/month=2024-01/rp-1-1-00000001.parquet";
         let hist = write_posts(
@@ -1418,19 +1426,7 @@ mod tests {
             ],
         )
         .await;
-        let mut history = LogState::default();
-        let mut actions = delta::create_actions(Table::History, 11 * hms).unwrap();
-        actions.push(delta::add_action(Table::History, &hist, true, 11 * hms).unwrap());
-        delta::commit(
-            &lake,
-            Table::History,
-            &mut history,
-            "WRITE",
-            serde_json::json!({}),
-            actions,
-        )
-        .await
-        .unwrap();
+        create(Table::History, hist.clone(), 11 * hms, vec![]).await;
         let mut logs = super::super::Logs::load(&lake).await.unwrap();
         let mut p = policy();
         p.compact = false;

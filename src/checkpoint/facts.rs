@@ -159,15 +159,17 @@ impl Disk {
         k0.checked_shr(self.shift).unwrap_or(0) as usize
     }
 
-    /// The filter's bits for `key` (double hashing over the key's two words).
-    fn bits(key: Key, hashes: u32, m: u64) -> impl Iterator<Item = usize> {
-        (0..u64::from(hashes))
-            .map(move |i| (key[0].wrapping_add(i.wrapping_mul(key[1] | 1)) % m) as usize)
+    /// The filter's word for `key` and the bits it sets there: a blocked Bloom filter (one
+    /// 64-bit word per key, so one cache miss per lookup), the word from the key's second half,
+    /// the bits from 6-bit slices of its first.
+    fn slot(key: Key, hashes: u32, words: usize) -> (usize, u64) {
+        let mask = (0..hashes).fold(0u64, |m, i| m | 1 << ((key[0] >> (6 * i)) & 63));
+        ((key[1] % words as u64) as usize, mask)
     }
 
     fn may_hold(&self, key: Key) -> bool {
-        let m = self.bloom.len() as u64 * 64;
-        Self::bits(key, self.hashes, m).all(|b| self.bloom[b / 64] & (1 << (b % 64)) != 0)
+        let (w, mask) = Self::slot(key, self.hashes, self.bloom.len());
+        self.bloom[w] & mask == mask
     }
 
     fn read(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
@@ -430,9 +432,8 @@ impl Facts {
                 dir[next_bucket] = *n;
                 next_bucket += 1;
             }
-            for bit in Disk::bits(k, hashes, m) {
-                bloom[bit / 64] |= 1 << (bit % 64);
-            }
+            let (w, mask) = Disk::slot(k, hashes, words);
+            bloom[w] |= mask;
             *n += 1;
             Ok(())
         };

@@ -25,9 +25,15 @@ pub fn atlake_bin() -> PathBuf {
 
 /// Runs `atlake` with `args` and then `path`; panics with its stderr unless it succeeds.
 pub fn atlake_ok(args: &[&str], path: &std::path::Path) {
+    atlake_ok_with(args, path, &[]);
+}
+
+/// [`atlake_ok`] with environment variables `env` set.
+pub fn atlake_ok_with(args: &[&str], path: &std::path::Path, env: &[(&str, &str)]) {
     let out = std::process::Command::new(atlake_bin())
         .args(args)
         .arg(path)
+        .envs(env.iter().copied())
         .output()
         .expect("run atlake");
     assert!(

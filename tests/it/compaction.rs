@@ -1204,23 +1204,17 @@ async fn a_purge_with_its_facts_on_disk_matches_one_in_memory() {
     assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0);
     // export: same rows either way
     let export = |to: &str, env: &[(&str, &str)]| {
-        let out = Command::new(atlake_bin())
-            .args([
+        crate::common::atlake_ok_with(
+            &[
                 "export",
                 "--lake",
                 disk.to_str().unwrap(),
                 "--format",
                 "ndjson",
                 "--to",
-            ])
-            .arg(dir.path().join(to))
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+            ],
+            &dir.path().join(to),
+            env,
         );
         let mut lines: Vec<String> = walkdir(&dir.path().join(to))
             .iter()
