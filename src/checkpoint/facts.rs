@@ -15,8 +15,10 @@
 //! buckets (the top bits of a key give the stretch of the file that holds it; at most an eighth
 //! of the budget) and a Bloom filter (half the budget), so that a row whose key is not a fact
 //! (almost every row) is answered without reading the file. A key the filter lets through costs
-//! a binary search with positional reads in one bucket, served by the page cache. A lake whose
-//! facts fit the budget never touches the disk.
+//! a binary search with positional reads in one bucket, served by the page cache, and its answer
+//! is kept in a small direct-mapped cache (a sixteenth of the budget), since the rows of one
+//! deleted account or record come many times. A lake whose facts fit the budget never touches
+//! the disk.
 
 use super::CheckpointError;
 use crate::sink::partition::{LakeFile, PartitionName};
@@ -122,7 +124,13 @@ struct Disk {
     dir: Vec<u64>,
     bloom: Vec<u64>,
     hashes: u32,
+    /// The last answers read from the file, one per slot (a key's slot from its first word):
+    /// the rows of one account, or of one record, come many times, and each would cost a read.
+    cache: Vec<CacheSlot>,
 }
+
+/// A slot of [`Disk::cache`]: a key and its answer.
+type CacheSlot = std::sync::Mutex<Option<(Key, Option<i64>)>>;
 
 /// What happens to one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +188,21 @@ impl Disk {
         if !self.may_hold(key) {
             return Ok(None);
         }
+        let slot = &self.cache[(key[0] % self.cache.len() as u64) as usize];
+        // a poisoned slot holds a whole answer all the same (it is written in one assignment)
+        let lock = || slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, v)) = *lock()
+            && k == key
+        {
+            return Ok(v);
+        }
+        let v = self.search(key)?;
+        *lock() = Some((key, v));
+        Ok(v)
+    }
+
+    /// The binary search for `key` in its bucket of the file.
+    fn search(&self, key: Key) -> std::io::Result<Option<i64>> {
         let b = self.bucket(key[0]);
         let (mut lo, mut hi) = (self.dir[b], self.dir[b + 1]);
         let mut one = [0u8; ENTRY];
@@ -245,11 +268,15 @@ impl Facts {
             // buckets: a power of two of at least 8/7 of the capacity
             (self.recent.capacity() * 8 / 7).next_power_of_two() * (ENTRY + 1)
         };
-        table
-            + self
-                .disk
-                .as_ref()
-                .map_or(0, |d| (d.dir.capacity() + d.bloom.capacity()) * 8)
+        table + self.disk_bytes()
+    }
+
+    /// Bytes the sealed facts' indexes hold: the directory, the filter and the cache.
+    fn disk_bytes(&self) -> usize {
+        self.disk.as_ref().map_or(0, |d| {
+            (d.dir.capacity() + d.bloom.capacity()) * 8
+                + d.cache.capacity() * std::mem::size_of::<CacheSlot>()
+        })
     }
 
     /// The key of a record: its (did, collection, rkey) hashed under both keys (a `str` hashes
@@ -308,11 +335,12 @@ impl Facts {
             return Ok(());
         }
         // the table is full: it grows only if twice its capacity, with the sorted copy a
-        // spill makes, still fits the budget
+        // spill makes, still fits the budget beside the sealed facts' indexes
         let cap = self.recent.capacity();
+        let room = self.budget.memory.saturating_sub(self.disk_bytes());
         if self.recent.len() == cap
             && cap > 0
-            && cap.saturating_mul(2).saturating_mul(SPILL_BYTES_PER_FACT) > self.budget.memory
+            && cap.saturating_mul(2).saturating_mul(SPILL_BYTES_PER_FACT) > room
         {
             self.spill()?;
         }
@@ -458,12 +486,15 @@ impl Facts {
         for d in dir.iter_mut().skip(next_bucket) {
             *d = n;
         }
+        // the read buffers are gone: the cache takes a sixteenth of the budget
+        let slots = (memory / 16 / std::mem::size_of::<CacheSlot>()).clamp(16, 1 << 16);
         Ok(Disk {
             run: Run { file: out, len: n },
             shift,
             dir,
             bloom,
             hashes,
+            cache: (0..slots).map(|_| std::sync::Mutex::new(None)).collect(),
         })
     }
 
