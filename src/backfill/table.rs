@@ -285,6 +285,36 @@ mod tests {
         assert_eq!(Logs::load(&lake).await.unwrap().history.version, Some(1));
     }
 
+    /// On a lake from before the log, a backfill's quarantine files wait for the backfill's
+    /// start, not for a writer's conversion of `_errors`: the conversion leaves them out, the
+    /// backfill's start commits those of committed batches and removes the rest, and no log
+    /// names a file that is gone.
+    #[tokio::test]
+    async fn a_conversion_leaves_the_backfill_files_to_the_backfill() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = Lake::open(tmp.path().to_str().unwrap()).unwrap();
+        let mut p = Progress::default();
+        // batch 1 committed (its record written), batch 2 crashed before its record
+        batch_without_commits(&lake, &mut p, 1, &[history(1), quarantine(1)]).await;
+        lake.put_atomic(&quarantine(2), bytes::Bytes::from_static(b"rows"))
+            .await
+            .unwrap();
+        // a live writer's start converts the live tables
+        let (logs, converted) = crate::checkpoint::ensure_logs(&lake).await.unwrap();
+        assert_eq!(converted, 2);
+        assert!(logs.errors.files.is_empty(), "{:?}", logs.errors.files);
+        // then the backfill's start
+        let (got, removed) = catch_up_now(&lake).await;
+        assert_eq!(removed, vec![quarantine(2)]);
+        assert_eq!((got.history, got.errors), (1, 1));
+        let logs = Logs::load(&lake).await.unwrap();
+        assert_eq!(
+            logs.errors.files.keys().cloned().collect::<Vec<_>>(),
+            vec![quarantine(1)]
+        );
+        assert!(lake.get(&quarantine(2)).await.unwrap().is_none());
+    }
+
     /// A batch's commit puts its quarantine files in `_errors` and its history files, with the
     /// batch number, in `history`; a file of another table is refused.
     #[tokio::test]

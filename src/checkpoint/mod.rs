@@ -450,7 +450,15 @@ pub async fn ensure_logs(lake: &Lake) -> Result<(Logs, usize), CheckpointError> 
         let legacy = Checkpoint::load_legacy(lake).await?;
         for t in delta::Table::ALL {
             if logs.get_mut(t).version.is_none() {
-                let listed = list_dir(lake, t.root()).await?;
+                // a backfill's files (its quarantine) wait for the backfill's start, which
+                // commits those of its committed batches and removes the rest: committed here,
+                // a file of a batch that crashed before its record would be named by the log
+                // after the backfill removed it
+                let listed: Vec<LakeFile> = list_dir(lake, t.root())
+                    .await?
+                    .into_iter()
+                    .filter(|f| !logs.awaits_backfill(f))
+                    .collect();
                 *logs.get_mut(t) = convert(lake, t, &listed, legacy.as_ref()).await?;
                 converted += 1;
             }
