@@ -374,9 +374,11 @@ async fn export_current(
             let (limit, mut b, mut rows) = (slice.rows_per_file, b, 0u64);
             loop {
                 // the file takes what fits; the rest of the batch starts the next one
-                let room = usize::try_from(limit - rows).unwrap_or(usize::MAX);
-                let rest = (b.num_rows() > room).then(|| b.slice(room, b.num_rows() - room));
-                if rest.is_some() {
+                let mut rest = None;
+                if b.num_rows() as u64 > limit - rows {
+                    // fewer rows than the batch has: fits a usize
+                    let room = (limit - rows) as usize;
+                    rest = Some(b.slice(room, b.num_rows() - room));
                     b = b.slice(0, room);
                 }
                 rows += b.num_rows() as u64;

@@ -11,9 +11,9 @@
 //! a hash table. When the next growth of that table would pass the budget, its facts are sorted
 //! and written as a run to an unnamed temporary file in [`Budget::spill_dir`] (the OS deletes it
 //! when the process ends, even by a crash). Sealing merges the runs into one sorted file (the
-//! newest time kept per key), and only two small indexes stay in memory: a directory of
-//! buckets (the top bits of a key give the stretch of the file that holds it; at most an eighth
-//! of the budget) and a Bloom filter (half the budget), so that a row whose key is not a fact
+//! newest time kept per key), and only small indexes stay in memory: a directory of buckets
+//! (the top bits of a key give the stretch of the file that holds it; at most an eighth of the
+//! budget) and a Bloom filter (half the budget), so that a row whose key is not a fact
 //! (almost every row) is answered without reading the file. A key the filter lets through costs
 //! a binary search with positional reads in one bucket, served by the page cache, and its answer
 //! is kept in a small direct-mapped cache (a sixteenth of the budget), since the rows of one
@@ -53,8 +53,8 @@ pub enum FactsError {
 /// How much memory the facts may take, and where they go beyond it.
 #[derive(Debug, Clone)]
 pub struct Budget {
-    /// Bytes of memory for the facts (the table while loading; the directory and the Bloom
-    /// filter once spilled).
+    /// Bytes of memory for the facts (the table while loading; the directory, the Bloom filter
+    /// and the cache of answers once spilled, and the merge's read buffers while sealing).
     pub memory: usize,
     /// Where runs and the merged file are written (unnamed temporary files).
     pub spill_dir: PathBuf,
@@ -73,6 +73,7 @@ impl Budget {
     /// The budget `[privacy]` sets.
     pub fn from_config(c: &crate::config::PrivacyConfig) -> Budget {
         Budget {
+            // a budget beyond the address space (only on a 32-bit target) is the address space
             memory: usize::try_from(c.facts_memory.0).unwrap_or(usize::MAX),
             spill_dir: if c.spill_dir.is_empty() {
                 std::env::temp_dir()
@@ -118,8 +119,8 @@ struct Run {
 #[derive(Debug)]
 struct Disk {
     run: Run,
-    /// A key's bucket is its first word shifted right by this (64: one bucket).
-    shift: u32,
+    /// A key's bucket is the top `bits` bits of its first word (none: one bucket).
+    bits: u32,
     /// Bucket b's entries are `dir[b]..dir[b + 1]`.
     dir: Vec<u64>,
     bloom: Vec<u64>,
@@ -140,6 +141,15 @@ pub(crate) enum Verdict {
     Blank,
     /// Remove the row.
     Drop,
+}
+
+/// The bucket of a key whose first word is `k0`, of `1 << bits` buckets (`bits` ≤ 40).
+fn bucket_of(k0: u64, bits: u32) -> usize {
+    if bits == 0 {
+        0
+    } else {
+        (k0 >> (64 - bits)) as usize
+    }
 }
 
 fn encode(key: Key, t: i64) -> [u8; ENTRY] {
@@ -163,10 +173,6 @@ fn decode(b: &[u8; ENTRY]) -> (Key, i64) {
 }
 
 impl Disk {
-    fn bucket(&self, k0: u64) -> usize {
-        k0.checked_shr(self.shift).unwrap_or(0) as usize
-    }
-
     /// The filter's word for `key` and the bits it sets there: a blocked Bloom filter (one
     /// 64-bit word per key, so one cache miss per lookup), the word from the key's second half,
     /// the bits from 6-bit slices of its first.
@@ -203,7 +209,7 @@ impl Disk {
 
     /// The binary search for `key` in its bucket of the file.
     fn search(&self, key: Key) -> std::io::Result<Option<i64>> {
-        let b = self.bucket(key[0]);
+        let b = bucket_of(key[0], self.bits);
         let (mut lo, mut hi) = (self.dir[b], self.dir[b + 1]);
         let mut one = [0u8; ENTRY];
         while hi - lo > WINDOW as u64 {
@@ -260,7 +266,7 @@ impl Facts {
         self.disk.is_some() || !self.runs.is_empty()
     }
 
-    /// Bytes of memory held now: the table, and the disk's directory and filter.
+    /// Bytes of memory held now: the table, and the disk's directory, filter and cache.
     pub fn memory_bytes(&self) -> usize {
         let table = if self.recent.capacity() == 0 {
             0
@@ -424,8 +430,6 @@ impl Facts {
         let hashes = ((m as f64 / upper.max(1) as f64) * std::f64::consts::LN_2)
             .round()
             .clamp(1.0, 8.0) as u32;
-        let shift = 64 - bits;
-        let bucket = |k0: u64| k0.checked_shr(shift).unwrap_or(0) as usize;
 
         let per = (memory / 4 / runs.len().max(1)).clamp(4 << 10, 1 << 20);
         let mut readers = Vec::with_capacity(runs.len());
@@ -455,7 +459,7 @@ impl Facts {
         let mut pending: Option<(Key, i64)> = None;
         let mut emit = |(k, t): (Key, i64), n: &mut u64| -> std::io::Result<()> {
             w.write_all(&encode(k, t))?;
-            let b = bucket(k[0]);
+            let b = bucket_of(k[0], bits);
             while next_bucket <= b {
                 dir[next_bucket] = *n;
                 next_bucket += 1;
@@ -490,7 +494,7 @@ impl Facts {
         let slots = (memory / 16 / std::mem::size_of::<CacheSlot>()).clamp(16, 1 << 16);
         Ok(Disk {
             run: Run { file: out, len: n },
-            shift,
+            bits,
             dir,
             bloom,
             hashes,

@@ -463,15 +463,20 @@ impl AtlakeChild {
 /// 2-core machine.
 pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Counts per (collection, operation, kind) as atlake's SQL sees them.
-pub async fn sql_counts(lake: &str) -> BTreeMap<String, u64> {
-    use arrow::array::AsArray;
-    let engine = atlake::query::QueryEngine::try_new(
+/// atlake's SQL engine over the lake at `lake`, with the default limits.
+pub fn engine(lake: &str) -> atlake::query::QueryEngine {
+    atlake::query::QueryEngine::try_new(
         atlake::sink::store::Lake::open(lake).unwrap(),
         None,
         atlake::query::Limits::default(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Counts per (collection, operation, kind) as atlake's SQL sees them.
+pub async fn sql_counts(lake: &str) -> BTreeMap<String, u64> {
+    use arrow::array::AsArray;
+    let engine = engine(lake);
     let batches = engine
         .collect("SELECT coalesce(collection, '-') || '|' || coalesce(operation, '-') || '|' || kind AS k, count(*) AS n FROM events GROUP BY 1")
         .await

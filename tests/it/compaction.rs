@@ -562,12 +562,7 @@ async fn purge_leaves_no_trace_of_deleted_records_and_accounts() {
         .count();
     assert_eq!(blanked, 5);
     // atlake's SQL agrees
-    let engine = atlake::query::QueryEngine::try_new(
-        Lake::open(l).unwrap(),
-        None,
-        atlake::query::Limits::default(),
-    )
-    .unwrap();
+    let engine = crate::common::engine(l);
     let b = engine
         .collect("SELECT count(*) FROM posts WHERE text LIKE '%secret%'")
         .await
@@ -1129,12 +1124,7 @@ async fn compaction_on_s3_reads_ranges_and_uploads_in_parts() {
 /// What the purge left, row by row: every event's key, time and whether it kept its content,
 /// sorted.
 async fn purged_rows(lake: &str) -> Vec<String> {
-    let engine = atlake::query::QueryEngine::try_new(
-        Lake::open(lake).unwrap(),
-        None,
-        atlake::query::Limits::default(),
-    )
-    .unwrap();
+    let engine = crate::common::engine(lake);
     let batches = engine
         .collect(
             "SELECT kind || '|' || did || '|' || coalesce(collection, '-') || '|' || \

@@ -304,12 +304,7 @@ async fn delta_readers_and_plain_parquet_readers_find_what_atlake_finds() {
     assert!(log.version.unwrap() > 1, "one commit per flush round");
     assert_eq!(v["txn"].as_i64(), local_checkpoint(&lake_dir, "firehose"));
     assert!(v["txn"].as_i64().is_some());
-    let engine = atlake::query::QueryEngine::try_new(
-        Lake::open(l).unwrap(),
-        None,
-        atlake::query::Limits::default(),
-    )
-    .unwrap();
+    let engine = crate::common::engine(l);
     let errors = engine.collect("SELECT count(*) FROM errors").await.unwrap();
     let n = errors[0]
         .column(0)
