@@ -9,7 +9,9 @@
 //! lake can be rebuilt from its files alone.
 //!
 //! Encoding never copies a whole flush at once: sort indices are computed over the key columns
-//! only, and the rows are gathered from the buffered chunks a slice at a time.
+//! only, and the rows are gathered from the buffered chunks a slice at a time. A flush already
+//! in order (a stream in time order) is written from its chunks without a copy: on a 3M-event
+//! Jetstream ingest the gather was 4 % of the process's CPU time.
 
 use crate::config::WriterConfig;
 use crate::model::SourceKind;
@@ -66,13 +68,21 @@ pub struct FileMeta {
 /// Rows gathered per slice while encoding.
 const SLICE_ROWS: usize = 16 * 1024;
 
-/// The order of rows in a file: `(chunk, row)` pairs sorted by time (`_other`: by collection,
-/// then time).
-pub fn sort_order(
+/// The order of a flush's rows in its file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FileOrder {
+    /// The rows are in file order as buffered (a stream in time order, the usual case): the
+    /// chunks are written as they are, without a copy.
+    AsIs,
+    /// `(chunk, row)` pairs in file order, gathered a slice at a time.
+    Gather(Vec<(usize, usize)>),
+}
+
+/// The columns a file is sorted by, each concatenated over the chunks.
+fn sort_columns(
     chunks: &[RecordBatch],
     by_collection: bool,
-) -> Result<Vec<(usize, usize)>, EncodeError> {
-    let total: usize = chunks.iter().map(|c| c.num_rows()).sum();
+) -> Result<Vec<SortColumn>, EncodeError> {
     let mut names = Vec::new();
     if by_collection {
         names.push("collection");
@@ -96,6 +106,31 @@ pub fn sort_order(
             options: Some(SortOptions::default()),
         });
     }
+    Ok(sort_cols)
+}
+
+/// Whether rows are already in the order of `sort_cols` (one linear pass).
+fn in_order(sort_cols: &[SortColumn]) -> Result<bool, EncodeError> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::Int64Type;
+    let rows = sort_cols.first().map_or(0, |c| c.values.len());
+    // the common case, time alone: a plain comparison of the values
+    if let [only] = sort_cols
+        && let Some(t) = only.values.as_primitive_opt::<Int64Type>()
+        && t.null_count() == 0
+    {
+        return Ok(t.values().windows(2).all(|w| w[0] <= w[1]));
+    }
+    let cmp = arrow::compute::LexicographicalComparator::try_new(sort_cols)?;
+    Ok((1..rows).all(|i| cmp.compare(i - 1, i) != std::cmp::Ordering::Greater))
+}
+
+/// The order of rows in a file: by time (`_other`: by collection, then time).
+pub fn file_order(chunks: &[RecordBatch], by_collection: bool) -> Result<FileOrder, EncodeError> {
+    let sort_cols = sort_columns(chunks, by_collection)?;
+    if in_order(&sort_cols)? {
+        return Ok(FileOrder::AsIs);
+    }
     let mut offsets = Vec::with_capacity(chunks.len());
     let mut acc = 0;
     for c in chunks {
@@ -106,11 +141,10 @@ pub fn sort_order(
         let ci = offsets.partition_point(|&o| o <= g) - 1;
         (ci, g - offsets[ci])
     };
-    if sort_cols.is_empty() {
-        return Ok((0..total).map(locate).collect());
-    }
     let idx = lexsort_to_indices(&sort_cols, None)?;
-    Ok(idx.values().iter().map(|&g| locate(g as usize)).collect())
+    Ok(FileOrder::Gather(
+        idx.values().iter().map(|&g| locate(g as usize)).collect(),
+    ))
 }
 
 /// Gathers rows `order` of `chunks` into one batch.
@@ -272,9 +306,22 @@ pub fn encode_to<W: std::io::Write + Send>(
         .cloned()
         .collect();
     if !chunks.is_empty() {
-        let order = sort_order(&chunks, by_collection)?;
-        for slice in order.chunks(SLICE_ROWS) {
-            w.write(&gather(&chunks, slice)?)?;
+        match file_order(&chunks, by_collection)? {
+            FileOrder::AsIs => {
+                for c in &chunks {
+                    let mut at = 0;
+                    while at < c.num_rows() {
+                        let n = SLICE_ROWS.min(c.num_rows() - at);
+                        w.write(&c.slice(at, n))?;
+                        at += n;
+                    }
+                }
+            }
+            FileOrder::Gather(order) => {
+                for slice in order.chunks(SLICE_ROWS) {
+                    w.write(&gather(&chunks, slice)?)?;
+                }
+            }
         }
     }
     w.close()?;
@@ -479,27 +526,101 @@ mod tests {
         assert_eq!(rows, like.rows);
     }
 
+    /// The `time_us` values of an encoded file, in file order.
+    fn file_times(bytes: Vec<u8>) -> Vec<i64> {
+        let b = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap();
+        b.build()
+            .unwrap()
+            .flat_map(|r| {
+                r.unwrap()
+                    .column_by_name("time_us")
+                    .unwrap()
+                    .as_primitive::<arrow::datatypes::Int64Type>()
+                    .values()
+                    .to_vec()
+            })
+            .collect()
+    }
+
+    fn chunk_times(chunks: &[RecordBatch]) -> Vec<i64> {
+        chunks
+            .iter()
+            .flat_map(|c| {
+                c.column_by_name("time_us")
+                    .unwrap()
+                    .as_primitive::<arrow::datatypes::Int64Type>()
+                    .values()
+                    .to_vec()
+            })
+            .collect()
+    }
+
     #[test]
-    fn rows_gather_from_the_right_chunk_and_row() {
-        let job = jobs(400)
+    fn a_flush_in_time_order_is_written_as_it_is() {
+        let job = jobs(3000)
             .into_iter()
             .max_by_key(|j| j.chunks.len())
             .unwrap();
-        let order = sort_order(&job.chunks, false).unwrap();
+        assert!(job.chunks.len() > 1);
+        assert_eq!(file_order(&job.chunks, false).unwrap(), FileOrder::AsIs);
+        let bytes = encode(
+            &WriterConfig::default(),
+            job.kind,
+            &meta(&job),
+            &job.chunks,
+            false,
+        );
+        assert_eq!(file_times(bytes.unwrap()), chunk_times(&job.chunks));
+    }
+
+    #[test]
+    fn rows_out_of_order_gather_from_the_right_chunk_and_row() {
+        let job = jobs(3000)
+            .into_iter()
+            .max_by_key(|j| j.chunks.len())
+            .unwrap();
+        // the chunks backwards: every row is out of place but the ones within a chunk
+        let chunks: Vec<RecordBatch> = job.chunks.iter().rev().cloned().collect();
+        let FileOrder::Gather(order) = file_order(&chunks, false).unwrap() else {
+            panic!("rows out of order were not sorted");
+        };
         assert_eq!(order.len(), job.rows);
-        let batch = gather(&job.chunks, &order).unwrap();
+        let batch = gather(&chunks, &order).unwrap();
         let t = batch
             .column_by_name("time_us")
             .unwrap()
             .as_primitive::<arrow::datatypes::Int64Type>();
         for (i, (c, r)) in order.iter().enumerate() {
-            let src = job.chunks[*c]
+            let src = chunks[*c]
                 .column_by_name("time_us")
                 .unwrap()
                 .as_primitive::<arrow::datatypes::Int64Type>();
             assert_eq!(t.value(i), src.value(*r));
         }
-        assert!(t.values().windows(2).all(|w| w[0] <= w[1]));
+        let mut want = chunk_times(&job.chunks);
+        want.sort_unstable();
+        let bytes = encode(
+            &WriterConfig::default(),
+            job.kind,
+            &meta(&job),
+            &chunks,
+            false,
+        );
+        assert_eq!(file_times(bytes.unwrap()), want);
+    }
+
+    #[test]
+    fn other_collections_in_time_order_are_still_sorted_by_collection() {
+        let other = jobs(3000)
+            .into_iter()
+            .find(|j| j.key.name == PartitionName::Other)
+            .unwrap();
+        // in time order, several collections interleaved
+        assert_eq!(file_order(&other.chunks, false).unwrap(), FileOrder::AsIs);
+        assert!(matches!(
+            file_order(&other.chunks, true).unwrap(),
+            FileOrder::Gather(_)
+        ));
     }
 
     #[test]
@@ -515,7 +636,7 @@ mod tests {
                 c.project(&keep).unwrap()
             })
             .collect();
-        assert!(sort_order(&cut, false).is_err());
+        assert!(file_order(&cut, false).is_err());
     }
 
     #[test]
