@@ -113,7 +113,12 @@ fn sort_columns(
 fn in_order(sort_cols: &[SortColumn]) -> Result<bool, EncodeError> {
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::Int64Type;
-    let rows = sort_cols.first().map_or(0, |c| c.values.len());
+    let Some(first) = sort_cols.first() else {
+        return Err(EncodeError::Arrow(arrow::error::ArrowError::SchemaError(
+            "a flush without a sort column".into(),
+        )));
+    };
+    let rows = first.values.len();
     // the common case, time alone: a plain comparison of the values
     if let [only] = sort_cols
         && let Some(t) = only.values.as_primitive_opt::<Int64Type>()
@@ -526,22 +531,7 @@ mod tests {
         assert_eq!(rows, like.rows);
     }
 
-    /// The `time_us` values of an encoded file, in file order.
-    fn file_times(bytes: Vec<u8>) -> Vec<i64> {
-        let b = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap();
-        b.build()
-            .unwrap()
-            .flat_map(|r| {
-                r.unwrap()
-                    .column_by_name("time_us")
-                    .unwrap()
-                    .as_primitive::<arrow::datatypes::Int64Type>()
-                    .values()
-                    .to_vec()
-            })
-            .collect()
-    }
-
+    /// The `time_us` values of batches, in order.
     fn chunk_times(chunks: &[RecordBatch]) -> Vec<i64> {
         chunks
             .iter()
@@ -555,13 +545,26 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_flush_in_time_order_is_written_as_it_is() {
+    /// The `time_us` values of an encoded file, in file order.
+    fn file_times(bytes: Vec<u8>) -> Vec<i64> {
+        let b = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap();
+        let batches: Vec<RecordBatch> = b.build().unwrap().map(|r| r.unwrap()).collect();
+        chunk_times(&batches)
+    }
+
+    /// The flush of the most chunks among those of 3,000 messages.
+    fn longest_job() -> FlushJob {
         let job = jobs(3000)
             .into_iter()
             .max_by_key(|j| j.chunks.len())
             .unwrap();
         assert!(job.chunks.len() > 1);
+        job
+    }
+
+    #[test]
+    fn a_flush_in_time_order_is_written_as_it_is() {
+        let job = longest_job();
         assert_eq!(file_order(&job.chunks, false).unwrap(), FileOrder::AsIs);
         let bytes = encode(
             &WriterConfig::default(),
@@ -575,10 +578,7 @@ mod tests {
 
     #[test]
     fn rows_out_of_order_gather_from_the_right_chunk_and_row() {
-        let job = jobs(3000)
-            .into_iter()
-            .max_by_key(|j| j.chunks.len())
-            .unwrap();
+        let job = longest_job();
         // the chunks backwards: every row is out of place but the ones within a chunk
         let chunks: Vec<RecordBatch> = job.chunks.iter().rev().cloned().collect();
         let FileOrder::Gather(order) = file_order(&chunks, false).unwrap() else {
