@@ -87,6 +87,7 @@ pub mod http;
 pub mod pg;
 pub mod pool;
 pub mod prune;
+pub mod rowcount;
 pub mod system;
 pub mod table;
 pub mod typed;
@@ -506,6 +507,7 @@ impl QueryEngine {
                 .with_physical_optimizer_rules(deadline::physical_rules(at, self.limits.timeout));
         }
         let state = builder
+            .with_physical_optimizer_rule(Arc::new(rowcount::CountFromLog))
             .with_physical_optimizer_rule(Arc::new(constagg::UseConstantKeyAggregate))
             .build();
         let mut ctx = SessionContext::new_with_state(state);

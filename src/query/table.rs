@@ -589,7 +589,11 @@ impl LakeTable {
                 } else {
                     format!("{}/{}", self.prefix, f.path)
                 };
-                PartitionedFile::new(path, f.size)
+                let pf = PartitionedFile::new(path, f.size);
+                match f.rows {
+                    Some(n) => pf.with_extension(super::rowcount::LoggedRows(n)),
+                    None => pf,
+                }
             })
             .collect()
     }

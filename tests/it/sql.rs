@@ -999,3 +999,108 @@ async fn filters_on_files_match_row_by_row_evaluation() {
     let engine = QueryEngine::try_new(Lake::open(&lake).unwrap(), None, Limits::default()).unwrap();
     filters_match_row_by_row_evaluation(&engine).await;
 }
+
+/// The text of EXPLAIN's physical plan.
+async fn physical_plan(engine: &QueryEngine, sql: &str) -> String {
+    use arrow::array::AsArray;
+    let mut out = String::new();
+    for b in engine.collect(&format!("EXPLAIN {sql}")).await.unwrap() {
+        let t = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+        let p = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Utf8).unwrap();
+        for i in 0..b.num_rows() {
+            if t.as_string::<i32>().value(i) == "physical_plan" {
+                out.push_str(p.as_string::<i32>().value(i));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_by_partition_come_from_the_log_and_equal_the_rows() {
+    use arrow::array::AsArray;
+    let (_dir, lake, events) = fixture_lake(1500, 23).await;
+    let handle = Lake::open(&lake).unwrap();
+    let rows = crate::common::read_lake(&handle).await;
+    let engine = QueryEngine::try_new(handle, None, Limits::default()).unwrap();
+    // (kind, collection) → rows, and collection → rows, read row by row from the files
+    let mut by_kind: std::collections::BTreeMap<(String, String), i64> = Default::default();
+    let mut by_coll: std::collections::BTreeMap<String, i64> = Default::default();
+    for ((kind, coll, _), n) in &rows.counts {
+        *by_kind.entry((kind.clone(), coll.clone())).or_default() += *n as i64;
+        *by_coll.entry(coll.clone()).or_default() += *n as i64;
+    }
+    assert_eq!(by_kind.values().sum::<i64>() as u64, events);
+    assert!(
+        by_kind.keys().any(|(k, _)| k == "identity") && by_coll.len() > 5,
+        "the fixture has events of several kinds and collections: {by_kind:?}"
+    );
+    let text = |b: &RecordBatch, c: usize, i: usize| {
+        let a = arrow::compute::cast(b.column(c), &arrow::datatypes::DataType::Utf8).unwrap();
+        let a = a.as_string::<i32>();
+        if a.is_null(i) {
+            String::new()
+        } else {
+            a.value(i).to_string()
+        }
+    };
+    use arrow::array::{Array, RecordBatch};
+    // JSONBench Q1 as it is written
+    let q1 = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/q1_top_event_types.sql"),
+    )
+    .unwrap();
+    let plan = physical_plan(&engine, &q1).await;
+    assert!(
+        !plan.contains("collection_partition=app.bsky"),
+        "Q1 reads no file of a one-collection partition:\n{plan}"
+    );
+    let mut got: std::collections::BTreeMap<String, i64> = Default::default();
+    for b in engine.collect(&q1).await.unwrap() {
+        let n = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+        for i in 0..b.num_rows() {
+            got.insert(text(&b, 0, i), n.value(i));
+        }
+    }
+    assert_eq!(got, by_coll);
+    // two keys, two counts
+    let sql = "SELECT kind, collection, count(*) AS n, count(1) AS m FROM events \
+               GROUP BY kind, collection";
+    assert!(
+        !physical_plan(&engine, sql)
+            .await
+            .contains("collection_partition=app.bsky")
+    );
+    let mut got: std::collections::BTreeMap<(String, String), i64> = Default::default();
+    for b in engine.collect(sql).await.unwrap() {
+        let n = b.column(2).as_primitive::<arrow::datatypes::Int64Type>();
+        let m = b.column(3).as_primitive::<arrow::datatypes::Int64Type>();
+        for i in 0..b.num_rows() {
+            assert_eq!(n.value(i), m.value(i));
+            got.insert((text(&b, 0, i), text(&b, 1, i)), n.value(i));
+        }
+    }
+    assert_eq!(got, by_kind);
+    // with a filter, the rows are read (and still counted right)
+    let sql = "SELECT collection, count(*) AS n FROM events WHERE operation = 'create' \
+               GROUP BY collection";
+    assert!(
+        physical_plan(&engine, sql)
+            .await
+            .contains("collection_partition=app.bsky")
+    );
+    let mut want: std::collections::BTreeMap<String, i64> = Default::default();
+    for ((_, coll, op), n) in &rows.counts {
+        if op == "create" {
+            *want.entry(coll.clone()).or_default() += *n as i64;
+        }
+    }
+    let mut got: std::collections::BTreeMap<String, i64> = Default::default();
+    for b in engine.collect(sql).await.unwrap() {
+        let n = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+        for i in 0..b.num_rows() {
+            got.insert(text(&b, 0, i), n.value(i));
+        }
+    }
+    assert_eq!(got, want);
+}
