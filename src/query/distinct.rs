@@ -189,6 +189,11 @@ struct ViewDistinct {
     held: Option<Buffer>,
     /// Rows of the current batch whose view is new.
     firsts: Vec<u32>,
+    /// In the final phase, the first partial state while it is the only one: a partial
+    /// state is a set's contents (distinct already), so a group that receives one state
+    /// (its files were all read by one partition, `colocate`) is counted by its length,
+    /// without a set. A second state sends it to the set.
+    lone: Option<ArrayRef>,
 }
 
 impl Default for ViewDistinct {
@@ -198,6 +203,16 @@ impl Default for ViewDistinct {
             seen: HashSet::default(),
             held: None,
             firsts: Vec::new(),
+            lone: None,
+        }
+    }
+}
+
+impl ViewDistinct {
+    /// The lone state, if any, into the set.
+    fn settle(&mut self) {
+        if let Some(l) = self.lone.take() {
+            self.set.insert(&l);
         }
     }
 }
@@ -207,6 +222,7 @@ impl Accumulator for ViewDistinct {
         let Some(array) = values.first() else {
             return Ok(());
         };
+        self.settle();
         let Some(views) = array.as_string_view_opt() else {
             return datafusion::common::internal_err!(
                 "atlake_count_distinct expects Utf8View, got {}",
@@ -258,7 +274,11 @@ impl Accumulator for ViewDistinct {
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        Ok(ScalarValue::Int64(Some(self.set.non_null_len() as i64)))
+        // a lone state is distinct and the set empty (`merge_batch` keeps one only then)
+        let lone = self.lone.as_ref().map_or(0, |l| l.len() - l.null_count());
+        Ok(ScalarValue::Int64(Some(
+            (self.set.non_null_len() + lone) as i64,
+        )))
     }
 
     fn size(&self) -> usize {
@@ -267,9 +287,11 @@ impl Accumulator for ViewDistinct {
             + self.seen.capacity() * (std::mem::size_of::<u128>() + 1)
             + self.held.as_ref().map_or(0, |b| b.capacity())
             + self.firsts.capacity() * std::mem::size_of::<u32>()
+            + self.lone.as_ref().map_or(0, |l| l.get_array_memory_size())
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        self.settle();
         let values = self.set.take().into_state();
         Ok(vec![ScalarValue::List(Arc::new(
             SingleRowListArrayBuilder::new(values).build_list_array(),
@@ -280,8 +302,13 @@ impl Accumulator for ViewDistinct {
         let Some(lists) = states.first().and_then(|s| s.as_list_opt::<i32>()) else {
             return datafusion::common::internal_err!("atlake_count_distinct state is not a list");
         };
-        // the states are sets already: straight in
+        // the states are sets already: straight in, or kept as they are while one alone
         for list in lists.iter().flatten() {
+            if self.lone.is_none() && self.set.is_empty() {
+                self.lone = Some(list);
+                continue;
+            }
+            self.settle();
             self.set.insert(&list);
         }
         Ok(())
@@ -489,6 +516,76 @@ mod tests {
         assert_eq!(
             merged.evaluate().unwrap(),
             ScalarValue::Int64(Some(count_of(&big) as i64))
+        );
+    }
+
+    /// The state a partial accumulator sends for `arrays`.
+    fn state_of(arrays: &[ArrayRef]) -> ArrayRef {
+        let mut acc = ViewDistinct::default();
+        for a in arrays {
+            acc.update_batch(std::slice::from_ref(a)).unwrap();
+        }
+        let ScalarValue::List(l) = acc.state().unwrap().remove(0) else {
+            panic!("state is a list")
+        };
+        l as ArrayRef
+    }
+
+    #[test]
+    fn a_lone_state_is_counted_without_a_set_and_a_second_joins_it() {
+        let mut rng = Rng::new(12);
+        // with nulls: a state holds the null once, which is not counted
+        let first = vec![
+            strings(&mut rng, 4000, true),
+            strings(&mut rng, 3000, false),
+        ];
+        let second = vec![strings(&mut rng, 4000, true)];
+        let mut acc = ViewDistinct::default();
+        acc.merge_batch(&[state_of(&first)]).unwrap();
+        assert!(
+            acc.lone.is_some() && acc.set.is_empty(),
+            "one state is kept as it is"
+        );
+        assert_eq!(
+            acc.evaluate().unwrap(),
+            ScalarValue::Int64(Some(count_of(&first) as i64))
+        );
+        // a second state: both go to the set, overlaps counted once
+        acc.merge_batch(&[state_of(&second)]).unwrap();
+        assert!(acc.lone.is_none());
+        let all: Vec<ArrayRef> = first.iter().chain(&second).cloned().collect();
+        assert_eq!(
+            acc.evaluate().unwrap(),
+            ScalarValue::Int64(Some(count_of(&all) as i64))
+        );
+        // two states in one batch of states
+        let mut acc = ViewDistinct::default();
+        let both = arrow::compute::concat(&[state_of(&first).as_ref(), state_of(&second).as_ref()])
+            .unwrap();
+        acc.merge_batch(&[both]).unwrap();
+        assert_eq!(
+            acc.evaluate().unwrap(),
+            ScalarValue::Int64(Some(count_of(&all) as i64))
+        );
+        // rows after a lone state, and a state taken from it, lose nothing
+        let mut acc = ViewDistinct::default();
+        acc.merge_batch(&[state_of(&first)]).unwrap();
+        acc.update_batch(std::slice::from_ref(&second[0])).unwrap();
+        assert_eq!(
+            acc.evaluate().unwrap(),
+            ScalarValue::Int64(Some(count_of(&all) as i64))
+        );
+        let mut acc = ViewDistinct::default();
+        acc.merge_batch(&[state_of(&first)]).unwrap();
+        let mut again = ViewDistinct::default();
+        let ScalarValue::List(l) = acc.state().unwrap().remove(0) else {
+            panic!("state is a list")
+        };
+        again.merge_batch(&[l as ArrayRef]).unwrap();
+        again.merge_batch(&[state_of(&second)]).unwrap();
+        assert_eq!(
+            again.evaluate().unwrap(),
+            ScalarValue::Int64(Some(count_of(&all) as i64))
         );
     }
 }

@@ -73,6 +73,7 @@ macro_rules! delegate_to_inner_udf {
 }
 
 pub mod bounded;
+pub mod colocate;
 pub mod console;
 pub mod constagg;
 pub mod current;
@@ -508,6 +509,7 @@ impl QueryEngine {
         }
         let state = builder
             .with_physical_optimizer_rule(Arc::new(rowcount::CountFromLog))
+            .with_physical_optimizer_rule(Arc::new(colocate::ColocateGroups))
             .with_physical_optimizer_rule(Arc::new(constagg::UseConstantKeyAggregate))
             .build();
         let mut ctx = SessionContext::new_with_state(state);

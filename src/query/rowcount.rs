@@ -126,25 +126,7 @@ pub fn logged_counts(
     if config.limit.is_some() || source.filter().is_some() {
         return None;
     }
-    let file_columns = config.file_schema().fields().len();
-    let table_columns = file_columns + config.table_partition_cols().len();
-    // the table column behind each output column
-    let columns: Vec<usize> = match source.projection() {
-        None => (0..table_columns).collect(),
-        Some(p) => p
-            .iter()
-            .map(|e| e.expr.downcast_ref::<Column>().map(Column::index))
-            .collect::<Option<_>>()?,
-    };
-    let partition: Vec<usize> = keys
-        .iter()
-        .map(|&k| {
-            let c = *columns.get(k)?;
-            (file_columns..table_columns)
-                .contains(&c)
-                .then(|| c - file_columns)
-        })
-        .collect::<Option<_>>()?;
+    let partition = partition_keys(config, keys)?;
     let mut seen = HashSet::new();
     let mut counts: HashMap<Vec<ScalarValue>, u64> = HashMap::new();
     for file in config.file_groups.iter().flat_map(|g| g.iter()) {
@@ -161,6 +143,29 @@ pub fn logged_counts(
         *n = n.checked_add(rows)?;
     }
     Some(counts)
+}
+
+/// The partition columns (indices into the scan's partition values) that the output columns
+/// `keys` of a scan with `config` are; `None` when one is not a partition column.
+pub fn partition_keys(config: &FileScanConfig, keys: &[usize]) -> Option<Vec<usize>> {
+    let file_columns = config.file_schema().fields().len();
+    let table_columns = file_columns + config.table_partition_cols().len();
+    // the table column behind each output column
+    let columns: Vec<usize> = match config.file_source().projection() {
+        None => (0..table_columns).collect(),
+        Some(p) => p
+            .iter()
+            .map(|e| e.expr.downcast_ref::<Column>().map(Column::index))
+            .collect::<Option<_>>()?,
+    };
+    keys.iter()
+        .map(|&k| {
+            let c = *columns.get(k)?;
+            (file_columns..table_columns)
+                .contains(&c)
+                .then(|| c - file_columns)
+        })
+        .collect()
 }
 
 /// `agg` with the inputs it can count from the log answered by one batch of partial states.
