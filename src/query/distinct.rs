@@ -194,6 +194,10 @@ struct ViewDistinct {
     /// (its files were all read by one partition, `colocate`) is counted by its length,
     /// without a set. A second state sends it to the set.
     lone: Option<ArrayRef>,
+    /// The bytes `lone` stands for: its views and the long strings they point to. (Its
+    /// buffers are those of the whole batch of states, shared by every group's slice, so
+    /// their capacity would count each batch once per group.)
+    lone_bytes: usize,
 }
 
 impl Default for ViewDistinct {
@@ -204,6 +208,7 @@ impl Default for ViewDistinct {
             held: None,
             firsts: Vec::new(),
             lone: None,
+            lone_bytes: 0,
         }
     }
 }
@@ -214,6 +219,7 @@ impl ViewDistinct {
         if let Some(l) = self.lone.take() {
             self.set.insert(&l);
         }
+        self.lone_bytes = 0;
     }
 }
 
@@ -287,7 +293,7 @@ impl Accumulator for ViewDistinct {
             + self.seen.capacity() * (std::mem::size_of::<u128>() + 1)
             + self.held.as_ref().map_or(0, |b| b.capacity())
             + self.firsts.capacity() * std::mem::size_of::<u32>()
-            + self.lone.as_ref().map_or(0, |l| l.get_array_memory_size())
+            + self.lone_bytes
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
@@ -305,6 +311,7 @@ impl Accumulator for ViewDistinct {
         // the states are sets already: straight in, or kept as they are while one alone
         for list in lists.iter().flatten() {
             if self.lone.is_none() && self.set.is_empty() {
+                self.lone_bytes = referenced_bytes(&list);
                 self.lone = Some(list);
                 continue;
             }
@@ -312,6 +319,22 @@ impl Accumulator for ViewDistinct {
             self.set.insert(&list);
         }
         Ok(())
+    }
+}
+
+/// The bytes a slice of string views stands for: 16 a view, and the strings longer than 12
+/// bytes, which live in the buffers. Other arrays: their buffers' size.
+fn referenced_bytes(a: &ArrayRef) -> usize {
+    match a.as_string_view_opt() {
+        Some(v) => v
+            .views()
+            .iter()
+            .map(|&view| {
+                let len = view as u32 as usize;
+                16 + if len > 12 { len } else { 0 }
+            })
+            .sum(),
+        None => a.get_array_memory_size(),
     }
 }
 
@@ -587,5 +610,32 @@ mod tests {
             again.evaluate().unwrap(),
             ScalarValue::Int64(Some(count_of(&all) as i64))
         );
+    }
+
+    #[test]
+    fn a_lone_state_counts_its_own_bytes_not_its_batchs() {
+        // one batch of states: a big group and a small one, sharing buffers
+        let big: Vec<Option<String>> = (0..50_000)
+            .map(|i| Some(format!("did:plc:{i:0>24}")))
+            .collect();
+        let small: Vec<Option<String>> =
+            (0..10).map(|i| Some(format!("did:web:{i:0>30}"))).collect();
+        let values: ArrayRef = Arc::new(StringViewArray::from(
+            big.into_iter().chain(small).collect::<Vec<_>>(),
+        ));
+        let offsets = arrow::buffer::OffsetBuffer::new(vec![0i32, 50_000, 50_010].into());
+        let states = arrow::array::ListArray::new(
+            Arc::new(Field::new_list_field(DataType::Utf8View, true)),
+            offsets,
+            values,
+            None,
+        );
+        let mut acc = ViewDistinct::default();
+        acc.merge_batch(&[Arc::new(states.slice(1, 1)) as ArrayRef])
+            .unwrap();
+        assert_eq!(acc.evaluate().unwrap(), ScalarValue::Int64(Some(10)));
+        // ten views and ten 38-byte strings, not the batch's 2 MB
+        assert_eq!(acc.lone_bytes, 10 * (16 + 38));
+        assert!(acc.size() < 64 << 10, "{}", acc.size());
     }
 }
