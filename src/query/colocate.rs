@@ -13,14 +13,12 @@
 //! final phase then receives one partial state per group, which [`super::distinct`] counts
 //! without building a set.
 
-use super::rowcount::partition_keys;
-use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use super::rowcount::{group_columns, partition_keys, rewrite_aggregates};
 use datafusion::common::{Result, ScalarValue};
 use datafusion::config::ConfigOptions;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfig, FileScanConfigBuilder};
 use datafusion::datasource::source::DataSourceExec;
-use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
@@ -42,23 +40,13 @@ impl PhysicalOptimizerRule for ColocateGroups {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        plan.transform_down(|p| {
-            let Some(agg) = p.downcast_ref::<AggregateExec>() else {
-                return Ok(Transformed::no(p));
-            };
-            match regrouped(agg)? {
-                Some(input) => Ok(Transformed::new(
-                    p.clone().replace_children(
-                        vec![input],
-                        ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
-                    )?,
-                    true,
-                    TreeNodeRecursion::Jump,
-                )),
-                None => Ok(Transformed::no(p)),
-            }
+        rewrite_aggregates(plan, |p, agg| match regrouped(agg)? {
+            Some(input) => Ok(Some(p.clone().replace_children(
+                vec![input],
+                ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+            )?)),
+            None => Ok(None),
         })
-        .map(|t| t.data)
     }
 
     fn name(&self) -> &str {
@@ -81,13 +69,7 @@ fn regrouped(agg: &AggregateExec) -> Result<Option<Arc<dyn ExecutionPlan>>> {
     {
         return Ok(None);
     }
-    let Some(keys) = agg
-        .group_expr()
-        .expr()
-        .iter()
-        .map(|(e, _)| e.downcast_ref::<Column>().map(Column::index))
-        .collect::<Option<Vec<usize>>>()
-    else {
+    let Some(keys) = group_columns(agg) else {
         return Ok(None);
     };
     let input = agg.input();
@@ -319,7 +301,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_distinct_count_by_partition_reads_each_value_in_one_partition() {
-        use datafusion::common::tree_node::TreeNodeRecursion;
+        use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
         let dir = tempfile::tempdir().unwrap();
         hive_table(dir.path()).await;
         let sql = "SELECT collection, count(*) AS n, count(DISTINCT did) AS u, sum(n) AS s \

@@ -47,16 +47,7 @@ impl PhysicalOptimizerRule for CountFromLog {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        plan.transform_down(|p| {
-            let Some(agg) = p.downcast_ref::<AggregateExec>() else {
-                return Ok(Transformed::no(p));
-            };
-            match replaced(agg)? {
-                Some(new) => Ok(Transformed::new(new, true, TreeNodeRecursion::Jump)),
-                None => Ok(Transformed::no(p)),
-            }
-        })
-        .map(|t| t.data)
+        rewrite_aggregates(plan, |_, agg| replaced(agg))
     }
 
     fn name(&self) -> &str {
@@ -106,6 +97,29 @@ fn counted_keys(agg: &AggregateExec) -> Option<Vec<usize>> {
             return None;
         }
     }
+    group_columns(agg)
+}
+
+/// `plan` with each `AggregateExec` for which `f` (given the node and the aggregate) returns
+/// a new plan replaced by it, top down; the new plan's own children are not visited again.
+pub fn rewrite_aggregates(
+    plan: Arc<dyn ExecutionPlan>,
+    f: impl Fn(&Arc<dyn ExecutionPlan>, &AggregateExec) -> Result<Option<Arc<dyn ExecutionPlan>>>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    plan.transform_down(|p| {
+        let Some(agg) = p.downcast_ref::<AggregateExec>() else {
+            return Ok(Transformed::no(p));
+        };
+        match f(&p, agg)? {
+            Some(new) => Ok(Transformed::new(new, true, TreeNodeRecursion::Jump)),
+            None => Ok(Transformed::no(p)),
+        }
+    })
+    .map(|t| t.data)
+}
+
+/// The input columns of `agg`'s group keys, when every key is a plain column.
+pub fn group_columns(agg: &AggregateExec) -> Option<Vec<usize>> {
     agg.group_expr()
         .expr()
         .iter()
