@@ -7,18 +7,9 @@
 //! (README, "Memory"): the 2M-event Jetstream ingest peaked at 142-147 MiB with the fixed
 //! threshold, 204-241 MiB without it, and 262-272 MiB with mimalloc 3. The price is speed on
 //! the firehose, which makes many small allocations (about 20 % against mimalloc).
-//!
-//! `serve` and `query` only answer SQL, and keep glibc's default: a query's hash tables and
-//! batches are freed and allocated again many times, and with the fixed threshold each of
-//! those is a fresh `mmap` whose pages fault in again. JSONBench Q2 on the 10M-event lake took
-//! 0.97 s with the fixed threshold against 0.75 s without (docs/performance.md, "Q1 from the
-//! log's row counts, and SQL without the fixed mmap threshold").
 
 fn main() -> std::process::ExitCode {
-    let command = std::env::args_os().nth(1);
-    if !command.is_some_and(|c| c == "serve" || c == "query") {
-        fixed_mmap_threshold();
-    }
+    fixed_mmap_threshold();
     atlake::cli::main()
 }
 
