@@ -357,12 +357,21 @@ fn file_of(table: Table, body: &Value, at: &str) -> Result<LakeFile, CheckpointE
     }
     // stats are optional in Delta; when present they must parse (a count that is silently
     // lost would make a query read every footer, and one that is wrong would be worse)
+    // (and a count that is not a row count, negative or beyond what SQL counts, is corrupt:
+    // queries add these up instead of reading the files)
     f.rows = match body.get("stats").and_then(Value::as_str) {
         None => None,
-        Some(s) => serde_json::from_str::<Value>(s)
+        Some(s) => match serde_json::from_str::<Value>(s)
             .map_err(|e| corrupt(at, format!("add {path}: stats: {e}")))?
             .get("numRecords")
-            .and_then(Value::as_u64),
+        {
+            None => None,
+            Some(n) => Some(
+                n.as_u64()
+                    .filter(|&n| i64::try_from(n).is_ok())
+                    .ok_or_else(|| corrupt(at, format!("add {path}: numRecords {n}")))?,
+            ),
+        },
     };
     Ok(f)
 }
@@ -1157,6 +1166,35 @@ mod tests {
         .await
         .unwrap();
         assert!(load(&lake, Table::Events).await.is_err(), "not a data file");
+
+        // a row count that is not one
+        let file = "collection_partition=app.bsky.feed.like/date=2026-07-04/hour=14/\
+                    js-1783173600001250-1783173715890250-f7c71f08.parquet";
+        for (n, ok) in [
+            (json!(12), true),
+            (json!(-1), false),
+            (json!(u64::MAX), false),
+            (json!("7"), false),
+        ] {
+            let lake = Lake::open("memory://").unwrap();
+            let mut st = new_table(&lake, Table::Events).await;
+            let stats = json!({ "numRecords": n }).to_string();
+            let add = json!({"add": {"path": file, "size": 10, "modificationTime": 1,
+                "dataChange": true, "stats": stats,
+                "partitionValues": {"collection_partition": "app.bsky.feed.like",
+                                    "date": "2026-07-04", "hour": "14"}}});
+            commit(&lake, Table::Events, &mut st, "WRITE", json!({}), vec![])
+                .await
+                .unwrap();
+            lake.put_atomic(
+                &Table::Events.log_path(&commit_name(2)),
+                add.to_string().into(),
+            )
+            .await
+            .unwrap();
+            let loaded = load(&lake, Table::Events).await;
+            assert_eq!(loaded.is_ok(), ok, "numRecords {n}: {loaded:?}");
+        }
 
         let lake = Lake::open("memory://").unwrap();
         let p = json!({"protocol": {"minReaderVersion": 3, "minWriterVersion": 7}});

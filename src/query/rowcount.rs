@@ -20,7 +20,7 @@
 use arrow::array::{ArrayRef, Int64Array, RecordBatch};
 use arrow::datatypes::DataType;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Result, ScalarValue};
+use datafusion::common::{DataFusionError, Result, ScalarValue};
 use datafusion::config::ConfigOptions;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::physical_plan::FileScanConfig;
@@ -129,34 +129,60 @@ pub fn group_columns(agg: &AggregateExec) -> Option<Vec<usize>> {
 
 /// Rows per value of the partition columns that `keys` (columns of `plan`'s output) name,
 /// summed from the logged counts; `None` when `plan` is not a plain scan of logged files
-/// whose keys are all partition columns.
+/// whose keys are all partition columns. Counts whose sum overflows are an error: the log
+/// that states them is corrupt.
 pub fn logged_counts(
     plan: &Arc<dyn ExecutionPlan>,
     keys: &[usize],
-) -> Option<HashMap<Vec<ScalarValue>, u64>> {
-    let exec = plan.downcast_ref::<DataSourceExec>()?;
-    let config = exec.data_source().downcast_ref::<FileScanConfig>()?;
-    let source = config.file_source();
-    if config.limit.is_some() || source.filter().is_some() {
-        return None;
+) -> Result<Option<HashMap<Vec<ScalarValue>, i64>>> {
+    let Some(exec) = plan.downcast_ref::<DataSourceExec>() else {
+        return Ok(None);
+    };
+    let Some(config) = exec.data_source().downcast_ref::<FileScanConfig>() else {
+        return Ok(None);
+    };
+    if config.limit.is_some() || config.file_source().filter().is_some() {
+        return Ok(None);
     }
-    let partition = partition_keys(config, keys)?;
+    let Some(partition) = partition_keys(config, keys) else {
+        return Ok(None);
+    };
     let mut seen = HashSet::new();
-    let mut counts: HashMap<Vec<ScalarValue>, u64> = HashMap::new();
+    let mut counts: HashMap<Vec<ScalarValue>, i64> = HashMap::new();
     for file in config.file_groups.iter().flat_map(|g| g.iter()) {
-        let rows = file.extension::<LoggedRows>()?.0;
+        let Some(LoggedRows(rows)) = file.extension::<LoggedRows>() else {
+            return Ok(None);
+        };
         // a file split into byte ranges appears once per range
         if !seen.insert(file.object_meta.location.clone()) {
             continue;
         }
-        let key: Vec<ScalarValue> = partition
+        let Some(key) = partition
             .iter()
             .map(|&i| file.partition_values.get(i).cloned())
-            .collect::<Option<_>>()?;
-        let n = counts.entry(key).or_default();
-        *n = n.checked_add(rows)?;
+            .collect::<Option<Vec<ScalarValue>>>()
+        else {
+            return Ok(None);
+        };
+        add_rows(counts.entry(key).or_default(), *rows)?;
     }
-    Some(counts)
+    Ok(Some(counts))
+}
+
+/// `rows` more into `total`; past `i64::MAX` (what `count` returns) the log is corrupt.
+fn add_rows(total: &mut i64, rows: u64) -> Result<()> {
+    *total = i64::try_from(rows)
+        .ok()
+        .and_then(|r| total.checked_add(r))
+        .ok_or_else(corrupt_counts)?;
+    Ok(())
+}
+
+fn corrupt_counts() -> DataFusionError {
+    DataFusionError::Execution(format!(
+        "the lake's log states row counts that add up past {}: the log is corrupt",
+        i64::MAX
+    ))
 }
 
 /// The partition columns (indices into the scan's partition values) that the output columns
@@ -192,19 +218,16 @@ fn replaced(agg: &AggregateExec) -> Result<Option<Arc<dyn ExecutionPlan>>> {
         Some(u) => u.children().into_iter().cloned().collect(),
         None => vec![input.clone()],
     };
-    let mut counts: HashMap<Vec<ScalarValue>, u64> = HashMap::new();
+    let mut counts: HashMap<Vec<ScalarValue>, i64> = HashMap::new();
     let mut rest = Vec::new();
     let mut answered = false;
     for i in inputs {
-        match logged_counts(&i, &keys) {
+        match logged_counts(&i, &keys)? {
             Some(c) => {
                 answered = true;
                 for (k, n) in c {
                     let total = counts.entry(k).or_default();
-                    let Some(sum) = total.checked_add(n) else {
-                        return Ok(None);
-                    };
-                    *total = sum;
+                    *total = total.checked_add(n).ok_or_else(corrupt_counts)?;
                 }
             }
             None => rest.push(i),
@@ -232,14 +255,7 @@ fn replaced(agg: &AggregateExec) -> Result<Option<Arc<dyn ExecutionPlan>>> {
             ScalarValue::iter_to_array(values)?
         });
     }
-    let mut totals = Vec::with_capacity(counts.len());
-    for &n in counts.values() {
-        let Ok(n) = i64::try_from(n) else {
-            return Ok(None);
-        };
-        totals.push(n);
-    }
-    let totals: ArrayRef = Arc::new(Int64Array::from(totals));
+    let totals: ArrayRef = Arc::new(counts.values().copied().collect::<Int64Array>());
     for _ in 0..aggregates {
         columns.push(totals.clone());
     }
@@ -343,7 +359,9 @@ mod tests {
             ],
         ];
         // output column 0 is `collection` (table column 2)
-        let got = logged_counts(&scan(groups, vec![2], None, false), &[0]).unwrap();
+        let got = logged_counts(&scan(groups, vec![2], None, false), &[0])
+            .unwrap()
+            .unwrap();
         let want: HashMap<_, _> = [(key(LIKE), 18), (key(POST), 5)].into();
         assert_eq!(got, want);
     }
@@ -352,7 +370,9 @@ mod tests {
     fn two_keys_follow_the_projection() {
         let groups = vec![vec![file("a", LIKE, Some(3)), file("b", POST, Some(4))]];
         // output (collection, kind): keys [1, 0] are (kind, collection)
-        let got = logged_counts(&scan(groups, vec![2, 1], None, false), &[1, 0]).unwrap();
+        let got = logged_counts(&scan(groups, vec![2, 1], None, false), &[1, 0])
+            .unwrap()
+            .unwrap();
         let commit = ScalarValue::Utf8View(Some("commit".into()));
         let want: HashMap<_, _> = [
             (vec![commit.clone(), key(LIKE)[0].clone()], 3),
@@ -365,19 +385,65 @@ mod tests {
     #[test]
     fn anything_that_could_change_the_rows_read_is_not_counted() {
         let logged = || vec![vec![file("a", LIKE, Some(3)), file("b", POST, Some(4))]];
-        assert!(logged_counts(&scan(logged(), vec![2], None, false), &[0]).is_some());
+        assert!(
+            logged_counts(&scan(logged(), vec![2], None, false), &[0])
+                .unwrap()
+                .is_some()
+        );
         // a file without a logged count
         let unlogged = vec![vec![file("a", LIKE, Some(3)), file("b", POST, None)]];
-        assert!(logged_counts(&scan(unlogged, vec![2], None, false), &[0]).is_none());
+        assert!(
+            logged_counts(&scan(unlogged, vec![2], None, false), &[0])
+                .unwrap()
+                .is_none()
+        );
         // a key that is a column of the file, not of the partition
-        assert!(logged_counts(&scan(logged(), vec![0, 2], None, false), &[0]).is_none());
-        assert!(logged_counts(&scan(logged(), vec![0, 2], None, false), &[1]).is_some());
+        assert!(
+            logged_counts(&scan(logged(), vec![0, 2], None, false), &[0])
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            logged_counts(&scan(logged(), vec![0, 2], None, false), &[1])
+                .unwrap()
+                .is_some()
+        );
         // a limit, a predicate
-        assert!(logged_counts(&scan(logged(), vec![2], Some(1), false), &[0]).is_none());
-        assert!(logged_counts(&scan(logged(), vec![2], None, true), &[0]).is_none());
+        assert!(
+            logged_counts(&scan(logged(), vec![2], Some(1), false), &[0])
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            logged_counts(&scan(logged(), vec![2], None, true), &[0])
+                .unwrap()
+                .is_none()
+        );
         // not a file scan
         let schema = Arc::new(Schema::new(vec![Field::new("c", DataType::Utf8View, true)]));
         let memory = MemorySourceConfig::try_new_exec(&[vec![]], schema, None).unwrap();
-        assert!(logged_counts(&(memory as Arc<dyn ExecutionPlan>), &[0]).is_none());
+        assert!(
+            logged_counts(&(memory as Arc<dyn ExecutionPlan>), &[0])
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn counts_past_what_count_returns_are_an_error() {
+        let huge = vec![vec![
+            file("a", LIKE, Some(i64::MAX as u64)),
+            file("b", LIKE, Some(1)),
+        ]];
+        let err = logged_counts(&scan(huge, vec![2], None, false), &[0]).unwrap_err();
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        let beyond = vec![vec![file("a", LIKE, Some(u64::MAX))]];
+        assert!(logged_counts(&scan(beyond, vec![2], None, false), &[0]).is_err());
+        // up to the limit is a count
+        let max = vec![vec![file("a", LIKE, Some(i64::MAX as u64))]];
+        let got = logged_counts(&scan(max, vec![2], None, false), &[0])
+            .unwrap()
+            .unwrap();
+        assert_eq!(got[&key(LIKE)], i64::MAX);
     }
 }
