@@ -27,7 +27,7 @@
 //!                │
 //!  the data    decode (pure: bytes → events) ──▶ model (events, keys, cursors, rows) ◀── config
 //!                                                  │
-//!  leaves                                        syntax   backoff   telemetry
+//!  leaves                                        syntax   backoff   telemetry   memory
 //! ```
 //!
 //! - [`syntax`]: identifier syntax (NSID, DID, record key, TID, datetimes) and endpoint URLs.
@@ -63,11 +63,13 @@
 //!   endpoint with faults, or written as captures, with its ground truth.
 //! - [`convert`]: capture file → Jetstream JSON lines.
 //! - [`telemetry`], [`cli`]: logs and metrics, the command line.
+//! - [`memory`]: a leaf; when freed memory should go back to the system (the binary says how).
 #![forbid(unsafe_code)]
 
 pub mod backoff;
 pub mod convert;
 pub mod decode;
+pub mod memory;
 pub mod model;
 pub mod simulate;
 pub mod source;

@@ -6,11 +6,80 @@
 //! buffers come from the heap arenas and fragment them. Measured with `scripts/bench`'s inputs
 //! (README, "Memory"): the 2M-event Jetstream ingest peaked at 142-147 MiB with the fixed
 //! threshold, 204-241 MiB without it, and 262-272 MiB with mimalloc 3. The price is speed on
-//! the firehose, which makes many small allocations (about 20 % against mimalloc).
+//! the firehose, which makes many small allocations (about 20 % against mimalloc). Every
+//! command also returns freed memory to the system when the library says much was freed
+//! (`trim`).
 
 fn main() -> std::process::ExitCode {
     fixed_mmap_threshold();
+    match trim::start() {
+        Ok(()) => {
+            atlake::memory::set_release(trim::request);
+        }
+        Err(e) => eprintln!("warning: freed memory stays with the process: {e}"),
+    }
     atlake::cli::main()
+}
+
+/// Gives freed memory back to the system when the library says a lot was just freed (a
+/// query ended, a flush was written, a compaction pass ended; `atlake::memory`): glibc keeps
+/// freed memory in its arenas, and `malloc_trim` returns the free pages of every arena. On
+/// its own thread, a quarter of a second after the news (so that the frees which come with
+/// it land first), at most four times a second.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+mod trim {
+    use std::sync::{Condvar, Mutex};
+    use std::time::Duration;
+
+    static PENDING: Mutex<bool> = Mutex::new(false);
+    static WAKE: Condvar = Condvar::new();
+
+    /// Notes that memory was freed. Never blocks for long: the trimmer holds the lock only
+    /// to read and clear the flag.
+    pub fn request() {
+        // a poisoned lock means the trimmer thread panicked: nothing to wake
+        if let Ok(mut pending) = PENDING.lock() {
+            *pending = true;
+            WAKE.notify_one();
+        }
+    }
+
+    /// Starts the trimmer thread.
+    pub fn start() -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name("atlake-trim".into())
+            .stack_size(256 << 10)
+            .spawn(|| {
+                loop {
+                    let Ok(mut pending) = PENDING.lock() else {
+                        return;
+                    };
+                    while !*pending {
+                        pending = match WAKE.wait(pending) {
+                            Ok(p) => p,
+                            Err(_) => return,
+                        };
+                    }
+                    *pending = false;
+                    drop(pending);
+                    std::thread::sleep(Duration::from_millis(250));
+                    // SAFETY: malloc_trim only returns free memory of glibc's arenas to the
+                    // system (madvise); it takes the arenas' locks itself (malloc(3)). Its
+                    // result says whether any memory was released, which changes nothing here.
+                    unsafe { libc::malloc_trim(0) };
+                }
+            })
+            .map(|_| ())
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+mod trim {
+    pub fn request() {}
+    pub fn start() -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

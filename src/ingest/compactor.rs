@@ -72,6 +72,8 @@ pub async fn run(
             }
         };
         metrics::counter!("atlake_compaction_passes_total").increment(1);
+        // a pass reads and rewrites whole partitions: give back what it held
+        crate::memory::freed();
         match result {
             Ok(s) => {
                 metrics::counter!("atlake_compaction_files_replaced_total")

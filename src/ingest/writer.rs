@@ -64,6 +64,8 @@ pub async fn run(
         .map(|job| write_job(ctx.clone(), job))
         .buffer_unordered(concurrency)
         .for_each(|c| {
+            // the job's rows and its encoded file were dropped with its future
+            crate::memory::freed();
             let _ = done.send(c);
             futures::future::ready(())
         })

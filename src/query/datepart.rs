@@ -10,7 +10,7 @@
 //! to the original function, so results are the same by construction (a test compares them on
 //! random timestamps of every unit).
 
-use arrow::array::{Array, ArrayRef, AsArray, Int32Array};
+use arrow::array::{Array, ArrayRef, AsArray, Int32Array, Int64Array};
 use arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::Transformed;
@@ -117,10 +117,11 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-/// The field of a timestamp `v` in units of `per_sec` per second; `None` when the year does
+/// The field of a timestamp `v` in units of `PER_SEC` per second; `None` when the year does
 /// not fit an Int32 (the original function then decides).
-fn field(part: Part, v: i64, per_sec: i64) -> Option<i32> {
-    let secs = v.div_euclid(per_sec);
+#[inline]
+fn field<const PER_SEC: i64>(part: Part, v: i64) -> Option<i32> {
+    let secs = v.div_euclid(PER_SEC);
     let days = secs.div_euclid(SECS_PER_DAY);
     let in_day = secs.rem_euclid(SECS_PER_DAY);
     Some(match part {
@@ -132,6 +133,29 @@ fn field(part: Part, v: i64, per_sec: i64) -> Option<i32> {
     })
 }
 
+/// The part of every value, with the unit a constant so that each division is a
+/// multiplication. The hour and the minute never fail and need no calendar: one division
+/// of the raw value each (`⌊v / unit-per-hour⌋ mod 24` is the hour of the day), computed on
+/// every slot, nulls included, with the nulls copied over (JSONBench Q3 groups 6M rows by it).
+fn fields<const PER_SEC: i64>(part: Part, ints: &Int64Array) -> Option<Int32Array> {
+    Some(match part {
+        Part::Hour => ints.unary(|v| v.div_euclid(PER_SEC * 3_600).rem_euclid(24) as i32),
+        Part::Minute => ints.unary(|v| v.div_euclid(PER_SEC * 60).rem_euclid(60) as i32),
+        _ => {
+            let out: Vec<i32> = (0..ints.len())
+                .map(|i| {
+                    if ints.is_null(i) {
+                        Some(0)
+                    } else {
+                        field::<PER_SEC>(part, ints.value(i))
+                    }
+                })
+                .collect::<Option<_>>()?;
+            Int32Array::new(out.into(), ints.nulls().cloned())
+        }
+    })
+}
+
 /// The part for every value of a UTC timestamp array; `None` to fall back.
 fn fast(part: Part, a: &dyn Array) -> Option<ArrayRef> {
     let DataType::Timestamp(unit, tz) = a.data_type() else {
@@ -140,25 +164,16 @@ fn fast(part: Part, a: &dyn Array) -> Option<ArrayRef> {
     if !is_utc(tz.as_deref()) {
         return None;
     }
-    let per_sec = match unit {
-        TimeUnit::Second => 1,
-        TimeUnit::Millisecond => 1_000,
-        TimeUnit::Microsecond => 1_000_000,
-        TimeUnit::Nanosecond => 1_000_000_000,
-    };
     // timestamps are Int64 underneath: the cast reinterprets the buffer without copying
     let ints = arrow::compute::cast(a, &DataType::Int64).ok()?;
     let ints = ints.as_primitive::<Int64Type>();
-    let out: Vec<i32> = (0..ints.len())
-        .map(|i| {
-            if ints.is_null(i) {
-                Some(0)
-            } else {
-                field(part, ints.value(i), per_sec)
-            }
-        })
-        .collect::<Option<_>>()?;
-    Some(Arc::new(Int32Array::new(out.into(), ints.nulls().cloned())))
+    let out = match unit {
+        TimeUnit::Second => fields::<1>(part, ints),
+        TimeUnit::Millisecond => fields::<1_000>(part, ints),
+        TimeUnit::Microsecond => fields::<1_000_000>(part, ints),
+        TimeUnit::Nanosecond => fields::<1_000_000_000>(part, ints),
+    }?;
+    Some(Arc::new(out))
 }
 
 impl ScalarUDFImpl for FastDatePart {

@@ -62,7 +62,10 @@ pub struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.admitted.fetch_sub(1, Ordering::AcqRel);
+        // the last query of this engine has ended: what it held can go back to the system
+        if self.admitted.fetch_sub(1, Ordering::AcqRel) == 1 {
+            crate::memory::freed();
+        }
     }
 }
 

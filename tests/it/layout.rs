@@ -12,6 +12,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("syntax", &[]),
     ("backoff", &[]),
     ("telemetry", &[]),
+    ("memory", &[]),
     // the data
     ("model", &["syntax"]),
     ("config", &["syntax", "model"]),
@@ -37,6 +38,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "sink",
             "checkpoint",
             "catalog",
+            "memory",
         ],
     ),
     (
@@ -63,6 +65,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "checkpoint",
             "catalog",
             "telemetry",
+            "memory",
         ],
     ),
     // tools beside the data path
@@ -103,6 +106,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "simulate",
             "convert",
             "telemetry",
+            "memory",
         ],
     ),
 ];
