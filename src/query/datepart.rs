@@ -156,8 +156,37 @@ fn fields<const PER_SEC: i64>(part: Part, ints: &Int64Array) -> Option<Int32Arra
     })
 }
 
+/// The part as one value when every value of the array lies in the same unit of it (the same
+/// hour for `hour`, the same day for `day`, `month` and `year`): a file of the lake lies within
+/// one hour, so its batches give one hour, and a GROUP BY on it needs no array of the batch's
+/// length. `None` when a value is null, the array is empty or the values span two units.
+fn constant<const PER_SEC: i64>(part: Part, ints: &Int64Array) -> Option<i32> {
+    if ints.is_empty() || ints.null_count() != 0 {
+        return None;
+    }
+    let (lo, hi) = (arrow::compute::min(ints)?, arrow::compute::max(ints)?);
+    let unit = match part {
+        Part::Minute => PER_SEC * 60,
+        Part::Hour => PER_SEC * 3_600,
+        Part::Day | Part::Month | Part::Year => PER_SEC * SECS_PER_DAY,
+    };
+    if lo.div_euclid(unit) != hi.div_euclid(unit) {
+        return None;
+    }
+    field::<PER_SEC>(part, lo)
+}
+
+/// The part of every value, or of all of them at once ([`constant`]).
+fn part_of<const PER_SEC: i64>(part: Part, ints: &Int64Array) -> Option<ColumnarValue> {
+    if let Some(v) = constant::<PER_SEC>(part, ints) {
+        return Some(ColumnarValue::Scalar(ScalarValue::Int32(Some(v))));
+    }
+    let out: ArrayRef = Arc::new(fields::<PER_SEC>(part, ints)?);
+    Some(ColumnarValue::Array(out))
+}
+
 /// The part for every value of a UTC timestamp array; `None` to fall back.
-fn fast(part: Part, a: &dyn Array) -> Option<ArrayRef> {
+fn fast(part: Part, a: &dyn Array) -> Option<ColumnarValue> {
     let DataType::Timestamp(unit, tz) = a.data_type() else {
         return None;
     };
@@ -167,13 +196,12 @@ fn fast(part: Part, a: &dyn Array) -> Option<ArrayRef> {
     // timestamps are Int64 underneath: the cast reinterprets the buffer without copying
     let ints = arrow::compute::cast(a, &DataType::Int64).ok()?;
     let ints = ints.as_primitive::<Int64Type>();
-    let out = match unit {
-        TimeUnit::Second => fields::<1>(part, ints),
-        TimeUnit::Millisecond => fields::<1_000>(part, ints),
-        TimeUnit::Microsecond => fields::<1_000_000>(part, ints),
-        TimeUnit::Nanosecond => fields::<1_000_000_000>(part, ints),
-    }?;
-    Some(Arc::new(out))
+    match unit {
+        TimeUnit::Second => part_of::<1>(part, ints),
+        TimeUnit::Millisecond => part_of::<1_000>(part, ints),
+        TimeUnit::Microsecond => part_of::<1_000_000>(part, ints),
+        TimeUnit::Nanosecond => part_of::<1_000_000_000>(part, ints),
+    }
 }
 
 impl ScalarUDFImpl for FastDatePart {
@@ -188,7 +216,7 @@ impl ScalarUDFImpl for FastDatePart {
         if let (Some(part), Some(ColumnarValue::Array(a))) = (part, args.args.get(1))
             && let Some(out) = fast(part, a.as_ref())
         {
-            return Ok(ColumnarValue::Array(out));
+            return Ok(out);
         }
         self.inner.invoke_with_args(args)
     }
@@ -234,38 +262,100 @@ mod tests {
         for a in arrays {
             for p in ["year", "month", "day", "hour", "minute", "'hour'", "HOURS"] {
                 let part = Part::parse(p).unwrap();
-                let ours = fast(part, a.as_ref()).unwrap();
-                let arg_fields = vec![
-                    Arc::new(arrow::datatypes::Field::new("p", DataType::Utf8, false)),
-                    Arc::new(arrow::datatypes::Field::new(
-                        "t",
-                        a.data_type().clone(),
-                        true,
-                    )),
-                ];
-                let theirs = original
-                    .invoke_with_args(ScalarFunctionArgs {
-                        args: vec![
-                            ColumnarValue::Scalar(ScalarValue::Utf8(Some(p.into()))),
-                            ColumnarValue::Array(a.clone()),
-                        ],
-                        arg_fields,
-                        number_rows: a.len(),
-                        return_field: Arc::new(arrow::datatypes::Field::new(
-                            "r",
-                            DataType::Int32,
-                            true,
-                        )),
-                        config_options: Arc::new(Default::default()),
-                    })
-                    .unwrap()
-                    .into_array(a.len())
-                    .unwrap();
+                let ours = fast(part, a.as_ref()).unwrap().into_array(a.len()).unwrap();
+                let theirs = datafusion_s(&original, p, &a);
                 let ours = ours.as_any().downcast_ref::<Int32Array>().unwrap();
                 let theirs = theirs.as_any().downcast_ref::<Int32Array>().unwrap();
                 assert_eq!(ours, theirs, "{p} on {}", a.data_type());
             }
         }
+    }
+
+    /// DataFusion's own `date_part` of every value of `a`.
+    fn datafusion_s(original: &Arc<ScalarUDF>, p: &str, a: &ArrayRef) -> ArrayRef {
+        let arg_fields = vec![
+            Arc::new(arrow::datatypes::Field::new("p", DataType::Utf8, false)),
+            Arc::new(arrow::datatypes::Field::new(
+                "t",
+                a.data_type().clone(),
+                true,
+            )),
+        ];
+        original
+            .invoke_with_args(ScalarFunctionArgs {
+                args: vec![
+                    ColumnarValue::Scalar(ScalarValue::Utf8(Some(p.into()))),
+                    ColumnarValue::Array(a.clone()),
+                ],
+                arg_fields,
+                number_rows: a.len(),
+                return_field: Arc::new(arrow::datatypes::Field::new("r", DataType::Int32, true)),
+                config_options: Arc::new(Default::default()),
+            })
+            .unwrap()
+            .into_array(a.len())
+            .unwrap()
+    }
+
+    #[test]
+    fn values_within_one_unit_give_one_value_and_the_same_answer() {
+        const HOUR: i64 = 3_600_000_000;
+        let ctx = SessionContext::new();
+        let original = ctx.udf("date_part").unwrap();
+        let mut rng = crate::simulate::traffic::Rng::new(7);
+        // hours after and before 1970 (a negative hour is where a truncating division errs)
+        for h in [494_215_i64, 0, -1, -493_000, 17] {
+            let start = h * HOUR;
+            let within: Vec<i64> = (0..500)
+                .map(|_| start + (rng.next_u64() % HOUR as u64) as i64)
+                .chain([start, start + HOUR - 1])
+                .collect();
+            let one: ArrayRef =
+                Arc::new(TimestampMicrosecondArray::from(within.clone()).with_timezone("UTC"));
+            for p in ["hour", "day", "month", "year"] {
+                let ours = fast(Part::parse(p).unwrap(), one.as_ref()).unwrap();
+                assert!(
+                    matches!(ours, ColumnarValue::Scalar(ScalarValue::Int32(Some(_)))),
+                    "{p} of one hour {h} is one value"
+                );
+                assert_eq!(
+                    ours.into_array(one.len()).unwrap().as_ref(),
+                    datafusion_s(&original, p, &one).as_ref(),
+                    "{p} of hour {h}"
+                );
+            }
+            // one µs into the next hour, or a null: an array, with the same answers
+            let mut across = within.clone();
+            across.push(start + HOUR);
+            let with_null: Vec<Option<i64>> =
+                within.iter().map(|&v| Some(v)).chain([None]).collect();
+            let others: [ArrayRef; 2] = [
+                Arc::new(TimestampMicrosecondArray::from(across).with_timezone("UTC")),
+                Arc::new(TimestampMicrosecondArray::from(with_null)),
+            ];
+            for a in others {
+                let ours = fast(Part::Hour, a.as_ref()).unwrap();
+                let ColumnarValue::Array(ours) = ours else {
+                    panic!("hour {h}: values across two hours, or with a null, are not one value");
+                };
+                assert_eq!(ours.as_ref(), datafusion_s(&original, "hour", &a).as_ref());
+            }
+            // the minute of values within one hour still differs
+            let ours = fast(Part::Minute, one.as_ref()).unwrap();
+            assert!(
+                matches!(ours, ColumnarValue::Array(_)),
+                "minutes of hour {h}"
+            );
+        }
+        // within one minute: one minute
+        let m: ArrayRef = Arc::new(TimestampMicrosecondArray::from(vec![
+            60_000_000 * 5,
+            60_000_000 * 6 - 1,
+        ]));
+        assert!(matches!(
+            fast(Part::Minute, m.as_ref()),
+            Some(ColumnarValue::Scalar(ScalarValue::Int32(Some(5))))
+        ));
     }
 
     #[test]

@@ -77,7 +77,10 @@ pub fn oversized(data: &[u8], cursor: Option<Cursor>, limit: usize) -> RawMessag
 /// Peeks the `"time_us":` value of a Jetstream line without parsing it all.
 pub fn peek_time_us(line: &[u8]) -> Option<i64> {
     const KEY: &[u8] = b"\"time_us\":";
-    let at = memchr::memmem::find(line, KEY)? + KEY.len();
+    // built once: `memmem::find` builds its searcher on every call, once per line here
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(KEY));
+    let at = FINDER.find(line)? + KEY.len();
     let rest = &line[at..];
     let rest = &rest[rest.iter().position(|c| !c.is_ascii_whitespace())?..];
     let end = rest
