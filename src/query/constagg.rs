@@ -397,11 +397,13 @@ impl State {
             return Ok(Vec::new());
         }
         let keys = self.keys(batch)?;
-        let one = keys.iter().all(|k| match k {
-            ColumnarValue::Scalar(_) => true,
-            ColumnarValue::Array(a) => one_value(a),
-        });
-        if one && !self.skipping {
+        // once skipping, every row goes on as it is: no need to look for one value
+        let one = !self.skipping
+            && keys.iter().all(|k| match k {
+                ColumnarValue::Scalar(_) => true,
+                ColumnarValue::Array(a) => one_value(a),
+            });
+        if one {
             let first = keys
                 .iter()
                 .map(|k| match k {
