@@ -1,9 +1,9 @@
 //! The ingest pipeline: source → decode → filter and dedupe → batcher → writer → checkpoint.
 //!
 //! ```text
-//!  source task ──(bounded)──▶ decode loop (own thread) ──(bounded)──▶ writer (encoders)
-//!  firehose/jetstream/file      decode, check times, filter,          sort, Parquet, store
-//!                               dedupe, batch by (collection, hour)          │
+//!  source task ─(bounded)─▶ decoders ─(in order)─▶ loop (own thread) ─(bounded)─▶ writer (encoders)
+//!  firehose/jetstream/file   one per core,          check times, filter,          sort, Parquet, store
+//!                            batches dealt in turn  dedupe, batch by (collection, hour)   │
 //!                                      ▲         │ seal chunks               │ durable
 //!                                      │         ▼                           ▼
 //!                                      │    Catalog (files + buffered + in-flight rows)
@@ -21,6 +21,7 @@
 
 pub mod checkpointer;
 pub mod compactor;
+pub mod decoding;
 pub mod dedupe;
 mod pipeline;
 pub mod writer;
@@ -407,7 +408,6 @@ pub async fn start_with_lake(
             Input::File(p) => format!("file:{}", p.display()),
             Input::Network => cfg.source.url.clone(),
         },
-        decoders: pipeline::Decoders::new(cfg.source.verify_hashes),
         catalog: catalog.clone(),
         checkpoint: rec.checkpoint,
         requested_cursor: rec.resume_cursor,
@@ -437,7 +437,11 @@ pub async fn start_with_lake(
         state,
         tasks,
         pipeline::Channels {
-            raw: raw_rx,
+            decoded: decoding::DecodeStage::start(
+                raw_rx,
+                decoding::decoder_count(cfg.source.decode_threads, kind),
+                cfg.source.verify_hashes,
+            )?,
             jobs: jobs_tx,
             done: done_rx,
             shutdown: w.shutdown.1.clone(),

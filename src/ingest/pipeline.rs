@@ -3,13 +3,13 @@
 //! never stalls the runtime's I/O.
 
 use super::checkpointer;
+use super::decoding::{DecodeStage, DecodedBatch, Incoming};
 use super::dedupe::Dedupe;
 use super::writer::Completion;
 use super::{IngestError, Summary};
 use crate::catalog::Catalog;
 use crate::checkpoint::{Checkpoint, SourcePosition};
-use crate::decode::events::{DecodeOptions, FrameDecoder};
-use crate::decode::jetstream::{JetstreamDecoder, JetstreamOptions, write_line};
+use crate::decode::jetstream::write_line;
 use crate::model::key::{error_key, event_key};
 use crate::model::lexicon::Lexicon;
 use crate::model::{
@@ -25,21 +25,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Both decoders, reusing their buffers.
-pub(super) struct Decoders {
-    frames: FrameDecoder,
-    lines: JetstreamDecoder,
-}
-
-impl Decoders {
-    pub(super) fn new(verify_hashes: bool) -> Self {
-        Decoders {
-            frames: FrameDecoder::new(DecodeOptions { verify_hashes }),
-            lines: JetstreamDecoder::new(JetstreamOptions::default()),
-        }
-    }
-}
-
 /// The decode loop's state.
 pub(super) struct LoopState {
     pub batcher: Batcher,
@@ -47,7 +32,6 @@ pub(super) struct LoopState {
     pub filters: watch::Receiver<Filters>,
     pub source: SourceKind,
     pub source_url: String,
-    pub decoders: Decoders,
     pub catalog: Arc<Catalog>,
     /// The checkpoint as last requested (every source's position).
     pub checkpoint: Checkpoint,
@@ -86,7 +70,7 @@ pub(super) struct Tasks {
 
 /// The loop's channels.
 pub(super) struct Channels {
-    pub raw: mpsc::Receiver<RawMessage>,
+    pub decoded: DecodeStage,
     pub jobs: mpsc::Sender<FlushJob>,
     pub done: mpsc::UnboundedReceiver<Completion>,
     pub shutdown: watch::Receiver<bool>,
@@ -102,7 +86,7 @@ pub(super) fn spawn_decode_thread(
 ) -> Result<(), IngestError> {
     let rt_handle = tokio::runtime::Handle::current();
     std::thread::Builder::new()
-        .name("atlake-decode".into())
+        .name("atlake-loop".into())
         .spawn(move || {
             let r = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -184,8 +168,6 @@ impl LoopState {
     async fn run(mut self, mut ch: Channels) -> Result<Summary, IngestError> {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut buf = Vec::with_capacity(256);
-        let mut decoded = Vec::with_capacity(64);
         let mut last_progress = Instant::now();
         let fence = self.fence.clone();
         let lost = fence.lost();
@@ -208,14 +190,24 @@ impl LoopState {
                 // the whole memory cap; completions free it
                 // with a backfill beside it, nothing is read before the cut-over holds the
                 // backfill's progress (the tick looks again)
-                n = ch.raw.recv_many(&mut buf, 256), if !self.over_budget() && self.cutover_ready() => {
-                    if n == 0 {
+                batch = ch.decoded.recv(), if !self.over_budget() && self.cutover_ready() => {
+                    let Some(batch) = batch else {
                         break;
-                    }
+                    };
                     let now = Instant::now();
                     let window = TimeWindow::now();
-                    for msg in buf.drain(..) {
-                        self.process(msg, &mut decoded, now, window)?;
+                    match batch? {
+                        Incoming::Raw(messages) => {
+                            for msg in &messages {
+                                let decoded = ch.decoded.decode_here(msg)?;
+                                self.process(msg, decoded, now, window)?;
+                            }
+                        }
+                        Incoming::Decoded(mut batch) => {
+                            let r = self.process_batch(&mut batch, now, window);
+                            ch.decoded.give_back(batch);
+                            r?;
+                        }
                     }
                     self.publish();
                     let jobs_due = self.batcher.size_due().map_err(broken)?;
@@ -265,25 +257,56 @@ impl LoopState {
         Ok(self.summary)
     }
 
+    /// One batch decoded elsewhere, message by message in stream order. The batch is left
+    /// for its decoder to free (see `DecodeStage::give_back`).
+    fn process_batch(
+        &mut self,
+        batch: &mut DecodedBatch,
+        now: Instant,
+        window: TimeWindow,
+    ) -> Result<(), IngestError> {
+        let DecodedBatch {
+            messages,
+            ends,
+            outputs,
+            ..
+        } = batch;
+        if ends.len() != messages.len() || ends.last().is_some_and(|&e| e != outputs.len()) {
+            return Err(broken(format!(
+                "a decoded batch of {} messages has {} ends and {} outputs",
+                messages.len(),
+                ends.len(),
+                outputs.len()
+            )));
+        }
+        let mut start = 0;
+        for (msg, &end) in messages.iter().zip(ends.iter()) {
+            let decoded = outputs
+                .get_mut(start..end)
+                .ok_or_else(|| broken(format!("a decoded batch's ends go back: {start}..{end}")))?;
+            self.process(msg, decoded, now, window)?;
+            start = end;
+        }
+        Ok(())
+    }
+
     fn process(
         &mut self,
-        msg: RawMessage,
-        decoded: &mut Vec<Decoded>,
+        msg: &RawMessage,
+        decoded: &mut [Decoded],
         now: Instant,
         window: TimeWindow,
     ) -> Result<(), IngestError> {
         self.summary.messages += 1;
-        decoded.clear();
-        match &msg.payload {
-            Payload::Frame(f) => self.decoders.frames.decode(f, decoded),
-            Payload::Line(l) => decoded.push(self.decoders.lines.decode(l)),
-            Payload::Undecodable(e) => decoded.push(Decoded::Error(e.clone())),
-        }
         let cursor = msg.cursor.or(self.high_water);
-        for d in decoded.drain(..) {
+        for d in decoded {
             match d {
-                Decoded::Event(env) => self.accept_event(env, &msg, cursor, now, window)?,
-                Decoded::Error(e) => self.accept_error(e, cursor, now, window)?,
+                Decoded::Event(env) => self.accept_event(env, msg, cursor, now, window)?,
+                Decoded::Error(e) => {
+                    // moved out, an empty one left for the decoder to free
+                    let e = std::mem::replace(e, ErrorEvent::new(e.reason, String::new(), &[]));
+                    self.accept_error(e, cursor, now, window)?
+                }
             }
         }
         if let Some(c) = msg.cursor {
@@ -334,19 +357,19 @@ impl LoopState {
 
     fn accept_event(
         &mut self,
-        mut env: Envelope,
+        env: &mut Envelope,
         msg: &RawMessage,
         cursor: Option<Cursor>,
         now: Instant,
         window: TimeWindow,
     ) -> Result<(), IngestError> {
-        if let Err(e) = self.check_time(&mut env, msg, window) {
+        if let Err(e) = self.check_time(env, msg, window) {
             return self.accept_error(*e, cursor, now, window);
         }
         let c = cursor.or_else(|| env.cursor());
         let (did_wanted, collection_wanted) = {
             let f = self.filters.borrow();
-            (f.wants_did(&env.event.did), f.wants_collection(&env))
+            (f.wants_did(&env.event.did), f.wants_collection(env))
         };
         // a DID left out by the filter is not followed at all: the daemon keeps no head for it
         if !did_wanted {
@@ -373,7 +396,7 @@ impl LoopState {
             self.summary.filtered += 1;
             return Ok(());
         }
-        let key = event_key(&env);
+        let key = event_key(env);
         if self.dedupe.is_duplicate(key) {
             self.summary.duplicates += 1;
             metrics::counter!("atlake_duplicates_total", "reason" => "key").increment(1);
@@ -389,11 +412,11 @@ impl LoopState {
             self.summary.filtered += 1;
             return Ok(());
         }
-        match self.batcher.push_event(&env, c, key, now) {
+        match self.batcher.push_event(env, c, key, now) {
             Ok(_) => {}
             Err(Refused::Collection) => {
                 let mut line = Vec::new();
-                write_line(&env, &mut line);
+                write_line(env, &mut line);
                 let mut e = ErrorEvent::new(
                     ErrorReason::Collection,
                     Refused::Collection.to_string(),
