@@ -11,8 +11,9 @@
 
 use crate::decode::cbor::{MAX_DEPTH, Reader};
 use crate::decode::frame::parse_header;
+use bytes::{Bytes, BytesMut};
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::Path;
 
 /// Largest message a capture may hold.
@@ -92,6 +93,21 @@ pub enum Message<'a> {
     Line(&'a [u8]),
 }
 
+/// One message of a capture, owned: a view of the reader's buffer, not a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnedMessage {
+    /// A firehose frame.
+    Frame(Bytes),
+    /// A Jetstream JSON line (without the newline).
+    Line(Bytes),
+}
+
+/// The read buffer's size: the reader reads into it and hands out views of it
+/// ([`CaptureReader::next_owned`]), so a buffer lives until its last message is dropped, and a
+/// new one is taken when it is used up. Under the mmap threshold the binary sets (256 KiB), so
+/// a buffer comes from the heap and goes back to it, not from fresh zeroed pages.
+const CHUNK: usize = 192 << 10;
+
 /// Streams the messages of a capture.
 pub struct CaptureReader {
     inner: Box<dyn Read + Send>,
@@ -100,7 +116,8 @@ pub struct CaptureReader {
     pub format: CaptureFormat,
     /// Detected compression.
     pub compression: Compression,
-    buf: Vec<u8>,
+    /// `[start, end)` is read and not yet handed out; `[end, len)` is room to read into.
+    buf: BytesMut,
     start: usize,
     end: usize,
     eof: bool,
@@ -133,16 +150,19 @@ fn is_header_at(head: &[u8]) -> bool {
 }
 
 /// Guesses the message layout from the first bytes of a decompressed capture.
+///
+/// Frames first: a CBOR header is never text, but a length prefix can be (a first frame of
+/// 123 bytes, or 379, starts with `{`), so the strict checks go before the JSON one.
 pub fn detect_format(head: &[u8]) -> Option<CaptureFormat> {
-    let first = head.iter().position(|c| !c.is_ascii_whitespace())?;
-    if head[first] == b'{' {
-        return Some(CaptureFormat::JetstreamJson);
-    }
     if is_header_at(head) {
         return Some(CaptureFormat::Frames);
     }
     if head.len() > 4 && is_header_at(&head[4..]) {
         return Some(CaptureFormat::LengthPrefixed);
+    }
+    let first = head.iter().position(|c| !c.is_ascii_whitespace())?;
+    if head[first] == b'{' {
+        return Some(CaptureFormat::JetstreamJson);
     }
     None
 }
@@ -155,7 +175,8 @@ impl CaptureReader {
             path: name.clone(),
             source,
         })?;
-        Self::from_reader(BufReader::with_capacity(1 << 20, f), &name)
+        // unbuffered: the reader buffers itself (and the decompressors buffer their input)
+        Self::from_reader(f, &name)
     }
 
     /// Detects compression and format of any byte stream.
@@ -182,7 +203,7 @@ impl CaptureReader {
             name: name.to_string(),
             format: CaptureFormat::Frames,
             compression,
-            buf: vec![0u8; 1 << 20],
+            buf: BytesMut::zeroed(CHUNK),
             start: 0,
             end: 0,
             eof: false,
@@ -203,14 +224,20 @@ impl CaptureReader {
     fn fill(&mut self, want: usize) -> io::Result<()> {
         while self.end - self.start < want && !self.eof {
             let free_tail = self.buf.len() - self.end;
-            if self.start > 0 && (free_tail < (1 << 16) || self.start >= self.buf.len() / 2) {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
+            let held = self.end - self.start;
+            if free_tail < (16 << 10) || self.buf.len() - self.start < want {
+                if self.start > 0 && self.start >= self.buf.len() / 2 && self.buf.len() >= want {
+                    // what was handed out as slices ([`Self::next_message`]) is done with
+                    self.buf.copy_within(self.start..self.end, 0);
+                } else {
+                    // a new buffer: the old one may still be held by messages handed out as
+                    // views ([`Self::next_owned`]), which free it when they are dropped
+                    let mut fresh = BytesMut::zeroed(CHUNK.max(want + (64 << 10)));
+                    fresh[..held].copy_from_slice(&self.buf[self.start..self.end]);
+                    self.buf = fresh;
+                }
+                self.end = held;
                 self.start = 0;
-            }
-            if self.buf.len() - self.end < (1 << 12) || self.buf.len() < want {
-                let grow = (self.buf.len() * 2).max(want + (1 << 16));
-                self.buf.resize(grow, 0);
             }
             let n = match self.inner.read(&mut self.buf[self.end..]) {
                 Ok(n) => n,
@@ -240,6 +267,31 @@ impl CaptureReader {
                 CaptureFormat::JetstreamJson => Message::Line(&self.buf[s..e]),
                 _ => Message::Frame(&self.buf[s..e]),
             })),
+            Err(err) => {
+                self.eof = true;
+                self.start = self.end;
+                Some(Err(err))
+            }
+        }
+    }
+
+    /// The next message as a view of the read buffer (no copy), `None` at the end. After an
+    /// error the reader is finished. The view keeps its buffer ([`CHUNK`] bytes, or one
+    /// message's size) alive until it is dropped.
+    pub fn next_owned(&mut self) -> Option<Result<OwnedMessage, CaptureError>> {
+        match self.next_range() {
+            Ok(None) => None,
+            Ok(Some((kind, s, e))) => {
+                // everything before `e` leaves the buffer; the message is its part from `s`
+                let mut head = self.buf.split_to(e);
+                self.start -= e;
+                self.end -= e;
+                let msg = head.split_off(s).freeze();
+                Some(Ok(match kind {
+                    CaptureFormat::JetstreamJson => OwnedMessage::Line(msg),
+                    _ => OwnedMessage::Frame(msg),
+                }))
+            }
             Err(err) => {
                 self.eof = true;
                 self.start = self.end;
@@ -436,5 +488,146 @@ impl CaptureWriter {
     /// Flushes and closes.
     pub fn finish(mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame the format detection takes: header `{op: 1, t: "#commit"}`, then a body
+    /// `{x: <n bytes>}` whose bytes say which message it is.
+    fn frame(i: usize, n: usize) -> Vec<u8> {
+        let mut f = vec![0xa2, 0x62, b'o', b'p', 0x01, 0x61, b't', 0x67];
+        f.extend_from_slice(b"#commit");
+        f.extend_from_slice(&[0xa1, 0x61, b'x', 0x5a]);
+        f.extend_from_slice(&(n as u32).to_be_bytes());
+        f.extend((0..n).map(|k| (i * 31 + k) as u8));
+        f
+    }
+
+    fn line(i: usize, n: usize) -> Vec<u8> {
+        let mut l = format!("{{\"i\":{i},\"pad\":\"").into_bytes();
+        l.extend((0..n).map(|k| b'a' + ((i + k) % 26) as u8));
+        l.extend_from_slice(b"\"}");
+        l
+    }
+
+    /// Sizes around the buffer's: small, a chunk's worth, several chunks. The first frame is
+    /// 123 bytes long, so a length-prefixed capture starts with `{`.
+    fn sizes() -> Vec<usize> {
+        let mut v = Vec::new();
+        for i in 0..400 {
+            v.push(match i % 50 {
+                7 => CHUNK - 100,
+                19 => CHUNK + 5_000,
+                33 => 3 * CHUNK + 17,
+                _ => 100 + (i * 977) % 9_000,
+            });
+        }
+        v
+    }
+
+    fn write(path: &Path, format: CaptureFormat, compression: Compression, msgs: &[Vec<u8>]) {
+        let mut w = CaptureWriter::create(path, format, compression).unwrap();
+        for m in msgs {
+            w.write(m).unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn owned_messages_are_the_messages_and_stay_intact_while_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes = sizes();
+        for format in [
+            CaptureFormat::Frames,
+            CaptureFormat::LengthPrefixed,
+            CaptureFormat::JetstreamJson,
+        ] {
+            let msgs: Vec<Vec<u8>> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| match format {
+                    CaptureFormat::JetstreamJson => line(i, n),
+                    _ => frame(i, n),
+                })
+                .collect();
+            for compression in [Compression::None, Compression::Zstd, Compression::Gzip] {
+                let path = dir.path().join(format!("{format:?}-{compression:?}"));
+                write(&path, format, compression, &msgs);
+                // every view kept until the end: none may be overwritten by later reads
+                let mut r = CaptureReader::open(&path).unwrap();
+                assert_eq!((r.format, r.compression), (format, compression));
+                let mut held = Vec::new();
+                while let Some(m) = r.next_owned() {
+                    held.push(match (m.unwrap(), format) {
+                        (OwnedMessage::Line(l), CaptureFormat::JetstreamJson) => l,
+                        (OwnedMessage::Frame(f), CaptureFormat::Frames)
+                        | (OwnedMessage::Frame(f), CaptureFormat::LengthPrefixed) => f,
+                        (m, _) => panic!("{format:?}: {m:?}"),
+                    });
+                }
+                assert_eq!(held.len(), msgs.len(), "{format:?} {compression:?}");
+                for (i, (h, m)) in held.iter().zip(&msgs).enumerate() {
+                    assert!(
+                        h[..] == m[..],
+                        "{format:?} {compression:?}: message {i} differs"
+                    );
+                }
+                // the borrowed reading gives the same messages
+                let mut r = CaptureReader::open(&path).unwrap();
+                let mut i = 0;
+                while let Some(m) = r.next_message() {
+                    let (Message::Frame(b) | Message::Line(b)) = m.unwrap();
+                    assert!(b == &msgs[i][..], "{format:?} {compression:?}: slice {i}");
+                    i += 1;
+                }
+                assert_eq!(i, msgs.len());
+            }
+        }
+    }
+
+    #[test]
+    fn owned_lines_skip_blank_lines_and_lose_their_carriage_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crlf.jsonl");
+        std::fs::write(&path, b"{\"a\":1}\r\n\n   \n{\"b\":2}\n{\"c\":3}").unwrap();
+        let mut r = CaptureReader::open(&path).unwrap();
+        let mut got = Vec::new();
+        while let Some(m) = r.next_owned() {
+            let OwnedMessage::Line(l) = m.unwrap() else {
+                panic!("not a line")
+            };
+            got.push(l);
+        }
+        assert_eq!(got, [&b"{\"a\":1}"[..], b"{\"b\":2}", b"{\"c\":3}"]);
+    }
+
+    #[test]
+    fn a_truncated_record_is_an_error_after_the_whole_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.lp");
+        let msgs: Vec<Vec<u8>> = (0..5).map(|i| frame(i, 1_000 + i * 70_000)).collect();
+        write(
+            &path,
+            CaptureFormat::LengthPrefixed,
+            Compression::None,
+            &msgs,
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+        let mut r = CaptureReader::open(&path).unwrap();
+        for m in &msgs[..4] {
+            let Some(Ok(OwnedMessage::Frame(f))) = r.next_owned() else {
+                panic!("a whole record is missing")
+            };
+            assert!(f[..] == m[..]);
+        }
+        assert!(matches!(
+            r.next_owned(),
+            Some(Err(CaptureError::Corrupt { .. }))
+        ));
+        assert!(r.next_owned().is_none());
     }
 }

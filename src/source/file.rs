@@ -4,7 +4,7 @@
 //! network sources. Messages at or below the resume cursor are skipped before decoding, so
 //! re-ingesting a file after a crash only does the remaining work.
 
-use super::capture::{CaptureError, CaptureFormat, CaptureReader, Message};
+use super::capture::{CaptureError, CaptureFormat, CaptureReader, OwnedMessage};
 use super::firehose::frame_cursor;
 use super::jetstream::line_cursor;
 use super::{Payload, RawMessage};
@@ -105,7 +105,8 @@ impl FileSource {
             progress.total.store(m.len(), Ordering::Relaxed);
         }
         let counting = Counting {
-            inner: std::io::BufReader::with_capacity(1 << 20, f),
+            // unbuffered: the capture reader buffers itself and hands out views of its buffer
+            inner: f,
             progress: progress.clone(),
         };
         let mut reader = CaptureReader::from_reader(counting, &self.path.display().to_string())?;
@@ -114,14 +115,14 @@ impl FileSource {
             if *shutdown.borrow() {
                 break Ok(());
             }
-            let (payload, cursor) = match reader.next_message() {
+            let (payload, cursor) = match reader.next_owned() {
                 None => break Ok(()),
                 Some(Err(e)) => break Err(e),
-                Some(Ok(Message::Frame(f))) => (
-                    Payload::Frame(bytes::Bytes::copy_from_slice(f)),
-                    frame_cursor(f),
-                ),
-                Some(Ok(Message::Line(l))) => {
+                Some(Ok(OwnedMessage::Frame(f))) => {
+                    let c = frame_cursor(&f);
+                    (Payload::Frame(f), c)
+                }
+                Some(Ok(OwnedMessage::Line(l))) => {
                     if progress
                         .messages
                         .load(Ordering::Relaxed)
@@ -129,8 +130,8 @@ impl FileSource {
                     {
                         window = TimeWindow::now();
                     }
-                    let t = line_cursor(l, window);
-                    (Payload::Line(bytes::Bytes::copy_from_slice(l)), t)
+                    let t = line_cursor(&l, window);
+                    (Payload::Line(l), t)
                 }
             };
             progress.messages.fetch_add(1, Ordering::Relaxed);
