@@ -1,21 +1,22 @@
 //! The ingest pipeline: source → decode → filter and dedupe → batcher → writer → checkpoint.
 //!
 //! ```text
-//!  source task ─(bounded)─▶ decoders ─(in order)─▶ loop (own thread) ─(bounded)─▶ writer (encoders)
-//!  firehose/jetstream/file   one per core,          check times, filter,          sort, Parquet, store
-//!                            batches dealt in turn  dedupe, batch by (collection, hour)   │
-//!                                      ▲         │ seal chunks               │ durable
-//!                                      │         ▼                           ▼
-//!                                      │    Catalog (files + buffered + in-flight rows)
-//!                                      └──── completions ◀───────────────────┘
-//!                                            → checkpoint written after the files
+//!  source task ─(bounded)─▶ decoders ──(in order)──▶ loop (own thread) ──(bounded)──▶ writer
+//!  firehose/jetstream/file  firehose: one per core;  check times, filter, dedupe,    encoders:
+//!                           Jetstream: in the loop   batch by (collection, hour)     Parquet, store
+//!                                                      ▲         │ seal chunks          │ durable
+//!                                                      │         ▼                      ▼
+//!                                                      │    Catalog (files + buffered + in-flight rows)
+//!                                                      └──── completions ◀──────────────┘
+//!                                                            → checkpoint written after the files
 //! ```
 //!
 //! Before anything is written the pipeline takes the lake's writer lease
 //! ([`crate::sink::lease`]); every write checks it, and the pipeline stops if it is lost.
 //!
-//! Every channel is bounded: a slow store fills the job channel, the decode loop waits, the raw
-//! channel fills, the source stops reading its socket. Nothing is dropped. The checkpoint is
+//! Every channel is bounded: a slow store fills the job channel, the loop waits, the decoders'
+//! channels and then the raw channel fill, the source stops reading its socket
+//! ([`decoding`] holds at most a few batches). Nothing is dropped. The checkpoint is
 //! recomputed after every completed flush as the lowest cursor still buffered or in flight,
 //! minus one (or the last cursor seen when nothing is pending), and written only then.
 

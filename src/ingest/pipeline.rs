@@ -1,6 +1,7 @@
-//! The decode loop: raw messages in; events checked, filtered, deduplicated and batched; flush
-//! jobs out; completions in; checkpoint requests out. It runs on its own thread so CPU work
-//! never stalls the runtime's I/O.
+//! The loop: messages in (decoded by [`super::decoding`], or decoded here one at a time);
+//! events checked, filtered, deduplicated and batched; flush jobs out; completions in;
+//! checkpoint requests out. It runs on its own thread so CPU work never stalls the runtime's
+//! I/O.
 
 use super::checkpointer;
 use super::decoding::{DecodeStage, DecodedBatch, Incoming};
