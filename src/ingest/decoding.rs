@@ -14,7 +14,9 @@
 //!
 //! Every channel holds one batch: with `n` decoders at most `3n + 1` batches are between the
 //! source's channel and the loop (one waiting, one decoding, one decoded per decoder, one in the
-//! dealer's hands), so the stage's memory is bounded. When the loop stops taking batches (over
+//! dealer's hands), and the used batches the loop gives back wait for their decoder's next
+//! batch to be freed (no more than the decoder made since: two or three), so the stage's
+//! memory is bounded. When the loop stops taking batches (over
 //! its memory budget, or shut down), the decoders wait, then the dealer, then the source.
 
 use super::IngestError;
@@ -133,16 +135,23 @@ pub(super) enum Incoming {
 
 /// How many decoder threads: `configured`; with 0, one per core the process may use (at most
 /// 4) for firehose frames, and none for Jetstream lines and repository records, which are
-/// decoded on the loop's thread. Measured on 2 cores (release builds, 2026-12-05): a
-/// 200,000-frame firehose capture 2.36 s → 1.90 s with two decoders; a 3M-line Jetstream file
-/// 9.7 s → 10.2–11.4 s (a line takes 2–3 µs to decode, and values made on one thread and
-/// freed on another, a batch at a time, cost glibc's allocator more than the decoding).
+/// decoded on the loop's thread. Measured on 2 cores (release builds, 2026-12-05, runs
+/// alternated): a 200,000-frame firehose capture 2.60–2.69 s → 2.12–2.14 s with two decoders;
+/// a 3M-line Jetstream file 10.76 s → 11.27 s (a line takes 2–3 µs to decode, and a thousand
+/// events' values alive at once, made on one thread and freed on another, cost glibc's
+/// allocator more than the decoding); 3 or 4 decoders on 2 cores gave nothing more.
 pub fn decoder_count(configured: usize, source: SourceKind) -> usize {
     if configured > 0 {
         return configured;
     }
     match source {
-        SourceKind::Firehose => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+        SourceKind::Firehose => match std::thread::available_parallelism() {
+            Ok(n) => n.get().min(4),
+            Err(e) => {
+                tracing::warn!(error = %e, "the number of cores is unknown: one decoder thread (set source.decode_threads)");
+                1
+            }
+        },
         SourceKind::Jetstream | SourceKind::Repo => 0,
     }
 }
@@ -193,12 +202,13 @@ impl DecodeStage {
                             d.decode(batch, i, spare)
                         }))
                         .map_err(|p| {
-                            let why = p
-                                .downcast_ref::<&str>()
-                                .map(|s| s.to_string())
-                                .or_else(|| p.downcast_ref::<String>().cloned())
-                                .unwrap_or_default();
-                            format!("decoder {i} panicked: {why}")
+                            match (p.downcast_ref::<&str>(), p.downcast_ref::<String>()) {
+                                (Some(why), _) => format!("decoder {i} panicked: {why}"),
+                                (None, Some(why)) => format!("decoder {i} panicked: {why}"),
+                                (None, None) => {
+                                    format!("decoder {i} panicked (a payload that is not text)")
+                                }
+                            }
                         });
                         let failed = r.is_err();
                         if out_tx.blocking_send(r).is_err() || failed {
@@ -290,12 +300,15 @@ impl DecodeStage {
     }
 
     /// A batch the loop is done with, back to its decoder, which frees what it holds and
-    /// reuses its lists. A decoder that has ended lets it be freed here.
+    /// reuses its lists. Only memory goes back: every row of the batch is in the batcher or
+    /// the quarantine already. A decoder that has ended (the stream ended, or it failed, which
+    /// [`Self::recv`] reports) cannot take it, and it is freed here.
     pub(super) fn give_back(&self, batch: DecodedBatch) {
         if let DecodeStage::Threads { used, .. } = self
             && let Some(tx) = used.get(batch.decoder)
+            && let Err(std::sync::mpsc::SendError(batch)) = tx.send(batch)
         {
-            let _ = tx.send(batch);
+            drop(batch);
         }
     }
 }
@@ -360,12 +373,19 @@ mod tests {
         times
     }
 
+    /// A hang (a turn taken out of order waits for ever) is a failure, not a stuck test.
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(60), f)
+            .await
+            .expect("the stage hung")
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn batches_come_back_in_the_order_the_source_gave_them() {
         for decoders in [0, 1, 2, 3] {
             // a last batch that is short, one that is exactly full, and one message
             for n in [5 * BATCH as i64 + 17, 4 * BATCH as i64, 1] {
-                let times = run(n, decoders).await;
+                let times = within(run(n, decoders)).await;
                 assert_eq!(
                     times,
                     (0..n).collect::<Vec<_>>(),
@@ -377,8 +397,83 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stream_that_ends_before_any_message_ends_the_stage() {
-        assert!(run(0, 2).await.is_empty());
-        assert!(run(0, 0).await.is_empty());
+        assert!(within(run(0, 2)).await.is_empty());
+        assert!(within(run(0, 0)).await.is_empty());
+    }
+
+    /// Firehose frames (one to several events each) with broken ones among them: through 0,
+    /// 2 and 3 decoders, every message keeps its own outputs, in order, as one decoder on
+    /// this thread gives them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_keep_their_own_events_and_errors_in_order() {
+        let mut t = crate::simulate::traffic::Traffic::new(Default::default());
+        let mut frames = Vec::new();
+        for i in 0..3_000 {
+            let mut f = t.next_message().frame;
+            if i % 97 == 5 {
+                f.truncate(f.len() / 2); // a broken frame: an error, not an event
+            }
+            frames.push(bytes::Bytes::from(f));
+        }
+        let mut want = Vec::new();
+        let mut d = Decoders::new(true);
+        for f in &frames {
+            let mut out = Vec::new();
+            d.decode_one(
+                &RawMessage {
+                    payload: Payload::Frame(f.clone()),
+                    cursor: None,
+                },
+                &mut out,
+            );
+            want.push(out);
+        }
+        assert!(
+            want.iter().any(|o| o.len() > 1),
+            "no frame with several events"
+        );
+        assert!(want.iter().any(|o| matches!(o[..], [Decoded::Error(_)])));
+        for decoders in [0, 2, 3] {
+            let (tx, rx) = mpsc::channel(64);
+            let mut stage = DecodeStage::start(rx, decoders, true).unwrap();
+            let frames2 = frames.clone();
+            let feeder = tokio::spawn(async move {
+                for f in frames2 {
+                    let m = RawMessage {
+                        payload: Payload::Frame(f),
+                        cursor: None,
+                    };
+                    tx.send(m).await.unwrap();
+                }
+            });
+            let got = within(async {
+                let mut got: Vec<Vec<Decoded>> = Vec::new();
+                while let Some(b) = stage.recv().await {
+                    match b.unwrap() {
+                        Incoming::Raw(messages) => {
+                            for m in &messages {
+                                got.push(stage.decode_here(m).unwrap().to_vec());
+                            }
+                        }
+                        Incoming::Decoded(b) => {
+                            let mut start = 0;
+                            for &end in &b.ends {
+                                got.push(b.outputs[start..end].to_vec());
+                                start = end;
+                            }
+                            stage.give_back(b);
+                        }
+                    }
+                }
+                got
+            })
+            .await;
+            feeder.await.unwrap();
+            assert_eq!(got.len(), want.len(), "{decoders} decoders");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(g == w, "{decoders} decoders: frame {i} decoded differently");
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,11 +482,14 @@ mod tests {
         let stage = DecodeStage::start(rx, 2, true).unwrap();
         drop(stage);
         // the decoders end, then the dealer, which drops the source's receiver
-        let mut i = 0;
-        while tx.send(line(i)).await.is_ok() {
-            i += 1;
-            assert!(i < 100_000, "the source was never stopped");
-        }
+        within(async {
+            let mut i = 0;
+            while tx.send(line(i)).await.is_ok() {
+                i += 1;
+                assert!(i < 100_000, "the source was never stopped");
+            }
+        })
+        .await;
     }
 
     #[test]

@@ -434,7 +434,7 @@ pub async fn start_with_lake(
         sweep,
         finish_sweep: matches!(input, Input::File(_)),
     };
-    pipeline::spawn_decode_thread(
+    pipeline::spawn_loop_thread(
         state,
         tasks,
         pipeline::Channels {

@@ -26,7 +26,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// The decode loop's state.
+/// The loop's state.
 pub(super) struct LoopState {
     pub batcher: Batcher,
     pub dedupe: Dedupe,
@@ -79,7 +79,7 @@ pub(super) struct Channels {
 
 /// Runs the loop on its own thread; the result (joined with the other tasks' results) goes to
 /// `result`.
-pub(super) fn spawn_decode_thread(
+pub(super) fn spawn_loop_thread(
     state: LoopState,
     tasks: Tasks,
     ch: Channels,
@@ -95,14 +95,14 @@ pub(super) fn spawn_decode_thread(
             {
                 Ok(rt) => rt.block_on(state.run(ch)),
                 Err(e) => Err(IngestError::Broken(format!(
-                    "cannot start the decode thread's runtime: {e}"
+                    "cannot start the loop thread's runtime: {e}"
                 ))),
             };
             let r = rt_handle.block_on(finish(r, tasks));
             let _ = result.send(r);
         })
         .map(|_| ())
-        .map_err(|e| IngestError::Broken(format!("cannot start the decode thread: {e}")))
+        .map_err(|e| IngestError::Broken(format!("cannot start the loop thread: {e}")))
 }
 
 /// Waits for the sweep's task: a sweep that failed was logged and counted by itself, and an
