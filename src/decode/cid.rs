@@ -192,8 +192,16 @@ impl Cid {
     /// Parses the string form `b` + base32.
     pub fn parse(s: &str) -> Result<Cid, CidError> {
         let body = s.strip_prefix('b').ok_or(CidError::String)?;
-        let bytes = base32_decode(body.as_bytes()).ok_or(CidError::String)?;
-        Cid::from_bytes(&bytes).map_err(|e| match e {
+        let mut fixed = [0u8; CID_LEN];
+        let owned;
+        let bytes: &[u8] = if body.len() * 5 / 8 == CID_LEN {
+            base32_decode_into(body.as_bytes(), &mut fixed).ok_or(CidError::String)?;
+            &fixed
+        } else {
+            owned = base32_decode(body.as_bytes()).ok_or(CidError::String)?;
+            &owned
+        };
+        Cid::from_bytes(bytes).map_err(|e| match e {
             CidError::Truncated | CidError::Trailing => CidError::String,
             other => other,
         })
@@ -243,6 +251,14 @@ pub fn base32_encode(data: &[u8], out: &mut Vec<u8>) {
 /// Decodes lower-case RFC 4648 base32 without padding; `None` on any invalid character or on
 /// non-zero trailing bits.
 pub fn base32_decode(s: &[u8]) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; s.len() * 5 / 8];
+    base32_decode_into(s, &mut out)?;
+    Some(out)
+}
+
+/// [`base32_decode`] into `out`, which must be exactly `s.len() * 5 / 8` bytes long: eight
+/// characters at a time into five bytes, no allocation (a CID's 58 characters are 36 bytes).
+pub fn base32_decode_into(s: &[u8], out: &mut [u8]) -> Option<()> {
     static VALUE: [u8; 256] = {
         let mut t = [0xffu8; 256];
         let mut i = 0;
@@ -252,10 +268,30 @@ pub fn base32_decode(s: &[u8]) -> Option<Vec<u8>> {
         }
         t
     };
-    let mut out = Vec::with_capacity(s.len() * 5 / 8);
+    if out.len() != s.len() * 5 / 8 {
+        return None;
+    }
+    let mut chunks = s.chunks_exact(8);
+    let mut groups = out.chunks_exact_mut(5);
+    for (c, o) in (&mut chunks).zip(&mut groups) {
+        let mut acc: u64 = 0;
+        let mut seen = 0u8;
+        for &ch in c {
+            let v = VALUE[ch as usize];
+            seen |= v;
+            acc = (acc << 5) | u64::from(v & 31);
+        }
+        // a valid value is below 32; an invalid character is 0xff
+        if seen >= 32 {
+            return None;
+        }
+        o.copy_from_slice(&acc.to_be_bytes()[3..]);
+    }
+    let rest = groups.into_remainder();
     let mut acc: u64 = 0;
     let mut bits = 0u32;
-    for &c in s {
+    let mut o = 0;
+    for &c in chunks.remainder() {
         let v = VALUE[c as usize];
         if v == 0xff {
             return None;
@@ -264,13 +300,14 @@ pub fn base32_decode(s: &[u8]) -> Option<Vec<u8>> {
         bits += 5;
         if bits >= 8 {
             bits -= 8;
-            out.push((acc >> bits) as u8);
+            *rest.get_mut(o)? = (acc >> bits) as u8;
+            o += 1;
         }
     }
-    if bits >= 5 || (acc & ((1 << bits) - 1)) != 0 {
+    if o != rest.len() || bits >= 5 || (acc & ((1 << bits) - 1)) != 0 {
         return None;
     }
-    Some(out)
+    Some(())
 }
 
 #[cfg(test)]
@@ -295,6 +332,62 @@ mod tests {
         assert!(Cid::parse("b").is_err());
         assert!(Cid::parse("").is_err());
         assert_eq!(Cid::from_bytes(&[0x12, 0x20]), Err(CidError::V0));
+    }
+
+    /// Bit by bit, the slow way: what every base32 decode must agree with.
+    fn reference_decode(s: &[u8]) -> Option<Vec<u8>> {
+        let mut bits = Vec::new();
+        for &c in s {
+            let v = B32.iter().position(|&b| b == c)?;
+            bits.extend((0..5).rev().map(|i| (v >> i) & 1 == 1));
+        }
+        let whole = bits.len() / 8 * 8;
+        if bits.len() - whole >= 5 || bits[whole..].iter().any(|&b| b) {
+            return None;
+        }
+        Some(
+            bits[..whole]
+                .chunks(8)
+                .map(|byte| byte.iter().fold(0u8, |a, &b| (a << 1) | u8::from(b)))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn base32_decodes_every_length_and_refuses_what_the_slow_way_refuses() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for len in 0..40usize {
+            let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let mut text = Vec::new();
+            base32_encode(&data, &mut text);
+            assert_eq!(
+                base32_decode(&text).as_deref(),
+                Some(&data[..]),
+                "len {len}"
+            );
+            assert_eq!(reference_decode(&text).as_deref(), Some(&data[..]));
+            // a bad character at each place; a changed last character (trailing bits)
+            for at in 0..text.len() {
+                let mut bad = text.clone();
+                bad[at] = [b'1', b'A', b'=', 0xff, b'8'][(next() % 5) as usize];
+                assert_eq!(base32_decode(&bad), None, "len {len} at {at}");
+                let mut other = text.clone();
+                other[at] = B32[(next() % 32) as usize];
+                assert_eq!(base32_decode(&other), reference_decode(&other));
+            }
+        }
+        // a length no byte count spells (1, 3, 6 characters)
+        for n in [1, 3, 6, 9] {
+            assert_eq!(base32_decode(&vec![b'a'; n]), None);
+        }
+        let mut short = [0u8; 4];
+        assert_eq!(base32_decode_into(b"aaaaaaaa", &mut short), None);
     }
 
     #[test]

@@ -89,6 +89,39 @@ pub struct JetstreamDecoder {
     pub options: JetstreamOptions,
     json: JsonWriter,
     buf: Vec<u8>,
+    spare: Spare,
+}
+
+/// The strings of a commit event the caller is done with ([`JetstreamDecoder::recycle`]),
+/// for the next commit's fields: six allocations and six frees a line fewer.
+#[derive(Debug, Default)]
+struct Spare {
+    did: Option<String>,
+    collection: Option<String>,
+    rkey: Option<String>,
+    rev: Option<String>,
+    cid: Option<String>,
+    record: Option<String>,
+}
+
+/// A recycled string larger than this is freed, not kept (one huge record would otherwise
+/// hold its memory for the decoder's life).
+const SPARE_MAX: usize = 64 << 10;
+
+/// `text` in `buf`'s memory when there is one.
+fn reuse(buf: Option<String>, text: &str) -> String {
+    match buf {
+        Some(mut b) => {
+            b.clear();
+            b.push_str(text);
+            b
+        }
+        None => text.to_string(),
+    }
+}
+
+fn spare(s: String) -> Option<String> {
+    (s.capacity() <= SPARE_MAX).then_some(s)
 }
 
 fn line_error(reason: ErrorReason, detail: impl Into<String>, raw: &[u8]) -> Decoded {
@@ -102,6 +135,24 @@ impl JetstreamDecoder {
             options,
             json: JsonWriter::new(),
             buf: Vec::new(),
+            spare: Spare::default(),
+        }
+    }
+
+    /// Takes back an output the caller is done with: a commit's strings are kept for the next
+    /// line's fields. Anything else is freed.
+    pub fn recycle(&mut self, d: Decoded) {
+        if let Decoded::Event(env) = d
+            && let EventData::Commit(c) = env.event.data
+        {
+            self.spare = Spare {
+                did: spare(env.event.did.into()),
+                collection: spare(c.collection.into()),
+                rkey: spare(c.rkey.into()),
+                rev: spare(c.rev.into()),
+                cid: c.cid.and_then(spare),
+                record: c.record.and_then(spare),
+            };
         }
     }
 
@@ -115,7 +166,11 @@ impl JetstreamDecoder {
 
     #[allow(clippy::result_large_err)] // the error is the event we keep
     fn decode_inner(&mut self, raw: &[u8]) -> Result<Envelope, Decoded> {
-        let line: Line<'_> = serde_json::from_slice(raw)
+        // checked whole and once: the parser then takes every string as it is (parsing bytes,
+        // it would check each string it keeps, and the record's text again)
+        let text = simdutf8::basic::from_utf8(raw)
+            .map_err(|_| line_error(ErrorReason::Json, "line is not UTF-8", raw))?;
+        let line: Line<'_> = serde_json::from_str(text)
             .map_err(|e| line_error(ErrorReason::Json, e.to_string(), raw))?;
         let fail = |reason, detail: String| {
             let mut e = ErrorEvent::new(reason, detail, raw);
@@ -123,8 +178,11 @@ impl JetstreamDecoder {
             e.did = Some(line.did.to_string());
             Decoded::Error(e)
         };
-        let did = Did::parse(line.did.as_ref())
-            .map_err(|_| fail(ErrorReason::Did, "invalid DID".into()))?;
+        let did = match self.spare.did.take() {
+            Some(buf) => Did::parse_reusing(&line.did, buf),
+            None => Did::parse(line.did.as_ref()),
+        }
+        .map_err(|_| fail(ErrorReason::Did, "invalid DID".into()))?;
         if line.time_us < 0 {
             return Err(fail(ErrorReason::TimeRange, "negative time_us".into()));
         }
@@ -141,11 +199,14 @@ impl JetstreamDecoder {
                     e.path = Some(format!("{}/{}", c.collection, c.rkey));
                     Decoded::Error(e)
                 };
-                let collection = Nsid::parse(c.collection.as_ref())
-                    .map_err(|_| path_err(ErrorReason::Collection, "collection is not an NSID"))?;
-                let rkey = Rkey::parse(c.rkey.as_ref())
+                let buf = |b: Option<String>| b.unwrap_or_else(String::new);
+                let collection =
+                    Nsid::parse_reusing(&c.collection, buf(self.spare.collection.take())).map_err(
+                        |_| path_err(ErrorReason::Collection, "collection is not an NSID"),
+                    )?;
+                let rkey = Rkey::parse_reusing(&c.rkey, buf(self.spare.rkey.take()))
                     .map_err(|_| path_err(ErrorReason::Rkey, "invalid record key"))?;
-                let rev = Tid::parse(c.rev.as_ref())
+                let rev = Tid::parse_reusing(&c.rev, buf(self.spare.rev.take()))
                     .map_err(|_| path_err(ErrorReason::Rev, "rev is not a TID"))?;
                 let operation = Operation::parse(&c.operation)
                     .ok_or_else(|| path_err(ErrorReason::Action, "unknown operation"))?;
@@ -171,9 +232,9 @@ impl JetstreamDecoder {
                             self.normalize(text, &parsed)
                                 .map_err(|d| path_err(ErrorReason::Record, &d))?
                         } else {
-                            text.to_string()
+                            reuse(self.spare.record.take(), text)
                         };
-                        (Some(cid.to_string()), Some(record))
+                        (Some(reuse(self.spare.cid.take(), cid)), Some(record))
                     }
                 };
                 EventData::Commit(CommitOp {

@@ -78,6 +78,14 @@ impl Decoders {
         }
     }
 
+    /// The outputs of the message before, emptied from `out`: a Jetstream commit's strings
+    /// are reused for the next line's.
+    fn recycle(&mut self, out: &mut Vec<Decoded>) {
+        for d in out.drain(..) {
+            self.lines.recycle(d);
+        }
+    }
+
     fn decode(
         &mut self,
         messages: Vec<RawMessage>,
@@ -289,7 +297,7 @@ impl DecodeStage {
             DecodeStage::Here {
                 decoders, decoded, ..
             } => {
-                decoded.clear();
+                decoders.recycle(decoded);
                 decoders.decode_one(msg, decoded);
                 Ok(decoded)
             }

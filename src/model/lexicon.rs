@@ -254,6 +254,22 @@ fn ts(s: &str) -> Option<i64> {
     crate::syntax::parse_datetime_us(s).ok()
 }
 
+/// Whether `record` fits `lex`'s types: exactly when [`extract`] gives `Some`, without
+/// copying a field out or parsing a time (the writer counts the records that do not fit).
+pub fn fits(lex: Lexicon, record: &str) -> bool {
+    match lex {
+        Lexicon::Post => serde_json::from_str::<PostRec<'_>>(record).is_ok(),
+        Lexicon::Like | Lexicon::Repost => {
+            serde_json::from_str::<SubjectRefRec<'_>>(record).is_ok()
+        }
+        Lexicon::Follow | Lexicon::Block => {
+            serde_json::from_str::<SubjectDidRec<'_>>(record).is_ok()
+        }
+        Lexicon::ListItem => serde_json::from_str::<ListItemRec<'_>>(record).is_ok(),
+        Lexicon::Profile => serde_json::from_str::<ProfileRec<'_>>(record).is_ok(),
+    }
+}
+
 /// Reads the typed fields of `record` for `lex`; `None` when the record does not fit the
 /// lexicon's types.
 pub fn extract(lex: Lexicon, record: &str) -> Option<Typed> {
@@ -360,6 +376,46 @@ mod tests {
         assert_eq!(p.facet_tags, vec!["rust"]);
         assert_eq!(p.facet_mentions, vec!["did:plc:x"]);
         assert!(p.created_at.is_some());
+    }
+
+    #[test]
+    fn fitting_is_extracting_without_the_copies() {
+        let records = [
+            r#"{"text":"hi","createdAt":"2026-07-04T14:38:07.000Z","langs":["en"]}"#,
+            r#"{"text":5,"createdAt":"x"}"#,
+            r#"{"text":"hi"}"#,
+            r#"{"text":"a\u00e9\"b","createdAt":"yesterday","facets":[{"features":[{"$type":"app.bsky.richtext.facet#tag","tag":"x"}]}]}"#,
+            r#"{"text":"hi","createdAt":"x","reply":{"root":{"uri":"at://r"}}}"#,
+            r#"{"subject":{"uri":"at://x","cid":"c"},"createdAt":"2026-07-04T14:38:07Z"}"#,
+            r#"{"subject":{"uri":"at://x"},"createdAt":"x"}"#,
+            r#"{"subject":"did:plc:x","createdAt":"x"}"#,
+            r#"{"subject":"did:plc:x","list":"at://l","createdAt":"x"}"#,
+            r#"{"displayName":"n","description":7}"#,
+            r#"{"displayName":"n"}"#,
+            r#"{}"#,
+            r#"[1]"#,
+            r#"{"text":"unterminated"#,
+        ];
+        let lexicons = [
+            Lexicon::Post,
+            Lexicon::Like,
+            Lexicon::Repost,
+            Lexicon::Follow,
+            Lexicon::Block,
+            Lexicon::ListItem,
+            Lexicon::Profile,
+        ];
+        let mut fitted = 0;
+        for lex in lexicons {
+            for rec in records {
+                assert_eq!(fits(lex, rec), extract(lex, rec).is_some(), "{lex:?} {rec}");
+                fitted += usize::from(fits(lex, rec));
+            }
+        }
+        assert!(
+            fitted >= lexicons.len(),
+            "every lexicon fits something: {fitted}"
+        );
     }
 
     #[test]

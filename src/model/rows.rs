@@ -8,7 +8,7 @@
 //! and account events have their own; errors (the quarantine) have a schema of their own.
 //! Schemas only ever gain columns; [`SCHEMA_VERSION`] is written into every file.
 
-use super::lexicon::{Lexicon, Typed, extract};
+use super::lexicon::{Lexicon, Typed, fits};
 use super::{Envelope, ErrorEvent, EventData, SourceKind};
 use arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Int64Builder, ListBuilder, StringBuilder,
@@ -263,7 +263,7 @@ pub fn count_invalid_records(lex: Lexicon, batch: &RecordBatch) -> u64 {
         return 0;
     };
     (0..rec.len())
-        .filter(|&i| rec.is_valid(i) && extract(lex, rec.value(i)).is_none())
+        .filter(|&i| rec.is_valid(i) && !fits(lex, rec.value(i)))
         .count() as u64
 }
 
