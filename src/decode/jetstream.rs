@@ -178,11 +178,8 @@ impl JetstreamDecoder {
             e.did = Some(line.did.to_string());
             Decoded::Error(e)
         };
-        let did = match self.spare.did.take() {
-            Some(buf) => Did::parse_reusing(&line.did, buf),
-            None => Did::parse(line.did.as_ref()),
-        }
-        .map_err(|_| fail(ErrorReason::Did, "invalid DID".into()))?;
+        let did = Did::parse_reusing(&line.did, self.spare.did.take())
+            .map_err(|_| fail(ErrorReason::Did, "invalid DID".into()))?;
         if line.time_us < 0 {
             return Err(fail(ErrorReason::TimeRange, "negative time_us".into()));
         }
@@ -199,14 +196,13 @@ impl JetstreamDecoder {
                     e.path = Some(format!("{}/{}", c.collection, c.rkey));
                     Decoded::Error(e)
                 };
-                let buf = |b: Option<String>| b.unwrap_or_else(String::new);
-                let collection =
-                    Nsid::parse_reusing(&c.collection, buf(self.spare.collection.take())).map_err(
-                        |_| path_err(ErrorReason::Collection, "collection is not an NSID"),
-                    )?;
-                let rkey = Rkey::parse_reusing(&c.rkey, buf(self.spare.rkey.take()))
+                let collection = Nsid::parse_reusing(&c.collection, self.spare.collection.take())
+                    .map_err(|_| {
+                    path_err(ErrorReason::Collection, "collection is not an NSID")
+                })?;
+                let rkey = Rkey::parse_reusing(&c.rkey, self.spare.rkey.take())
                     .map_err(|_| path_err(ErrorReason::Rkey, "invalid record key"))?;
-                let rev = Tid::parse_reusing(&c.rev, buf(self.spare.rev.take()))
+                let rev = Tid::parse_reusing(&c.rev, self.spare.rev.take())
                     .map_err(|_| path_err(ErrorReason::Rev, "rev is not a TID"))?;
                 let operation = Operation::parse(&c.operation)
                     .ok_or_else(|| path_err(ErrorReason::Action, "unknown operation"))?;
@@ -418,5 +414,69 @@ impl ZstdCodec {
             Some(enc) => Ok(enc.compress(data)?),
             None => Ok(Vec::new()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines() -> Vec<Vec<u8>> {
+        let did = "did:plc:z72i7hdynmk6r22z27h6tvur";
+        let cid = "bafyreiclp443lavogvhj3d2ob2cxbfuscni2k5jk7bebjzg7khl3esabwq";
+        let long = "x".repeat(SPARE_MAX + 10);
+        let mut v: Vec<Vec<u8>> = [
+            format!(r#"{{"did":"{did}","time_us":1,"kind":"commit","commit":{{"rev":"3mmoojp7vgo2g","operation":"create","collection":"app.bsky.feed.post","rkey":"3mmoojp7etg2g","record":{{"text":"a longer record than the next one","createdAt":"2026-07-04T14:38:07Z"}},"cid":"{cid}"}}}}"#),
+            r#"{"did":"did:web:example.com","time_us":2,"kind":"commit","commit":{"rev":"3mmoojp7vgo2h","operation":"delete","collection":"app.bsky.feed.like","rkey":"k"}}"#.to_string(),
+            format!(r#"{{"did":"{did}","time_us":3,"kind":"commit","commit":{{"rev":"3mmoojp7vgo2i","operation":"update","collection":"app.bsky.actor.profile","rkey":"self","record":{{"d":1}},"cid":"{cid}"}}}}"#),
+            format!(r#"{{"did":"{did}","time_us":4,"kind":"identity","identity":{{"seq":5,"time":"2026-07-04T14:38:07Z","handle":"a.b"}}}}"#),
+            format!(r#"{{"did":"{did}","time_us":5,"kind":"commit","commit":{{"rev":"3mmoojp7vgo2j","operation":"create","collection":"../x","rkey":"k","record":{{}},"cid":"{cid}"}}}}"#),
+            format!(r#"{{"did":"{did}","time_us":6,"kind":"commit","commit":{{"rev":"3mmoojp7vgo2k","operation":"create","collection":"app.bsky.feed.post","rkey":"k2","record":{{"text":"{long}"}},"cid":"{cid}"}}}}"#),
+            format!(r#"{{"did":"{did}","time_us":7,"kind":"commit","commit":{{"rev":"3mmoojp7vgo2l","operation":"create","collection":"app.bsky.feed.like","rkey":"k3","record":{{"s":"\u00e9"}},"cid":"{cid}"}}}}"#),
+            format!(r#"{{"did":"{did}","time_us":8,"kind":"account","account":{{"seq":9,"time":"2026-07-04T14:38:07Z","active":false,"status":"deleted"}}}}"#),
+        ]
+        .into_iter()
+        .map(String::into_bytes)
+        .collect();
+        // a line whose record holds bytes that are not UTF-8
+        let mut bad = v[0].clone();
+        let at = bad.windows(6).position(|w| w == b"longer").unwrap();
+        bad[at] = 0xff;
+        v.insert(2, bad);
+        v
+    }
+
+    #[test]
+    fn a_decoder_that_reuses_the_last_event_s_strings_decodes_what_a_fresh_one_does() {
+        let mut reusing = JetstreamDecoder::default();
+        for round in 0..3 {
+            for (i, l) in lines().iter().enumerate() {
+                let want = JetstreamDecoder::default().decode(l);
+                let got = reusing.decode(l);
+                assert_eq!(got, want, "round {round} line {i}");
+                reusing.recycle(got);
+            }
+        }
+        // the record over the spare limit was not kept for the next line
+        let long = &lines()[6];
+        let got = reusing.decode(long);
+        reusing.recycle(got);
+        assert!(reusing.spare.record.is_none());
+        assert!(reusing.spare.did.is_some());
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_set_aside_whole() {
+        let l = &lines()[2];
+        let Decoded::Error(e) = JetstreamDecoder::default().decode(l) else {
+            panic!("a line with a 0xff byte decoded")
+        };
+        assert_eq!(e.reason, ErrorReason::Json);
+        assert_eq!(&e.raw, l);
+        // the line before the byte was changed decodes
+        assert!(matches!(
+            JetstreamDecoder::default().decode(&lines()[0]),
+            Decoded::Event(_)
+        ));
     }
 }

@@ -43,13 +43,19 @@ macro_rules! identifier {
                 }
             }
 
-            /// [`parse`](Self::parse) into `buf`'s memory (its text is replaced): a decoder
-            /// that reuses the strings of the event before saves an allocation and a free.
-            pub fn parse_reusing(s: &str, mut buf: String) -> Result<Self, IdError> {
+            /// [`parse`](Self::parse) into `buf`'s memory when there is one (its text is
+            /// replaced): a decoder that reuses the strings of the event before saves an
+            /// allocation and a free.
+            pub fn parse_reusing(s: &str, buf: Option<String>) -> Result<Self, IdError> {
                 if $check(s) {
-                    buf.clear();
-                    buf.push_str(s);
-                    Ok($name(buf))
+                    Ok($name(match buf {
+                        Some(mut b) => {
+                            b.clear();
+                            b.push_str(s);
+                            b
+                        }
+                        None => s.to_string(),
+                    }))
                 } else {
                     Err(refused($what, s))
                 }
@@ -149,8 +155,9 @@ mod tests {
         let e = Did::parse("x".repeat(1000)).unwrap_err();
         assert_eq!((e.what, e.value.len()), ("DID", 256));
         assert_eq!(Tid::parse("3mmoojp7vgo2g").unwrap().len(), 13);
-        let reused = Nsid::parse_reusing("app.bsky.feed.like", "a longer text before".into());
+        let reused = Nsid::parse_reusing("app.bsky.feed.like", Some("a longer text before".into()));
         assert_eq!(reused.unwrap(), "app.bsky.feed.like");
-        assert!(Nsid::parse_reusing("../../x", String::new()).is_err());
+        assert!(Nsid::parse_reusing("../../x", Some(String::new())).is_err());
+        assert_eq!(Rkey::parse_reusing("self", None).unwrap(), "self");
     }
 }
