@@ -396,24 +396,15 @@ mod tests {
             r#"[1]"#,
             r#"{"text":"unterminated"#,
         ];
-        let lexicons = [
-            Lexicon::Post,
-            Lexicon::Like,
-            Lexicon::Repost,
-            Lexicon::Follow,
-            Lexicon::Block,
-            Lexicon::ListItem,
-            Lexicon::Profile,
-        ];
         let mut fitted = 0;
-        for lex in lexicons {
+        for lex in Lexicon::ALL {
             for rec in records {
                 assert_eq!(fits(lex, rec), extract(lex, rec).is_some(), "{lex:?} {rec}");
                 fitted += usize::from(fits(lex, rec));
             }
         }
         assert!(
-            fitted >= lexicons.len(),
+            fitted >= Lexicon::ALL.len(),
             "every lexicon fits something: {fitted}"
         );
     }
