@@ -5,6 +5,7 @@
 use super::cbor::{Encoder, JsonWriter};
 use super::cid::Cid;
 use super::json::{write_i64, write_str};
+use crate::model::ids::text_in;
 use crate::model::{
     Account, CommitOp, Decoded, Envelope, ErrorEvent, ErrorReason, Event, EventData, Identity,
     Operation,
@@ -107,18 +108,6 @@ struct Spare {
 /// A recycled string larger than this is freed, not kept (one huge record would otherwise
 /// hold its memory for the decoder's life).
 const SPARE_MAX: usize = 64 << 10;
-
-/// `text` in `buf`'s memory when there is one.
-fn reuse(buf: Option<String>, text: &str) -> String {
-    match buf {
-        Some(mut b) => {
-            b.clear();
-            b.push_str(text);
-            b
-        }
-        None => text.to_string(),
-    }
-}
 
 fn spare(s: String) -> Option<String> {
     (s.capacity() <= SPARE_MAX).then_some(s)
@@ -228,9 +217,9 @@ impl JetstreamDecoder {
                             self.normalize(text, &parsed)
                                 .map_err(|d| path_err(ErrorReason::Record, &d))?
                         } else {
-                            reuse(self.spare.record.take(), text)
+                            text_in(self.spare.record.take(), text)
                         };
-                        (Some(reuse(self.spare.cid.take(), cid)), Some(record))
+                        (Some(text_in(self.spare.cid.take(), cid)), Some(record))
                     }
                 };
                 EventData::Commit(CommitOp {

@@ -27,6 +27,18 @@ fn refused(what: &'static str, s: &str) -> IdError {
     }
 }
 
+/// `text` in `buf`'s memory when there is one (its old text is replaced), else in a new string.
+pub fn text_in(buf: Option<String>, text: &str) -> String {
+    match buf {
+        Some(mut b) => {
+            b.clear();
+            b.push_str(text);
+            b
+        }
+        None => text.to_string(),
+    }
+}
+
 macro_rules! identifier {
     ($(#[$doc:meta])* $name:ident, $check:path, $what:literal) => {
         $(#[$doc])*
@@ -48,14 +60,7 @@ macro_rules! identifier {
             /// allocation and a free.
             pub fn parse_reusing(s: &str, buf: Option<String>) -> Result<Self, IdError> {
                 if $check(s) {
-                    Ok($name(match buf {
-                        Some(mut b) => {
-                            b.clear();
-                            b.push_str(s);
-                            b
-                        }
-                        None => s.to_string(),
-                    }))
+                    Ok($name(text_in(buf, s)))
                 } else {
                     Err(refused($what, s))
                 }
